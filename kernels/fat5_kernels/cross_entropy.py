@@ -1,0 +1,327 @@
+"""Fused cross-entropy over the vocabulary (ignore_index, z-loss, label smoothing): loss and gradient in one kernel.
+
+One Triton program per token row. The forward computes the row's log-sum-exp, its loss and, when the logits need a
+gradient, the gradient of the *reduced* loss with respect to the logits, written over the logits (Liger-Kernel's
+trick: no (N, V) buffer is allocated). When the row fits in one block (V <= 32768, e.g. T5's 32,128), the row is read
+once and written once; larger vocabularies (mT5's 250,112) take a second read. The backward then only multiplies the
+stored gradient by ``grad_output``, and a scale of exactly 1 (the usual case) is detected on the device, so no pass
+over the (N, V) buffer and no host sync happen.
+
+Gradient of row ``i`` (``p = softmax(x_i)``, ``lse = log(sum(exp(x_i)))``, ``eps`` the smoothing, ``z`` the z-loss
+coefficient, ``n`` the count of non-ignored rows for ``reduction="mean"``, else 1)::
+
+    d loss / d x_ij = ((1 + 2 z lse) p_j - (1 - eps) [j == y_i] - eps / V) / n
+
+The pure-PyTorch reference (used on CPU by the model) is `fat5_kernels.cross_entropy_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch without it
+    raise ImportError("fat5_kernels.cross_entropy needs triton: pip install 'fat5-hf[gpu]'") from err
+
+from .cross_entropy_reference import validate_cross_entropy_inputs
+
+__all__ = ["CrossEntropyFunction", "cross_entropy", "cross_entropy_forward", "scale_rows_"]
+
+# A row of at most this many logits is held in registers and read once (32 warps x 32 fp32 each per thread).
+MAX_SINGLE_PASS_BLOCK = 32768
+# Block width of the two-pass path for larger vocabularies.
+MULTI_PASS_BLOCK = 16384
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    logits_ptr,
+    logits_row_stride,
+    grad_ptr,
+    grad_row_stride,
+    labels_ptr,
+    row_loss_ptr,
+    row_z_ptr,
+    count_ptr,
+    n_cols,
+    ignore_index,
+    z_loss,
+    label_smoothing,
+    COMPUTE_GRAD: tl.constexpr,
+    DIVIDE_BY_COUNT: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Loss (and gradient) of one row. grad may alias logits (in-place); each element is read before written."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * logits_row_stride
+    grad_row = grad_ptr + row * grad_row_stride
+    label = tl.load(labels_ptr + row).to(tl.int32)
+    cols = tl.arange(0, BLOCK_SIZE)
+
+    if label == ignore_index:
+        tl.store(row_loss_ptr + row, 0.0)
+        if HAS_Z_LOSS:
+            tl.store(row_z_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, n_cols, BLOCK_SIZE):
+                offs = start + cols
+                tl.store(grad_row + offs, tl.zeros([BLOCK_SIZE], dtype=tl.float32), mask=offs < n_cols)
+        return
+
+    # Read the target logit before any store: the gradient may overwrite the logits.
+    target_logit = tl.load(logits_row + label).to(tl.float32)
+    if SINGLE_PASS:
+        mask = cols < n_cols
+        # fp32 right after the load (also required by the Triton interpreter's broken bf16 maths).
+        x = tl.load(logits_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        row_max = tl.max(x, axis=0)
+        exp_x = tl.exp(x - row_max)
+        sum_exp = tl.sum(exp_x, axis=0)
+        if HAS_SMOOTHING:
+            sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
+    else:
+        # Online max / sum-exp over blocks (one read of the row).
+        row_max = float("-inf")
+        sum_exp = 0.0
+        sum_x = 0.0
+        for start in range(0, n_cols, BLOCK_SIZE):
+            offs = start + cols
+            mask = offs < n_cols
+            x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(row_max, tl.max(x, axis=0))
+            sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            row_max = new_max
+            if HAS_SMOOTHING:
+                sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+
+    lse = row_max + tl.log(sum_exp)
+    loss = lse - (1.0 - label_smoothing) * target_logit
+    if HAS_SMOOTHING:
+        loss -= label_smoothing * sum_x / n_cols
+    if HAS_Z_LOSS:
+        z_term = z_loss * lse * lse
+        loss += z_term
+        tl.store(row_z_ptr + row, z_term)
+    tl.store(row_loss_ptr + row, loss)
+
+    if COMPUTE_GRAD:
+        if DIVIDE_BY_COUNT:
+            scale = 1.0 / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
+        else:
+            scale = 1.0
+        # softmax * (1 + 2 z lse), with the 1 / sum_exp folded in.
+        p_scale = scale / sum_exp
+        if HAS_Z_LOSS:
+            p_scale *= 1.0 + 2.0 * z_loss * lse
+        smooth_term = scale * label_smoothing / n_cols
+        target_term = scale * (1.0 - label_smoothing)
+        if SINGLE_PASS:
+            grad = exp_x * p_scale - smooth_term - tl.where(cols == label, target_term, 0.0)
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            for start in range(0, n_cols, BLOCK_SIZE):
+                offs = start + cols
+                mask = offs < n_cols
+                x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                grad = tl.exp(x - row_max) * p_scale - smooth_term - tl.where(offs == label, target_term, 0.0)
+                tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(
+    x_ptr,
+    row_stride,
+    scale_ptr,
+    n_cols,
+    SCALE_PER_ROW: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """x[row, :] *= scale (scale[row] when SCALE_PER_ROW); returns at once when the scale is exactly 1."""
+    row = tl.program_id(0).to(tl.int64)
+    if SCALE_PER_ROW:
+        scale = tl.load(scale_ptr + row).to(tl.float32)
+    else:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    if scale == 1.0:
+        return
+    x_row = x_ptr + row * row_stride
+    col_block = tl.program_id(1)
+    offs = col_block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_cols
+    x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_row + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Multiply a 2D tensor in place by a device scalar ``scale`` (shape ``()``) or per-row scales (``(rows,)``).
+
+    No work (and no host sync) when the scale is exactly 1, which is what ``loss.backward()`` passes.
+    ``x``: ``(rows, cols)`` with unit column stride, any float dtype; ``scale``: float tensor on ``x``'s device.
+    """
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"scale_rows_ needs a 2D tensor with unit column stride, got shape {tuple(x.shape)}.")
+    if x.numel() == 0:
+        return x
+    per_row = scale.dim() > 0 and scale.numel() > 1
+    scale = scale.detach().float().contiguous()
+    block = min(4096, triton.next_power_of_2(x.shape[1]))
+    grid = (x.shape[0], triton.cdiv(x.shape[1], block))
+    _scale_rows_kernel[grid](x, x.stride(0), scale, x.shape[1], SCALE_PER_ROW=per_row, BLOCK_SIZE=block, num_warps=4)
+    return x
+
+
+def _launch_config(n_cols: int) -> tuple[bool, int, int]:
+    """(single_pass, BLOCK_SIZE, num_warps) for a row of n_cols logits."""
+    block = triton.next_power_of_2(n_cols)
+    single_pass = block <= MAX_SINGLE_PASS_BLOCK
+    if not single_pass:
+        block = MULTI_PASS_BLOCK
+    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16 if block <= 16384 else 32
+    return single_pass, block, num_warps
+
+
+def cross_entropy_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    count: torch.Tensor,
+    row_loss: torch.Tensor,
+    row_z: torch.Tensor | None,
+    *,
+    grad: torch.Tensor | None,
+    ignore_index: int,
+    z_loss: float,
+    label_smoothing: float,
+    divide_by_count: bool,
+) -> None:
+    """Launch the row kernel: per-row losses into ``row_loss`` (and z terms into ``row_z``), gradient into ``grad``.
+
+    Args:
+        logits: ``(n, V)`` fp32/fp16/bf16, unit column stride.
+        labels: ``(n,)`` int64/int32, already validated.
+        count: ``()`` device tensor, the number of non-ignored rows of the whole batch (gradient divisor).
+        row_loss / row_z: ``(n,)`` fp32 outputs (``row_z`` only when ``z_loss > 0``).
+        grad: ``(n, V)`` output for d(loss)/d(logits), may be ``logits`` itself; None computes the loss only.
+    """
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    single_pass, block, num_warps = _launch_config(n_cols)
+    compute_grad = grad is not None
+    grad_arg = grad if compute_grad else logits  # never written when COMPUTE_GRAD is False
+    _cross_entropy_fwd_kernel[(n_rows,)](
+        logits,
+        logits.stride(0),
+        grad_arg,
+        grad_arg.stride(0),
+        labels,
+        row_loss,
+        row_z if row_z is not None else row_loss,
+        count,
+        n_cols,
+        ignore_index,
+        float(z_loss),
+        float(label_smoothing),
+        COMPUTE_GRAD=compute_grad,
+        DIVIDE_BY_COUNT=divide_by_count,
+        HAS_Z_LOSS=z_loss > 0.0,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        SINGLE_PASS=single_pass,
+        BLOCK_SIZE=block,
+        num_warps=num_warps,
+    )
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused cross-entropy; see `cross_entropy` for the arguments."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, z_loss, label_smoothing, reduction, inplace):
+        n_rows = logits.shape[0]
+        valid = labels != ignore_index
+        count = valid.sum()  # stays on the device: the kernel reads it, no host sync
+        row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+        row_z = torch.empty(n_rows, dtype=torch.float32, device=logits.device) if z_loss > 0.0 else None
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = logits if inplace else torch.empty_like(logits)
+        cross_entropy_forward(
+            logits, labels, count, row_loss, row_z, grad=grad, ignore_index=ignore_index, z_loss=z_loss,
+            label_smoothing=label_smoothing, divide_by_count=reduction == "mean",
+        )  # fmt: skip
+        if row_z is None:
+            row_z = torch.zeros_like(row_loss)
+        if reduction == "none":
+            loss, z_term = row_loss, row_z
+        else:
+            loss, z_term = row_loss.sum(), row_z.sum()
+            if reduction == "mean":
+                denominator = count.clamp(min=1).float()
+                loss, z_term = loss / denominator, z_term / denominator
+        ctx.mark_non_differentiable(z_term)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return loss, z_term
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_z_term):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        (grad,) = ctx.saved_tensors
+        # The stored gradient is that of the reduced loss for grad_output = 1; scale it in place.
+        scale_rows_(grad, grad_loss)
+        return grad, None, None, None, None, None, None
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    inplace: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused cross-entropy over the vocabulary with z-loss and label smoothing (Triton).
+
+    Matches `fat5_kernels.cross_entropy_reference.cross_entropy_reference` (see that module for the exact
+    definition): ``F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, label_smoothing=eps)``
+    plus ``z_loss * mean(logsumexp(logits)**2)`` over non-ignored rows; the mean is ``sum / max(count, 1)``.
+
+    Args:
+        logits: ``(N, V)`` fp32/fp16/bf16 on a CUDA device (or CPU under ``TRITON_INTERPRET=1``); the maths is fp32.
+        labels: ``(N,)`` int64 in ``[0, V)`` or ``ignore_index``.
+        ignore_index: label of rows that do not count (padding).
+        z_loss: coefficient of ``log(Z)**2`` (T5X uses 1e-4); 0 disables it.
+        label_smoothing: epsilon in ``[0, 1]`` as in ``torch.nn.functional.cross_entropy``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row losses, ``(N,)``).
+        inplace: when ``logits`` requires grad, write the gradient over ``logits`` during the forward (no extra
+            (N, V) memory; ``logits`` holds the gradient afterwards, so do not read it again). ``False`` allocates
+            a new buffer.
+
+    Returns:
+        ``(loss, z_loss_term)``: fp32, scalars unless ``reduction="none"``. ``loss`` includes the z term;
+        ``z_loss_term`` is the z part alone (non-differentiable, for logging).
+
+    The backward can run only once per forward (the gradient buffer is scaled in place).
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a 2D tensor (N, V), got shape {tuple(getattr(logits, 'shape', ()))}.")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}.")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}; move them to one device.")
+    validate_cross_entropy_inputs(
+        logits.shape, logits.shape[1], labels, ignore_index=ignore_index, z_loss=z_loss,
+        label_smoothing=label_smoothing, reduction=reduction,
+    )  # fmt: skip
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    labels = labels.contiguous()
+    return CrossEntropyFunction.apply(logits, labels, ignore_index, z_loss, label_smoothing, reduction, inplace)

@@ -1,0 +1,183 @@
+"""Fused LM head + cross-entropy for training: the (tokens x vocab) logits are never materialized whole.
+
+The tokens are processed in chunks of ``chunk_size`` rows. For each chunk, during the forward:
+
+1. ``logits = hidden_chunk @ weight.T`` with cuBLAS (``torch.mm`` into one reused ``(chunk, V)`` buffer);
+2. the fused cross-entropy kernel (`fat5_kernels.cross_entropy`) computes the rows' losses and overwrites the
+   buffer with d(loss)/d(logits) (already divided by the batch's count of non-ignored tokens for ``"mean"``);
+3. ``grad_hidden[chunk] = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden_chunk`` (cuBLAS, the weight
+   gradient accumulated in the weight's dtype with ``addmm_``, fp32 inside each product).
+
+The backward only multiplies both gradients by ``grad_output`` (skipped on the device when it is 1). Memory: the
+two gradients (which autograd keeps anyway), one ``(chunk, V)`` buffer of the hidden states' dtype and a few
+``(N,)`` fp32 vectors. The default chunk keeps the buffer no larger than the hidden states themselves (the rule of
+Liger-Kernel, whose peak memory this op must not exceed), between 64 and 4096 rows.
+
+Precision: the weight gradient is rounded to the weight dtype once per chunk (as Liger-Kernel does by default);
+with bf16 weights and many chunks this adds a little error to ``dW`` compared with one big product.
+
+The pure-PyTorch reference (used on CPU by the model) is
+`fat5_kernels.cross_entropy_reference.linear_cross_entropy_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch without it
+    raise ImportError("fat5_kernels.fused_linear_cross_entropy needs triton: pip install 'fat5-hf[gpu]'") from err
+
+from .cross_entropy import cross_entropy_forward, scale_rows_
+from .cross_entropy_reference import validate_cross_entropy_inputs
+
+__all__ = ["FusedLinearCrossEntropyFunction", "default_chunk_size", "fused_linear_cross_entropy"]
+
+MIN_CHUNK_SIZE = 64
+MAX_CHUNK_SIZE = 4096
+
+
+def default_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Rows per chunk: ``(chunk, V)`` logits about the size of the ``(N, d)`` hidden states (Liger-Kernel's rule:
+    the power of two at or above ``N / ceil(V / d)``), clamped to ``[64, 4096]`` and to ``n_tokens``.
+    """
+    budget_rows = triton.cdiv(n_tokens, triton.cdiv(vocab_size, hidden_size))
+    chunk = min(MAX_CHUNK_SIZE, max(MIN_CHUNK_SIZE, triton.next_power_of_2(budget_rows)))
+    return max(1, min(chunk, n_tokens))
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd wrapper of the chunked LM head + cross-entropy; see `fused_linear_cross_entropy`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size):
+        n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+        need_grad_hidden, need_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        compute_grad = need_grad_hidden or need_grad_weight
+        device = hidden.device
+
+        count = (labels != ignore_index).sum()  # on the device; the kernel divides the gradient by it
+        row_loss = torch.empty(n_tokens, dtype=torch.float32, device=device)
+        row_z = torch.empty(n_tokens, dtype=torch.float32, device=device) if z_loss > 0.0 else None
+        grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+        grad_weight = torch.empty_like(weight) if need_grad_weight else None
+        chunk_size = max(1, min(chunk_size, n_tokens))
+        if grad_weight is not None and n_tokens == 0:
+            grad_weight.zero_()
+        logits_buffer = torch.empty(chunk_size, vocab_size, dtype=hidden.dtype, device=device)
+
+        for chunk_index, start in enumerate(range(0, n_tokens, chunk_size)):
+            end = min(start + chunk_size, n_tokens)
+            hidden_chunk = hidden[start:end]
+            logits = logits_buffer[: end - start]
+            torch.mm(hidden_chunk, weight.t(), out=logits)
+            cross_entropy_forward(
+                logits, labels[start:end], count, row_loss[start:end],
+                row_z[start:end] if row_z is not None else None,
+                grad=logits if compute_grad else None, ignore_index=ignore_index, z_loss=z_loss,
+                label_smoothing=label_smoothing, divide_by_count=reduction == "mean",
+            )  # fmt: skip
+            # `logits` now holds d(loss)/d(logits) of the chunk.
+            if need_grad_hidden:
+                torch.mm(logits, weight, out=grad_hidden[start:end])
+            if need_grad_weight:
+                if chunk_index == 0:
+                    torch.mm(logits.t(), hidden_chunk, out=grad_weight)
+                else:
+                    grad_weight.addmm_(logits.t(), hidden_chunk)
+        del logits_buffer
+
+        loss = row_loss.sum()
+        z_term = row_z.sum() if row_z is not None else torch.zeros((), dtype=torch.float32, device=device)
+        if reduction == "mean":
+            denominator = count.clamp(min=1).float()
+            loss, z_term = loss / denominator, z_term / denominator
+        ctx.mark_non_differentiable(z_term)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss, z_term
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_z_term):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # Gradients were computed for grad_output = 1; scale in place (no-op on the device when it is 1).
+        if grad_hidden is not None:
+            scale_rows_(grad_hidden, grad_loss)
+        if grad_weight is not None:
+            scale_rows_(grad_weight, grad_loss)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``hidden @ weight.T`` without materializing the ``(N, V)`` logits (training loss only).
+
+    Same value as `fat5_kernels.cross_entropy_reference.linear_cross_entropy_reference`; gradients flow to
+    ``hidden`` and ``weight``. Under ``torch.autocast``, both are cast to the autocast dtype first (as
+    ``F.linear`` would be).
+
+    Args:
+        hidden: ``(N, d)`` (or ``(..., d)`` with ``labels`` of shape ``(...)``) fp32/fp16/bf16 hidden states.
+        weight: ``(V, d)`` LM head weight, same dtype as ``hidden`` (outside autocast).
+        labels: ``(N,)`` int64 in ``[0, V)`` or ``ignore_index``.
+        ignore_index: label of tokens that do not count.
+        z_loss: coefficient of ``log(Z)**2`` (T5X uses 1e-4); 0 disables it.
+        label_smoothing: epsilon in ``[0, 1]`` as in ``torch.nn.functional.cross_entropy``.
+        reduction: ``"mean"`` (sum / max(count of non-ignored, 1)) or ``"sum"``. Per-token losses need the logits:
+            use ``cross_entropy(hidden @ weight.T, labels, reduction="none")``.
+        chunk_size: token rows per chunk; default `default_chunk_size`.
+
+    Returns:
+        ``(loss, z_loss_term)``: fp32 scalars; ``loss`` includes the z term, ``z_loss_term`` is it alone
+        (non-differentiable, for logging). The backward can run only once per forward.
+    """
+    if hidden.dim() >= 2 and labels.shape == hidden.shape[:-1] and hidden.dim() > 2:
+        hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be (N, d) and weight (V, d) with the same d; got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}."
+        )
+    if torch.is_autocast_enabled(hidden.device.type):
+        autocast_dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(autocast_dtype), weight.to(autocast_dtype)
+    for name, tensor in (("hidden", hidden), ("weight", weight)):
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}.")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype; cast one of them "
+            "or run under torch.autocast."
+        )
+    if not (hidden.device == weight.device == labels.device):
+        raise ValueError(
+            f"hidden ({hidden.device}), weight ({weight.device}) and labels ({labels.device}) must share a device."
+        )
+    if reduction == "none":
+        raise ValueError(
+            "fused_linear_cross_entropy supports reduction='mean' or 'sum'; per-token losses need the logits: "
+            "use fat5_kernels.cross_entropy.cross_entropy(hidden @ weight.T, labels, reduction='none')."
+        )
+    validate_cross_entropy_inputs(
+        hidden.shape, weight.shape[0], labels, ignore_index=ignore_index, z_loss=z_loss,
+        label_smoothing=label_smoothing, reduction=reduction,
+    )  # fmt: skip
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of token rows, got {chunk_size}.")
+    # The matmuls take any strides, but the chunk's rows must be contiguous slices for torch.mm(out=...).
+    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
+    return FusedLinearCrossEntropyFunction.apply(
+        hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size
+    )
