@@ -1,0 +1,396 @@
+"""Fused T5 RMSNorm (optionally after the residual add) as Triton kernels, forward and backward.
+
+Semantics are T5's (see :mod:`.rms_norm_reference`): the variance is computed in float32, the normalized
+activations are cast to the weight dtype when it is half precision, then scaled by the weight; no mean, no
+bias. With a residual the kernel also returns ``x + residual`` in x's dtype, the next residual stream, so that
+the add costs no extra pass over memory.
+
+Forward: one program normalizes ``BLOCK_ROWS`` rows; it stores the output, the per-row ``rstd`` (float32, saved
+for the backward) and the sum when there is a residual.
+Backward: a fixed number of programs (a few per SM) each walk a contiguous range of rows, write the input
+gradient and accumulate their share of the weight gradient in float32 registers; the partial sums of all programs
+are then added by one ``sum``: deterministic, no atomics.
+
+Under ``torch.compile`` the kernels are reached through ``torch.library`` custom ops (``<namespace>::rms_norm_*``),
+which the compiler treats as opaque; eager mode launches them directly to skip the dispatcher overhead.
+"""
+
+import contextlib
+import functools
+import re
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch without it
+    raise ImportError("fat5_kernels.rms_norm needs triton: pip install 'fat5-hf[gpu]'") from err
+
+from .rms_norm_reference import check_rms_norm_inputs, rms_norm_output_dtype
+from .triton_utils import triton_interpreter_enabled
+
+__all__ = ["RMSNormFunction", "rms_norm"]
+
+# Rows wider than this would not fit one program's registers (Liger uses the same bound).
+MAX_FUSED_COLS = 65536
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _rms_norm_forward_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    y_ptr,
+    summed_ptr,
+    rstd_ptr,
+    n_rows,
+    n_cols,
+    x_row_stride,
+    residual_row_stride,
+    y_row_stride,
+    summed_row_stride,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    CAST_TO_WEIGHT_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_COLS)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+
+    # Half-precision inputs are upcast right after the load: all arithmetic is float32.
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        residual = tl.load(
+            residual_ptr + rows[:, None] * residual_row_stride + cols[None, :], mask=mask, other=0.0
+        ).to(tl.float32)
+        # Round the sum to x's dtype before normalizing it, as `x + residual` in PyTorch would.
+        summed = (x + residual).to(summed_ptr.dtype.element_ty)
+        tl.store(summed_ptr + rows[:, None] * summed_row_stride + cols[None, :], summed, mask=mask)
+        x = summed.to(tl.float32)
+
+    variance = tl.sum(x * x, axis=1) / n_cols
+    rstd = tl.rsqrt(variance + eps)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+    normed = x * rstd[:, None]
+    if CAST_TO_WEIGHT_DTYPE:  # T5 casts to the (half-precision) weight dtype before the scale
+        normed = normed.to(weight_ptr.dtype.element_ty).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = normed * weight[None, :]
+    tl.store(y_ptr + rows[:, None] * y_row_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_backward_kernel(
+    dy_ptr,
+    summed_ptr,
+    weight_ptr,
+    rstd_ptr,
+    dsummed_ptr,
+    dx_ptr,
+    dweight_partial_ptr,
+    n_rows,
+    n_cols,
+    dy_row_stride,
+    summed_row_stride,
+    dsummed_row_stride,
+    dx_row_stride,
+    rows_per_program,
+    HAS_DSUMMED: tl.constexpr,
+    CAST_TO_WEIGHT_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_COLS)
+    col_mask = cols < n_cols
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    # Per-row products are summed over rows only once, after the loop: fewer cross-thread reductions.
+    dweight_acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
+
+    row_start = program.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for block_start in range(row_start, row_end, BLOCK_ROWS):
+        rows = block_start + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        dy = tl.load(dy_ptr + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(summed_ptr + rows[:, None] * summed_row_stride + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+
+        normed = x * rstd[:, None]
+        normed_scaled_input = normed
+        if CAST_TO_WEIGHT_DTYPE:  # the weight multiplied the rounded activations in the forward
+            normed_scaled_input = normed.to(weight_ptr.dtype.element_ty).to(tl.float32)
+        dweight_acc += dy * normed_scaled_input
+
+        # y = w * n, n = x * rstd, rstd = (mean(x^2) + eps)^-1/2  =>  dx = rstd * (dn - n * mean(dn * n)).
+        # The cast to the weight dtype passes gradients through unchanged, as autograd's `.to()` does.
+        dnormed = dy * weight[None, :]
+        projection = tl.sum(dnormed * normed, axis=1) / n_cols
+        dx = rstd[:, None] * (dnormed - normed * projection[:, None])
+        if HAS_DSUMMED:  # gradient reaching the residual-stream output directly
+            dx += tl.load(
+                dsummed_ptr + rows[:, None] * dsummed_row_stride + cols[None, :], mask=mask, other=0.0
+            ).to(tl.float32)
+        tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    tl.store(dweight_partial_ptr + program * n_cols + cols, tl.sum(dweight_acc, axis=0), mask=col_mask)
+
+
+def _check_launchable(x: torch.Tensor) -> None:
+    if not x.is_cuda and not triton_interpreter_enabled():
+        raise ValueError(
+            f"fat5_kernels.rms_norm runs Triton kernels on CUDA tensors, got a tensor on {x.device}; use "
+            "fat5_kernels.rms_norm_reference.rms_norm_reference on CPU (or set TRITON_INTERPRET=1 for tests)"
+        )
+    if x.shape[-1] > MAX_FUSED_COLS:
+        raise ValueError(f"fat5_kernels.rms_norm supports rows of at most {MAX_FUSED_COLS} elements, got {x.shape[-1]}")
+
+
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_per_launch(device: torch.device) -> int:
+    """Number of streaming multiprocessors; a small number under the interpreter (still several programs)."""
+    if device.type != "cuda":
+        return 3
+    return _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _device_context(tensor: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the tensor's.
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (rows, d) with unit stride along d (a view when the layout allows it)."""
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _forward_launch_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, num_warps): tiles of ~4K elements, ~8-16 elements per thread."""
+    block_cols = triton.next_power_of_2(n_cols)
+    block_rows = max(1, min(16, 4096 // block_cols))
+    num_warps = min(16, max(4, block_rows * block_cols // 512))
+    return block_rows, block_cols, num_warps
+
+
+def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, num_warps, programs per SM)."""
+    block_cols = triton.next_power_of_2(n_cols)
+    block_rows = max(1, min(16, 2048 // block_cols))
+    num_warps = min(16, max(4, block_rows * block_cols // 256))
+    # More programs hide more latency but write more float32 partial weight gradients (programs x d).
+    programs_per_sm = max(2, min(8, 8192 // block_cols))
+    return block_rows, block_cols, num_warps, programs_per_sm
+
+
+def _rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Launch the forward on 2-D inputs (rows, d). Returns (y, summed or None, rstd (rows,) float32)."""
+    n_rows, n_cols = x.shape
+    y = torch.empty((n_rows, n_cols), dtype=rms_norm_output_dtype(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    summed = torch.empty_like(x) if residual is not None else None
+    if n_rows == 0:
+        return y, summed, rstd
+    block_rows, block_cols, num_warps = _forward_launch_config(n_cols)
+    with _device_context(x):
+        _rms_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
+            x,
+            residual if residual is not None else x,
+            weight,
+            y,
+            summed if summed is not None else y,
+            rstd,
+            n_rows,
+            n_cols,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            y.stride(0),
+            summed.stride(0) if summed is not None else 0,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            CAST_TO_WEIGHT_DTYPE=weight.dtype in _HALF_DTYPES,
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols,
+            num_warps=num_warps,
+        )
+    return y, summed, rstd
+
+
+def _rms_norm_backward(
+    dy: torch.Tensor,
+    summed: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dsummed: torch.Tensor | None,
+    in_place: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward on 2-D inputs. Returns (dx in summed's dtype (rows, d), dweight in weight's dtype).
+
+    ``in_place`` writes dx into dy's buffer when dtypes agree (each program reads a row before writing it).
+    """
+    n_rows, n_cols = dy.shape
+    if in_place and dy.dtype == summed.dtype:
+        dx = dy
+    else:
+        dx = torch.empty((n_rows, n_cols), dtype=summed.dtype, device=dy.device)
+    if n_rows == 0:
+        return dx, torch.zeros_like(weight)
+    block_rows, block_cols, num_warps, programs_per_sm = _backward_launch_config(n_cols)
+    n_programs = min(_programs_per_launch(dy.device) * programs_per_sm, triton.cdiv(n_rows, block_rows))
+    # Whole row blocks per program, so that only the last program has a ragged tail.
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_rows) * block_rows
+    n_programs = triton.cdiv(n_rows, rows_per_program)
+    dweight_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=dy.device)
+    with _device_context(dy):
+        _rms_norm_backward_kernel[(n_programs,)](
+            dy,
+            summed,
+            weight,
+            rstd,
+            dsummed if dsummed is not None else dy,
+            dx,
+            dweight_partial,
+            n_rows,
+            n_cols,
+            dy.stride(0),
+            summed.stride(0),
+            dsummed.stride(0) if dsummed is not None else 0,
+            dx.stride(0),
+            rows_per_program,
+            HAS_DSUMMED=dsummed is not None,
+            CAST_TO_WEIGHT_DTYPE=weight.dtype in _HALF_DTYPES,
+            BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols,
+            num_warps=num_warps,
+        )
+    return dx, dweight_partial.sum(0).to(weight.dtype)
+
+
+# ---- torch.library custom ops: what torch.compile sees (opaque, with fake implementations for tracing) ----
+# The namespace follows the module path, so that a copy of this file flattened into a Hub repo (imported as
+# transformers_modules.<repo>...) registers its own ops instead of colliding with an installed fat5_kernels.
+_NAMESPACE = re.sub(r"\W", "_", __name__.rpartition(".")[0] or "fat5_kernels")
+
+
+@torch.library.custom_op(
+    f"{_NAMESPACE}::rms_norm_forward",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor, Tensor, Tensor)",
+)
+def _rms_norm_forward_op(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, summed, rstd = _rms_norm_forward(x, weight, residual, eps)
+    # An op output may not alias an input: without residual the "summed" output is an empty placeholder.
+    return y, summed if summed is not None else x.new_empty(0), rstd
+
+
+@_rms_norm_forward_op.register_fake
+def _(x, weight, residual, eps):
+    y = x.new_empty(x.shape, dtype=rms_norm_output_dtype(x.dtype, weight.dtype))
+    summed = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return y, summed, x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    f"{_NAMESPACE}::rms_norm_backward",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor summed, Tensor weight, Tensor rstd, Tensor? dsummed) -> (Tensor, Tensor)",
+)
+def _rms_norm_backward_op(
+    dy: torch.Tensor, summed: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dsummed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_norm_backward(dy, summed, weight, rstd, dsummed, in_place=False)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, summed, weight, rstd, dsummed):
+    return torch.empty_like(summed), torch.empty_like(weight)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused kernels; use :func:`rms_norm` rather than calling this directly."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps, in_place_backward):
+        check_rms_norm_inputs(x, weight, residual)
+        _check_launchable(x)
+        shape = x.shape
+        x_rows = _as_rows(x)
+        residual_rows = _as_rows(residual) if residual is not None else None
+        if torch.compiler.is_compiling():
+            y, summed, rstd = _rms_norm_forward_op(x_rows, weight, residual_rows, eps)
+            summed = summed if residual is not None else None
+        else:
+            y, summed, rstd = _rms_norm_forward(x_rows, weight, residual_rows, eps)
+        ctx.save_for_backward(summed if summed is not None else x_rows, weight, rstd)
+        ctx.shape = shape
+        ctx.has_residual = residual is not None
+        ctx.in_place_backward = in_place_backward
+        ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros
+        y = y.view(shape)
+        if summed is None:
+            return y
+        return y, summed.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, *maybe_dsummed):
+        summed, weight, rstd = ctx.saved_tensors
+        dsummed = maybe_dsummed[0] if ctx.has_residual else None
+        if dy is None:  # only the residual-stream output was used: the norm contributes nothing
+            return dsummed, None, dsummed, None, None
+        dy_rows = _as_rows(dy)
+        dsummed_rows = _as_rows(dsummed) if dsummed is not None else None
+        if torch.compiler.is_compiling():
+            dx, dweight = _rms_norm_backward_op(dy_rows, summed, weight, rstd, dsummed_rows)
+        else:
+            in_place = ctx.in_place_backward and dy_rows.is_contiguous()
+            dx, dweight = _rms_norm_backward(dy_rows, summed, weight, rstd, dsummed_rows, in_place)
+        dx = dx.view(ctx.shape)
+        # x and residual get the same gradient; one tensor serves both (autograd copies before accumulating
+        # into a shared buffer), which saves a full activation-sized allocation.
+        dresidual = dx if ctx.has_residual else None
+        return dx, dweight, dresidual, None, None
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    in_place_backward: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """T5 RMSNorm with fused Triton kernels, optionally fused with the residual add before it.
+
+    Args:
+        x: (..., d) float32, float16 or bfloat16, on a CUDA device (or CPU under ``TRITON_INTERPRET=1``).
+            Any layout; rows must be addressable with a unit stride along d, else a copy is made.
+        weight: (d,) scale; its dtype decides the output dtype as in T5 (see ``rms_norm_output_dtype``).
+        eps: added to the float32 variance.
+        residual: optional, x's shape and dtype. When given, the norm applies to ``x + residual``.
+        in_place_backward: write the input gradient into the incoming gradient's buffer (saves one
+            activation-sized allocation, as Liger-Kernel does). Only safe when nothing else reads that
+            gradient after this backward; ignored under ``torch.compile``.
+
+    Returns:
+        ``normed`` of shape (..., d), or ``(normed, x + residual)`` with a residual (the sum in x's dtype).
+        Gradients flow to x, weight and residual through both outputs; the weight gradient is reduced
+        deterministically.
+    """
+    return RMSNormFunction.apply(x, weight, residual, float(eps), in_place_backward)
