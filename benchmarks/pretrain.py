@@ -1,0 +1,218 @@
+"""Pretraining throughput of FAT5 against Hugging Face's T5 of the same shape, on one GPU.
+
+FAT5-small shape: d_model 512, 8 heads of 64, gated-GELU d_ff 2048, 12 encoder + 12 decoder layers,
+vocab 32,768; 512 input and 512 target tokens per example; bf16 autocast over fp32 weights (what
+``accelerate``'s ``mixed_precision="bf16"`` does); fused AdamW (and FAT5 with AdamWScale, the recipe's
+default optimizer). Random token batches, random init: only speed is measured. Every variant runs in
+the same process, one after the other, with the same batches, so the numbers compare on this machine.
+
+Variants:
+- ``t5``: transformers' T5ForConditionalGeneration, eager attention, not compiled;
+- ``t5_compiled``: the same under ``torch.compile`` (the strongest baseline a T5 user has);
+- ``fat5``: fat5_hf's FAT5ForConditionalGeneration (Triton kernels on CUDA);
+- ``fat5_compiled``: FAT5 under ``torch.compile`` (reported as an error row if it does not compile);
+- ``fat5_adamw_scale``: FAT5 with ``fat5_hf.optim.AdamWScale`` instead of fused AdamW.
+
+Tokens per second count encoder and decoder tokens: ``batch * (input_length + target_length) / step time``.
+
+Usage (GPU machine, repository root)::
+
+    export PYTHONPATH=$PWD/kernels:$PWD
+    python benchmarks/pretrain.py --batch-size 32 --output-dir benchmarks/results
+
+writes ``pretrain.json`` and ``pretrain.md`` into ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import time
+import traceback
+
+import torch
+
+VARIANTS = ("t5", "t5_compiled", "fat5", "fat5_compiled", "fat5_adamw_scale")
+
+FAT5_SMALL_SHAPE = dict(
+    d_model=512,
+    d_kv=64,
+    num_heads=8,
+    d_ff=2048,
+    num_layers=12,
+    num_decoder_layers=12,
+    feed_forward_proj="gated-gelu",
+    vocab_size=32768,
+    dropout_rate=0.0,
+    tie_word_embeddings=False,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+
+
+def build_model(variant: str) -> torch.nn.Module:
+    if variant.startswith("t5"):
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        return T5ForConditionalGeneration(T5Config(**FAT5_SMALL_SHAPE, attn_implementation="eager"))
+    from fat5_hf import FAT5Config, FAT5ForConditionalGeneration
+
+    return FAT5ForConditionalGeneration(FAT5Config(**FAT5_SMALL_SHAPE))
+
+
+def build_optimizer(variant: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    if variant == "fat5_adamw_scale":
+        from fat5_hf.optim import AdamWScale
+
+        return AdamWScale(model.parameters(), lr=lr)
+    return torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+
+
+def measure(variant: str, args: argparse.Namespace, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    row = dict(variant=variant, batch_size=args.batch_size, input_length=args.input_length, target_length=args.target_length)
+    model = optimizer = forward = train_step = None
+    try:
+        torch.manual_seed(0)
+        model = build_model(variant).cuda().train()
+        row["parameters_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+        optimizer = build_optimizer(variant, model, args.lr)
+        forward = torch.compile(model) if variant.endswith("_compiled") else model
+
+        def train_step(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = forward(input_ids=input_ids, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        start = time.perf_counter()
+        for i in range(args.warmup_steps):
+            loss = train_step(*batches[i % len(batches)])
+        torch.cuda.synchronize()
+        row["warmup_s"] = round(time.perf_counter() - start, 2)
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for i in range(args.steps):
+            loss = train_step(*batches[i % len(batches)])
+        torch.cuda.synchronize()
+        step_s = (time.perf_counter() - start) / args.steps
+        row.update(
+            step_ms=round(step_s * 1e3, 2),
+            tokens_per_s=round(args.batch_size * (args.input_length + args.target_length) / step_s),
+            peak_memory_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            final_loss=round(float(loss), 4),
+        )
+    except Exception as err:  # one failing variant (e.g. out of memory, no compile) must not hide the others
+        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        traceback.print_exc(limit=4)
+    model = optimizer = forward = train_step = None  # free the GPU memory before the next variant
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def environment() -> dict:
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        triton=triton_version,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def to_markdown(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
+    lines = [
+        "# Pretraining throughput: FAT5 vs. Hugging Face T5 (FAT5-small shape)",
+        "",
+        f"{env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
+        f"transformers {env['transformers']}, {env['date']}.",
+        "",
+        f"d_model 512, 8 heads, gated-GELU d_ff 2048, 12+12 layers, vocab 32,768; batch {args.batch_size} x "
+        f"({args.input_length} input + {args.target_length} target) tokens; bf16 autocast, fp32 weights; "
+        f"{args.warmup_steps} warm-up steps, {args.steps} timed steps; gradient clipping at 1.0. "
+        "Command: `python benchmarks/pretrain.py " + " ".join(args.argv) + "`.",
+        "",
+        "| variant | optimizer | step ms | tokens/s | vs. t5_compiled | peak GiB | params (M) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    reference = next((r for r in rows if r["variant"] == "t5_compiled" and "error" not in r), None)
+    for row in rows:
+        optimizer = "AdamWScale" if row["variant"] == "fat5_adamw_scale" else "AdamW (fused)"
+        if "error" in row:
+            lines.append(f"| {row['variant']} | {optimizer} | error: {row['error'][:120]} | | | | |")
+            continue
+        ratio = f"{row['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else "n/a"
+        lines.append(
+            f"| {row['variant']} | {optimizer} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | {ratio} | "
+            f"{row['peak_memory_GiB']:.1f} | {row['parameters_M']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--input-length", type=int, default=512)
+    parser.add_argument("--target-length", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first (compilation happens there)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/pretrain.py measures GPU throughput and needs CUDA")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"Unknown variants {unknown}; choose among {list(VARIANTS)}")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    env = environment()
+    print(json.dumps(env), flush=True)
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = FAT5_SMALL_SHAPE["vocab_size"]
+    batches = [
+        (
+            torch.randint(2, vocab, (args.batch_size, args.input_length), generator=generator).cuda(),
+            torch.randint(2, vocab, (args.batch_size, args.target_length), generator=generator).cuda(),
+        )
+        for _ in range(4)
+    ]
+    rows = []
+    for variant in variants:
+        row = measure(variant, args, batches)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "pretrain.json"), "w") as f:
+        json.dump(dict(environment=env, args={k: v for k, v in vars(args).items()}, results=rows), f, indent=1)
+    markdown = to_markdown(env, args, rows)
+    with open(os.path.join(args.output_dir, "pretrain.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

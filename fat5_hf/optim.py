@@ -1,0 +1,225 @@
+"""Optimizers and learning-rate schedules for pretraining T5-family models.
+
+- :class:`AdamWScale`: AdamW whose step is scaled by each parameter's root mean square, the variant
+  nanoT5 and FAT5 pretrain T5 with (learning rates near 5e-3 work where plain AdamW needs ~1e-4).
+- :func:`build_optimizer`: AdamW (fused on CUDA) or AdamWScale, with weight decay kept off norms and
+  biases.
+- :func:`build_scheduler`: the usual warm-up schedules (inverse square root, cosine, linear, constant),
+  all from :func:`transformers.get_scheduler`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+OPTIMIZER_NAMES = ("adamw", "adamw_scale")
+
+# Schedules exposed by the recipes; each maps to a name `transformers.get_scheduler` knows.
+SCHEDULER_NAMES = {
+    "constant": "constant",
+    "constant_with_warmup": "constant_with_warmup",
+    "linear": "linear",
+    "cosine": "cosine",
+    "cosine_with_min_lr": "cosine_with_min_lr",
+    "inverse_sqrt": "inverse_sqrt",
+    "warmup_stable_decay": "warmup_stable_decay",
+}
+
+
+class AdamWScale(Optimizer):
+    r"""AdamW whose update of each parameter is multiplied by that parameter's root mean square.
+
+    Adam normalizes the gradient, so its update has about the same size for every parameter. Here the
+    update of a tensor ``p`` is further scaled by ``max(rms(p), min_rms)``, so that each step changes a
+    tensor by roughly the same *relative* amount whatever its scale. This is the relative step size of
+    Adafactor (Shazeer & Stern, 2018, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
+    `scale_parameter=True`), moved onto AdamW by nanoT5 (Nawrot, 2023, "nanoT5: A PyTorch Framework for
+    Pre-training and Fine-tuning T5-style Models with Limited Resources"), and used by FAT5 to pretrain
+    T5 in bf16 with learning rates around 5e-3.
+
+    For a parameter :math:`p` with gradient :math:`g` at step :math:`t`:
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g, \quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2 \\
+        p \leftarrow p (1 - \eta \lambda) - \eta \, \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+        \, \max(\mathrm{rms}(p), \epsilon_{rms}) \, \frac{m_t}{\sqrt{v_t} + \epsilon}
+
+    (weight decay :math:`\lambda` is decoupled as in AdamW; nanoT5 applies it after the update, which
+    differs by a factor :math:`1 - \eta\lambda` on the update and is immaterial in practice).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate :math:`\eta`.
+        betas: coefficients of the running averages of the gradient and of its square.
+        eps: added to :math:`\sqrt{v_t}`.
+        weight_decay: decoupled weight decay :math:`\lambda`.
+        min_rms: lower bound :math:`\epsilon_{rms}` of the RMS scale, so that parameters initialized at
+            (or decayed to) zero still move. Adafactor and nanoT5 use 1e-3.
+        correct_bias: apply Adam's bias correction.
+
+    All states are kept in the parameter's dtype and device; the RMS stays a tensor (no host sync), and
+    works on sharded parameters (FSDP2 DTensors) since ``norm`` and ``numel`` there are global.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 5e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        min_rms: float = 1e-3,
+        correct_bias: bool = True,
+    ):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate {lr}: must be >= 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid betas {betas}: each must be in [0, 1)")
+        if eps < 0.0:
+            raise ValueError(f"Invalid eps {eps}: must be >= 0")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay {weight_decay}: must be >= 0")
+        if min_rms < 0.0:
+            raise ValueError(f"Invalid min_rms {min_rms}: must be >= 0")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, min_rms=min_rms, correct_bias=correct_bias
+        )
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _rms(tensor: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32: a bf16 sum of squares over millions of elements loses most of its digits.
+        return tensor.detach().float().norm(2) / math.sqrt(tensor.numel())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("AdamWScale does not support sparse gradients; use dense embeddings")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                step = state["step"]
+
+                exp_avg.lerp_(grad, 1.0 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+                step_size = lr
+                if group["correct_bias"]:
+                    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+                # The RMS is measured before the decay, on the weights the gradient was computed for.
+                scale = self._rms(p).clamp_min(group["min_rms"]).to(p.dtype)
+                if group["weight_decay"] > 0.0:
+                    p.mul_(1.0 - lr * group["weight_decay"])
+                update = exp_avg / exp_avg_sq.sqrt().add_(eps)
+                p.sub_(update.mul_(scale * step_size))
+        return loss
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Splits trainable parameters into a decayed group (matrices, embeddings) and a non-decayed one.
+
+    Norm weights and biases (every parameter with fewer than 2 dimensions, or whose name contains
+    "norm") get no weight decay, as in T5X, nanoT5 and transformers' Trainer. A tied parameter is
+    listed once.
+    """
+    decay, no_decay, seen = [], [], set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        if param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str = "adamw_scale",
+    lr: float = 5e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    fused: bool | None = None,
+) -> Optimizer:
+    """Creates the optimizer of a pretraining run.
+
+    Args:
+        model: the model whose trainable parameters are optimized (after ``accelerator.prepare`` for FSDP).
+        name: ``"adamw"`` (``torch.optim.AdamW``) or ``"adamw_scale"`` (:class:`AdamWScale`).
+        lr, betas, eps, weight_decay: the usual AdamW hyperparameters.
+        fused: use ``torch.optim.AdamW(fused=True)``; ``None`` picks it when every parameter is on CUDA.
+            Ignored by ``adamw_scale``.
+    """
+    groups = parameter_groups(model, weight_decay)
+    if not groups:
+        raise ValueError("The model has no trainable parameter (every requires_grad is False)")
+    if name == "adamw":
+        if fused is None:
+            fused = all(p.is_cuda for group in groups for p in group["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    if name == "adamw_scale":
+        return AdamWScale(groups, lr=lr, betas=tuple(betas), eps=eps)
+    raise ValueError(f"Unknown optimizer {name!r}; choose one of {list(OPTIMIZER_NAMES)}")
+
+
+def build_scheduler(
+    optimizer: Optimizer,
+    name: str,
+    warmup_steps: int,
+    total_steps: int,
+    scheduler_kwargs: dict | None = None,
+) -> LRScheduler:
+    """Creates a learning-rate schedule with linear warm-up, stepped once per optimizer step.
+
+    Args:
+        optimizer: the optimizer whose learning rate is scheduled.
+        name: one of ``constant``, ``constant_with_warmup``, ``linear``, ``cosine``, ``cosine_with_min_lr``
+            (pass ``{"min_lr_rate": 0.1}``), ``inverse_sqrt`` (T5's schedule: ``lr / sqrt(max(step, warmup))``
+            up to the constant that makes it continuous after warm-up) and ``warmup_stable_decay``
+            (pass ``{"num_decay_steps": ...}``).
+        warmup_steps: linear warm-up from 0, in optimizer steps.
+        total_steps: the length of the run, in optimizer steps (decaying schedules reach their end there).
+        scheduler_kwargs: extra arguments of the transformers schedule (``scheduler_specific_kwargs``).
+    """
+    from transformers import get_scheduler
+
+    if name not in SCHEDULER_NAMES:
+        raise ValueError(f"Unknown scheduler {name!r}; choose one of {sorted(SCHEDULER_NAMES)}")
+    if warmup_steps < 0 or total_steps <= 0:
+        raise ValueError(f"warmup_steps must be >= 0 and total_steps > 0, got {warmup_steps} and {total_steps}")
+    if name != "constant" and name != "inverse_sqrt" and warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) is longer than the run ({total_steps} steps)")
+    kwargs = dict(scheduler_kwargs or {})
+    if name == "cosine_with_min_lr" and "min_lr" not in kwargs and "min_lr_rate" not in kwargs:
+        kwargs["min_lr_rate"] = 0.1
+    return get_scheduler(
+        SCHEDULER_NAMES[name],
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=kwargs or None,
+    )
