@@ -1,0 +1,218 @@
+"""Fused cross-entropy kernel vs PyTorch (TRITON_INTERPRET=1 on CPU; bf16 tests on the GPU).
+
+Tolerance rule (shared with the attention kernel): measured against an fp64 ground truth, the kernel's relative
+error must be at most twice that of the same definition computed in half precision (fp16 on CPU, where the
+interpreter's bf16 maths is broken; bf16 on the GPU). fp32 runs must match to fp32 rounding.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fat5_kernels.cross_entropy_reference import cross_entropy_reference
+
+triton = pytest.importorskip("triton")
+import fat5_kernels.cross_entropy as ce_module  # noqa: E402
+from fat5_kernels.cross_entropy import cross_entropy  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IGNORE = -100
+
+
+def dense_cross_entropy(logits, labels, *, z_loss=0.0, label_smoothing=0.0, reduction="mean"):
+    """The definition, computed in the dtype of ``logits`` (fp64 for the truth, half for the rule's yardstick)."""
+    valid = labels != IGNORE
+    rows = F.cross_entropy(logits, labels, ignore_index=IGNORE, label_smoothing=label_smoothing, reduction="none")
+    z_rows = torch.where(valid, z_loss * torch.logsumexp(logits, -1).square(), 0.0)
+    rows = rows + z_rows
+    if reduction == "none":
+        return rows, z_rows
+    loss, z = rows.sum(), z_rows.sum()
+    if reduction == "mean":
+        count = valid.sum().clamp(min=1)
+        loss, z = loss / count, z / count
+    return loss, z
+
+
+def rel_err(got, truth):
+    got, truth = got.double(), truth.double()
+    norm = truth.norm()
+    if norm == 0:
+        return (got - truth).norm().item() * float("inf") if (got != truth).any() else 0.0
+    return ((got - truth).norm() / norm).item()
+
+
+def make_case(n_rows, vocab, dtype, ignored_every=4, seed=0, scale=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n_rows, vocab, generator=generator, dtype=torch.float64) * scale).to(DEVICE)
+    labels = torch.randint(0, vocab, (n_rows,), generator=generator).to(DEVICE)
+    if ignored_every:
+        labels[::ignored_every] = IGNORE
+    return logits.to(dtype).double(), labels  # fp64 copy of the exactly representable low-precision values
+
+
+def run_kernel(logits64, labels, dtype, grad_scale=None, **kw):
+    logits = logits64.detach().to(dtype).clone().requires_grad_()
+    loss, z = cross_entropy(logits, labels, **kw)
+    weights = grad_scale if grad_scale is not None else torch.ones_like(loss)
+    (loss * weights).sum().backward()
+    return loss.detach(), z, logits.grad
+
+
+def run_dense(logits64, labels, dtype, grad_scale=None, **kw):
+    logits = logits64.detach().to(dtype).clone().requires_grad_()
+    loss, z = dense_cross_entropy(logits, labels, **kw)
+    weights = grad_scale.to(dtype) if grad_scale is not None else torch.ones_like(loss)
+    (loss * weights).sum().backward()
+    return loss.detach(), z.detach(), logits.grad
+
+
+def check_against_rule(logits64, labels, dtype, half_dtype, grad_scale=None, **kw):
+    loss, z, grad = run_kernel(logits64, labels, dtype, grad_scale, **kw)
+    assert loss.dtype == torch.float32 and z.dtype == torch.float32
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    truth = run_dense(logits64, labels, torch.float64, grad_scale.double() if grad_scale is not None else None, **kw)
+    if dtype == torch.float32:
+        bounds = (2e-6, 2e-6, 2e-6)
+    else:
+        half = run_dense(logits64, labels, half_dtype, grad_scale, **kw)
+        bounds = tuple(2 * rel_err(h, t) + 1e-7 for h, t in zip(half, truth))
+    for name, got, want, bound in zip(("loss", "z_loss_term", "grad"), (loss, z, grad), truth, bounds):
+        err = rel_err(got, want)
+        assert err <= bound, f"{name}: relative error {err:.3e} > bound {bound:.3e}"
+
+
+@pytest.fixture
+def multi_pass(monkeypatch):
+    """Force the two-pass path (rows wider than one block) at test-sized vocabularies."""
+    monkeypatch.setattr(ce_module, "MAX_SINGLE_PASS_BLOCK", 128)
+    monkeypatch.setattr(ce_module, "MULTI_PASS_BLOCK", 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("vocab", [37, 300])
+@pytest.mark.parametrize(
+    "z_loss, label_smoothing, reduction",
+    [(0.0, 0.0, "mean"), (1e-2, 0.1, "mean"), (1e-3, 0.0, "sum"), (0.0, 0.2, "none")],
+)
+def test_matches_reference_single_pass(dtype, vocab, z_loss, label_smoothing, reduction):
+    logits64, labels = make_case(19, vocab, dtype)
+    check_against_rule(logits64, labels, dtype, torch.float16, z_loss=z_loss, label_smoothing=label_smoothing,
+                       reduction=reduction)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("z_loss, label_smoothing, reduction", [(0.0, 0.0, "mean"), (1e-2, 0.1, "none")])
+def test_matches_reference_multi_pass(multi_pass, dtype, z_loss, label_smoothing, reduction):
+    # 300 = 2 full blocks of 128 + a partial one.
+    logits64, labels = make_case(13, 300, dtype, seed=1)
+    check_against_rule(logits64, labels, dtype, torch.float16, z_loss=z_loss, label_smoothing=label_smoothing,
+                       reduction=reduction)  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_grad_output_scaling(reduction):
+    logits64, labels = make_case(11, 50, torch.float32, seed=2)
+    n = 11 if reduction == "none" else 1
+    grad_scale = torch.linspace(-2.0, 3.0, n, device=DEVICE).reshape(() if n == 1 else (n,))
+    check_against_rule(logits64, labels, torch.float32, torch.float16, grad_scale=grad_scale, z_loss=1e-2,
+                       label_smoothing=0.1, reduction=reduction)  # fmt: skip
+
+
+@pytest.mark.parametrize("pass_mode", ["single", "multi"])
+def test_all_labels_ignored_gives_zero_loss_and_zero_grad(request, pass_mode):
+    if pass_mode == "multi":
+        request.getfixturevalue("multi_pass")
+    logits = torch.randn(6, 200, device=DEVICE, requires_grad=True)
+    labels = torch.full((6,), IGNORE, device=DEVICE)
+    loss, z = cross_entropy(logits, labels, z_loss=1e-2, label_smoothing=0.1)
+    assert loss.item() == 0.0 and z.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits.grad))
+
+
+def test_ignored_rows_get_zero_gradient_and_others_do_not_depend_on_them():
+    logits64, labels = make_case(9, 40, torch.float32, ignored_every=3, seed=3)
+    _, _, grad = run_kernel(logits64, labels, torch.float32)
+    assert torch.equal(grad[labels == IGNORE], torch.zeros_like(grad[labels == IGNORE]))
+    assert (grad[labels != IGNORE].abs().sum(-1) > 0).all()
+
+
+def test_inplace_overwrites_logits_and_out_of_place_keeps_them():
+    logits64, labels = make_case(7, 33, torch.float32, seed=4)
+    kept = logits64.float().requires_grad_()
+    loss_kept, _ = cross_entropy(kept, labels, inplace=False)
+    loss_kept.backward()
+    assert torch.equal(kept.detach(), logits64.float())
+
+    overwritten = logits64.float().requires_grad_()
+    loss, _ = cross_entropy(overwritten, labels)
+    loss.backward()
+    assert torch.equal(loss, loss_kept)
+    assert torch.equal(overwritten.grad, kept.grad)
+    # The buffer now holds the gradient (Liger-Kernel's memory trick), not the logits.
+    assert torch.equal(overwritten.detach(), overwritten.grad)
+
+
+def test_no_grad_leaves_logits_untouched():
+    logits64, labels = make_case(5, 21, torch.float32, seed=5)
+    logits = logits64.float()
+    with torch.no_grad():
+        loss, _ = cross_entropy(logits, labels, label_smoothing=0.1)
+    assert torch.equal(logits, logits64.float())
+    want, _ = cross_entropy_reference(logits, labels, label_smoothing=0.1)
+    assert torch.allclose(loss, want, rtol=1e-6, atol=0)
+
+
+def test_reference_matches_torch_definition():
+    logits64, labels = make_case(17, 29, torch.float32, seed=6)
+    got, got_z = cross_entropy_reference(logits64.float(), labels, z_loss=1e-2, label_smoothing=0.1)
+    want, want_z = dense_cross_entropy(logits64, labels, z_loss=1e-2, label_smoothing=0.1)
+    assert rel_err(got, want) < 1e-6 and rel_err(got_z, want_z) < 1e-6
+
+
+def test_reference_chunked_checkpointing_matches_unchunked(monkeypatch):
+    import fat5_kernels.cross_entropy_reference as ref_module
+
+    logits64, labels = make_case(10, 16, torch.float32, seed=7)
+    full = logits64.float().requires_grad_()
+    loss_full, _ = cross_entropy_reference(full, labels, z_loss=1e-2)
+    loss_full.backward()
+    monkeypatch.setattr(ref_module, "_CHUNK_LOGITS", 48)  # 3 rows per chunk
+    chunked = logits64.float().requires_grad_()
+    loss_chunked, _ = cross_entropy_reference(chunked, labels, z_loss=1e-2)
+    loss_chunked.backward()
+    assert torch.allclose(loss_full, loss_chunked, rtol=1e-6)
+    assert torch.allclose(full.grad, chunked.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "make_inputs, error, match",
+    [
+        (lambda: (torch.randn(4, 10), torch.zeros(5, dtype=torch.long)), ValueError, "labels must have shape"),
+        (lambda: (torch.randn(4, 10), torch.tensor([0, 1, 10, IGNORE])), ValueError, r"labels must be in \[0, 10\)"),
+        (lambda: (torch.randn(4, 10), torch.tensor([0, -1, 2, 3])), ValueError, "found -1"),
+        (lambda: (torch.randn(4, 10), torch.zeros(4)), TypeError, "integer tensor"),
+        (lambda: (torch.randn(4, 10).long(), torch.zeros(4, dtype=torch.long)), TypeError, "logits must be float32"),
+        (lambda: (torch.randn(10), torch.zeros(10, dtype=torch.long)), ValueError, "2D tensor"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(make_inputs, error, match):
+    logits, labels = make_inputs()
+    with pytest.raises(error, match=match):
+        cross_entropy(logits.to(DEVICE), labels.to(DEVICE))
+
+
+@pytest.mark.parametrize("kwargs, match", [({"reduction": "avg"}, "reduction"), ({"label_smoothing": 1.5}, "label_smoothing"), ({"z_loss": -1.0}, "z_loss")])  # fmt: skip
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cross_entropy(torch.randn(2, 5, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE), **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [32128, 250112])
+@pytest.mark.parametrize("z_loss, label_smoothing", [(0.0, 0.0), (1e-4, 0.1)])
+def test_bf16_on_gpu_against_rule(vocab, z_loss, label_smoothing):
+    logits64, labels = make_case(256, vocab, torch.bfloat16, seed=8)
+    check_against_rule(logits64, labels, torch.bfloat16, torch.bfloat16, z_loss=z_loss,
+                       label_smoothing=label_smoothing)  # fmt: skip
