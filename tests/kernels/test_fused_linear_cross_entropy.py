@@ -1,0 +1,191 @@
+"""Chunked fused linear + cross-entropy vs PyTorch (TRITON_INTERPRET=1 on CPU; bf16 tests on the GPU).
+
+Same tolerance rule as the cross-entropy kernel: against an fp64 ground truth, the relative error of the loss, of
+d(hidden) and of d(weight) must be at most twice that of the dense definition (``hidden @ weight.T`` then
+cross-entropy, with autograd) computed in half precision (fp16 on CPU, bf16 on the GPU).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fat5_kernels.cross_entropy_reference import linear_cross_entropy_reference
+
+triton = pytest.importorskip("triton")
+from fat5_kernels.fused_linear_cross_entropy import default_chunk_size, fused_linear_cross_entropy  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IGNORE = -100
+
+
+def dense_linear_cross_entropy(hidden, weight, labels, *, z_loss=0.0, label_smoothing=0.0, reduction="mean"):
+    """The definition in the inputs' dtype: logits, F.cross_entropy, z-loss; mean = sum / max(count, 1)."""
+    logits = hidden @ weight.t()
+    valid = labels != IGNORE
+    rows = F.cross_entropy(logits, labels, ignore_index=IGNORE, label_smoothing=label_smoothing, reduction="none")
+    z_rows = torch.where(valid, z_loss * torch.logsumexp(logits, -1).square(), 0.0)
+    loss, z = (rows + z_rows).sum(), z_rows.sum()
+    if reduction == "mean":
+        count = valid.sum().clamp(min=1)
+        loss, z = loss / count, z / count
+    return loss, z
+
+
+def rel_err(got, truth):
+    got, truth = got.double(), truth.double()
+    norm = truth.norm()
+    if norm == 0:
+        return 0.0 if torch.equal(got, truth) else float("inf")
+    return ((got - truth).norm() / norm).item()
+
+
+def make_case(n_tokens, hidden_size, vocab, dtype, ignored_every=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_tokens, hidden_size, generator=generator, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64) * (2.0 / hidden_size**0.5)
+    labels = torch.randint(0, vocab, (n_tokens,), generator=generator)
+    if ignored_every:
+        labels[::ignored_every] = IGNORE
+    # fp64 copies of the exactly representable low-precision values.
+    return hidden.to(dtype).double().to(DEVICE), weight.to(dtype).double().to(DEVICE), labels.to(DEVICE)
+
+
+def run(fn, hidden64, weight64, labels, dtype, grad_scale=1.0, **kw):
+    hidden = hidden64.detach().to(dtype).clone().requires_grad_()
+    weight = weight64.detach().to(dtype).clone().requires_grad_()
+    loss, z = fn(hidden, weight, labels, **kw)
+    (loss * grad_scale).backward()
+    return loss.detach(), z.detach(), hidden.grad, weight.grad
+
+
+def check_against_rule(hidden64, weight64, labels, dtype, half_dtype, grad_scale=1.0, **kw):
+    got = run(fused_linear_cross_entropy, hidden64, weight64, labels, dtype, grad_scale, **kw)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert got[2].dtype == dtype and got[3].dtype == dtype
+    loss_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    truth = run(dense_linear_cross_entropy, hidden64, weight64, labels, torch.float64, grad_scale, **loss_kw)
+    if dtype == torch.float32:
+        bounds = (2e-6,) * 4
+    else:
+        half = run(dense_linear_cross_entropy, hidden64, weight64, labels, half_dtype, grad_scale, **loss_kw)
+        bounds = tuple(2 * rel_err(h, t) + 1e-7 for h, t in zip(half, truth))
+    for name, g, want, bound in zip(("loss", "z_loss_term", "d_hidden", "d_weight"), got, truth, bounds):
+        err = rel_err(g, want)
+        assert err <= bound, f"{name}: relative error {err:.3e} > bound {bound:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "n_tokens, hidden_size, vocab, chunk_size",
+    [(45, 24, 37, 16), (40, 32, 130, 40), (21, 16, 300, 8)],  # ragged last chunk, one chunk, many chunks
+)
+@pytest.mark.parametrize(
+    "z_loss, label_smoothing, reduction", [(0.0, 0.0, "mean"), (1e-2, 0.1, "mean"), (1e-3, 0.1, "sum")]
+)
+def test_matches_reference(dtype, n_tokens, hidden_size, vocab, chunk_size, z_loss, label_smoothing, reduction):
+    hidden64, weight64, labels = make_case(n_tokens, hidden_size, vocab, dtype)
+    check_against_rule(hidden64, weight64, labels, dtype, torch.float16, z_loss=z_loss,
+                       label_smoothing=label_smoothing, reduction=reduction, chunk_size=chunk_size)  # fmt: skip
+
+
+def test_grad_output_scaling_and_default_chunks():
+    hidden64, weight64, labels = make_case(30, 16, 50, torch.float32, seed=1)
+    check_against_rule(hidden64, weight64, labels, torch.float32, torch.float16, grad_scale=-2.5, z_loss=1e-2,
+                       label_smoothing=0.1)  # fmt: skip
+
+
+def test_all_labels_ignored_gives_zero_loss_and_zero_grads():
+    hidden64, weight64, labels = make_case(12, 8, 20, torch.float32, seed=2)
+    labels = torch.full_like(labels, IGNORE)
+    loss, z, d_hidden, d_weight = run(fused_linear_cross_entropy, hidden64, weight64, labels, torch.float32,
+                                      z_loss=1e-2, label_smoothing=0.1, chunk_size=5)  # fmt: skip
+    assert loss.item() == 0.0 and z.item() == 0.0
+    assert torch.equal(d_hidden, torch.zeros_like(d_hidden)) and torch.equal(d_weight, torch.zeros_like(d_weight))
+
+
+def test_frozen_weight_or_hidden_gets_no_gradient():
+    hidden64, weight64, labels = make_case(10, 8, 20, torch.float32, seed=3)
+    hidden = hidden64.float().requires_grad_()
+    weight = weight64.float()  # frozen LM head
+    loss, _ = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=4)
+    loss.backward()
+    want_hidden = hidden64.float().requires_grad_()
+    linear_cross_entropy_reference(want_hidden, weight64.float(), labels)[0].backward()
+    assert weight.grad is None and rel_err(hidden.grad, want_hidden.grad) < 2e-6
+
+    weight = weight64.float().requires_grad_()
+    loss, _ = fused_linear_cross_entropy(hidden64.float(), weight, labels, chunk_size=4)
+    loss.backward()
+    want_weight = weight64.float().requires_grad_()
+    linear_cross_entropy_reference(hidden64.float(), want_weight, labels)[0].backward()
+    assert rel_err(weight.grad, want_weight.grad) < 2e-6
+
+
+def test_no_grad_gives_the_loss():
+    hidden64, weight64, labels = make_case(10, 8, 20, torch.float32, seed=4)
+    with torch.no_grad():
+        loss, z = fused_linear_cross_entropy(hidden64.float(), weight64.float(), labels, z_loss=1e-2, chunk_size=3)
+    want, want_z = linear_cross_entropy_reference(hidden64.float(), weight64.float(), labels, z_loss=1e-2)
+    assert rel_err(loss, want) < 2e-6 and rel_err(z, want_z) < 2e-6
+
+
+def test_batch_and_sequence_dimensions_are_flattened():
+    hidden64, weight64, labels = make_case(12, 8, 20, torch.float32, seed=5)
+    flat, _ = fused_linear_cross_entropy(hidden64.float(), weight64.float(), labels)
+    batched, _ = fused_linear_cross_entropy(hidden64.float().view(3, 4, 8), weight64.float(), labels.view(3, 4))
+    assert torch.equal(flat, batched)
+
+
+def test_reference_matches_dense_definition_and_checkpointed_chunks(monkeypatch):
+    import fat5_kernels.cross_entropy_reference as ref_module
+
+    hidden64, weight64, labels = make_case(14, 8, 20, torch.float32, seed=6)
+    truth = run(dense_linear_cross_entropy, hidden64, weight64, labels, torch.float64, z_loss=1e-2,
+                label_smoothing=0.1)  # fmt: skip
+    monkeypatch.setattr(ref_module, "_CHUNK_LOGITS", 60)  # 3 rows per checkpointed chunk
+    got = run(linear_cross_entropy_reference, hidden64, weight64, labels, torch.float32, z_loss=1e-2,
+              label_smoothing=0.1)  # fmt: skip
+    for g, want in zip(got, truth):
+        assert rel_err(g, want) < 2e-6
+
+
+def test_default_chunk_size():
+    # Liger-Kernel's memory rule: (chunk, V) logits about the size of the (N, d) hidden states.
+    assert default_chunk_size(16384, 768, 32128) == 512
+    assert default_chunk_size(16384, 768, 250112) == 64
+    assert default_chunk_size(10, 768, 32128) == 10
+
+
+@pytest.mark.parametrize(
+    "hidden, weight, labels, kwargs, error, match",
+    [
+        ((4, 8), (10, 8), (5,), {}, ValueError, "labels must have shape"),
+        ((4, 8), (10, 6), (4,), {}, ValueError, "same d"),
+        ((4, 8), (10, 8), (4,), {"reduction": "none"}, ValueError, "reduction='mean' or 'sum'"),
+        ((4, 8), (10, 8), (4,), {"chunk_size": 0}, ValueError, "chunk_size"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(hidden, weight, labels, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fused_linear_cross_entropy(torch.randn(*hidden, device=DEVICE), torch.randn(*weight, device=DEVICE),
+                                   torch.zeros(*labels, dtype=torch.long, device=DEVICE), **kwargs)  # fmt: skip
+
+
+def test_bad_dtypes_and_label_values_raise():
+    hidden, weight = torch.randn(4, 8, device=DEVICE), torch.randn(10, 8, device=DEVICE)
+    labels = torch.tensor([0, 1, 2, IGNORE], device=DEVICE)
+    with pytest.raises(TypeError, match="same dtype"):
+        fused_linear_cross_entropy(hidden, weight.half(), labels)
+    with pytest.raises(TypeError, match="integer tensor"):
+        fused_linear_cross_entropy(hidden, weight, labels.float())
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
+        fused_linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 10, IGNORE], device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab, chunk_size", [(32128, None), (32128, 256), (250112, None)])
+@pytest.mark.parametrize("z_loss, label_smoothing", [(0.0, 0.0), (1e-4, 0.1)])
+def test_bf16_on_gpu_against_rule(vocab, chunk_size, z_loss, label_smoothing):
+    hidden64, weight64, labels = make_case(1024, 256, vocab, torch.bfloat16, seed=7)
+    check_against_rule(hidden64, weight64, labels, torch.bfloat16, torch.bfloat16, z_loss=z_loss,
+                       label_smoothing=label_smoothing, chunk_size=chunk_size)  # fmt: skip
