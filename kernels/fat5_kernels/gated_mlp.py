@@ -212,7 +212,7 @@ def _gated_activation_backward(
             num_warps=num_warps,
         )
     if in_place:
-        return gate, up
+        return gate.detach(), up.detach()
     return dgate_rows.view(gate.shape), dup_rows.view(up.shape)
 
 

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 __all__ = ["ACTIVATION_ALIASES", "check_gated_activation_inputs", "gated_activation_reference", "resolve_activation"]
 
+# The kernels take these; the reference also takes float64 (for high-precision checks).
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 
 # Canonical name -> the names that mean it. "gelu_new" (transformers' NewGELUActivation, T5 v1.1's
 # `dense_act_fn`) and "gelu_pytorch_tanh" are the tanh approximation of GELU; "swish" is SiLU.
@@ -33,7 +35,9 @@ def resolve_activation(activation: str) -> str:
     )
 
 
-def check_gated_activation_inputs(gate: torch.Tensor, up: torch.Tensor) -> None:
+def check_gated_activation_inputs(
+    gate: torch.Tensor, up: torch.Tensor, supported_dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
+) -> None:
     """Raise a clear error when ``gate`` and ``up`` cannot be combined elementwise."""
     if gate.shape != up.shape:
         raise ValueError(
@@ -45,8 +49,8 @@ def check_gated_activation_inputs(gate: torch.Tensor, up: torch.Tensor) -> None:
             f"gated_activation: gate dtype {gate.dtype} differs from up dtype {up.dtype}; "
             "run wi_0 and wi_1 in one dtype (or cast one of the outputs)"
         )
-    if gate.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"gated_activation: dtype {gate.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    if gate.dtype not in supported_dtypes:
+        raise TypeError(f"gated_activation: dtype {gate.dtype} is not supported; use one of {supported_dtypes}")
     if gate.device != up.device:
         raise ValueError(f"gated_activation: gate is on {gate.device} but up is on {up.device}; use one device")
 
@@ -62,7 +66,7 @@ def gated_activation_reference(gate: torch.Tensor, up: torch.Tensor, activation:
     Returns:
         (..., d_ff) in gate's dtype.
     """
-    check_gated_activation_inputs(gate, up)
+    check_gated_activation_inputs(gate, up, REFERENCE_DTYPES)
     if resolve_activation(activation) == "gelu_tanh":
         activated = F.gelu(gate, approximate="tanh")
     else:

@@ -11,7 +11,9 @@ import torch
 
 __all__ = ["check_rms_norm_inputs", "rms_norm_output_dtype", "rms_norm_reference"]
 
+# The kernels take these; the reference also takes float64 (for high-precision checks).
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -26,7 +28,12 @@ def rms_norm_output_dtype(input_dtype: torch.dtype, weight_dtype: torch.dtype) -
     return torch.promote_types(torch.promote_types(input_dtype, torch.float32), weight_dtype)
 
 
-def check_rms_norm_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+def check_rms_norm_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    supported_dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES,
+) -> None:
     """Raise a clear error when ``x``, ``weight`` and ``residual`` cannot go through an RMSNorm together."""
     if weight.dim() != 1:
         raise ValueError(f"rms_norm: weight must be 1-D of size d, got shape {tuple(weight.shape)}")
@@ -36,8 +43,8 @@ def check_rms_norm_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch
             "pass x of shape (..., d) with a weight of shape (d,)"
         )
     for name, tensor in (("x", x), ("weight", weight)) + ((("residual", residual),) if residual is not None else ()):
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"rms_norm: {name} has dtype {tensor.dtype}; supported dtypes are {SUPPORTED_DTYPES}")
+        if tensor.dtype not in supported_dtypes:
+            raise TypeError(f"rms_norm: {name} has dtype {tensor.dtype}; supported dtypes are {supported_dtypes}")
         if tensor.device != x.device:
             raise ValueError(f"rms_norm: {name} is on {tensor.device} but x is on {x.device}; move both to one device")
     if residual is not None:
@@ -59,7 +66,7 @@ def rms_norm_reference(
     """T5 RMSNorm in plain PyTorch, optionally after a residual add.
 
     Args:
-        x: (..., d) float32, float16 or bfloat16.
+        x: (..., d) float32, float16 or bfloat16 (float64 too, for checks).
         weight: (d,) scale, in the model dtype.
         eps: added to the variance before the reciprocal square root.
         residual: optional tensor of x's shape and dtype, added to x before the norm.
@@ -69,7 +76,7 @@ def rms_norm_reference(
         :func:`rms_norm_output_dtype` of (x.dtype, weight.dtype). With ``residual``, the pair
         ``(normed, summed)`` where ``summed = x + residual`` in x's dtype (the new residual stream).
     """
-    check_rms_norm_inputs(x, weight, residual)
+    check_rms_norm_inputs(x, weight, residual, REFERENCE_DTYPES)
     summed = x if residual is None else x + residual
     variance = summed.to(torch.float32).pow(2).mean(-1, keepdim=True)
     normed = summed * torch.rsqrt(variance + eps)
