@@ -1,0 +1,357 @@
+"""Flash attention with T5's learned relative-position bias computed inside the kernel.
+
+Public API (what the model calls):
+
+* `t5_flash_attention(q, k, v, ...)` over (B, H, L, D) tensors;
+* `t5_flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)` over
+  packed (total, H, D) tensors, as FlashAttention's varlen API: padding and packing cost only real tokens.
+
+Both run two ``torch.library`` custom ops, ``fat5::t5_flash_attention_fwd`` and
+``fat5::t5_flash_attention_bwd``; the forward op carries its autograd formula
+(``torch.library.register_autograd``) and fake implementations, so ``torch.compile`` sees one opaque op
+and does not break the graph around it.
+
+Bias modes: a T5 bucket table (H, num_buckets) in the bidirectional (encoder) or causal (decoder) bucket
+mode, which gets a gradient; ALiBi slopes (no gradient); or none (cross-attention). The T5 bias is never
+materialized: the kernels read a per-distance vector of length ``2R + 1`` (``R = max(max_distance,
+num_buckets)``), and the table gradient is reduced per (key block, head) from partial sums, then over
+programs in a fixed order: it is deterministic with or without ``deterministic=True`` (the partial-sum
+reduction costs less than atomics would, so there is no atomic variant).
+
+Conventions: ``d = key_position - query_position``; with ``M != N`` queries are aligned to the end of the
+keys (query ``i`` at position ``i + N - M``, as in FlashAttention >= 2.1 and HF T5 with a KV cache); the
+softmax scale multiplies ``q @ k^T`` only (T5 uses 1.0); softmax statistics are fp32. A query row whose keys
+are all masked (causal with ``M > N``, an all-False padding row, ...) returns zeros, with log-sum-exp
+``+inf`` and zero gradients, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention_bwd import bias_sums_to_table_grad, t5_attention_backward
+from .attention_fwd import LOG2E, t5_attention_forward
+from .attention_reference import relative_bias_layout, t5_relative_position_bucket
+from .triton_utils import triton_interpreter_enabled
+
+__all__ = [
+    "t5_flash_attention",
+    "t5_flash_attention_varlen",
+    "t5_relative_position_bucket",
+]
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _distance_bias(bias_table: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
+    """Per-distance bias vector float32 (H, 2R+1), pre-multiplied by log2(e) for the kernels' exp2."""
+    layout = relative_bias_layout(bidirectional, num_buckets, max_distance, bias_table.device)
+    return (bias_table.float()[:, layout.distance_bucket] * LOG2E).contiguous(), layout
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, name: str) -> None:
+    # Data-dependent checks (one device->host copy): cheaper than a wrong result or an illegal access.
+    lengths = torch.diff(cu_seqlens)
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if bool((lengths < 0).any()):
+        raise ValueError(f"{name} must be non-decreasing (cumulative sequence lengths), got {cu_seqlens.tolist()}.")
+    if first != 0 or last != total:
+        raise ValueError(f"{name} must start at 0 and end at the number of packed tokens {total}; got {first}..{last}.")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen for {name} is {max_seqlen} but a sequence has {longest} tokens; pass the true maximum.")
+
+
+@torch.library.custom_op("fat5::t5_flash_attention_fwd", mutates_args=())
+def _t5_flash_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias_table: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if cu_seqlens_q is not None:
+        _check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
+        _check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
+    dist_bias, radius = None, 0
+    if bias_table is not None:
+        dist_bias, layout = _distance_bias(bias_table, bidirectional, num_buckets, max_distance)
+        radius = layout.radius
+    return t5_attention_forward(
+        q, k, v,
+        dist_bias=dist_bias, radius=radius, alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        causal=causal, softmax_scale=softmax_scale,
+    )  # fmt: skip
+
+
+@_t5_flash_attention_fwd.register_fake
+def _(q, k, v, bias_table, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      bidirectional, num_buckets, max_distance, causal, softmax_scale):  # fmt: skip
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op("fat5::t5_flash_attention_bwd", mutates_args=())
+def _t5_flash_attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias_table: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+    causal: bool,
+    softmax_scale: float,
+    bias_table_needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dist_bias, radius, cuts, layout = None, 0, None, None
+    if bias_table is not None:
+        dist_bias, layout = _distance_bias(bias_table, bidirectional, num_buckets, max_distance)
+        radius = layout.radius
+        if bias_table_needs_grad:
+            cuts = layout.cuts
+    dq, dk, dv, bias_partials = t5_attention_backward(
+        dout, q, k, v, out, lse,
+        dist_bias=dist_bias, radius=radius, cuts=cuts, alibi_slopes=alibi_slopes,
+        key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
+    )  # fmt: skip
+    if bias_partials is None:
+        dtable = q.new_empty((0,), dtype=torch.float32)
+    else:
+        dtable = bias_sums_to_table_grad(bias_partials, layout.num_segments, layout.segment_bucket_onehot)
+        dtable = dtable.to(bias_table.dtype)
+    return dq, dk, dv, dtable
+
+
+@_t5_flash_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+      max_seqlen_q, max_seqlen_k, bidirectional, num_buckets, max_distance, causal, softmax_scale,
+      bias_table_needs_grad):  # fmt: skip
+    if bias_table is not None and bias_table_needs_grad:
+        dtable = torch.empty_like(bias_table)
+    else:
+        dtable = q.new_empty((0,), dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dtable
+
+
+_FWD_ARG_NAMES = (
+    "q", "k", "v", "bias_table", "alibi_slopes", "key_padding_mask", "cu_seqlens_q", "cu_seqlens_k",
+    "max_seqlen_q", "max_seqlen_k", "bidirectional", "num_buckets", "max_distance", "causal", "softmax_scale",
+)  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    args = dict(zip(_FWD_ARG_NAMES, inputs))
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(
+        args["q"], args["k"], args["v"], out, lse, args["bias_table"], args["alibi_slopes"],
+        args["key_padding_mask"], args["cu_seqlens_q"], args["cu_seqlens_k"],
+    )  # fmt: skip
+    ctx.static_args = {name: args[name] for name in _FWD_ARG_NAMES[8:]}
+    table = args["bias_table"]
+    ctx.bias_table_needs_grad = table is not None and table.requires_grad
+
+
+def _backward(ctx, dout, dlse):
+    del dlse  # the log-sum-exp is an auxiliary output without gradient
+    q, k, v, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_q, cu_k = ctx.saved_tensors
+    s = ctx.static_args
+    dq, dk, dv, dtable = _t5_flash_attention_bwd(
+        dout, q, k, v, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_q, cu_k,
+        s["max_seqlen_q"], s["max_seqlen_k"], s["bidirectional"], s["num_buckets"], s["max_distance"],
+        s["causal"], s["softmax_scale"], ctx.bias_table_needs_grad,
+    )  # fmt: skip
+    grad_table = dtable if ctx.bias_table_needs_grad else None
+    return dq, dk, dv, grad_table, None, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fat5::t5_flash_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32.")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last (head_dim) dimension; call .contiguous() first.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
+    if q.device.type == "cpu" and not triton_interpreter_enabled():
+        raise RuntimeError(
+            "t5_flash_attention runs Triton kernels: move the tensors to a CUDA GPU, set TRITON_INTERPRET=1 "
+            "(slow, for tests), or use fat5_kernels.attention_reference.t5_attention_reference on CPU."
+        )
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        raise ValueError(f"q, k, v must share head_dim, got {head_dim}, {k.shape[-1]}, {v.shape[-1]}.")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={head_dim} is not supported (1..{MAX_HEAD_DIM}; it is padded to a power of 2).")
+    if bias_table is not None and alibi_slopes is not None:
+        raise ValueError("Pass either bias_table (T5 buckets) or alibi_slopes, not both.")
+    if bias_table is not None:
+        if not bias_table.is_floating_point():
+            raise TypeError(f"bias_table must be a floating tensor, got {bias_table.dtype}.")
+        if tuple(bias_table.shape) != (num_heads, num_buckets):
+            raise ValueError(
+                f"bias_table has shape {tuple(bias_table.shape)} but (num_heads, num_buckets) = "
+                f"({num_heads}, {num_buckets}); pass the (heads, buckets) weight (nn.Embedding(buckets, heads).weight.T)."
+            )
+        if bias_table.device != q.device:
+            raise ValueError(f"bias_table is on {bias_table.device}, q on {q.device}.")
+        relative_bias_layout(bidirectional, num_buckets, max_distance)  # validates the bucket parameters
+    if alibi_slopes is not None:
+        if alibi_slopes.dtype != torch.float32 or tuple(alibi_slopes.shape) != (num_heads,):
+            raise ValueError(
+                f"alibi_slopes must be float32 of shape ({num_heads},), got {alibi_slopes.dtype} "
+                f"{tuple(alibi_slopes.shape)}."
+            )
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}.")
+
+
+def t5_flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bias_table: torch.Tensor | None = None,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    alibi_slopes: torch.Tensor | None = None,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float = 1.0,
+    deterministic: bool = True,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention ``softmax(scale * q @ k^T + bias + mask) @ v`` with the bias computed in the kernel.
+
+    Args:
+        q: (B, H, M, D) float16, bfloat16 or float32; k, v: (B, H, N, D), same dtype and device. Any strides
+            with a contiguous last dimension (e.g. a transposed (B, L, H, D) projection).
+        bias_table: (H, num_buckets) learned T5 bias (gets a gradient), added after the scale.
+        bidirectional: T5 bucket mode: True for the encoder, False (decoder self-attention, with ``causal``).
+        num_buckets, max_distance: T5's bucket parameters.
+        alibi_slopes: (H,) float32 ALiBi slopes, bias ``-slope * |d|``; no gradient. Exclusive with ``bias_table``.
+        causal: mask keys after the query (bottom-right aligned when M != N).
+        key_padding_mask: (B, N) bool, True = attend.
+        softmax_scale: multiplies ``q @ k^T``; T5 uses 1.0.
+        deterministic: the table gradient is always reduced in a fixed order (kept for API parity).
+        return_lse: also return the float32 (B, H, M) log-sum-exp of each row (``+inf`` for empty rows).
+
+    Returns:
+        (B, H, M, D) in q's dtype, and the log-sum-exp if ``return_lse``.
+    """
+    del deterministic
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D (batch, heads, length, head_dim) tensor, got {getattr(t, 'shape', t)}.")
+    batch, num_heads = q.shape[:2]
+    if k.shape[:2] != (batch, num_heads) or v.shape != k.shape:
+        raise ValueError(
+            f"k and v must be (batch={batch}, heads={num_heads}, N, head_dim) like q, got {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, k.shape[2]):
+            raise ValueError(
+                f"key_padding_mask must be bool of shape (batch, N) = ({batch}, {k.shape[2]}), "
+                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}."
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}.")
+        key_padding_mask = key_padding_mask.contiguous().view(torch.uint8)
+    out, lse = _t5_flash_attention_fwd(
+        q, k, v, bias_table, alibi_slopes, key_padding_mask, None, None, q.shape[2], k.shape[2],
+        bidirectional, num_buckets, max_distance, causal, float(softmax_scale),
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def t5_flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    bias_table: torch.Tensor | None = None,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    alibi_slopes: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float = 1.0,
+    deterministic: bool = True,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`t5_flash_attention` over packed sequences (FlashAttention's varlen layout).
+
+    Args:
+        q: (total_q, H, D); k, v: (total_k, H, D). Sequence ``b`` is rows ``cu_seqlens[b]:cu_seqlens[b+1]``;
+            positions (bias, causal mask) restart at 0 in every sequence and sequences never attend to each other.
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) cumulative lengths starting at 0, on q's device.
+        max_seqlen_q, max_seqlen_k: the longest sequence (sizes the launch grid; checked).
+        Other keywords as `t5_flash_attention`.
+
+    Returns:
+        (total_q, H, D), and the float32 (H, total_q) log-sum-exp if ``return_lse``.
+    """
+    del deterministic
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D packed (total_tokens, heads, head_dim) tensor, got {getattr(t, 'shape', t)}.")
+    num_heads = q.shape[1]
+    if k.shape[1] != num_heads or v.shape != k.shape:
+        raise ValueError(f"k and v must be (total_k, heads={num_heads}, head_dim), got {tuple(k.shape)}, {tuple(v.shape)}.")
+    _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of length batch + 1 >= 2, got {getattr(cu, 'dtype', cu)}.")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device}, q on {q.device}.")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k describe different batch sizes ({cu_seqlens_q.numel() - 1} vs "
+            f"{cu_seqlens_k.numel() - 1})."
+        )
+    if int(max_seqlen_q) < 1 or int(max_seqlen_k) < 1:
+        raise ValueError(f"max_seqlen_q and max_seqlen_k must be positive, got {max_seqlen_q}, {max_seqlen_k}.")
+    out, lse = _t5_flash_attention_fwd(
+        q, k, v, bias_table, alibi_slopes, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+        int(max_seqlen_q), int(max_seqlen_k), bidirectional, num_buckets, max_distance, causal, float(softmax_scale),
+    )  # fmt: skip
+    return (out, lse) if return_lse else out

@@ -1,0 +1,556 @@
+"""Backward Triton kernels of flash attention with an in-kernel T5 relative-position bias.
+
+Three launches, FlashAttention-2 style, all deterministic:
+
+1. ``_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` in fp32.
+2. ``_bwd_dkdv_kernel``: one program per (key block, batch, head) walks the query blocks and accumulates
+   dK and dV in registers, plus this program's share of the bias-table gradient:
+   * tiles with every distance ``<= -R`` (or ``>= R``) lie in one bucket: only their sum of dS is kept;
+   * band tiles take a reversed cumulative sum of dS along the query axis, then one ``tl.gather`` per
+     (key row, cut) reads "sum of dS over distances <= cut" for every bucket boundary ("cut") at once.
+   Each program writes these few numbers to its own slot of a small fp32 buffer
+   ``(key_blocks, B, H, num_cuts_padded + 2)``; the host differences and reduces them in a fixed order.
+   No atomics, no (L, L) tensor: the table gradient costs O(L / BLOCK_N * buckets) memory.
+3. ``_bwd_dq_kernel``: one program per (query block, batch, head) walks the keys for dQ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch without it
+    raise ImportError("fat5_kernels.attention_bwd needs triton: pip install 'fat5-hf[gpu]'") from err
+
+from .attention_fwd import BIAS_ALIBI, BIAS_NONE, BIAS_T5, _key_ranges, _tile_bias, dot_precision, seqlen_autotune_key
+from .triton_utils import autotune_configs
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    Out, DOut, Delta,
+    CuSeqlensQ,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh,
+    num_heads, seqlen_q, head_dim,
+    IS_VARLEN: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+    else:
+        q_start = 0
+    if start_m * BLOCK_M >= seqlen_q:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+    b64 = off_b.to(tl.int64)
+    rows = (q_start + offs_m)[:, None].to(tl.int64)
+    o = tl.load(Out + b64 * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(
+        DOut + b64 * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :], mask=mask, other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + b64 * stride_lb + off_h * stride_lh + q_start + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _dkdv_tile_loop(
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows,
+    k, v, key_pos, key_keep,
+    q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts,
+    lo, hi, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim,
+    qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+    BIAS_KIND: tl.constexpr, REGION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    EVEN_HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dK, dV (and the bias sums) of one key block over query blocks ``[lo, hi)``.
+
+    Works on transposed tiles: rows are this program's keys, columns the queries.
+    """
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    query_shift = seqlen_k - seqlen_q  # query i sits at key position i + N - M
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if MASKED:
+            q_t = tl.load(
+                q_ptrs + start_m * stride_qm, mask=(offs_m[None, :] < seqlen_q) & (offs_d[:, None] < head_dim), other=0.0
+            )
+            do = tl.load(
+                do_ptrs + start_m * stride_dom,
+                mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim),
+                other=0.0,
+            )
+        elif EVEN_HEAD_DIM:
+            q_t = tl.load(q_ptrs + start_m * stride_qm)
+            do = tl.load(do_ptrs + start_m * stride_dom)
+        else:
+            q_t = tl.load(q_ptrs + start_m * stride_qm, mask=offs_d[:, None] < head_dim, other=0.0)
+            do = tl.load(do_ptrs + start_m * stride_dom, mask=offs_d[None, :] < head_dim, other=0.0)
+        # padded query rows get lse = +inf, hence p = 0 and dS = 0
+        lse_log2 = tl.load(lse_ptr + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        scores_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
+        distance = key_pos[:, None] - (offs_m + query_shift)[None, :]
+        scores_t = _tile_bias(
+            scores_t, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+            BIAS_KIND, REGION,
+        )  # fmt: skip
+        p_t = tl.math.exp2(scores_t - lse_log2[None, :])
+        if MASKED:
+            allowed = key_pos[:, None] < seqlen_k
+            if IS_CAUSAL:
+                allowed = allowed & (distance <= 0)
+            p_t = tl.where(allowed, p_t, 0.0)
+        if HAS_KEY_MASK:
+            p_t = tl.where(key_keep[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])  # gradient of the natural-log logits
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+        if COMPUTE_DBIAS:
+            if REGION == 0:
+                far_left_rows += tl.sum(ds_t, axis=1)
+            elif REGION == 2:
+                far_right_rows += tl.sum(ds_t, axis=1)
+            else:
+                # sum over {d <= cut} of dS, for every cut at once: along a key row the distance falls as
+                # the query index grows, so {d <= cut} is a suffix of the row starting at column
+                # key - cut - first_query_position; read it from the reversed cumulative sum.
+                suffix_sums = tl.cumsum(ds_t, axis=1, reverse=True)
+                first_col = key_pos[:, None] - cuts[None, :] - (start_m + query_shift)
+                col = tl.minimum(tl.maximum(first_col, 0), BLOCK_M - 1)
+                picked = tl.gather(suffix_sums, col, axis=1)
+                picked = tl.where(first_col >= BLOCK_M, 0.0, picked)
+                band_cut_sums += tl.sum(picked, axis=0)
+    return dk, dv, band_cut_sums, far_left_rows, far_right_rows
+
+
+def _dkdv_configs() -> list:
+    # (BLOCK_N keys per program, BLOCK_M queries per step, warps, stages); the first is the safe default
+    shapes = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s) for bn, bm, w, s in shapes]
+
+
+DKDV_MIN_BLOCK_N = 64  # smallest BLOCK_N of _dkdv_configs: sizes the bias partial-sum buffer
+
+
+def _prune_bwd_configs(configs, named_args, **kwargs):
+    head_dim_pad = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 64))
+    if head_dim_pad <= 64:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] <= 128 * 64 and c.num_stages <= 2]
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=autotune_configs(_dkdv_configs()),
+    key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "COMPUTE_DBIAS", "SEQLEN_KEY"],
+    prune_configs_by={"early_config_prune": _prune_bwd_configs},
+)
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DOut, DK, DV, Lse, Delta,
+    DistBias, AlibiSlopes, KeyMask, CuSeqlensQ, CuSeqlensK, Cuts, BiasPartials,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh, stride_maskb,
+    batch, num_heads, seqlen_q, seqlen_k, head_dim, qk_scale_log2, softmax_scale, radius,
+    SEQLEN_KEY,
+    BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr, NUM_CUTS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    EVEN_HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    start_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+    if start_n * BLOCK_N >= seqlen_k:
+        return
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    b64 = off_b.to(tl.int64)
+    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < head_dim)
+    key_rows = (k_start + offs_n)[:, None].to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + off_h * stride_kh + key_rows * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + off_h * stride_vh + key_rows * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q_ptrs = Q + b64 * stride_qb + off_h * stride_qh + q_rows[None, :] * stride_qm + offs_d[:, None]  # Q^T tile
+    do_ptrs = DOut + b64 * stride_dob + off_h * stride_doh + q_rows[:, None] * stride_dom + offs_d[None, :]
+    lse_ptr = Lse + b64 * stride_lb + off_h * stride_lh + q_start
+    delta_ptr = Delta + b64 * stride_lb + off_h * stride_lh + q_start
+    dist_bias_ptr = DistBias + off_h * (2 * radius + 1)
+    key_keep = offs_n < seqlen_k
+    if HAS_KEY_MASK:
+        key_keep = tl.load(KeyMask + b64 * stride_maskb + offs_n, mask=offs_n < seqlen_k, other=0) != 0
+    cuts = tl.zeros([NUM_CUTS_PAD], dtype=tl.int32)
+    if COMPUTE_DBIAS:
+        cuts = tl.load(Cuts + tl.arange(0, NUM_CUTS_PAD))
+
+    alibi_slope_log2 = 0.0
+    bias_far_left = 0.0
+    bias_far_right = 0.0
+    if BIAS_KIND == 2:
+        alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
+    if BIAS_KIND == 1:
+        bias_far_left = tl.load(dist_bias_ptr)
+        bias_far_right = tl.load(dist_bias_ptr + 2 * radius)
+        band_radius = radius
+    else:
+        band_radius = 1
+
+    # query ranges, in query order: far right (every d >= R: queries well before the keys), band, far left
+    query_shift = seqlen_k - seqlen_q
+    first_key = start_n * BLOCK_N
+    last_key = first_key + BLOCK_N - 1
+    query_lo = 0
+    if IS_CAUSAL:  # queries at positions < first_key see none of these keys
+        query_lo = (tl.maximum(first_key - query_shift, 0) // BLOCK_M) * BLOCK_M
+    query_lo = tl.minimum(query_lo, seqlen_q)
+    far_right_end = (tl.maximum(first_key - band_radius - query_shift + 1, 0) // BLOCK_M) * BLOCK_M
+    far_right_end = tl.minimum(tl.maximum(far_right_end, query_lo), seqlen_q)
+    far_left_start = tl.cdiv(tl.maximum(last_key + band_radius - query_shift, 0), BLOCK_M) * BLOCK_M
+    band_end = tl.minimum(tl.maximum(far_left_start, far_right_end), seqlen_q)
+    if last_key >= seqlen_k:  # partial key block: everything through the masked band path
+        far_right_end = query_lo
+        band_end = seqlen_q
+    full_end = tl.maximum((seqlen_q // BLOCK_M) * BLOCK_M, band_end)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    band_cut_sums = tl.zeros([NUM_CUTS_PAD], dtype=tl.float32)
+    far_left_rows = tl.zeros([BLOCK_N], dtype=tl.float32)
+    far_right_rows = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
+        dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, query_lo, far_right_end, seqlen_q, seqlen_k,
+        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
+        DOT_PRECISION,
+    )  # fmt: skip
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
+        dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, far_right_end, band_end, seqlen_q, seqlen_k,
+        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
+        DOT_PRECISION,
+    )  # fmt: skip
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
+        dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, band_end, full_end, seqlen_q, seqlen_k,
+        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
+        DOT_PRECISION,
+    )  # fmt: skip
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
+        dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, full_end, seqlen_q, seqlen_q, seqlen_k,
+        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        BIAS_KIND, 0, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
+        DOT_PRECISION,
+    )  # fmt: skip
+
+    dk = dk * softmax_scale
+    tl.store(
+        DK + b64 * stride_dkb + off_h * stride_dkh + key_rows * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + b64 * stride_dvb + off_h * stride_dvh + key_rows * stride_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
+    if COMPUTE_DBIAS:
+        slot = BiasPartials + ((start_n * batch + off_b) * num_heads + off_h).to(tl.int64) * (NUM_CUTS_PAD + 2)
+        tl.store(slot + tl.arange(0, NUM_CUTS_PAD), band_cut_sums)
+        tl.store(slot + NUM_CUTS_PAD, tl.sum(far_left_rows, axis=0))
+        tl.store(slot + NUM_CUTS_PAD + 1, tl.sum(far_right_rows, axis=0))
+
+
+@triton.jit
+def _dq_tile_loop(
+    dq, q, do, lse_log2, delta,
+    k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr,
+    lo, hi, query_pos, seqlen_k, stride_kn, stride_vn, head_dim,
+    qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+    BIAS_KIND: tl.constexpr, REGION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        key_pos = start_n + offs_n
+        if MASKED:
+            kv_mask = (key_pos[:, None] < seqlen_k) & (offs_d[None, :] < head_dim)
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+        elif EVEN_HEAD_DIM:
+            k = tl.load(k_ptrs + start_n * stride_kn)
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < head_dim, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < head_dim, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        distance = key_pos[None, :] - query_pos[:, None]
+        scores = _tile_bias(
+            scores, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right, radius, BIAS_KIND, REGION
+        )
+        p = tl.math.exp2(scores - lse_log2[:, None])
+        if MASKED:
+            allowed = key_pos[None, :] < seqlen_k
+            if IS_CAUSAL:
+                allowed = allowed & (distance <= 0)
+            p = tl.where(allowed, p, 0.0)
+        if HAS_KEY_MASK:
+            keep = tl.load(key_mask_ptr + key_pos, mask=key_pos < seqlen_k, other=0)
+            p = tl.where(keep[None, :] != 0, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+def _dq_configs() -> list:
+    # (BLOCK_M queries per program, BLOCK_N keys per step, warps, stages); the first is the safe default
+    shapes = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+@triton.autotune(
+    configs=autotune_configs(_dq_configs()),
+    key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "SEQLEN_KEY"],
+    prune_configs_by={"early_config_prune": _prune_bwd_configs},
+)
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DOut, DQ, Lse, Delta,
+    DistBias, AlibiSlopes, KeyMask, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh, stride_maskb,
+    num_heads, seqlen_q, seqlen_k, head_dim, qk_scale_log2, softmax_scale, radius,
+    SEQLEN_KEY,
+    BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+    if start_m * BLOCK_M >= seqlen_q:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    b64 = off_b.to(tl.int64)
+    q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+    rows = (q_start + offs_m)[:, None].to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + off_h * stride_qh + rows * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(
+        DOut + b64 * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :], mask=q_mask, other=0.0
+    )
+    lse_log2 = (
+        tl.load(Lse + b64 * stride_lb + off_h * stride_lh + q_start + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+        * 1.4426950408889634
+    )
+    delta = tl.load(Delta + b64 * stride_lb + off_h * stride_lh + q_start + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    k_rows = (k_start + offs_n).to(tl.int64)
+    k_ptrs = K + b64 * stride_kb + off_h * stride_kh + k_rows[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + b64 * stride_vb + off_h * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :]
+    key_mask_ptr = KeyMask + b64 * stride_maskb
+    dist_bias_ptr = DistBias + off_h * (2 * radius + 1)
+    query_pos = offs_m + (seqlen_k - seqlen_q)
+
+    alibi_slope_log2 = 0.0
+    bias_far_left = 0.0
+    bias_far_right = 0.0
+    if BIAS_KIND == 2:
+        alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
+    if BIAS_KIND == 1:
+        bias_far_left = tl.load(dist_bias_ptr)
+        bias_far_right = tl.load(dist_bias_ptr + 2 * radius)
+        band_radius = radius
+    else:
+        band_radius = 1
+    far_left_end, band_end, full_end, key_end = _key_ranges(
+        start_m * BLOCK_M, seqlen_q, seqlen_k, band_radius, IS_CAUSAL, BLOCK_M, BLOCK_N
+    )
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    dq = _dq_tile_loop(
+        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, 0, far_left_end, query_pos,
+        seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+        radius, BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    dq = _dq_tile_loop(
+        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_end, query_pos,
+        seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+        radius, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    dq = _dq_tile_loop(
+        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos,
+        seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+        radius, BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    dq = _dq_tile_loop(
+        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, full_end, key_end, query_pos,
+        seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+        radius, BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    dq = dq * softmax_scale
+    tl.store(
+        DQ + b64 * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
+
+
+def _layout_strides(t: torch.Tensor, is_varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, L, D) tensor or of a packed (total, H, D) one (batch stride 0)."""
+    if is_varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def t5_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    dist_bias: torch.Tensor | None,
+    radius: int,
+    cuts: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the backward kernels on validated inputs (layouts as in `t5_attention_forward`).
+
+    Returns ``dq, dk, dv`` (dtypes of q, k, v) and, when ``cuts`` is given (T5 bias that needs a gradient),
+    the per-program bias sums: float32 ``(key_blocks, B, H, len(cuts) + 2)`` holding, per program, the sum of
+    dS over band elements with distance ``<= cut`` for each cut, then the sums over the far-left
+    (``d <= -R``) and far-right (``d >= R``) tiles. `bias_sums_to_table_grad` turns them into the table gradient.
+    """
+    is_varlen = cu_seqlens_q is not None
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    head_dim = q.shape[-1]
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    if is_varlen:
+        num_heads = q.shape[1]
+        batch = cu_seqlens_q.numel() - 1
+        lse_strides = (0, lse.stride(0))
+    else:
+        batch, num_heads = q.shape[:2]
+        lse_strides = lse.stride()[:2]
+    delta = torch.empty_like(lse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dummy = q
+    bias_kind = BIAS_T5 if dist_bias is not None else (BIAS_ALIBI if alibi_slopes is not None else BIAS_NONE)
+    compute_dbias = cuts is not None
+    num_cuts_pad = cuts.numel() if compute_dbias else 2
+    bias_partials = None
+    if compute_dbias:
+        # one slot per program of the smallest key block: programs that exit early leave zeros
+        bias_partials = torch.zeros(
+            triton.cdiv(max_seqlen_k, DKDV_MIN_BLOCK_N), batch, num_heads, num_cuts_pad + 2,
+            device=q.device, dtype=torch.float32,
+        )  # fmt: skip
+    seqlen_key = seqlen_autotune_key(max(max_seqlen_q, max_seqlen_k))
+    common = dict(
+        BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None, IS_VARLEN=is_varlen,
+        HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad, DOT_PRECISION=dot_precision(q.dtype),
+    )  # fmt: skip
+    optional = (
+        dist_bias if dist_bias is not None else dummy,
+        alibi_slopes if alibi_slopes is not None else dummy,
+        key_padding_mask if key_padding_mask is not None else dummy,
+        cu_seqlens_q if is_varlen else dummy,
+        cu_seqlens_k if is_varlen else dummy,
+    )
+    mask_stride = key_padding_mask.stride(0) if key_padding_mask is not None else 0
+    preprocess_block = 64
+    _bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, preprocess_block), batch * num_heads)](
+        out, dout, delta, optional[3],
+        *_layout_strides(out, is_varlen), *_layout_strides(dout, is_varlen), *lse_strides,
+        num_heads, max_seqlen_q, head_dim,
+        IS_VARLEN=is_varlen, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=preprocess_block,
+    )  # fmt: skip
+    scale_log2 = softmax_scale * 1.4426950408889634
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * num_heads)](
+        q, k, v, dout, dk, dv, lse, delta, *optional,
+        cuts if compute_dbias else dummy, bias_partials if compute_dbias else dummy,
+        *_layout_strides(q, is_varlen), *_layout_strides(k, is_varlen), *_layout_strides(v, is_varlen),
+        *_layout_strides(dout, is_varlen), *_layout_strides(dk, is_varlen), *_layout_strides(dv, is_varlen),
+        *lse_strides, mask_stride,
+        batch, num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, seqlen_key,
+        COMPUTE_DBIAS=compute_dbias, NUM_CUTS_PAD=num_cuts_pad, **common,
+    )  # fmt: skip
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads)](
+        q, k, v, dout, dq, lse, delta, *optional,
+        *_layout_strides(q, is_varlen), *_layout_strides(k, is_varlen), *_layout_strides(v, is_varlen),
+        *_layout_strides(dout, is_varlen), *_layout_strides(dq, is_varlen), *lse_strides, mask_stride,
+        num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, seqlen_key,
+        **common,
+    )  # fmt: skip
+    return dq, dk, dv, bias_partials
+
+
+def bias_sums_to_table_grad(bias_partials: torch.Tensor, num_segments: int, segment_bucket_onehot: torch.Tensor):
+    """Per-program bias sums ``(P, B, H, C + 2)`` -> table gradient float32 ``(H, num_buckets)``, deterministic.
+
+    Per program, the sum over segment ``s`` (distances ``(cut[s-1], cut[s]]``) is the difference of two
+    consecutive "<= cut" sums (taken within the program, so no large partial sums cancel); the far-left sum
+    belongs to the first segment and the far-right sum to the last. Programs are then summed in a fixed order
+    and each segment is added into its bucket through a one-hot product written as a plain reduction.
+    """
+    num_cuts_pad = bias_partials.shape[-1] - 2
+    cut_sums = bias_partials[..., :num_cuts_pad]
+    segment_sums = torch.diff(cut_sums, dim=-1, prepend=torch.zeros_like(cut_sums[..., :1]))
+    segment_sums[..., 0] += bias_partials[..., num_cuts_pad]
+    segment_sums[..., num_segments - 1] += bias_partials[..., num_cuts_pad + 1]
+    per_head = segment_sums.sum(dim=(0, 1))  # (H, C)
+    return (per_head[:, :, None] * segment_bucket_onehot[None, :, :]).sum(dim=1)

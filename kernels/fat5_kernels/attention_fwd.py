@@ -1,0 +1,388 @@
+"""Forward Triton kernel of flash attention with an in-kernel T5 relative-position bias.
+
+FlashAttention-2 forward (online softmax in fp32, exp2 domain) over one block of queries per program.
+The key axis of a query block is split into three ranges by the distance ``d = key_pos - query_pos``:
+
+* far left (``d <= -R`` for every element): the T5 bias is one scalar per head, no masking needed;
+* band (some ``|d| < R``): per-element bias gathered from a per-distance vector of length ``2R + 1``,
+  causal / bounds masking;
+* far right (``d >= R``): scalar bias again; only the last, partial key tile is masked.
+
+``R`` is the bucket layout's radius (``max(max_distance, num_buckets)``); without a T5 bias the band is the
+diagonal tile(s). So the bias costs O(L + buckets) memory and nothing but a scalar add on most tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch without it
+    raise ImportError("fat5_kernels.attention_fwd needs triton: pip install 'fat5-hf[gpu]'") from err
+
+from .triton_utils import autotune_configs
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# bias kinds (a constexpr of every kernel)
+BIAS_NONE = 0
+BIAS_T5 = 1
+BIAS_ALIBI = 2
+
+# regions of the key/query loop
+REGION_FAR_LEFT = 0  # every d <= -R
+REGION_BAND = 1
+REGION_FAR_RIGHT = 2  # every d >= R
+
+
+@triton.jit
+def _tile_bias(
+    scores,
+    distance,
+    dist_bias_ptr,
+    alibi_slope_log2,
+    bias_far_left,
+    bias_far_right,
+    radius,
+    BIAS_KIND: tl.constexpr,
+    REGION: tl.constexpr,
+):
+    """Add the (log2-scaled) relative bias to a tile of log2-domain scores; ``distance = key - query``."""
+    if BIAS_KIND == 1:
+        if REGION == 0:
+            scores = scores + bias_far_left
+        elif REGION == 2:
+            scores = scores + bias_far_right
+        else:
+            index = tl.minimum(tl.maximum(distance, -radius), radius) + radius
+            scores = scores + tl.load(dist_bias_ptr + index)
+    elif BIAS_KIND == 2:
+        scores = scores - alibi_slope_log2 * tl.abs(distance).to(tl.float32)
+    return scores
+
+
+@triton.jit
+def _key_ranges(first_row, seqlen_q, seqlen_k, band_radius, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split the keys seen by query rows ``[first_row, first_row + BLOCK_M)`` into loop ranges.
+
+    Returns ``far_left_end, band_end, full_end, key_end`` (multiples of BLOCK_N except ``key_end``):
+    ``[0, far_left_end)`` has every distance ``<= -band_radius`` (all keys valid, no mask),
+    ``[far_left_end, band_end)`` is the band (per-element bias, masked), ``[band_end, full_end)`` has every
+    distance ``>= band_radius`` and full tiles, ``[full_end, key_end)`` is the partial last tile (masked).
+    """
+    # queries are aligned to the end of the keys: row i sits at key position i + N - M
+    first_query = first_row + seqlen_k - seqlen_q
+    last_query = first_query + BLOCK_M - 1
+    key_end = seqlen_k
+    if IS_CAUSAL:
+        key_end = tl.maximum(tl.minimum(seqlen_k, last_query + 1), 0)
+    far_left_end = tl.minimum((tl.maximum(first_query - band_radius + 1, 0) // BLOCK_N) * BLOCK_N, key_end)
+    far_right_start = tl.cdiv(tl.maximum(last_query + band_radius, 0), BLOCK_N) * BLOCK_N
+    band_end = tl.maximum(tl.minimum(far_right_start, key_end), far_left_end)
+    full_end = tl.maximum(tl.minimum((seqlen_k // BLOCK_N) * BLOCK_N, key_end), band_end)
+    return far_left_end, band_end, full_end, key_end
+
+
+@triton.jit
+def _fwd_tile_loop(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    key_mask_ptr,
+    dist_bias_ptr,
+    lo,
+    hi,
+    query_pos,
+    seqlen_k,
+    stride_kn,
+    stride_vn,
+    qk_scale_log2,
+    alibi_slope_log2,
+    bias_far_left,
+    bias_far_right,
+    radius,
+    head_dim,
+    BIAS_KIND: tl.constexpr,
+    REGION: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    EVEN_HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        key_pos = start_n + offs_n
+        if MASKED:
+            k = tl.load(
+                k_ptrs + start_n * stride_kn,
+                mask=(key_pos[None, :] < seqlen_k) & (offs_d[:, None] < head_dim),
+                other=0.0,
+            )
+            v = tl.load(
+                v_ptrs + start_n * stride_vn,
+                mask=(key_pos[:, None] < seqlen_k) & (offs_d[None, :] < head_dim),
+                other=0.0,
+            )
+        elif EVEN_HEAD_DIM:
+            k = tl.load(k_ptrs + start_n * stride_kn)
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[:, None] < head_dim, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < head_dim, other=0.0)
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2
+        distance = key_pos[None, :] - query_pos[:, None]
+        scores = _tile_bias(
+            scores, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right, radius, BIAS_KIND, REGION
+        )
+        if MASKED:
+            allowed = key_pos[None, :] < seqlen_k
+            if IS_CAUSAL:
+                allowed = allowed & (distance <= 0)
+            scores = tl.where(allowed, scores, float("-inf"))
+        if HAS_KEY_MASK:
+            keep = tl.load(key_mask_ptr + key_pos, mask=key_pos < seqlen_k, other=0)
+            scores = tl.where(keep[None, :] != 0, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # rows with every key masked so far keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(scores - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def _fwd_configs() -> list:
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry is the safe default (interpreter,
+    # Ampere-class shared memory); the rest are Hopper-sized and only kept if they fit (autotune prunes
+    # configs that fail to compile for lack of shared memory).
+    shapes = [(64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    # head_dim 128+ doubles register/shared-memory pressure: drop the 128x128 tile there.
+    head_dim_pad = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 64))
+    kept = [c for c in configs if not (head_dim_pad > 64 and c.kwargs["BLOCK_N"] > 64)]
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=autotune_configs(_fwd_configs()),
+    key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "SEQLEN_KEY"],
+    prune_configs_by={"early_config_prune": _prune_fwd_configs},
+)
+@triton.jit
+def _t5_attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    DistBias,
+    AlibiSlopes,
+    KeyMask,
+    CuSeqlensQ,
+    CuSeqlensK,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_lb,
+    stride_lh,
+    stride_maskb,
+    num_heads,
+    seqlen_q,
+    seqlen_k,
+    head_dim,
+    qk_scale_log2,
+    radius,
+    SEQLEN_KEY,
+    BIAS_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    EVEN_HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+    if start_m * BLOCK_M >= seqlen_q:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    # queries are aligned to the end of the keys (position i + N - M), as with a KV cache
+    query_pos = offs_m + (seqlen_k - seqlen_q)
+
+    b64 = off_b.to(tl.int64)
+    q_ptrs = Q + b64 * stride_qb + off_h * stride_qh + (q_start + offs_m)[:, None].to(tl.int64) * stride_qm
+    q = tl.load(q_ptrs + offs_d[None, :], mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim), other=0.0)
+    # K^T tile pointers (HEAD_DIM_PAD, BLOCK_N) and V tile pointers (BLOCK_N, HEAD_DIM_PAD)
+    k_rows = (k_start + offs_n).to(tl.int64)
+    k_ptrs = K + b64 * stride_kb + off_h * stride_kh + k_rows[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = V + b64 * stride_vb + off_h * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :]
+    key_mask_ptr = KeyMask + b64 * stride_maskb
+    dist_bias_ptr = DistBias + off_h * (2 * radius + 1)
+
+    alibi_slope_log2 = 0.0
+    bias_far_left = 0.0
+    bias_far_right = 0.0
+    if BIAS_KIND == 2:
+        alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
+    if BIAS_KIND == 1:
+        bias_far_left = tl.load(dist_bias_ptr)
+        bias_far_right = tl.load(dist_bias_ptr + 2 * radius)
+        band_radius = radius
+    else:
+        band_radius = 1
+
+    far_left_end, band_end, full_end, key_end = _key_ranges(
+        start_m * BLOCK_M, seqlen_q, seqlen_k, band_radius, IS_CAUSAL, BLOCK_M, BLOCK_N
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_tile_loop(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, 0, far_left_end, query_pos, seqlen_k,
+        stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius, head_dim,
+        BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_tile_loop(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_end, query_pos, seqlen_k,
+        stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius, head_dim,
+        BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_tile_loop(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos, seqlen_k,
+        stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius, head_dim,
+        BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_tile_loop(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, full_end, key_end, query_pos, seqlen_k,
+        stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius, head_dim,
+        BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+
+    # rows without any allowed key: output 0 and lse = +inf (so the backward's exp(s - lse) is 0)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = Out + b64 * stride_ob + off_h * stride_oh + (q_start + offs_m)[:, None].to(tl.int64) * stride_om
+    tl.store(
+        o_ptrs + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim),
+    )
+    tl.store(Lse + b64 * stride_lb + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+def seqlen_autotune_key(max_seqlen: int) -> int:
+    """Autotune bucket of a sequence length: the next power of two (re-tune once per bucket, not per length)."""
+    return 1 << max(0, int(max_seqlen - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs (tests, debugging) get exact fp32 products; half types use the tensor cores
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def t5_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    dist_bias: torch.Tensor | None,
+    radius: int,
+    alibi_slopes: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on validated inputs.
+
+    Dense layout: q (B, H, M, D), k/v (B, H, N, D) -> out (B, H, M, D), lse float32 (B, H, M).
+    Packed layout (``cu_seqlens_q`` given): q (total_q, H, D), k/v (total_k, H, D) -> out (total_q, H, D),
+    lse float32 (H, total_q). ``dist_bias`` is float32 (H, 2*radius+1), already multiplied by log2(e).
+    """
+    is_varlen = cu_seqlens_q is not None
+    head_dim = q.shape[-1]
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    out = torch.empty_like(q)
+    if is_varlen:
+        total_q, num_heads, _ = q.shape
+        batch = cu_seqlens_q.numel() - 1
+        lse = torch.empty(num_heads, total_q, device=q.device, dtype=torch.float32)
+        q_strides = (0, q.stride(1), q.stride(0))
+        k_strides = (0, k.stride(1), k.stride(0))
+        v_strides = (0, v.stride(1), v.stride(0))
+        o_strides = (0, out.stride(1), out.stride(0))
+        lse_strides = (0, lse.stride(0))
+    else:
+        batch, num_heads = q.shape[:2]
+        lse = torch.empty(batch, num_heads, q.shape[2], device=q.device, dtype=torch.float32)
+        q_strides, k_strides, v_strides, o_strides = (t.stride()[:3] for t in (q, k, v, out))
+        lse_strides = lse.stride()[:2]
+    if dist_bias is not None:
+        bias_kind = BIAS_T5
+    elif alibi_slopes is not None:
+        bias_kind = BIAS_ALIBI
+    else:
+        bias_kind = BIAS_NONE
+    dummy = q  # never read: the constexpr flags disable the loads
+    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads)
+    _t5_attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        dist_bias if dist_bias is not None else dummy,
+        alibi_slopes if alibi_slopes is not None else dummy,
+        key_padding_mask if key_padding_mask is not None else dummy,
+        cu_seqlens_q if is_varlen else dummy,
+        cu_seqlens_k if is_varlen else dummy,
+        *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
+        key_padding_mask.stride(0) if key_padding_mask is not None else 0,
+        num_heads, max_seqlen_q, max_seqlen_k, head_dim, softmax_scale * LOG2E, radius,
+        seqlen_autotune_key(max(max_seqlen_q, max_seqlen_k)),
+        BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None, IS_VARLEN=is_varlen,
+        HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad, DOT_PRECISION=dot_precision(q.dtype),
+    )  # fmt: skip
+    return out, lse
+
+
+__all__ = ["LN2", "LOG2E", "t5_attention_forward"]

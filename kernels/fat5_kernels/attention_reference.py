@@ -1,0 +1,226 @@
+"""Pure-PyTorch pieces of attention with a T5 relative-position bias (no triton import).
+
+* `t5_relative_position_bucket`: T5's bucket function, bit-identical to transformers'
+  ``T5Attention._relative_position_bucket``.
+* `relative_bias_layout`: the small per-call tables the Triton kernels use instead of an (L, L) bias:
+  the bucket of every clamped distance, and the distance segments over which the bucket is constant.
+* `t5_attention_reference` / `t5_attention_varlen_reference`: materialized references with the same
+  keywords as the kernels (used by the model's CPU path and by the tests).
+
+Conventions shared with the kernels:
+* distance ``d = key_position - query_position``; when ``M != N`` the queries are aligned to the END of
+  the keys (query ``i`` sits at key position ``i + N - M``), as in FlashAttention >= 2.1 and as HF T5's
+  position bias is sliced when decoding with a KV cache. This applies to the bias, ALiBi and the causal mask.
+* masked logits are ``-inf``; a query row whose keys are all masked gets an all-zero output (and zero
+  gradients), never NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "RelativeBiasLayout",
+    "relative_bias_layout",
+    "t5_attention_reference",
+    "t5_attention_varlen_reference",
+    "t5_relative_position_bucket",
+]
+
+
+def t5_relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> torch.Tensor:
+    """T5's bucket of ``relative_position = key_position - query_position`` (any integer shape).
+
+    Same maths, operation for operation, as transformers' ``T5Attention._relative_position_bucket``, so
+    the result is bit-identical. Returns int64 buckets in ``[0, num_buckets)``.
+    """
+    relative_buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    # now relative_position is in the range [0, inf)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    relative_position_if_large = max_exact + (
+        torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.long)
+    relative_position_if_large = torch.min(
+        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1)
+    )
+    relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
+    return relative_buckets
+
+
+# A distance bound that no real distance reaches; also small enough that index arithmetic stays in int32.
+SEGMENT_BOUND = 1 << 29
+
+
+@dataclass(frozen=True)
+class RelativeBiasLayout:
+    """How T5 buckets tile the distance axis, for one (bidirectional, num_buckets, max_distance).
+
+    Attributes:
+        radius: ``R``; every distance ``|d| >= R`` has the bucket of ``sign(d) * R``.
+        distance_bucket: int64 (2R+1,), the bucket of distance ``d`` at index ``d + R``.
+        cuts: int32 (num_cuts_padded,), sorted distances ``c`` where ``bucket(c) != bucket(c + 1)``,
+            padded with ``SEGMENT_BOUND``. Segment ``s`` is the distance range ``(cuts[s-1], cuts[s]]``
+            (``cuts[-1] = -inf``, padding = +inf), on which the bucket is constant.
+        num_segments: number of real segments (``num_cuts + 1``).
+        segment_bucket_onehot: float32 (num_cuts_padded, num_buckets), one-hot bucket of each segment
+            (rows past ``num_segments`` are zero); turns per-segment gradient sums into a table gradient
+            with a fixed-order reduction.
+    """
+
+    radius: int
+    distance_bucket: torch.Tensor
+    cuts: torch.Tensor
+    num_segments: int
+    segment_bucket_onehot: torch.Tensor
+
+
+def _next_power_of_2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=64)
+def _relative_bias_layout_cpu(bidirectional: bool, num_buckets: int, max_distance: int) -> RelativeBiasLayout:
+    if num_buckets < (4 if bidirectional else 2):
+        raise ValueError(
+            f"num_buckets={num_buckets} is too small for T5 buckets (need >= {4 if bidirectional else 2} "
+            f"when bidirectional={bidirectional})."
+        )
+    max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    if max_distance <= max_exact:
+        raise ValueError(
+            f"max_distance={max_distance} must be larger than the exact-bucket range {max_exact} "
+            f"(num_buckets={num_buckets}, bidirectional={bidirectional}); T5's log buckets are undefined otherwise."
+        )
+    radius = max(max_distance, num_buckets)
+    # Check, rather than assume, that buckets saturate beyond +-radius.
+    wide = torch.arange(-4 * radius, 4 * radius + 1)
+    wide_bucket = t5_relative_position_bucket(wide, bidirectional, num_buckets, max_distance)
+    inner = wide_bucket[3 * radius : 5 * radius + 1]
+    if not (
+        torch.all(wide_bucket[: 3 * radius + 1] == inner[0]) and torch.all(wide_bucket[5 * radius :] == inner[-1])
+    ):
+        raise ValueError(f"T5 buckets do not saturate beyond max_distance={max_distance}; unsupported parameters.")
+    cut_positions = torch.nonzero(inner[1:] != inner[:-1]).flatten()  # index of c in [0, 2R)
+    cuts = (cut_positions - radius).tolist()
+    num_segments = len(cuts) + 1
+    padded = _next_power_of_2(num_segments)
+    cuts_padded = torch.full((padded,), SEGMENT_BOUND, dtype=torch.int32)
+    cuts_padded[: len(cuts)] = torch.tensor(cuts, dtype=torch.int32)
+    # bucket of each segment: read at its last distance (cut), the last segment at +radius
+    seg_last = [c + radius for c in cuts] + [2 * radius]
+    onehot = torch.zeros(padded, num_buckets, dtype=torch.float32)
+    onehot[torch.arange(num_segments), inner[seg_last]] = 1.0
+    return RelativeBiasLayout(radius, inner.clone(), cuts_padded, num_segments, onehot)
+
+
+_LAYOUT_CACHE: dict = {}
+
+
+def relative_bias_layout(
+    bidirectional: bool, num_buckets: int, max_distance: int, device: torch.device | str = "cpu"
+) -> RelativeBiasLayout:
+    """`RelativeBiasLayout` for these bucket parameters, with its tensors on ``device`` (cached)."""
+    device = torch.device(device)
+    key = (bool(bidirectional), int(num_buckets), int(max_distance), device)
+    layout = _LAYOUT_CACHE.get(key)
+    if layout is None:
+        cpu = _relative_bias_layout_cpu(*key[:3])
+        layout = RelativeBiasLayout(
+            cpu.radius,
+            cpu.distance_bucket.to(device),
+            cpu.cuts.to(device),
+            cpu.num_segments,
+            cpu.segment_bucket_onehot.to(device),
+        )
+        _LAYOUT_CACHE[key] = layout
+    return layout
+
+
+def t5_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bias_table: torch.Tensor | None = None,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    alibi_slopes: torch.Tensor | None = None,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float = 1.0,
+    deterministic: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Materialized attention with the same keywords as `t5_flash_attention`; differentiable.
+
+    Args:
+        q: (B, H, M, D); k, v: (B, H, N, D).
+        bias_table: (H, num_buckets) learned T5 bias, added to the raw scores (after ``softmax_scale``).
+        alibi_slopes: (H,) ALiBi slopes: bias ``-slope * |d|``.
+        key_padding_mask: (B, N) bool, True = attend.
+        compute_dtype: dtype of every operation (float32 by default; float16/bfloat16 give the
+            "same reference in low precision" the tests compare against).
+        deterministic: accepted for signature parity, unused.
+
+    Returns:
+        (B, H, M, D) in ``compute_dtype``.
+    """
+    del deterministic
+    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    M, N = q.shape[-2], k.shape[-2]
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * softmax_scale
+    query_pos = torch.arange(M, device=q.device) + (N - M)
+    distance = torch.arange(N, device=q.device)[None, :] - query_pos[:, None]  # (M, N)
+    if bias_table is not None:
+        buckets = t5_relative_position_bucket(distance, bidirectional, num_buckets, max_distance)
+        scores = scores + bias_table.to(compute_dtype)[:, buckets].unsqueeze(0)
+    if alibi_slopes is not None:
+        scores = scores - alibi_slopes.to(compute_dtype)[None, :, None, None] * distance.abs().to(compute_dtype)
+    allowed = torch.ones(q.shape[0], 1, M, N, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed & (distance <= 0)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :].to(torch.bool)
+    row_empty = ~allowed.any(-1, keepdim=True)  # rows with no key at all -> output 0
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(row_empty, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(row_empty, 0.0)
+    return torch.matmul(probs, vc)
+
+
+def t5_attention_varlen_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Reference for packed sequences: q (total_q, H, D), k/v (total_k, H, D) -> (total_q, H, D).
+
+    Runs `t5_attention_reference` on each sequence ``cu_seqlens[b]:cu_seqlens[b+1]``; keywords as there
+    (no ``key_padding_mask``).
+    """
+    del max_seqlen_q, max_seqlen_k
+    outs = []
+    for b in range(cu_seqlens_q.numel() - 1):
+        qs, qe = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        ks, ke = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+        seq = [t.transpose(0, 1).unsqueeze(0) for t in (q[qs:qe], k[ks:ke], v[ks:ke])]
+        outs.append(t5_attention_reference(*seq, **kwargs)[0].transpose(0, 1))
+    return torch.cat(outs, dim=0)
