@@ -1,0 +1,357 @@
+"""Benchmark cases of the fused cross-entropy (``ce``) and fused linear + cross-entropy (``flce``) kernels.
+
+Each case runs one implementation of one kernel at one shape, side by side with the others in the same process:
+
+  fat5     fat5_kernels.cross_entropy / fat5_kernels.fused_linear_cross_entropy
+  torch    the eager PyTorch definition (fp32 cross-entropy of bf16 logits, T5X z-loss)
+  compile  torch.compile of that definition (default mode, dynamic=False)
+  liger    Liger-Kernel's functional API (liger_cross_entropy / liger_fused_linear_cross_entropy, defaults)
+  matmuls  (flce only, fwdbwd) the three bf16 matmuls that a fused linear + CE must contain: logits = h @ W.T,
+           dh = dlogits @ W, dW = dlogits.T @ h, at full size (the floor of any LM-head loss)
+
+Tokens N=16384, bf16 inputs, 10% of labels ignored. ``fwd`` is a training forward (inputs require grad; the
+fused kernels compute their gradients there), ``fwdbwd`` adds ``loss.backward()``. Reported per row: median ms
+(triton.testing.do_bench, warmup 25 ms, rep 100 ms), peak_MiB (peak allocation of one call above what was allocated
+before it; includes the returned gradients) and rel_err (relative L2 error vs an fp32 reference computed over
+chunks of 1024 rows: the loss for fwd, the max over loss and input gradients for fwdbwd).
+
+Run through the shared runner (benchmarks/fused.py, which imports ``CASES`` from here), or alone:
+``python benchmarks/fused_cross_entropy_cases.py [--only ce,flce] [--impls ...] [--sweep]``; ``--sweep`` times
+``fat5`` flce over chunk sizes (the data behind `default_chunk_size`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+N_TOKENS = 16384
+IGNORE = -100
+REF_ROWS = 1024
+VOCABS = (32128, 250112)
+HIDDEN_SIZES = (768, 1024)
+CE_LOSS_CONFIGS = ((0.0, 0.0), (1e-4, 0.1))  # (z-loss, label smoothing)
+
+
+# ---- the eager definitions (torch / compile impls, and the fp32 reference) ----
+def torch_cross_entropy(logits, labels, z_loss=0.0, label_smoothing=0.0):
+    """Mean CE in fp32 over labels != IGNORE, plus z_loss * mean(logsumexp**2) (T5X)."""
+    x = logits.float()
+    loss = F.cross_entropy(x, labels, ignore_index=IGNORE, label_smoothing=label_smoothing)
+    if z_loss:
+        valid = labels != IGNORE
+        loss = loss + z_loss * torch.where(valid, torch.logsumexp(x, -1).square(), 0.0).sum() / valid.sum()
+    return loss
+
+
+def torch_linear_cross_entropy(hidden, weight, labels, z_loss=0.0, label_smoothing=0.0):
+    """LM head in the inputs' dtype, then `torch_cross_entropy`."""
+    return torch_cross_entropy(hidden @ weight.t(), labels, z_loss, label_smoothing)
+
+
+def fat5_cross_entropy(logits, labels, z_loss=0.0, label_smoothing=0.0):
+    from fat5_kernels.cross_entropy import cross_entropy
+
+    return cross_entropy(logits, labels, ignore_index=IGNORE, z_loss=z_loss, label_smoothing=label_smoothing)[0]
+
+
+def fat5_linear_cross_entropy(hidden, weight, labels, z_loss=0.0, label_smoothing=0.0, chunk_size=None):
+    from fat5_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    return fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, z_loss=z_loss,
+                                      label_smoothing=label_smoothing, chunk_size=chunk_size)[0]  # fmt: skip
+
+
+def liger_cross_entropy(logits, labels, z_loss=0.0, label_smoothing=0.0):
+    from liger_kernel.transformers.functional import liger_cross_entropy as liger_ce
+
+    return liger_ce(logits, labels, ignore_index=IGNORE, lse_square_scale=z_loss, label_smoothing=label_smoothing)
+
+
+def liger_linear_cross_entropy(hidden, weight, labels, z_loss=0.0, label_smoothing=0.0):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger_flce
+
+    return liger_flce(hidden, weight, labels, ignore_index=IGNORE, lse_square_scale=z_loss,
+                      label_smoothing=label_smoothing)  # fmt: skip
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled(fn):
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn.__name__]
+
+
+IMPLS = {
+    "ce": {
+        "fat5": lambda: fat5_cross_entropy,
+        "torch": lambda: torch_cross_entropy,
+        "compile": lambda: compiled(torch_cross_entropy),
+        "liger": lambda: liger_cross_entropy,
+    },
+    "flce": {
+        "fat5": lambda: fat5_linear_cross_entropy,
+        "torch": lambda: torch_linear_cross_entropy,
+        "compile": lambda: compiled(torch_linear_cross_entropy),
+        "liger": lambda: liger_linear_cross_entropy,
+        "matmuls": None,  # special-cased: three bare matmuls
+    },
+}
+
+
+# ---- inputs ----
+def make_labels(n_tokens, vocab, device):
+    labels = torch.randint(0, vocab, (n_tokens,), device=device)
+    return labels.masked_fill(torch.rand(n_tokens, device=device) < 0.1, IGNORE)
+
+
+def make_inputs(kernel, shape, device, requires_grad=True):
+    """Fresh, seeded inputs: the fused kernels and Liger write their gradients over their inputs."""
+    torch.manual_seed(0)
+    n = shape["N"]
+    if kernel == "ce":
+        args = [torch.randn(n, shape["V"], device=device, dtype=torch.bfloat16), make_labels(n, shape["V"], device)]
+    else:
+        d = shape["d"]
+        hidden = torch.randn(n, d, device=device, dtype=torch.bfloat16)
+        weight = torch.randn(shape["V"], d, device=device, dtype=torch.bfloat16).mul_(d**-0.5)
+        args = [hidden, weight, make_labels(n, shape["V"], device)]
+    for a in args:
+        a.requires_grad_(requires_grad and a.is_floating_point())
+    return args
+
+
+def loss_kwargs(shape):
+    return dict(z_loss=shape.get("z", 0.0), label_smoothing=shape.get("ls", 0.0))
+
+
+def shape_name(shape):
+    return ",".join(f"{k}={v}" for k, v in shape.items())
+
+
+# ---- the fp32 reference, over chunks of rows ----
+def rel_errors(kernel, shape, loss, grads, device):
+    """Relative L2 errors of the loss (and of the input gradients, unless None) vs the fp32 definition.
+
+    The reference runs over chunks of REF_ROWS token rows (so that V=250k fits); each chunk's mean is weighted by
+    its share of non-ignored tokens, which gives the loss and gradients of the whole batch.
+    """
+    args = make_inputs(kernel, shape, device, requires_grad=False)
+    labels = args[-1]
+    valid = labels != IGNORE
+    ref_fn = torch_cross_entropy if kernel == "ce" else torch_linear_cross_entropy
+    row_args = (0, 1) if kernel == "ce" else (0, 2)
+    names = ("logits", "labels") if kernel == "ce" else ("hidden", "weight", "labels")
+    want_grads = grads is not None
+    sums, shared, ref_loss = {}, {}, 0.0
+
+    def add(name, got, ref):
+        s = sums.setdefault(name, [0.0, 0.0])
+        s[0] += (got.float() - ref).square().sum().item()
+        s[1] += ref.square().sum().item()
+
+    for start in range(0, shape["N"], REF_ROWS):
+        rows = slice(start, start + REF_ROWS)
+        part = [a[rows] if i in row_args else a for i, a in enumerate(args)]
+        part = [a.float().requires_grad_(want_grads) if a.is_floating_point() else a for a in part]
+        with torch.set_grad_enabled(want_grads):
+            ref = ref_fn(*part, **loss_kwargs(shape)) * valid[rows].sum() / valid.sum()
+        ref_loss += ref.item()
+        if want_grads:
+            idx = [i for i, a in enumerate(part) if a.requires_grad]
+            for i, g in zip(idx, torch.autograd.grad(ref, [part[i] for i in idx])):
+                if i in row_args:
+                    add("d_" + names[i], grads[i][rows], g)
+                else:
+                    shared[i] = shared.get(i, 0) + g
+    for i, g in shared.items():
+        add("d_" + names[i], grads[i], g)
+    sums["loss"] = [(loss.item() - ref_loss) ** 2, ref_loss**2]
+    return {name: (d / max(n, 1e-30)) ** 0.5 for name, (d, n) in sums.items()}
+
+
+# ---- measurement ----
+def _bench(step, leaves):
+    from triton.testing import do_bench
+
+    return do_bench(step, warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
+
+
+def _peak(step, leaves):
+    for a in leaves:
+        a.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_matmuls(shape, device):
+    """The three bf16 matmuls of an LM-head loss, at full size; dlogits is a given (N, V) bf16 tensor."""
+    hidden, weight, _ = make_inputs("flce", shape, device, requires_grad=False)
+    dlogits = torch.randn(shape["N"], shape["V"], device=device, dtype=torch.bfloat16)
+
+    def step():
+        logits = hidden @ weight.t()
+        del logits
+        dlogits @ weight  # noqa: B018
+        dlogits.t() @ hidden  # noqa: B018
+
+    step()
+    return dict(ms=_bench(step, []), peak_MiB=_peak(step, []))
+
+
+def measure(kernel, impl, shape, mode, device="cuda", check=True, **impl_kwargs):
+    """One row: time, peak memory and error of ``impl`` of ``kernel`` at ``shape`` in ``mode`` (fwd / fwdbwd);
+    ``check=False`` skips the error against the fp32 reference."""
+    if impl == "matmuls":
+        return measure_matmuls(shape, device)
+    fn = IMPLS[kernel][impl]()
+    kw = {**loss_kwargs(shape), **impl_kwargs}
+    backward = mode == "fwdbwd"
+    args = make_inputs(kernel, shape, device)
+    loss = fn(*args, **kw)  # first call: JIT / compile, and the result that is checked
+    if backward:
+        loss.backward()
+    loss, grads = loss.detach(), ([a.grad for a in args] if backward else None)
+    del args
+    errors = rel_errors(kernel, shape, loss, grads, device) if check else {}
+    del loss, grads
+
+    args = make_inputs(kernel, shape, device)
+    leaves = [a for a in args if a.requires_grad]
+
+    def step():
+        out = fn(*args, **kw)
+        if backward:
+            out.backward()
+
+    ms = _bench(step, leaves)
+    peak = _peak(step, leaves)
+    if not errors:
+        return dict(ms=ms, peak_MiB=peak)
+    worst = max(errors.values(), key=lambda e: math.inf if math.isnan(e) else e)
+    return dict(ms=ms, peak_MiB=peak, rel_err=worst, rel_err_detail=errors)
+
+
+@dataclass
+class Case:
+    """One benchmark row: `run()` returns its measurements (ms, peak_MiB, rel_err...)."""
+
+    kernel: str
+    impl: str
+    shape: dict
+    mode: str
+    impl_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def shape_str(self) -> str:
+        return shape_name(self.shape)
+
+    def run(self) -> dict:
+        return measure(self.kernel, self.impl, self.shape, self.mode, **self.impl_kwargs)
+
+    def row(self) -> dict:
+        return dict(kernel=self.kernel, impl=self.impl, shape=self.shape_str, mode=self.mode)
+
+
+def ce_shapes():
+    return [dict(N=N_TOKENS, V=v, z=z, ls=ls) for v in VOCABS for z, ls in CE_LOSS_CONFIGS]
+
+
+def flce_shapes():
+    shapes = [dict(N=N_TOKENS, V=v, d=d) for v in VOCABS for d in HIDDEN_SIZES]
+    return shapes + [dict(N=N_TOKENS, V=VOCABS[0], d=HIDDEN_SIZES[0], z=1e-4, ls=0.1)]
+
+
+def build_cases(kernels=("ce", "flce"), impls=("fat5", "torch", "compile", "liger", "matmuls"),
+                modes=("fwd", "fwdbwd")) -> list[Case]:  # fmt: skip
+    cases = []
+    for kernel in kernels:
+        for shape in ce_shapes() if kernel == "ce" else flce_shapes():
+            for impl in [i for i in IMPLS[kernel] if i in impls]:
+                for mode in modes:
+                    if impl == "matmuls" and mode == "fwd":
+                        continue  # the matmuls row is the floor of fwd+bwd
+                    cases.append(Case(kernel, impl, shape, mode))
+    return cases
+
+
+CASES = build_cases()
+
+
+def sweep_cases(chunk_sizes=(64, 128, 256, 512, 1024, 2048, 4096), hidden_size=768) -> list[Case]:
+    """fat5 flce fwd+bwd at each chunk size, time and memory only, to choose `default_chunk_size`
+    (impl name ``fat5_c<chunk>``)."""
+    cases = []
+    for shape in [s for s in flce_shapes() if s["d"] == hidden_size and "z" not in s]:
+        for chunk in chunk_sizes:
+            case = Case("flce", "fat5", shape, "fwdbwd", {"chunk_size": chunk, "check": False})
+            case.impl = f"fat5_c{chunk}"
+            cases.append(case)
+    return cases
+
+
+def _run_case(case):
+    """Measure one case, recording an error (OOM, missing package) in the row instead of stopping."""
+    row = case.row()
+    try:
+        if case.impl.startswith("fat5_c"):
+            row.update(measure(case.kernel, "fat5", case.shape, case.mode, **case.impl_kwargs))
+        else:
+            row.update(case.run())
+    except Exception as err:  # noqa: BLE001 - one failing row must not stop the run
+        row["error"] = f"{type(err).__name__}: {err}"[:500]
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="ce,flce")
+    parser.add_argument("--impls", default="fat5,torch,compile,liger,matmuls")
+    parser.add_argument("--modes", default="fwd,fwdbwd")
+    parser.add_argument("--sweep", action="store_true", help="time fat5 flce over chunk sizes instead")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    torch.set_float32_matmul_precision("highest")
+    import triton
+
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    print(meta, flush=True)
+    if args.sweep:
+        cases = sweep_cases()
+    else:
+        cases = build_cases(args.only.split(","), args.impls.split(","), args.modes.split(","))
+    rows = []
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "fused_cross_entropy_sweep.json" if args.sweep else "fused_cross_entropy.json")
+    for case in cases:
+        row = {**_run_case(case), **meta}
+        rows.append(row)
+        if "error" in row:
+            print(f"{row['kernel']:5s} {row['impl']:10s} {row['shape']:38s} {row['mode']:7s} ERROR {row['error'][:90]}")
+        else:
+            print(f"{row['kernel']:5s} {row['impl']:10s} {row['shape']:38s} {row['mode']:7s} {row['ms']:9.3f} ms "
+                  f"{row['peak_MiB']:9.1f} MiB {row.get('rel_err', float('nan')):9.2e}", flush=True)  # fmt: skip
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
