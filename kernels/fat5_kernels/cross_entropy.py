@@ -324,4 +324,11 @@ def cross_entropy(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     labels = labels.contiguous()
-    return CrossEntropyFunction.apply(logits, labels, ignore_index, z_loss, label_smoothing, reduction, inplace)
+    return _apply_cross_entropy(logits, labels, ignore_index, z_loss, label_smoothing, reduction, inplace)
+
+
+# torch.compile runs the op eagerly (a graph break): the kernel is already fused, and the in-place gradient written
+# during the forward is not something Inductor should reorder.
+@torch.compiler.disable
+def _apply_cross_entropy(*args):
+    return CrossEntropyFunction.apply(*args)

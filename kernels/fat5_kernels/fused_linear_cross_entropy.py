@@ -178,6 +178,13 @@ def fused_linear_cross_entropy(
         raise ValueError(f"chunk_size must be a positive number of token rows, got {chunk_size}.")
     # The matmuls take any strides, but the chunk's rows must be contiguous slices for torch.mm(out=...).
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
-    return FusedLinearCrossEntropyFunction.apply(
+    return _apply_fused_linear_cross_entropy(
         hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size
     )
+
+
+# torch.compile runs the op eagerly (a graph break): its matmuls and kernel launches are already what it should be,
+# and the gradients it writes during the forward must not be reordered by Inductor.
+@torch.compiler.disable
+def _apply_fused_linear_cross_entropy(*args):
+    return FusedLinearCrossEntropyFunction.apply(*args)

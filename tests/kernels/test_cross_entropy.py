@@ -216,3 +216,20 @@ def test_bf16_on_gpu_against_rule(vocab, z_loss, label_smoothing):
     logits64, labels = make_case(256, vocab, torch.bfloat16, seed=8)
     check_against_rule(logits64, labels, torch.bfloat16, torch.bfloat16, z_loss=z_loss,
                        label_smoothing=label_smoothing)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_runs_inside_torch_compile():
+    logits64, labels = make_case(64, 1000, torch.bfloat16, seed=9)
+
+    def loss_fn(logits, labels):
+        return cross_entropy(logits * 1.0, labels, z_loss=1e-4, label_smoothing=0.1)[0] * 2.0
+
+    eager_logits = logits64.to(torch.bfloat16).requires_grad_()
+    eager = loss_fn(eager_logits, labels)
+    eager.backward()
+    compiled_logits = logits64.to(torch.bfloat16).requires_grad_()
+    compiled = torch.compile(loss_fn)(compiled_logits, labels)
+    compiled.backward()
+    assert torch.allclose(eager, compiled, rtol=1e-6)
+    assert torch.equal(eager_logits.grad, compiled_logits.grad)

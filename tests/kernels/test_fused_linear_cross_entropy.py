@@ -189,3 +189,21 @@ def test_bf16_on_gpu_against_rule(vocab, chunk_size, z_loss, label_smoothing):
     hidden64, weight64, labels = make_case(1024, 256, vocab, torch.bfloat16, seed=7)
     check_against_rule(hidden64, weight64, labels, torch.bfloat16, torch.bfloat16, z_loss=z_loss,
                        label_smoothing=label_smoothing, chunk_size=chunk_size)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_runs_inside_torch_compile():
+    hidden64, weight64, labels = make_case(300, 64, 1000, torch.bfloat16, seed=8)
+
+    def loss_fn(hidden, weight, labels):
+        return fused_linear_cross_entropy(hidden * 1.0, weight, labels, z_loss=1e-4, chunk_size=128)[0] * 2.0
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn)):
+        hidden = hidden64.to(torch.bfloat16).requires_grad_()
+        weight = weight64.to(torch.bfloat16).requires_grad_()
+        loss = fn(hidden, weight, labels)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, weight.grad))
+    for eager, compiled in zip(*results):
+        assert torch.allclose(eager, compiled, rtol=1e-6, atol=0)
