@@ -11,13 +11,13 @@ Each case runs one implementation of one kernel at one shape, side by side with 
 
 Tokens N=16384, bf16 inputs, 10% of labels ignored. ``fwd`` is a training forward (inputs require grad; the
 fused kernels compute their gradients there), ``fwdbwd`` adds ``loss.backward()``. Reported per row: median ms
-(triton.testing.do_bench, warmup 25 ms, rep 100 ms), peak_MiB (peak allocation of one call above what was allocated
+(triton.testing.do_bench, warmup 10 ms, rep 50 ms, as benchmarks/fused.py), peak_MiB (peak allocation of one call above what was allocated
 before it; includes the returned gradients) and rel_err (relative L2 error vs an fp32 reference computed over
 chunks of 1024 rows: the loss for fwd, the max over loss and input gradients for fwdbwd).
 
-Run through the shared runner (benchmarks/fused.py, which imports ``CASES`` from here), or alone:
-``python benchmarks/fused_cross_entropy_cases.py [--only ce,flce] [--impls ...] [--sweep]``; ``--sweep`` times
-``fat5`` flce over chunk sizes (the data behind `default_chunk_size`).
+Run through the shared runner (benchmarks/fused.py --kernels ce,flce, which calls ``cases()``: the comparison
+rows, then fat5 launch variants, torch.compile rows last), or alone:
+``python benchmarks/fused_cross_entropy_cases.py [--only ce,flce] [--impls ...] [--variants]``.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def rel_errors(kernel, shape, loss, grads, device):
 def _bench(step, leaves):
     from triton.testing import do_bench
 
-    return do_bench(step, warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
+    return do_bench(step, warmup=10, rep=50, grad_to_none=leaves, return_mode="median")
 
 
 def _peak(step, leaves):
@@ -249,20 +249,35 @@ def measure(kernel, impl, shape, mode, device="cuda", check=True, **impl_kwargs)
 
 @dataclass
 class Case:
-    """One benchmark row: `run()` returns its measurements (ms, peak_MiB, rel_err...)."""
+    """One benchmark row for benchmarks/fused.py (a self-measuring case): `run()` returns ms, peak_MiB, rel_err.
+
+    ``impl_kwargs`` go to the implementation (e.g. ``chunk_size``; ``check=False`` skips the error);
+    ``kernel_overrides`` set attributes of ``fat5_kernels.cross_entropy`` during the run (launch-config variants).
+    """
 
     kernel: str
     impl: str
     shape: dict
     mode: str
     impl_kwargs: dict = field(default_factory=dict)
+    kernel_overrides: dict = field(default_factory=dict)
+    base_impl: str | None = None  # the implementation a named variant runs ("fat5" for "fat5_c1024")
 
     @property
     def shape_str(self) -> str:
         return shape_name(self.shape)
 
     def run(self) -> dict:
-        return measure(self.kernel, self.impl, self.shape, self.mode, **self.impl_kwargs)
+        import fat5_kernels.cross_entropy as ce_module
+
+        saved = {name: getattr(ce_module, name) for name in self.kernel_overrides}
+        try:
+            for name, value in self.kernel_overrides.items():
+                setattr(ce_module, name, value)
+            return measure(self.kernel, self.base_impl or self.impl, self.shape, self.mode, **self.impl_kwargs)
+        finally:
+            for name, value in saved.items():
+                setattr(ce_module, name, value)
 
     def row(self) -> dict:
         return dict(kernel=self.kernel, impl=self.impl, shape=self.shape_str, mode=self.mode)
@@ -279,6 +294,7 @@ def flce_shapes():
 
 def build_cases(kernels=("ce", "flce"), impls=("fat5", "torch", "compile", "liger", "matmuls"),
                 modes=("fwd", "fwdbwd")) -> list[Case]:  # fmt: skip
+    """The comparison rows; torch.compile rows last (their compilation is the slow part of a run)."""
     cases = []
     for kernel in kernels:
         for shape in ce_shapes() if kernel == "ce" else flce_shapes():
@@ -287,32 +303,39 @@ def build_cases(kernels=("ce", "flce"), impls=("fat5", "torch", "compile", "lige
                     if impl == "matmuls" and mode == "fwd":
                         continue  # the matmuls row is the floor of fwd+bwd
                     cases.append(Case(kernel, impl, shape, mode))
-    return cases
+    return sorted(cases, key=lambda case: case.impl == "compile")
 
 
-CASES = build_cases()
+def variant_cases() -> list[Case]:
+    """fat5 launch variants, fwd+bwd, time and memory only: the data behind the defaults.
 
-
-def sweep_cases(chunk_sizes=(64, 128, 256, 512, 1024, 2048, 4096), hidden_size=768) -> list[Case]:
-    """fat5 flce fwd+bwd at each chunk size, time and memory only, to choose `default_chunk_size`
-    (impl name ``fat5_c<chunk>``)."""
+    ``fat5_c<C>``: flce with chunk_size=C (d=768); ``fat5_1pass`` / ``fat5_2pass_b<B>``: ce with the row held in
+    registers / read twice in blocks of B (z-loss and smoothing off).
+    """
     cases = []
-    for shape in [s for s in flce_shapes() if s["d"] == hidden_size and "z" not in s]:
-        for chunk in chunk_sizes:
-            case = Case("flce", "fat5", shape, "fwdbwd", {"chunk_size": chunk, "check": False})
-            case.impl = f"fat5_c{chunk}"
-            cases.append(case)
+    for shape in [s for s in flce_shapes() if s["d"] == 768 and "z" not in s]:
+        for chunk in (256, 1024, 2048, 4096):
+            cases.append(Case("flce", f"fat5_c{chunk}", shape, "fwdbwd", {"chunk_size": chunk, "check": False},
+                              base_impl="fat5"))  # fmt: skip
+    for shape in [s for s in ce_shapes() if not s["z"]]:
+        blocks = (8192, 16384) if shape["V"] <= 32768 else (8192, 32768)  # beside the default launch
+        variants = {f"fat5_2pass_b{b}": {"MAX_SINGLE_PASS_BLOCK": 0, "MULTI_PASS_BLOCK": b} for b in blocks}
+        for name, overrides in variants.items():
+            cases.append(Case("ce", name, shape, "fwdbwd", {"check": False}, overrides, base_impl="fat5"))
     return cases
+
+
+def cases() -> list[Case]:
+    """Every row benchmarks/fused.py runs for this family: the comparisons, then the fat5 variants."""
+    official = build_cases()
+    return [c for c in official if c.impl != "compile"] + variant_cases() + [c for c in official if c.impl == "compile"]
 
 
 def _run_case(case):
     """Measure one case, recording an error (OOM, missing package) in the row instead of stopping."""
     row = case.row()
     try:
-        if case.impl.startswith("fat5_c"):
-            row.update(measure(case.kernel, "fat5", case.shape, case.mode, **case.impl_kwargs))
-        else:
-            row.update(case.run())
+        row.update(case.run())
     except Exception as err:  # noqa: BLE001 - one failing row must not stop the run
         row["error"] = f"{type(err).__name__}: {err}"[:500]
     gc.collect()
@@ -325,7 +348,7 @@ def main():
     parser.add_argument("--only", default="ce,flce")
     parser.add_argument("--impls", default="fat5,torch,compile,liger,matmuls")
     parser.add_argument("--modes", default="fwd,fwdbwd")
-    parser.add_argument("--sweep", action="store_true", help="time fat5 flce over chunk sizes instead")
+    parser.add_argument("--variants", action="store_true", help="time the fat5 launch variants instead")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     torch.set_float32_matmul_precision("highest")
@@ -334,13 +357,13 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=time.strftime("%Y-%m-%d"))  # fmt: skip
     print(meta, flush=True)
-    if args.sweep:
-        cases = sweep_cases()
+    if args.variants:
+        cases = variant_cases()
     else:
         cases = build_cases(args.only.split(","), args.impls.split(","), args.modes.split(","))
     rows = []
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "fused_cross_entropy_sweep.json" if args.sweep else "fused_cross_entropy.json")
+    path = os.path.join(args.out, "fused_cross_entropy_variants.json" if args.variants else "fused_cross_entropy.json")
     for case in cases:
         row = {**_run_case(case), **meta}
         rows.append(row)
