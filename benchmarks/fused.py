@@ -1,0 +1,501 @@
+"""Fused-kernel benchmarks: each fat5 kernel next to PyTorch eager, torch.compile and Liger-Kernel, on one GPU.
+
+For every case the runner measures, in one process and side by side:
+  ms        median time of one call (``triton.testing.do_bench``, CUDA events, warm-up first),
+  peak_MiB  peak CUDA allocation of one call above what was allocated before it,
+  rel_err   relative L2 error against the same kernel's ``torch`` implementation run on float32 copies of the
+            inputs: worst over the outputs for ``fwd``, over outputs and input gradients for ``fwdbwd``.
+``fwd`` is a training forward (inputs require grad, autograd saves what the backward needs); ``fwdbwd`` adds the
+backward. A case that fails (missing package, out of memory) records ``error`` and the run goes on.
+
+Case format, shared by every kernel family. A case is a tuple ``(kernel, impl, shape, mode, fn, setup)``:
+  kernel  name of the op family, e.g. "rms_norm" (what ``--kernels`` selects),
+  impl    "fat5", "torch" (eager PyTorch with the model's semantics), "compile" (torch.compile of "torch"),
+          "liger" (Liger-Kernel), or a named variant such as "fat5_inplace",
+  shape   a string such as "N=16384,d=768" (cases of one kernel with the same shape are compared),
+  mode    "fwd" or "fwdbwd",
+  fn      callable(*args) -> a tensor or a tuple of tensors,
+  setup   callable() -> (args, grad_outputs): fresh CUDA inputs for fn, same values on every call (seeded);
+          grad_outputs is a tuple matching fn's outputs, or None when fn's first output is a scalar loss.
+The tensors of args that require grad are the leaves whose ``.grad`` is reset between timed calls.
+A family may instead give self-measuring cases: objects with ``kernel, impl, mode``, ``shape_str`` (or a string
+``shape``) and ``run() -> dict`` (ms, peak_MiB, optionally rel_err), measured the same way.
+This file registers the RMSNorm and gated-MLP cases; ``benchmarks/fused_cross_entropy_cases.py``, if present,
+defines ``cases() -> list`` or a list ``CASES`` of either kind (optional packages imported inside functions).
+
+Usage (GPU machine, repository root; Liger-Kernel is a benchmark-only dependency)::
+
+    export PYTHONPATH=$PWD/kernels:$PWD
+    python benchmarks/fused.py --kernels rms_norm,gated_mlp --output-dir benchmarks/results
+
+writes ``fused.json`` (rows with kernel, impl, shape, mode, ms, peak_MiB, rel_err, device) and ``fused.md``
+(tables and the targets section). Rows of kernels not run this time are kept from ``--merge`` (by default the
+existing ``fused.json`` in the output directory), so that each kernel family can be run on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+
+N_TOKENS = 16384  # tokens per step: batch 32 x 512
+EPS = 1e-6
+RMS_NORM_WIDTHS = (768, 1024, 4096)  # T5-base / T5-large d_model, and a wide one
+GATED_MLP_WIDTHS = (2048, 2816, 10240)  # T5 v1.1 base / large / xxl d_ff
+
+# Targets on an H100 (issue 5): at least as fast as the faster of Liger and torch.compile, and no more peak
+# memory than Liger, for each kernel, shape and mode.
+TIME_BASELINES = ("liger", "compile")
+MEMORY_BASELINE = "liger"
+
+
+# ---- the "torch" definitions (model semantics), also compiled for "compile" ----
+def t5_rms_norm(x, weight):
+    """transformers' T5LayerNorm.forward."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + EPS)).to(weight.dtype)
+
+
+def t5_add_rms_norm(x, residual, weight):
+    summed = x + residual
+    return t5_rms_norm(summed, weight), summed
+
+
+def t5_gated_gelu(gate, up):
+    """T5 v1.1 DenseGatedActDense between the projections (gelu_new is the tanh approximation)."""
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
+def _liger():
+    import liger_kernel.transformers.functional as liger_functional
+
+    return liger_functional
+
+
+def _randn(*shape, scale=1.0, requires_grad=True):
+    return (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale).requires_grad_(requires_grad)
+
+
+def _weight(d):
+    """A norm weight near 1, as a leaf tensor."""
+    return (1 + _randn(d, scale=0.1, requires_grad=False)).requires_grad_()
+
+
+def _seeded(make: Callable) -> Callable:
+    def setup():
+        torch.manual_seed(0)
+        return make()
+
+    return setup
+
+
+def _rms_norm_cases() -> list[tuple]:
+    from fat5_kernels.rms_norm import rms_norm
+
+    compiled = torch.compile(t5_rms_norm, dynamic=False)
+    compiled_residual = torch.compile(t5_add_rms_norm, dynamic=False)
+    impls = {
+        "fat5": lambda x, w: rms_norm(x, w, EPS),
+        "fat5_inplace": lambda x, w: rms_norm(x, w, EPS, in_place_backward=True),
+        "torch": t5_rms_norm,
+        "compile": compiled,
+        # casting_mode "llama" is T5's (rstd in fp32, x * rstd cast to the input dtype, then * w); Liger writes dx
+        # into dy by default (in_place=True).
+        "liger": lambda x, w: _liger().liger_rms_norm(x, w, EPS, offset=0.0, casting_mode="llama"),
+    }
+    residual_impls = {
+        "fat5": lambda x, r, w: rms_norm(x, w, EPS, residual=r),
+        "fat5_inplace": lambda x, r, w: rms_norm(x, w, EPS, residual=r, in_place_backward=True),
+        "torch": t5_add_rms_norm,
+        "compile": compiled_residual,
+        "liger": lambda x, r, w: _liger().liger_fused_add_rms_norm(x, r, w, EPS, offset=0.0, casting_mode="llama"),
+    }
+    cases = []
+    for d in RMS_NORM_WIDTHS:
+        setup = _seeded(lambda d=d: ((_randn(N_TOKENS, d), _weight(d)), (_randn(N_TOKENS, d),)))
+        for impl, fn in impls.items():
+            for mode in ("fwd", "fwdbwd"):
+                if impl == "fat5_inplace" and mode == "fwd":
+                    continue  # same forward as fat5
+                cases.append(("rms_norm", impl, f"N={N_TOKENS},d={d}", mode, fn, setup))
+    d = 768
+    setup = _seeded(
+        lambda: (
+            (_randn(N_TOKENS, d), _randn(N_TOKENS, d), _weight(d)),
+            (_randn(N_TOKENS, d), _randn(N_TOKENS, d)),
+        )
+    )
+    for impl, fn in residual_impls.items():
+        for mode in ("fwd", "fwdbwd"):
+            if impl == "fat5_inplace" and mode == "fwd":
+                continue
+            cases.append(("rms_norm_residual", impl, f"N={N_TOKENS},d={d}", mode, fn, setup))
+    return cases
+
+
+def _gated_mlp_cases() -> list[tuple]:
+    from fat5_kernels.gated_mlp import gated_activation
+
+    impls = {
+        "fat5": lambda gate, up: gated_activation(gate, up, "gelu_tanh"),
+        "fat5_inplace": lambda gate, up: gated_activation(gate, up, "gelu_tanh", in_place_backward=True),
+        "torch": t5_gated_gelu,
+        "compile": torch.compile(t5_gated_gelu, dynamic=False),
+        "liger": lambda gate, up: _liger().liger_geglu(gate, up),  # writes d_gate / d_up into gate / up
+    }
+    cases = []
+    for d_ff in GATED_MLP_WIDTHS:
+        setup = _seeded(
+            lambda d_ff=d_ff: ((_randn(N_TOKENS, d_ff), _randn(N_TOKENS, d_ff)), (_randn(N_TOKENS, d_ff),))
+        )
+        for impl, fn in impls.items():
+            for mode in ("fwd", "fwdbwd"):
+                if impl == "fat5_inplace" and mode == "fwd":
+                    continue
+                cases.append(("gated_mlp", impl, f"N={N_TOKENS},d_ff={d_ff}", mode, fn, setup))
+    return cases
+
+
+def _cross_entropy_cases() -> list[tuple]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        module = importlib.import_module("fused_cross_entropy_cases")
+    except ModuleNotFoundError as err:
+        if err.name != "fused_cross_entropy_cases":
+            raise
+        return []
+    return list(module.cases()) if hasattr(module, "cases") else list(module.CASES)
+
+
+def case_key(case) -> tuple[str, str, str, str]:
+    """(kernel, impl, shape, mode) of a tuple case or of a self-measuring case object."""
+    if isinstance(case, tuple):
+        return case[:4]
+    shape = case.shape_str if hasattr(case, "shape_str") else case.shape
+    return case.kernel, case.impl, shape, case.mode
+
+
+# Each family's factory with the kernel names its cases use; the cross-entropy family is looked up at run time.
+CASE_FAMILIES = [
+    (("rms_norm", "rms_norm_residual"), _rms_norm_cases),
+    (("gated_mlp",), _gated_mlp_cases),
+]
+
+
+def collect_cases(kernels: list[str] | None = None) -> list[tuple]:
+    """All registered cases (the cross-entropy family's too), only those of ``kernels`` when given."""
+    cases = []
+    for names, factory in CASE_FAMILIES:
+        if kernels is None or any(name in kernels for name in names):
+            cases += factory()
+    cases += _cross_entropy_cases()
+    return [case for case in cases if kernels is None or case_key(case)[0] in kernels]
+
+
+# ---- measuring ----
+def _as_tuple(outputs) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def _run_once(fn, args, grad_outputs, backward: bool):
+    outputs = _as_tuple(fn(*args))
+    if backward:
+        if grad_outputs is None:
+            outputs[0].backward()
+        else:
+            torch.autograd.backward(outputs, grad_outputs)
+    return outputs
+
+
+def _results(fn, setup, backward: bool, upcast: bool = False) -> list[torch.Tensor]:
+    """Outputs (and input gradients) of one call on fresh inputs, detached; float32 copies of them if upcast."""
+    args, grad_outputs = setup()
+    if upcast:
+        args = tuple(
+            a.detach().float().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point() else a
+            for a in args
+        )
+        grad_outputs = None if grad_outputs is None else tuple(g.float() for g in grad_outputs)
+    outputs = _run_once(fn, args, grad_outputs, backward)
+    results = [o.detach().float() for o in outputs if torch.is_tensor(o) and o.is_floating_point()]
+    if backward:
+        results += [a.grad.float() for a in args if torch.is_tensor(a) and a.requires_grad]
+    return results
+
+
+def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    errors = [((g - w).norm() / w.norm().clamp_min(1e-30)).item() for g, w in zip(got, want, strict=True)]
+    return max(errors, key=lambda e: math.inf if math.isnan(e) else e)
+
+
+def measure(case, reference_fn: Callable | None) -> dict:
+    from triton.testing import do_bench
+
+    if not isinstance(case, tuple):  # a self-measuring case
+        return case.run()
+    kernel, impl, shape, mode, fn, setup = case
+    backward = mode == "fwdbwd"
+    row = {}
+    got = _results(fn, setup, backward)  # first call: JIT / compile, and the values that are checked
+    if reference_fn is not None:
+        row["rel_err"] = _relative_error(got, _results(reference_fn, setup, backward, upcast=True))
+    del got
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    args, grad_outputs = setup()
+    leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+    step = lambda: _run_once(fn, args, grad_outputs, backward)
+    row["ms"] = do_bench(step, warmup=10, rep=50, grad_to_none=leaves, return_mode="median")
+    for leaf in leaves:
+        leaf.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    outputs = step()
+    torch.cuda.synchronize()
+    row["peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del outputs
+    return row
+
+
+def environment() -> dict:
+    import triton
+
+    try:
+        liger = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        liger = None
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "liger_kernel": liger,
+        "cuda": torch.version.cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---- reporting ----
+def _row_key(row):
+    return row["kernel"], row["shape"], row["mode"]
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Per (kernel, shape, mode) with a fat5 row: fat5 time vs the faster of the time baselines, fat5 peak vs
+    Liger's. Variants (fat5_inplace) are judged too, under their own name."""
+    by_key: dict = {}
+    for row in rows:
+        if "error" not in row:
+            by_key.setdefault(_row_key(row), {})[row["impl"]] = row
+    verdicts = []
+    for key, impls in by_key.items():
+        baselines = [impls[b] for b in TIME_BASELINES if b in impls]
+        for impl in [i for i in impls if i.startswith("fat5")]:
+            verdict = dict(zip(("kernel", "shape", "mode"), key), impl=impl, ms=impls[impl]["ms"])
+            if baselines:
+                best = min(baselines, key=lambda r: r["ms"])
+                verdict.update(baseline=best["impl"], baseline_ms=best["ms"], time_met=impls[impl]["ms"] <= best["ms"])
+            if MEMORY_BASELINE in impls:
+                verdict.update(
+                    peak_MiB=impls[impl]["peak_MiB"],
+                    baseline_peak_MiB=impls[MEMORY_BASELINE]["peak_MiB"],
+                    # within 1 MiB: allocator rounding and small per-program buffers
+                    memory_met=impls[impl]["peak_MiB"] <= impls[MEMORY_BASELINE]["peak_MiB"] + 1.0,
+                )
+            verdicts.append(verdict)
+    return verdicts
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = ["# Fused kernels: fat5 vs PyTorch eager, torch.compile, Liger-Kernel", ""]
+    lines += [
+        f"Generated by `benchmarks/fused.py`. bf16 inputs, N={N_TOKENS} tokens; median of CUDA-event timings "
+        "(`triton.testing.do_bench`); peak = CUDA memory allocated by one call above what was allocated before it; "
+        "rel_err = relative L2 error vs the `torch` definition on float32 copies (outputs, and input gradients "
+        "for fwdbwd). `fat5_inplace`: fat5 with `in_place_backward=True` (input gradients written into buffers "
+        "the op no longer needs, as Liger does by default).",
+        "",
+    ]
+    environments = sorted(
+        {tuple(str(r.get(k)) for k in ("device", "torch", "triton", "liger_kernel")) + (str(r.get("date"))[:10],) for r in rows}
+    )
+    for device, torch_version, triton_version, liger, date in environments:
+        lines.append(f"- {device}: torch {torch_version}, triton {triton_version}, liger-kernel {liger}, run on {date}")
+    lines.append("")
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    for kernel in kernels:
+        lines += [f"## {kernel}", "", "| shape | mode | impl | ms | peak MiB | rel_err |", "|---|---|---|---:|---:|---:|"]
+        kernel_rows = [r for r in rows if r["kernel"] == kernel]
+        groups = list(dict.fromkeys((r["shape"], r["mode"]) for r in kernel_rows))
+        kernel_rows.sort(key=lambda r: groups.index((r["shape"], r["mode"])))  # stable: impl order kept
+        for row in kernel_rows:
+            if "error" in row:
+                lines.append(f"| {row['shape']} | {row['mode']} | {row['impl']} | error: {' '.join(row['error'][:80].split()).replace('|', '/')} | | |")
+            else:
+                rel = f"{row['rel_err']:.1e}" if "rel_err" in row else ""
+                lines.append(
+                    f"| {row['shape']} | {row['mode']} | {row['impl']} | {row['ms']:.3f} | {row['peak_MiB']:.1f} | {rel} |"
+                )
+        lines.append("")
+    lines += [
+        "## Targets",
+        "",
+        "Time: fat5 at most the faster of Liger and torch.compile. Memory: fat5 peak at most Liger's (+1 MiB).",
+        "",
+        "| kernel | shape | mode | impl | ms | best baseline | time | peak MiB | Liger peak MiB | memory |",
+        "|---|---|---|---|---:|---|---|---:|---:|---|",
+    ]
+    met = lambda flag: "n/a" if flag is None else ("met" if flag else "**not met**")
+    for v in targets(rows):
+        baseline = f"{v['baseline']} {v['baseline_ms']:.3f}" if "baseline" in v else "n/a"
+        peak = f"{v['peak_MiB']:.1f}" if "peak_MiB" in v else ""
+        liger_peak = f"{v['baseline_peak_MiB']:.1f}" if "baseline_peak_MiB" in v else ""
+        lines.append(
+            f"| {v['kernel']} | {v['shape']} | {v['mode']} | {v['impl']} | {v['ms']:.3f} | {baseline} | "
+            f"{met(v.get('time_met'))} | {peak} | {liger_peak} | {met(v.get('memory_met'))} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---- launch-configuration sweep of the fat5 kernels (the data behind their heuristics) ----
+def sweep(output_dir: str) -> None:
+    """Time fat5 RMSNorm and gated GELU, fwd and fwd+bwd through the public API, over launch configurations
+    patched into the kernel modules; writes fused_sweep.json. Same timing as the main table."""
+    from triton.testing import do_bench
+
+    import fat5_kernels.gated_mlp as gated_mlp_module
+    import fat5_kernels.rms_norm as rms_norm_module
+
+    def time_it(fn, args, grad_out):
+        leaves = [a for a in args if a.requires_grad]
+        forward = do_bench(lambda: fn(*args), warmup=5, rep=25, grad_to_none=leaves, return_mode="median")
+        both = do_bench(lambda: fn(*args).backward(grad_out), warmup=5, rep=25, grad_to_none=leaves, return_mode="median")
+        return forward, both
+
+    rows = []
+    default_fwd, default_bwd = rms_norm_module._forward_launch_config, rms_norm_module._backward_launch_config
+    for d in RMS_NORM_WIDTHS:
+        torch.manual_seed(0)
+        args, grad_out = (_randn(N_TOKENS, d), _weight(d)), _randn(N_TOKENS, d)
+        block_cols = 1 << (d - 1).bit_length()
+        configs = [("default", default_fwd(d), default_bwd(d))]
+        for rows_fwd, warps_fwd in [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (16, 16)]:
+            if rows_fwd * block_cols <= 16384:
+                configs.append(("fwd", (rows_fwd, block_cols, warps_fwd), default_bwd(d)))
+        for rows_bwd, warps_bwd, per_sm in [(1, 4, 4), (1, 8, 4), (2, 8, 4), (2, 8, 8), (4, 8, 8), (1, 16, 2), (4, 16, 4)]:
+            if rows_bwd * block_cols <= 8192:
+                configs.append(("bwd", default_fwd(d), (rows_bwd, block_cols, warps_bwd, per_sm)))
+        for label, fwd_config, bwd_config in configs:
+            rms_norm_module._forward_launch_config = lambda n, c=fwd_config: c
+            rms_norm_module._backward_launch_config = lambda n, c=bwd_config: c
+            try:
+                ms_fwd, ms_both = time_it(lambda x, w: rms_norm_module.rms_norm(x, w, EPS), args, grad_out)
+                row = dict(kernel="rms_norm", d=d, swept=label, fwd_config=fwd_config, bwd_config=bwd_config,
+                           fwd_ms=ms_fwd, fwdbwd_ms=ms_both)  # fmt: skip
+            except Exception as err:
+                row = dict(kernel="rms_norm", d=d, swept=label, fwd_config=fwd_config, bwd_config=bwd_config, error=str(err)[:200])
+            rows.append(row)
+            print(row, flush=True)
+    rms_norm_module._forward_launch_config, rms_norm_module._backward_launch_config = default_fwd, default_bwd
+
+    default_gated = gated_mlp_module._launch_config
+    for d_ff in GATED_MLP_WIDTHS[:2]:
+        torch.manual_seed(0)
+        args, grad_out = (_randn(N_TOKENS, d_ff), _randn(N_TOKENS, d_ff)), _randn(N_TOKENS, d_ff)
+        for config in [default_gated(N_TOKENS * d_ff), (1024, 4), (1024, 8), (2048, 4), (4096, 8), (4096, 16), (8192, 16)]:
+            gated_mlp_module._launch_config = lambda n, c=config: c
+            ms_fwd, ms_both = time_it(lambda g, u: gated_mlp_module.gated_activation(g, u, "gelu_tanh"), args, grad_out)
+            row = dict(kernel="gated_mlp", d_ff=d_ff, config=config, fwd_ms=ms_fwd, fwdbwd_ms=ms_both)
+            rows.append(row)
+            print(row, flush=True)
+    gated_mlp_module._launch_config = default_gated
+    with open(os.path.join(output_dir, "fused_sweep.json"), "w") as f:
+        json.dump({"environment": environment(), "rows": rows}, f, indent=1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", default=None, help="comma-separated kernel names (default: all registered)")
+    parser.add_argument("--impls", default=None, help="comma-separated impls (default: all)")
+    parser.add_argument("--modes", default="fwd,fwdbwd")
+    parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--merge", default=None, help="earlier fused.json whose rows of other kernels are kept")
+    parser.add_argument("--list", action="store_true", help="print the selected cases and exit (works without GPU)")
+    parser.add_argument("--sweep", action="store_true", help="time fat5 launch configurations instead")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not args.list:
+        sys.exit("benchmarks/fused.py measures CUDA kernels: run it on a GPU machine")
+    if args.sweep:
+        os.makedirs(args.output_dir, exist_ok=True)
+        return sweep(args.output_dir)
+
+    kernels = args.kernels.split(",") if args.kernels else None
+    impls = set(args.impls.split(",")) if args.impls else None
+    modes = set(args.modes.split(","))
+    all_cases = collect_cases(kernels)
+    cases = [c for c in all_cases if (impls is None or case_key(c)[1] in impls) and case_key(c)[3] in modes]
+    references = {(c[0], c[2]): c[4] for c in all_cases if isinstance(c, tuple) and c[1] == "torch"}
+    if args.list:
+        for case in cases:
+            print(*case_key(case))
+        return
+    meta = environment()
+    print(json.dumps(meta), flush=True)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    json_path = os.path.join(args.output_dir, "fused.json")
+    merge_path = args.merge or json_path
+    kept = []
+    if os.path.exists(merge_path):
+        with open(merge_path) as f:
+            kept = [r for r in json.load(f)["rows"] if r["kernel"] not in {case_key(c)[0] for c in cases}]
+
+    rows = []
+    print(f"{'kernel':18s} {'impl':13s} {'shape':22s} {'mode':7s} {'ms':>8s} {'peak_MiB':>9s} {'rel_err':>8s}")
+    for case in cases:
+        kernel, impl, shape, mode = case_key(case)
+        row = dict(kernel=kernel, impl=impl, shape=shape, mode=mode, **meta)
+        try:
+            row.update(measure(case, references.get((kernel, shape))))
+        except Exception as err:  # missing package, out of memory, unsupported case: record it and go on
+            row["error"] = f"{type(err).__name__}: {err}"[:500]
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append(row)
+        if "error" in row:
+            print(f"{kernel:18s} {impl:13s} {shape:22s} {mode:7s} ERROR {row['error'][:120]}", flush=True)
+        else:
+            print(
+                f"{kernel:18s} {impl:13s} {shape:22s} {mode:7s} {row['ms']:8.3f} {row['peak_MiB']:9.1f} "
+                f"{row.get('rel_err', float('nan')):8.1e}",
+                flush=True,
+            )
+        all_rows = kept + rows
+        with open(json_path, "w") as f:  # rewritten after every row: a cut-off run keeps what it measured
+            json.dump({"rows": all_rows, "targets": targets(all_rows)}, f, indent=1)
+    with open(os.path.join(args.output_dir, "fused.md"), "w") as f:
+        f.write(markdown(kept + rows, meta))
+    verdict = lambda flag: "n/a" if flag is None else ("met" if flag else "NOT met")
+    for v in targets(rows):
+        print(
+            f"target {v['kernel']:18s} {v['shape']:22s} {v['mode']:7s} {v['impl']:13s} "
+            f"time {verdict(v.get('time_met'))} ({v['ms']:.3f} vs {v.get('baseline')} "
+            f"{v.get('baseline_ms', float('nan')):.3f})  memory {verdict(v.get('memory_met'))} "
+            f"({v.get('peak_MiB', float('nan')):.1f} vs {v.get('baseline_peak_MiB', float('nan')):.1f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
