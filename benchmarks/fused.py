@@ -386,15 +386,15 @@ def sweep(output_dir: str) -> None:
 
     rows = []
     default_fwd, default_bwd = rms_norm_module._forward_launch_config, rms_norm_module._backward_launch_config
-    for d in RMS_NORM_WIDTHS:
+    for d in (RMS_NORM_WIDTHS[0], RMS_NORM_WIDTHS[-1]):
         torch.manual_seed(0)
         args, grad_out = (_randn(N_TOKENS, d), _weight(d)), _randn(N_TOKENS, d)
         block_cols = 1 << (d - 1).bit_length()
         configs = [("default", default_fwd(d), default_bwd(d))]
-        for rows_fwd, warps_fwd in [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (16, 16)]:
+        for rows_fwd, warps_fwd in [(1, 4), (2, 4), (4, 4), (8, 8)]:
             if rows_fwd * block_cols <= 16384:
                 configs.append(("fwd", (rows_fwd, block_cols, warps_fwd), default_bwd(d)))
-        for rows_bwd, warps_bwd, per_sm in [(1, 4, 4), (1, 8, 4), (2, 8, 4), (2, 8, 8), (4, 8, 8), (1, 16, 2), (4, 16, 4)]:
+        for rows_bwd, warps_bwd, per_sm in [(1, 4, 4), (1, 8, 8), (2, 8, 4), (4, 8, 8), (1, 16, 2)]:
             if rows_bwd * block_cols <= 8192:
                 configs.append(("bwd", default_fwd(d), (rows_bwd, block_cols, warps_bwd, per_sm)))
         for label, fwd_config, bwd_config in configs:
@@ -411,10 +411,10 @@ def sweep(output_dir: str) -> None:
     rms_norm_module._forward_launch_config, rms_norm_module._backward_launch_config = default_fwd, default_bwd
 
     default_gated = gated_mlp_module._launch_config
-    for d_ff in GATED_MLP_WIDTHS[:2]:
+    for d_ff in GATED_MLP_WIDTHS[:1]:
         torch.manual_seed(0)
         args, grad_out = (_randn(N_TOKENS, d_ff), _randn(N_TOKENS, d_ff)), _randn(N_TOKENS, d_ff)
-        for config in [default_gated(N_TOKENS * d_ff), (1024, 4), (1024, 8), (2048, 4), (4096, 8), (4096, 16), (8192, 16)]:
+        for config in [default_gated(N_TOKENS * d_ff), (1024, 4), (2048, 4), (4096, 8), (8192, 16)]:
             gated_mlp_module._launch_config = lambda n, c=config: c
             ms_fwd, ms_both = time_it(lambda g, u: gated_mlp_module.gated_activation(g, u, "gelu_tanh"), args, grad_out)
             row = dict(kernel="gated_mlp", d_ff=d_ff, config=config, fwd_ms=ms_fwd, fwdbwd_ms=ms_both)
