@@ -24,8 +24,16 @@ try:
 except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch without it
     raise ImportError("fat5_kernels.attention_bwd needs triton: pip install 'fat5-hf[gpu]'") from err
 
-from .attention_fwd import BIAS_ALIBI, BIAS_NONE, BIAS_T5, _key_ranges, _tile_bias, dot_precision, seqlen_autotune_key
-from .triton_utils import autotune_configs
+from .attention_fwd import (
+    BIAS_ALIBI,
+    BIAS_NONE,
+    BIAS_T5,
+    _key_ranges,
+    _tile_bias,
+    dot_precision,
+    seqlen_autotune_key,
+    tuning_configs,
+)
 
 
 @triton.jit
@@ -137,7 +145,7 @@ def _dkdv_tile_loop(
 
 def _dkdv_configs() -> list:
     # (BLOCK_N keys per program, BLOCK_M queries per step, warps, stages); the first is the safe default
-    shapes = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2)]
+    shapes = [(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s) for bn, bm, w, s in shapes]
 
 
@@ -153,7 +161,7 @@ def _prune_bwd_configs(configs, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=autotune_configs(_dkdv_configs()),
+    configs=tuning_configs(_dkdv_configs()),
     key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "COMPUTE_DBIAS", "SEQLEN_KEY"],
     prune_configs_by={"early_config_prune": _prune_bwd_configs},
 )
@@ -336,12 +344,12 @@ def _dq_tile_loop(
 
 def _dq_configs() -> list:
     # (BLOCK_M queries per program, BLOCK_N keys per step, warps, stages); the first is the safe default
-    shapes = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
+    shapes = [(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
 @triton.autotune(
-    configs=autotune_configs(_dq_configs()),
+    configs=tuning_configs(_dq_configs()),
     key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "SEQLEN_KEY"],
     prune_configs_by={"early_config_prune": _prune_bwd_configs},
 )

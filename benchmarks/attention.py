@@ -1,0 +1,310 @@
+"""Speed and memory of attention with a learned T5 relative-position bias, on one GPU, in one process.
+
+Implementations, measured side by side for every (causal, L, D):
+  fat5       - fat5_kernels.t5_flash_attention: bias computed in the kernel, deterministic table gradient
+  eager      - HF T5 style: materialized (1, H, L, L) bias, matmul + softmax in fp32
+  sdpa_bias  - torch SDPA with the materialized bias as attn_mask
+  flex       - torch FlexAttention (compiled), T5 bucket in score_mod
+  nobias     - torch SDPA flash without any bias: the ceiling
+
+16,384 tokens per batch (B = 16384 / L), H = 12, bf16, T5 buckets (32, max distance 128; the causal rows use
+the decoder's unidirectional buckets), softmax scale 1.0. Forward+backward includes the table gradient
+(except nobias). TFLOP/s count 4*B*H*L^2*D per forward (halved when causal), 3.5x that for forward+backward.
+Peak extra memory: max allocated during one forward+backward minus what was allocated before it.
+
+Writes benchmarks/results/attention.json and attention.md (or --out).
+Usage: python benchmarks/attention.py [--impls fat5,nobias,...] [--seqs 512,1024] [--dims 64,128] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
+
+import triton  # noqa: E402
+
+from fat5_kernels.attention import t5_flash_attention  # noqa: E402
+from fat5_kernels.attention_reference import t5_relative_position_bucket  # noqa: E402
+
+NUM_BUCKETS, MAX_DISTANCE = 32, 128
+DEVICE = "cuda"
+# materialized (L, L) baselines above this length take minutes per point or run out of memory
+MATERIALIZED_MAX_L = 4096
+FLEX_MAX_L = 16384
+REFERENCE_MAX_L = 2048  # fp32 reference (for the error columns) only up to here
+
+
+def materialized_bias(table, M, N, causal):
+    rel = torch.arange(N, device=DEVICE)[None, :] - torch.arange(M, device=DEVICE)[:, None]
+    bias = table[:, t5_relative_position_bucket(rel, not causal, NUM_BUCKETS, MAX_DISTANCE)]  # (H, M, N)
+    if causal:
+        bias = bias.masked_fill(rel[None] > 0, float("-inf"))
+    return bias.unsqueeze(0)
+
+
+def impl_eager(q, k, v, table, causal):
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() + materialized_bias(table, q.shape[2], k.shape[2], causal)
+    return torch.matmul(torch.softmax(scores, -1).to(q.dtype), v)
+
+
+def impl_sdpa_bias(q, k, v, table, causal):
+    bias = materialized_bias(table, q.shape[2], k.shape[2], causal).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(q.shape[0], -1, -1, -1), scale=1.0)
+
+
+def impl_nobias(q, k, v, table, causal):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
+
+
+def impl_fat5(q, k, v, table, causal):
+    return t5_flash_attention(
+        q, k, v, bias_table=table, bidirectional=not causal, num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE,
+        causal=causal,
+    )  # fmt: skip
+
+
+def _flex_bucket(rel, bidirectional):
+    # T5 buckets with ops FlexAttention's score_mod can trace (same maths as t5_relative_position_bucket)
+    nb = NUM_BUCKETS
+    out = torch.zeros_like(rel)
+    if bidirectional:
+        nb //= 2
+        out = out + (rel > 0).to(rel.dtype) * nb
+        rel = rel.abs()
+    else:
+        rel = -torch.clamp(rel, max=0)
+    max_exact = nb // 2
+    large = max_exact + (
+        torch.log(rel.float().clamp(min=1) / max_exact) / math.log(MAX_DISTANCE / max_exact) * (nb - max_exact)
+    ).to(rel.dtype)
+    return out + torch.where(rel < max_exact, rel, torch.clamp(large, max=nb - 1))
+
+
+_flex_cache: dict = {}
+
+
+def impl_flex(q, k, v, table, causal):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _flex_cache:
+        _flex_cache["fn"] = torch.compile(flex_attention, dynamic=False)
+    M, N = q.shape[2], k.shape[2]
+    key = (M, N, causal)
+    if key not in _flex_cache:
+        _flex_cache[key] = (
+            create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, M, N, device=DEVICE) if causal else None
+        )
+
+    def score_mod(score, b, h, qi, ki):
+        return score + table[h, _flex_bucket(ki - qi, not causal)]
+
+    return _flex_cache["fn"](q, k, v, score_mod=score_mod, block_mask=_flex_cache[key], scale=1.0)
+
+
+IMPLS = dict(fat5=impl_fat5, eager=impl_eager, sdpa_bias=impl_sdpa_bias, flex=impl_flex, nobias=impl_nobias)
+
+
+def flops(B, H, L, D, causal, mode):
+    f = 4 * B * H * L * L * D / (2 if causal else 1)
+    return f * (1.0 if mode == "fwd" else 3.5)
+
+
+def skip_reason(name, L, D, args):
+    if name in ("eager", "sdpa_bias") and L > MATERIALIZED_MAX_L:
+        return f"materialized (L, L) bias: skipped above L={MATERIALIZED_MAX_L} (seconds per step, tens of GB)"
+    if name == "flex" and (L > FLEX_MAX_L or (args.flex_dims and D not in args.flex_dims)):
+        return f"FlexAttention compiles per shape: measured only for D in --flex-dims and L <= {FLEX_MAX_L}"
+    return None
+
+
+def measure(name, fn, q, k, v, table, do, causal, reference):
+    row = {}
+    out = fn(q, k, v, table, causal)
+    if reference is not None:
+        ref_out, ref_grads = reference
+        row["rel_err"] = float((out.float() - ref_out).norm() / ref_out.norm())
+    row["fwd_ms"] = triton.testing.do_bench(lambda: fn(q, k, v, table, causal), warmup=25, rep=100, return_mode="median")
+
+    def step():
+        fn(q, k, v, table, causal).backward(do)
+
+    step()
+    if reference is not None and table.grad is not None:
+        row["dtable_rel_err"] = float((table.grad - ref_grads[3]).norm() / ref_grads[3].norm())
+        row["dq_rel_err"] = float((q.grad.float() - ref_grads[0]).norm() / ref_grads[0].norm())
+    row["table_grad"] = table.grad is not None and bool(table.grad.abs().sum() > 0)
+    row["fwdbwd_ms"] = triton.testing.do_bench(
+        step, warmup=25, rep=100, grad_to_none=[q, k, v, table], return_mode="median"
+    )
+    q.grad = k.grad = v.grad = table.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    row["peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return row
+
+
+def fp32_reference(q, k, v, table, do, causal):
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    tf = table.detach().clone().requires_grad_()
+    scores = qf @ kf.transpose(-1, -2) + materialized_bias(tf, q.shape[2], k.shape[2], causal)
+    out = torch.softmax(scores, -1) @ vf
+    grads = torch.autograd.grad(out, (qf, kf, vf, tf), do.float())
+    return out.detach(), grads
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impls", default="fat5,nobias,sdpa_bias,eager,flex")
+    parser.add_argument("--seqs", default="512,1024,2048,4096,8192,16384")
+    parser.add_argument("--long-seqs", default="32768", help="extra lengths run for fat5 and nobias only")
+    parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--flex-dims", default="64")
+    parser.add_argument("--causal", default="0,1")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--name", default="attention")
+    args = parser.parse_args()
+    args.flex_dims = [int(d) for d in args.flex_dims.split(",") if d]
+    names = args.impls.split(",")
+    dtype = torch.bfloat16
+    meta = dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        tokens_per_batch=args.tokens, heads=args.heads, num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE,
+    )  # fmt: skip
+    print(json.dumps(meta), flush=True)
+    rows = []
+    seqs = [int(s) for s in args.seqs.split(",") if s]
+    long_seqs = [int(s) for s in args.long_seqs.split(",") if s]
+    for D in [int(d) for d in args.dims.split(",")]:
+        for causal in [bool(int(c)) for c in args.causal.split(",")]:
+            for L in seqs + long_seqs:
+                B = max(1, args.tokens // L)
+                H = args.heads
+                gen = torch.Generator(device=DEVICE).manual_seed(L + D)
+                q, k, v = (
+                    torch.randn(B, H, L, D, device=DEVICE, dtype=dtype, generator=gen).requires_grad_()
+                    for _ in range(3)
+                )
+                table = (torch.randn(H, NUM_BUCKETS, device=DEVICE, generator=gen) * 0.5).requires_grad_()
+                do = torch.randn(B, H, L, D, device=DEVICE, dtype=dtype, generator=gen)
+                reference = fp32_reference(q, k, v, table, do, causal) if L <= REFERENCE_MAX_L else None
+                for name in names:
+                    if L in long_seqs and name not in ("fat5", "nobias"):
+                        continue
+                    row = dict(impl=name, causal=causal, L=L, B=B, H=H, D=D, dtype="bf16", device=meta["device"])
+                    reason = skip_reason(name, L, D, args)
+                    if reason:
+                        row["skipped"] = reason
+                    else:
+                        try:
+                            ref = reference if name != "nobias" else None  # nobias computes another function
+                            row.update(measure(name, IMPLS[name], q, k, v, table, do, causal, ref))
+                            row["fwd_tflops"] = flops(B, H, L, D, causal, "fwd") / row["fwd_ms"] / 1e9
+                            row["fwdbwd_tflops"] = flops(B, H, L, D, causal, "fwdbwd") / row["fwdbwd_ms"] / 1e9
+                        except Exception as err:  # OOM or unsupported: record it and go on
+                            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                            traceback.print_exc(limit=3)
+                        q.grad = k.grad = v.grad = table.grad = None
+                        torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                del q, k, v, table, do, reference
+                torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    markdown = render_markdown(meta, rows)
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+
+
+def render_markdown(meta, rows):
+    lines = [
+        "# Attention with a learned T5 bias: fat5 kernel vs. the alternatives",
+        "",
+        f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {meta['date']}. "
+        f"bf16, {meta['tokens_per_batch']} tokens per batch (B = tokens / L), H = {meta['heads']}, "
+        f"{meta['num_buckets']} buckets, max distance {meta['max_distance']}, scale 1.0. "
+        "fwd / fwd+bwd TFLOP/s (fwd+bwd includes the bias-table gradient; nobias has no bias at all) and peak "
+        "extra MiB of one fwd+bwd. Generated by `benchmarks/attention.py`.",
+        "",
+    ]
+    impls = [i for i in ["fat5", "nobias", "sdpa_bias", "eager", "flex"] if any(r["impl"] == i for r in rows)]
+    by_key = {(r["impl"], r["causal"], r["L"], r["D"]): r for r in rows}
+    for D in sorted({r["D"] for r in rows}):
+        for causal in sorted({r["causal"] for r in rows}):
+            lines += [f"## D = {D}, {'causal (decoder buckets)' if causal else 'bidirectional (encoder buckets)'}", ""]
+            lines.append("| L | " + " | ".join(f"{i} TF/s fwd / fwd+bwd, MiB" for i in impls) + " |")
+            lines.append("|---" * (len(impls) + 1) + "|")
+            for L in sorted({r["L"] for r in rows if r["D"] == D and r["causal"] == causal}):
+                cells = []
+                for i in impls:
+                    r = by_key.get((i, causal, L, D))
+                    if r is None:
+                        cells.append("–")
+                    elif "skipped" in r:
+                        cells.append("skipped")
+                    elif "error" in r:
+                        cells.append(r["error"].split(":")[0])
+                    else:
+                        cells.append(f"{r['fwd_tflops']:.0f} / {r['fwdbwd_tflops']:.0f}, {r['peak_extra_MiB']:.0f}")
+                lines.append(f"| {L} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## Targets (fat5 against nobias in this run)", "",
+              "| D | causal | L | fwd ratio (>= 0.85) | fwd+bwd ratio (>= 0.80 at L >= 1024) | memory ratio (<= 1.1) |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if r["impl"] != "fat5" or "fwd_ms" not in r:
+            continue
+        base = by_key.get(("nobias", r["causal"], r["L"], r["D"]))
+        if not base or "fwd_ms" not in base:
+            continue
+        fwd = r["fwd_tflops"] / base["fwd_tflops"]
+        fb = r["fwdbwd_tflops"] / base["fwdbwd_tflops"]
+        mem = r["peak_extra_MiB"] / base["peak_extra_MiB"]
+        mark = lambda ok: "met" if ok else "MISSED"
+        lines.append(
+            f"| {r['D']} | {int(r['causal'])} | {r['L']} | {fwd:.2f} {mark(fwd >= 0.85)} | "
+            f"{fb:.2f} {mark(fb >= 0.80) if r['L'] >= 1024 else '(n/a)'} | {mem:.2f} {mark(mem <= 1.1)} |"
+        )
+    skipped = sorted({(r["impl"], r["skipped"]) for r in rows if "skipped" in r})
+    errors = [(r["impl"], r["causal"], r["L"], r["D"], r["error"]) for r in rows if "error" in r]
+    if skipped or errors:
+        lines += ["", "## Skipped and failed points", ""]
+        lines += [f"- {i}: {why}" for i, why in skipped]
+        lines += [f"- {i} causal={int(c)} L={L} D={D}: {e[:200]}" for i, c, L, D, e in errors]
+    errs = [r for r in rows if "rel_err" in r]
+    if errs:
+        lines += ["", f"## Errors against the fp32 reference (L <= {REFERENCE_MAX_L})", "",
+                  "| impl | D | causal | L | out rel err | dq rel err | table grad rel err |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in errs:
+            dt = r.get("dtable_rel_err")
+            dq = r.get("dq_rel_err")
+            lines.append(
+                f"| {r['impl']} | {r['D']} | {int(r['causal'])} | {r['L']} | {r['rel_err']:.1e} | "
+                f"{'–' if dq is None else f'{dq:.1e}'} | {'–' if dt is None else f'{dt:.1e}'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
