@@ -211,12 +211,15 @@ def convert_t5_to_fat5(src: str | os.PathLike, dst: str | os.PathLike, *, overwr
             f"{src_dir} is a {model_type!r} checkpoint, not T5: expected model_type in {T5_MODEL_TYPES}{hint}"
         )
     fields = {k: v for k, v in raw.items() if k not in _CONFIG_BOOKKEEPING_KEYS}
+    if model_type == "mt5":
+        # mT5 never rescales the decoder output, whatever its config says about tying (transformers 5 writes
+        # tie_word_embeddings: true for it); in FAT5's (T5's) terms that is tie_word_embeddings=False.
+        fields.pop("scale_decoder_outputs", None)
+        fields["tie_word_embeddings"] = False
     config = FAT5Config.from_dict({**fields, **fat5_overrides})
     state_dict = load_state_dict_files(src_dir)
-    to_save, lm_head_is_tied = _check_and_untie(
-        state_dict, _expected_shapes(FAT5ForConditionalGeneration, config), config
-    )
-    config.tie_word_embeddings = lm_head_is_tied
+    # An untied lm_head is saved as its own tensor; from_pretrained keeps it untied, as transformers' T5 does.
+    to_save, _ = _check_and_untie(state_dict, _expected_shapes(FAT5ForConditionalGeneration, config), config)
     config.architectures = ["FAT5ForConditionalGeneration"]
     add_auto_map(config)
 
@@ -256,7 +259,7 @@ def convert_fat5_to_t5(src: str | os.PathLike, dst: str | os.PathLike, *, overwr
     to_save, lm_head_is_tied = _check_and_untie(
         state_dict, _expected_shapes(T5ForConditionalGeneration, t5_config), t5_config
     )
-    if not lm_head_is_tied:
+    if not lm_head_is_tied and not t5_config.scale_decoder_outputs:
         # transformers 5 writes tie_word_embeddings: true for T5 and unties on load when the checkpoint
         # holds a distinct lm_head; saying False keeps older transformers from tying it.
         t5_config.tie_word_embeddings = False
