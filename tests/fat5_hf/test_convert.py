@@ -9,7 +9,13 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSeq2SeqLM, MT5Config, MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    MT5Config,
+    MT5ForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from fat5_hf import FAT5ForConditionalGeneration
 from fat5_hf.convert import ConversionError, convert_fat5_to_t5, convert_t5_to_fat5, main
