@@ -100,6 +100,9 @@ class TrainingConfig:
     resume: str | None = None
     seed: int = 42
     max_steps: int = 300
+    # Stop after this step with a checkpoint, as on SIGTERM, without finishing the run: for jobs in fixed
+    # time slots that continue with --resume (the schedule still spans max_steps).
+    stop_at_step: int | None = None
     per_device_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     mixed_precision: str | None = None
@@ -159,6 +162,7 @@ RESUME_MUTABLE_FIELDS = frozenset(
         "training.overwrite_output_dir",
         "training.resume",
         "training.max_steps",
+        "training.stop_at_step",
         "training.eval_steps",
         "training.eval_batches",
         "training.save_steps",
@@ -274,6 +278,19 @@ def parse_override(config: PretrainConfig, override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"Override {override!r}: the value is not valid YAML ({err})") from err
+    if dotted.count(".") >= 2:
+        # section.field.key...: one entry of a mapping field, e.g. model.config.dropout_rate=0.1
+        section, key, *path = dotted.split(".")
+        _apply(config, section, key, getattr(getattr(config, section), key), f"override {override!r}")
+        mapping = getattr(getattr(config, section), key)
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"Override {override!r}: {section}.{key} is not a mapping, set it as a whole")
+        for part in path[:-1]:
+            mapping = mapping.setdefault(part, {})
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"Override {override!r}: {part!r} is not a mapping")
+        mapping[path[-1]] = value
+        return
     if "." in dotted:
         section, key = dotted.split(".", 1)
     else:

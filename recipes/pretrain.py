@@ -1,0 +1,694 @@
+#!/usr/bin/env python
+"""Pretrain a FAT5 encoder-decoder with the UL2 mixture of denoisers, on Accelerate.
+
+    accelerate launch recipes/pretrain.py --config recipes/configs/fat5-small.yaml [section.key=value ...]
+    python recipes/pretrain.py                      # the embedded tiny run: CPU, shipped French corpus, minutes
+    python recipes/pretrain.py --resume latest training.output_dir=outputs/fat5-tiny-pretrain
+
+One step is one optimizer update (``per_device_batch_size x gradient_accumulation_steps x processes``
+rows). The loop: bf16/fp16 autocast from Accelerate (``mixed_precision``), gradient accumulation,
+gradient clipping, AdamW (fused on CUDA) or AdamWScale, a warm-up schedule, periodic evaluation on
+held-out text, logs to Accelerate's trackers and to ``train_log.jsonl``, checkpoints with
+``accelerator.save_state`` (model, optimizer, schedule, RNG states and the data stream's position), so
+that ``--resume`` continues exactly where the run stopped. SIGTERM (a scheduler's preemption) makes the
+run finish its step, write a checkpoint and exit with status 0. At the end the model and tokenizer are
+saved with ``save_pretrained`` into ``training.output_dir`` (and pushed to the Hub if asked).
+
+Output folder::
+
+    output_dir/config.json, model.safetensors, tokenizer files   # the final model (AutoModelForSeq2SeqLM)
+    output_dir/checkpoints/step_00000150/                         # accelerator.save_state + recipe_state.json
+    output_dir/logs/                                              # tracker logs (TensorBoard, ...)
+    output_dir/train_log.jsonl                                    # one JSON record per logged step / eval
+    output_dir/recipe_config.yaml                                 # the resolved configuration
+
+Multi-GPU / multi-node: ``accelerate launch --config_file recipes/configs/accelerate_ddp.yaml`` (or
+``accelerate_fsdp2.yaml``, ``accelerate_deepspeed_zero2.yaml``) with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Sibling modules of this script (``recipes/`` is not a package: it is run as a script).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from pretrain_config import (  # noqa: E402
+    ConfigError,
+    PretrainConfig,
+    load_config,
+    resume_mismatches,
+)
+from pretrain_data import (  # noqa: E402
+    DataError,
+    PackedRowStream,
+    UL2BatchStream,
+    count_tokens,
+    load_local_documents,
+    load_streamed_documents,
+    pack_documents,
+    resolve_path,
+)
+
+logger = logging.getLogger("fat5_hf.recipes.pretrain")
+
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step_"
+RECIPE_STATE_FILE = "recipe_state.json"
+TRAIN_LOG_FILE = "train_log.jsonl"
+
+
+class RecipeError(RuntimeError):
+    """A problem with the run's inputs or outputs that the user must fix; the message says how."""
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[PretrainConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        description="Pretrain a FAT5 model with UL2 denoising on Accelerate.",
+        epilog="Overrides: section.key=value (sections: model, data, training, optim, logging); "
+        "values are YAML, e.g. training.max_steps=1000 data.train_files=[a.txt,b.txt].",
+    )
+    parser.add_argument("--config", help="YAML configuration (default: the embedded tiny CPU run)")
+    parser.add_argument("--resume", help='checkpoint folder to continue from, or "latest" (in training.output_dir)')
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    if args.resume is not None:
+        config.training.resume = args.resume
+    return config, args
+
+
+# ----------------------------------------------------------------------------------------------- folders
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Completed checkpoints of a run, oldest first (in-progress ``.tmp`` folders are ignored)."""
+    root = output_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def resolve_resume(config: PretrainConfig) -> Path | None:
+    """The checkpoint folder to resume from, checked against this run's configuration."""
+    resume = config.training.resume
+    if not resume:
+        return None
+    output_dir = Path(config.training.output_dir)
+    if resume == "latest":
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            raise RecipeError(
+                f"--resume latest: no checkpoint in {output_dir / CHECKPOINTS_DIR}; start without --resume "
+                "or point training.output_dir at the run to continue"
+            )
+        path = found[-1]
+    else:
+        path = Path(resume)
+    state_file = path / RECIPE_STATE_FILE
+    if not state_file.is_file():
+        raise RecipeError(
+            f"--resume {resume}: {path} is not a checkpoint of this recipe (no {RECIPE_STATE_FILE}); "
+            f"checkpoints live in <output_dir>/{CHECKPOINTS_DIR}/{CHECKPOINT_PREFIX}<step>"
+        )
+    saved = json.loads(state_file.read_text(encoding="utf-8"))
+    mismatches = resume_mismatches(saved["config"], config.to_dict())
+    if mismatches:
+        raise RecipeError(
+            f"--resume {path}: the checkpoint was written by a run with another configuration, so resuming "
+            "would not continue it. Use the same config (only output, logging, evaluation and max_steps may "
+            "change) or start a new run. Differences:\n  " + "\n  ".join(mismatches)
+        )
+    if saved["step"] >= config.training.max_steps:
+        raise RecipeError(
+            f"--resume {path}: the checkpoint is at step {saved['step']}, not before training.max_steps="
+            f"{config.training.max_steps}; raise training.max_steps to train further"
+        )
+    return path
+
+
+def prepare_output_dir(config: PretrainConfig, resuming: bool, is_main_process: bool) -> Path:
+    """Creates (or checks) the output folder; never overwrites a previous run unless asked to."""
+    output_dir = Path(config.training.output_dir)
+    if not is_main_process:
+        return output_dir
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RecipeError(f"training.output_dir={output_dir} exists and is not a folder")
+    if not resuming and output_dir.is_dir() and any(output_dir.iterdir()):
+        if not config.training.overwrite_output_dir:
+            raise RecipeError(
+                f"training.output_dir={output_dir} is not empty; pass training.overwrite_output_dir=true to "
+                "replace the previous run there, --resume latest to continue it, or choose another folder"
+            )
+        # Remove what an earlier run of this recipe wrote, so that "latest" and the log belong to this run.
+        shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
+        (output_dir / TRAIN_LOG_FILE).unlink(missing_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RecipeError(f"Cannot write to training.output_dir={output_dir}: {err}; choose a writable folder") from err
+    return output_dir
+
+
+# -------------------------------------------------------------------------------------- tokenizer, model
+
+
+def load_tokenizer(config: PretrainConfig):
+    from transformers import AutoTokenizer
+
+    name = config.data.tokenizer
+    local = resolve_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(str(local) if local.exists() else name)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"Cannot load the tokenizer data.tokenizer={name!r}: {err}") from err
+
+
+def build_model(config: PretrainConfig, tokenizer):
+    """A randomly initialized FAT5 (``model.config``) or saved weights (``model.name_or_path``)."""
+    from fat5_hf import FAT5Config, FAT5ForConditionalGeneration
+
+    model_args = dict(config.model.config)
+    if config.model.z_loss is not None:
+        model_args["z_loss"] = config.model.z_loss
+    vocab_needed = len(tokenizer)
+    special = dict(
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    if config.model.name_or_path:
+        model = FAT5ForConditionalGeneration.from_pretrained(config.model.name_or_path, **model_args)
+    else:
+        multiple = config.model.pad_vocab_to_multiple_of
+        model_args.setdefault("vocab_size", -(-vocab_needed // multiple) * multiple)
+        try:
+            model_config = FAT5Config(**{**special, **model_args})
+        except Exception as err:  # TypeError, ValueError or huggingface_hub's strict-dataclass validation error
+            raise ConfigError(f"model.config is not a valid FAT5Config: {err}") from err
+        model = FAT5ForConditionalGeneration(model_config)
+    if model.config.vocab_size < vocab_needed:
+        raise RecipeError(
+            f"The tokenizer {config.data.tokenizer!r} has {vocab_needed} tokens but the model's vocabulary holds "
+            f"{model.config.vocab_size}: token ids would index past the embeddings. Use the tokenizer the model "
+            "was built for, or raise model.config.vocab_size (a new model) / resize the embeddings."
+        )
+    for key, value in special.items():
+        if getattr(model.config, key, None) != value:
+            raise RecipeError(
+                f"The model's {key}={getattr(model.config, key, None)} differs from the tokenizer's ({value}); "
+                "the tokenizer does not match the model"
+            )
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def build_denoisers(config: PretrainConfig):
+    from fat5_hf.ul2 import DenoiserSpec, default_ul2_denoisers, t5_span_corruption_denoisers
+
+    denoisers = config.data.denoisers
+    if denoisers == "ul2":
+        return default_ul2_denoisers()
+    if denoisers == "t5":
+        return t5_span_corruption_denoisers()
+    if isinstance(denoisers, list) and denoisers and all(isinstance(d, dict) for d in denoisers):
+        try:
+            return [DenoiserSpec(**d) for d in denoisers]
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"data.denoisers: {err} (fields: name, mode_token, mean_span_length, "
+                              "corruption_rate, weight, prefix_lm)") from err
+    raise ConfigError(f'data.denoisers must be "ul2", "t5" or a list of DenoiserSpec mappings, got {denoisers!r}')
+
+
+def build_collator(config: PretrainConfig, tokenizer, seed: int):
+    from fat5_hf.ul2 import DataCollatorForUL2
+
+    data = config.data
+    try:
+        return DataCollatorForUL2(
+            tokenizer,
+            build_denoisers(config),
+            max_input_length=data.max_input_length,
+            max_target_length=data.max_target_length,
+            seed=seed,
+            **data.collator_kwargs,
+        )
+    except ValueError as err:
+        raise ConfigError(
+            f"The denoisers cannot work with data.max_input_length={data.max_input_length}, "
+            f"data.max_target_length={data.max_target_length}: {err}"
+        ) from err
+    except TypeError as err:
+        raise ConfigError(f"data.collator_kwargs: {err}") from err
+
+
+def build_data(config: PretrainConfig, tokenizer, accelerator) -> tuple[UL2BatchStream, list[dict]]:
+    """The training batch stream of this process and its fixed evaluation batches."""
+    data, training = config.data, config.training
+    collator = build_collator(config, tokenizer, seed=training.seed + accelerator.process_index)
+    chunk_length = collator.chunk_length
+    holdout = 0 if (data.eval_files or data.eval_split) else data.eval_holdout_documents
+    with accelerator.main_process_first():  # the first process fills the datasets cache, the others reuse it
+        if data.dataset_name:
+            documents = load_streamed_documents(data.dataset_name, data.dataset_config, data.train_split, data.text_column)
+            eval_documents = None
+            if data.eval_split:
+                eval_documents = load_streamed_documents(
+                    data.dataset_name, data.dataset_config, data.eval_split, data.text_column
+                )
+            elif holdout:
+                eval_documents, documents = documents.take(holdout), documents.skip(holdout)
+            train_rows = pack_documents(documents, tokenizer, chunk_length)
+        else:
+            documents = load_local_documents(data.train_files, data.text_column)
+            eval_documents = load_local_documents(data.eval_files, data.text_column) if data.eval_files else None
+            if eval_documents is None and holdout:
+                if holdout >= len(documents):
+                    raise DataError(
+                        f"data.eval_holdout_documents={holdout} would hold out all {len(documents)} training "
+                        "documents; lower it or give data.eval_files"
+                    )
+                eval_documents = documents.select(range(holdout))
+                documents = documents.select(range(holdout, len(documents)))
+            train_rows = pack_documents(documents, tokenizer, chunk_length)
+        eval_rows = pack_documents(eval_documents, tokenizer, chunk_length) if eval_documents is not None else None
+    train_stream = UL2BatchStream(
+        PackedRowStream(
+            train_rows,
+            seed=training.seed,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            shuffle=data.shuffle,
+            shuffle_buffer_size=data.shuffle_buffer_size,
+        ),
+        collator,
+        training.per_device_batch_size,
+    )
+    eval_batches = []
+    if eval_rows is not None and training.eval_batches:
+        # Fixed batches, the same at every evaluation: unshuffled rows, a collator with its own seed.
+        eval_stream = UL2BatchStream(
+            PackedRowStream(
+                eval_rows, seed=0, process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes, shuffle=False,
+            ),
+            build_collator(config, tokenizer, seed=10_000 + training.seed + accelerator.process_index),
+            training.per_device_batch_size,
+        )
+        eval_batches = [next(eval_stream) for _ in range(training.eval_batches)]
+    return train_stream, eval_batches
+
+
+# ------------------------------------------------------------------------------------------- train state
+
+
+class TrainState:
+    """The loop's own state, saved by ``accelerator.save_state`` through ``register_for_checkpointing``.
+
+    Holds the step, the samples and tokens seen, and every process's data stream position (packed-row
+    cursor and UL2 collator counter): ``state_dict`` gathers them from all processes (it is called on each
+    one, the main process writes the file) and ``load_state_dict`` gives each process its own.
+    """
+
+    def __init__(self, data_stream: UL2BatchStream, process_index: int, num_processes: int):
+        self.data_stream = data_stream
+        self.process_index, self.num_processes = process_index, num_processes
+        self.step = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        from accelerate.utils import gather_object
+
+        streams = gather_object([self.data_stream.state_dict()]) if self.num_processes > 1 else [
+            self.data_stream.state_dict()
+        ]
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "num_processes": self.num_processes,
+            "data_streams": streams,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_processes"] != self.num_processes:
+            raise RecipeError(
+                f"The checkpoint was written by {state['num_processes']} processes and this run has "
+                f"{self.num_processes}: each process's data position cannot be restored. Resume with "
+                f"{state['num_processes']} processes."
+            )
+        self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
+        self.data_stream.load_state_dict(state["data_streams"][self.process_index])
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+class StopOnSignal:
+    """Turns SIGTERM into a flag checked between steps (then: checkpoint and clean exit)."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.requested = False
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, accelerator) -> bool:
+        # Every process must stop at the same step: the flag is shared (one tiny all-reduce per step).
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def append_log(output_dir: Path, record: dict) -> None:
+    with open(output_dir / TRAIN_LOG_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(output_dir: Path, step: int) -> None:
+    """On resume, drop the records a previous run logged after the checkpoint it is resumed from."""
+    path = output_dir / TRAIN_LOG_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def full_parameters(model):
+    """Gathers FSDP2-sharded root parameters (shared embedding, LM head) for ``generate``.
+
+    Under FSDP2 only the ``forward`` of a sharded module gathers its parameters; ``generate`` calls the
+    encoder and the embedding outside the root's forward, so the root unit is unsharded explicitly.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = ()
+    if isinstance(model, FSDPModule):
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+    else:
+        yield
+
+
+@torch.no_grad()
+def evaluate(model, eval_batches: list[dict], accelerator) -> float:
+    """Mean loss over the fixed evaluation batches of every process."""
+    model.eval()
+    losses = []
+    for batch in eval_batches:
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        with accelerator.autocast():
+            losses.append(model(**batch).loss.float())
+    model.train()
+    mean = torch.stack(losses).mean().reshape(1)
+    return float(accelerator.reduce(mean, reduction="mean").item())
+
+
+@torch.no_grad()
+def generate_sample(model, tokenizer, eval_batches: list[dict], accelerator, max_new_tokens: int = 32) -> str:
+    """Greedy generation from the first evaluation input (runs on every process, as FSDP needs)."""
+    unwrapped = accelerator.unwrap_model(model)
+    input_ids = eval_batches[0]["input_ids"][:1].to(accelerator.device)
+    attention_mask = eval_batches[0]["attention_mask"][:1].to(accelerator.device)
+    unwrapped.eval()
+    with full_parameters(unwrapped), accelerator.autocast():
+        generated = unwrapped.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False
+        )
+    unwrapped.train()
+    source = tokenizer.decode(input_ids[0][attention_mask[0].bool()])
+    return f"{source} -> {tokenizer.decode(generated[0], skip_special_tokens=False)}"
+
+
+def save_checkpoint(accelerator, config: PretrainConfig, state: TrainState, output_dir: Path) -> Path:
+    """Writes ``checkpoints/step_<N>`` atomically (a ``.tmp`` folder renamed once complete), prunes old ones."""
+    root = output_dir / CHECKPOINTS_DIR
+    final = root / f"{CHECKPOINT_PREFIX}{state.step:08d}"
+    tmp = root / f"{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        recipe_state = {"step": state.step, "num_processes": accelerator.num_processes, "config": config.to_dict()}
+        (tmp / RECIPE_STATE_FILE).write_text(json.dumps(recipe_state, indent=1), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        limit = config.training.save_total_limit
+        if limit is not None:
+            for old in checkpoint_dirs(output_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def export_model(accelerator, model, tokenizer, config: PretrainConfig, output_dir: Path) -> None:
+    """The one place where the final model leaves the run: ``save_pretrained`` + tokenizer, optional push.
+
+    ``from_pretrained(output_dir)`` then loads it (``AutoModelForSeq2SeqLM`` once ``fat5_hf`` is imported).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
+    unwrapped.save_pretrained(
+        output_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+    )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+        if config.training.push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(config.training.hub_model_id, private=config.training.hub_private, exist_ok=True)
+            api.upload_folder(
+                repo_id=config.training.hub_model_id,
+                folder_path=str(output_dir),
+                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "logs/*", TRAIN_LOG_FILE],
+                commit_message=f"FAT5 pretrained {config.training.max_steps} steps with fat5-hf's recipe",
+            )
+    accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+def train(config: PretrainConfig) -> dict[str, Any]:
+    """Runs (or resumes) the pretraining described by ``config``; returns a summary of the run."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from fat5_hf.optim import build_optimizer, build_scheduler
+
+    training, optim, log_cfg = config.training, config.optim, config.logging
+    resume_dir = resolve_resume(config)
+    output_dir = Path(training.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=training.mixed_precision,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        log_with=log_cfg.log_with or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        cpu=training.cpu,
+        dynamo_backend="inductor" if config.model.torch_compile else None,
+    )
+    prepare_output_dir(config, resuming=resume_dir is not None, is_main_process=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (output_dir / "recipe_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    if not accelerator.is_main_process:
+        import datasets
+
+        datasets.disable_progress_bars()
+    set_seed(training.seed)
+    tokenizer = load_tokenizer(config)
+    model = build_model(config, tokenizer)
+    train_stream, eval_batches = build_data(config, tokenizer, accelerator)
+    try:
+        optimizer = build_optimizer(
+            model, optim.name, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+            weight_decay=optim.weight_decay, fused=optim.fused if accelerator.device.type == "cuda" else False,
+        )
+        # Not passed to accelerator.prepare: its wrapper steps the schedule once per process per update.
+        scheduler = build_scheduler(
+            optimizer, optim.scheduler, optim.warmup_steps, training.max_steps, optim.scheduler_kwargs
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"optim: {err}") from err
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState(train_stream, accelerator.process_index, accelerator.num_processes)
+    accelerator.register_for_checkpointing(scheduler, state)
+
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        if accelerator.is_main_process:
+            truncate_log(output_dir, state.step)
+        logger.info("Resumed from %s at step %d", resume_dir, state.step)
+    if log_cfg.log_with:
+        accelerator.init_trackers(log_cfg.project_name, config=_flat_hparams(config))
+
+    stopper = StopOnSignal()
+    model.train()
+    progress = tqdm(
+        total=training.max_steps, initial=state.step, desc="pretrain", unit="step",
+        disable=not (accelerator.is_main_process and log_cfg.progress_bar), dynamic_ncols=True,
+    )
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    grad_norm = None
+    last_metrics: dict[str, float] = {}
+    stopped_by_signal = stopped_early = False
+    rows_per_step = training.per_device_batch_size * training.gradient_accumulation_steps * accelerator.num_processes
+    try:
+        while state.step < training.max_steps:
+            for _ in range(training.gradient_accumulation_steps):
+                batch = next(train_stream)
+                window_tokens += count_tokens(batch)
+                batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and training.max_grad_norm:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window_loss += loss.detach().float() / training.gradient_accumulation_steps
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            state.step += 1
+            state.samples_seen += rows_per_step
+            window_steps += 1
+            progress.update(1)
+
+            if state.step % log_cfg.logging_steps == 0 or state.step == training.max_steps:
+                totals = accelerator.reduce(
+                    torch.stack([window_loss, torch.tensor(float(window_tokens), device=accelerator.device)]),
+                    reduction="sum",
+                )
+                elapsed = time.perf_counter() - window_start
+                tokens = int(totals[1].item())
+                state.tokens_seen += tokens
+                last_metrics = {
+                    "loss": totals[0].item() / (window_steps * accelerator.num_processes),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens / elapsed,
+                    "samples_seen": state.samples_seen,
+                    "tokens_seen": state.tokens_seen,
+                }
+                if grad_norm is not None:
+                    last_metrics["grad_norm"] = float(grad_norm)
+                accelerator.log({f"train/{k}": v for k, v in last_metrics.items()}, step=state.step)
+                if accelerator.is_main_process:
+                    append_log(output_dir, {"step": state.step, **last_metrics})
+                progress.set_postfix(
+                    loss=f"{last_metrics['loss']:.4f}", lr=f"{last_metrics['lr']:.2e}",
+                    tok_s=f"{last_metrics['tokens_per_s']:,.0f}",
+                )
+                window_loss.zero_()
+                window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+
+            if eval_batches and (state.step % training.eval_steps == 0 or state.step == training.max_steps):
+                eval_loss = evaluate(model, eval_batches, accelerator)
+                sample = generate_sample(model, tokenizer, eval_batches, accelerator)
+                last_metrics["eval_loss"] = eval_loss
+                accelerator.log({"eval/loss": eval_loss, "eval/sample": sample}, step=state.step)
+                if accelerator.is_main_process:
+                    append_log(output_dir, {"step": state.step, "eval_loss": eval_loss, "sample": sample})
+                    progress.write(f"step {state.step}: eval loss {eval_loss:.4f} | {sample[:200]}")
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+
+            stop = stopper.should_stop(accelerator)
+            paused = training.stop_at_step is not None and state.step >= training.stop_at_step
+            if state.step % training.save_steps == 0 or stop or paused:
+                path = save_checkpoint(accelerator, config, state, output_dir)
+                if accelerator.is_main_process:
+                    progress.write(f"step {state.step}: checkpoint saved to {path}")
+                window_start = time.perf_counter()
+            if stop or paused:
+                stopped_by_signal = stop
+                stopped_early = True
+                break
+    finally:
+        progress.close()
+        stopper.restore()
+
+    if stopped_early:
+        accelerator.print(
+            f"Stopped {'by SIGTERM' if stopped_by_signal else 'as asked (training.stop_at_step)'} at step "
+            f"{state.step} of {training.max_steps}: checkpoint saved in {output_dir / CHECKPOINTS_DIR}. "
+            f"Continue with --resume latest training.output_dir={output_dir}"
+        )
+    else:
+        export_model(accelerator, model, tokenizer, config, output_dir)
+        accelerator.print(f"Saved the pretrained model and tokenizer to {output_dir}")
+    accelerator.end_training()
+    return {"step": state.step, "stopped_early": stopped_early, "stopped_by_signal": stopped_by_signal, "output_dir": str(output_dir), **last_metrics}
+
+
+def _flat_hparams(config: PretrainConfig) -> dict[str, Any]:
+    """Tracker hyperparameters: scalars as they are, anything else as its string."""
+    flat = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO)
+    try:
+        config, args = parse_args(argv)
+        if args.print_config:
+            print(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            return 0
+        train(config)
+    except (ConfigError, DataError, RecipeError) as err:
+        print(f"pretrain.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The pretraining data stream: documents -> tokens -> packed rows -> UL2 batches, resumable exactly.
+
+Documents are tokenized and packed into rows of ``collator.chunk_length`` tokens with per-token document
+ids by `fat5_hf.packing.pack_dataset`; each process reads its own share of the rows and collates them with
+`fat5_hf.ul2.DataCollatorForUL2`. Nothing goes through a ``DataLoader`` or Accelerate's dataloader
+sharding: the stream's whole position (epoch, next row, or the ``datasets`` stream state) and the
+collator's counter form a small dict saved in every checkpoint, and restoring it replays the very same
+batches.
+
+Sources:
+- local files (``.txt``: one document per line; ``.json``/``.jsonl``/``.csv``/``.parquet``: a text
+  column), read with ``datasets`` into a memory-mapped table and packed once (cached by ``datasets``);
+  each epoch visits the rows in a new seeded random order, row ``i`` going to process ``i % num_processes``.
+- a Hub dataset, streamed (``datasets.load_dataset(..., streaming=True)``), packed on the fly, split between
+  processes with ``split_dataset_by_node`` and shuffled with a buffer; its position is
+  ``IterableDataset.state_dict()``. ``datasets`` restores a stream's position but not the content of its
+  shuffle buffer, so a resumed *shuffled* stream sees the same documents in a slightly different order;
+  unshuffled streams resume exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fat5_hf.packing import pack_dataset
+
+LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Data files or datasets that cannot feed the run; the message names the file and the fix."""
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """``path`` itself if it exists, else relative to the repository root (so the defaults work from anywhere)."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    from_repo = Path(__file__).resolve().parent.parent / candidate
+    return from_repo if from_repo.exists() else candidate
+
+
+def load_local_documents(files: list[str], text_column: str = "text"):
+    """Loads local files into a ``datasets.Dataset`` with one ``text`` column, blank documents removed."""
+    import datasets
+
+    if not files:
+        raise DataError("No data files given")
+    paths = [resolve_path(f) for f in files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"Data files not found: {missing}. Check data.train_files / data.eval_files.")
+    suffixes = {p.suffix.lower() for p in paths}
+    if not suffixes <= LOCAL_BUILDERS.keys() or len({LOCAL_BUILDERS[s] for s in suffixes}) > 1:
+        raise DataError(
+            f"Data files must share one format among {sorted(LOCAL_BUILDERS)}; got suffixes {sorted(suffixes)}"
+        )
+    empty = [str(p) for p in paths if p.stat().st_size == 0]
+    if empty:
+        raise DataError(f"Data files are empty: {empty}")
+    builder = LOCAL_BUILDERS[suffixes.pop()]
+    dataset = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train")
+    column = "text" if builder == "text" else text_column
+    if column not in dataset.column_names:
+        raise DataError(
+            f"{[str(p) for p in paths]} have no column {column!r} (columns: {dataset.column_names}); "
+            "set data.text_column"
+        )
+    dataset = dataset.select_columns([column])
+    if column != "text":
+        dataset = dataset.rename_column(column, "text")
+    dataset = dataset.filter(lambda text: bool(text and text.strip()), input_columns="text")
+    if len(dataset) == 0:
+        raise DataError(f"{[str(p) for p in paths]} hold no non-empty document")
+    return dataset
+
+
+def load_streamed_documents(name: str, config_name: str | None, split: str, text_column: str = "text"):
+    """Opens a Hub dataset as a stream of ``{"text": ...}`` examples."""
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(name, config_name, split=split, streaming=True)
+    except Exception as err:  # datasets raises many types (FileNotFound, DatasetNotFound, ConnectionError)
+        raise DataError(f"Cannot stream dataset {name!r} (config {config_name!r}, split {split!r}): {err}") from err
+    columns = stream.column_names
+    if columns is not None and text_column not in columns:
+        raise DataError(f"Dataset {name!r} has no column {text_column!r} (columns: {columns}); set data.text_column")
+    stream = stream.select_columns([text_column])
+    return stream.rename_column(text_column, "text") if text_column != "text" else stream
+
+
+class PackedRowStream:
+    """This process's share of an endless, resumable sequence of packed rows.
+
+    Args:
+        rows: a ``datasets.Dataset`` (map-style) or ``datasets.IterableDataset`` (streamed) of packed rows
+            (``input_ids``, ``document_ids``), e.g. from `fat5_hf.packing.pack_dataset`.
+        seed: seeds each epoch's order (map-style) or the shuffle buffer (streamed).
+        process_index, num_processes: which share of the rows this process reads.
+        shuffle: visit rows in a random order, a new one each epoch.
+        shuffle_buffer_size: size of the shuffle buffer of a streamed dataset.
+    """
+
+    def __init__(
+        self,
+        rows,
+        seed: int,
+        process_index: int = 0,
+        num_processes: int = 1,
+        shuffle: bool = True,
+        shuffle_buffer_size: int = 10_000,
+    ):
+        import datasets
+
+        self.seed, self.shuffle = seed, shuffle
+        self.process_index, self.num_processes = process_index, num_processes
+        self.streamed = isinstance(rows, datasets.IterableDataset)
+        if self.streamed:
+            from datasets.distributed import split_dataset_by_node
+
+            rows = split_dataset_by_node(rows, rank=process_index, world_size=num_processes)
+            if shuffle:
+                rows = rows.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+            self._iterator = None
+        elif len(rows) < num_processes:
+            raise DataError(
+                f"The data packs into {len(rows)} rows, fewer than the {num_processes} processes; add data"
+            )
+        self.rows = rows
+        self.epoch = 0
+        self.cursor = 0  # rows of this epoch's share already read (map-style)
+        self._share: np.ndarray | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.streamed:
+            return {"epoch": self.epoch, "stream": self.rows.state_dict()}
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        if self.streamed:
+            self.rows.set_epoch(self.epoch)
+            self.rows.load_state_dict(state["stream"])
+            self._iterator = None
+        else:
+            self.cursor, self._share = int(state["cursor"]), None
+
+    def _epoch_share(self) -> np.ndarray:
+        if self._share is None:
+            order = np.arange(len(self.rows))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
+            self._share = order[self.process_index :: self.num_processes]
+        return self._share
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, list[int]]:
+        if self.streamed:
+            for _ in range(2):
+                if self._iterator is None:
+                    self.rows.set_epoch(self.epoch)
+                    self._iterator = iter(self.rows)
+                try:
+                    return next(self._iterator)
+                except StopIteration:  # end of the stream: start the next epoch
+                    self.epoch += 1
+                    self._iterator = None
+            raise DataError("The streamed dataset yields no rows for this process; check the dataset and split")
+        share = self._epoch_share()
+        if self.cursor >= len(share):
+            self.epoch, self.cursor, self._share = self.epoch + 1, 0, None
+            share = self._epoch_share()
+        row = self.rows[int(share[self.cursor])]
+        self.cursor += 1
+        return {"input_ids": row["input_ids"], "document_ids": row["document_ids"]}
+
+
+class UL2BatchStream:
+    """Batches of ``batch_size`` packed rows passed through the UL2 collator; ``state_dict`` covers both."""
+
+    def __init__(self, rows: PackedRowStream, collator, batch_size: int):
+        self.rows, self.collator, self.batch_size = rows, collator, batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows.state_dict(), "collator": self.collator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows.load_state_dict(state["rows"])
+        self.collator.load_state_dict(state["collator"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return self.collator([next(self.rows) for _ in range(self.batch_size)])
+
+
+def pack_documents(documents, tokenizer, chunk_length: int):
+    """Tokenizes and packs documents (a ``datasets`` dataset with a ``text`` column) into rows."""
+    return pack_dataset(documents, chunk_length=chunk_length, eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer)
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) encoder input plus target tokens of a collated batch."""
+    return int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
