@@ -1,11 +1,19 @@
-"""Fused cross-entropy over the vocabulary (ignore_index, z-loss, label smoothing): loss and gradient in one kernel.
+"""Fused cross-entropy over the vocabulary (ignore_index, z-loss, label smoothing) in Triton.
 
-One Triton program per token row. The forward computes the row's log-sum-exp, its loss and, when the logits need a
-gradient, the gradient of the *reduced* loss with respect to the logits, written over the logits (Liger-Kernel's
-trick: no (N, V) buffer is allocated). When the row fits in one block (V <= 32768, e.g. T5's 32,128), the row is read
-once and written once; larger vocabularies (mT5's 250,112) take a second read. The backward then only multiplies the
-stored gradient by ``grad_output``, and a scale of exactly 1 (the usual case) is detected on the device, so no pass
-over the (N, V) buffer and no host sync happen.
+Two row kernels, each one pass over the (N, V) logits:
+
+* `_cross_entropy_fwd_kernel` computes each row's log-sum-exp and loss (one read). With ``COMPUTE_GRAD`` it also
+  writes the gradient of the reduced loss (for ``grad_output = 1``), possibly over the logits themselves: this is the
+  mode `fat5_kernels.fused_linear_cross_entropy` uses on each chunk of logits, which it discards right after. A row
+  of at most ``MAX_SINGLE_PASS_BLOCK`` logits is then read once; wider rows (mT5's 250,112) are read twice.
+* `_cross_entropy_bwd_kernel` recomputes the softmax from the saved log-sum-exp and writes the gradient, already
+  multiplied by ``grad_output`` (one read, one write).
+
+`cross_entropy` (a `torch.autograd.Function`) uses the loss-only forward and the backward kernel: a training forward
+costs one read of the logits (the least any loss can), the backward one read and one write, and by default the
+gradient is written over the logits (no (N, V) buffer is allocated, as in Liger-Kernel, whose forward writes the
+gradient instead). This makes the forward as cheap as a plain loss and handles any ``grad_output`` (gradient
+accumulation, loss scaling, ``reduction="none"``) without an extra pass.
 
 Gradient of row ``i`` (``p = softmax(x_i)``, ``lse = log(sum(exp(x_i)))``, ``eps`` the smoothing, ``z`` the z-loss
 coefficient, ``n`` the count of non-ignored rows for ``reduction="mean"``, else 1)::
@@ -27,12 +35,15 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
 
 from .cross_entropy_reference import validate_cross_entropy_inputs
 
-__all__ = ["CrossEntropyFunction", "cross_entropy", "cross_entropy_forward", "scale_rows_"]
+__all__ = ["CrossEntropyFunction", "cross_entropy", "cross_entropy_forward", "scale_"]
 
-# A row of at most this many logits is held in registers and read once (32 warps x 32 fp32 each per thread).
+# Forward with gradient: a row of at most this many logits is held in registers and read once (32 warps x 32 fp32
+# per thread); wider rows are read twice, in blocks of MULTI_PASS_BLOCK.
 MAX_SINGLE_PASS_BLOCK = 32768
-# Block width of the two-pass path for larger vocabularies.
 MULTI_PASS_BLOCK = 16384
+# Loss-only forward (one read whatever V): block of the online log-sum-exp loop. Backward: block of its 2D grid.
+LOSS_ONLY_BLOCK = 8192
+BACKWARD_BLOCK = 4096
 
 
 @triton.jit
@@ -44,19 +55,24 @@ def _cross_entropy_fwd_kernel(
     labels_ptr,
     row_loss_ptr,
     row_z_ptr,
+    lse_ptr,
     count_ptr,
     n_cols,
     ignore_index,
     z_loss,
     label_smoothing,
     COMPUTE_GRAD: tl.constexpr,
+    STORE_LSE: tl.constexpr,
     DIVIDE_BY_COUNT: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     SINGLE_PASS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """Loss (and gradient) of one row. grad may alias logits (in-place); each element is read before written."""
+    """Loss, log-sum-exp (STORE_LSE) and gradient (COMPUTE_GRAD) of one row.
+
+    grad may alias logits (in place): each element is read before it is written, by the same thread.
+    """
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
     grad_row = grad_ptr + row * grad_row_stride
@@ -67,6 +83,8 @@ def _cross_entropy_fwd_kernel(
         tl.store(row_loss_ptr + row, 0.0)
         if HAS_Z_LOSS:
             tl.store(row_z_ptr + row, 0.0)
+        if STORE_LSE:
+            tl.store(lse_ptr + row, 0.0)
         if COMPUTE_GRAD:
             for start in range(0, n_cols, BLOCK_SIZE):
                 offs = start + cols
@@ -100,6 +118,8 @@ def _cross_entropy_fwd_kernel(
                 sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
 
     lse = row_max + tl.log(sum_exp)
+    if STORE_LSE:
+        tl.store(lse_ptr + row, lse)
     loss = lse - (1.0 - label_smoothing) * target_logit
     if HAS_SMOOTHING:
         loss -= label_smoothing * sum_x / n_cols
@@ -133,56 +153,92 @@ def _cross_entropy_fwd_kernel(
 
 
 @triton.jit
-def _scale_rows_kernel(
-    x_ptr,
-    row_stride,
-    scale_ptr,
+def _cross_entropy_bwd_kernel(
+    logits_ptr,
+    logits_row_stride,
+    grad_ptr,
+    grad_row_stride,
+    labels_ptr,
+    lse_ptr,
+    grad_output_ptr,
+    count_ptr,
     n_cols,
-    SCALE_PER_ROW: tl.constexpr,
+    ignore_index,
+    z_loss,
+    label_smoothing,
+    GRAD_OUTPUT_PER_ROW: tl.constexpr,
+    DIVIDE_BY_COUNT: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """x[row, :] *= scale (scale[row] when SCALE_PER_ROW); returns at once when the scale is exactly 1."""
+    """grad[row, block] = grad_output * d(loss)/d(logits[row, block]), from the saved log-sum-exp.
+
+    Grid (rows, column blocks). grad may alias logits (in place).
+    """
     row = tl.program_id(0).to(tl.int64)
-    if SCALE_PER_ROW:
-        scale = tl.load(scale_ptr + row).to(tl.float32)
+    offs = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_cols
+    grad_row = grad_ptr + row * grad_row_stride
+    label = tl.load(labels_ptr + row).to(tl.int32)
+    if label == ignore_index:
+        tl.store(grad_row + offs, tl.zeros([BLOCK_SIZE], dtype=tl.float32), mask=mask)
+        return
+    if GRAD_OUTPUT_PER_ROW:
+        scale = tl.load(grad_output_ptr + row).to(tl.float32)
     else:
-        scale = tl.load(scale_ptr).to(tl.float32)
+        scale = tl.load(grad_output_ptr).to(tl.float32)
+    if DIVIDE_BY_COUNT:
+        scale = scale / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
+    lse = tl.load(lse_ptr + row)
+    p_scale = scale
+    if HAS_Z_LOSS:
+        p_scale *= 1.0 + 2.0 * z_loss * lse
+    x = tl.load(logits_ptr + row * logits_row_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.exp(x - lse) * p_scale - scale * label_smoothing / n_cols
+    grad -= tl.where(offs == label, scale * (1.0 - label_smoothing), 0.0)
+    tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, scale_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+    """x *= scale (a device scalar); returns at once when the scale is exactly 1."""
+    scale = tl.load(scale_ptr).to(tl.float32)
     if scale == 1.0:
         return
-    x_row = x_ptr + row * row_stride
-    col_block = tl.program_id(1)
-    offs = col_block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n_cols
-    x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(x_row + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Multiply a 2D tensor in place by a device scalar ``scale`` (shape ``()``) or per-row scales (``(rows,)``).
+def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Multiply a contiguous tensor in place by a device scalar ``scale`` (a 0-dim or 1-element float tensor).
 
-    No work (and no host sync) when the scale is exactly 1, which is what ``loss.backward()`` passes.
-    ``x``: ``(rows, cols)`` with unit column stride, any float dtype; ``scale``: float tensor on ``x``'s device.
+    No pass over ``x`` (and no host sync) when the scale is exactly 1, which is what ``loss.backward()`` passes.
     """
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"scale_rows_ needs a 2D tensor with unit column stride, got shape {tuple(x.shape)}.")
+    if not x.is_contiguous():
+        raise ValueError("scale_ needs a contiguous tensor.")
     if x.numel() == 0:
         return x
-    per_row = scale.dim() > 0 and scale.numel() > 1
-    scale = scale.detach().float().contiguous()
-    block = min(4096, triton.next_power_of_2(x.shape[1]))
-    grid = (x.shape[0], triton.cdiv(x.shape[1], block))
-    _scale_rows_kernel[grid](x, x.stride(0), scale, x.shape[1], SCALE_PER_ROW=per_row, BLOCK_SIZE=block, num_warps=4)
+    scale = scale.detach().float().reshape(1).contiguous()
+    block = 4096
+    _scale_kernel[(triton.cdiv(x.numel(), block),)](x, scale, x.numel(), BLOCK_SIZE=block, num_warps=4)
     return x
 
 
-def _launch_config(n_cols: int) -> tuple[bool, int, int]:
-    """(single_pass, BLOCK_SIZE, num_warps) for a row of n_cols logits."""
+def _num_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16 if block <= 16384 else 32
+
+
+def _launch_config(n_cols: int, compute_grad: bool) -> tuple[bool, int, int]:
+    """(single_pass, BLOCK_SIZE, num_warps) of the forward kernel for a row of n_cols logits."""
     block = triton.next_power_of_2(n_cols)
-    single_pass = block <= MAX_SINGLE_PASS_BLOCK
-    if not single_pass:
-        block = MULTI_PASS_BLOCK
-    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16 if block <= 16384 else 32
-    return single_pass, block, num_warps
+    if not compute_grad:  # one read whatever the width: loop over blocks, several programs per SM
+        block = min(block, LOSS_ONLY_BLOCK)
+        return block >= n_cols, block, _num_warps(block)
+    if block <= MAX_SINGLE_PASS_BLOCK:
+        return True, block, _num_warps(block)
+    return False, MULTI_PASS_BLOCK, _num_warps(MULTI_PASS_BLOCK)
 
 
 def cross_entropy_forward(
@@ -193,6 +249,7 @@ def cross_entropy_forward(
     row_z: torch.Tensor | None,
     *,
     grad: torch.Tensor | None,
+    lse: torch.Tensor | None = None,
     ignore_index: int,
     z_loss: float,
     label_smoothing: float,
@@ -205,13 +262,15 @@ def cross_entropy_forward(
         labels: ``(n,)`` int64/int32, already validated.
         count: ``()`` device tensor, the number of non-ignored rows of the whole batch (gradient divisor).
         row_loss / row_z: ``(n,)`` fp32 outputs (``row_z`` only when ``z_loss > 0``).
-        grad: ``(n, V)`` output for d(loss)/d(logits), may be ``logits`` itself; None computes the loss only.
+        grad: ``(n, V)`` output for d(loss)/d(logits) at ``grad_output = 1``, may be ``logits`` itself; None
+            computes the loss only.
+        lse: optional ``(n,)`` fp32 output for the rows' log-sum-exp (0 on ignored rows).
     """
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    single_pass, block, num_warps = _launch_config(n_cols)
     compute_grad = grad is not None
+    single_pass, block, num_warps = _launch_config(n_cols, compute_grad)
     grad_arg = grad if compute_grad else logits  # never written when COMPUTE_GRAD is False
     _cross_entropy_fwd_kernel[(n_rows,)](
         logits,
@@ -221,12 +280,14 @@ def cross_entropy_forward(
         labels,
         row_loss,
         row_z if row_z is not None else row_loss,
+        lse if lse is not None else row_loss,
         count,
         n_cols,
         ignore_index,
         float(z_loss),
         float(label_smoothing),
         COMPUTE_GRAD=compute_grad,
+        STORE_LSE=lse is not None,
         DIVIDE_BY_COUNT=divide_by_count,
         HAS_Z_LOSS=z_loss > 0.0,
         HAS_SMOOTHING=label_smoothing > 0.0,
@@ -242,16 +303,13 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, z_loss, label_smoothing, reduction, inplace):
         n_rows = logits.shape[0]
-        valid = labels != ignore_index
-        count = valid.sum()  # stays on the device: the kernel reads it, no host sync
+        count = (labels != ignore_index).sum()  # stays on the device: the kernels read it, no host sync
         row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
         row_z = torch.empty(n_rows, dtype=torch.float32, device=logits.device) if z_loss > 0.0 else None
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = logits if inplace else torch.empty_like(logits)
+        lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device) if ctx.needs_input_grad[0] else None
         cross_entropy_forward(
-            logits, labels, count, row_loss, row_z, grad=grad, ignore_index=ignore_index, z_loss=z_loss,
-            label_smoothing=label_smoothing, divide_by_count=reduction == "mean",
+            logits, labels, count, row_loss, row_z, grad=None, lse=lse, ignore_index=ignore_index, z_loss=z_loss,
+            label_smoothing=label_smoothing, divide_by_count=False,
         )  # fmt: skip
         if row_z is None:
             row_z = torch.zeros_like(row_loss)
@@ -263,8 +321,9 @@ class CrossEntropyFunction(torch.autograd.Function):
                 denominator = count.clamp(min=1).float()
                 loss, z_term = loss / denominator, z_term / denominator
         ctx.mark_non_differentiable(z_term)
-        if grad is not None:
-            ctx.save_for_backward(grad)
+        if lse is not None:
+            ctx.save_for_backward(logits, labels, lse, count)
+            ctx.options = (ignore_index, z_loss, label_smoothing, reduction, inplace)
         return loss, z_term
 
     @staticmethod
@@ -272,9 +331,23 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_z_term):
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
-        (grad,) = ctx.saved_tensors
-        # The stored gradient is that of the reduced loss for grad_output = 1; scale it in place.
-        scale_rows_(grad, grad_loss)
+        logits, labels, lse, count = ctx.saved_tensors
+        ignore_index, z_loss, label_smoothing, reduction, inplace = ctx.options
+        # In place: a new tensor object over the logits' storage, so that autograd takes it as the gradient as is.
+        grad = logits.detach() if inplace else torch.empty_like(logits)
+        n_rows, n_cols = logits.shape
+        if n_rows > 0:
+            grad_loss = grad_loss.detach().float().contiguous()
+            block = min(BACKWARD_BLOCK, triton.next_power_of_2(n_cols))
+            _cross_entropy_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+                logits, logits.stride(0), grad, grad.stride(0), labels, lse, grad_loss, count, n_cols,
+                ignore_index, float(z_loss), float(label_smoothing),
+                GRAD_OUTPUT_PER_ROW=reduction == "none", DIVIDE_BY_COUNT=reduction == "mean",
+                HAS_Z_LOSS=z_loss > 0.0, BLOCK_SIZE=block, num_warps=_num_warps(block),
+            )  # fmt: skip
+        if inplace:
+            # The logits now hold their gradient: any other saved use of them fails loudly instead of reading it.
+            torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None, None, None
 
 
@@ -301,15 +374,14 @@ def cross_entropy(
         z_loss: coefficient of ``log(Z)**2`` (T5X uses 1e-4); 0 disables it.
         label_smoothing: epsilon in ``[0, 1]`` as in ``torch.nn.functional.cross_entropy``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row losses, ``(N,)``).
-        inplace: when ``logits`` requires grad, write the gradient over ``logits`` during the forward (no extra
-            (N, V) memory; ``logits`` holds the gradient afterwards, so do not read it again). ``False`` allocates
-            a new buffer.
+        inplace: write the gradient over ``logits`` during the backward (no extra (N, V) memory; ``logits`` holds
+            its gradient afterwards, and another backward that saved it raises). ``False`` allocates a new buffer.
 
     Returns:
         ``(loss, z_loss_term)``: fp32, scalars unless ``reduction="none"``. ``loss`` includes the z term;
         ``z_loss_term`` is the z part alone (non-differentiable, for logging).
 
-    The backward can run only once per forward (the gradient buffer is scaled in place).
+    The backward can run only once per forward (with ``inplace=True`` it overwrites the logits).
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"logits must be a 2D tensor (N, V), got shape {tuple(getattr(logits, 'shape', ()))}.")

@@ -10,11 +10,14 @@ The tokens are processed in chunks of ``chunk_size`` rows. For each chunk, durin
 
 The backward only multiplies both gradients by ``grad_output`` (skipped on the device when it is 1). Memory: the
 two gradients (which autograd keeps anyway), one ``(chunk, V)`` buffer of the hidden states' dtype and a few
-``(N,)`` fp32 vectors. The default chunk keeps the buffer no larger than the hidden states themselves (the rule of
-Liger-Kernel, whose peak memory this op must not exceed), between 64 and 4096 rows.
+``(N,)`` fp32 vectors. The chunk trades memory for speed (see `default_chunk_size`): by default the buffer takes
+at most 1 GiB (V=32,128: 4096 rows, 251 MiB; V=250,112: 2048 rows, 977 MiB), far below the (N, V) logits of an
+unfused loss (1 GiB and 7.8 GiB in bf16 at N=16384, plus their fp32 copies), above Liger-Kernel's (N, d)-sized
+chunks, which make the matmuls inefficient.
 
 Precision: the weight gradient is rounded to the weight dtype once per chunk (as Liger-Kernel does by default);
-with bf16 weights and many chunks this adds a little error to ``dW`` compared with one big product.
+with bf16 weights and many chunks this adds a little error to ``dW`` compared with one big product (fewer chunks,
+less error: at most N / 64 roundings, 8 at N=16384 and V=250,112 with the default chunk).
 
 The pure-PyTorch reference (used on CPU by the model) is
 `fat5_kernels.cross_entropy_reference.linear_cross_entropy_reference`.
@@ -25,25 +28,32 @@ from __future__ import annotations
 import torch
 
 try:
-    import triton
+    import triton  # noqa: F401  (the kernels of .cross_entropy need it; fail here with the install hint)
 except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch without it
     raise ImportError("fat5_kernels.fused_linear_cross_entropy needs triton: pip install 'fat5-hf[gpu]'") from err
 
-from .cross_entropy import cross_entropy_forward, scale_rows_
+from .cross_entropy import cross_entropy_forward, scale_
 from .cross_entropy_reference import validate_cross_entropy_inputs
 
 __all__ = ["FusedLinearCrossEntropyFunction", "default_chunk_size", "fused_linear_cross_entropy"]
 
 MIN_CHUNK_SIZE = 64
 MAX_CHUNK_SIZE = 4096
+# Default memory budget of the (chunk, V) logits buffer.
+DEFAULT_CHUNK_BYTES = 1 << 30
 
 
-def default_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
-    """Rows per chunk: ``(chunk, V)`` logits about the size of the ``(N, d)`` hidden states (Liger-Kernel's rule:
-    the power of two at or above ``N / ceil(V / d)``), clamped to ``[64, 4096]`` and to ``n_tokens``.
+def default_chunk_size(n_tokens: int, vocab_size: int, element_size: int, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk: the largest power of two whose ``(chunk, V)`` logits fit in ``max_chunk_bytes`` (1 GiB by
+    default), clamped to ``[64, 4096]`` and to ``n_tokens``.
+
+    Measured on an H100 (bf16, N=16384, d=768; benchmarks/results/fused.md): the matmuls lose efficiency and the
+    weight is re-read and its gradient re-written once per chunk, so small chunks are slow (V=250,112: 196 ms with
+    64-row chunks, Liger-Kernel's choice, 36 ms with 2048 rows, against 26 ms for the three bare matmuls). For the
+    least memory, pass ``chunk_size`` so that ``chunk * V`` is about ``N * d`` (Liger-Kernel's rule).
     """
-    budget_rows = triton.cdiv(n_tokens, triton.cdiv(vocab_size, hidden_size))
-    chunk = min(MAX_CHUNK_SIZE, max(MIN_CHUNK_SIZE, triton.next_power_of_2(budget_rows)))
+    rows = max(1, max_chunk_bytes // max(1, vocab_size * element_size))
+    chunk = min(MAX_CHUNK_SIZE, max(MIN_CHUNK_SIZE, 1 << (rows.bit_length() - 1)))
     return max(1, min(chunk, n_tokens))
 
 
@@ -103,9 +113,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         # Gradients were computed for grad_output = 1; scale in place (no-op on the device when it is 1).
         if grad_hidden is not None:
-            scale_rows_(grad_hidden, grad_loss)
+            scale_(grad_hidden, grad_loss)
         if grad_weight is not None:
-            scale_rows_(grad_weight, grad_loss)
+            scale_(grad_weight, grad_loss)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
@@ -135,7 +145,8 @@ def fused_linear_cross_entropy(
         label_smoothing: epsilon in ``[0, 1]`` as in ``torch.nn.functional.cross_entropy``.
         reduction: ``"mean"`` (sum / max(count of non-ignored, 1)) or ``"sum"``. Per-token losses need the logits:
             use ``cross_entropy(hidden @ weight.T, labels, reduction="none")``.
-        chunk_size: token rows per chunk; default `default_chunk_size`.
+        chunk_size: token rows per chunk: memory (a ``(chunk_size, V)`` buffer) against speed; default
+            `default_chunk_size` (a buffer of at most 1 GiB).
 
     Returns:
         ``(loss, z_loss_term)``: fp32 scalars; ``loss`` includes the z term, ``z_loss_term`` is it alone
@@ -173,7 +184,7 @@ def fused_linear_cross_entropy(
         label_smoothing=label_smoothing, reduction=reduction,
     )  # fmt: skip
     if chunk_size is None:
-        chunk_size = default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
+        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.element_size())
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of token rows, got {chunk_size}.")
     # The matmuls take any strides, but the chunk's rows must be contiguous slices for torch.mm(out=...).

@@ -84,9 +84,10 @@ def check_against_rule(logits64, labels, dtype, half_dtype, grad_scale=None, **k
 
 @pytest.fixture
 def multi_pass(monkeypatch):
-    """Force the two-pass path (rows wider than one block) at test-sized vocabularies."""
-    monkeypatch.setattr(ce_module, "MAX_SINGLE_PASS_BLOCK", 128)
-    monkeypatch.setattr(ce_module, "MULTI_PASS_BLOCK", 128)
+    """Rows wider than one block at test-sized vocabularies: the loss-only forward loops over blocks, the
+    backward grid has several column blocks (and the forward-with-gradient path reads rows twice)."""
+    for name in ("MAX_SINGLE_PASS_BLOCK", "MULTI_PASS_BLOCK", "LOSS_ONLY_BLOCK", "BACKWARD_BLOCK"):
+        monkeypatch.setattr(ce_module, name, 128)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -152,6 +153,22 @@ def test_inplace_overwrites_logits_and_out_of_place_keeps_them():
     assert torch.equal(overwritten.grad, kept.grad)
     # The buffer now holds the gradient (Liger-Kernel's memory trick), not the logits.
     assert torch.equal(overwritten.detach(), overwritten.grad)
+
+
+def test_other_saved_uses_of_overwritten_logits_raise():
+    logits64, labels = make_case(5, 21, torch.float32, seed=10)
+    logits = logits64.float().requires_grad_()
+    squares = (logits * logits).sum()  # saves logits for its backward, which runs after the cross-entropy's
+    loss = cross_entropy(logits, labels)[0] + squares
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+    logits = logits64.float().requires_grad_()
+    loss = cross_entropy(logits, labels, inplace=False)[0] + (logits * logits).sum()
+    loss.backward()
+    want = logits64.float().requires_grad_()
+    (cross_entropy_reference(want, labels)[0] + (want * want).sum()).backward()
+    assert rel_err(logits.grad, want.grad) < 2e-6
 
 
 def test_no_grad_leaves_logits_untouched():

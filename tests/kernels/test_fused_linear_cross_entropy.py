@@ -88,6 +88,18 @@ def test_matches_reference(dtype, n_tokens, hidden_size, vocab, chunk_size, z_lo
                        label_smoothing=label_smoothing, reduction=reduction, chunk_size=chunk_size)  # fmt: skip
 
 
+def test_rows_read_twice(monkeypatch):
+    import fat5_kernels.cross_entropy as ce_module
+
+    # Rows wider than one block: the chunk's kernel reads each row twice (mT5-sized vocabularies on the GPU).
+    monkeypatch.setattr(ce_module, "MAX_SINGLE_PASS_BLOCK", 64)
+    monkeypatch.setattr(ce_module, "MULTI_PASS_BLOCK", 64)
+    for dtype in (torch.float32, torch.float16):
+        hidden64, weight64, labels = make_case(20, 16, 150, dtype, seed=9)
+        check_against_rule(hidden64, weight64, labels, dtype, torch.float16, z_loss=1e-2, label_smoothing=0.1,
+                           chunk_size=8)  # fmt: skip
+
+
 def test_grad_output_scaling_and_default_chunks():
     hidden64, weight64, labels = make_case(30, 16, 50, torch.float32, seed=1)
     check_against_rule(hidden64, weight64, labels, torch.float32, torch.float16, grad_scale=-2.5, z_loss=1e-2,
@@ -150,10 +162,12 @@ def test_reference_matches_dense_definition_and_checkpointed_chunks(monkeypatch)
 
 
 def test_default_chunk_size():
-    # Liger-Kernel's memory rule: (chunk, V) logits about the size of the (N, d) hidden states.
-    assert default_chunk_size(16384, 768, 32128) == 512
-    assert default_chunk_size(16384, 768, 250112) == 64
-    assert default_chunk_size(10, 768, 32128) == 10
+    # A (chunk, V) buffer of at most 1 GiB, power-of-two rows in [64, 4096], at most the number of tokens.
+    assert default_chunk_size(16384, 32128, 2) == 4096
+    assert default_chunk_size(16384, 250112, 2) == 2048
+    assert default_chunk_size(16384, 250112, 4) == 1024
+    assert default_chunk_size(16384, 250112, 2, max_chunk_bytes=2**25) == 64
+    assert default_chunk_size(10, 32128, 2) == 10
 
 
 @pytest.mark.parametrize(
