@@ -140,19 +140,20 @@ def pack_dataset(
     _check_chunk_length(chunk_length)
     is_iterable = not hasattr(dataset, "__len__")
     map_kwargs = {} if is_iterable else {"num_proc": num_proc}
+    # select_columns first: streamed datasets may not know their column names, which remove_columns needs.
     if tokenizer is not None:
-        dataset = dataset.map(
+        dataset = dataset.select_columns([text_column]).map(
             make_tokenize_function(tokenizer, text_column),
             batched=True,
             batch_size=batch_size,
-            remove_columns=list(dataset.column_names or []),
+            remove_columns=[text_column],
             **map_kwargs,
         )
-    return dataset.map(
+    return dataset.select_columns(["input_ids"]).map(
         pack_batch,
         batched=True,
         batch_size=batch_size,
-        remove_columns=list(dataset.column_names or []),
+        remove_columns=["input_ids"],
         fn_kwargs={"chunk_length": chunk_length, "eos_token_id": eos_token_id, "drop_remainder": drop_remainder},
         **map_kwargs,
     )
