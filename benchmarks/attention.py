@@ -168,6 +168,40 @@ def fp32_reference(q, k, v, table, do, causal):
     return out.detach(), grads
 
 
+def profile(args):
+    """Where fat5's time goes: CUDA time per kernel (torch.profiler) and host time per call."""
+    import time
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for D in [int(d) for d in args.dims.split(",")]:
+        for causal in [bool(int(c)) for c in args.causal.split(",")]:
+            for L in [int(s) for s in args.seqs.split(",") if s]:
+                B, H = max(1, args.tokens // L), args.heads
+                q, k, v = (torch.randn(B, H, L, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+                table = (torch.randn(H, NUM_BUCKETS, device=DEVICE) * 0.5).requires_grad_()
+                do = torch.randn_like(q)
+                for name in args.impls.split(","):
+                    fn = IMPLS[name]
+                    for _ in range(3):
+                        fn(q, k, v, table, causal).backward(do)
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(20):
+                        fn(q, k, v, table, causal).backward(do)
+                    host = (time.perf_counter() - start) / 20
+                    torch.cuda.synchronize()
+                    total = (time.perf_counter() - start) / 20
+                    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(5):
+                            fn(q, k, v, table, causal).backward(do)
+                        torch.cuda.synchronize()
+                    print(f"== {name} D={D} causal={causal} L={L}: host {host * 1e3:.3f} ms/step, wall {total * 1e3:.3f} ms/step")
+                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
+                    q.grad = k.grad = v.grad = table.grad = None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impls", default="fat5,nobias,sdpa_bias,eager,flex")
@@ -180,7 +214,10 @@ def main():
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--name", default="attention")
+    parser.add_argument("--profile", action="store_true", help="print per-kernel CUDA time and host time instead")
     args = parser.parse_args()
+    if args.profile:
+        return profile(args)
     args.flex_dims = [int(d) for d in args.flex_dims.split(",") if d]
     names = args.impls.split(",")
     dtype = torch.bfloat16

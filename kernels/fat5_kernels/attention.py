@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .attention_bwd import bias_sums_to_table_grad, t5_attention_backward
-from .attention_fwd import LOG2E, t5_attention_forward
+from .attention_fwd import t5_attention_forward
 from .attention_reference import relative_bias_layout, t5_relative_position_bucket
 from .triton_utils import triton_interpreter_enabled
 
@@ -45,9 +45,9 @@ MAX_HEAD_DIM = 256
 
 
 def _distance_bias(bias_table: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
-    """Per-distance bias vector float32 (H, 2R+1), pre-multiplied by log2(e) for the kernels' exp2."""
+    """Per-distance bias float32 (H, 2R+1): the bias of distance ``d`` at ``d + R`` (one small gather)."""
     layout = relative_bias_layout(bidirectional, num_buckets, max_distance, bias_table.device)
-    return (bias_table.float()[:, layout.distance_bucket] * LOG2E).contiguous(), layout
+    return torch.index_select(bias_table.float(), 1, layout.distance_bucket), layout
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, name: str) -> None:
@@ -143,7 +143,7 @@ def _t5_flash_attention_bwd(
     if bias_partials is None:
         dtable = q.new_empty((0,), dtype=torch.float32)
     else:
-        dtable = bias_sums_to_table_grad(bias_partials, layout.num_segments, layout.segment_bucket_onehot)
+        dtable = bias_sums_to_table_grad(bias_partials, layout.cut_sums_to_bucket)
         dtable = dtable.to(bias_table.dtype)
     return dq, dk, dv, dtable
 

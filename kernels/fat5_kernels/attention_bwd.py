@@ -31,6 +31,8 @@ from .attention_fwd import (
     _key_ranges,
     _tile_bias,
     dot_precision,
+    dummy_tensor,
+    launch_tuned,
     seqlen_autotune_key,
     tuning_configs,
 )
@@ -164,6 +166,9 @@ def _prune_bwd_configs(configs, named_args, **kwargs):
     configs=tuning_configs(_dkdv_configs()),
     key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "COMPUTE_DBIAS", "SEQLEN_KEY"],
     prune_configs_by={"early_config_prune": _prune_bwd_configs},
+    # configs with a larger BLOCK_N fill fewer slots: stale sums from other configs' trial runs must not remain
+    # (BiasPartials is a dedicated dummy, never an input, when there is no table gradient)
+    reset_to_zero=["BiasPartials"],
 )
 @triton.jit
 def _bwd_dkdv_kernel(
@@ -223,8 +228,8 @@ def _bwd_dkdv_kernel(
     if BIAS_KIND == 2:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
     if BIAS_KIND == 1:
-        bias_far_left = tl.load(dist_bias_ptr)
-        bias_far_right = tl.load(dist_bias_ptr + 2 * radius)
+        bias_far_left = tl.load(dist_bias_ptr) * 1.4426950408889634
+        bias_far_right = tl.load(dist_bias_ptr + 2 * radius) * 1.4426950408889634
         band_radius = radius
     else:
         band_radius = 1
@@ -411,8 +416,8 @@ def _bwd_dq_kernel(
     if BIAS_KIND == 2:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
     if BIAS_KIND == 1:
-        bias_far_left = tl.load(dist_bias_ptr)
-        bias_far_right = tl.load(dist_bias_ptr + 2 * radius)
+        bias_far_left = tl.load(dist_bias_ptr) * 1.4426950408889634
+        bias_far_right = tl.load(dist_bias_ptr + 2 * radius) * 1.4426950408889634
         band_radius = radius
     else:
         band_radius = 1
@@ -496,7 +501,7 @@ def t5_attention_backward(
         lse_strides = lse.stride()[:2]
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dummy = q
+    dummy = dummy_tensor(q.device)
     bias_kind = BIAS_T5 if dist_bias is not None else (BIAS_ALIBI if alibi_slopes is not None else BIAS_NONE)
     compute_dbias = cuts is not None
     num_cuts_pad = cuts.numel() if compute_dbias else 2
@@ -528,37 +533,44 @@ def t5_attention_backward(
         IS_VARLEN=is_varlen, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=preprocess_block,
     )  # fmt: skip
     scale_log2 = softmax_scale * 1.4426950408889634
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * num_heads)](
+    dkdv_args = (
         q, k, v, dout, dk, dv, lse, delta, *optional,
         cuts if compute_dbias else dummy, bias_partials if compute_dbias else dummy,
         *_layout_strides(q, is_varlen), *_layout_strides(k, is_varlen), *_layout_strides(v, is_varlen),
         *_layout_strides(dout, is_varlen), *_layout_strides(dk, is_varlen), *_layout_strides(dv, is_varlen),
         *lse_strides, mask_stride,
         batch, num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, seqlen_key,
-        COMPUTE_DBIAS=compute_dbias, NUM_CUTS_PAD=num_cuts_pad, **common,
     )  # fmt: skip
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads)](
+    dkdv_kwargs = dict(COMPUTE_DBIAS=compute_dbias, NUM_CUTS_PAD=num_cuts_pad, **common)
+    launch_tuned(
+        _bwd_dkdv_kernel,
+        lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * num_heads),
+        dkdv_args,
+        dkdv_kwargs,
+        ("dkdv", q.device, q.dtype, seqlen_key, *dkdv_kwargs.values()),
+    )
+    dq_args = (
         q, k, v, dout, dq, lse, delta, *optional,
         *_layout_strides(q, is_varlen), *_layout_strides(k, is_varlen), *_layout_strides(v, is_varlen),
         *_layout_strides(dout, is_varlen), *_layout_strides(dq, is_varlen), *lse_strides, mask_stride,
         num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, seqlen_key,
-        **common,
     )  # fmt: skip
+    launch_tuned(
+        _bwd_dq_kernel,
+        lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads),
+        dq_args,
+        common,
+        ("dq", q.device, q.dtype, seqlen_key, *common.values()),
+    )
     return dq, dk, dv, bias_partials
 
 
-def bias_sums_to_table_grad(bias_partials: torch.Tensor, num_segments: int, segment_bucket_onehot: torch.Tensor):
+def bias_sums_to_table_grad(bias_partials: torch.Tensor, cut_sums_to_bucket: torch.Tensor) -> torch.Tensor:
     """Per-program bias sums ``(P, B, H, C + 2)`` -> table gradient float32 ``(H, num_buckets)``, deterministic.
 
-    Per program, the sum over segment ``s`` (distances ``(cut[s-1], cut[s]]``) is the difference of two
-    consecutive "<= cut" sums (taken within the program, so no large partial sums cancel); the far-left sum
-    belongs to the first segment and the far-right sum to the last. Programs are then summed in a fixed order
-    and each segment is added into its bucket through a one-hot product written as a plain reduction.
+    Sums the programs in a fixed order, then maps "<= cut" sums and the far sums to buckets with the layout's
+    ``cut_sums_to_bucket`` matrix, written as an fp32 reduction (not a matmul, which may run in TF32).
+    Differencing after the program sum costs at most log2(num_segments) bits of the fp32 mantissa.
     """
-    num_cuts_pad = bias_partials.shape[-1] - 2
-    cut_sums = bias_partials[..., :num_cuts_pad]
-    segment_sums = torch.diff(cut_sums, dim=-1, prepend=torch.zeros_like(cut_sums[..., :1]))
-    segment_sums[..., 0] += bias_partials[..., num_cuts_pad]
-    segment_sums[..., num_segments - 1] += bias_partials[..., num_cuts_pad + 1]
-    per_head = segment_sums.sum(dim=(0, 1))  # (H, C)
-    return (per_head[:, :, None] * segment_bucket_onehot[None, :, :]).sum(dim=1)
+    per_head = bias_partials.sum(dim=(0, 1))  # (H, C + 2)
+    return (per_head[:, :, None] * cut_sums_to_bucket[None, :, :]).sum(dim=1)

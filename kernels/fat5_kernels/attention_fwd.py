@@ -68,7 +68,7 @@ def _tile_bias(
             scores = scores + bias_far_right
         else:
             index = tl.minimum(tl.maximum(distance, -radius), radius) + radius
-            scores = scores + tl.load(dist_bias_ptr + index)
+            scores = scores + tl.load(dist_bias_ptr + index) * 1.4426950408889634
     elif BIAS_KIND == 2:
         scores = scores - alibi_slope_log2 * tl.abs(distance).to(tl.float32)
     return scores
@@ -273,8 +273,8 @@ def _t5_attn_fwd_kernel(
     if BIAS_KIND == 2:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
     if BIAS_KIND == 1:
-        bias_far_left = tl.load(dist_bias_ptr)
-        bias_far_right = tl.load(dist_bias_ptr + 2 * radius)
+        bias_far_left = tl.load(dist_bias_ptr) * 1.4426950408889634
+        bias_far_right = tl.load(dist_bias_ptr + 2 * radius) * 1.4426950408889634
         band_radius = radius
     else:
         band_radius = 1
@@ -320,6 +320,33 @@ def _t5_attn_fwd_kernel(
     tl.store(Lse + b64 * stride_lb + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
 
 
+_TUNED_CONFIGS: dict = {}
+_DUMMIES: dict = {}
+
+
+def launch_tuned(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
+    """Run an autotuned kernel; once it has been tuned for ``key``, launch the chosen config directly.
+
+    The autotuner's per-call Python work (its key holds a dtype string per tensor argument) is a large part
+    of the host time per call; ``key`` must hold everything the autotuner's key holds.
+    """
+    config = _TUNED_CONFIGS.get(key)
+    if config is not None:
+        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+        return
+    kernel[grid](*args, **kwargs)
+    if getattr(kernel, "best_config", None) is not None:
+        _TUNED_CONFIGS[key] = kernel.best_config
+
+
+def dummy_tensor(device: torch.device) -> torch.Tensor:
+    """A small fp32 tensor for pointer arguments that the constexpr flags never read (cached per device)."""
+    dummy = _DUMMIES.get(device)
+    if dummy is None:
+        dummy = _DUMMIES[device] = torch.zeros(2, device=device)
+    return dummy
+
+
 def seqlen_autotune_key(max_seqlen: int) -> int:
     """Autotune bucket of a sequence length: the next power of two (re-tune once per bucket, not per length)."""
     return 1 << max(0, int(max_seqlen - 1).bit_length())
@@ -350,7 +377,7 @@ def t5_attention_forward(
 
     Dense layout: q (B, H, M, D), k/v (B, H, N, D) -> out (B, H, M, D), lse float32 (B, H, M).
     Packed layout (``cu_seqlens_q`` given): q (total_q, H, D), k/v (total_k, H, D) -> out (total_q, H, D),
-    lse float32 (H, total_q). ``dist_bias`` is float32 (H, 2*radius+1), already multiplied by log2(e).
+    lse float32 (H, total_q). ``dist_bias`` is float32 (H, 2*radius+1): the bias of distance ``d`` at ``d + radius``.
     """
     is_varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]
@@ -376,22 +403,27 @@ def t5_attention_forward(
         bias_kind = BIAS_ALIBI
     else:
         bias_kind = BIAS_NONE
-    dummy = q  # never read: the constexpr flags disable the loads
+    dummy = dummy_tensor(q.device)  # never read: the constexpr flags disable the loads
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads)
-    _t5_attn_fwd_kernel[grid](
+    seqlen_key = seqlen_autotune_key(max(max_seqlen_q, max_seqlen_k))
+    has_key_mask = key_padding_mask is not None
+    args = (
         q, k, v, out, lse,
         dist_bias if dist_bias is not None else dummy,
         alibi_slopes if alibi_slopes is not None else dummy,
-        key_padding_mask if key_padding_mask is not None else dummy,
+        key_padding_mask if has_key_mask else dummy,
         cu_seqlens_q if is_varlen else dummy,
         cu_seqlens_k if is_varlen else dummy,
         *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
-        key_padding_mask.stride(0) if key_padding_mask is not None else 0,
-        num_heads, max_seqlen_q, max_seqlen_k, head_dim, softmax_scale * LOG2E, radius,
-        seqlen_autotune_key(max(max_seqlen_q, max_seqlen_k)),
-        BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None, IS_VARLEN=is_varlen,
+        key_padding_mask.stride(0) if has_key_mask else 0,
+        num_heads, max_seqlen_q, max_seqlen_k, head_dim, softmax_scale * LOG2E, radius, seqlen_key,
+    )  # fmt: skip
+    kwargs = dict(
+        BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=has_key_mask, IS_VARLEN=is_varlen,
         HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad, DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
+    key = ("fwd", q.device, q.dtype, seqlen_key, *kwargs.values())
+    launch_tuned(_t5_attn_fwd_kernel, grid, args, kwargs, key)
     return out, lse
 
 

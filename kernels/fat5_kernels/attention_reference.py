@@ -76,8 +76,11 @@ class RelativeBiasLayout:
             (``cuts[-1] = -inf``, padding = +inf), on which the bucket is constant.
         num_segments: number of real segments (``num_cuts + 1``).
         segment_bucket_onehot: float32 (num_cuts_padded, num_buckets), one-hot bucket of each segment
-            (rows past ``num_segments`` are zero); turns per-segment gradient sums into a table gradient
-            with a fixed-order reduction.
+            (rows past ``num_segments`` are zero).
+        cut_sums_to_bucket: float32 (num_cuts_padded + 2, num_buckets). The backward kernel returns, per
+            head, ``S[c] = sum of dS over band elements with d <= cuts[c]`` followed by the far-left and
+            far-right sums; ``S @ cut_sums_to_bucket`` is the table gradient (segment ``s`` is
+            ``S[s] - S[s-1]``; the far-left sum belongs to segment 0, the far-right one to the last).
     """
 
     radius: int
@@ -85,6 +88,7 @@ class RelativeBiasLayout:
     cuts: torch.Tensor
     num_segments: int
     segment_bucket_onehot: torch.Tensor
+    cut_sums_to_bucket: torch.Tensor
 
 
 def _next_power_of_2(x: int) -> int:
@@ -123,7 +127,12 @@ def _relative_bias_layout_cpu(bidirectional: bool, num_buckets: int, max_distanc
     seg_last = [c + radius for c in cuts] + [2 * radius]
     onehot = torch.zeros(padded, num_buckets, dtype=torch.float32)
     onehot[torch.arange(num_segments), inner[seg_last]] = 1.0
-    return RelativeBiasLayout(radius, inner.clone(), cuts_padded, num_segments, onehot)
+    to_bucket = torch.zeros(padded + 2, num_buckets, dtype=torch.float32)
+    to_bucket[:padded] = onehot
+    to_bucket[: padded - 1] -= onehot[1:]  # S[c] counts in segment c and (negated) in segment c + 1
+    to_bucket[padded] = onehot[0]
+    to_bucket[padded + 1] = onehot[num_segments - 1]
+    return RelativeBiasLayout(radius, inner.clone(), cuts_padded, num_segments, onehot, to_bucket)
 
 
 _LAYOUT_CACHE: dict = {}
@@ -144,6 +153,7 @@ def relative_bias_layout(
             cpu.cuts.to(device),
             cpu.num_segments,
             cpu.segment_bucket_onehot.to(device),
+            cpu.cut_sums_to_bucket.to(device),
         )
         _LAYOUT_CACHE[key] = layout
     return layout
