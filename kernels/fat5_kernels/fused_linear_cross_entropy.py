@@ -47,10 +47,12 @@ def default_chunk_size(n_tokens: int, vocab_size: int, element_size: int, max_ch
     """Rows per chunk: the largest power of two whose ``(chunk, V)`` logits fit in ``max_chunk_bytes`` (1 GiB by
     default), clamped to ``[64, 4096]`` and to ``n_tokens``.
 
-    Measured on an H100 (bf16, N=16384, d=768; benchmarks/results/fused.md): the matmuls lose efficiency and the
-    weight is re-read and its gradient re-written once per chunk, so small chunks are slow (V=250,112: 196 ms with
-    64-row chunks, Liger-Kernel's choice, 36 ms with 2048 rows, against 26 ms for the three bare matmuls). For the
-    least memory, pass ``chunk_size`` so that ``chunk * V`` is about ``N * d`` (Liger-Kernel's rule).
+    Measured on an H100 (bf16, N=16384, d=768, fwd+bwd; benchmarks/results/fused.md): the matmuls lose efficiency
+    and the weight is re-read and its gradient re-written once per chunk, so small chunks are slow. V=250,112:
+    197 ms with 64-row chunks (Liger-Kernel's choice, 421 MiB peak), 39 ms with 1024 rows (879 MiB), 35 ms with
+    2048 rows (1368 MiB), against 27 ms for the three bare matmuls. V=32,128: 7.7 ms with 512 rows (103 MiB),
+    4.6 ms with 4096 rows (324 MiB), matmuls 3.4 ms. For the least memory, pass ``chunk_size`` so that
+    ``chunk * V`` is about ``N * d`` (Liger-Kernel's rule).
     """
     rows = max(1, max_chunk_bytes // max(1, vocab_size * element_size))
     chunk = min(MAX_CHUNK_SIZE, max(MIN_CHUNK_SIZE, 1 << (rows.bit_length() - 1)))
