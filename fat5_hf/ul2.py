@@ -39,13 +39,15 @@ Lengths: the number of input and target tokens is a deterministic function of th
 denoiser, and `DataCollatorForUL2.chunk_length` is the largest example length that fits every denoiser of the
 mixture. An example that cannot fit raises an error instead of being cut.
 
-Reproducibility: each call draws from ``numpy.random.default_rng((seed, worker_id, num_batches_seen))``; the
-collator's `state_dict` / `load_state_dict` save and restore the batch counter, so a resumed run produces the same
-batches as an uninterrupted one.
+Reproducibility: each call draws from ``numpy.random.default_rng((seed, epoch, hash of the batch's tokens))``, so a
+batch's corruption depends only on the seed, the epoch (`DataCollatorForUL2.set_epoch`, as for samplers) and its
+content — not on how many batches came before nor on which DataLoader worker collates it. A resumed run that feeds
+the same batches gets the same outputs; `state_dict` / `load_state_dict` carry the seed and epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -347,25 +349,37 @@ class DataCollatorForUL2:
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
         self.seed = int(seed)
-        self.num_batches_seen = 0
+        self.epoch = 0
+        self.num_batches_seen = 0  # informational (per process: DataLoader workers hold copies)
         self.last_denoiser_indices: list[int] = []
 
     # ----------------------------------------------------------------------------------------------- state
 
+    def set_epoch(self, epoch: int) -> None:
+        """Change the random stream for a new pass over the data (call it before creating the epoch's iterator)."""
+        self.epoch = int(epoch)
+
     def state_dict(self) -> dict[str, int]:
-        """The random stream's position: restoring it makes the next batches identical."""
-        return {"seed": self.seed, "num_batches_seen": self.num_batches_seen}
+        """Everything the randomness depends on besides the batches themselves."""
+        return {"seed": self.seed, "epoch": self.epoch, "num_batches_seen": self.num_batches_seen}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.seed = int(state["seed"])
-        self.num_batches_seen = int(state["num_batches_seen"])
+        self.epoch = int(state.get("epoch", 0))
+        self.num_batches_seen = int(state.get("num_batches_seen", 0))
 
-    def _batch_rng(self) -> np.random.Generator:
-        # Derived from (seed, worker, batch index) so that DataLoader workers, which each hold a copy of the
-        # collator, draw different streams, and a restored counter replays the same batches.
-        worker_info = torch.utils.data.get_worker_info()
-        worker_id = worker_info.id if worker_info is not None else 0
-        return np.random.default_rng([self.seed, worker_id, self.num_batches_seen])
+    def _batch_rng(self, examples: Sequence[Mapping[str, Any]]) -> np.random.Generator:
+        # Keyed on the batch content rather than on a call counter: DataLoader workers each hold a copy of the
+        # collator (a counter would be replayed by every worker and never reach the main process's checkpoint).
+        digest = hashlib.blake2b(digest_size=16)
+        for example in examples:
+            for key in ("input_ids", "document_ids"):
+                if example.get(key) is not None:
+                    values = np.ascontiguousarray(np.asarray(example[key], dtype=np.int64).reshape(-1))
+                    digest.update(len(values).to_bytes(8, "little"))
+                    digest.update(values.tobytes())
+        content_key = int.from_bytes(digest.digest(), "little")
+        return np.random.default_rng([self.seed, self.epoch, content_key])
 
     # ------------------------------------------------------------------------------------------- denoising
 
@@ -506,15 +520,16 @@ class DataCollatorForUL2:
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if len(examples) == 0:
             raise ValueError("DataCollatorForUL2 got an empty list of examples.")
-        rng = self._batch_rng()
+        for example in examples:
+            if "input_ids" not in example:
+                raise KeyError(f"Each example needs an 'input_ids' field; got keys {sorted(example)}.")
+        rng = self._batch_rng(examples)
         self.num_batches_seen += 1
         denoiser_indices = rng.choice(len(self.denoisers), size=len(examples), p=self.denoiser_probabilities)
         self.last_denoiser_indices = denoiser_indices.tolist()
 
         rows = []
         for example, denoiser_index in zip(examples, denoiser_indices):
-            if "input_ids" not in example:
-                raise KeyError(f"Each example needs an 'input_ids' field; got keys {sorted(example)}.")
             if len(example["input_ids"]) == 0:
                 raise ValueError("Got an example with no tokens; filter empty documents before collating.")
             rows.append(self._denoise_row(example, int(denoiser_index), rng))
