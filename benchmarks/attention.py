@@ -228,6 +228,7 @@ def main():
     )  # fmt: skip
     print(json.dumps(meta), flush=True)
     rows = []
+    os.makedirs(args.out, exist_ok=True)
     seqs = [int(s) for s in args.seqs.split(",") if s]
     long_seqs = [int(s) for s in args.long_seqs.split(",") if s]
     for D in [int(d) for d in args.dims.split(",")]:
@@ -263,6 +264,8 @@ def main():
                         torch.cuda.empty_cache()
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:  # partial results survive a timeout
+                        json.dump(dict(meta=meta, rows=rows), f, indent=1)
                 del q, k, v, table, do, reference
                 torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
