@@ -1,0 +1,212 @@
+# Copyright 2026 The fat5-hf contributors. Licensed under the Apache License, Version 2.0.
+"""FAT5 model configuration: every `T5Config` field with the same meaning, plus FAT5's kernel and loss switches."""
+
+from __future__ import annotations
+
+import copy
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+# Position encodings FAT5 knows about. Only "t5" (learned relative buckets) is implemented; the others are planned.
+IMPLEMENTED_POSITION_ENCODINGS = ("t5",)
+PLANNED_POSITION_ENCODINGS = ("alibi", "rope", "fire")
+
+
+@strict
+class FAT5Config(PreTrainedConfig):
+    r"""
+    Configuration of a FAT5 encoder-decoder. It accepts every field of transformers' `T5Config` with the same meaning
+    and defaults (a `config.json` written for T5, T5 v1.1, mT5 or FLAN-T5 describes the same network here), and adds
+    the switches for FAT5's fused kernels and training loss.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 32128): Size of the vocabulary.
+        d_model (`int`, *optional*, defaults to 512): Size of the hidden states.
+        d_kv (`int`, *optional*, defaults to 64): Size of each attention head (need not be `d_model // num_heads`).
+        d_ff (`int`, *optional*, defaults to 2048): Size of the feed-forward inner layer.
+        num_layers (`int`, *optional*, defaults to 6): Number of encoder blocks.
+        num_decoder_layers (`int`, *optional*): Number of decoder blocks; defaults to `num_layers`.
+        num_heads (`int`, *optional*, defaults to 8): Number of attention heads.
+        relative_attention_num_buckets (`int`, *optional*, defaults to 32): Number of relative-position buckets.
+        relative_attention_max_distance (`int`, *optional*, defaults to 128): Distance beyond which all relative
+            positions share one bucket.
+        dropout_rate (`float`, *optional*, defaults to 0.1): Dropout probability of every dropout layer.
+        layer_norm_epsilon (`float`, *optional*, defaults to 1e-6): Epsilon of the RMS norms.
+        initializer_factor (`float`, *optional*, defaults to 1.0): Scale of the initialisation (1.0 for training).
+        feed_forward_proj (`str`, *optional*, defaults to `"relu"`): `"{ACT}"` or `"gated-{ACT}"` with `ACT` a key
+            of transformers' `ACT2FN`: `"relu"` (original T5), `"gated-gelu"` (T5 v1.1, mT5, FLAN-T5),
+            `"gated-silu"`, `"gelu"`...
+        classifier_dropout (`float`, *optional*, defaults to 0.0): Dropout of the classification heads.
+        decoder_start_token_id (`int`, *optional*, defaults to 0): First decoder input (T5 uses the pad token).
+        position_encoding_type (`str`, *optional*, defaults to `"t5"`): Position encoding. Only `"t5"` (T5's learned
+            relative-position buckets) is implemented; `"alibi"`, `"rope"` and `"fire"` are planned.
+        use_triton_attention (`bool`, *optional*, defaults to `True`): Use the Triton flash-attention kernel with the
+            relative bias computed in-kernel when it can serve the call (CUDA tensors, triton installed, no
+            `output_attentions`, no KV cache, no attention-probability dropout, 2D padding mask).
+        use_fused_rms_norm (`bool`, *optional*, defaults to `True`): Use the fused Triton RMSNorm on CUDA.
+        use_fused_glu (`bool`, *optional*, defaults to `True`): Use the fused gated activation (`gated-gelu`,
+            `gated-silu`) on CUDA.
+        use_fused_cross_entropy (`bool`, *optional*, defaults to `True`): On CUDA, compute the LM loss with the Triton
+            cross-entropy kernel; in training (`model.training` with `labels`), fuse the `lm_head` projection into
+            it, in which case the output `logits` is `None`.
+        z_loss (`float`, *optional*, defaults to 0.0): Coefficient of the z-loss `mean(logsumexp(logits)**2)` added
+            to the LM loss (PaLM uses 1e-4).
+        label_smoothing (`float`, *optional*, defaults to 0.0): Label smoothing of the LM loss, in `[0, 1)`.
+
+    The kernel switches only take effect on CUDA with triton installed; elsewhere FAT5 runs plain PyTorch that
+    reproduces transformers' T5 exactly.
+
+    Like transformers 5's `T5Config`, `tie_word_embeddings` is always stored as `True`; the original T5 convention
+    (tied embeddings and decoder output rescaled by `d_model**-0.5`) versus v1.1 (no rescale, separate `lm_head`
+    weights in the checkpoint) is recorded in `scale_decoder_outputs`, derived from `tie_word_embeddings=False` in
+    older configs.
+
+    Example:
+
+    ```python
+    >>> from fat5_hf import FAT5Config, FAT5ForConditionalGeneration
+
+    >>> config = FAT5Config(feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # a T5 v1.1 layout
+    >>> model = FAT5ForConditionalGeneration(config)
+    ```
+    """
+
+    model_type = "fat5"
+    keys_to_ignore_at_inference = ["cache"]
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "num_heads",
+        "num_hidden_layers": "num_layers",
+        "head_dim": "d_kv",
+    }
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int | None = None
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float | int = 0.1
+    layer_norm_epsilon: float = 1e-6
+    initializer_factor: float = 1.0
+    feed_forward_proj: str = "relu"
+    is_encoder_decoder: bool = True
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    decoder_start_token_id: int | None = 0
+    classifier_dropout: float | int = 0.0
+    is_decoder: bool = False
+
+    # FAT5's own fields.
+    position_encoding_type: str = "t5"
+    use_triton_attention: bool = True
+    use_fused_rms_norm: bool = True
+    use_fused_cross_entropy: bool = True
+    use_fused_glu: bool = True
+    z_loss: float | int = 0.0
+    label_smoothing: float | int = 0.0
+
+    def __post_init__(self, **kwargs):
+        self.num_decoder_layers = self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
+
+        act_info = self.feed_forward_proj.split("-")
+        self.dense_act_fn = act_info[-1]
+        self.is_gated_act = act_info[0] == "gated"
+        # Same backwards-compatible alias as T5: "gated-gelu" means the tanh approximation of GELU.
+        if self.feed_forward_proj == "gated-gelu":
+            self.dense_act_fn = "gelu_new"
+
+        # Same convention as transformers 5's T5Config: original T5 ties the embeddings and rescales the decoder
+        # output by d_model**-0.5; v1.1 configs say `tie_word_embeddings: false` and do not rescale. The flag is
+        # recorded as `scale_decoder_outputs` and `tie_word_embeddings` is always True (an untied `lm_head` in a
+        # checkpoint is kept untied at load because both weights are present with different values).
+        self.scale_decoder_outputs = kwargs.pop("tie_word_embeddings", None) is not False
+        self.tie_word_embeddings = True
+
+        super().__post_init__(**kwargs)
+        # `@strict` wraps validation errors of `validate_*` methods in its own exception type; FAT5's checks raise
+        # plain `ValueError`s here so that callers can catch them the usual way.
+        self._check_fat5_fields()
+
+    def _check_fat5_fields(self) -> None:
+        positive_ints = (
+            "vocab_size",
+            "d_model",
+            "d_kv",
+            "d_ff",
+            "num_layers",
+            "num_decoder_layers",
+            "num_heads",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.relative_attention_num_buckets < 2:
+            raise ValueError(
+                f"`relative_attention_num_buckets` must be at least 2 (half the buckets are exact offsets, half "
+                f"logarithmic), got {self.relative_attention_num_buckets}."
+            )
+        for name in ("dropout_rate", "classifier_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be a probability in [0, 1), got {value!r}.")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"`layer_norm_epsilon` must be > 0, got {self.layer_norm_epsilon!r}.")
+        if not self.initializer_factor > 0:
+            raise ValueError(f"`initializer_factor` must be > 0, got {self.initializer_factor!r}.")
+
+        act_info = self.feed_forward_proj.split("-")
+        if (len(act_info) > 1 and act_info[0] != "gated") or len(act_info) > 2:
+            raise ValueError(
+                f"`feed_forward_proj`: {self.feed_forward_proj!r} is not a valid activation of the feed-forward "
+                "layer. Use `gated-{ACT_FN}` or `{ACT_FN}`, e.g. 'relu' (T5), 'gated-gelu' (T5 v1.1, mT5, "
+                "FLAN-T5) or 'gated-silu'."
+            )
+        from transformers.activations import ACT2FN
+
+        if self.dense_act_fn not in ACT2FN:
+            raise ValueError(
+                f"`feed_forward_proj`: activation {self.dense_act_fn!r} (from {self.feed_forward_proj!r}) is not a "
+                f"key of transformers' ACT2FN; use one of {sorted(ACT2FN)}."
+            )
+
+        if self.position_encoding_type in PLANNED_POSITION_ENCODINGS:
+            raise ValueError(
+                f"`position_encoding_type={self.position_encoding_type!r}` is planned but not implemented yet; "
+                f"use one of {list(IMPLEMENTED_POSITION_ENCODINGS)}."
+            )
+        if self.position_encoding_type not in IMPLEMENTED_POSITION_ENCODINGS:
+            raise ValueError(
+                f"`position_encoding_type` must be one of {list(IMPLEMENTED_POSITION_ENCODINGS)} (planned: "
+                f"{list(PLANNED_POSITION_ENCODINGS)}), got {self.position_encoding_type!r}."
+            )
+
+        if not self.z_loss >= 0:
+            raise ValueError(f"`z_loss` must be a non-negative coefficient (e.g. 1e-4), got {self.z_loss!r}.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r}.")
+
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """Like `PreTrainedConfig.get_text_config`, but `decoder=True` reports the decoder depth.
+
+        Generation sizes its KV caches with `get_text_config(decoder=True).num_hidden_layers`; T5 maps that to
+        `num_layers` (the encoder depth), which breaks cached generation when `num_decoder_layers != num_layers`.
+        """
+        text_config = super().get_text_config(decoder=decoder, encoder=encoder)
+        wants_decoder_only = bool(decoder) and not encoder
+        if wants_decoder_only and text_config.num_layers != text_config.num_decoder_layers:
+            if text_config is self:
+                text_config = copy.deepcopy(self)
+            text_config.num_layers = text_config.num_decoder_layers
+        return text_config
+
+
+__all__ = ["FAT5Config"]

@@ -1,0 +1,332 @@
+# Copyright 2026 The fat5-hf contributors. Licensed under the Apache License, Version 2.0.
+"""The seam between the FAT5 model and the Triton kernels of `fat5_kernels`.
+
+Every op here has two paths:
+
+* the Triton kernel, used when its config switch is on, triton and the kernel module import, the tensors are on CUDA
+  (or `kernels_on_cpu()` is active, for tests under `TRITON_INTERPRET=1`) and the call needs nothing the kernel lacks;
+* plain PyTorch otherwise, written to be exactly transformers' T5 maths (the CPU path and the reference).
+
+The kernel imports are absolute (`from fat5_kernels.x import f`) and guarded: the model works without triton or
+without `fat5_kernels` (the Hub exporter rewrites them to same-folder relative imports).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+try:
+    from fat5_kernels.rms_norm import rms_norm as _triton_rms_norm
+except ImportError:  # triton or the kernel module is missing: PyTorch path
+    _triton_rms_norm = None
+
+try:
+    from fat5_kernels.gated_mlp import gated_activation as _triton_gated_activation
+except ImportError:
+    _triton_gated_activation = None
+
+try:
+    from fat5_kernels.cross_entropy import cross_entropy as _triton_cross_entropy
+except ImportError:
+    _triton_cross_entropy = None
+
+try:
+    from fat5_kernels.fused_linear_cross_entropy import (
+        fused_linear_cross_entropy as _triton_fused_linear_cross_entropy,
+    )
+except ImportError:
+    _triton_fused_linear_cross_entropy = None
+
+try:
+    from fat5_kernels.attention import t5_flash_attention as _triton_t5_flash_attention
+except ImportError:
+    _triton_t5_flash_attention = None
+
+
+# transformers' activation names of the gated MLPs the fused kernel implements, and the kernel's names for them.
+FUSED_GLU_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu"}
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def kernels_on_cpu() -> Iterator[None]:
+    """Let the Triton kernels run on CPU tensors (under `TRITON_INTERPRET=1`), for tests of the kernel paths.
+
+    Without it, kernels are only used on CUDA tensors.
+    """
+    previous = getattr(_state, "kernels_on_cpu", False)
+    _state.kernels_on_cpu = True
+    try:
+        yield
+    finally:
+        _state.kernels_on_cpu = previous
+
+
+def _device_ok(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda or getattr(_state, "kernels_on_cpu", False)
+
+
+def kernel_available(name: str) -> bool:
+    """Whether the kernel `name` ("rms_norm", "gated_activation", "cross_entropy", "fused_linear_cross_entropy",
+    "attention") could be imported."""
+    return {
+        "rms_norm": _triton_rms_norm,
+        "gated_activation": _triton_gated_activation,
+        "cross_entropy": _triton_cross_entropy,
+        "fused_linear_cross_entropy": _triton_fused_linear_cross_entropy,
+        "attention": _triton_t5_flash_attention,
+    }[name] is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RMSNorm
+# ----------------------------------------------------------------------------------------------------------------
+def t5_rms_norm_reference(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' `T5LayerNorm` maths: variance in fp32, no mean subtraction, no bias.
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(..., d)`): any float dtype.
+        weight (`torch.Tensor` of shape `(d,)`): the scale.
+        eps (`float`): added to the variance.
+
+    Returns:
+        `torch.Tensor` of shape `(..., d)`: in the weight's dtype when it is fp16/bf16, else the promoted dtype.
+    """
+    variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    # back to half precision if the weights are
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        hidden_states = hidden_states.to(weight.dtype)
+    return weight * hidden_states
+
+
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, use_kernel: bool) -> torch.Tensor:
+    """T5 RMSNorm, fused Triton kernel when `use_kernel` and possible, else `t5_rms_norm_reference`."""
+    if use_kernel and _triton_rms_norm is not None and _device_ok(hidden_states):
+        return _triton_rms_norm(hidden_states, weight, eps)
+    return t5_rms_norm_reference(hidden_states, weight, eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gated MLP activation
+# ----------------------------------------------------------------------------------------------------------------
+def gated_activation(
+    gate: torch.Tensor, up: torch.Tensor, act_fn: nn.Module, act_name: str, use_kernel: bool
+) -> torch.Tensor:
+    """`act(gate) * up` of T5's gated feed-forward.
+
+    Args:
+        gate (`torch.Tensor` of shape `(..., d_ff)`): output of `wi_0`.
+        up (`torch.Tensor` of shape `(..., d_ff)`): output of `wi_1`.
+        act_fn (`nn.Module`): the transformers activation (`ACT2FN[act_name]`), used on the PyTorch path.
+        act_name (`str`): its transformers name; the kernel serves "gelu_new"/"gelu_pytorch_tanh" and "silu".
+        use_kernel (`bool`): the config switch.
+
+    Returns:
+        `torch.Tensor` of shape `(..., d_ff)`, dtype of the inputs.
+    """
+    kernel_activation = FUSED_GLU_ACTIVATIONS.get(act_name)
+    if (
+        use_kernel
+        and kernel_activation is not None
+        and _triton_gated_activation is not None
+        and _device_ok(gate)
+        and gate.dtype == up.dtype
+        and gate.shape == up.shape
+    ):
+        return _triton_gated_activation(gate, up, kernel_activation)
+    return act_fn(gate) * up
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cross-entropy (+ z-loss, label smoothing)
+# ----------------------------------------------------------------------------------------------------------------
+def cross_entropy_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token cross-entropy in fp32, mean over non-ignored tokens (`sum / max(count, 1)`: 0 when all are ignored).
+
+    Args:
+        logits (`torch.Tensor` of shape `(N, V)`): any float dtype; upcast to fp32.
+        labels (`torch.LongTensor` of shape `(N,)`): targets in `[0, V)` or `ignore_index`.
+        ignore_index (`int`): label of tokens that do not count.
+        z_loss (`float`): coefficient of `mean(logsumexp(logits)**2)` over non-ignored tokens.
+        label_smoothing (`float`): as in `torch.nn.functional.cross_entropy`.
+
+    Returns:
+        `(loss, z_loss_term)`: fp32 scalars; `loss` includes `z_loss_term` (which is 0 when `z_loss == 0`).
+    """
+    logits = logits.float()
+    keep = labels != ignore_index
+    count = keep.sum().clamp(min=1)
+    ce_sum = nn.functional.cross_entropy(
+        logits, labels, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
+    )
+    loss = ce_sum / count
+    z_loss_term = torch.zeros((), dtype=torch.float32, device=logits.device)
+    if z_loss > 0:
+        log_z = torch.logsumexp(logits, dim=-1)
+        z_loss_term = z_loss * (log_z.pow(2) * keep).sum() / count
+        loss = loss + z_loss_term
+    return loss, z_loss_term.detach()
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    use_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LM loss over `(N, V)` logits: the Triton kernel when `use_kernel` and possible, else `cross_entropy_reference`.
+
+    The kernel is called with `inplace=False`: the model returns the logits to the caller, so they must stay intact.
+    """
+    if use_kernel and _triton_cross_entropy is not None and _device_ok(logits):
+        return _triton_cross_entropy(
+            logits, labels, ignore_index=-100, z_loss=z_loss, label_smoothing=label_smoothing, inplace=False
+        )
+    return cross_entropy_reference(logits, labels, z_loss=z_loss, label_smoothing=label_smoothing)
+
+
+def can_fuse_linear_cross_entropy(hidden_states: torch.Tensor, lm_head: nn.Module, use_kernel: bool) -> bool:
+    """Whether the `lm_head` projection and the loss can run as one fused kernel (logits never materialized).
+
+    Needs the switch, the kernel, CUDA, and a plain bias-free `nn.Linear` head (not e.g. a PEFT-wrapped one).
+    """
+    return (
+        use_kernel
+        and _triton_fused_linear_cross_entropy is not None
+        and _device_ok(hidden_states)
+        and type(lm_head) is nn.Linear
+        and lm_head.bias is None
+    )
+
+
+def fused_linear_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of `hidden_states @ weight.T` without the `(N, V)` logits (call only if `can_fuse_linear_cross_entropy`).
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(N, d)`), weight (`(V, d)`), labels (`(N,)`).
+
+    Returns:
+        `(loss, z_loss_term)`, fp32 scalars.
+    """
+    return _triton_fused_linear_cross_entropy(
+        hidden_states, weight, labels, ignore_index=-100, z_loss=z_loss, label_smoothing=label_smoothing
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FlashAttentionMask:
+    """How a stack asks its attention layers to use the Triton kernel instead of a materialized 4D mask.
+
+    Attributes:
+        key_padding_mask (`torch.BoolTensor` of shape `(batch_size, key_length)`, *optional*): True = attend.
+        causal (`bool`): Decoder self-attention.
+    """
+
+    key_padding_mask: torch.Tensor | None
+    causal: bool
+
+
+def can_use_flash_attention(
+    use_kernel: bool,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: object | None,
+    output_attentions: bool,
+    attention_dropout: float,
+    training: bool,
+) -> bool:
+    """Whether a whole stack can run its attention with the Triton kernel.
+
+    The kernel has no attention-probability dropout, returns no attention weights, does not read a KV cache and
+    takes only a 2D key-padding mask; any of those needs the PyTorch path.
+    """
+    return (
+        use_kernel
+        and _triton_t5_flash_attention is not None
+        and _device_ok(hidden_states)
+        and cache is None
+        and not output_attentions
+        and not (training and attention_dropout > 0)
+        and (attention_mask is None or attention_mask.dim() == 2)
+    )
+
+
+def flash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: FlashAttentionMask,
+    bias_table: torch.Tensor | None,
+    *,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+) -> torch.Tensor:
+    """T5 attention (scale 1.0, relative bias from `bias_table` computed in-kernel) with the Triton kernel.
+
+    Args:
+        query (`(B, H, M, D)`), key, value (`(B, H, N, D)`): projected heads.
+        mask (`FlashAttentionMask`): padding mask and causality.
+        bias_table (`(H, num_buckets)`, *optional*): the learned T5 table (None for cross-attention).
+
+    Returns:
+        `torch.Tensor` of shape `(B, M, H, D)` (the layout transformers' attention functions return).
+    """
+    key_padding_mask = mask.key_padding_mask
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.to(device=query.device, dtype=torch.bool)
+    out = _triton_t5_flash_attention(
+        query,
+        key,
+        value,
+        bias_table=bias_table,
+        bidirectional=bidirectional,
+        num_buckets=num_buckets,
+        max_distance=max_distance,
+        causal=mask.causal,
+        key_padding_mask=key_padding_mask,
+        softmax_scale=1.0,
+    )
+    return out.transpose(1, 2)
+
+
+__all__ = [
+    "FlashAttentionMask",
+    "can_fuse_linear_cross_entropy",
+    "can_use_flash_attention",
+    "cross_entropy",
+    "cross_entropy_reference",
+    "flash_attention",
+    "fused_linear_cross_entropy",
+    "gated_activation",
+    "kernel_available",
+    "kernels_on_cpu",
+    "rms_norm",
+    "t5_rms_norm_reference",
+]

@@ -1,0 +1,1234 @@
+# Copyright 2026 The fat5-hf contributors. Licensed under the Apache License, Version 2.0.
+# Architecture from "Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer" (T5) and
+# transformers' `modeling_t5.py` (Mesh TensorFlow authors, T5 authors, HuggingFace Inc. team, Apache 2.0).
+"""PyTorch FAT5: a drop-in T5 (same modules and parameter names) with seams for fused Triton kernels.
+
+On CPU, or with the kernel switches off, every layer is transformers' T5 maths, so a T5, T5 v1.1, mT5 or FLAN-T5
+state dict loads here unchanged and gives the same outputs. On CUDA with triton, `kernel_ops` routes attention (with
+T5's relative bias computed in-kernel), RMSNorm, the gated activation and the loss to `fat5_kernels`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    QuestionAnsweringModelOutput,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import DUMMY_INPUTS, DUMMY_MASK, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from . import kernel_ops
+from .configuration_fat5 import FAT5Config
+from .hub import add_auto_map, write_remote_code
+from .kernel_ops import FlashAttentionMask
+from .position_encoding import T5RelativePositionBias
+
+logger = logging.get_logger(__name__)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Raise a clear `ValueError` for token ids outside `[0, vocab_size)`.
+
+    An out-of-range id would make the embedding lookup crash with an opaque device-side assert on GPU (or read
+    garbage). Costs one small device-to-host copy; skipped under `torch.compile`.
+    """
+    if input_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if input_ids.dtype.is_floating_point:
+        raise ValueError(f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}.")
+    min_id, max_id = torch.stack(torch.aminmax(input_ids)).tolist()
+    if min_id < 0 or max_id >= vocab_size:
+        raise ValueError(
+            f"`{name}` holds token ids in [{min_id}, {max_id}] but the embedding has {vocab_size} rows (valid ids: "
+            f"0..{vocab_size - 1}). Check that the tokenizer matches the model (or call "
+            f"`model.resize_token_embeddings(len(tokenizer))`), and that `-100` (a label value) or other padding "
+            "values are not passed as input ids."
+        )
+
+
+class FAT5LayerNorm(nn.Module):
+    """T5's RMSNorm (no mean subtraction, no bias, variance in fp32), fused Triton kernel on CUDA if enabled."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, use_fused_kernel: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.use_fused_kernel = use_fused_kernel
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return kernel_ops.rms_norm(hidden_states, self.weight, self.variance_epsilon, self.use_fused_kernel)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused={self.use_fused_kernel}"
+
+
+class FAT5DenseActDense(nn.Module):
+    """Non-gated feed-forward (`relu` in original T5): `wo(dropout(act(wi(x))))`."""
+
+    def __init__(self, config: FAT5Config):
+        super().__init__()
+        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.act = ACT2FN[config.dense_act_fn]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.wi(hidden_states)
+        hidden_states = self.act(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        # Same guard as T5: match `wo`'s dtype when it was kept in another precision (e.g. 8-bit loading).
+        if (
+            isinstance(self.wo.weight, torch.Tensor)
+            and hidden_states.dtype != self.wo.weight.dtype
+            and self.wo.weight.dtype != torch.int8
+        ):
+            hidden_states = hidden_states.to(self.wo.weight.dtype)
+        return self.wo(hidden_states)
+
+
+class FAT5DenseGatedActDense(nn.Module):
+    """Gated feed-forward (T5 v1.1, mT5, FLAN-T5): `wo(dropout(act(wi_0(x)) * wi_1(x)))`; fused activation on CUDA."""
+
+    def __init__(self, config: FAT5Config):
+        super().__init__()
+        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.act = ACT2FN[config.dense_act_fn]
+        self.act_name = config.dense_act_fn
+        self.use_fused_kernel = config.use_fused_glu
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate = self.wi_0(hidden_states)
+        up = self.wi_1(hidden_states)
+        hidden_states = kernel_ops.gated_activation(gate, up, self.act, self.act_name, self.use_fused_kernel)
+        hidden_states = self.dropout(hidden_states)
+        if (
+            isinstance(self.wo.weight, torch.Tensor)
+            and hidden_states.dtype != self.wo.weight.dtype
+            and self.wo.weight.dtype != torch.int8
+        ):
+            hidden_states = hidden_states.to(self.wo.weight.dtype)
+        return self.wo(hidden_states)
+
+
+class FAT5LayerFF(nn.Module):
+    def __init__(self, config: FAT5Config):
+        super().__init__()
+        if config.is_gated_act:
+            self.DenseReluDense = FAT5DenseGatedActDense(config)
+        else:
+            self.DenseReluDense = FAT5DenseActDense(config)
+        self.layer_norm = FAT5LayerNorm(config.d_model, config.layer_norm_epsilon, config.use_fused_rms_norm)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        forwarded_states = self.layer_norm(hidden_states)
+        forwarded_states = self.DenseReluDense(forwarded_states)
+        return hidden_states + self.dropout(forwarded_states)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialized attention with an additive position bias (transformers' T5 eager path).
+
+    Returns `(attn_output (B, M, H, D), attn_weights (B, H, M, N))`.
+    """
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if position_bias is not None:
+        attn_weights = attn_weights + position_bias
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class FAT5Attention(nn.Module):
+    """T5 multi-head attention (no score scaling, relative position bias, optional KV cache).
+
+    Three backends, picked per call:
+
+    * the Triton kernel when the stack passes a `FlashAttentionMask` (the bias is computed in-kernel from the
+      `(num_heads, num_buckets)` table that the first layer returns as `position_bias`);
+    * otherwise transformers' attention interface selected by `config._attn_implementation` ("eager" or "sdpa",
+      the bias materialized as `(1, H, M, N)` and added to the scores / folded into SDPA's float mask).
+    """
+
+    def __init__(
+        self,
+        config: FAT5Config,
+        has_relative_attention_bias: bool = False,
+        layer_idx: int | None = None,
+        is_causal: bool = False,
+    ):
+        super().__init__()
+        self.config = config
+        self.is_decoder = config.is_decoder
+        self.is_causal = is_causal
+        self.has_relative_attention_bias = has_relative_attention_bias
+        self.relative_attention_num_buckets = config.relative_attention_num_buckets
+        self.relative_attention_max_distance = config.relative_attention_max_distance
+        self.d_model = config.d_model
+        self.key_value_proj_dim = config.d_kv
+        self.n_heads = config.num_heads
+        self.dropout = config.dropout_rate
+        self.inner_dim = self.n_heads * self.key_value_proj_dim
+        # T5 folds the scale into the initialisation of `q`: the scores are not scaled.
+        self.scaling = 1.0
+        self.layer_idx = layer_idx
+
+        self.q = nn.Linear(self.d_model, self.inner_dim, bias=False)
+        self.k = nn.Linear(self.d_model, self.inner_dim, bias=False)
+        self.v = nn.Linear(self.d_model, self.inner_dim, bias=False)
+        self.o = nn.Linear(self.inner_dim, self.d_model, bias=False)
+
+        if self.has_relative_attention_bias:
+            self.relative_attention_bias = T5RelativePositionBias(
+                num_buckets=self.relative_attention_num_buckets,
+                num_heads=self.n_heads,
+                max_distance=self.relative_attention_max_distance,
+                bidirectional=not self.is_decoder,
+            )
+        self.gradient_checkpointing = False
+
+    def compute_bias(
+        self, query_length: int, key_length: int, device: torch.device | None = None, past_seen_tokens=0
+    ) -> torch.Tensor:
+        """Materialized relative position bias `(1, num_heads, query_length, key_length)` (as T5's `compute_bias`)."""
+        return self.relative_attention_bias(query_length, key_length, past_seen_tokens=past_seen_tokens, device=device)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor | FlashAttentionMask | None = None,
+        key_value_states: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Self-attention, or cross-attention over `key_value_states`.
+
+        Args:
+            hidden_states (`(batch_size, seq_length, d_model)`).
+            mask: 4D additive/boolean mask (PyTorch backends) or a `FlashAttentionMask` (kernel backend).
+            key_value_states (`(batch_size, source_length, d_model)`, *optional*): encoder output for
+                cross-attention.
+            position_bias: `(1 or B, H, M, N)` materialized bias (PyTorch backends) or the `(H, num_buckets)` table
+                (kernel backend); computed here by the first layer when None.
+            cache (`Cache`, *optional*): KV cache (PyTorch backends only).
+
+        Returns:
+            `(attn_output (B, M, d_model), position_bias, attn_weights or None)`.
+        """
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.key_value_proj_dim)
+        is_cross_attention = key_value_states is not None
+
+        query_states = self.q(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        if isinstance(mask, FlashAttentionMask):
+            # Kernel path (no cache by construction): the bias is computed in-kernel from the shared table.
+            current_states = key_value_states if is_cross_attention else hidden_states
+            kv_shape = (*current_states.shape[:-1], -1, self.key_value_proj_dim)
+            key_states = self.k(current_states).view(kv_shape).transpose(1, 2)
+            value_states = self.v(current_states).view(kv_shape).transpose(1, 2)
+            if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
+                position_bias = self.relative_attention_bias.kernel_table()
+            attn_output = kernel_ops.flash_attention(
+                query_states,
+                key_states,
+                value_states,
+                mask,
+                None if is_cross_attention else position_bias,
+                bidirectional=not self.is_decoder,
+                num_buckets=self.relative_attention_num_buckets,
+                max_distance=self.relative_attention_max_distance,
+            )
+            attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+            return self.o(attn_output), position_bias, None
+
+        past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        # Clone for StaticCache: the value is read before the update and used after it.
+        past_seen_tokens = past_seen_tokens.clone() if isinstance(past_seen_tokens, torch.Tensor) else past_seen_tokens
+
+        is_updated = False
+        if isinstance(cache, EncoderDecoderCache):
+            is_updated = cache.is_updated.get(self.layer_idx)
+            curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
+        else:
+            curr_cache = cache
+
+        current_states = key_value_states if is_cross_attention else hidden_states
+        if is_cross_attention and cache is not None and is_updated:
+            # cross-attention keys/values are computed once, at the first generation step
+            key_states = curr_cache.layers[self.layer_idx].keys
+            value_states = curr_cache.layers[self.layer_idx].values
+        else:
+            kv_shape = (*current_states.shape[:-1], -1, self.key_value_proj_dim)
+            key_states = self.k(current_states).view(kv_shape).transpose(1, 2)
+            value_states = self.v(current_states).view(kv_shape).transpose(1, 2)
+            if cache is not None:
+                key_states, value_states = curr_cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+                if is_cross_attention and isinstance(cache, EncoderDecoderCache):
+                    cache.is_updated[self.layer_idx] = True
+
+        if position_bias is None:
+            key_length = key_states.shape[-2]
+            if not self.has_relative_attention_bias:
+                position_bias = torch.zeros(
+                    (1, self.n_heads, input_shape[1], key_length), device=query_states.device, dtype=query_states.dtype
+                )
+                if self.gradient_checkpointing and self.training:
+                    position_bias.requires_grad = True
+            else:
+                position_bias = self.compute_bias(
+                    input_shape[1], key_length, device=query_states.device, past_seen_tokens=past_seen_tokens
+                )
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            mask,
+            dropout=0.0 if not self.training else self.dropout,
+            scaling=self.scaling,
+            position_bias=position_bias,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o(attn_output)
+        return attn_output, position_bias, attn_weights
+
+
+class FAT5LayerSelfAttention(nn.Module):
+    def __init__(self, config: FAT5Config, has_relative_attention_bias: bool = False, layer_idx: int | None = None):
+        super().__init__()
+        self.SelfAttention = FAT5Attention(
+            config,
+            has_relative_attention_bias=has_relative_attention_bias,
+            layer_idx=layer_idx,
+            is_causal=config.is_decoder,
+        )
+        self.layer_norm = FAT5LayerNorm(config.d_model, config.layer_norm_epsilon, config.use_fused_rms_norm)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, cache=None, **kwargs):
+        normed_hidden_states = self.layer_norm(hidden_states)
+        attention_output, position_bias, attn_weights = self.SelfAttention(
+            normed_hidden_states, mask=attention_mask, position_bias=position_bias, cache=cache, **kwargs
+        )
+        hidden_states = hidden_states + self.dropout(attention_output)
+        return hidden_states, position_bias, attn_weights
+
+
+class FAT5LayerCrossAttention(nn.Module):
+    def __init__(self, config: FAT5Config, layer_idx: int | None = None):
+        super().__init__()
+        self.EncDecAttention = FAT5Attention(
+            config, has_relative_attention_bias=False, layer_idx=layer_idx, is_causal=False
+        )
+        self.layer_norm = FAT5LayerNorm(config.d_model, config.layer_norm_epsilon, config.use_fused_rms_norm)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states, key_value_states, attention_mask=None, position_bias=None, cache=None, **kwargs):
+        normed_hidden_states = self.layer_norm(hidden_states)
+        attention_output, position_bias, attn_weights = self.EncDecAttention(
+            normed_hidden_states,
+            mask=attention_mask,
+            key_value_states=key_value_states,
+            position_bias=position_bias,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = hidden_states + self.dropout(attention_output)
+        return hidden_states, position_bias, attn_weights
+
+
+def _clamp_fp16_overflow(hidden_states: torch.Tensor) -> torch.Tensor:
+    """T5's guard for fp16 training: if an inf appeared, clamp to just below the fp16 maximum."""
+    if hidden_states.dtype == torch.float16:
+        clamp_value = torch.where(
+            torch.isinf(hidden_states).any(),
+            torch.finfo(hidden_states.dtype).max - 1000,
+            torch.finfo(hidden_states.dtype).max,
+        )
+        hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+    return hidden_states
+
+
+class FAT5Block(GradientCheckpointingLayer):
+    """One T5 block: self-attention, cross-attention (decoder only), feed-forward; pre-norm residuals."""
+
+    def __init__(self, config: FAT5Config, has_relative_attention_bias: bool = False, layer_idx: int | None = None):
+        super().__init__()
+        self.is_decoder = config.is_decoder
+        self.layer = nn.ModuleList()
+        self.layer.append(
+            FAT5LayerSelfAttention(config, has_relative_attention_bias=has_relative_attention_bias, layer_idx=layer_idx)
+        )
+        if self.is_decoder:
+            self.layer.append(FAT5LayerCrossAttention(config, layer_idx=layer_idx))
+        self.layer.append(FAT5LayerFF(config))
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_bias=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        encoder_decoder_position_bias=None,
+        cache=None,
+        **kwargs,
+    ):
+        hidden_states, self_attn_position_bias, _ = self.layer[0](
+            hidden_states, attention_mask=attention_mask, position_bias=position_bias, cache=cache, **kwargs
+        )
+        hidden_states = _clamp_fp16_overflow(hidden_states)
+
+        cross_attn_position_bias = None
+        if self.is_decoder and encoder_hidden_states is not None:
+            hidden_states, cross_attn_position_bias, _ = self.layer[1](
+                hidden_states,
+                key_value_states=encoder_hidden_states,
+                attention_mask=encoder_attention_mask,
+                position_bias=encoder_decoder_position_bias,
+                cache=cache,
+                **kwargs,
+            )
+            hidden_states = _clamp_fp16_overflow(hidden_states)
+
+        hidden_states = self.layer[-1](hidden_states)
+        hidden_states = _clamp_fp16_overflow(hidden_states)
+        return hidden_states, self_attn_position_bias, cross_attn_position_bias
+
+
+class FAT5ClassificationHead(nn.Module):
+    """Sentence-level head, T5 style: dropout -> dense -> tanh -> dropout -> out_proj."""
+
+    def __init__(self, config: FAT5Config):
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.dropout = nn.Dropout(p=config.classifier_dropout)
+        self.out_proj = nn.Linear(config.d_model, config.num_labels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = self.dense(hidden_states)
+        hidden_states = torch.tanh(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        return self.out_proj(hidden_states)
+
+
+class FAT5PreTrainedModel(PreTrainedModel):
+    """Weight initialisation (T5's), `_shift_right`, and the flags transformers reads."""
+
+    config_class = FAT5Config
+    config: FAT5Config
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FAT5Block"]
+    # No `_keep_in_fp32_modules` (T5 keeps `wo` in fp32): FAT5 runs pure bf16 without forcing layers to fp32.
+
+    # The bias goes through the eager path or SDPA's float mask (exact); flash-attention 2 and flex are not wired.
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_sdpa = True
+    _can_compile_fullgraph = False
+
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(FAT5Block, index=0),
+        "attentions": OutputRecorder(FAT5LayerSelfAttention, index=-1),
+        "cross_attentions": OutputRecorder(FAT5LayerCrossAttention, index=-1),
+    }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` (so `push_to_hub` too), plus the model and kernel code flattened into
+        the folder and an `auto_map`: it loads with `trust_remote_code=True` where fat5-hf is not installed."""
+        add_auto_map(self.config)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
+
+    @property
+    def dummy_inputs(self):
+        input_ids = torch.tensor(DUMMY_INPUTS)
+        input_mask = torch.tensor(DUMMY_MASK)
+        return {"decoder_input_ids": input_ids, "input_ids": input_ids, "decoder_attention_mask": input_mask}
+
+    def _init_weights(self, module):
+        """T5's initialisation (Mesh TensorFlow), scaled by `config.initializer_factor`."""
+        super()._init_weights(module)
+        factor = self.config.initializer_factor
+        d_model = self.config.d_model
+        if isinstance(module, FAT5LayerNorm):
+            init.constant_(module.weight, factor * 1.0)
+        elif isinstance(module, (FAT5Model, FAT5ForConditionalGeneration, FAT5EncoderModel)):
+            init.normal_(module.shared.weight, mean=0.0, std=factor * 1.0)
+            if hasattr(module, "lm_head") and not self.config.tie_word_embeddings:
+                init.normal_(module.lm_head.weight, mean=0.0, std=factor * 1.0)
+        elif isinstance(module, FAT5ForQuestionAnswering):
+            init.normal_(module.qa_outputs.weight, mean=0.0, std=factor * (d_model**-0.5))
+            init.zeros_(module.qa_outputs.bias)
+        elif isinstance(module, FAT5ForTokenClassification):
+            init.normal_(module.classifier.weight, mean=0.0, std=factor * 1.0)
+            init.zeros_(module.classifier.bias)
+        elif isinstance(module, FAT5ClassificationHead):
+            init.normal_(module.dense.weight, mean=0.0, std=factor * (d_model**-0.5))
+            init.zeros_(module.dense.bias)
+            init.normal_(module.out_proj.weight, mean=0.0, std=factor * (d_model**-0.5))
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, FAT5DenseActDense):
+            init.normal_(module.wi.weight, mean=0.0, std=factor * (d_model**-0.5))
+            init.normal_(module.wo.weight, mean=0.0, std=factor * (self.config.d_ff**-0.5))
+        elif isinstance(module, FAT5DenseGatedActDense):
+            init.normal_(module.wi_0.weight, mean=0.0, std=factor * (d_model**-0.5))
+            init.normal_(module.wi_1.weight, mean=0.0, std=factor * (d_model**-0.5))
+            init.normal_(module.wo.weight, mean=0.0, std=factor * (self.config.d_ff**-0.5))
+        elif isinstance(module, FAT5Attention):
+            d_kv, n_heads = self.config.d_kv, self.config.num_heads
+            init.normal_(module.q.weight, mean=0.0, std=factor * ((d_model * d_kv) ** -0.5))
+            init.normal_(module.k.weight, mean=0.0, std=factor * (d_model**-0.5))
+            init.normal_(module.v.weight, mean=0.0, std=factor * (d_model**-0.5))
+            init.normal_(module.o.weight, mean=0.0, std=factor * ((n_heads * d_kv) ** -0.5))
+            if module.has_relative_attention_bias:
+                init.normal_(module.relative_attention_bias.weight, mean=0.0, std=factor * (d_model**-0.5))
+
+    def _shift_right(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Labels -> decoder inputs: prepend `decoder_start_token_id`, drop the last token, -100 -> pad."""
+        decoder_start_token_id = self.config.decoder_start_token_id
+        pad_token_id = self.config.pad_token_id
+        if decoder_start_token_id is None:
+            raise ValueError(
+                "`config.decoder_start_token_id` must be set to build decoder inputs from labels (T5 uses the pad "
+                "token id, 0)."
+            )
+        if pad_token_id is None:
+            raise ValueError("`config.pad_token_id` must be set to replace -100 labels in the decoder inputs.")
+        shifted_input_ids = input_ids.new_zeros(input_ids.shape)
+        shifted_input_ids[..., 1:] = input_ids[..., :-1].clone()
+        shifted_input_ids[..., 0] = decoder_start_token_id
+        shifted_input_ids.masked_fill_(shifted_input_ids == -100, pad_token_id)
+        return shifted_input_ids
+
+
+class FAT5Stack(FAT5PreTrainedModel):
+    """The encoder or the decoder: embeddings, blocks (block 0 owns the relative bias table), final norm."""
+
+    def __init__(self, config: FAT5Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.is_decoder = config.is_decoder
+        self.block = nn.ModuleList(
+            [FAT5Block(config, has_relative_attention_bias=bool(i == 0), layer_idx=i) for i in range(config.num_layers)]
+        )
+        self.final_layer_norm = FAT5LayerNorm(config.d_model, config.layer_norm_epsilon, config.use_fused_rms_norm)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.post_init()
+        self.gradient_checkpointing = False
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embed_tokens = new_embeddings
+
+    def _use_flash_attention(self, inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs) -> bool:
+        output_attentions = kwargs.get("output_attentions")
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if encoder_attention_mask is not None and encoder_attention_mask.dim() != 2:
+            return False
+        return kernel_ops.can_use_flash_attention(
+            self.config.use_triton_attention,
+            inputs_embeds,
+            attention_mask,
+            cache,
+            bool(output_attentions),
+            self.config.dropout_rate,
+            self.training,
+        )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        inputs_embeds=None,
+        cache=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.embed_tokens.num_embeddings)
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        if use_cache is True and not self.is_decoder:
+            raise ValueError(f"`use_cache` can only be set to `True` if {self} is used as a decoder")
+
+        if self.is_decoder:
+            if use_cache and cache is None:
+                # The stack's config has `num_layers = num_decoder_layers`: the cache has one layer per decoder block.
+                if self.config.is_encoder_decoder:
+                    cache = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+                else:
+                    cache = DynamicCache(config=self.config)
+        else:
+            # the encoder never uses (nor touches) the decoder's cache
+            cache = None
+
+        use_flash = self._use_flash_attention(inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs)
+        encoder_extended_attention_mask = None
+        if use_flash:
+            attention_mask = FlashAttentionMask(
+                key_padding_mask=attention_mask.bool() if attention_mask is not None else None,
+                causal=self.is_decoder,
+            )
+            if self.is_decoder and encoder_hidden_states is not None:
+                encoder_extended_attention_mask = FlashAttentionMask(
+                    key_padding_mask=encoder_attention_mask.bool() if encoder_attention_mask is not None else None,
+                    causal=False,
+                )
+        else:
+            if self.is_decoder:
+                attention_mask = create_causal_mask(
+                    config=self.config,
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask,
+                    cache=cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache,
+                )
+            else:
+                attention_mask = create_bidirectional_mask(
+                    config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+                )
+            if self.is_decoder and encoder_hidden_states is not None:
+                encoder_extended_attention_mask = create_bidirectional_mask(
+                    config=self.config,
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=encoder_attention_mask,
+                    encoder_hidden_states=encoder_hidden_states,
+                )
+
+        position_bias = None
+        encoder_decoder_position_bias = None
+        hidden_states = self.dropout(inputs_embeds)
+
+        for layer_module in self.block:
+            hidden_states, self_attention_position_bias, cross_attention_position_bias = layer_module(
+                hidden_states,
+                attention_mask,
+                position_bias,
+                encoder_hidden_states,
+                encoder_extended_attention_mask,
+                encoder_decoder_position_bias,  # positional, for gradient checkpointing
+                cache=cache,
+                **kwargs,
+            )
+            # T5 shares the first layer's position bias with all the layers of the stack
+            position_bias = self_attention_position_bias
+            if self.is_decoder and encoder_hidden_states is not None:
+                encoder_decoder_position_bias = cross_attention_position_bias
+
+        hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
+
+
+def _as_encoder_output(encoder_outputs) -> BaseModelOutput:
+    if isinstance(encoder_outputs, BaseModelOutput):
+        return encoder_outputs
+    return BaseModelOutput(
+        last_hidden_state=encoder_outputs[0],
+        hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+        attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+    )
+
+
+def _build_stacks(config: FAT5Config) -> tuple[FAT5Stack, FAT5Stack]:
+    encoder_config = copy.deepcopy(config)
+    encoder_config.is_decoder = False
+    encoder_config.use_cache = False
+    encoder = FAT5Stack(encoder_config)
+
+    decoder_config = copy.deepcopy(config)
+    decoder_config.is_decoder = True
+    decoder_config.num_layers = config.num_decoder_layers
+    decoder = FAT5Stack(decoder_config)
+    return encoder, decoder
+
+
+class FAT5Model(FAT5PreTrainedModel):
+    """The bare FAT5 encoder-decoder, outputting the decoder's last hidden states (as `T5Model`)."""
+
+    _keys_to_ignore_on_load_unexpected = ["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"]
+    _tied_weights_keys = {
+        "encoder.embed_tokens.weight": "shared.weight",
+        "decoder.embed_tokens.weight": "shared.weight",
+    }
+
+    def __init__(self, config: FAT5Config):
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder, self.decoder = _build_stacks(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.shared
+
+    def set_input_embeddings(self, new_embeddings):
+        self.shared = new_embeddings
+        self.encoder.set_input_embeddings(new_embeddings)
+        self.decoder.set_input_embeddings(new_embeddings)
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.BoolTensor | None = None,
+        encoder_outputs: tuple[tuple[torch.Tensor]] | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> Seq2SeqModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): encoder token ids.
+            attention_mask (`(batch_size, sequence_length)`, *optional*): 1 = token, 0 = padding.
+            decoder_input_ids (`torch.LongTensor` of shape `(batch_size, target_length)`): decoder inputs, starting
+                with `decoder_start_token_id` (see `_shift_right`).
+            decoder_attention_mask (`(batch_size, target_length)`, *optional*): decoder padding mask (the causal
+                mask is always applied).
+            encoder_outputs (*optional*): precomputed encoder outputs (skips the encoder).
+            cache (`EncoderDecoderCache`, *optional*): KV cache for generation (`past_key_values` is accepted as a
+                deprecated alias, as in transformers 5.24).
+            inputs_embeds, decoder_inputs_embeds (*optional*): embeddings instead of ids.
+            use_cache (`bool`, *optional*): return the cache.
+
+        Returns:
+            `Seq2SeqModelOutput`.
+        """
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+            )
+        encoder_outputs = _as_encoder_output(encoder_outputs)
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            inputs_embeds=decoder_inputs_embeds,
+            cache=cache,
+            encoder_hidden_states=encoder_outputs[0],
+            encoder_attention_mask=attention_mask,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            cache=decoder_outputs.cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+
+
+@dataclass
+class FAT5Seq2SeqLMOutput(Seq2SeqLMOutput):
+    """`Seq2SeqLMOutput` plus the two parts of the loss.
+
+    Args:
+        ce_loss (`torch.FloatTensor` of shape `()`, *optional*): the (label-smoothed) cross-entropy alone, detached.
+        z_loss (`torch.FloatTensor` of shape `()`, *optional*): the z-loss term `config.z_loss * mean(logsumexp**2)`,
+            detached (0 when `config.z_loss == 0`). `loss = ce_loss + z_loss`, with gradients through `loss`.
+    """
+
+    ce_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+
+
+class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
+    """FAT5 with a language-modeling head (as `T5ForConditionalGeneration`), for training and `generate()`.
+
+    The loss is cross-entropy over labels != -100 (mean over those tokens; 0 when there are none) plus
+    `config.z_loss * mean(logsumexp(logits)**2)`, with `config.label_smoothing`, computed in fp32.
+
+    Logits rule: when the fused linear + cross-entropy kernel is used (CUDA, triton, `config.use_fused_cross_entropy`,
+    `model.training` and `labels` given), the `(batch, target_length, vocab)` logits are never materialized and
+    `logits` is `None`. In eval mode (and in `generate()`), or without labels, logits are always returned.
+    """
+
+    _keys_to_ignore_on_load_unexpected = ["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"]
+    _tied_weights_keys = {
+        "encoder.embed_tokens.weight": "shared.weight",
+        "decoder.embed_tokens.weight": "shared.weight",
+        "lm_head.weight": "shared.weight",
+    }
+
+    def __init__(self, config: FAT5Config):
+        super().__init__(config)
+        self.model_dim = config.d_model
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder, self.decoder = _build_stacks(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.shared
+
+    def set_input_embeddings(self, new_embeddings):
+        self.shared = new_embeddings
+        self.encoder.set_input_embeddings(new_embeddings)
+        self.decoder.set_input_embeddings(new_embeddings)
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.BoolTensor | None = None,
+        encoder_outputs: tuple[tuple[torch.Tensor]] | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> FAT5Seq2SeqLMOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): encoder token ids.
+            attention_mask (`(batch_size, sequence_length)`, *optional*): 1 = token, 0 = padding.
+            decoder_input_ids (`(batch_size, target_length)`, *optional*): built from `labels` by `_shift_right`
+                when omitted.
+            decoder_attention_mask (`(batch_size, target_length)`, *optional*): decoder padding mask.
+            encoder_outputs (*optional*): precomputed encoder outputs.
+            cache (`EncoderDecoderCache`, *optional*): KV cache (`past_key_values` is a deprecated alias).
+            inputs_embeds, decoder_inputs_embeds (*optional*): embeddings instead of ids.
+            labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*): target ids in
+                `[0, vocab_size)`, or -100 for positions that do not count.
+            use_cache (`bool`, *optional*): return the cache.
+
+        Returns:
+            `FAT5Seq2SeqLMOutput` (`Seq2SeqLMOutput` with `ce_loss` and `z_loss`).
+
+        Example:
+
+        ```python
+        >>> model = FAT5ForConditionalGeneration(FAT5Config(feed_forward_proj="gated-gelu"))
+        >>> out = model(input_ids=input_ids, labels=labels)
+        >>> out.loss.backward()
+        >>> generated = model.generate(input_ids, max_new_tokens=20)
+        ```
+        """
+        if use_cache is None and (labels is not None or self.training):
+            # A KV cache is only useful for generation; not building one in training lets the decoder use the
+            # attention kernel (as Bart, FAT5 drops it when labels are given unless `use_cache=True` is passed).
+            use_cache = False
+
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+            )
+        encoder_outputs = _as_encoder_output(encoder_outputs)
+        hidden_states = encoder_outputs[0]
+
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self._shift_right(labels)
+
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            inputs_embeds=decoder_inputs_embeds,
+            cache=cache,
+            encoder_hidden_states=hidden_states,
+            encoder_attention_mask=attention_mask,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+        sequence_output = decoder_outputs[0]
+        if self.config.scale_decoder_outputs:
+            # original T5 (tied embeddings) rescales before the projection; v1.1 does not
+            sequence_output = sequence_output * (self.model_dim**-0.5)
+
+        loss = ce_loss = z_loss_term = lm_logits = None
+        use_fused_loss = self.config.use_fused_cross_entropy
+        if (
+            labels is not None
+            and self.training
+            and kernel_ops.can_fuse_linear_cross_entropy(sequence_output, self.lm_head, use_fused_loss)
+        ):
+            labels = labels.to(sequence_output.device)
+            loss, z_loss_term = kernel_ops.fused_linear_cross_entropy(
+                sequence_output.reshape(-1, sequence_output.size(-1)),
+                self.lm_head.weight,
+                labels.reshape(-1),
+                z_loss=self.config.z_loss,
+                label_smoothing=self.config.label_smoothing,
+            )
+        else:
+            lm_logits = self.lm_head(sequence_output)
+            if labels is not None:
+                labels = labels.to(lm_logits.device)  # model parallelism
+                loss, z_loss_term = kernel_ops.cross_entropy(
+                    lm_logits.view(-1, lm_logits.size(-1)),
+                    labels.view(-1),
+                    z_loss=self.config.z_loss,
+                    label_smoothing=self.config.label_smoothing,
+                    use_kernel=use_fused_loss,
+                )
+        if loss is not None:
+            z_loss_term = z_loss_term.detach()
+            ce_loss = loss.detach() - z_loss_term
+
+        return FAT5Seq2SeqLMOutput(
+            loss=loss,
+            logits=lm_logits,
+            cache=decoder_outputs.cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            ce_loss=ce_loss,
+            z_loss=z_loss_term,
+        )
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
+        return self._shift_right(labels)
+
+
+class FAT5EncoderModel(FAT5PreTrainedModel):
+    """The FAT5 encoder alone (as `T5EncoderModel`): embeddings + encoder stack."""
+
+    _tied_weights_keys = {"encoder.embed_tokens.weight": "shared.weight"}
+    _keys_to_ignore_on_load_unexpected = [r"decoder", r"lm_head"]
+
+    def __init__(self, config: FAT5Config):
+        # A copy: unlike T5EncoderModel, the caller's config object is not modified.
+        config = copy.deepcopy(config)
+        config.use_cache = False
+        config.is_encoder_decoder = False
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        encoder_config = copy.deepcopy(config)
+        encoder_config.is_decoder = False
+        self.encoder = FAT5Stack(encoder_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.shared
+
+    def set_input_embeddings(self, new_embeddings):
+        self.shared = new_embeddings
+        self.encoder.set_input_embeddings(new_embeddings)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
+            attention_mask (`(batch_size, sequence_length)`, *optional*): 1 = token, 0 = padding.
+            inputs_embeds (`(batch_size, sequence_length, d_model)`, *optional*): instead of `input_ids`.
+
+        Returns:
+            `BaseModelOutput` with `last_hidden_state` of shape `(batch_size, sequence_length, d_model)`.
+        """
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+
+
+def _encoder_only_config(config: FAT5Config) -> FAT5Config:
+    config = copy.deepcopy(config)
+    config.use_cache = False
+    config.is_encoder_decoder = False
+    return config
+
+
+class FAT5ForSequenceClassification(FAT5PreTrainedModel):
+    """Encoder-only sequence classification / regression (CamemBERT-style use of a T5 encoder).
+
+    Unlike transformers' `T5ForSequenceClassification` (which runs the decoder and pools the hidden state of the last
+    EOS token), FAT5 runs only the encoder and pools by the **mean of the encoder's last hidden states over the
+    non-padding tokens** (`attention_mask == 1`; all tokens when no mask is given), then applies a T5-style head:
+    dropout -> dense -> tanh -> dropout -> out_proj. The loss follows `config.problem_type` like every transformers
+    classifier: "regression" (MSE), "single_label_classification" (cross-entropy), "multi_label_classification"
+    (BCE with logits); inferred from `num_labels` and the label dtype when unset.
+
+    A seq2seq checkpoint (FAT5 or T5) loads into it: the encoder weights are used, the decoder and `lm_head` ignored.
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"decoder\.", r"lm_head"]
+
+    def __init__(self, config: FAT5Config):
+        config = _encoder_only_config(config)
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = FAT5EncoderModel(config)
+        self.classification_head = FAT5ClassificationHead(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.transformer.set_input_embeddings(new_embeddings)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
+            attention_mask (`(batch_size, sequence_length)`, *optional*): 1 = token, 0 = padding (used for pooling).
+            inputs_embeds (*optional*): instead of `input_ids`.
+            labels (`(batch_size,)` class ids, or `(batch_size, num_labels)` floats for regression/multi-label).
+
+        Returns:
+            `SequenceClassifierOutput` with `logits` of shape `(batch_size, num_labels)`.
+        """
+        outputs: BaseModelOutput = self.transformer(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
+        hidden_states = outputs[0]  # (batch_size, sequence_length, d_model)
+        if attention_mask is None:
+            pooled = hidden_states.mean(dim=1)
+        else:
+            if attention_mask.dim() != 2:
+                raise ValueError(
+                    "FAT5ForSequenceClassification pools over a 2D padding mask (batch_size, sequence_length); got "
+                    f"a mask of shape {tuple(attention_mask.shape)}."
+                )
+            weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)
+            pooled = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        logits = self.classification_head(pooled)
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif self.num_labels > 1 and labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                loss_fct = MSELoss()
+                if self.num_labels == 1:
+                    loss = loss_fct(logits.squeeze(), labels.squeeze().to(logits.dtype))
+                else:
+                    loss = loss_fct(logits, labels.to(logits.dtype))
+            elif self.config.problem_type == "single_label_classification":
+                loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+            elif self.config.problem_type == "multi_label_classification":
+                loss = BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
+
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class FAT5ForTokenClassification(FAT5PreTrainedModel):
+    """Encoder-only token classification (NER, POS...), as transformers' `T5ForTokenClassification`:
+    encoder -> dropout(`classifier_dropout`) -> linear. Labels -100 are ignored."""
+
+    _keys_to_ignore_on_load_unexpected = [r"decoder\.", r"lm_head"]
+
+    def __init__(self, config: FAT5Config):
+        config = _encoder_only_config(config)
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = FAT5EncoderModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.transformer.set_input_embeddings(new_embeddings)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
+            attention_mask (`(batch_size, sequence_length)`, *optional*): 1 = token, 0 = padding.
+            inputs_embeds (*optional*): instead of `input_ids`.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): class ids, -100 ignored.
+
+        Returns:
+            `TokenClassifierOutput` with `logits` of shape `(batch_size, sequence_length, num_labels)`.
+        """
+        outputs: BaseModelOutput = self.transformer(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
+        hidden_states = self.dropout(outputs[0])
+        logits = self.classifier(hidden_states)
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class FAT5ForQuestionAnswering(FAT5PreTrainedModel):
+    """Encoder-only extractive question answering (SQuAD-style span start/end logits on the encoder output).
+
+    Unlike transformers' `T5ForQuestionAnswering` (which runs the decoder over the shifted input), FAT5 predicts the
+    spans from the encoder's last hidden states with one linear layer (`qa_outputs`, 2 outputs: start and end).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"decoder\.", r"lm_head"]
+
+    def __init__(self, config: FAT5Config):
+        config = _encoder_only_config(config)
+        super().__init__(config)
+        self.transformer = FAT5EncoderModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.transformer.set_input_embeddings(new_embeddings)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> QuestionAnsweringModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): question + context token ids.
+            attention_mask (`(batch_size, sequence_length)`, *optional*): 1 = token, 0 = padding.
+            inputs_embeds (*optional*): instead of `input_ids`.
+            start_positions, end_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*): span labels;
+                positions outside the sequence are ignored in the loss.
+
+        Returns:
+            `QuestionAnsweringModelOutput` with `start_logits` and `end_logits` of shape `(batch_size,
+            sequence_length)`.
+        """
+        outputs: BaseModelOutput = self.transformer(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
+        logits = self.qa_outputs(outputs[0])
+        start_logits, end_logits = logits.split(1, dim=-1)
+        start_logits = start_logits.squeeze(-1).contiguous()
+        end_logits = end_logits.squeeze(-1).contiguous()
+
+        total_loss = None
+        if start_positions is not None and end_positions is not None:
+            if start_positions.dim() > 1:
+                start_positions = start_positions.squeeze(-1)
+            if end_positions.dim() > 1:
+                end_positions = end_positions.squeeze(-1)
+            # positions outside the model inputs do not count
+            ignored_index = start_logits.size(1)
+            start_positions = start_positions.to(start_logits.device).clamp(0, ignored_index)
+            end_positions = end_positions.to(end_logits.device).clamp(0, ignored_index)
+            loss_fct = CrossEntropyLoss(ignore_index=ignored_index)
+            total_loss = (loss_fct(start_logits, start_positions) + loss_fct(end_logits, end_positions)) / 2
+
+        return QuestionAnsweringModelOutput(
+            loss=total_loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "FAT5EncoderModel",
+    "FAT5ForConditionalGeneration",
+    "FAT5ForQuestionAnswering",
+    "FAT5ForSequenceClassification",
+    "FAT5ForTokenClassification",
+    "FAT5Model",
+    "FAT5PreTrainedModel",
+    "FAT5Seq2SeqLMOutput",
+    "FAT5Stack",
+]

@@ -1,0 +1,121 @@
+# Copyright 2026 The fat5-hf contributors. Licensed under the Apache License, Version 2.0.
+"""T5's learned relative-position bias: the bucket function and the module that holds the bias table.
+
+The maths is exactly transformers' `T5Attention._relative_position_bucket` / `compute_bias` (from Mesh
+TensorFlow), so that a FAT5 model reproduces T5 bit for bit on the PyTorch path. The Triton attention kernel computes
+the same buckets in-kernel from `j - i` and reads the same table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+) -> torch.Tensor:
+    """Map relative positions `memory_position - query_position` to T5 bucket ids.
+
+    Half of the buckets (per direction when `bidirectional`) hold exact offsets, the other half logarithmically wider
+    bins up to `max_distance`; every distance beyond `max_distance` shares the last bucket of its side. With
+    `bidirectional=False` (decoder self-attention) positive offsets (the future) all map to bucket 0.
+
+    Args:
+        relative_position (`torch.LongTensor` of any shape): `memory_position - query_position`.
+        bidirectional (`bool`): Whether attention looks both ways (encoder) or only back (decoder).
+        num_buckets (`int`): Number of buckets.
+        max_distance (`int`): Distance from which all positions share one bucket.
+
+    Returns:
+        `torch.LongTensor` of the same shape, values in `[0, num_buckets)`.
+    """
+    relative_buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    # relative_position is now in [0, inf)
+
+    # half of the buckets are for exact increments in positions
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+
+    # the other half are logarithmically bigger bins, up to max_distance
+    relative_position_if_large = max_exact + (
+        torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.long)
+    relative_position_if_large = torch.min(
+        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1)
+    )
+
+    relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
+    return relative_buckets
+
+
+class T5RelativePositionBias(nn.Module):
+    """The learned bias table of T5 (held by the first block of a stack and shared by all its blocks).
+
+    Its parameter is `weight` of shape `(num_buckets, num_heads)`, so the state-dict key is
+    `...SelfAttention.relative_attention_bias.weight` exactly as in transformers' T5 (which uses an `nn.Embedding`).
+    """
+
+    def __init__(self, num_buckets: int, num_heads: int, max_distance: int, bidirectional: bool):
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.num_heads = num_heads
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+        self.weight = nn.Parameter(torch.empty(num_buckets, num_heads))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_buckets={self.num_buckets}, num_heads={self.num_heads}, max_distance={self.max_distance}, "
+            f"bidirectional={self.bidirectional}"
+        )
+
+    def forward(
+        self,
+        query_length: int,
+        key_length: int,
+        past_seen_tokens: int | torch.Tensor = 0,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """Materialize the bias for a `(query_length, key_length)` score matrix.
+
+        Args:
+            query_length (`int`): Number of queries (new tokens).
+            key_length (`int`): Number of keys (cached plus new tokens).
+            past_seen_tokens (`int` or 0-d tensor): Position of the first query (tokens already in the KV cache).
+            device (`torch.device`, *optional*): Where to build it; defaults to the table's device.
+
+        Returns:
+            `torch.Tensor` of shape `(1, num_heads, query_length, key_length)`, dtype of the table.
+        """
+        if device is None:
+            device = self.weight.device
+        context_position = torch.arange(query_length, dtype=torch.long, device=device)[:, None] + past_seen_tokens
+        memory_position = torch.arange(key_length, dtype=torch.long, device=device)[None, :]
+        relative_position = memory_position - context_position  # (query_length, key_length)
+        buckets = relative_position_bucket(
+            relative_position,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        values = nn.functional.embedding(buckets, self.weight)  # (query_length, key_length, num_heads)
+        return values.permute([2, 0, 1]).unsqueeze(0)
+
+    def kernel_table(self) -> torch.Tensor:
+        """The table as the attention kernel reads it: `(num_heads, num_buckets)`, a view that keeps the gradient."""
+        return self.weight.t()
+
+
+__all__ = ["relative_position_bucket", "T5RelativePositionBias"]
