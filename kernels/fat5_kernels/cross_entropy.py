@@ -399,8 +399,8 @@ def cross_entropy(
     return _apply_cross_entropy(logits, labels, ignore_index, z_loss, label_smoothing, reduction, inplace)
 
 
-# torch.compile runs the op eagerly (a graph break): the kernel is already fused, and the in-place gradient written
-# during the forward is not something Inductor should reorder.
+# torch.compile runs the op eagerly (a graph break): the kernels are already fused, and the gradient the backward
+# writes over the logits is not something Inductor should reorder.
 @torch.compiler.disable
 def _apply_cross_entropy(*args):
     return CrossEntropyFunction.apply(*args)
