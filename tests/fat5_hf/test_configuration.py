@@ -1,0 +1,180 @@
+"""FAT5Config: T5Config compatibility, FAT5 fields, validation, Auto classes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTextEncoding,
+    AutoModelForTokenClassification,
+    PreTrainedConfig,
+    T5Config,
+)
+
+import fat5_hf
+from fat5_hf import (
+    FAT5Config,
+    FAT5EncoderModel,
+    FAT5ForConditionalGeneration,
+    FAT5ForQuestionAnswering,
+    FAT5ForSequenceClassification,
+    FAT5ForTokenClassification,
+    FAT5Model,
+)
+
+
+def test_defaults_match_t5config():
+    t5, fat5 = T5Config(), FAT5Config()
+    for field in dataclasses.fields(T5Config):
+        assert getattr(fat5, field.name) == getattr(t5, field.name), field.name
+    for derived in ("dense_act_fn", "is_gated_act", "scale_decoder_outputs", "tie_word_embeddings"):
+        assert getattr(fat5, derived) == getattr(t5, derived), derived
+    assert fat5.decoder_start_token_id == 0  # T5's checkpoints set it; T5Config() lacks it
+    assert fat5.hidden_size == 512 and fat5.num_attention_heads == 8 and fat5.num_hidden_layers == 6
+    assert fat5.head_dim == 64
+
+
+def test_every_t5_field_round_trips():
+    values = dict(
+        vocab_size=250112,
+        d_model=48,
+        d_kv=16,
+        d_ff=96,
+        num_layers=3,
+        num_decoder_layers=5,
+        num_heads=6,
+        relative_attention_num_buckets=16,
+        relative_attention_max_distance=64,
+        dropout_rate=0.05,
+        layer_norm_epsilon=1e-5,
+        initializer_factor=0.5,
+        feed_forward_proj="gated-silu",
+        is_encoder_decoder=True,
+        use_cache=False,
+        pad_token_id=3,
+        eos_token_id=2,
+        classifier_dropout=0.2,
+        is_decoder=False,
+    )
+    t5_own_fields = {f.name for f in dataclasses.fields(T5Config)} - {f.name for f in dataclasses.fields(PreTrainedConfig)}
+    assert t5_own_fields <= set(values)
+    config = FAT5Config(**values, decoder_start_token_id=3, z_loss=1e-4, label_smoothing=0.1)
+    reloaded = FAT5Config.from_dict(config.to_dict())
+    for name, value in values.items():
+        assert getattr(reloaded, name) == value, name
+    assert reloaded.dense_act_fn == "silu" and reloaded.is_gated_act
+    assert reloaded.z_loss == 1e-4 and reloaded.label_smoothing == 0.1 and reloaded.decoder_start_token_id == 3
+
+
+@pytest.mark.parametrize(
+    "config_json, scale",
+    [
+        ({"feed_forward_proj": "relu"}, True),  # original T5
+        ({"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}, False),  # v1.1 config, older writers
+        ({"feed_forward_proj": "gated-gelu", "tie_word_embeddings": True, "scale_decoder_outputs": False}, False),
+    ],
+)
+def test_tie_word_embeddings_and_scale_decoder_outputs_like_t5(config_json, scale):
+    t5, fat5 = T5Config.from_dict(config_json), FAT5Config.from_dict(config_json)
+    assert t5.scale_decoder_outputs == fat5.scale_decoder_outputs == scale
+    assert t5.tie_word_embeddings is fat5.tie_word_embeddings is True
+    assert FAT5Config.from_dict(fat5.to_dict()).scale_decoder_outputs == scale
+
+
+def test_gated_gelu_is_the_tanh_approximation():
+    assert FAT5Config(feed_forward_proj="gated-gelu").dense_act_fn == "gelu_new"
+    assert FAT5Config(feed_forward_proj="gelu").dense_act_fn == "gelu"
+
+
+def test_fat5_fields_defaults():
+    config = FAT5Config()
+    assert config.position_encoding_type == "t5"
+    assert config.use_triton_attention and config.use_fused_rms_norm and config.use_fused_cross_entropy
+    assert config.use_fused_glu
+    assert config.z_loss == 0.0 and config.label_smoothing == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(position_encoding_type="rope"), "planned but not implemented"),
+        (dict(position_encoding_type="alibi"), "planned but not implemented"),
+        (dict(position_encoding_type="fire"), "planned but not implemented"),
+        (dict(position_encoding_type="sinusoidal"), r"position_encoding_type` must be one of \['t5'\]"),
+        (dict(feed_forward_proj="gated-gelu-x"), "feed_forward_proj"),
+        (dict(feed_forward_proj="relu-gated"), "feed_forward_proj"),
+        (dict(feed_forward_proj="gated-nonsense"), "not a key of transformers' ACT2FN"),
+        (dict(d_model=0), "`d_model` must be a positive integer"),
+        (dict(num_heads=-2), "`num_heads` must be a positive integer"),
+        (dict(num_decoder_layers=0), "`num_decoder_layers` must be a positive integer"),
+        (dict(relative_attention_num_buckets=1), "at least 2"),
+        (dict(dropout_rate=1.0), "`dropout_rate` must be a probability"),
+        (dict(classifier_dropout=-0.1), "`classifier_dropout` must be a probability"),
+        (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon"),
+        (dict(z_loss=-1e-4), "`z_loss` must be a non-negative"),
+        (dict(label_smoothing=1.0), r"`label_smoothing` must be in \[0, 1\)"),
+    ],
+)
+def test_invalid_values_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FAT5Config(**kwargs)
+
+
+def test_wrong_types_are_rejected():
+    with pytest.raises(Exception, match="d_model"):
+        FAT5Config(d_model="512")
+
+
+def test_auto_config_for_model():
+    config = AutoConfig.for_model("fat5", d_model=64, num_heads=2)
+    assert isinstance(config, FAT5Config) and config.d_model == 64
+
+
+AUTO_CLASSES = [
+    (AutoModel, FAT5Model),
+    (AutoModelForSeq2SeqLM, FAT5ForConditionalGeneration),
+    (AutoModelForTextEncoding, FAT5EncoderModel),
+    (AutoModelForSequenceClassification, FAT5ForSequenceClassification),
+    (AutoModelForTokenClassification, FAT5ForTokenClassification),
+    (AutoModelForQuestionAnswering, FAT5ForQuestionAnswering),
+]
+
+
+@pytest.mark.parametrize("auto_class, model_class", AUTO_CLASSES, ids=[c.__name__ for _, c in AUTO_CLASSES])
+def test_auto_classes_round_trip(tmp_path, tiny_fat5_config, auto_class, model_class):
+    config = tiny_fat5_config(num_labels=3)
+    model = auto_class.from_config(config)
+    assert type(model) is model_class
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "fat5"
+    reloaded = auto_class.from_pretrained(tmp_path)
+    assert type(reloaded) is model_class
+    original, loaded = model.state_dict(), reloaded.state_dict()
+    assert original.keys() == loaded.keys()
+    for key in original:
+        assert torch.equal(original[key], loaded[key]), key
+
+
+def test_modeling_files_import_only_same_folder_modules():
+    # the Hub export flattens these files next to each other: only relative imports of each other + torch/transformers
+    import ast
+    import pathlib
+
+    package = pathlib.Path(fat5_hf.__file__).parent
+    allowed_relative = {"configuration_fat5", "modeling_fat5", "position_encoding", "kernel_ops", "hub"}
+    for name in allowed_relative - {"hub"}:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                assert node.level == 1 and (node.module in allowed_relative or node.module is None), (name, node.module)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module.split(".")[0] in {"torch", "transformers", "huggingface_hub", "__future__",
+                                                     "collections", "dataclasses", "fat5_kernels", "math",
+                                                     "contextlib", "threading", "copy"}, (name, node.module)
