@@ -29,6 +29,7 @@ from .attention_fwd import (
     BIAS_NONE,
     BIAS_T5,
     _key_ranges,
+    _mask2d,
     _tile_bias,
     dot_precision,
     dummy_tensor,
@@ -46,7 +47,7 @@ def _bwd_preprocess_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_lb, stride_lh,
     num_heads, seqlen_q, head_dim,
-    IS_VARLEN: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -61,7 +62,7 @@ def _bwd_preprocess_kernel(
         return
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+    mask = _mask2d(offs_m[:, None] < seqlen_q, offs_d[None, :] < head_dim, EVEN_HEAD_DIM)
     b64 = off_b.to(tl.int64)
     rows = (q_start + offs_m)[:, None].to(tl.int64)
     o = tl.load(Out + b64 * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :], mask=mask, other=0.0)
@@ -93,11 +94,13 @@ def _dkdv_tile_loop(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         if MASKED:
             q_t = tl.load(
-                q_ptrs + start_m * stride_qm, mask=(offs_m[None, :] < seqlen_q) & (offs_d[:, None] < head_dim), other=0.0
+                q_ptrs + start_m * stride_qm,
+                mask=_mask2d(offs_m[None, :] < seqlen_q, offs_d[:, None] < head_dim, EVEN_HEAD_DIM),
+                other=0.0,
             )
             do = tl.load(
                 do_ptrs + start_m * stride_dom,
-                mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim),
+                mask=_mask2d(offs_m[:, None] < seqlen_q, offs_d[None, :] < head_dim, EVEN_HEAD_DIM),
                 other=0.0,
             )
         elif EVEN_HEAD_DIM:
@@ -207,7 +210,7 @@ def _bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     b64 = off_b.to(tl.int64)
-    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < head_dim)
+    kv_mask = _mask2d(offs_n[:, None] < seqlen_k, offs_d[None, :] < head_dim, EVEN_HEAD_DIM)
     key_rows = (k_start + offs_n)[:, None].to(tl.int64)
     k = tl.load(K + b64 * stride_kb + off_h * stride_kh + key_rows * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b64 * stride_vb + off_h * stride_vh + key_rows * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -320,7 +323,7 @@ def _dq_tile_loop(
     for start_n in tl.range(lo, hi, BLOCK_N):
         key_pos = start_n + offs_n
         if MASKED:
-            kv_mask = (key_pos[:, None] < seqlen_k) & (offs_d[None, :] < head_dim)
+            kv_mask = _mask2d(key_pos[:, None] < seqlen_k, offs_d[None, :] < head_dim, EVEN_HEAD_DIM)
             k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
             v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
         elif EVEN_HEAD_DIM:
@@ -395,7 +398,7 @@ def _bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     b64 = off_b.to(tl.int64)
-    q_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+    q_mask = _mask2d(offs_m[:, None] < seqlen_q, offs_d[None, :] < head_dim, EVEN_HEAD_DIM)
     rows = (q_start + offs_m)[:, None].to(tl.int64)
     q = tl.load(Q + b64 * stride_qb + off_h * stride_qh + rows * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(
@@ -533,7 +536,8 @@ def t5_attention_backward(
         out, dout, delta, optional[3],
         *_layout_strides(out, is_varlen), *_layout_strides(dout, is_varlen), *lse_strides,
         num_heads, max_seqlen_q, head_dim,
-        IS_VARLEN=is_varlen, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=preprocess_block,
+        IS_VARLEN=is_varlen, HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad,
+        BLOCK_M=preprocess_block,
     )  # fmt: skip
     scale_log2 = softmax_scale * 1.4426950408889634
     dkdv_args = (

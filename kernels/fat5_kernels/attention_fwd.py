@@ -75,6 +75,16 @@ def _tile_bias(
 
 
 @triton.jit
+def _mask2d(rows_ok, cols_ok, EVEN_HEAD_DIM: tl.constexpr):
+    """Mask of a (rows, head_dim) tile. Without the head_dim part when it is a power of two: a mask that may
+    vary along the contiguous axis forbids vectorized (16-byte) loads."""
+    if EVEN_HEAD_DIM:
+        return rows_ok
+    else:
+        return rows_ok & cols_ok
+
+
+@triton.jit
 def _key_ranges(first_row, seqlen_q, seqlen_k, band_radius, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Split the keys seen by query rows ``[first_row, first_row + BLOCK_M)`` into loop ranges.
 
@@ -135,12 +145,12 @@ def _fwd_tile_loop(
         if MASKED:
             k = tl.load(
                 k_ptrs + start_n * stride_kn,
-                mask=(key_pos[None, :] < seqlen_k) & (offs_d[:, None] < head_dim),
+                mask=_mask2d(key_pos[None, :] < seqlen_k, offs_d[:, None] < head_dim, EVEN_HEAD_DIM),
                 other=0.0,
             )
             v = tl.load(
                 v_ptrs + start_n * stride_vn,
-                mask=(key_pos[:, None] < seqlen_k) & (offs_d[None, :] < head_dim),
+                mask=_mask2d(key_pos[:, None] < seqlen_k, offs_d[None, :] < head_dim, EVEN_HEAD_DIM),
                 other=0.0,
             )
         elif EVEN_HEAD_DIM:
@@ -260,7 +270,8 @@ def _t5_attn_fwd_kernel(
 
     b64 = off_b.to(tl.int64)
     q_ptrs = Q + b64 * stride_qb + off_h * stride_qh + (q_start + offs_m)[:, None].to(tl.int64) * stride_qm
-    q = tl.load(q_ptrs + offs_d[None, :], mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim), other=0.0)
+    q_mask = _mask2d(offs_m[:, None] < seqlen_q, offs_d[None, :] < head_dim, EVEN_HEAD_DIM)
+    q = tl.load(q_ptrs + offs_d[None, :], mask=q_mask, other=0.0)
     # K^T tile pointers (HEAD_DIM_PAD, BLOCK_N) and V tile pointers (BLOCK_N, HEAD_DIM_PAD)
     k_rows = (k_start + offs_n).to(tl.int64)
     k_ptrs = K + b64 * stride_kb + off_h * stride_kh + k_rows[None, :] * stride_kn + offs_d[:, None]
@@ -316,7 +327,7 @@ def _t5_attn_fwd_kernel(
     tl.store(
         o_ptrs + offs_d[None, :],
         out.to(Out.dtype.element_ty),
-        mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim),
+        mask=q_mask,
     )
     tl.store(Lse + b64 * stride_lb + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seqlen_q)
 
