@@ -7,7 +7,7 @@ import importlib.util
 import os
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_triton_available() -> bool:
     """True when triton can be imported (it is optional on CPU-only installs)."""
     return importlib.util.find_spec("triton") is not None
