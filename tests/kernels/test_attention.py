@@ -293,11 +293,17 @@ def test_table_gradient_is_deterministic():
 
 
 def test_custom_op_opcheck_and_compile():
-    """The custom ops pass torch.library.opcheck, and torch.compile(fullgraph=True) traces through them."""
+    """The custom ops pass torch.library.opcheck, agree with the eager autograd.Function bit for bit, and
+    torch.compile(fullgraph=True) traces through them."""
     q, k, v, table, dout = _inputs(1, 2, 20, 24, 16, torch.float32)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), table.requires_grad_(), None, None, None,
             None, 20, 24, True, 8, 12, False, 1.0)  # fmt: skip
     torch.library.opcheck(torch.ops.fat5.t5_flash_attention_fwd.default, args)
+    via_op = torch.ops.fat5.t5_flash_attention_fwd(*args)[0]
+    via_function = t5_flash_attention(q, k, v, bias_table=table, num_buckets=8, max_distance=12)
+    assert torch.equal(via_op, via_function)
+    for g_op, g_fn in zip(torch.autograd.grad(via_op, args[:4], dout), torch.autograd.grad(via_function, args[:4], dout)):
+        assert torch.equal(g_op, g_fn)
 
     def f(q, k, v, table):
         return t5_flash_attention(q, k, v, bias_table=table, num_buckets=8, max_distance=12).sum()
