@@ -132,7 +132,7 @@ def skip_reason(name, L, D, args):
 
 def measure(name, fn, q, k, v, table, do, causal, reference):
     row = {}
-    out = fn(q, k, v, table, causal)
+    out = fn(q, k, v, table, causal).detach()
     if reference is not None:
         ref_out, ref_grads = reference
         row["rel_err"] = float((out.float() - ref_out).norm() / ref_out.norm())

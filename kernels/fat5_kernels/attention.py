@@ -28,6 +28,8 @@ are all masked (causal with ``M > N``, an all-False padding row, ...) returns ze
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .attention_bwd import bias_sums_to_table_grad, t5_attention_backward
@@ -52,8 +54,17 @@ def _distance_bias(bias_table: torch.Tensor, bidirectional: bool, num_buckets: i
     return torch.index_select(bias_table.float(), 1, layout.distance_bucket), layout
 
 
+_VALIDATED_CU_SEQLENS: dict = {}
+
+
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, name: str) -> None:
-    # Data-dependent checks (one device->host copy): cheaper than a wrong result or an illegal access.
+    """Data-dependent checks of cumulative lengths: one device->host copy, cheaper than a wrong result or an
+    illegal memory access. A tensor already validated with the same (total, max_seqlen) and not modified since
+    (same ``_version``) is not checked again: a model reuses one cu_seqlens for all its layers."""
+    key = id(cu_seqlens)
+    seen = _VALIDATED_CU_SEQLENS.get(key)
+    if seen is not None and seen[0]() is cu_seqlens and seen[1:] == (cu_seqlens._version, total, max_seqlen):
+        return
     lengths = torch.diff(cu_seqlens)
     first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
     if bool((lengths < 0).any()):
@@ -63,6 +74,9 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, nam
     longest = int(lengths.max()) if lengths.numel() else 0
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen for {name} is {max_seqlen} but a sequence has {longest} tokens; pass the true maximum.")
+    if len(_VALIDATED_CU_SEQLENS) > 64:
+        _VALIDATED_CU_SEQLENS.clear()
+    _VALIDATED_CU_SEQLENS[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, total, max_seqlen)
 
 
 def _forward_impl(

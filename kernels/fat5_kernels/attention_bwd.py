@@ -505,6 +505,11 @@ def t5_attention_backward(
     else:
         batch, num_heads = q.shape[:2]
         lse_strides = lse.stride()[:2]
+    if q.numel() == 0 or k.numel() == 0:  # no rows or no keys: every gradient is zero
+        partials = None
+        if cuts is not None:
+            partials = torch.zeros(1, 1, q.shape[1], cuts.numel() + 2, device=q.device, dtype=torch.float32)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), partials
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dummy = dummy_tensor(q.device)

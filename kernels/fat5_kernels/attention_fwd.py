@@ -409,6 +409,8 @@ def t5_attention_forward(
         lse = torch.empty(batch, num_heads, q.shape[2], device=q.device, dtype=torch.float32)
         q_strides, k_strides, v_strides, o_strides = (t.stride()[:3] for t in (q, k, v, out))
         lse_strides = lse.stride()[:2]
+    if out.numel() == 0:  # no query rows (or no batch): nothing to launch
+        return out, lse
     if dist_bias is not None:
         bias_kind = BIAS_T5
     elif alibi_slopes is not None:

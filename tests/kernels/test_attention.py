@@ -281,6 +281,25 @@ def test_bad_inputs_raise_before_launch():
         t5_flash_attention_varlen(qp, kp, vp, good, good[:2], 16, 16)
 
 
+@pytest.mark.parametrize("batch,seqlen_q,seqlen_k", [(0, 8, 8), (1, 0, 8), (1, 8, 0)])
+def test_empty_inputs(batch, seqlen_q, seqlen_k):
+    """No batch, no query or no key: zeros out (a query without keys attends to nothing), zero gradients."""
+    q, k, v, table, _ = _inputs(batch, 2, seqlen_q, seqlen_k, 16, torch.float32)
+    leaves = [t.requires_grad_() for t in (q, k, v, table)]
+    out = t5_flash_attention(*leaves[:3], bias_table=leaves[3], num_buckets=8, max_distance=12)
+    assert out.shape == (batch, 2, seqlen_q, 16) and torch.all(out == 0)
+    for g in torch.autograd.grad(out.sum(), leaves):
+        assert torch.all(g == 0)
+
+
+def test_cu_seqlens_checked_again_after_in_place_change():
+    q, k, v, _, _, cu_q, cu_k = _packed([10, 6], [10, 6], 2, 16, torch.float32)
+    t5_flash_attention_varlen(q, k, v, cu_q, cu_k, 10, 10)
+    cu_k.copy_(torch.tensor([0, 12, 16], dtype=torch.int32))  # now longer than max_seqlen_k
+    with pytest.raises(ValueError, match="max_seqlen"):
+        t5_flash_attention_varlen(q, k, v, cu_q, cu_k, 10, 10)
+
+
 def test_table_gradient_is_deterministic():
     q, k, v, table, dout = _inputs(2, 2, 140, 140, 16, CPU_DTYPE, seed=5)
     table.requires_grad_(True)
