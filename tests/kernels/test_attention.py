@@ -384,3 +384,35 @@ def test_gpu_torch_compile_inductor():
 
     out = torch.compile(f, fullgraph=True)(q, k, v, table)
     torch.testing.assert_close(out, f(q, k, v, table))
+
+
+_AUTOTUNED_FIRST_CALL = """
+import torch
+from fat5_kernels.attention import t5_flash_attention
+from fat5_kernels.attention_reference import t5_attention_reference
+torch.manual_seed(0)
+q, k, v = (torch.randn(4, 4, 1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+table = (torch.randn(4, 32, device="cuda") * 0.5).requires_grad_()
+dout = torch.randn_like(q)
+for causal in (False, True):
+    kw = dict(bias_table=table, bidirectional=not causal, causal=causal)
+    got = torch.autograd.grad(t5_flash_attention(q, k, v, **kw), table, dout)[0]  # first call: autotunes
+    ref = torch.autograd.grad(t5_attention_reference(q, k, v, **kw), table, dout)[0]
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < 3e-2, (causal, err)
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_autotuned_first_call_table_gradient():
+    """With autotuning on, the call that tunes must already return the right table gradient (trial runs of
+    other configs must not leave partial sums behind). Runs in a subprocess: the switch is read at import."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FAT5_ATTENTION_AUTOTUNE": "1"}
+    result = subprocess.run([sys.executable, "-c", _AUTOTUNED_FIRST_CALL], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
