@@ -66,12 +66,11 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, nam
     if seen is not None and seen[0]() is cu_seqlens and seen[1:] == (cu_seqlens._version, total, max_seqlen):
         return
     lengths = torch.diff(cu_seqlens)
-    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-    if bool((lengths < 0).any()):
+    first, last, shortest, longest = torch.stack((cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max())).tolist()
+    if shortest < 0:
         raise ValueError(f"{name} must be non-decreasing (cumulative sequence lengths), got {cu_seqlens.tolist()}.")
     if first != 0 or last != total:
         raise ValueError(f"{name} must start at 0 and end at the number of packed tokens {total}; got {first}..{last}.")
-    longest = int(lengths.max()) if lengths.numel() else 0
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen for {name} is {max_seqlen} but a sequence has {longest} tokens; pass the true maximum.")
     if len(_VALIDATED_CU_SEQLENS) > 64:
