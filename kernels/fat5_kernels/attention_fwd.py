@@ -34,6 +34,7 @@ def tuning_configs(configs: list) -> list:
         return configs[:1]
     return autotune_configs(configs)
 
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -42,7 +43,7 @@ BIAS_NONE = 0
 BIAS_T5 = 1
 BIAS_ALIBI = 2
 
-# regions of the key/query loop
+# regions of the key/query loops (the REGION constexpr; kernels pass the literal values)
 REGION_FAR_LEFT = 0  # every d <= -R
 REGION_BAND = 1
 REGION_FAR_RIGHT = 2  # every d >= R
