@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pretrain a FAT5 encoder-decoder with the UL2 mixture of denoisers, on Accelerate.
 
-    accelerate launch recipes/pretrain.py --config recipes/configs/fat5-small.yaml [section.key=value ...]
+    accelerate launch recipes/pretrain.py --config recipes/configs/pretrain-fat5-small.yaml [section.key=value ...]
     python recipes/pretrain.py                      # the embedded tiny run: CPU, shipped French corpus, minutes
     python recipes/pretrain.py --resume latest training.output_dir=outputs/fat5-tiny-pretrain
 
@@ -22,8 +22,8 @@ Output folder::
     output_dir/train_log.jsonl                                    # one JSON record per logged step / eval
     output_dir/recipe_config.yaml                                 # the resolved configuration
 
-Multi-GPU / multi-node: ``accelerate launch --config_file recipes/configs/accelerate_ddp.yaml`` (or
-``accelerate_fsdp2.yaml``, ``accelerate_deepspeed_zero2.yaml``) with the same arguments.
+Multi-GPU / multi-node: ``accelerate launch --config_file recipes/configs/accelerate-ddp.yaml`` (or
+``accelerate-fsdp2.yaml``, ``accelerate-deepspeed-zero2.yaml``) with the same arguments.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -192,8 +193,6 @@ def build_model(config: PretrainConfig, tokenizer):
     from fat5_hf import FAT5Config, FAT5ForConditionalGeneration
 
     model_args = dict(config.model.config)
-    if config.model.z_loss is not None:
-        model_args["z_loss"] = config.model.z_loss
     vocab_needed = len(tokenizer)
     special = dict(
         pad_token_id=tokenizer.pad_token_id,
@@ -532,6 +531,15 @@ def train(config: PretrainConfig) -> dict[str, Any]:
         cpu=training.cpu,
         dynamo_backend="inductor" if config.model.torch_compile else None,
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # E.g. an FSDP or multi-GPU accelerate config on a machine without GPUs: every process would run
+        # alone and they would overwrite each other's checkpoints.
+        raise RecipeError(
+            f"Launched as {launched} processes but Accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value}); check the accelerate config (on CPU: --multi_gpu with "
+            "training.cpu=true gives gloo data parallelism)"
+        )
     prepare_output_dir(config, resuming=resume_dir is not None, is_main_process=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -568,6 +576,11 @@ def train(config: PretrainConfig) -> dict[str, Any]:
     if log_cfg.log_with:
         accelerator.init_trackers(log_cfg.project_name, config=_flat_hparams(config))
 
+    accelerator.print(
+        f"Pretraining {type(accelerator.unwrap_model(model)).__name__} on {accelerator.num_processes} process(es) "
+        f"({accelerator.distributed_type.value}, {accelerator.device.type}, mixed precision "
+        f"{accelerator.mixed_precision}); steps {state.step} -> {training.max_steps}"
+    )
     stopper = StopOnSignal()
     model.train()
     progress = tqdm(

@@ -52,13 +52,13 @@ class ModelConfig:
     ``config`` holds keyword arguments of ``FAT5Config`` for a randomly initialized model;
     ``name_or_path`` instead continues training from saved weights (``config`` then overrides fields of
     the saved config). ``vocab_size`` defaults to the tokenizer's length rounded up to a multiple of
-    ``pad_vocab_to_multiple_of`` (128 keeps the LM head GEMM on tensor-core-friendly shapes).
+    ``pad_vocab_to_multiple_of`` (128 keeps the LM head GEMM on tensor-core-friendly shapes). The z-loss
+    coefficient is the model's own ``z_loss`` field (``model.config.z_loss``, e.g. 1e-4).
     """
 
     config: dict = field(default_factory=_tiny_model_config)
     name_or_path: str | None = None
     pad_vocab_to_multiple_of: int = 128
-    z_loss: float | None = None
     torch_compile: bool = False
 
 
@@ -75,14 +75,14 @@ class DataConfig:
     """
 
     tokenizer: str = str(DEFAULT_DATA_DIR / "tokenizer")
-    train_files: list[str] = field(default_factory=lambda: [str(DEFAULT_DATA_DIR / "train.txt")])
-    eval_files: list[str] = field(default_factory=list)
+    train_files: list[str] = field(default_factory=lambda: [str(DEFAULT_DATA_DIR / "fr_corpus_train.jsonl")])
+    eval_files: list[str] = field(default_factory=lambda: [str(DEFAULT_DATA_DIR / "fr_corpus_validation.jsonl")])
     dataset_name: str | None = None
     dataset_config: str | None = None
     train_split: str = "train"
     eval_split: str | None = None
     text_column: str = "text"
-    eval_holdout_documents: int = 64
+    eval_holdout_documents: int = 0
     max_input_length: int = 128
     max_target_length: int | None = None
     denoisers: Any = "ul2"
@@ -376,7 +376,14 @@ def validate_config(config: PretrainConfig) -> None:
         raise ConfigError(f"optim.betas must be two numbers, got {o.betas}")
     if t.push_to_hub and not t.hub_model_id:
         raise ConfigError("training.push_to_hub is true but training.hub_model_id is not set (e.g. my-org/fat5-small-fr)")
-    if d.dataset_name is None and not d.train_files:
+    if d.dataset_name is not None:
+        # A Hub dataset replaces the shipped corpus of the defaults (but not files the user named).
+        defaults = DataConfig()
+        if d.train_files == defaults.train_files:
+            d.train_files = []
+        if d.eval_files == defaults.eval_files:
+            d.eval_files = []
+        if d.train_files:
+            raise ConfigError("Set either data.dataset_name (a Hub dataset) or data.train_files (local files), not both")
+    elif not d.train_files:
         raise ConfigError("No training data: set data.train_files (local files) or data.dataset_name (a Hub dataset)")
-    if d.dataset_name is not None and d.train_files and d.train_files != DataConfig().train_files:
-        raise ConfigError("Set either data.dataset_name or data.train_files, not both")

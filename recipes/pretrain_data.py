@@ -200,7 +200,10 @@ class UL2BatchStream:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        return self.collator([next(self.rows) for _ in range(self.batch_size)])
+        rows = [next(self.rows) for _ in range(self.batch_size)]
+        # The collator's noise is keyed on (seed, epoch, rows): a row met again in a later epoch is denoised anew.
+        self.collator.set_epoch(self.rows.epoch)
+        return self.collator(rows)
 
 
 def pack_documents(documents, tokenizer, chunk_length: int):

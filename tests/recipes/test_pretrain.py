@@ -1,0 +1,389 @@
+"""Tests of the pretraining recipe (recipes/pretrain.py) on CPU with a tiny FAT5 and the shipped French corpus.
+
+Covered: configuration (YAML + overrides, errors listing valid keys, shipped configs), the loss going down
+with a saved model that loads and generates, exact resume (N steps straight == N/2 + resume, bit for bit,
+with dropout on), SIGTERM (checkpoint then clean exit, in a subprocess), bad inputs (clear errors, nothing
+overwritten), and two-process DDP (gloo) with an exact resume. FSDP2 needs GPUs (see the gpu test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPES = REPO_ROOT / "recipes"
+PRETRAIN = RECIPES / "pretrain.py"
+sys.path.insert(0, str(RECIPES))
+
+import pretrain  # noqa: E402
+from pretrain_config import ConfigError, PretrainConfig, load_config, parse_override  # noqa: E402
+from pretrain_data import DataError  # noqa: E402
+
+# A few-second model: 2+2 layers of width 64 on rows of at most 64 encoder tokens.
+TINY = [
+    "model.config={d_model: 64, d_kv: 16, num_heads: 4, d_ff: 128, num_layers: 2, num_decoder_layers: 2, "
+    "feed_forward_proj: gated-gelu, dropout_rate: 0.0}",
+    "data.max_input_length=64",
+    "training.per_device_batch_size=4",
+    "training.eval_batches=2",
+    "logging.log_with=[]",
+    "logging.progress_bar=false",
+    "logging.logging_steps=1",
+    "optim.warmup_steps=2",
+]
+
+
+def tiny_config(output_dir: Path, *overrides: str) -> PretrainConfig:
+    return load_config(None, [*TINY, f"training.output_dir={output_dir}", *overrides])
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / pretrain.TRAIN_LOG_FILE).read_text().splitlines()]
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(output_dir) if "loss" in r}
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "kernels"), str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+# ------------------------------------------------------------------------------------------- configuration
+
+
+def test_defaults_are_the_embedded_tiny_cpu_run():
+    config = load_config()
+    assert config.model.config["d_model"] == 128 and config.training.max_steps == 300
+    for path in [config.data.tokenizer, *config.data.train_files, *config.data.eval_files]:
+        assert Path(path).exists(), f"the embedded default run needs {path}, shipped in the repository"
+    assert config.training.mixed_precision is None  # from accelerate's config / CLI; "no" on a bare CPU run
+
+
+def test_overrides_parse_yaml_values_and_nested_keys():
+    config = load_config(
+        None,
+        [
+            "training.max_steps=12",
+            "lr=0.002",  # unambiguous without its section
+            "data.train_files=[a.jsonl, b.jsonl]",
+            "model.config.dropout_rate=0.1",
+            "training.mixed_precision=bf16",
+            "training.max_grad_norm=null",
+        ],
+    )
+    assert config.training.max_steps == 12 and config.optim.lr == 0.002
+    assert config.data.train_files == ["a.jsonl", "b.jsonl"]
+    assert config.model.config["dropout_rate"] == 0.1 and config.model.config["d_model"] == 128
+    assert config.training.mixed_precision == "bf16" and config.training.max_grad_norm is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.max_stepz=3", "valid keys of 'training'"),
+        ("max_stepz=3", "valid keys"),
+        ("optimizer.lr=1", "valid sections"),
+        ("training.max_steps=ten", "expected an integer"),
+        ("training.max_steps=0", "must be > 0"),
+        ("training.mixed_precision=fp64", "mixed_precision"),
+        ("training.push_to_hub=true", "hub_model_id"),
+        ("max_steps", "section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unknown_yaml_key_lists_valid_keys(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"training": {"max_steps": 3, "batch_size": 8}}))
+    with pytest.raises(ConfigError, match="training.batch_size.*per_device_batch_size"):
+        load_config(path)
+
+
+def test_shipped_configs_load():
+    for name in ("pretrain-fat5-small.yaml", "pretrain-fat5-base.yaml"):
+        config = load_config(RECIPES / "configs" / name)
+        assert config.data.dataset_name and not config.data.train_files and not config.data.eval_files
+        assert config.training.mixed_precision == "bf16"
+        # Every model field is a real FAT5Config field.
+        from fat5_hf import FAT5Config
+
+        model_config = FAT5Config(vocab_size=32768, **config.model.config)
+        assert model_config.z_loss > 0 and model_config.d_model in (512, 768)
+    fsdp = yaml.safe_load((RECIPES / "configs" / "accelerate-fsdp2.yaml").read_text())
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
+    # Wrapping each block (and only blocks) keeps the shared embedding / LM head in the root unit.
+    from fat5_hf import modeling_fat5
+
+    assert hasattr(modeling_fat5, fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"])
+    for name in ("accelerate-ddp.yaml", "accelerate-deepspeed-zero2.yaml"):
+        assert "distributed_type" in yaml.safe_load((RECIPES / "configs" / name).read_text())
+
+
+def test_resume_mismatches_ignore_only_mutable_fields():
+    from pretrain_config import resume_mismatches
+
+    saved = load_config(None, ["training.max_steps=10"]).to_dict()
+    assert resume_mismatches(saved, load_config(None, ["training.max_steps=20", "logging.logging_steps=5"]).to_dict()) == []
+    changed = load_config(None, ["optim.lr=0.5"]).to_dict()
+    assert [m.split(":")[0] for m in resume_mismatches(saved, changed)] == ["optim.lr"]
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """40 steps of the tiny model: the loss must fall clearly; shared by the checks on its outputs."""
+    output_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    config = tiny_config(
+        output_dir, "training.max_steps=40", "training.eval_steps=20", "training.save_steps=20", "optim.lr=0.01"
+    )
+    summary = pretrain.train(config)
+    return output_dir, summary
+
+
+def test_loss_decreases_and_eval_runs(short_run):
+    output_dir, summary = short_run
+    losses = train_losses(output_dir)
+    assert sorted(losses) == list(range(1, 41))
+    assert all(map(lambda v: v == v and v < 1e4, losses.values())), "non-finite training loss"
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(36, 41)) / 5
+    assert last < first - 1.0, f"loss went from {first:.3f} to {last:.3f}"
+    evals = [r for r in read_log(output_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"] and "->" in evals[1]["sample"]
+    assert summary["step"] == 40 and not summary["stopped_early"]
+
+
+def test_saved_model_loads_for_finetuning(short_run):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    import fat5_hf  # noqa: F401  (registers FAT5 with the Auto classes)
+
+    output_dir, _ = short_run
+    model = AutoModelForSeq2SeqLM.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert type(model).__name__ == "FAT5ForConditionalGeneration"
+    assert model.config.vocab_size >= len(tokenizer)
+    inputs = tokenizer(["Le marché du samedi <extra_id_0> de l'église."], return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert generated.shape[0] == 1 and generated.shape[1] <= 6
+    # Checkpoints: the last two (save_total_limit=2) with the recipe state, written atomically.
+    checkpoints = pretrain.checkpoint_dirs(output_dir)
+    assert [p.name for p in checkpoints] == ["step_00000020", "step_00000040"]
+    assert not list((output_dir / pretrain.CHECKPOINTS_DIR).glob("*.tmp"))
+
+
+def test_exact_resume_matches_uninterrupted_run(tmp_path):
+    """8 steps straight == 4 steps, stop, resume 4 (dropout on, gradient accumulation): same losses, same weights."""
+    common = [
+        "training.max_steps=8",
+        "training.save_steps=100",
+        "training.eval_steps=100",
+        "training.gradient_accumulation_steps=2",
+        "model.config.dropout_rate=0.1",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain.train(tiny_config(straight, *common))
+    summary = pretrain.train(tiny_config(resumed, *common, "training.stop_at_step=4"))
+    assert summary["stopped_early"] and summary["step"] == 4
+    assert not (resumed / "model.safetensors").exists(), "an interrupted run must not export a final model"
+    pretrain.train(tiny_config(resumed, *common, "training.resume=latest"))
+
+    assert train_losses(straight) == train_losses(resumed)  # exact float equality, every step
+    from safetensors.torch import load_file
+
+    final_straight, final_resumed = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert final_straight.keys() == final_resumed.keys()
+    for name, tensor in final_straight.items():
+        assert torch.equal(tensor, final_resumed[name]), name
+
+
+def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
+    output_dir = tmp_path / "run"
+    args = [*TINY, f"training.output_dir={output_dir}", "training.max_steps=100000", "training.save_steps=100000"]
+    process = subprocess.Popen(
+        [sys.executable, str(PRETRAIN), *args],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    log = output_dir / pretrain.TRAIN_LOG_FILE
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, f"the run ended before SIGTERM:\n{process.communicate()[0][-3000:]}"
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "Stopped by SIGTERM" in output
+    checkpoints = pretrain.checkpoint_dirs(output_dir)
+    assert len(checkpoints) == 1
+    step = json.loads((checkpoints[0] / pretrain.RECIPE_STATE_FILE).read_text())["step"]
+    assert step == max(train_losses(output_dir)) >= 2
+    assert not (output_dir / "model.safetensors").exists()
+
+    # The checkpoint resumes (training.max_steps may change on resume).
+    summary = pretrain.train(load_config(None, [*args, f"training.max_steps={step + 2}", "training.resume=latest"]))
+    assert summary["step"] == step + 2 and (output_dir / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_data_files(tmp_path):
+    with pytest.raises(DataError, match="not found.*missing.jsonl"):
+        pretrain.train(tiny_config(tmp_path / "a", f"data.train_files=[{tmp_path / 'missing.jsonl'}]"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        pretrain.train(tiny_config(tmp_path / "b", f"data.train_files=[{empty}]"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\n")
+    with pytest.raises(DataError, match="no non-empty document"):
+        pretrain.train(tiny_config(tmp_path / "c", f"data.train_files=[{blank}]"))
+    wrong_column = tmp_path / "other.jsonl"
+    wrong_column.write_text('{"content": "Bonjour"}\n')
+    with pytest.raises(DataError, match="no column 'text'.*data.text_column"):
+        pretrain.train(tiny_config(tmp_path / "d", f"data.train_files=[{wrong_column}]"))
+
+
+def test_tokenizer_that_does_not_match_the_model(tmp_path):
+    with pytest.raises(pretrain.RecipeError, match="has .* tokens but the model's vocabulary holds 100"):
+        pretrain.train(tiny_config(tmp_path / "run", "model.config.vocab_size=100"))
+
+
+def test_lengths_the_denoisers_cannot_fill(tmp_path):
+    with pytest.raises(ConfigError, match="max_input_length=3"):
+        pretrain.train(tiny_config(tmp_path / "run", "data.max_input_length=3"))
+
+
+def test_output_dir_is_never_overwritten_silently(tmp_path):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "precious.txt").write_text("keep me")
+    with pytest.raises(pretrain.RecipeError, match="not empty.*overwrite_output_dir"):
+        pretrain.train(tiny_config(output_dir))
+    assert sorted(p.name for p in output_dir.iterdir()) == ["precious.txt"]
+
+
+def test_unwritable_output_dir(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(pretrain.RecipeError, match="Cannot write to training.output_dir"):
+        pretrain.train(tiny_config(a_file / "run"))
+
+
+def test_resume_refuses_another_config_and_missing_checkpoints(short_run, tmp_path):
+    output_dir, _ = short_run
+    before = sorted(str(p) for p in output_dir.rglob("*"))
+    other = tiny_config(
+        output_dir, "training.max_steps=60", "optim.lr=0.02", "training.resume=latest", "training.eval_steps=20"
+    )
+    with pytest.raises(pretrain.RecipeError, match=r"another configuration(.|\n)*optim.lr"):
+        pretrain.train(other)
+    assert sorted(str(p) for p in output_dir.rglob("*")) == before
+    with pytest.raises(pretrain.RecipeError, match="no checkpoint"):
+        pretrain.train(tiny_config(tmp_path / "empty", "training.resume=latest"))
+    with pytest.raises(pretrain.RecipeError, match="not a checkpoint of this recipe"):
+        pretrain.train(tiny_config(tmp_path / "x", f"training.resume={tmp_path}"))
+
+
+def test_main_reports_errors_without_traceback(tmp_path, capsys):
+    assert pretrain.main([*TINY, "training.max_stepz=1"]) == 2
+    assert "error: " in capsys.readouterr().err
+    assert pretrain.main(["--print-config", "training.max_steps=7"]) == 0
+    assert "max_steps: 7" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------- multi-process
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(nprocs: int, output_dir: Path, *overrides: str, config_file: Path | None = None) -> str:
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file is not None:
+        command += ["--config_file", str(config_file)]
+    else:
+        command += ["--multi_gpu", "--num_processes", str(nprocs), "--num_machines", "1", "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(PRETRAIN), *TINY]
+    command += [f"training.output_dir={output_dir}", *overrides]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_resumes_exactly(tmp_path):
+    common = ["training.cpu=true", "training.max_steps=4", "training.save_steps=100", "training.eval_steps=4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    output = _launch(2, straight, *common)
+    assert "on 2 process(es) (MULTI_CPU" in output
+    _launch(2, resumed, *common, "training.stop_at_step=2")
+    checkpoint = pretrain.checkpoint_dirs(resumed)[-1]
+    assert sorted(p.name for p in checkpoint.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    _launch(2, resumed, *common, "training.resume=latest")
+    assert train_losses(straight) == train_losses(resumed)
+    records = read_log(straight)
+    # Each step reads 4 rows per process from disjoint shares of the data.
+    assert [r["samples_seen"] for r in records if "loss" in r] == [8, 16, 24, 32]
+    assert any("eval_loss" in r for r in records) and (straight / "model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fsdp2_two_gpus(tmp_path):
+    """FSDP2 (blocks sharded, shared embedding in the root unit) trains, evaluates with generate, exports."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    output = _launch(
+        2,
+        tmp_path / "run",
+        "training.max_steps=6",
+        "training.save_steps=3",
+        "training.eval_steps=3",
+        config_file=RECIPES / "configs" / "accelerate-fsdp2.yaml",
+    )
+    assert "on 2 process(es) (FSDP" in output
+    from transformers import AutoModelForSeq2SeqLM
+
+    import fat5_hf  # noqa: F401
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run")
+    assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    losses = train_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 7)) and all(v == v for v in losses.values())
+
+
+def test_parse_override_rejects_non_mapping_nested_key():
+    config = PretrainConfig()
+    with pytest.raises(ConfigError, match="not a mapping"):
+        parse_override(config, "training.max_steps.x=1")
