@@ -107,8 +107,9 @@ def default_ul2_denoisers() -> list[DenoiserSpec]:
     Span lengths and rates are UL2's (Tay et al. 2023, Sec. 3.1.2 / Table 1): R (mu=3, r=0.15), R (8, 0.15),
     X (3, 0.5), X (8, 0.5), X (64, 0.15), X (64, 0.5) and one S (prefix-LM) denoiser. Mode tokens ``[R]``/``[X]``/``[S]``
     as in CATIE's FAT5 (``examples/fat5-fr/train_fat5.py``). Weights: S gets 0.25 and the six span-corruption
-    denoisers share the rest uniformly (FAT5 used 0.34 for S, 0.165 for each R and 0.0825 for each X). The S denoiser
-    predicts the last 25% of each document.
+    denoisers share the rest uniformly (FAT5 used 0.34 for S, 0.165 for each R and 0.0825 for each X; we did not
+    find UL2's own sampling ratios in the sources available to us, so 0.25 for S is our choice). The S denoiser
+    predicts the last 25% of each document (FAT5's predicts the last 75%). Pass your own list to change any of this.
     """
     span_share = 0.75 / 6
     return [
@@ -286,6 +287,15 @@ class DataCollatorForUL2:
         - ``decoder_input_ids`` (int64, same shape as labels): labels shifted right per document
         - ``decoder_attention_mask`` (int64, same shape as labels)
         - with ``return_segment_ids``: ``encoder_segment_ids`` and ``decoder_segment_ids`` (int64)
+
+    Randomness: a batch's denoisers and spans are a function of ``(seed, epoch, the batch's tokens)``; call
+    `set_epoch` at each new pass over the data, and save `state_dict` with the training state to resume.
+
+    Example::
+
+        collator = DataCollatorForUL2(tokenizer, max_input_length=512, seed=0)
+        rows = pack_dataset(dataset, collator.chunk_length, tokenizer.eos_token_id, tokenizer=tokenizer)
+        loader = torch.utils.data.DataLoader(rows, batch_size=32, collate_fn=collator)
 
     Attributes:
         chunk_length: the largest example length that fits every denoiser for a single-document example.
