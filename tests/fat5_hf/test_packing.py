@@ -6,9 +6,16 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer
 
-from fat5_hf.packing import make_tokenize_function, pack_batch, pack_dataset, pack_token_sequences
+from fat5_hf.packing import (
+    make_tokenize_function,
+    pack_batch,
+    pack_dataset,
+    pack_token_sequences,
+    segment_ids_to_cu_seqlens,
+)
 from fat5_hf.ul2 import DataCollatorForUL2
 
 EOS = 1
@@ -106,6 +113,10 @@ def test_text_to_ul2_batch_end_to_end():
     assert documents[0].startswith(texts[0]["title"]) and len(documents) == len(texts) + 1
 
     batch = collator(rows[:16])
+    for side, mask in (("encoder_segment_ids", "attention_mask"), ("decoder_segment_ids", "decoder_attention_mask")):
+        _, cu_seqlens, _ = segment_ids_to_cu_seqlens(batch[side])
+        assert len(cu_seqlens) - 1 == int(batch[side].amax(dim=1).sum())  # one sequence per (row, document)
+        assert int(cu_seqlens[-1]) == int(batch[mask].sum())
     sentinel_low, sentinel_high = collator.sentinel_ids[-1], collator.sentinel_ids[0]
     mode_ids = {ids[0] for ids in collator.mode_token_ids}
     for row, example in enumerate(rows[:16]):
@@ -116,3 +127,18 @@ def test_text_to_ul2_batch_end_to_end():
         original = [t for t in example["input_ids"] if t != tokenizer.eos_token_id]
         assert sorted(content) == sorted(original)
         assert len(inputs) <= 128 and len(targets) <= 128
+
+
+def test_segment_ids_to_cu_seqlens():
+    segment_ids = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 2, 3, 3, 0, 0]])
+    indices, cu_seqlens, max_seqlen = segment_ids_to_cu_seqlens(segment_ids)
+    assert indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 18, 19, 20, 21]
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 3, 5, 11, 12, 13, 15]
+    assert max_seqlen == 6
+    # rows whose last document has the same id as the next row's first are still separate sequences
+    _, cu, _ = segment_ids_to_cu_seqlens(torch.tensor([[1, 1], [1, 1]]))
+    assert cu.tolist() == [0, 2, 4]
+    _, cu, m = segment_ids_to_cu_seqlens(torch.zeros(2, 3, dtype=torch.long))
+    assert cu.tolist() == [0] and m == 0
+    with pytest.raises(ValueError, match="batch, length"):
+        segment_ids_to_cu_seqlens(torch.ones(3, dtype=torch.long))
