@@ -485,16 +485,23 @@ class DataCollatorForUL2:
             return [tokens[:split]], [tokens[split:]], 0
         noise_lengths = _random_segmentation(num_noise, num_spans, rng)
         nonnoise_lengths = _random_segmentation(num_tokens - num_noise, num_spans, rng)
-        inputs, targets = [], []
-        position = 0
-        for span in range(num_spans):
-            sentinel = self.sentinel_ids[first_sentinel + span : first_sentinel + span + 1]
-            kept_end = position + nonnoise_lengths[span]
-            noise_end = kept_end + noise_lengths[span]
-            inputs += [tokens[position:kept_end], sentinel]
-            targets += [sentinel, tokens[kept_end:noise_end]]
-            position = noise_end
-        return inputs, targets, num_spans
+        # Vectorized as T5's noise_span_to_unique_sentinel: spans alternate non-noise, noise, starting with
+        # non-noise. Inputs keep the non-noise tokens and put sentinel k on the first token of noise span k;
+        # targets keep the noise tokens and put sentinel k on the first token of the non-noise span before it.
+        span_lengths = np.stack([nonnoise_lengths, noise_lengths], axis=1).reshape(-1)
+        span_starts = np.concatenate([[0], np.cumsum(span_lengths)[:-1]])
+        nonnoise_starts, noise_starts = span_starts[0::2], span_starts[1::2]
+        is_noise = np.repeat(np.tile(np.array([False, True]), num_spans), span_lengths)
+        sentinels = self.sentinel_ids[first_sentinel : first_sentinel + num_spans]
+        inputs = tokens.copy()
+        inputs[noise_starts] = sentinels
+        input_keep = ~is_noise
+        input_keep[noise_starts] = True
+        targets = tokens.copy()
+        targets[nonnoise_starts] = sentinels
+        target_keep = is_noise.copy()
+        target_keep[nonnoise_starts] = True
+        return [inputs[input_keep]], [targets[target_keep]], num_spans
 
     def _denoise_row(self, example: Mapping[str, Any], denoiser_index: int, rng: np.random.Generator):
         denoiser = self.denoisers[denoiser_index]
