@@ -154,7 +154,12 @@ def short_run(tmp_path_factory):
     """40 steps of the tiny model: the loss must fall clearly; shared by the checks on its outputs."""
     output_dir = tmp_path_factory.mktemp("pretrain") / "run"
     config = tiny_config(
-        output_dir, "training.max_steps=40", "training.eval_steps=20", "training.save_steps=20", "optim.lr=0.01"
+        output_dir,
+        "training.max_steps=40",
+        "training.eval_steps=20",
+        "training.save_steps=20",
+        "optim.lr=0.01",
+        "logging.log_with=[tensorboard]",
     )
     summary = pretrain.train(config)
     return output_dir, summary
@@ -171,6 +176,7 @@ def test_loss_decreases_and_eval_runs(short_run):
     assert [r["step"] for r in evals] == [20, 40]
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"] and "->" in evals[1]["sample"]
     assert summary["step"] == 40 and not summary["stopped_early"]
+    assert list((output_dir / "logs").rglob("events.out.tfevents*")), "no TensorBoard event file"
 
 
 def test_saved_model_loads_for_finetuning(short_run):
@@ -215,6 +221,36 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     assert final_straight.keys() == final_resumed.keys()
     for name, tensor in final_straight.items():
         assert torch.equal(tensor, final_resumed[name]), name
+
+
+def test_streamed_dataset_resumes_exactly(tmp_path, monkeypatch):
+    """The Hub-streaming path (here a local file opened with streaming=True): unshuffled, resume is exact."""
+    import datasets
+
+    files = {"train": RECIPES / "data" / "fr_corpus_train.jsonl", "test": RECIPES / "data" / "fr_corpus_validation.jsonl"}
+
+    def load_streamed(name, config_name, split, text_column="text"):
+        assert name == "local/fr-corpus"
+        stream = datasets.load_dataset("json", data_files=str(files[split]), split="train", streaming=True)
+        return stream.select_columns([text_column])
+
+    monkeypatch.setattr(pretrain, "load_streamed_documents", load_streamed)
+    common = [
+        "data.dataset_name=local/fr-corpus",
+        "data.eval_split=test",
+        "data.shuffle=false",
+        "training.max_steps=6",
+        "training.save_steps=100",
+        "training.eval_steps=6",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain.train(tiny_config(straight, *common))
+    pretrain.train(tiny_config(resumed, *common, "training.stop_at_step=3"))
+    state = torch.load(pretrain.checkpoint_dirs(resumed)[-1] / "custom_checkpoint_1.pkl", weights_only=False)
+    assert "stream" in state["data_streams"][0]["rows"]  # the datasets stream position is what was saved
+    pretrain.train(tiny_config(resumed, *common, "training.resume=latest"))
+    assert train_losses(straight) == train_losses(resumed)
+    assert any("eval_loss" in r for r in read_log(straight))
 
 
 def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
@@ -356,6 +392,27 @@ def test_ddp_two_processes_on_cpu_resumes_exactly(tmp_path):
     # Each step reads 4 rows per process from disjoint shares of the data.
     assert [r["samples_seen"] for r in records if "loss" in r] == [8, 16, 24, 32]
     assert any("eval_loss" in r for r in records) and (straight / "model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_ddp_two_gpus_bf16(tmp_path):
+    """DDP over 2 GPUs with bf16 autocast and the Triton kernels: trains, resumes exactly, exports."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    config_file = RECIPES / "configs" / "accelerate-ddp.yaml"
+    common = ["training.max_steps=6", "training.save_steps=100", "training.eval_steps=6"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    output = _launch(2, straight, *common, config_file=config_file)
+    assert "on 2 process(es) (MULTI_GPU, cuda, mixed precision bf16)" in output
+    _launch(2, resumed, *common, "training.stop_at_step=3", config_file=config_file)
+    _launch(2, resumed, *common, "training.resume=latest", config_file=config_file)
+    losses = train_losses(straight)
+    assert sorted(losses) == list(range(1, 7)) and all(v == v for v in losses.values())
+    # Same batches and states after the resume; GPU reductions may differ in the last bits between launches.
+    resumed_losses = train_losses(resumed)
+    for step, loss in losses.items():
+        assert resumed_losses[step] == pytest.approx(loss, rel=1e-3), step
 
 
 @pytest.mark.gpu
