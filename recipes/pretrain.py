@@ -614,7 +614,12 @@ def train(config: PretrainConfig) -> dict[str, Any]:
             window_steps += 1
             progress.update(1)
 
-            if state.step % log_cfg.logging_steps == 0 or state.step == training.max_steps:
+            # Agreed by all processes before logging: a checkpoint flushes the logging window first, so that
+            # the counters it saves (tokens seen) are complete.
+            stop = stopper.should_stop(accelerator)
+            paused = training.stop_at_step is not None and state.step >= training.stop_at_step
+            save_now = state.step % training.save_steps == 0 or stop or paused
+            if state.step % log_cfg.logging_steps == 0 or state.step == training.max_steps or save_now:
                 totals = accelerator.reduce(
                     torch.stack([window_loss, torch.tensor(float(window_tokens), device=accelerator.device)]),
                     reduction="sum",
@@ -651,9 +656,7 @@ def train(config: PretrainConfig) -> dict[str, Any]:
                     progress.write(f"step {state.step}: eval loss {eval_loss:.4f} | {sample[:200]}")
                 window_start = time.perf_counter()  # evaluation time is not training throughput
 
-            stop = stopper.should_stop(accelerator)
-            paused = training.stop_at_step is not None and state.step >= training.stop_at_step
-            if state.step % training.save_steps == 0 or stop or paused:
+            if save_now:
                 path = save_checkpoint(accelerator, config, state, output_dir)
                 if accelerator.is_main_process:
                     progress.write(f"step {state.step}: checkpoint saved to {path}")
