@@ -74,7 +74,9 @@ def build_optimizer(variant: str, model: torch.nn.Module, lr: float) -> torch.op
 
 
 def measure(variant: str, args: argparse.Namespace, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    row = dict(variant=variant, batch_size=args.batch_size, input_length=args.input_length, target_length=args.target_length)
+    row = dict(
+        variant=variant, batch_size=args.batch_size, input_length=args.input_length, target_length=args.target_length
+    )
     model = optimizer = forward = train_step = None
     try:
         torch.manual_seed(0)

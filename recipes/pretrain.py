@@ -170,7 +170,9 @@ def prepare_output_dir(config: PretrainConfig, resuming: bool, is_main_process: 
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise RecipeError(f"Cannot write to training.output_dir={output_dir}: {err}; choose a writable folder") from err
+        raise RecipeError(
+            f"Cannot write to training.output_dir={output_dir}: {err}; choose a writable folder"
+        ) from err
     return output_dir
 
 
@@ -239,8 +241,10 @@ def build_denoisers(config: PretrainConfig):
         try:
             return [DenoiserSpec(**d) for d in denoisers]
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"data.denoisers: {err} (fields: name, mode_token, mean_span_length, "
-                              "corruption_rate, weight, prefix_lm)") from err
+            raise ConfigError(
+                f"data.denoisers: {err} (fields: name, mode_token, mean_span_length, "
+                "corruption_rate, weight, prefix_lm)"
+            ) from err
     raise ConfigError(f'data.denoisers must be "ul2", "t5" or a list of DenoiserSpec mappings, got {denoisers!r}')
 
 
@@ -274,7 +278,9 @@ def build_data(config: PretrainConfig, tokenizer, accelerator) -> tuple[UL2Batch
     holdout = 0 if (data.eval_files or data.eval_split) else data.eval_holdout_documents
     with accelerator.main_process_first():  # the first process fills the datasets cache, the others reuse it
         if data.dataset_name:
-            documents = load_streamed_documents(data.dataset_name, data.dataset_config, data.train_split, data.text_column)
+            documents = load_streamed_documents(
+                data.dataset_name, data.dataset_config, data.train_split, data.text_column
+            )
             eval_documents = None
             if data.eval_split:
                 eval_documents = load_streamed_documents(
@@ -313,8 +319,11 @@ def build_data(config: PretrainConfig, tokenizer, accelerator) -> tuple[UL2Batch
         # Fixed batches, the same at every evaluation: unshuffled rows, a collator with its own seed.
         eval_stream = UL2BatchStream(
             PackedRowStream(
-                eval_rows, seed=0, process_index=accelerator.process_index,
-                num_processes=accelerator.num_processes, shuffle=False,
+                eval_rows,
+                seed=0,
+                process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes,
+                shuffle=False,
             ),
             build_collator(config, tokenizer, seed=10_000 + training.seed + accelerator.process_index),
             training.per_device_batch_size,
@@ -344,9 +353,11 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         from accelerate.utils import gather_object
 
-        streams = gather_object([self.data_stream.state_dict()]) if self.num_processes > 1 else [
-            self.data_stream.state_dict()
-        ]
+        streams = (
+            gather_object([self.data_stream.state_dict()])
+            if self.num_processes > 1
+            else [self.data_stream.state_dict()]
+        )
         return {
             "step": self.step,
             "samples_seen": self.samples_seen,
@@ -403,7 +414,9 @@ def truncate_log(output_dir: Path, step: int) -> None:
     path = output_dir / TRAIN_LOG_FILE
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [
+        line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step
+    ]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
@@ -555,8 +568,13 @@ def train(config: PretrainConfig) -> dict[str, Any]:
     train_stream, eval_batches = build_data(config, tokenizer, accelerator)
     try:
         optimizer = build_optimizer(
-            model, optim.name, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-            weight_decay=optim.weight_decay, fused=optim.fused if accelerator.device.type == "cuda" else False,
+            model,
+            optim.name,
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            fused=optim.fused if accelerator.device.type == "cuda" else False,
         )
         # Not passed to accelerator.prepare: its wrapper steps the schedule once per process per update.
         scheduler = build_scheduler(
@@ -584,8 +602,12 @@ def train(config: PretrainConfig) -> dict[str, Any]:
     stopper = StopOnSignal()
     model.train()
     progress = tqdm(
-        total=training.max_steps, initial=state.step, desc="pretrain", unit="step",
-        disable=not (accelerator.is_main_process and log_cfg.progress_bar), dynamic_ncols=True,
+        total=training.max_steps,
+        initial=state.step,
+        desc="pretrain",
+        unit="step",
+        disable=not (accelerator.is_main_process and log_cfg.progress_bar),
+        dynamic_ncols=True,
     )
     window_loss = torch.zeros((), device=accelerator.device)
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
@@ -640,7 +662,8 @@ def train(config: PretrainConfig) -> dict[str, Any]:
                 if accelerator.is_main_process:
                     append_log(output_dir, {"step": state.step, **last_metrics})
                 progress.set_postfix(
-                    loss=f"{last_metrics['loss']:.4f}", lr=f"{last_metrics['lr']:.2e}",
+                    loss=f"{last_metrics['loss']:.4f}",
+                    lr=f"{last_metrics['lr']:.2e}",
                     tok_s=f"{last_metrics['tokens_per_s']:,.0f}",
                 )
                 window_loss.zero_()
@@ -679,7 +702,13 @@ def train(config: PretrainConfig) -> dict[str, Any]:
         export_model(accelerator, model, tokenizer, config, output_dir)
         accelerator.print(f"Saved the pretrained model and tokenizer to {output_dir}")
     accelerator.end_training()
-    return {"step": state.step, "stopped_early": stopped_early, "stopped_by_signal": stopped_by_signal, "output_dir": str(output_dir), **last_metrics}
+    return {
+        "step": state.step,
+        "stopped_early": stopped_early,
+        "stopped_by_signal": stopped_by_signal,
+        "output_dir": str(output_dir),
+        **last_metrics,
+    }
 
 
 def _flat_hparams(config: PretrainConfig) -> dict[str, Any]:

@@ -249,9 +249,7 @@ def _apply(config: PretrainConfig, section: str, key: str, value: Any, source: s
     section_obj = getattr(config, section)
     fields = _section_fields(type(section_obj))
     if key not in fields:
-        raise ConfigError(
-            f"{source}: unknown key {section}.{key}; valid keys of {section!r}: {sorted(fields)}"
-        )
+        raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys of {section!r}: {sorted(fields)}")
     setattr(section_obj, key, _check_type(value, fields[key].type, f"{source}: {section}.{key}"))
 
 
@@ -294,7 +292,9 @@ def parse_override(config: PretrainConfig, override: str) -> None:
     if "." in dotted:
         section, key = dotted.split(".", 1)
     else:
-        owners = [name for name in _section_fields(PretrainConfig) if dotted in _section_fields(type(getattr(config, name)))]
+        owners = [
+            name for name in _section_fields(PretrainConfig) if dotted in _section_fields(type(getattr(config, name)))
+        ]
         if len(owners) != 1:
             valid = sorted(
                 f"{name}.{key}"
@@ -375,7 +375,9 @@ def validate_config(config: PretrainConfig) -> None:
     if len(o.betas) != 2:
         raise ConfigError(f"optim.betas must be two numbers, got {o.betas}")
     if t.push_to_hub and not t.hub_model_id:
-        raise ConfigError("training.push_to_hub is true but training.hub_model_id is not set (e.g. my-org/fat5-small-fr)")
+        raise ConfigError(
+            "training.push_to_hub is true but training.hub_model_id is not set (e.g. my-org/fat5-small-fr)"
+        )
     if d.dataset_name is not None:
         # A Hub dataset replaces the shipped corpus of the defaults (but not files the user named).
         defaults = DataConfig()
@@ -384,6 +386,8 @@ def validate_config(config: PretrainConfig) -> None:
         if d.eval_files == defaults.eval_files:
             d.eval_files = []
         if d.train_files:
-            raise ConfigError("Set either data.dataset_name (a Hub dataset) or data.train_files (local files), not both")
+            raise ConfigError(
+                "Set either data.dataset_name (a Hub dataset) or data.train_files (local files), not both"
+            )
     elif not d.train_files:
         raise ConfigError("No training data: set data.train_files (local files) or data.dataset_name (a Hub dataset)")

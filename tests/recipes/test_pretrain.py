@@ -141,7 +141,10 @@ def test_resume_mismatches_ignore_only_mutable_fields():
     from pretrain_config import resume_mismatches
 
     saved = load_config(None, ["training.max_steps=10"]).to_dict()
-    assert resume_mismatches(saved, load_config(None, ["training.max_steps=20", "logging.logging_steps=5"]).to_dict()) == []
+    assert (
+        resume_mismatches(saved, load_config(None, ["training.max_steps=20", "logging.logging_steps=5"]).to_dict())
+        == []
+    )
     changed = load_config(None, ["optim.lr=0.5"]).to_dict()
     assert [m.split(":")[0] for m in resume_mismatches(saved, changed)] == ["optim.lr"]
 
@@ -227,7 +230,10 @@ def test_streamed_dataset_resumes_exactly(tmp_path, monkeypatch):
     """The Hub-streaming path (here a local file opened with streaming=True): unshuffled, resume is exact."""
     import datasets
 
-    files = {"train": RECIPES / "data" / "fr_corpus_train.jsonl", "test": RECIPES / "data" / "fr_corpus_validation.jsonl"}
+    files = {
+        "train": RECIPES / "data" / "fr_corpus_train.jsonl",
+        "test": RECIPES / "data" / "fr_corpus_validation.jsonl",
+    }
 
     def load_streamed(name, config_name, split, text_column="text"):
         assert name == "local/fr-corpus"
