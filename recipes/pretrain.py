@@ -54,6 +54,7 @@ from pretrain_config import (  # noqa: E402
 from pretrain_data import (  # noqa: E402
     DataError,
     PackedRowStream,
+    PrefetchingBatchStream,
     UL2BatchStream,
     count_tokens,
     load_local_documents,
@@ -566,6 +567,10 @@ def train(config: PretrainConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(config)
     model = build_model(config, tokenizer)
     train_stream, eval_batches = build_data(config, tokenizer, accelerator)
+    if config.data.prefetch_batches:
+        train_stream = PrefetchingBatchStream(
+            train_stream, config.data.prefetch_batches, pin_memory=accelerator.device.type == "cuda"
+        )
     try:
         optimizer = build_optimizer(
             model,
@@ -691,6 +696,8 @@ def train(config: PretrainConfig) -> dict[str, Any]:
     finally:
         progress.close()
         stopper.restore()
+        if isinstance(train_stream, PrefetchingBatchStream):
+            train_stream.close()
 
     if stopped_early:
         accelerator.print(

@@ -89,6 +89,8 @@ class DataConfig:
     collator_kwargs: dict = field(default_factory=dict)
     shuffle: bool = True
     shuffle_buffer_size: int = 10_000
+    # Batches built ahead in a background thread (overlaps collation with the step); 0: build them in the loop.
+    prefetch_batches: int = 2
 
 
 @dataclass
@@ -174,6 +176,7 @@ RESUME_MUTABLE_FIELDS = frozenset(
         "model.torch_compile",
         "data.eval_files",
         "data.eval_split",
+        "data.prefetch_batches",
         "logging.log_with",
         "logging.project_name",
         "logging.logging_steps",
@@ -364,6 +367,8 @@ def validate_config(config: PretrainConfig) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
+    if d.prefetch_batches < 0:
+        raise ConfigError(f"data.prefetch_batches must be >= 0, got {d.prefetch_batches}")
     if t.eval_batches < 0:
         raise ConfigError(f"training.eval_batches must be >= 0, got {t.eval_batches}")
     if t.save_total_limit is not None and t.save_total_limit < 1:

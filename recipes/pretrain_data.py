@@ -21,6 +21,8 @@ Sources:
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +206,89 @@ class UL2BatchStream:
         # The collator's noise is keyed on (seed, epoch, rows): a row met again in a later epoch is denoised anew.
         self.collator.set_epoch(self.rows.epoch)
         return self.collator(rows)
+
+
+class _ProducerFailure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class PrefetchingBatchStream:
+    """Builds the next ``depth`` batches of a stream in a background thread, overlapping data work with the step.
+
+    Resumable like the wrapped stream: each batch travels with the stream state *after* it, and ``state_dict``
+    returns the state after the last batch handed out, not the producer's (which is ahead). The producer draws
+    no global random numbers (the row order and the UL2 noise have their own seeded generators), so the
+    training process's RNG streams (dropout) are the same with and without prefetching.
+
+    Args:
+        stream: a `UL2BatchStream` (anything with ``__next__``, ``state_dict`` and ``load_state_dict``).
+        depth: batches built ahead (>= 1).
+        pin_memory: pin the batches' host memory (CUDA training: the copy to the GPU is then asynchronous).
+    """
+
+    def __init__(self, stream, depth: int = 2, pin_memory: bool = False):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.stream, self.depth, self.pin_memory = stream, depth, pin_memory
+        self._state = stream.state_dict()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                batch = next(self.stream)
+                if self.pin_memory:
+                    batch = {key: value.pin_memory() for key, value in batch.items()}
+                item = (batch, self.stream.state_dict())
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as err:  # handed to the consumer, which raises it in the training loop
+            out.put(_ProducerFailure(err))
+
+    def _start(self) -> None:
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.depth)
+        self._thread = threading.Thread(
+            target=self._produce, args=(self._queue, self._stop), name="fat5-batch-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stops the producer; the wrapped stream is left somewhere ahead of ``state_dict()``."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = self._queue = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
+        self.stream.load_state_dict(state)
+        self._state = state
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._thread is None:
+            # (Re)start from the state of the last batch handed out.
+            self.stream.load_state_dict(self._state)
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, _ProducerFailure):
+            self.close()
+            raise item.error
+        batch, self._state = item
+        return batch
 
 
 def pack_documents(documents, tokenizer, chunk_length: int):

@@ -215,7 +215,8 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     summary = pretrain.train(tiny_config(resumed, *common, "training.stop_at_step=4"))
     assert summary["stopped_early"] and summary["step"] == 4
     assert not (resumed / "model.safetensors").exists(), "an interrupted run must not export a final model"
-    pretrain.train(tiny_config(resumed, *common, "training.resume=latest"))
+    # Resumed without the prefetching thread: the batches must not depend on it.
+    pretrain.train(tiny_config(resumed, *common, "training.resume=latest", "data.prefetch_batches=0"))
 
     assert train_losses(straight) == train_losses(resumed)  # exact float equality, every step
     from safetensors.torch import load_file
@@ -289,6 +290,37 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
     # The checkpoint resumes (training.max_steps may change on resume).
     summary = pretrain.train(load_config(None, [*args, f"training.max_steps={step + 2}", "training.resume=latest"]))
     assert summary["step"] == step + 2 and (output_dir / "model.safetensors").is_file()
+
+
+def test_prefetching_stream_hands_out_states_in_order_and_raises_producer_errors():
+    from pretrain_data import PrefetchingBatchStream
+
+    class Counter:
+        def __init__(self, fail_at=None):
+            self.position, self.fail_at = 0, fail_at
+
+        def __next__(self):
+            if self.position == self.fail_at:
+                raise DataError("bad row")
+            self.position += 1
+            return {"x": torch.tensor([self.position])}
+
+        def state_dict(self):
+            return {"position": self.position}
+
+        def load_state_dict(self, state):
+            self.position = state["position"]
+
+    stream = PrefetchingBatchStream(Counter(), depth=3)
+    assert [int(next(stream)["x"]) for _ in range(2)] == [1, 2]
+    assert stream.state_dict() == {"position": 2}  # the producer is ahead; the state is the consumer's
+    stream.load_state_dict({"position": 10})
+    assert int(next(stream)["x"]) == 11
+    stream.close()
+    failing = PrefetchingBatchStream(Counter(fail_at=1), depth=2)
+    next(failing)
+    with pytest.raises(DataError, match="bad row"):
+        next(failing)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
