@@ -382,23 +382,33 @@ class TrainState:
 
 
 class StopOnSignal:
-    """Turns SIGTERM into a flag checked between steps (then: checkpoint and clean exit)."""
+    """Turns SIGTERM into a flag checked between steps (then: checkpoint and clean exit).
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    Every process must stop at the same step, so in a distributed run the flag is all-reduced each step, on
+    the CPU through a gloo group: a GPU collective read back with ``.item()`` would make the host wait for the
+    GPU at every step.
+    """
+
+    def __init__(self, num_processes: int, signals=(signal.SIGTERM,)):
         self.requested = False
-        self._previous = {}
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._group = None
+        if num_processes > 1:
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")  # collective: every process builds it here
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum, frame):
         self.requested = True
 
-    def should_stop(self, accelerator) -> bool:
-        # Every process must stop at the same step: the flag is shared (one tiny all-reduce per step).
-        if accelerator.num_processes == 1:
+    def should_stop(self) -> bool:
+        if self._group is None:
             return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+        dist.all_reduce(flag, group=self._group)
+        return bool(flag.item() > 0)
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -604,7 +614,7 @@ def train(config: PretrainConfig) -> dict[str, Any]:
         f"({accelerator.distributed_type.value}, {accelerator.device.type}, mixed precision "
         f"{accelerator.mixed_precision}); steps {state.step} -> {training.max_steps}"
     )
-    stopper = StopOnSignal()
+    stopper = StopOnSignal(accelerator.num_processes)
     model.train()
     progress = tqdm(
         total=training.max_steps,
@@ -643,7 +653,7 @@ def train(config: PretrainConfig) -> dict[str, Any]:
 
             # Agreed by all processes before logging: a checkpoint flushes the logging window first, so that
             # the counters it saves (tokens seen) are complete.
-            stop = stopper.should_stop(accelerator)
+            stop = stopper.should_stop()
             paused = training.stop_at_step is not None and state.step >= training.stop_at_step
             save_now = state.step % training.save_steps == 0 or stop or paused
             if state.step % log_cfg.logging_steps == 0 or state.step == training.max_steps or save_now:
