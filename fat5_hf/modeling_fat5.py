@@ -534,6 +534,14 @@ class FAT5PreTrainedModel(PreTrainedModel):
             if module.has_relative_attention_bias:
                 init.normal_(module.relative_attention_bias.weight, mean=0.0, std=factor * (d_model**-0.5))
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers 5 treats any model defined outside its package as "custom code" and then only initializes
+        # modules that own parameters, which skips the composite modules `_init_weights` dispatches on (attention,
+        # MLPs, the model itself): q/k/v/o would keep a default init and the bias table its `torch.empty` garbage.
+        # `_init_weights` uses `transformers.initialization`, which honours `_is_hf_initialized` per parameter, so
+        # the in-library behaviour is safe here.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _shift_right(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Labels -> decoder inputs: prepend `decoder_start_token_id`, drop the last token, -100 -> pad."""
         decoder_start_token_id = self.config.decoder_start_token_id

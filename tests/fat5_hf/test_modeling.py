@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import T5EncoderModel
+from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
 
-from fat5_hf import FAT5EncoderModel, FAT5ForConditionalGeneration, kernel_ops
+from fat5_hf import FAT5Config, FAT5EncoderModel, FAT5ForConditionalGeneration, kernel_ops
 
 VARIANTS = ["t5", "t5_v1_1", "mt5", "gated_silu"]
 
@@ -303,3 +303,23 @@ def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monk
     for name, param in model.named_parameters():
         scale = expected_grads[name].abs().max().item()
         torch.testing.assert_close(param.grad, expected_grads[name], atol=1e-4 * scale, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["t5", "t5_v1_1"])
+def test_fresh_init_matches_t5_statistics_and_is_seeded(variant):
+    # transformers 5 initializes "custom code" models leaf by leaf unless told otherwise: every parameter must get
+    # T5's init (same std per tensor as HF T5) and two models built with one seed must be identical.
+    layout = dict(feed_forward_proj="relu") if variant == "t5" else dict(feed_forward_proj="gated-gelu",
+                                                                         tie_word_embeddings=False)
+    fields = dict(vocab_size=500, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, **layout)
+    t5_config, fat5_config = T5Config(**fields), FAT5Config(**fields)
+    torch.manual_seed(0)
+    t5_params = dict(T5ForConditionalGeneration(t5_config).named_parameters())
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(FAT5ForConditionalGeneration(fat5_config))
+    for name, param in models[0].named_parameters():
+        expected = t5_params[name].std().item()
+        assert abs(param.std().item() - expected) <= 0.15 * expected, name
+        assert torch.equal(param, dict(models[1].named_parameters())[name]), name
