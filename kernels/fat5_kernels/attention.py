@@ -181,7 +181,7 @@ def _backward_impl(
         dtable = q.new_empty((0,), dtype=torch.float32)
     else:
         dtable = bias_sums_to_table_grad(bias_partials, layout.cut_sums_to_bucket)
-        dtable = dtable.to(bias_table.dtype)
+        dtable = dtable.to(bias_table.dtype).contiguous()
     return dq, dk, dv, dtable
 
 
@@ -219,7 +219,9 @@ def _(dout, q, k, v, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_se
       max_seqlen_q, max_seqlen_k, bidirectional, num_buckets, max_distance, causal, softmax_scale,
       bias_table_needs_grad):  # fmt: skip
     if bias_table is not None and bias_table_needs_grad:
-        dtable = torch.empty_like(bias_table)
+        # Contiguous like the real op's result, whatever the table's layout (the model passes a transposed view);
+        # `empty_like` would keep the view's strides and break torch.compile's stride checks.
+        dtable = bias_table.new_empty(bias_table.shape)
     else:
         dtable = q.new_empty((0,), dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dtable

@@ -334,6 +334,28 @@ def test_custom_op_opcheck_and_compile():
         torch.testing.assert_close(g, e)
 
 
+def test_custom_op_with_transposed_table_view():
+    """The model passes its (num_buckets, heads) parameter as a transposed view: the backward's fake must give the
+    table gradient the real op's (contiguous) strides, or torch.compile fails its stride check."""
+    q, k, v, table, dout = _inputs(1, 2, 20, 24, 16, torch.float32)
+    table_param = table.t().contiguous().requires_grad_()  # stored as (num_buckets, heads), like the model's
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), table_param.t(), None, None, None, None,
+            20, 24, True, 8, 12, False, 1.0)  # fmt: skip
+    out, lse = torch.ops.fat5.t5_flash_attention_fwd(*args)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    bwd_args = (dout, *detached[:3], out.detach(), lse.detach(), *detached[3:], True)
+    torch.library.opcheck(torch.ops.fat5.t5_flash_attention_bwd.default, bwd_args)
+
+    def f(q, k, v, table_param):
+        return (t5_flash_attention(q, k, v, bias_table=table_param.t(), num_buckets=8, max_distance=12) * dout).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    expected = torch.autograd.grad(f(q, k, v, table_param), (q, k, v, table_param))
+    got = torch.autograd.grad(compiled(q, k, v, table_param), (q, k, v, table_param))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 
 
