@@ -8,56 +8,14 @@ the same buckets in-kernel from `j - i` and reads the same table.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from fat5_kernels.attention_reference import t5_relative_position_bucket
 
-def relative_position_bucket(
-    relative_position: torch.Tensor,
-    bidirectional: bool = True,
-    num_buckets: int = 32,
-    max_distance: int = 128,
-) -> torch.Tensor:
-    """Map relative positions `memory_position - query_position` to T5 bucket ids.
-
-    Half of the buckets (per direction when `bidirectional`) hold exact offsets, the other half logarithmically wider
-    bins up to `max_distance`; every distance beyond `max_distance` shares the last bucket of its side. With
-    `bidirectional=False` (decoder self-attention) positive offsets (the future) all map to bucket 0.
-
-    Args:
-        relative_position (`torch.LongTensor` of any shape): `memory_position - query_position`.
-        bidirectional (`bool`): Whether attention looks both ways (encoder) or only back (decoder).
-        num_buckets (`int`): Number of buckets.
-        max_distance (`int`): Distance from which all positions share one bucket.
-
-    Returns:
-        `torch.LongTensor` of the same shape, values in `[0, num_buckets)`.
-    """
-    relative_buckets = 0
-    if bidirectional:
-        num_buckets //= 2
-        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
-        relative_position = torch.abs(relative_position)
-    else:
-        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
-    # relative_position is now in [0, inf)
-
-    # half of the buckets are for exact increments in positions
-    max_exact = num_buckets // 2
-    is_small = relative_position < max_exact
-
-    # the other half are logarithmically bigger bins, up to max_distance
-    relative_position_if_large = max_exact + (
-        torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).to(torch.long)
-    relative_position_if_large = torch.min(
-        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1)
-    )
-
-    relative_buckets += torch.where(is_small, relative_position, relative_position_if_large)
-    return relative_buckets
+# One bucket function for the model and the kernels' reference (bit-identical to transformers' T5); the import is
+# flattened to a same-folder one in Hub exports.
+relative_position_bucket = t5_relative_position_bucket
 
 
 class T5RelativePositionBias(nn.Module):
