@@ -867,6 +867,10 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(batch_size, target_length)`, *optional*): target ids in
                 `[0, vocab_size)`, or -100 for positions that do not count.
             use_cache (`bool`, *optional*): return the cache.
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*, keyword): the number of non-ignored labels in
+                the whole (gradient-accumulated, possibly multi-process) batch, as transformers' `Trainer` passes
+                it: the loss is then `sum / num_items_in_batch` instead of a mean over this call's labels, so that
+                gradient accumulation gives the same update as one large batch.
 
         Returns:
             `FAT5Seq2SeqLMOutput` (`Seq2SeqLMOutput` with `ce_loss` and `z_loss`).
@@ -880,6 +884,7 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
         >>> generated = model.generate(input_ids, max_new_tokens=20)
         ```
         """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if use_cache is None and (labels is not None or self.training):
             # A KV cache is only useful for generation; not building one in training lets the decoder use the
             # attention kernel (as Bart, FAT5 drops it when labels are given unless `use_cache=True` is passed).
@@ -938,6 +943,10 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
                     use_kernel=use_fused_loss,
                 )
         if loss is not None:
+            if num_items_in_batch is not None:
+                # The kernels and the reference return means over this call's labels: rescale to sum / total.
+                scale = (labels != -100).sum() / num_items_in_batch
+                loss, z_loss_term = loss * scale, z_loss_term * scale
             z_loss_term = z_loss_term.detach()
             ce_loss = loss.detach() - z_loss_term
 
