@@ -189,6 +189,63 @@ def test_lse_matches_reference():
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Fill every ``torch.empty`` / ``torch.empty_like`` result with NaN (ints with -12345): a kernel that reads
+    a buffer element it never wrote (skipped programs, rows past the sequence, padded head_dim, masked blocks)
+    then fails deterministically instead of depending on what the allocator happened to return."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-12345)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+def _grad_output_layout(dout, layout):
+    # the model's grad_output is a transposed view of a (B, M, H, D) gradient; a sum() loss gives an expanded one
+    if layout == "transposed":
+        return dout.transpose(1, 2).contiguous().transpose(1, 2)
+    return dout[:1, :1, :1].expand_as(dout)
+
+
+@pytest.mark.parametrize("dout_layout", ["transposed", "expanded"])
+def test_poisoned_buffers_and_strided_grad_output(poisoned_empty, dout_layout):
+    """Regression guard for process-dependent gradients: every buffer the kernels allocate uninitialised is
+    NaN-poisoned, grad_output is non-contiguous, and the shapes exercise skipped / partial / masked tiles:
+    70 queries (a partial second query block), 9 keys of which batch 1 keeps 4 (key-padding-masked columns),
+    batch 2 keeps none (every row empty), head_dim 12 (padded to 16)."""
+    q, k, v, table, dout = _inputs(3, 2, 70, 9, 12, CPU_DTYPE, seed=7)
+    mask = torch.ones(3, 9, dtype=torch.bool, device=DEVICE)
+    mask[1, 4:] = False
+    mask[2] = False
+    kernel_fn, reference_fn = _dense_fns("t5", False, True, 8, 12, key_padding_mask=mask)
+    dout = _grad_output_layout(dout, dout_layout)
+    _check_against_reference(kernel_fn, reference_fn, (q, k, v, table), dout, "qkvt", CPU_DTYPE)
+
+
+def test_poisoned_buffers_varlen(poisoned_empty):
+    """Packed layout with an empty sequence and a transposed grad_output under NaN-poisoned buffers."""
+    q, k, v, table, dout, cu_q, cu_k = _packed([70, 0, 5], [9, 3, 70], 2, 12, CPU_DTYPE, seed=3)
+    dout = dout.transpose(0, 1).contiguous().transpose(0, 1)
+    bias = dict(bias_table=None, num_buckets=8, max_distance=12, causal=True, bidirectional=False)
+
+    def kernel_fn(q, k, v, table):
+        return t5_flash_attention_varlen(q, k, v, cu_q, cu_k, 70, 70, **{**bias, "bias_table": table})
+
+    def reference_fn(q, k, v, table, compute_dtype):
+        return t5_attention_varlen_reference(
+            q, k, v, cu_q, cu_k, **{**bias, "bias_table": table}, compute_dtype=compute_dtype
+        )
+
+    _check_against_reference(kernel_fn, reference_fn, (q, k, v, table), dout, "qkvt", CPU_DTYPE)
+
+
 # ----------------------------------------------------------------------------------------------- varlen
 
 
