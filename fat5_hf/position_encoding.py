@@ -72,8 +72,13 @@ class T5RelativePositionBias(nn.Module):
         return values.permute([2, 0, 1]).unsqueeze(0)
 
     def kernel_table(self) -> torch.Tensor:
-        """The table as the attention kernel reads it: `(num_heads, num_buckets)`, a view that keeps the gradient."""
-        return self.weight.t()
+        """The table as the attention kernel reads it: `(num_heads, num_buckets)`, contiguous, with the gradient.
+
+        A copy, not a view: block 0 owns the parameter but every block of the stack reads the table, and under
+        FSDP2 (blocks wrapped one by one) block 0's parameters are freed again once its forward is done; an
+        activation copy (a few KiB) stays valid for the later blocks, as T5's materialized position bias does.
+        """
+        return self.weight.t().contiguous()
 
 
 __all__ = ["relative_position_bucket", "T5RelativePositionBias"]
