@@ -1020,7 +1020,25 @@ def _encoder_only_config(config: FAT5Config) -> FAT5Config:
     return config
 
 
-class FAT5ForSequenceClassification(FAT5PreTrainedModel):
+class FAT5EncoderHeadModel(FAT5PreTrainedModel):
+    """Base of the encoder-only heads: a `FAT5EncoderModel` as `self.transformer`, on an encoder-only copy of the
+    config. A seq2seq checkpoint (FAT5 or T5) loads into any head: the decoder and `lm_head` weights are ignored."""
+
+    _keys_to_ignore_on_load_unexpected = [r"decoder\.", r"lm_head"]
+
+    def __init__(self, config: FAT5Config):
+        super().__init__(_encoder_only_config(config))
+        self.num_labels = self.config.num_labels
+        self.transformer = FAT5EncoderModel(self.config)
+
+    def get_input_embeddings(self):
+        return self.transformer.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.transformer.set_input_embeddings(new_embeddings)
+
+
+class FAT5ForSequenceClassification(FAT5EncoderHeadModel):
     """Encoder-only sequence classification / regression (CamemBERT-style use of a T5 encoder).
 
     Unlike transformers' `T5ForSequenceClassification` (which runs the decoder and pools the hidden state of the last
@@ -1033,21 +1051,10 @@ class FAT5ForSequenceClassification(FAT5PreTrainedModel):
     A seq2seq checkpoint (FAT5 or T5) loads into it: the encoder weights are used, the decoder and `lm_head` ignored.
     """
 
-    _keys_to_ignore_on_load_unexpected = [r"decoder\.", r"lm_head"]
-
     def __init__(self, config: FAT5Config):
-        config = _encoder_only_config(config)
         super().__init__(config)
-        self.num_labels = config.num_labels
-        self.transformer = FAT5EncoderModel(config)
-        self.classification_head = FAT5ClassificationHead(config)
+        self.classification_head = FAT5ClassificationHead(self.config)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.transformer.get_input_embeddings()
-
-    def set_input_embeddings(self, new_embeddings):
-        self.transformer.set_input_embeddings(new_embeddings)
 
     @can_return_tuple
     def forward(
@@ -1110,26 +1117,15 @@ class FAT5ForSequenceClassification(FAT5PreTrainedModel):
         )
 
 
-class FAT5ForTokenClassification(FAT5PreTrainedModel):
+class FAT5ForTokenClassification(FAT5EncoderHeadModel):
     """Encoder-only token classification (NER, POS...), as transformers' `T5ForTokenClassification`:
     encoder -> dropout(`classifier_dropout`) -> linear. Labels -100 are ignored."""
 
-    _keys_to_ignore_on_load_unexpected = [r"decoder\.", r"lm_head"]
-
     def __init__(self, config: FAT5Config):
-        config = _encoder_only_config(config)
         super().__init__(config)
-        self.num_labels = config.num_labels
-        self.transformer = FAT5EncoderModel(config)
-        self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.dropout = nn.Dropout(self.config.classifier_dropout)
+        self.classifier = nn.Linear(self.config.hidden_size, self.config.num_labels)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.transformer.get_input_embeddings()
-
-    def set_input_embeddings(self, new_embeddings):
-        self.transformer.set_input_embeddings(new_embeddings)
 
     @can_return_tuple
     def forward(
@@ -1164,27 +1160,17 @@ class FAT5ForTokenClassification(FAT5PreTrainedModel):
         )
 
 
-class FAT5ForQuestionAnswering(FAT5PreTrainedModel):
+class FAT5ForQuestionAnswering(FAT5EncoderHeadModel):
     """Encoder-only extractive question answering (SQuAD-style span start/end logits on the encoder output).
 
     Unlike transformers' `T5ForQuestionAnswering` (which runs the decoder over the shifted input), FAT5 predicts the
     spans from the encoder's last hidden states with one linear layer (`qa_outputs`, 2 outputs: start and end).
     """
 
-    _keys_to_ignore_on_load_unexpected = [r"decoder\.", r"lm_head"]
-
     def __init__(self, config: FAT5Config):
-        config = _encoder_only_config(config)
         super().__init__(config)
-        self.transformer = FAT5EncoderModel(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.qa_outputs = nn.Linear(self.config.hidden_size, 2)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.transformer.get_input_embeddings()
-
-    def set_input_embeddings(self, new_embeddings):
-        self.transformer.set_input_embeddings(new_embeddings)
 
     @can_return_tuple
     def forward(
