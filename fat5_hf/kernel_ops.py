@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fat5_kernels.rms_norm_reference import rms_norm_reference
+
 try:
     from fat5_kernels.rms_norm import rms_norm as _triton_rms_norm
 except ImportError:  # triton or the kernel module is missing: PyTorch path
@@ -88,30 +90,12 @@ def kernel_available(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # RMSNorm
 # ----------------------------------------------------------------------------------------------------------------
-def t5_rms_norm_reference(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' `T5LayerNorm` maths: variance in fp32, no mean subtraction, no bias.
-
-    Args:
-        hidden_states (`torch.Tensor` of shape `(..., d)`): any float dtype.
-        weight (`torch.Tensor` of shape `(d,)`): the scale.
-        eps (`float`): added to the variance.
-
-    Returns:
-        `torch.Tensor` of shape `(..., d)`: in the weight's dtype when it is fp16/bf16, else the promoted dtype.
-    """
-    variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + eps)
-    # back to half precision if the weights are
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        hidden_states = hidden_states.to(weight.dtype)
-    return weight * hidden_states
-
-
 def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, use_kernel: bool) -> torch.Tensor:
-    """T5 RMSNorm, fused Triton kernel when `use_kernel` and possible, else `t5_rms_norm_reference`."""
+    """T5 RMSNorm, fused Triton kernel when `use_kernel` and possible, else `rms_norm_reference` (T5LayerNorm's
+    maths: variance in fp32, output in the weight's dtype when it is half precision)."""
     if use_kernel and _triton_rms_norm is not None and _device_ok(hidden_states):
         return _triton_rms_norm(hidden_states, weight, eps)
-    return t5_rms_norm_reference(hidden_states, weight, eps)
+    return rms_norm_reference(hidden_states, weight, eps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,5 +312,4 @@ __all__ = [
     "kernel_available",
     "kernels_on_cpu",
     "rms_norm",
-    "t5_rms_norm_reference",
 ]
