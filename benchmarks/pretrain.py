@@ -105,6 +105,8 @@ def measure(variant: str, args: argparse.Namespace, batches: list[tuple[torch.Te
             loss = train_step(*batches[i % len(batches)])
         torch.cuda.synchronize()
         step_s = (time.perf_counter() - start) / args.steps
+        if args.profile:
+            row["profile"] = profile_steps(train_step, batches, args, variant)
         row.update(
             step_ms=round(step_s * 1e3, 2),
             tokens_per_s=round(args.batch_size * (args.input_length + args.target_length) / step_s),
@@ -118,6 +120,31 @@ def measure(variant: str, args: argparse.Namespace, batches: list[tuple[torch.Te
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def profile_steps(train_step, batches, args: argparse.Namespace, variant: str) -> dict:
+    """Per-kernel CUDA time of 3 steps (torch.profiler) and how busy the GPU is: a step whose wall time is
+    well above its summed kernel time is bound by the host (Python, launches), not by the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = 3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for i in range(steps):
+            train_step(*batches[i % len(batches)])
+        host_ms = (time.perf_counter() - start) * 1e3 / steps
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+    table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    with open(os.path.join(args.output_dir, f"pretrain_profile_{variant}.txt"), "w") as f:
+        f.write(
+            f"{variant}: wall {wall_ms:.1f} ms/step (profiled), host issue {host_ms:.1f} ms/step, "
+            f"summed kernel time {kernel_ms:.1f} ms/step\n{table}\n"
+        )
+    return dict(wall_ms=round(wall_ms, 1), host_issue_ms=round(host_ms, 1), kernel_ms=round(kernel_ms, 1))
 
 
 def environment() -> dict:
@@ -179,6 +206,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also write per-kernel CUDA time of 3 steps per variant (torch.profiler)",
+    )
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     if not torch.cuda.is_available():
@@ -200,13 +232,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         for _ in range(4)
     ]
+    os.makedirs(args.output_dir, exist_ok=True)
     rows = []
     for variant in variants:
         row = measure(variant, args, batches)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "pretrain.json"), "w") as f:
         json.dump(dict(environment=env, args={k: v for k, v in vars(args).items()}, results=rows), f, indent=1)
     markdown = to_markdown(env, args, rows)
