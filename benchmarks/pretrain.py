@@ -62,7 +62,9 @@ def build_model(variant: str) -> torch.nn.Module:
         return T5ForConditionalGeneration(T5Config(**FAT5_SMALL_SHAPE, attn_implementation="eager"))
     from fat5_hf import FAT5Config, FAT5ForConditionalGeneration
 
-    return FAT5ForConditionalGeneration(FAT5Config(**FAT5_SMALL_SHAPE))
+    # As the pretraining recipe trains: its collator emits only tokenizer ids, so the per-step id checks (host
+    # syncs) are off.
+    return FAT5ForConditionalGeneration(FAT5Config(**FAT5_SMALL_SHAPE, check_token_ids=False))
 
 
 def build_optimizer(variant: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -53,6 +53,10 @@ class FAT5Config(PreTrainedConfig):
         z_loss (`float`, *optional*, defaults to 0.0): Coefficient of the z-loss `mean(logsumexp(logits)**2)` added
             to the LM loss (PaLM uses 1e-4).
         label_smoothing (`float`, *optional*, defaults to 0.0): Label smoothing of the LM loss, in `[0, 1)`.
+        check_token_ids (`bool`, *optional*, defaults to `True`): Check that `input_ids`, `decoder_input_ids` and
+            `labels` lie in the vocabulary (a clear `ValueError` instead of a device-side assert). On a GPU each
+            check waits for the ids (a host sync per check, which stalls kernel launches): a data pipeline that
+            guarantees the range (the pretraining recipe's) can turn it off for speed.
 
     The kernel switches only take effect on CUDA with triton installed; elsewhere FAT5 runs plain PyTorch that
     reproduces transformers' T5 exactly.
@@ -110,6 +114,7 @@ class FAT5Config(PreTrainedConfig):
     use_fused_glu: bool = True
     z_loss: float | int = 0.0
     label_smoothing: float | int = 0.0
+    check_token_ids: bool = True
 
     def __post_init__(self, **kwargs):
         self.num_decoder_layers = self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers

@@ -90,11 +90,22 @@ def kernel_available(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # RMSNorm
 # ----------------------------------------------------------------------------------------------------------------
-def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, use_kernel: bool) -> torch.Tensor:
+def rms_norm(
+    hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, use_kernel: bool, feeds_linear: bool = False
+) -> torch.Tensor:
     """T5 RMSNorm, fused Triton kernel when `use_kernel` and possible, else `rms_norm_reference` (T5LayerNorm's
-    maths: variance in fp32, output in the weight's dtype when it is half precision)."""
+    maths: variance in fp32, output in the weight's dtype when it is half precision).
+
+    `feeds_linear`: the output only feeds `nn.Linear` layers. Under autocast, where T5 would return fp32 that each
+    of those layers casts to the autocast dtype again, the kernel then stores the autocast dtype directly (the
+    same values, one pass over the activations instead of one per consuming layer).
+    """
     if use_kernel and _triton_rms_norm is not None and _device_ok(hidden_states):
-        return _triton_rms_norm(hidden_states, weight, eps)
+        out_dtype = None
+        device_type = hidden_states.device.type
+        if feeds_linear and torch.is_autocast_enabled(device_type) and weight.dtype == torch.float32:
+            out_dtype = torch.get_autocast_dtype(device_type)
+        return _triton_rms_norm(hidden_states, weight, eps, out_dtype=out_dtype)
     return rms_norm_reference(hidden_states, weight, eps)
 
 
@@ -173,6 +184,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     label_smoothing: float = 0.0,
     use_kernel: bool = False,
+    check_labels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LM loss over `(N, V)` logits: the Triton kernel when `use_kernel` and possible, else `cross_entropy_reference`.
 
@@ -180,7 +192,13 @@ def cross_entropy(
     """
     if use_kernel and _triton_cross_entropy is not None and _device_ok(logits):
         return _triton_cross_entropy(
-            logits, labels, ignore_index=-100, z_loss=z_loss, label_smoothing=label_smoothing, inplace=False
+            logits,
+            labels,
+            ignore_index=-100,
+            z_loss=z_loss,
+            label_smoothing=label_smoothing,
+            inplace=False,
+            check_label_values=check_labels,
         )
     return cross_entropy_reference(logits, labels, z_loss=z_loss, label_smoothing=label_smoothing)
 
@@ -206,6 +224,7 @@ def fused_linear_cross_entropy(
     *,
     z_loss: float = 0.0,
     label_smoothing: float = 0.0,
+    check_labels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of `hidden_states @ weight.T` without the `(N, V)` logits (call only if `can_fuse_linear_cross_entropy`).
 
@@ -216,7 +235,13 @@ def fused_linear_cross_entropy(
         `(loss, z_loss_term)`, fp32 scalars.
     """
     return _triton_fused_linear_cross_entropy(
-        hidden_states, weight, labels, ignore_index=-100, z_loss=z_loss, label_smoothing=label_smoothing
+        hidden_states,
+        weight,
+        labels,
+        ignore_index=-100,
+        z_loss=z_loss,
+        label_smoothing=label_smoothing,
+        check_label_values=check_labels,
     )
 
 

@@ -70,17 +70,39 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input
 class FAT5LayerNorm(nn.Module):
     """T5's RMSNorm (no mean subtraction, no bias, variance in fp32), fused Triton kernel on CUDA if enabled."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, use_fused_kernel: bool = False):
+    def __init__(
+        self, hidden_size: int, eps: float = 1e-6, use_fused_kernel: bool = False, feeds_linear: bool = False
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
         self.use_fused_kernel = use_fused_kernel
+        # the norm in front of a block's projections: under autocast the kernel may output the autocast dtype
+        self.feeds_linear = feeds_linear
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return kernel_ops.rms_norm(hidden_states, self.weight, self.variance_epsilon, self.use_fused_kernel)
+        return kernel_ops.rms_norm(
+            hidden_states, self.weight, self.variance_epsilon, self.use_fused_kernel, self.feeds_linear
+        )
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused={self.use_fused_kernel}"
+
+
+def _match_wo_dtype(hidden_states: torch.Tensor, wo: nn.Linear) -> torch.Tensor:
+    """T5's guard before `wo`: match its dtype when it was kept in another precision (fp32 `wo` of an fp16 model).
+
+    Skipped under autocast, where `wo` computes in the autocast dtype whatever its input: the cast there and back
+    would be an exact round trip costing two passes over the activations.
+    """
+    if (
+        isinstance(wo.weight, torch.Tensor)
+        and hidden_states.dtype != wo.weight.dtype
+        and wo.weight.dtype != torch.int8
+        and not torch.is_autocast_enabled(hidden_states.device.type)
+    ):
+        hidden_states = hidden_states.to(wo.weight.dtype)
+    return hidden_states
 
 
 class FAT5DenseActDense(nn.Module):
@@ -97,14 +119,7 @@ class FAT5DenseActDense(nn.Module):
         hidden_states = self.wi(hidden_states)
         hidden_states = self.act(hidden_states)
         hidden_states = self.dropout(hidden_states)
-        # Same guard as T5: match `wo`'s dtype when it was kept in another precision (e.g. 8-bit loading).
-        if (
-            isinstance(self.wo.weight, torch.Tensor)
-            and hidden_states.dtype != self.wo.weight.dtype
-            and self.wo.weight.dtype != torch.int8
-        ):
-            hidden_states = hidden_states.to(self.wo.weight.dtype)
-        return self.wo(hidden_states)
+        return self.wo(_match_wo_dtype(hidden_states, self.wo))
 
 
 class FAT5DenseGatedActDense(nn.Module):
@@ -125,13 +140,7 @@ class FAT5DenseGatedActDense(nn.Module):
         up = self.wi_1(hidden_states)
         hidden_states = kernel_ops.gated_activation(gate, up, self.act, self.act_name, self.use_fused_kernel)
         hidden_states = self.dropout(hidden_states)
-        if (
-            isinstance(self.wo.weight, torch.Tensor)
-            and hidden_states.dtype != self.wo.weight.dtype
-            and self.wo.weight.dtype != torch.int8
-        ):
-            hidden_states = hidden_states.to(self.wo.weight.dtype)
-        return self.wo(hidden_states)
+        return self.wo(_match_wo_dtype(hidden_states, self.wo))
 
 
 class FAT5LayerFF(nn.Module):
@@ -141,7 +150,9 @@ class FAT5LayerFF(nn.Module):
             self.DenseReluDense = FAT5DenseGatedActDense(config)
         else:
             self.DenseReluDense = FAT5DenseActDense(config)
-        self.layer_norm = FAT5LayerNorm(config.d_model, config.layer_norm_epsilon, config.use_fused_rms_norm)
+        self.layer_norm = FAT5LayerNorm(
+            config.d_model, config.layer_norm_epsilon, config.use_fused_rms_norm, feeds_linear=True
+        )
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -349,7 +360,9 @@ class FAT5LayerSelfAttention(nn.Module):
             layer_idx=layer_idx,
             is_causal=config.is_decoder,
         )
-        self.layer_norm = FAT5LayerNorm(config.d_model, config.layer_norm_epsilon, config.use_fused_rms_norm)
+        self.layer_norm = FAT5LayerNorm(
+            config.d_model, config.layer_norm_epsilon, config.use_fused_rms_norm, feeds_linear=True
+        )
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, hidden_states, attention_mask=None, position_bias=None, cache=None, **kwargs):
@@ -367,7 +380,9 @@ class FAT5LayerCrossAttention(nn.Module):
         self.EncDecAttention = FAT5Attention(
             config, has_relative_attention_bias=False, layer_idx=layer_idx, is_causal=False
         )
-        self.layer_norm = FAT5LayerNorm(config.d_model, config.layer_norm_epsilon, config.use_fused_rms_norm)
+        self.layer_norm = FAT5LayerNorm(
+            config.d_model, config.layer_norm_epsilon, config.use_fused_rms_norm, feeds_linear=True
+        )
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, hidden_states, key_value_states, attention_mask=None, position_bias=None, cache=None, **kwargs):
@@ -404,7 +419,9 @@ class FAT5Block(GradientCheckpointingLayer):
         self.is_decoder = config.is_decoder
         self.layer = nn.ModuleList()
         self.layer.append(
-            FAT5LayerSelfAttention(config, has_relative_attention_bias=has_relative_attention_bias, layer_idx=layer_idx)
+            FAT5LayerSelfAttention(
+                config, has_relative_attention_bias=has_relative_attention_bias, layer_idx=layer_idx
+            )
         )
         if self.is_decoder:
             self.layer.append(FAT5LayerCrossAttention(config, layer_idx=layer_idx))
@@ -568,7 +585,10 @@ class FAT5Stack(FAT5PreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.is_decoder = config.is_decoder
         self.block = nn.ModuleList(
-            [FAT5Block(config, has_relative_attention_bias=bool(i == 0), layer_idx=i) for i in range(config.num_layers)]
+            [
+                FAT5Block(config, has_relative_attention_bias=bool(i == 0), layer_idx=i)
+                for i in range(config.num_layers)
+            ]
         )
         self.final_layer_norm = FAT5LayerNorm(config.d_model, config.layer_norm_epsilon, config.use_fused_rms_norm)
         self.dropout = nn.Dropout(config.dropout_rate)
@@ -611,7 +631,8 @@ class FAT5Stack(FAT5PreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            check_token_ids(input_ids, self.embed_tokens.num_embeddings)
+            if self.config.check_token_ids:
+                check_token_ids(input_ids, self.embed_tokens.num_embeddings)
             inputs_embeds = self.embed_tokens(input_ids)
 
         if use_cache is True and not self.is_decoder:
@@ -930,6 +951,7 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
                 labels.reshape(-1),
                 z_loss=self.config.z_loss,
                 label_smoothing=self.config.label_smoothing,
+                check_labels=self.config.check_token_ids,
             )
         else:
             lm_logits = self.lm_head(sequence_output)
@@ -941,6 +963,7 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
                     z_loss=self.config.z_loss,
                     label_smoothing=self.config.label_smoothing,
                     use_kernel=use_fused_loss,
+                    check_labels=self.config.check_token_ids,
                 )
         if loss is not None:
             if num_items_in_batch is not None:

@@ -224,7 +224,16 @@ def build_model(config: PretrainConfig, tokenizer):
                 f"The model's {key}={getattr(model.config, key, None)} differs from the tokenizer's ({value}); "
                 "the tokenizer does not match the model"
             )
+    # The collator emits only the tokenizer's ids, checked against the vocabulary above: the model's per-step id
+    # checks (three host syncs a step on a GPU) are off while training and back on in the exported config.
+    set_token_id_checks(model, False)
     return model
+
+
+def set_token_id_checks(model, enabled: bool) -> None:
+    """``check_token_ids`` on the model's config and the copies its encoder and decoder stacks hold."""
+    for module in (model, model.get_encoder(), model.get_decoder()):
+        module.config.check_token_ids = enabled
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -513,6 +522,7 @@ def export_model(accelerator, model, tokenizer, config: PretrainConfig, output_d
     ``from_pretrained(output_dir)`` then loads it (``AutoModelForSeq2SeqLM`` once ``fat5_hf`` is imported).
     """
     unwrapped = accelerator.unwrap_model(model)
+    set_token_id_checks(unwrapped, True)  # users of the saved model get the clear errors by default
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
     unwrapped.save_pretrained(
         output_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process, save_function=accelerator.save

@@ -360,6 +360,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     inplace: bool = True,
+    check_label_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused cross-entropy over the vocabulary with z-loss and label smoothing (Triton).
 
@@ -376,6 +377,9 @@ def cross_entropy(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row losses, ``(N,)``).
         inplace: write the gradient over ``logits`` during the backward (no extra (N, V) memory; ``logits`` holds
             its gradient afterwards, and another backward that saved it raises). ``False`` allocates a new buffer.
+        check_label_values: raise a ValueError naming the first label outside ``[0, V)`` (and not
+            ``ignore_index``). On a GPU this waits for the labels (one host sync per call, which stalls the
+            launch queue); pass ``False`` when the data pipeline already guarantees the range.
 
     Returns:
         ``(loss, z_loss_term)``: fp32, scalars unless ``reduction="none"``. ``loss`` includes the z term;
@@ -391,7 +395,7 @@ def cross_entropy(
         raise ValueError(f"labels are on {labels.device} but logits on {logits.device}; move them to one device.")
     validate_cross_entropy_inputs(
         logits.shape, logits.shape[1], labels, ignore_index=ignore_index, z_loss=z_loss,
-        label_smoothing=label_smoothing, reduction=reduction,
+        label_smoothing=label_smoothing, reduction=reduction, check_label_values=check_label_values,
     )  # fmt: skip
     if logits.stride(1) != 1:
         logits = logits.contiguous()

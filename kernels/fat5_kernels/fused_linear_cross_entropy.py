@@ -43,7 +43,9 @@ MAX_CHUNK_SIZE = 4096
 DEFAULT_CHUNK_BYTES = 1 << 30
 
 
-def default_chunk_size(n_tokens: int, vocab_size: int, element_size: int, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+def default_chunk_size(
+    n_tokens: int, vocab_size: int, element_size: int, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> int:
     """Rows per chunk: the largest power of two whose ``(chunk, V)`` logits fit in ``max_chunk_bytes`` (1 GiB by
     default), clamped to ``[64, 4096]`` and to ``n_tokens``.
 
@@ -131,6 +133,7 @@ def fused_linear_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    check_label_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T`` without materializing the ``(N, V)`` logits (training loss only).
 
@@ -149,6 +152,9 @@ def fused_linear_cross_entropy(
             use ``cross_entropy(hidden @ weight.T, labels, reduction="none")``.
         chunk_size: token rows per chunk: memory (a ``(chunk_size, V)`` buffer) against speed; default
             `default_chunk_size` (a buffer of at most 1 GiB).
+        check_label_values: raise a ValueError naming the first label outside ``[0, V)`` (and not
+            ``ignore_index``). On a GPU this waits for the labels (one host sync per call, which stalls the
+            launch queue); pass ``False`` when the data pipeline already guarantees the range.
 
     Returns:
         ``(loss, z_loss_term)``: fp32 scalars; ``loss`` includes the z term, ``z_loss_term`` is it alone
@@ -183,7 +189,7 @@ def fused_linear_cross_entropy(
         )
     validate_cross_entropy_inputs(
         hidden.shape, weight.shape[0], labels, ignore_index=ignore_index, z_loss=z_loss,
-        label_smoothing=label_smoothing, reduction=reduction,
+        label_smoothing=label_smoothing, reduction=reduction, check_label_values=check_label_values,
     )  # fmt: skip
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.element_size())

@@ -138,9 +138,9 @@ def _rms_norm_backward_kernel(
         projection = tl.sum(dnormed * normed, axis=1) / n_cols
         dx = rstd[:, None] * (dnormed - normed * projection[:, None])
         if HAS_DSUMMED:  # gradient reaching the residual-stream output directly
-            dx += tl.load(
-                dsummed_ptr + rows[:, None] * dsummed_row_stride + cols[None, :], mask=mask, other=0.0
-            ).to(tl.float32)
+            dx += tl.load(dsummed_ptr + rows[:, None] * dsummed_row_stride + cols[None, :], mask=mask, other=0.0).to(
+                tl.float32
+            )
         tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     tl.store(dweight_partial_ptr + program * n_cols + cols, tl.sum(dweight_acc, axis=0), mask=col_mask)
@@ -153,7 +153,9 @@ def _check_launchable(x: torch.Tensor) -> None:
             "fat5_kernels.rms_norm_reference.rms_norm_reference on CPU (or set TRITON_INTERPRET=1 for tests)"
         )
     if x.shape[-1] > MAX_FUSED_COLS:
-        raise ValueError(f"fat5_kernels.rms_norm supports rows of at most {MAX_FUSED_COLS} elements, got {x.shape[-1]}")
+        raise ValueError(
+            f"fat5_kernels.rms_norm supports rows of at most {MAX_FUSED_COLS} elements, got {x.shape[-1]}"
+        )
 
 
 @functools.cache
@@ -199,11 +201,15 @@ def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int]:
 
 
 def _rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Launch the forward on 2-D inputs (rows, d). Returns (y, summed or None, rstd (rows,) float32)."""
     n_rows, n_cols = x.shape
-    y = torch.empty((n_rows, n_cols), dtype=rms_norm_output_dtype(x.dtype, weight.dtype), device=x.device)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype or rms_norm_output_dtype(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     summed = torch.empty_like(x) if residual is not None else None
     if n_rows == 0:
@@ -292,19 +298,19 @@ _NAMESPACE = re.sub(r"\W", "_", __name__.rpartition(".")[0] or "fat5_kernels")
 @torch.library.custom_op(
     f"{_NAMESPACE}::rms_norm_forward",
     mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor x, Tensor weight, Tensor? residual, float eps, ScalarType? out_dtype) -> (Tensor, Tensor, Tensor)",
 )
 def _rms_norm_forward_op(
-    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float, out_dtype: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, summed, rstd = _rms_norm_forward(x, weight, residual, eps)
+    y, summed, rstd = _rms_norm_forward(x, weight, residual, eps, out_dtype)
     # An op output may not alias an input: without residual the "summed" output is an empty placeholder.
     return y, summed if summed is not None else x.new_empty(0), rstd
 
 
 @_rms_norm_forward_op.register_fake
-def _(x, weight, residual, eps):
-    y = x.new_empty(x.shape, dtype=rms_norm_output_dtype(x.dtype, weight.dtype))
+def _(x, weight, residual, eps, out_dtype):
+    y = x.new_empty(x.shape, dtype=out_dtype or rms_norm_output_dtype(x.dtype, weight.dtype))
     summed = torch.empty_like(x) if residual is not None else x.new_empty(0)
     return y, summed, x.new_empty(x.shape[0], dtype=torch.float32)
 
@@ -329,17 +335,17 @@ class RMSNormFunction(torch.autograd.Function):
     """Autograd wrapper of the fused kernels; use :func:`rms_norm` rather than calling this directly."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual, eps, in_place_backward):
+    def forward(ctx, x, weight, residual, eps, in_place_backward, out_dtype):
         check_rms_norm_inputs(x, weight, residual)
         _check_launchable(x)
         shape = x.shape
         x_rows = _as_rows(x)
         residual_rows = _as_rows(residual) if residual is not None else None
         if torch.compiler.is_compiling():
-            y, summed, rstd = _rms_norm_forward_op(x_rows, weight, residual_rows, eps)
+            y, summed, rstd = _rms_norm_forward_op(x_rows, weight, residual_rows, eps, out_dtype)
             summed = summed if residual is not None else None
         else:
-            y, summed, rstd = _rms_norm_forward(x_rows, weight, residual_rows, eps)
+            y, summed, rstd = _rms_norm_forward(x_rows, weight, residual_rows, eps, out_dtype)
         ctx.save_for_backward(summed if summed is not None else x_rows, weight, rstd)
         ctx.shape = shape
         ctx.has_residual = residual is not None
@@ -355,7 +361,7 @@ class RMSNormFunction(torch.autograd.Function):
         summed, weight, rstd = ctx.saved_tensors
         dsummed = maybe_dsummed[0] if ctx.has_residual else None
         if dy is None:  # only the residual-stream output was used: the norm contributes nothing
-            return dsummed, None, dsummed, None, None
+            return dsummed, None, dsummed, None, None, None
         dy_rows = _as_rows(dy)
         dsummed_rows = _as_rows(dsummed) if dsummed is not None else None
         if torch.compiler.is_compiling():
@@ -367,7 +373,7 @@ class RMSNormFunction(torch.autograd.Function):
         # x and residual get the same gradient; one tensor serves both (autograd copies before accumulating
         # into a shared buffer), which saves a full activation-sized allocation.
         dresidual = dx if ctx.has_residual else None
-        return dx, dweight, dresidual, None, None
+        return dx, dweight, dresidual, None, None, None
 
 
 def rms_norm(
@@ -376,6 +382,7 @@ def rms_norm(
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
     in_place_backward: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """T5 RMSNorm with fused Triton kernels, optionally fused with the residual add before it.
 
@@ -388,10 +395,13 @@ def rms_norm(
         in_place_backward: write the input gradient into the incoming gradient's buffer (saves one
             activation-sized allocation, as Liger-Kernel does). Only safe when nothing else reads that
             gradient after this backward; ignored under ``torch.compile``.
+        out_dtype: store ``normed`` in this dtype instead of T5's (``rms_norm_output_dtype``): the values are
+            those of T5's output cast to ``out_dtype``. Under autocast the next ``nn.Linear`` casts its input to
+            the autocast dtype anyway; storing it in that dtype saves a pass over the activations.
 
     Returns:
         ``normed`` of shape (..., d), or ``(normed, x + residual)`` with a residual (the sum in x's dtype).
         Gradients flow to x, weight and residual through both outputs; the weight gradient is reduced
         deterministically.
     """
-    return RMSNormFunction.apply(x, weight, residual, float(eps), in_place_backward)
+    return RMSNormFunction.apply(x, weight, residual, float(eps), in_place_backward, out_dtype)

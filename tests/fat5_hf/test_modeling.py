@@ -226,6 +226,38 @@ def test_out_of_range_token_ids_raise(tiny_fat5_config, bad_id):
         model(input_ids=torch.tensor([[3, 4]]), decoder_input_ids=torch.tensor([[0, bad_id]]))
 
 
+def test_check_token_ids_false_skips_the_checks(tiny_fat5_config, make_batch):
+    # The switch trades the clear error for no host sync: PyTorch's own error (or a device assert) remains.
+    model = FAT5ForConditionalGeneration(tiny_fat5_config(check_token_ids=False))
+    with pytest.raises(IndexError):
+        model(input_ids=torch.tensor([[3, 4, 96]]), decoder_input_ids=torch.tensor([[0]]))
+    kernels = ("_triton_cross_entropy", "_triton_fused_linear_cross_entropy")  # eval loss, training loss
+    if not all(getattr(kernel_ops, name) is not None for name in kernels):
+        return
+    input_ids, _ = make_batch(96, [5])
+    decoder_input_ids = torch.tensor([[0, 5, 7]])
+    for check in (True, False):
+        model = FAT5ForConditionalGeneration(tiny_fat5_config(check_token_ids=check))
+        for name, training in zip(kernels, (False, True)):
+            model.train(training)
+            validated, original = [], getattr(kernel_ops, name)
+
+            def spy(*args, original=original, validated=validated, **kwargs):
+                validated.append(kwargs["check_label_values"])
+                return original(*args, **kwargs)
+
+            with kernel_ops.kernels_on_cpu(), pytest.MonkeyPatch.context() as patch:
+                patch.setattr(kernel_ops, name, spy)
+                if check:
+                    with pytest.raises(ValueError, match=r"labels must be in \[0, 96\)"):
+                        model(
+                            input_ids=input_ids, decoder_input_ids=decoder_input_ids, labels=torch.tensor([[5, 96, 1]])
+                        )
+                else:
+                    model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, labels=torch.tensor([[5, 7, 1]]))
+            assert validated == [check], name
+
+
 def test_peft_lora_on_q_v_trains(tiny_fat5_config, make_batch):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
@@ -269,6 +301,27 @@ def test_fused_norm_glu_and_loss_paths_match_pytorch(tiny_fat5_config, make_batc
     torch.testing.assert_close(actual.z_loss, expected.z_loss, atol=1e-6, rtol=1e-5)
 
 
+def test_block_norms_store_the_autocast_dtype_for_their_linears():
+    # Under autocast a block's norm feeds only nn.Linear layers, which cast to the autocast dtype: the kernel
+    # stores that dtype directly, with the values of T5's fp32 output cast. The stacks' final norms keep fp32.
+    if not kernel_ops.kernel_available("rms_norm"):
+        pytest.skip("fat5_kernels has no rms_norm kernel here")
+    from fat5_hf.modeling_fat5 import FAT5LayerNorm
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 16)
+    half = torch.float16  # the interpreter truncates (does not round) to bf16: fp16 checks the rounding exactly
+    for feeds_linear, want_dtype in ((True, half), (False, torch.float32)):
+        norm = FAT5LayerNorm(16, use_fused_kernel=True, feeds_linear=feeds_linear)
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+        with torch.no_grad():
+            expected = norm(hidden)  # PyTorch path, fp32
+            with kernel_ops.kernels_on_cpu(), torch.autocast("cpu", dtype=half):
+                actual = norm(hidden)
+        assert actual.dtype == want_dtype
+        torch.testing.assert_close(actual, expected.to(want_dtype), atol=1e-6, rtol=1e-6)
+
+
 def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch):
     if not kernel_ops.kernel_available("attention"):
         pytest.skip("fat5_kernels has no attention kernel here")
@@ -309,8 +362,11 @@ def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monk
 def test_fresh_init_matches_t5_statistics_and_is_seeded(variant):
     # transformers 5 initializes "custom code" models leaf by leaf unless told otherwise: every parameter must get
     # T5's init (same std per tensor as HF T5) and two models built with one seed must be identical.
-    layout = dict(feed_forward_proj="relu") if variant == "t5" else dict(feed_forward_proj="gated-gelu",
-                                                                         tie_word_embeddings=False)
+    layout = (
+        dict(feed_forward_proj="relu")
+        if variant == "t5"
+        else dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    )
     fields = dict(vocab_size=500, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, **layout)
     t5_config, fat5_config = T5Config(**fields), FAT5Config(**fields)
     torch.manual_seed(0)

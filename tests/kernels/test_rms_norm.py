@@ -239,3 +239,31 @@ def test_rms_norm_fp32_on_gpu_is_fp32_accurate():
     want_out, want_grads = _run(rms_norm_reference, {k: v.double() for k, v in inputs.items()}, [g.double() for g in grads], True)
     for got, want in zip(got_out + list(got_grads.values()), want_out + list(want_grads.values())):
         assert (got.double() - want).norm() / want.norm() < 1e-5
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_out_dtype_stores_the_t5_output_cast(residual):
+    # fp32 input and weight (autocast's layout): out_dtype=HALF must equal T5's fp32 output cast to HALF, and the
+    # gradients must equal those of that cast (autograd through `.to(HALF)`).
+    torch.manual_seed(0)
+    inputs = {
+        "x": torch.randn(37, 96, device=DEVICE) * 3,
+        "weight": torch.rand(96, device=DEVICE) + 0.5,
+        "residual": torch.randn(37, 96, device=DEVICE),
+    }
+    grad = torch.randn(37, 96, device=DEVICE).to(HALF)
+    grads_out = [grad, torch.randn(37, 96, device=DEVICE)] if residual else [grad]
+    got_out, got_grads = _run(
+        lambda x, w, e, r: rms_norm(x, w, e, residual=r, out_dtype=HALF), inputs, grads_out, residual
+    )
+
+    def cast_fused(x, w, e, r):
+        out = rms_norm(x, w, e, residual=r)
+        return (out[0].to(HALF), out[1]) if residual else out.to(HALF)
+
+    want_out, want_grads = _run(cast_fused, inputs, grads_out, residual)
+    assert got_out[0].dtype == HALF
+    for got, want in zip(got_out, want_out):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for name in ("x", "weight") + (("residual",) if residual else ()):
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-6, rtol=1e-6)

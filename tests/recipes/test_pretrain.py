@@ -192,6 +192,8 @@ def test_saved_model_loads_for_finetuning(short_run):
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert type(model).__name__ == "FAT5ForConditionalGeneration"
     assert model.config.vocab_size >= len(tokenizer)
+    # off while the recipe trains (its collator emits only tokenizer ids), on again for users of the saved model
+    assert model.config.check_token_ids and model.get_encoder().config.check_token_ids
     inputs = tokenizer(["Le marché du samedi <extra_id_0> de l'église."], return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert generated.shape[0] == 1 and generated.shape[1] <= 6

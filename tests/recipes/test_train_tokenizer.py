@@ -94,8 +94,18 @@ def test_streaming_dataset_path_matches_files(trained, small_jsonl, tmp_path):
     # `--dataset json --data-files` goes through datasets.load_dataset(..., streaming=True), like a Hub dataset.
     output = tmp_path / "streamed"
     rc = train_tokenizer_script.main(
-        ["--dataset", "json", "--data-files", str(small_jsonl), "--vocab-size", "700", "--num-sentinels", "20",
-         "--output-dir", str(output)]
+        [
+            "--dataset",
+            "json",
+            "--data-files",
+            str(small_jsonl),
+            "--vocab-size",
+            "700",
+            "--num-sentinels",
+            "20",
+            "--output-dir",
+            str(output),
+        ]
     )
     assert rc == 0
     assert (output / "tokenizer.json").read_bytes() == (trained / "tokenizer.json").read_bytes()
