@@ -33,7 +33,7 @@ import weakref
 import torch
 
 from .attention_bwd import bias_sums_to_table_grad, t5_attention_backward
-from .attention_fwd import t5_attention_forward
+from .attention_fwd import DIST_PAD, LOG2E, t5_attention_forward
 from .attention_reference import relative_bias_layout, t5_relative_position_bucket
 from .triton_utils import triton_interpreter_enabled
 
@@ -48,10 +48,20 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
+_PADDED_DISTANCE_BUCKETS: dict = {}
+
+
 def _distance_bias(bias_table: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
-    """Per-distance bias float32 (H, 2R+1): the bias of distance ``d`` at ``d + R`` (one small gather)."""
+    """The kernels' per-distance bias, float32 (H, 2(R + DIST_PAD) + 1): the bias of distance ``d`` times log2(e)
+    (the kernels' softmax runs in base 2) at ``d + R + DIST_PAD``, saturated beyond +-R. One small gather."""
     layout = relative_bias_layout(bidirectional, num_buckets, max_distance, bias_table.device)
-    return torch.index_select(bias_table.float(), 1, layout.distance_bucket), layout
+    index = _PADDED_DISTANCE_BUCKETS.get(id(layout))  # layouts are cached for the process: ids are stable
+    if index is None:
+        buckets = layout.distance_bucket
+        pad = DIST_PAD.value
+        index = torch.cat((buckets[:1].expand(pad), buckets, buckets[-1:].expand(pad)))
+        _PADDED_DISTANCE_BUCKETS[id(layout)] = index
+    return torch.index_select(bias_table.float(), 1, index) * LOG2E, layout
 
 
 _VALIDATED_CU_SEQLENS: dict = {}

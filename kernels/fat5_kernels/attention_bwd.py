@@ -28,6 +28,7 @@ from .attention_fwd import (
     BIAS_ALIBI,
     BIAS_NONE,
     BIAS_T5,
+    DIST_PAD,
     _key_ranges,
     _mask2d,
     _tile_bias,
@@ -219,7 +220,7 @@ def _bwd_dkdv_kernel(
     do_ptrs = DOut + b64 * stride_dob + off_h * stride_doh + q_rows[:, None] * stride_dom + offs_d[None, :]
     lse_ptr = Lse + b64 * stride_lb + off_h * stride_lh + q_start
     delta_ptr = Delta + b64 * stride_lb + off_h * stride_lh + q_start
-    dist_bias_ptr = DistBias + off_h * (2 * radius + 1)
+    dist_bias_ptr = DistBias + off_h * (2 * (radius + DIST_PAD) + 1) + radius + DIST_PAD  # at distance 0
     key_keep = offs_n < seqlen_k
     if HAS_KEY_MASK:
         key_keep = tl.load(KeyMask + b64 * stride_maskb + offs_n, mask=offs_n < seqlen_k, other=0) != 0
@@ -233,8 +234,8 @@ def _bwd_dkdv_kernel(
     if BIAS_KIND == 2:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
     if BIAS_KIND == 1:
-        bias_far_left = tl.load(dist_bias_ptr) * 1.4426950408889634
-        bias_far_right = tl.load(dist_bias_ptr + 2 * radius) * 1.4426950408889634
+        bias_far_left = tl.load(dist_bias_ptr - radius)
+        bias_far_right = tl.load(dist_bias_ptr + radius)
         band_radius = radius
     else:
         band_radius = 1
@@ -413,7 +414,7 @@ def _bwd_dq_kernel(
     k_ptrs = K + b64 * stride_kb + off_h * stride_kh + k_rows[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V + b64 * stride_vb + off_h * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :]
     key_mask_ptr = KeyMask + b64 * stride_maskb
-    dist_bias_ptr = DistBias + off_h * (2 * radius + 1)
+    dist_bias_ptr = DistBias + off_h * (2 * (radius + DIST_PAD) + 1) + radius + DIST_PAD  # at distance 0
     query_pos = offs_m + (seqlen_k - seqlen_q)
 
     alibi_slope_log2 = 0.0
@@ -422,12 +423,12 @@ def _bwd_dq_kernel(
     if BIAS_KIND == 2:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
     if BIAS_KIND == 1:
-        bias_far_left = tl.load(dist_bias_ptr) * 1.4426950408889634
-        bias_far_right = tl.load(dist_bias_ptr + 2 * radius) * 1.4426950408889634
+        bias_far_left = tl.load(dist_bias_ptr - radius)
+        bias_far_right = tl.load(dist_bias_ptr + radius)
         band_radius = radius
     else:
         band_radius = 1
-    far_left_end, band_end, full_end, key_end = _key_ranges(
+    far_left_end, band_unmasked_end, band_end, full_end, key_end = _key_ranges(
         start_m * BLOCK_M, seqlen_q, seqlen_k, band_radius, IS_CAUSAL, BLOCK_M, BLOCK_N
     )
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -437,9 +438,16 @@ def _bwd_dq_kernel(
         radius, BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     dq = _dq_tile_loop(
-        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_end, query_pos,
-        seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-        radius, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_unmasked_end,
+        query_pos, seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left,
+        bias_far_right, radius, BIAS_KIND, 1, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N,
+        DOT_PRECISION,
+    )  # fmt: skip
+    dq = _dq_tile_loop(
+        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_unmasked_end, band_end,
+        query_pos, seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left,
+        bias_far_right, radius, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N,
+        DOT_PRECISION,
     )  # fmt: skip
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos,

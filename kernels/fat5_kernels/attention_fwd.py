@@ -44,6 +44,11 @@ BIAS_T5 = 1
 BIAS_ALIBI = 2
 
 # regions of the key/query loops (the REGION constexpr; kernels pass the literal values)
+# The per-distance bias vector the kernels read extends DIST_PAD entries past +-R (saturated values), so that a band
+# tile (every distance within R + BLOCK_M + BLOCK_N of 0) indexes it without clamping; >= the largest
+# BLOCK_M + BLOCK_N of any config.
+DIST_PAD = tl.constexpr(256)
+
 REGION_FAR_LEFT = 0  # every d <= -R
 REGION_BAND = 1
 REGION_FAR_RIGHT = 2  # every d >= R
@@ -61,15 +66,16 @@ def _tile_bias(
     BIAS_KIND: tl.constexpr,
     REGION: tl.constexpr,
 ):
-    """Add the (log2-scaled) relative bias to a tile of log2-domain scores; ``distance = key - query``."""
+    """Add the relative bias to a tile of log2-domain scores; ``distance = key - query``.
+
+    ``dist_bias_ptr`` points at distance 0 of the head's log2-scaled, padded per-distance vector."""
     if BIAS_KIND == 1:
         if REGION == 0:
             scores = scores + bias_far_left
         elif REGION == 2:
             scores = scores + bias_far_right
         else:
-            index = tl.minimum(tl.maximum(distance, -radius), radius) + radius
-            scores = scores + tl.load(dist_bias_ptr + index) * 1.4426950408889634
+            scores = scores + tl.load(dist_bias_ptr + distance)
     elif BIAS_KIND == 2:
         scores = scores - alibi_slope_log2 * tl.abs(distance).to(tl.float32)
     return scores
@@ -89,9 +95,11 @@ def _mask2d(rows_ok, cols_ok, EVEN_HEAD_DIM: tl.constexpr):
 def _key_ranges(first_row, seqlen_q, seqlen_k, band_radius, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Split the keys seen by query rows ``[first_row, first_row + BLOCK_M)`` into loop ranges.
 
-    Returns ``far_left_end, band_end, full_end, key_end`` (multiples of BLOCK_N except ``key_end``):
-    ``[0, far_left_end)`` has every distance ``<= -band_radius`` (all keys valid, no mask),
-    ``[far_left_end, band_end)`` is the band (per-element bias, masked), ``[band_end, full_end)`` has every
+    Returns ``far_left_end, band_unmasked_end, band_end, full_end, key_end`` (multiples of BLOCK_N except
+    ``key_end``): ``[0, far_left_end)`` has every distance ``<= -band_radius`` (all keys valid, no mask),
+    ``[far_left_end, band_end)`` is the band (per-element bias), whose tiles before ``band_unmasked_end`` need no
+    mask (whole tiles of valid keys, and with causal every key at or before the block's first query; masking
+    costs as much as the bias gather on short sequences, where most tiles are band tiles), ``[band_end, full_end)`` has every
     distance ``>= band_radius`` and full tiles, ``[full_end, key_end)`` is the partial last tile (masked).
     """
     # queries are aligned to the end of the keys: row i sits at key position i + N - M
@@ -104,7 +112,11 @@ def _key_ranges(first_row, seqlen_q, seqlen_k, band_radius, IS_CAUSAL: tl.conste
     far_right_start = tl.cdiv(tl.maximum(last_query + band_radius, 0), BLOCK_N) * BLOCK_N
     band_end = tl.maximum(tl.minimum(far_right_start, key_end), far_left_end)
     full_end = tl.maximum(tl.minimum((seqlen_k // BLOCK_N) * BLOCK_N, key_end), band_end)
-    return far_left_end, band_end, full_end, key_end
+    unmasked_end = (seqlen_k // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        unmasked_end = tl.minimum(unmasked_end, (tl.maximum(first_query + 1, 0) // BLOCK_N) * BLOCK_N)
+    band_unmasked_end = tl.minimum(tl.maximum(unmasked_end, far_left_end), band_end)
+    return far_left_end, band_unmasked_end, band_end, full_end, key_end
 
 
 @triton.jit
@@ -278,7 +290,7 @@ def _t5_attn_fwd_kernel(
     k_ptrs = K + b64 * stride_kb + off_h * stride_kh + k_rows[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + b64 * stride_vb + off_h * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :]
     key_mask_ptr = KeyMask + b64 * stride_maskb
-    dist_bias_ptr = DistBias + off_h * (2 * radius + 1)
+    dist_bias_ptr = DistBias + off_h * (2 * (radius + DIST_PAD) + 1) + radius + DIST_PAD  # at distance 0
 
     alibi_slope_log2 = 0.0
     bias_far_left = 0.0
@@ -286,13 +298,13 @@ def _t5_attn_fwd_kernel(
     if BIAS_KIND == 2:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
     if BIAS_KIND == 1:
-        bias_far_left = tl.load(dist_bias_ptr) * 1.4426950408889634
-        bias_far_right = tl.load(dist_bias_ptr + 2 * radius) * 1.4426950408889634
+        bias_far_left = tl.load(dist_bias_ptr - radius)
+        bias_far_right = tl.load(dist_bias_ptr + radius)
         band_radius = radius
     else:
         band_radius = 1
 
-    far_left_end, band_end, full_end, key_end = _key_ranges(
+    far_left_end, band_unmasked_end, band_end, full_end, key_end = _key_ranges(
         start_m * BLOCK_M, seqlen_q, seqlen_k, band_radius, IS_CAUSAL, BLOCK_M, BLOCK_N
     )
 
@@ -305,9 +317,14 @@ def _t5_attn_fwd_kernel(
         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_end, query_pos, seqlen_k,
-        stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius, head_dim,
-        BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_unmasked_end, query_pos,
+        seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        head_dim, BIAS_KIND, 1, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_tile_loop(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_unmasked_end, band_end, query_pos,
+        seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        head_dim, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos, seqlen_k,
@@ -390,7 +407,8 @@ def t5_attention_forward(
 
     Dense layout: q (B, H, M, D), k/v (B, H, N, D) -> out (B, H, M, D), lse float32 (B, H, M).
     Packed layout (``cu_seqlens_q`` given): q (total_q, H, D), k/v (total_k, H, D) -> out (total_q, H, D),
-    lse float32 (H, total_q). ``dist_bias`` is float32 (H, 2*radius+1): the bias of distance ``d`` at ``d + radius``.
+    lse float32 (H, total_q). ``dist_bias`` is float32 (H, 2*(radius+DIST_PAD)+1): the bias of distance ``d``
+    times log2(e) at ``d + radius + DIST_PAD`` (saturated beyond +-radius), see `padded_distance_bias`.
     """
     is_varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]
@@ -442,4 +460,4 @@ def t5_attention_forward(
     return out, lse
 
 
-__all__ = ["LN2", "LOG2E", "t5_attention_forward"]
+__all__ = ["DIST_PAD", "LN2", "LOG2E", "t5_attention_forward"]
