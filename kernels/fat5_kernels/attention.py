@@ -33,7 +33,7 @@ import weakref
 import torch
 
 from .attention_bwd import bias_sums_to_table_grad, t5_attention_backward
-from .attention_fwd import DIST_PAD, LOG2E, t5_attention_forward
+from .attention_fwd import LOG2E, t5_attention_forward
 from .attention_reference import relative_bias_layout, t5_relative_position_bucket
 from .triton_utils import triton_interpreter_enabled
 
@@ -51,17 +51,22 @@ MAX_HEAD_DIM = 256
 _PADDED_DISTANCE_BUCKETS: dict = {}
 
 
-def _distance_bias(bias_table: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
-    """The kernels' per-distance bias, float32 (H, 2(R + DIST_PAD) + 1): the bias of distance ``d`` times log2(e)
-    (the kernels' softmax runs in base 2) at ``d + R + DIST_PAD``, saturated beyond +-R. One small gather."""
+def _distance_bias(
+    bias_table: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int, max_seqlen: int
+) -> tuple[torch.Tensor, object, int]:
+    """The kernels' per-distance bias: float32 (H, 2C + 1) holding the bias of distance ``d`` times log2(e) (the
+    kernels' softmax runs in base 2) at ``d + C``, saturated beyond +-R, with ``C`` covering every distance of
+    sequences up to ``max_seqlen`` plus a tile, so that the kernels index it without clamping. One small gather,
+    O(L + buckets) memory. Returns ``(vector, layout, C)``."""
     layout = relative_bias_layout(bidirectional, num_buckets, max_distance, bias_table.device)
-    index = _PADDED_DISTANCE_BUCKETS.get(id(layout))  # layouts are cached for the process: ids are stable
+    pad = 1 << max(8, (max_seqlen + 256 - 1).bit_length())  # >= max_seqlen + largest BLOCK_M + BLOCK_N; few sizes
+    key = (id(layout), pad)  # layouts are cached for the process: their ids are stable
+    index = _PADDED_DISTANCE_BUCKETS.get(key)
     if index is None:
         buckets = layout.distance_bucket
-        pad = DIST_PAD.value
         index = torch.cat((buckets[:1].expand(pad), buckets, buckets[-1:].expand(pad)))
-        _PADDED_DISTANCE_BUCKETS[id(layout)] = index
-    return torch.index_select(bias_table.float(), 1, index) * LOG2E, layout
+        _PADDED_DISTANCE_BUCKETS[key] = index
+    return torch.index_select(bias_table.float(), 1, index) * LOG2E, layout, layout.radius + pad
 
 
 _VALIDATED_CU_SEQLENS: dict = {}
@@ -108,13 +113,15 @@ def _forward_impl(
     if cu_seqlens_q is not None:
         _check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
         _check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
-    dist_bias, radius = None, 0
+    dist_bias, radius, dist_center = None, 0, 0
     if bias_table is not None:
-        dist_bias, layout = _distance_bias(bias_table, bidirectional, num_buckets, max_distance)
+        dist_bias, layout, dist_center = _distance_bias(
+            bias_table, bidirectional, num_buckets, max_distance, max(max_seqlen_q, max_seqlen_k)
+        )
         radius = layout.radius
     return t5_attention_forward(
         q, k, v,
-        dist_bias=dist_bias, radius=radius, alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask,
+        dist_bias=dist_bias, radius=radius, dist_center=dist_center, alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         causal=causal, softmax_scale=softmax_scale,
     )  # fmt: skip
@@ -175,15 +182,17 @@ def _backward_impl(
     softmax_scale: float,
     bias_table_needs_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dist_bias, radius, cuts, layout = None, 0, None, None
+    dist_bias, radius, dist_center, cuts, layout = None, 0, 0, None, None
     if bias_table is not None:
-        dist_bias, layout = _distance_bias(bias_table, bidirectional, num_buckets, max_distance)
+        dist_bias, layout, dist_center = _distance_bias(
+            bias_table, bidirectional, num_buckets, max_distance, max(max_seqlen_q, max_seqlen_k)
+        )
         radius = layout.radius
         if bias_table_needs_grad:
             cuts = layout.cuts
     dq, dk, dv, bias_partials = t5_attention_backward(
         dout, q, k, v, out, lse,
-        dist_bias=dist_bias, radius=radius, cuts=cuts, alibi_slopes=alibi_slopes,
+        dist_bias=dist_bias, radius=radius, dist_center=dist_center, cuts=cuts, alibi_slopes=alibi_slopes,
         key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
     )  # fmt: skip

@@ -28,7 +28,6 @@ from .attention_fwd import (
     BIAS_ALIBI,
     BIAS_NONE,
     BIAS_T5,
-    DIST_PAD,
     _key_ranges,
     _mask2d,
     _tile_bias,
@@ -187,7 +186,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh, stride_maskb,
-    batch, num_heads, seqlen_q, seqlen_k, head_dim, qk_scale_log2, softmax_scale, radius,
+    batch, num_heads, seqlen_q, seqlen_k, head_dim, qk_scale_log2, softmax_scale, radius, dist_center,
     SEQLEN_KEY,
     BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr, NUM_CUTS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -220,7 +219,7 @@ def _bwd_dkdv_kernel(
     do_ptrs = DOut + b64 * stride_dob + off_h * stride_doh + q_rows[:, None] * stride_dom + offs_d[None, :]
     lse_ptr = Lse + b64 * stride_lb + off_h * stride_lh + q_start
     delta_ptr = Delta + b64 * stride_lb + off_h * stride_lh + q_start
-    dist_bias_ptr = DistBias + off_h * (2 * (radius + DIST_PAD) + 1) + radius + DIST_PAD  # at distance 0
+    dist_bias_ptr = DistBias + off_h * (2 * dist_center + 1) + dist_center  # at distance 0
     key_keep = offs_n < seqlen_k
     if HAS_KEY_MASK:
         key_keep = tl.load(KeyMask + b64 * stride_maskb + offs_n, mask=offs_n < seqlen_k, other=0) != 0
@@ -375,7 +374,7 @@ def _bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     stride_lb, stride_lh, stride_maskb,
-    num_heads, seqlen_q, seqlen_k, head_dim, qk_scale_log2, softmax_scale, radius,
+    num_heads, seqlen_q, seqlen_k, head_dim, qk_scale_log2, softmax_scale, radius, dist_center,
     SEQLEN_KEY,
     BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -414,7 +413,7 @@ def _bwd_dq_kernel(
     k_ptrs = K + b64 * stride_kb + off_h * stride_kh + k_rows[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V + b64 * stride_vb + off_h * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :]
     key_mask_ptr = KeyMask + b64 * stride_maskb
-    dist_bias_ptr = DistBias + off_h * (2 * (radius + DIST_PAD) + 1) + radius + DIST_PAD  # at distance 0
+    dist_bias_ptr = DistBias + off_h * (2 * dist_center + 1) + dist_center  # at distance 0
     query_pos = offs_m + (seqlen_k - seqlen_q)
 
     alibi_slope_log2 = 0.0
@@ -428,7 +427,9 @@ def _bwd_dq_kernel(
         band_radius = radius
     else:
         band_radius = 1
-    far_left_end, band_unmasked_end, band_end, full_end, key_end = _key_ranges(
+    # One masked band loop here (not the forward's unmasked + masked split): on the H100 the extra loop made the
+    # dQ kernel slower, not faster.
+    far_left_end, _, band_end, full_end, key_end = _key_ranges(
         start_m * BLOCK_M, seqlen_q, seqlen_k, band_radius, IS_CAUSAL, BLOCK_M, BLOCK_N
     )
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -438,16 +439,9 @@ def _bwd_dq_kernel(
         radius, BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     dq = _dq_tile_loop(
-        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_unmasked_end,
-        query_pos, seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left,
-        bias_far_right, radius, BIAS_KIND, 1, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N,
-        DOT_PRECISION,
-    )  # fmt: skip
-    dq = _dq_tile_loop(
-        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_unmasked_end, band_end,
-        query_pos, seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left,
-        bias_far_right, radius, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N,
-        DOT_PRECISION,
+        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_end, query_pos,
+        seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+        radius, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos,
@@ -484,6 +478,7 @@ def t5_attention_backward(
     *,
     dist_bias: torch.Tensor | None,
     radius: int,
+    dist_center: int,
     cuts: torch.Tensor | None,
     alibi_slopes: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
@@ -559,7 +554,7 @@ def t5_attention_backward(
         *_layout_strides(q, is_varlen), *_layout_strides(k, is_varlen), *_layout_strides(v, is_varlen),
         *_layout_strides(dout, is_varlen), *_layout_strides(dk, is_varlen), *_layout_strides(dv, is_varlen),
         *lse_strides, mask_stride,
-        batch, num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, seqlen_key,
+        batch, num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, dist_center, seqlen_key,
     )  # fmt: skip
     dkdv_kwargs = dict(COMPUTE_DBIAS=compute_dbias, NUM_CUTS_PAD=num_cuts_pad, **common)
     launch_tuned(
@@ -573,7 +568,7 @@ def t5_attention_backward(
         q, k, v, dout, dq, lse, delta, *optional,
         *_layout_strides(q, is_varlen), *_layout_strides(k, is_varlen), *_layout_strides(v, is_varlen),
         *_layout_strides(dout, is_varlen), *_layout_strides(dq, is_varlen), *lse_strides, mask_stride,
-        num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, seqlen_key,
+        num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, dist_center, seqlen_key,
     )  # fmt: skip
     launch_tuned(
         _bwd_dq_kernel,

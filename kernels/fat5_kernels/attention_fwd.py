@@ -44,11 +44,6 @@ BIAS_T5 = 1
 BIAS_ALIBI = 2
 
 # regions of the key/query loops (the REGION constexpr; kernels pass the literal values)
-# The per-distance bias vector the kernels read extends DIST_PAD entries past +-R (saturated values), so that a band
-# tile (every distance within R + BLOCK_M + BLOCK_N of 0) indexes it without clamping; >= the largest
-# BLOCK_M + BLOCK_N of any config.
-DIST_PAD = tl.constexpr(256)
-
 REGION_FAR_LEFT = 0  # every d <= -R
 REGION_BAND = 1
 REGION_FAR_RIGHT = 2  # every d >= R
@@ -250,6 +245,7 @@ def _t5_attn_fwd_kernel(
     head_dim,
     qk_scale_log2,
     radius,
+    dist_center,
     SEQLEN_KEY,
     BIAS_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
@@ -290,7 +286,7 @@ def _t5_attn_fwd_kernel(
     k_ptrs = K + b64 * stride_kb + off_h * stride_kh + k_rows[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + b64 * stride_vb + off_h * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :]
     key_mask_ptr = KeyMask + b64 * stride_maskb
-    dist_bias_ptr = DistBias + off_h * (2 * (radius + DIST_PAD) + 1) + radius + DIST_PAD  # at distance 0
+    dist_bias_ptr = DistBias + off_h * (2 * dist_center + 1) + dist_center  # at distance 0
 
     alibi_slope_log2 = 0.0
     bias_far_left = 0.0
@@ -394,6 +390,7 @@ def t5_attention_forward(
     *,
     dist_bias: torch.Tensor | None,
     radius: int,
+    dist_center: int,
     alibi_slopes: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None,
@@ -407,8 +404,9 @@ def t5_attention_forward(
 
     Dense layout: q (B, H, M, D), k/v (B, H, N, D) -> out (B, H, M, D), lse float32 (B, H, M).
     Packed layout (``cu_seqlens_q`` given): q (total_q, H, D), k/v (total_k, H, D) -> out (total_q, H, D),
-    lse float32 (H, total_q). ``dist_bias`` is float32 (H, 2*(radius+DIST_PAD)+1): the bias of distance ``d``
-    times log2(e) at ``d + radius + DIST_PAD`` (saturated beyond +-radius), see `padded_distance_bias`.
+    lse float32 (H, total_q). ``dist_bias`` is float32 (H, 2*dist_center+1): the bias of distance ``d`` times
+    log2(e) at ``d + dist_center`` (saturated beyond +-radius); it must cover every distance the inputs have
+    (``dist_center >= max(M, N) + 256``): the kernels index it without clamping.
     """
     is_varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]
@@ -449,7 +447,7 @@ def t5_attention_forward(
         cu_seqlens_k if is_varlen else dummy,
         *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
         key_padding_mask.stride(0) if has_key_mask else 0,
-        num_heads, max_seqlen_q, max_seqlen_k, head_dim, softmax_scale * LOG2E, radius, seqlen_key,
+        num_heads, max_seqlen_q, max_seqlen_k, head_dim, softmax_scale * LOG2E, radius, dist_center, seqlen_key,
     )  # fmt: skip
     kwargs = dict(
         BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=has_key_mask, IS_VARLEN=is_varlen,
@@ -460,4 +458,4 @@ def t5_attention_forward(
     return out, lse
 
 
-__all__ = ["DIST_PAD", "LN2", "LOG2E", "t5_attention_forward"]
+__all__ = ["LN2", "LOG2E", "t5_attention_forward"]

@@ -141,6 +141,16 @@ def test_dense_matches_reference(bias, causal, bidirectional, seqlen_q, seqlen_k
     _check_against_reference(kernel_fn, reference_fn, (q, k, v, table), dout, "qkvt", low)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_distances_far_beyond_the_band_with_partial_blocks(causal):
+    # Distances up to ~N - M + M = 410 >> R + 256 and partial key blocks: the backward sends a partial key block's
+    # every query tile through the band path, which must still read the right (saturated) bias.
+    q, k, v, table, dout = _inputs(1, 1, 301, 410, 16, CPU_DTYPE if DEVICE == "cpu" else torch.bfloat16, seed=5)
+    kernel_fn, reference_fn = _dense_fns("t5", causal, not causal, 8, 12)
+    low = CPU_DTYPE if DEVICE == "cpu" else torch.bfloat16
+    _check_against_reference(kernel_fn, reference_fn, (q, k, v, table), dout, "qkvt", low)
+
+
 def test_float32_matches_reference_tightly():
     """fp32 inputs take exact (ieee) products: the kernel must agree with the reference to rounding."""
     q, k, v, table, dout = _inputs(1, 2, 83, 150, 16, torch.float32, seed=3)
