@@ -13,14 +13,20 @@ Variants:
 - ``fat5_compiled``: FAT5 under ``torch.compile`` (reported as an error row if it does not compile);
 - ``fat5_adamw_scale``: FAT5 with ``fat5_hf.optim.AdamWScale`` instead of fused AdamW.
 
-Tokens per second count encoder and decoder tokens: ``batch * (input_length + target_length) / step time``.
+Tokens per second count encoder and decoder tokens: ``GPUs * batch * (input_length + target_length) / step time``.
 
 Usage (GPU machine, repository root)::
 
     export PYTHONPATH=$PWD/kernels:$PWD
     python benchmarks/pretrain.py --batch-size 32 --output-dir benchmarks/results
 
-writes ``pretrain.json`` and ``pretrain.md`` into ``--output-dir``.
+writes ``pretrain.json`` and ``pretrain.md`` into ``--output-dir``. Scaling to several GPUs of one host::
+
+    torchrun --nproc_per_node 2 benchmarks/pretrain.py --batch-size 64 --variants t5_compiled,fat5_compiled
+
+measures each variant first on one GPU (rank 0 alone, the others wait), then on every GPU with
+``DistributedDataParallel`` (NCCL), the same batch per GPU, and writes ``pretrain_<N>gpus.{json,md}`` with the
+scaling efficiency ``tokens/s on N GPUs / (N * tokens/s on one)``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import time
 import traceback
 
 import torch
+import torch.distributed as dist
 
 VARIANTS = ("t5", "t5_compiled", "fat5", "fat5_compiled", "fat5_adamw_scale")
 
@@ -75,9 +82,16 @@ def build_optimizer(variant: str, model: torch.nn.Module, lr: float) -> torch.op
     return torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
 
 
-def measure(variant: str, args: argparse.Namespace, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+def measure(
+    variant: str, args: argparse.Namespace, batches: list[tuple[torch.Tensor, torch.Tensor]], gpus: int = 1
+) -> dict:
+    """Time ``args.steps`` training steps of ``variant`` on ``gpus`` GPUs (DDP when more than one)."""
     row = dict(
-        variant=variant, batch_size=args.batch_size, input_length=args.input_length, target_length=args.target_length
+        variant=variant,
+        gpus=gpus,
+        batch_size=args.batch_size,
+        input_length=args.input_length,
+        target_length=args.target_length,
     )
     model = optimizer = forward = train_step = None
     try:
@@ -85,7 +99,11 @@ def measure(variant: str, args: argparse.Namespace, batches: list[tuple[torch.Te
         model = build_model(variant).cuda().train()
         row["parameters_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
         optimizer = build_optimizer(variant, model, args.lr)
-        forward = torch.compile(model) if variant.endswith("_compiled") else model
+        forward = model
+        if gpus > 1:
+            forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
+        if variant.endswith("_compiled"):
+            forward = torch.compile(forward)
 
         def train_step(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -107,12 +125,17 @@ def measure(variant: str, args: argparse.Namespace, batches: list[tuple[torch.Te
             loss = train_step(*batches[i % len(batches)])
         torch.cuda.synchronize()
         step_s = (time.perf_counter() - start) / args.steps
-        if args.profile:
+        peak_bytes = torch.cuda.max_memory_allocated()
+        if gpus > 1:  # the slowest rank sets the pace; report the largest footprint
+            stats = torch.tensor([step_s, peak_bytes], dtype=torch.float64, device="cuda")
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            step_s, peak_bytes = stats.tolist()
+        if args.profile and gpus == 1:
             row["profile"] = profile_steps(train_step, batches, args, variant)
         row.update(
             step_ms=round(step_s * 1e3, 2),
-            tokens_per_s=round(args.batch_size * (args.input_length + args.target_length) / step_s),
-            peak_memory_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            tokens_per_s=round(gpus * args.batch_size * (args.input_length + args.target_length) / step_s),
+            peak_memory_GiB=round(peak_bytes / 2**30, 2),
             final_loss=round(float(loss), 4),
         )
     except Exception as err:  # one failing variant (e.g. out of memory, no compile) must not hide the others
@@ -176,24 +199,36 @@ def to_markdown(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
         f"{env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
         f"transformers {env['transformers']}, {env['date']}.",
         "",
-        f"d_model 512, 8 heads, gated-GELU d_ff 2048, 12+12 layers, vocab 32,768; batch {args.batch_size} x "
+        f"d_model 512, 8 heads, gated-GELU d_ff 2048, 12+12 layers, vocab 32,768; batch {args.batch_size} (per GPU) x "
         f"({args.input_length} input + {args.target_length} target) tokens; bf16 autocast, fp32 weights; "
         f"{args.warmup_steps} warm-up steps, {args.steps} timed steps; gradient clipping at 1.0. "
-        "Command: `python benchmarks/pretrain.py " + " ".join(args.argv) + "`.",
+        "Command: `"
+        + (f"torchrun --nproc_per_node {env['gpus']} " if env.get("gpus", 1) > 1 else "python ")
+        + "benchmarks/pretrain.py "
+        + " ".join(args.argv)
+        + "`.",
         "",
-        "| variant | optimizer | step ms | tokens/s | vs. t5_compiled | peak GiB | params (M) |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | GPUs | optimizer | step ms | tokens/s | vs. t5_compiled | scaling | peak GiB | params (M) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    reference = next((r for r in rows if r["variant"] == "t5_compiled" and "error" not in r), None)
+    ok = [r for r in rows if "error" not in r]
     for row in rows:
         optimizer = "AdamWScale" if row["variant"] == "fat5_adamw_scale" else "AdamW (fused)"
         if "error" in row:
-            lines.append(f"| {row['variant']} | {optimizer} | error: {row['error'][:120]} | | | | |")
+            lines.append(f"| {row['variant']} | {row['gpus']} | {optimizer} | error: {row['error'][:120]} | | | | | |")
             continue
+        # compared with t5_compiled on as many GPUs; scaling against this variant's own one-GPU row
+        reference = next((r for r in ok if r["variant"] == "t5_compiled" and r["gpus"] == row["gpus"]), None)
+        single = next((r for r in ok if r["variant"] == row["variant"] and r["gpus"] == 1), None)
         ratio = f"{row['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else "n/a"
+        scaling = (
+            ""
+            if row["gpus"] == 1 or single is None
+            else f"{row['tokens_per_s'] / (row['gpus'] * single['tokens_per_s']):.2f}"
+        )
         lines.append(
-            f"| {row['variant']} | {optimizer} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | {ratio} | "
-            f"{row['peak_memory_GiB']:.1f} | {row['parameters_M']} |"
+            f"| {row['variant']} | {row['gpus']} | {optimizer} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | "
+            f"{ratio} | {scaling} | {row['peak_memory_GiB']:.1f} | {row['parameters_M']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -221,11 +256,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"Unknown variants {unknown}; choose among {list(VARIANTS)}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:  # launched by torchrun / accelerate launch
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
     torch.backends.cuda.matmul.allow_tf32 = True
     env = environment()
-    print(json.dumps(env), flush=True)
+    env["gpus"] = world
+    if rank == 0:
+        print(json.dumps(env), flush=True)
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(rank)  # each rank its own data, as a data-parallel run sees
     vocab = FAT5_SMALL_SHAPE["vocab_size"]
     batches = [
         (
@@ -237,14 +279,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     os.makedirs(args.output_dir, exist_ok=True)
     rows = []
     for variant in variants:
-        row = measure(variant, args, batches)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        # one GPU (rank 0 alone; the others wait), then every GPU with DDP: a side-by-side scaling baseline
+        for gpus in (1, world) if world > 1 else (1,):
+            if gpus == 1 and rank != 0:
+                dist.barrier()
+                continue
+            row = measure(variant, args, batches, gpus)
+            if gpus == 1 and world > 1:
+                dist.barrier()
+            rows.append(row)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return rows
 
-    with open(os.path.join(args.output_dir, "pretrain.json"), "w") as f:
+    stem = "pretrain" if world == 1 else f"pretrain_{world}gpus"
+    with open(os.path.join(args.output_dir, f"{stem}.json"), "w") as f:
         json.dump(dict(environment=env, args={k: v for k, v in vars(args).items()}, results=rows), f, indent=1)
     markdown = to_markdown(env, args, rows)
-    with open(os.path.join(args.output_dir, "pretrain.md"), "w") as f:
+    with open(os.path.join(args.output_dir, f"{stem}.md"), "w") as f:
         f.write(markdown)
     print(markdown)
     return rows
