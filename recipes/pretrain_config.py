@@ -116,6 +116,7 @@ class TrainingConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = True
+    hub_license: str = "apache-2.0"  # licence of the exported weights, in the model card's metadata
     cpu: bool = False
 
 
@@ -172,6 +173,7 @@ RESUME_MUTABLE_FIELDS = frozenset(
         "training.push_to_hub",
         "training.hub_model_id",
         "training.hub_private",
+        "training.hub_license",
         "training.mixed_precision",
         "model.torch_compile",
         "data.eval_files",

@@ -194,6 +194,17 @@ def test_saved_model_loads_for_finetuning(short_run):
     assert model.config.vocab_size >= len(tokenizer)
     # off while the recipe trains (its collator emits only tokenizer ids), on again for users of the saved model
     assert model.config.check_token_ids and model.get_encoder().config.check_token_ids
+    # the model card: Hub metadata and what this run did
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert (
+        card.data.language == "fr" and card.data.license == "apache-2.0" and card.data.library_name == "transformers"
+    )
+    assert "custom_code" in card.data.tags
+    assert "40 optimizer steps" in card.text and "UL2 mixture of denoisers" in card.text
+    final_eval = [r for r in read_log(output_dir) if "eval_loss" in r][-1]["eval_loss"]
+    assert f"Final evaluation loss (held-out text, same denoisers): {final_eval:.4f}" in card.text
     inputs = tokenizer(["Le marché du samedi <extra_id_0> de l'église."], return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert generated.shape[0] == 1 and generated.shape[1] <= 6
