@@ -8,8 +8,8 @@ state dict loads here unchanged and gives the same outputs. On CUDA with triton,
 T5's relative bias computed in-kernel), RMSNorm, the gated activation and the loss to `fat5_kernels`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: transformers inspects `**kwargs: Unpack[TransformersKwargs]` of the
+# forwards at runtime (as for T5) to learn which output flags a model takes; string annotations hide it.
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +33,8 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import DUMMY_INPUTS, DUMMY_MASK, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import DUMMY_INPUTS, DUMMY_MASK, TransformersKwargs, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -626,7 +627,7 @@ class FAT5Stack(FAT5PreTrainedModel):
         inputs_embeds=None,
         cache=None,
         use_cache=None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -709,6 +710,14 @@ class FAT5Stack(FAT5PreTrainedModel):
 def _as_encoder_output(encoder_outputs) -> BaseModelOutput:
     if isinstance(encoder_outputs, BaseModelOutput):
         return encoder_outputs
+    if isinstance(encoder_outputs, BaseModelOutputWithPastAndCrossAttentions):
+        # The stack's own output. Read it by name: indexing a ModelOutput skips its None fields, so with
+        # `output_attentions=True` alone `[1]` would be the attentions, filed as hidden states.
+        return BaseModelOutput(
+            last_hidden_state=encoder_outputs.last_hidden_state,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+        )
     return BaseModelOutput(
         last_hidden_state=encoder_outputs[0],
         hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
@@ -765,7 +774,7 @@ class FAT5Model(FAT5PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> Seq2SeqModelOutput:
         r"""
         Args:
@@ -873,7 +882,7 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> FAT5Seq2SeqLMOutput:
         r"""
         Args:
@@ -1022,7 +1031,7 @@ class FAT5EncoderModel(FAT5PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutput:
         r"""
         Args:
@@ -1086,7 +1095,7 @@ class FAT5ForSequenceClassification(FAT5EncoderHeadModel):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutput:
         r"""
         Args:
@@ -1157,7 +1166,7 @@ class FAT5ForTokenClassification(FAT5EncoderHeadModel):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
         r"""
         Args:
@@ -1203,7 +1212,7 @@ class FAT5ForQuestionAnswering(FAT5EncoderHeadModel):
         inputs_embeds: torch.Tensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         r"""
         Args:
