@@ -26,10 +26,13 @@ module object would silently revert to T5.
 
 Both copies run in one pytest subprocess (offline, `HF_HUB_OFFLINE=1`). A test of the FAT5 copy that
 fails while the same test of the T5 copy passes is a divergence of FAT5 from T5. The assertion is that
-those divergences are exactly `EXPECTED_FAT5_FAILURES`, each argued below; the entries are marked
-`xfail(strict=True)` in the subprocess, so one that starts passing fails the run too (stale entry).
-Tests that also fail for T5 itself (a test module newer or older than the installed transformers) say
-nothing about FAT5; they are listed in the failure message and in `transformers_t5_suite.md`.
+those divergences are exactly `EXPECTED_FAT5_FAILURES`, each argued below. A plugin turns an entry into an
+xfail only when the failure matches it (error text and, where given, the model class under test), and turns
+a pass into a failure (stale entry). Likewise a test FAT5 skips where T5 runs must be in
+`EXPECTED_FAT5_SKIPS`. The plugin also gives the FAT5 classes the T5 rows of transformers' auto name tables,
+which the common tests use to tell a class's role. Tests that also fail for T5 itself (a test module newer or
+older than the installed transformers) say nothing about FAT5; they are listed in the failure message and
+in `transformers_t5_suite.md`.
 """
 
 from __future__ import annotations
