@@ -1069,6 +1069,18 @@ class FAT5EncoderHeadModel(FAT5PreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.transformer.set_input_embeddings(new_embeddings)
 
+    def _encode(self, input_ids, attention_mask, inputs_embeds, kwargs: dict) -> BaseModelOutput:
+        """Run the encoder. Decoder inputs, which T5's seq2seq heads take, are dropped with a warning: these heads
+        have no decoder, so a T5 script that passes them keeps running but should know they change nothing."""
+        ignored = sorted(key for key, value in kwargs.items() if key.startswith("decoder_") and value is not None)
+        if ignored:
+            logger.warning_once(
+                f"{type(self).__name__} is encoder-only (unlike transformers' T5 heads): {', '.join(ignored)} "
+                "are ignored."
+            )
+        kwargs = {key: value for key, value in kwargs.items() if not key.startswith("decoder_")}
+        return self.transformer(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+
 
 class FAT5ForSequenceClassification(FAT5EncoderHeadModel):
     """Encoder-only sequence classification / regression (CamemBERT-style use of a T5 encoder).
@@ -1107,9 +1119,7 @@ class FAT5ForSequenceClassification(FAT5EncoderHeadModel):
         Returns:
             `SequenceClassifierOutput` with `logits` of shape `(batch_size, num_labels)`.
         """
-        outputs: BaseModelOutput = self.transformer(
-            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
-        )
+        outputs = self._encode(input_ids, attention_mask, inputs_embeds, kwargs)
         hidden_states = outputs[0]  # (batch_size, sequence_length, d_model)
         if attention_mask is None:
             pooled = hidden_states.mean(dim=1)
@@ -1178,9 +1188,7 @@ class FAT5ForTokenClassification(FAT5EncoderHeadModel):
         Returns:
             `TokenClassifierOutput` with `logits` of shape `(batch_size, sequence_length, num_labels)`.
         """
-        outputs: BaseModelOutput = self.transformer(
-            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
-        )
+        outputs = self._encode(input_ids, attention_mask, inputs_embeds, kwargs)
         hidden_states = self.dropout(outputs[0])
         logits = self.classifier(hidden_states)
         loss = None
@@ -1226,9 +1234,7 @@ class FAT5ForQuestionAnswering(FAT5EncoderHeadModel):
             `QuestionAnsweringModelOutput` with `start_logits` and `end_logits` of shape `(batch_size,
             sequence_length)`.
         """
-        outputs: BaseModelOutput = self.transformer(
-            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
-        )
+        outputs = self._encode(input_ids, attention_mask, inputs_embeds, kwargs)
         logits = self.qa_outputs(outputs[0])
         start_logits, end_logits = logits.split(1, dim=-1)
         start_logits = start_logits.squeeze(-1).contiguous()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -98,3 +100,26 @@ def test_heads_load_encoder_from_seq2seq_checkpoint(tmp_path, tiny_fat5_config, 
     expected = seq2seq.state_dict()
     for key, value in model.transformer.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+@pytest.mark.parametrize("head", [FAT5ForSequenceClassification, FAT5ForTokenClassification, FAT5ForQuestionAnswering])
+def test_heads_warn_that_decoder_inputs_are_ignored(tiny_fat5_config, make_batch, head):
+    # T5's heads run a decoder; a T5 script passing decoder inputs keeps running, with a warning that they do nothing
+    from transformers.utils import logging as hf_logging
+
+    model = head(tiny_fat5_config()).eval()
+    input_ids, attention_mask = make_batch(96, [6, 4])
+    logger = hf_logging.get_logger("fat5_hf.modeling_fat5")
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        with torch.no_grad():
+            plain = model(input_ids=input_ids, attention_mask=attention_mask)
+            with_decoder = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=input_ids[:, :2])
+    finally:
+        logger.removeHandler(handler)
+    assert any("encoder-only" in w and "decoder_input_ids are ignored" in w for w in warnings), warnings
+    for name in plain.keys():
+        torch.testing.assert_close(with_decoder[name], plain[name], rtol=0, atol=0)
