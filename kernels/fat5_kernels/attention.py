@@ -121,8 +121,8 @@ def _forward_impl(
         radius = layout.radius
     return t5_attention_forward(
         q, k, v,
-        dist_bias=dist_bias, radius=radius, dist_center=dist_center, alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        dist_bias=dist_bias, radius=radius, dist_center=dist_center, alibi_slopes=alibi_slopes,
+        key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         causal=causal, softmax_scale=softmax_scale,
     )  # fmt: skip
 

@@ -93,9 +93,9 @@ def _key_ranges(first_row, seqlen_q, seqlen_k, band_radius, IS_CAUSAL: tl.conste
     Returns ``far_left_end, band_unmasked_end, band_end, full_end, key_end`` (multiples of BLOCK_N except
     ``key_end``): ``[0, far_left_end)`` has every distance ``<= -band_radius`` (all keys valid, no mask),
     ``[far_left_end, band_end)`` is the band (per-element bias), whose tiles before ``band_unmasked_end`` need no
-    mask (whole tiles of valid keys, and with causal every key at or before the block's first query; masking
-    costs as much as the bias gather on short sequences, where most tiles are band tiles), ``[band_end, full_end)`` has every
-    distance ``>= band_radius`` and full tiles, ``[full_end, key_end)`` is the partial last tile (masked).
+    mask (whole tiles of valid keys, and with causal every key at or before the block's first query; on short
+    sequences most tiles are band tiles), ``[band_end, full_end)`` has every distance ``>= band_radius`` and
+    full tiles, ``[full_end, key_end)`` is the partial last tile (masked).
     """
     # queries are aligned to the end of the keys: row i sits at key position i + N - M
     first_query = first_row + seqlen_k - seqlen_q
