@@ -79,7 +79,7 @@ def _dkdv_tile_loop(
     k, v, key_pos, key_keep,
     q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts,
     lo, hi, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim,
-    qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+    qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
     BIAS_KIND: tl.constexpr, REGION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     EVEN_HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -115,7 +115,7 @@ def _dkdv_tile_loop(
         scores_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
         distance = key_pos[:, None] - (offs_m + query_shift)[None, :]
         scores_t = _tile_bias(
-            scores_t, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+            scores_t, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right,
             BIAS_KIND, REGION,
         )  # fmt: skip
         p_t = tl.math.exp2(scores_t - lse_log2[None, :])
@@ -264,28 +264,28 @@ def _bwd_dkdv_kernel(
     dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, query_lo, far_right_end, seqlen_q, seqlen_k,
-        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, far_right_end, band_end, seqlen_q, seqlen_k,
-        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, band_end, full_end, seqlen_q, seqlen_k,
-        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, full_end, seqlen_q, seqlen_q, seqlen_k,
-        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 0, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
     )  # fmt: skip
@@ -313,7 +313,7 @@ def _dq_tile_loop(
     dq, q, do, lse_log2, delta,
     k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr,
     lo, hi, query_pos, seqlen_k, stride_kn, stride_vn, head_dim,
-    qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+    qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
     BIAS_KIND: tl.constexpr, REGION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -335,7 +335,7 @@ def _dq_tile_loop(
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         distance = key_pos[None, :] - query_pos[:, None]
         scores = _tile_bias(
-            scores, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right, radius, BIAS_KIND, REGION
+            scores, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
         )
         p = tl.math.exp2(scores - lse_log2[:, None])
         if MASKED:
@@ -436,22 +436,22 @@ def _bwd_dq_kernel(
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, 0, far_left_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-        radius, BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-        radius, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+         BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-        radius, BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, full_end, key_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-        radius, BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+         BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     dq = dq * softmax_scale
     tl.store(

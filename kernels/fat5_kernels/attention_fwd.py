@@ -57,7 +57,6 @@ def _tile_bias(
     alibi_slope_log2,
     bias_far_left,
     bias_far_right,
-    radius,
     BIAS_KIND: tl.constexpr,
     REGION: tl.constexpr,
 ):
@@ -134,7 +133,6 @@ def _fwd_tile_loop(
     alibi_slope_log2,
     bias_far_left,
     bias_far_right,
-    radius,
     head_dim,
     BIAS_KIND: tl.constexpr,
     REGION: tl.constexpr,
@@ -170,7 +168,7 @@ def _fwd_tile_loop(
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2
         distance = key_pos[None, :] - query_pos[:, None]
         scores = _tile_bias(
-            scores, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right, radius, BIAS_KIND, REGION
+            scores, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
         )
         if MASKED:
             allowed = key_pos[None, :] < seqlen_k
@@ -309,27 +307,27 @@ def _t5_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, 0, far_left_end, query_pos, seqlen_k,
-        stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius, head_dim,
+        stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_unmasked_end, query_pos,
-        seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         head_dim, BIAS_KIND, 1, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_unmasked_end, band_end, query_pos,
-        seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius,
+        seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         head_dim, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos, seqlen_k,
-        stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius, head_dim,
+        stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, full_end, key_end, query_pos, seqlen_k,
-        stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, radius, head_dim,
+        stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
         BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
 
