@@ -149,20 +149,43 @@ def resolve_resume(config: PretrainConfig) -> Path | None:
     return path
 
 
-def prepare_output_dir(config: PretrainConfig, resuming: bool, is_main_process: bool) -> Path:
-    """Creates (or checks) the output folder; never overwrites a previous run unless asked to."""
+def check_output_dir(config: PretrainConfig, resuming: bool) -> Path:
+    """Read-only checks of the output folder, made before anything is loaded or written.
+
+    A run that fails later on its inputs (data, tokenizer, model, lengths) must leave the folder as it was: a
+    folder created or emptied by a failed run would make the corrected rerun refuse it as "not empty", or would
+    have deleted the previous run for nothing.
+    """
     output_dir = Path(config.training.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RecipeError(f"training.output_dir={output_dir} exists and is not a folder; choose another path")
+    if not resuming and output_dir.is_dir() and any(output_dir.iterdir()) and not config.training.overwrite_output_dir:
+        raise RecipeError(
+            f"training.output_dir={output_dir} is not empty; pass training.overwrite_output_dir=true to "
+            "replace the previous run there, --resume latest to continue it, or choose another folder"
+        )
+    # The folder will be created under its nearest existing ancestor, which must be a writable folder.
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise RecipeError(
+            f"Cannot write to training.output_dir={output_dir}: {existing} {why}; choose a writable folder"
+        )
+    return output_dir
+
+
+def prepare_output_dir(config: PretrainConfig, resuming: bool, is_main_process: bool) -> Path:
+    """Creates the output folder (main process), once `check_output_dir` and the inputs have passed.
+
+    With ``training.overwrite_output_dir`` the checkpoints and log of an earlier run there are removed, so that
+    ``--resume latest`` and ``train_log.jsonl`` belong to this run.
+    """
+    output_dir = check_output_dir(config, resuming)
     if not is_main_process:
         return output_dir
-    if output_dir.exists() and not output_dir.is_dir():
-        raise RecipeError(f"training.output_dir={output_dir} exists and is not a folder")
     if not resuming and output_dir.is_dir() and any(output_dir.iterdir()):
-        if not config.training.overwrite_output_dir:
-            raise RecipeError(
-                f"training.output_dir={output_dir} is not empty; pass training.overwrite_output_dir=true to "
-                "replace the previous run there, --resume latest to continue it, or choose another folder"
-            )
-        # Remove what an earlier run of this recipe wrote, so that "latest" and the log belong to this run.
         shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
         (output_dir / TRAIN_LOG_FILE).unlink(missing_ok=True)
     try:
@@ -651,10 +674,16 @@ def train(config: PretrainConfig) -> dict[str, Any]:
             f"({accelerator.distributed_type.value}); check the accelerate config (on CPU: --multi_gpu with "
             "training.cpu=true gives gloo data parallelism)"
         )
-    prepare_output_dir(config, resuming=resume_dir is not None, is_main_process=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (output_dir / "recipe_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if resume_dir is not None:
+        saved_processes = json.loads((resume_dir / RECIPE_STATE_FILE).read_text(encoding="utf-8"))["num_processes"]
+        if saved_processes != accelerator.num_processes:
+            raise RecipeError(
+                f"--resume {resume_dir}: the checkpoint was written by {saved_processes} processes and this run has "
+                f"{accelerator.num_processes}: each process's data position cannot be restored. Resume with "
+                f"{saved_processes} processes."
+            )
+    # Every input is checked before the output folder is touched (see check_output_dir).
+    check_output_dir(config, resuming=resume_dir is not None)
 
     if not accelerator.is_main_process:
         import datasets
@@ -684,6 +713,10 @@ def train(config: PretrainConfig) -> dict[str, Any]:
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optim: {err}") from err
+    prepare_output_dir(config, resuming=resume_dir is not None, is_main_process=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (output_dir / "recipe_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState(train_stream, accelerator.process_index, accelerator.num_processes)
     accelerator.register_for_checkpointing(scheduler, state)
@@ -712,6 +745,9 @@ def train(config: PretrainConfig) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     window_loss = torch.zeros((), device=accelerator.device)
+    # The z-loss term (PaLM's log(Z)^2 penalty, model.config.z_loss) is part of the loss; logged on its own too.
+    log_z_loss = getattr(accelerator.unwrap_model(model).config, "z_loss", 0) > 0
+    window_z_loss = torch.zeros((), device=accelerator.device)
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
     grad_norm = None
     last_metrics: dict[str, float] = {}
@@ -724,13 +760,16 @@ def train(config: PretrainConfig) -> dict[str, Any]:
                 window_tokens += count_tokens(batch)
                 batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    outputs = model(**batch)
+                    loss = outputs.loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and training.max_grad_norm:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.detach().float() / training.gradient_accumulation_steps
+                if log_z_loss:
+                    window_z_loss += outputs.z_loss.detach().float() / training.gradient_accumulation_steps
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             state.step += 1
@@ -745,7 +784,9 @@ def train(config: PretrainConfig) -> dict[str, Any]:
             save_now = state.step % training.save_steps == 0 or stop or paused
             if state.step % log_cfg.logging_steps == 0 or state.step == training.max_steps or save_now:
                 totals = accelerator.reduce(
-                    torch.stack([window_loss, torch.tensor(float(window_tokens), device=accelerator.device)]),
+                    torch.stack(
+                        [window_loss, torch.tensor(float(window_tokens), device=accelerator.device), window_z_loss]
+                    ),
                     reduction="sum",
                 )
                 elapsed = time.perf_counter() - window_start
@@ -758,6 +799,8 @@ def train(config: PretrainConfig) -> dict[str, Any]:
                     "samples_seen": state.samples_seen,
                     "tokens_seen": state.tokens_seen,
                 }
+                if log_z_loss:
+                    last_metrics["z_loss"] = totals[2].item() / (window_steps * accelerator.num_processes)
                 if grad_norm is not None:
                     last_metrics["grad_norm"] = float(grad_norm)
                 accelerator.log({f"train/{k}": v for k, v in last_metrics.items()}, step=state.step)
@@ -769,6 +812,7 @@ def train(config: PretrainConfig) -> dict[str, Any]:
                     tok_s=f"{last_metrics['tokens_per_s']:,.0f}",
                 )
                 window_loss.zero_()
+                window_z_loss.zero_()
                 window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
 
             if eval_batches and (state.step % training.eval_steps == 0 or state.step == training.max_steps):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,7 +155,11 @@ def test_resume_mismatches_ignore_only_mutable_fields():
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """40 steps of the tiny model: the loss must fall clearly; shared by the checks on its outputs."""
+    """40 steps of the tiny model (z-loss on, progress bar captured): the loss must fall clearly; shared by the
+    checks on its outputs."""
+    import contextlib
+    import io
+
     output_dir = tmp_path_factory.mktemp("pretrain") / "run"
     config = tiny_config(
         output_dir,
@@ -162,14 +167,18 @@ def short_run(tmp_path_factory):
         "training.eval_steps=20",
         "training.save_steps=20",
         "optim.lr=0.01",
+        "model.config.z_loss=1.0e-4",
         "logging.log_with=[tensorboard]",
+        "logging.progress_bar=true",
     )
-    summary = pretrain.train(config)
-    return output_dir, summary
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):  # tqdm writes to sys.stderr as it is when the bar is created
+        summary = pretrain.train(config)
+    return output_dir, summary, stderr.getvalue()
 
 
 def test_loss_decreases_and_eval_runs(short_run):
-    output_dir, summary = short_run
+    output_dir, summary, _ = short_run
     losses = train_losses(output_dir)
     assert sorted(losses) == list(range(1, 41))
     assert all(map(lambda v: v == v and v < 1e4, losses.values())), "non-finite training loss"
@@ -187,7 +196,7 @@ def test_saved_model_loads_for_finetuning(short_run):
 
     import fat5_hf  # noqa: F401  (registers FAT5 with the Auto classes)
 
-    output_dir, _ = short_run
+    output_dir, _, _ = short_run
     model = AutoModelForSeq2SeqLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert type(model).__name__ == "FAT5ForConditionalGeneration"
@@ -212,6 +221,175 @@ def test_saved_model_loads_for_finetuning(short_run):
     checkpoints = pretrain.checkpoint_dirs(output_dir)
     assert [p.name for p in checkpoints] == ["step_00000020", "step_00000040"]
     assert not list((output_dir / pretrain.CHECKPOINTS_DIR).glob("*.tmp"))
+    # accelerator.save_state: model, optimizer, RNG states, then the registered objects in order (the schedule,
+    # then the recipe's TrainState with each process's data-stream position)
+    names = {p.name for p in checkpoints[-1].iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", pretrain.RECIPE_STATE_FILE} <= names
+    schedule = torch.load(checkpoints[-1] / "custom_checkpoint_0.pkl", weights_only=False)
+    assert schedule["last_epoch"] == 40 and schedule["_step_count"] == 41
+    train_state = torch.load(checkpoints[-1] / "custom_checkpoint_1.pkl", weights_only=False)
+    assert train_state["step"] == 40 and train_state["samples_seen"] == 160
+    (stream,) = train_state["data_streams"]
+    assert stream["rows"]["epoch"] >= 0 and "cursor" in stream["rows"] and "seed" in stream["collator"]
+    # The export carries the model code and an auto_map: loadable with trust_remote_code where fat5-hf is absent.
+    exported = json.loads((output_dir / "config.json").read_text())
+    assert exported["auto_map"]["AutoModelForSeq2SeqLM"].startswith("modeling_fat5.")
+    assert (output_dir / "modeling_fat5.py").is_file() and (output_dir / "configuration_fat5.py").is_file()
+
+
+def test_progress_bar_shows_loss_throughput_and_eta(short_run):
+    _, _, stderr = short_run
+    final = stderr.replace("\r", "\n").splitlines()
+    bar = [line for line in final if line.startswith("pretrain:") and "40/40" in line][-1]
+    # tqdm: "pretrain: 100%|...| 40/40 [00:03<00:00, 11.2step/s, loss=..., lr=..., tok_s=...]": elapsed<ETA
+    assert re.search(r"40/40 \[\d\d:\d\d<\d\d:\d\d", bar), bar
+    assert re.search(r"loss=\d+\.\d{4}", bar) and re.search(r"tok_s=[\d,]+", bar), bar
+
+
+def test_tensorboard_and_log_get_losses_z_loss_and_eval(short_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir, _, _ = short_run
+    # accelerate's tracker writes the hyperparameters to an event file of their own: take the one with the scalars
+    accumulators = [EventAccumulator(str(f)).Reload() for f in (output_dir / "logs").rglob("events.out.tfevents*")]
+    (events,) = [a for a in accumulators if a.Tags()["scalars"]]
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/z_loss", "train/grad_norm", "eval/loss"} <= scalars
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 41))
+    assert [e.step for e in events.Scalars("eval/loss")] == [20, 40]
+    records = [r for r in read_log(output_dir) if "loss" in r]
+    # z-loss (model.config.z_loss=1e-4) is logged on its own; it is a small positive part of the loss
+    assert all(0 < r["z_loss"] < 0.01 * r["loss"] for r in records)
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in records)
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(records[-1]["loss"], rel=1e-6)
+
+
+def test_default_config_trains_on_the_shipped_corpus(tmp_path):
+    """The embedded default (model, tokenizer, corpus, lengths, batch) as `python recipes/pretrain.py` runs it,
+    shortened to 6 steps: trains, evaluates on the shipped validation file and exports."""
+    output_dir = tmp_path / "run"
+    config = load_config(
+        None,
+        [f"training.output_dir={output_dir}", "training.max_steps=6", "training.eval_steps=6", "optim.warmup_steps=2",
+         "training.save_steps=100", "logging.log_with=[]", "logging.progress_bar=false"],
+    )  # fmt: skip
+    assert config.model == PretrainConfig().model and config.data == PretrainConfig().data
+    summary = pretrain.train(config)
+    assert summary["step"] == 6 and summary["eval_loss"] == summary["eval_loss"]
+    assert sorted(train_losses(output_dir)) == [5, 6] or sorted(train_losses(output_dir)) == [6]
+    assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
+
+
+def test_gradient_accumulation_clipping_and_optimizer_steps(tmp_path, monkeypatch):
+    """4 micro-batches per step: one optimizer step, one schedule step and one clipping per update, and the
+    clipped gradient norm is at most training.max_grad_norm."""
+    import accelerate
+
+    import fat5_hf.optim
+
+    clip_calls, optimizers = [], []
+    original_clip = accelerate.Accelerator.clip_grad_norm_
+
+    def recording_clip(self, parameters, max_norm, norm_type=2):
+        parameters = list(parameters)
+        norm = original_clip(self, parameters, max_norm, norm_type)
+        clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        clip_calls.append((float(norm), float(clipped), max_norm))
+        return norm
+
+    original_build = fat5_hf.optim.build_optimizer
+
+    def recording_build(*args, **kwargs):
+        optimizers.append(original_build(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", recording_clip)
+    monkeypatch.setattr(fat5_hf.optim, "build_optimizer", recording_build)
+    output_dir = tmp_path / "run"
+    pretrain.train(
+        tiny_config(
+            output_dir, "training.max_steps=3", "training.gradient_accumulation_steps=4", "training.max_grad_norm=0.05",
+            "training.save_steps=100", "training.eval_steps=100", "optim.scheduler=linear", "optim.warmup_steps=1",
+        )
+    )  # fmt: skip
+    assert len(clip_calls) == 3, "clipping must run once per optimizer step, after the last micro-batch"
+    for norm, clipped, max_norm in clip_calls:
+        assert max_norm == 0.05 and norm > max_norm  # the bound is active ...
+        assert clipped == pytest.approx(max_norm, rel=1e-3)  # ... and the gradient stepped with is clipped to it
+    (optimizer,) = optimizers
+    assert {state["step"] for state in optimizer.state.values()} == {3}
+    records = [r for r in read_log(output_dir) if "loss" in r]
+    assert [r["samples_seen"] for r in records] == [16, 32, 48]  # 4 rows x 4 micro-batches per step
+    assert [r["grad_norm"] for r in records] == pytest.approx([c[0] for c in clip_calls])
+    # linear schedule, 1 warm-up step, 3 steps: the lr after steps 1, 2, 3
+    assert [r["lr"] for r in records] == pytest.approx([0.01, 0.005, 0.0])
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state: a run with another mixed precision needs it reset (before and after)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_autocast_on_cpu(tmp_path, monkeypatch, capsys, fresh_accelerator_state):
+    """training.mixed_precision=bf16 runs the forward under bf16 autocast and keeps fp32 master weights."""
+    seen = []
+    original_build = pretrain.build_model
+
+    def build_and_watch(config, tokenizer):
+        model = original_build(config, tokenizer)
+        model.lm_head.register_forward_hook(
+            lambda module, args, output: seen.append((torch.is_autocast_enabled("cpu"), output.dtype))
+        )
+        return model
+
+    monkeypatch.setattr(pretrain, "build_model", build_and_watch)
+    output_dir = tmp_path / "run"
+    pretrain.train(
+        tiny_config(output_dir, "training.mixed_precision=bf16", "training.max_steps=3", "training.eval_steps=3",
+                    "training.save_steps=100")
+    )  # fmt: skip
+    assert "mixed precision bf16" in capsys.readouterr().out
+    assert seen and all(enabled and dtype == torch.bfloat16 for enabled, dtype in seen), seen[:3]
+    losses = train_losses(output_dir)
+    assert sorted(losses) == [1, 2, 3] and all(v == v for v in losses.values())
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(output_dir / "model.safetensors").values()} == {torch.float32}
+
+
+def test_push_to_hub_uploads_the_export_only(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeHfApi:
+        def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=(), commit_message=None, **kwargs):
+            files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+            calls.append(("upload_folder", repo_id, files, list(ignore_patterns)))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    output_dir = tmp_path / "run"
+    pretrain.train(
+        tiny_config(output_dir, "training.max_steps=2", "optim.warmup_steps=1", "training.save_steps=1",
+                    "training.eval_steps=100", "training.push_to_hub=true", "training.hub_model_id=me/fat5-tiny")
+    )  # fmt: skip
+    assert calls[0] == ("create_repo", "me/fat5-tiny", True, True)
+    _, repo_id, files, ignore = calls[1]
+    assert repo_id == "me/fat5-tiny" and len(calls) == 2
+    # everything the upload sends at the time of the call, minus what the ignore patterns drop
+    import fnmatch
+
+    sent = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in ignore)]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "modeling_fat5.py"} <= set(sent)
+    assert not [f for f in sent if f.startswith(("checkpoints/", "logs/")) or f == pretrain.TRAIN_LOG_FILE]
 
 
 def test_exact_resume_matches_uninterrupted_run(tmp_path):
@@ -383,7 +561,7 @@ def test_unwritable_output_dir(tmp_path):
 
 
 def test_resume_refuses_another_config_and_missing_checkpoints(short_run, tmp_path):
-    output_dir, _ = short_run
+    output_dir, _, _ = short_run
     before = sorted(str(p) for p in output_dir.rglob("*"))
     other = tiny_config(
         output_dir, "training.max_steps=60", "optim.lr=0.02", "training.resume=latest", "training.eval_steps=20"
@@ -395,6 +573,64 @@ def test_resume_refuses_another_config_and_missing_checkpoints(short_run, tmp_pa
         pretrain.train(tiny_config(tmp_path / "empty", "training.resume=latest"))
     with pytest.raises(pretrain.RecipeError, match="not a checkpoint of this recipe"):
         pretrain.train(tiny_config(tmp_path / "x", f"training.resume={tmp_path}"))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "bad_input, error, message",
+    [
+        ("data.train_files=[{tmp}/missing.jsonl]", DataError, "not found"),
+        ("data.train_files=[{tmp}/empty.jsonl]", DataError, "empty"),
+        ("model.config.vocab_size=100", pretrain.RecipeError, "vocabulary holds 100"),
+        ("data.max_input_length=3", ConfigError, "cannot fill"),
+        ("data.max_target_length=2", ConfigError, "cannot fill"),
+        ("data.tokenizer={tmp}/no-tokenizer", pretrain.RecipeError, "Cannot load the tokenizer"),
+    ],
+    ids=["missing-file", "empty-file", "vocab-mismatch", "input-too-short", "target-too-short", "no-tokenizer"],
+)
+def test_bad_input_leaves_the_output_dir_as_it_was(tmp_path, bad_input, error, message):
+    """Inputs are checked before the output folder is created or emptied: a new folder is not created (so the
+    corrected rerun is not refused as "not empty"), and a previous run is kept even with overwrite_output_dir."""
+    (tmp_path / "empty.jsonl").write_text("")
+    bad = bad_input.format(tmp=tmp_path)
+    new_dir = tmp_path / "new" / "run"
+    with pytest.raises(error, match=message):
+        pretrain.train(tiny_config(new_dir, bad))
+    assert not new_dir.parent.exists()
+
+    previous = tmp_path / "previous"
+    checkpoint = previous / pretrain.CHECKPOINTS_DIR / "step_00000005"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / pretrain.RECIPE_STATE_FILE).write_text('{"step": 5}')
+    (previous / pretrain.TRAIN_LOG_FILE).write_text('{"step": 5, "loss": 3.0}\n')
+    (previous / "model.safetensors").write_bytes(b"weights")
+    before = _snapshot(previous)
+    with pytest.raises(error, match=message):
+        pretrain.train(tiny_config(previous, bad, "training.overwrite_output_dir=true"))
+    assert _snapshot(previous) == before
+
+
+def test_resume_with_another_number_of_processes_is_refused_before_writing(short_run, tmp_path):
+    import shutil
+
+    output_dir = tmp_path / "copy"
+    shutil.copytree(short_run[0], output_dir)
+    state_file = pretrain.checkpoint_dirs(output_dir)[-1] / pretrain.RECIPE_STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["num_processes"] = 2
+    state_file.write_text(json.dumps(state))
+    before = _snapshot(output_dir)
+    config = tiny_config(
+        output_dir, "training.max_steps=60", "training.eval_steps=20", "training.save_steps=20", "optim.lr=0.01",
+        "model.config.z_loss=1.0e-4", "logging.log_with=[tensorboard]", "logging.progress_bar=true",
+        "training.resume=latest",
+    )  # fmt: skip
+    with pytest.raises(pretrain.RecipeError, match="written by 2 processes.*Resume with 2 processes"):
+        pretrain.train(config)
+    assert _snapshot(output_dir) == before
 
 
 def test_main_reports_errors_without_traceback(tmp_path, capsys):
