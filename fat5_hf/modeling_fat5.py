@@ -48,18 +48,36 @@ from .position_encoding import T5RelativePositionBias
 logger = logging.get_logger(__name__)
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+def check_token_ids(
+    input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids", ignore_index: int | None = None
+) -> None:
     """Raise a clear `ValueError` for token ids outside `[0, vocab_size)`.
 
-    An out-of-range id would make the embedding lookup crash with an opaque device-side assert on GPU (or read
-    garbage). Costs one small device-to-host copy; skipped under `torch.compile`.
+    An out-of-range id would make the embedding lookup (or the loss) crash with an opaque device-side assert on GPU
+    (or read garbage). Costs one small device-to-host copy; skipped under `torch.compile`.
+
+    Args:
+        input_ids (`torch.LongTensor` of any shape): the ids to check.
+        vocab_size (`int`): number of rows of the embedding (or of the LM head's output).
+        name (`str`): the argument's name in the error message.
+        ignore_index (`int`, *optional*): a value that is allowed besides the ids (-100 for labels).
     """
     if input_ids.numel() == 0 or torch.compiler.is_compiling():
         return
     if input_ids.dtype.is_floating_point:
         raise ValueError(f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}.")
+    if ignore_index is not None:
+        # ignored positions count as id 0 (always valid); an all-ignored tensor passes
+        input_ids = input_ids.masked_fill(input_ids == ignore_index, 0)
     min_id, max_id = torch.stack(torch.aminmax(input_ids)).tolist()
     if min_id < 0 or max_id >= vocab_size:
+        if ignore_index is not None:
+            raise ValueError(
+                f"`{name}` holds ids in [{min_id}, {max_id}] (besides {ignore_index}, which marks ignored positions) "
+                f"but the vocabulary has {vocab_size} entries (valid: 0..{vocab_size - 1} or {ignore_index}). Check "
+                "that the tokenizer matches the model and that padding in the labels is replaced by "
+                f"{ignore_index}."
+            )
         raise ValueError(
             f"`{name}` holds token ids in [{min_id}, {max_id}] but the embedding has {vocab_size} rows (valid ids: "
             f"0..{vocab_size - 1}). Check that the tokenizer matches the model (or call "
@@ -486,7 +504,10 @@ class FAT5PreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["FAT5Block"]
-    # No `_keep_in_fp32_modules` (T5 keeps `wo` in fp32): FAT5 runs pure bf16 without forcing layers to fp32.
+    # T5's fp16 guard: `from_pretrained(..., dtype=torch.float16)` keeps the feed-forward output projections `wo`
+    # in fp32 (bf16-trained T5 checkpoints overflow fp16 there). transformers applies it only to fp16 loads, so bf16
+    # (the training default) stays pure bf16 with no layer forced to fp32.
+    _keep_in_fp32_modules = ["wo"]
 
     # The bias goes through the eager path or SDPA's float mask (exact); flash-attention 2 and flex are not wired.
     _supports_flash_attn = False
@@ -599,6 +620,22 @@ class FAT5Stack(FAT5PreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embed_tokens = new_embeddings
 
+    def _check_sequence_length(self, seq_length: int, cache: Cache | None) -> None:
+        """Raise a clear `ValueError` when the input is longer than the position encoding can serve (its
+        `max_positions`; T5's relative buckets have no limit), instead of failing somewhere inside attention."""
+        max_positions = self.block[0].layer[0].SelfAttention.relative_attention_bias.max_positions
+        if max_positions is None:
+            return
+        past_length = int(cache.get_seq_length()) if cache is not None else 0
+        if past_length + seq_length > max_positions:
+            part = "decoder" if self.is_decoder else "encoder"
+            raise ValueError(
+                f"The {part} input spans {past_length + seq_length} positions ({past_length} cached + {seq_length} "
+                f"new) but position_encoding_type={self.config.position_encoding_type!r} serves at most "
+                f"{max_positions}. Truncate the input (e.g. `tokenizer(..., truncation=True, "
+                f"max_length={max_positions})`) or use a shorter `max_new_tokens`."
+            )
+
     def _use_flash_attention(self, inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs) -> bool:
         output_attentions = kwargs.get("output_attentions")
         if output_attentions is None:
@@ -633,7 +670,9 @@ class FAT5Stack(FAT5PreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             if self.config.check_token_ids:
-                check_token_ids(input_ids, self.embed_tokens.num_embeddings)
+                check_token_ids(
+                    input_ids, self.embed_tokens.num_embeddings, "decoder_input_ids" if self.is_decoder else "input_ids"
+                )
             inputs_embeds = self.embed_tokens(input_ids)
 
         if use_cache is True and not self.is_decoder:
@@ -649,6 +688,7 @@ class FAT5Stack(FAT5PreTrainedModel):
         else:
             # the encoder never uses (nor touches) the decoder's cache
             cache = None
+        self._check_sequence_length(inputs_embeds.shape[1], cache)
 
         use_flash = self._use_flash_attention(inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs)
         encoder_extended_attention_mask = None
@@ -915,6 +955,10 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
         ```
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if labels is not None and self.config.check_token_ids:
+            # Checked here, once: before `_shift_right` turns a bad label into a bad decoder input (whose error would
+            # not name `labels`), and so the loss kernels need not check (and sync) again.
+            check_token_ids(labels, self.config.vocab_size, "labels", ignore_index=-100)
         if use_cache is None and (labels is not None or self.training):
             # A KV cache is only useful for generation; not building one in training lets the decoder use the
             # attention kernel (as Bart, FAT5 drops it when labels are given unless `use_cache=True` is passed).
@@ -960,7 +1004,7 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
                 labels.reshape(-1),
                 z_loss=self.config.z_loss,
                 label_smoothing=self.config.label_smoothing,
-                check_labels=self.config.check_token_ids,
+                check_labels=False,  # checked at the top of forward
             )
         else:
             lm_logits = self.lm_head(sequence_output)
@@ -972,7 +1016,7 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
                     z_loss=self.config.z_loss,
                     label_smoothing=self.config.label_smoothing,
                     use_kernel=use_fused_loss,
-                    check_labels=self.config.check_token_ids,
+                    check_labels=False,  # checked at the top of forward
                 )
         if loss is not None:
             if num_items_in_batch is not None:
@@ -1217,18 +1261,18 @@ class FAT5ForQuestionAnswering(FAT5EncoderHeadModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         r"""
-        Args:
+        Args (in the order of `T5ForQuestionAnswering.forward`, less its decoder arguments):
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): question + context token ids.
             attention_mask (`(batch_size, sequence_length)`, *optional*): 1 = token, 0 = padding.
-            inputs_embeds (*optional*): instead of `input_ids`.
             start_positions, end_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*): span labels;
                 positions outside the sequence are ignored in the loss.
+            inputs_embeds (*optional*): instead of `input_ids`.
 
         Returns:
             `QuestionAnsweringModelOutput` with `start_logits` and `end_logits` of shape `(batch_size,

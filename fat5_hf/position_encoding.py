@@ -23,7 +23,13 @@ class T5RelativePositionBias(nn.Module):
 
     Its parameter is `weight` of shape `(num_buckets, num_heads)`, so the state-dict key is
     `...SelfAttention.relative_attention_bias.weight` exactly as in transformers' T5 (which uses an `nn.Embedding`).
+
+    `max_positions` is the longest sequence (cached plus new tokens) the encoding can serve, which `FAT5Stack`
+    enforces with a clear error; `None` here: every distance past `max_distance` shares the last bucket, so T5's
+    encoding serves any length (how well a model extrapolates past its training length is another matter).
     """
+
+    max_positions: int | None = None
 
     def __init__(self, num_buckets: int, num_heads: int, max_distance: int, bidirectional: bool):
         super().__init__()

@@ -24,31 +24,48 @@ TINY = dict(
     vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
     relative_attention_max_distance=16, dropout_rate=0.0, decoder_start_token_id=0,
 )
-# (config class, model class, fields, old-style config.json?) for each family.
+# Edits of the config.json that transformers 5 writes, to get the file an older writer produced (None: drop the key).
+# transformers 5 writes `tie_word_embeddings: true` plus `scale_decoder_outputs`; older files say nothing about the
+# rescale and record the v1.1 convention as `tie_word_embeddings: false`. Both kinds must convert exactly.
+OLD_V1_1_CONFIG = {"scale_decoder_outputs": None, "tie_word_embeddings": False}
+OLD_ORIGINAL_T5_CONFIG = {"scale_decoder_outputs": None, "tie_word_embeddings": None, "n_positions": 512}  # t5-small's
+
+# (config class, model class, fields, config.json edits) for each family.
 FAMILIES = {
-    "t5": (T5Config, T5ForConditionalGeneration, dict(feed_forward_proj="relu"), False),
+    # original T5 (tied, decoder output rescaled), config.json as transformers 5 writes it
+    "t5": (T5Config, T5ForConditionalGeneration, dict(feed_forward_proj="relu"), {}),
+    # original T5 with a config.json as published on the Hub (no tie / rescale keys, an unused n_positions)
+    "t5_old_config": (T5Config, T5ForConditionalGeneration, dict(feed_forward_proj="relu"), OLD_ORIGINAL_T5_CONFIG),
     # v1.1 and FLAN-T5 as published: config.json says tie_word_embeddings: false (pre-transformers-5 style)
-    "t5_v1_1": (T5Config, T5ForConditionalGeneration, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False), True),
+    "t5_v1_1": (T5Config, T5ForConditionalGeneration, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+                OLD_V1_1_CONFIG),
+    # v1.1 saved by transformers 5: tie_word_embeddings: true, scale_decoder_outputs: false
+    "t5_v1_1_new_config": (T5Config, T5ForConditionalGeneration,
+                           dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False), {}),
     "flan_t5": (T5Config, T5ForConditionalGeneration,
-                dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=3), True),
+                dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=3), OLD_V1_1_CONFIG),
     # mT5 written by transformers 5 (scale_decoder_outputs: false, tie_word_embeddings: true), d_kv*heads != d_model
     "mt5": (MT5Config, MT5ForConditionalGeneration,
-            dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, d_kv=12, num_heads=3), False),
+            dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, d_kv=12, num_heads=3), {}),
 }
 
 
 def make_t5_checkpoint(path, family: str, seed: int = 0):
-    config_class, model_class, fields, old_style = FAMILIES[family]
+    config_class, model_class, fields, config_edits = FAMILIES[family]
     torch.manual_seed(seed)
     model = model_class(config_class(**{**TINY, **fields}))
     if not getattr(model.config, "scale_decoder_outputs", False):  # v1.1-style (and mT5) checkpoints carry their own lm_head
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.2)
     model.save_pretrained(path)
-    if old_style:
-        config = json.loads((path / "config.json").read_text())
-        config.pop("scale_decoder_outputs", None)
-        config["tie_word_embeddings"] = False
-        (path / "config.json").write_text(json.dumps(config))
+    config = json.loads((path / "config.json").read_text())
+    if family == "t5_v1_1_new_config":  # the premise of the family: transformers 5's way of writing v1.1
+        assert config["tie_word_embeddings"] is True and config["scale_decoder_outputs"] is False
+    for key, value in config_edits.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
     return model_class.from_pretrained(path).eval()
 
 
@@ -146,7 +163,7 @@ def test_source_that_is_not_t5_is_refused(tmp_path):
         convert_t5_to_fat5(tmp_path, tmp_path / "out2")
     with pytest.raises(ConversionError, match="not FAT5"):
         convert_fat5_to_t5(src, tmp_path / "out3")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out3").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"]  # nothing written, no temporary folder left
 
 
 def test_heads_times_d_kv_mismatch_is_named(tmp_path):
@@ -156,7 +173,19 @@ def test_heads_times_d_kv_mismatch_is_named(tmp_path):
     (tmp_path / "t5" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match=r"(?s)num_heads\*d_kv=16.*SelfAttention\.q\.weight"):
         convert_t5_to_fat5(tmp_path / "t5", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t5"]  # nothing written, no temporary folder left
+
+
+def test_heads_times_d_kv_mismatch_in_a_fat5_checkpoint_is_refused_at_load(tmp_path):
+    # A FAT5 folder whose config.json disagrees with its weights: from_pretrained refuses (transformers' size check
+    # stays on for FAT5), it does not load a randomly re-initialized attention.
+    make_t5_checkpoint(tmp_path / "t5", "t5_v1_1")
+    convert_t5_to_fat5(tmp_path / "t5", tmp_path / "fat5")
+    config = json.loads((tmp_path / "fat5" / "config.json").read_text())
+    config["d_kv"] = 4
+    (tmp_path / "fat5" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "fat5")
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
@@ -171,6 +200,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
         convert_t5_to_fat5(tmp_path / "t5", tmp_path / "out")
     assert "encoder.block.1.layer.1.DenseReluDense.wo.weight" in str(err.value)
     assert "encoder.block.9.layer.0.SelfAttention.q.weight" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t5"]  # nothing written, no temporary folder left
 
 
 def test_cli(tmp_path, capsys):

@@ -222,8 +222,12 @@ def test_out_of_range_token_ids_raise(tiny_fat5_config, bad_id):
     input_ids = torch.tensor([[3, 4, bad_id]])
     with pytest.raises(ValueError, match=r"embedding has 96 rows"):
         model(input_ids=input_ids, decoder_input_ids=torch.tensor([[0]]))
-    with pytest.raises(ValueError, match="decoder|embedding has 96 rows"):
+    with pytest.raises(ValueError, match=r"`decoder_input_ids` holds token ids .* embedding has 96 rows"):
         model(input_ids=torch.tensor([[3, 4]]), decoder_input_ids=torch.tensor([[0, bad_id]]))
+    # labels are checked before `_shift_right` turns them into decoder inputs, so the error names them; -100 is fine
+    with pytest.raises(ValueError, match=r"`labels` holds ids .* vocabulary has 96 entries"):
+        model(input_ids=torch.tensor([[3, 4]]), labels=torch.tensor([[5, -100, bad_id]]))
+    model(input_ids=torch.tensor([[3, 4]]), labels=torch.tensor([[5, -100, 95]]))
 
 
 def test_check_token_ids_false_skips_the_checks(tiny_fat5_config, make_batch):
@@ -231,6 +235,8 @@ def test_check_token_ids_false_skips_the_checks(tiny_fat5_config, make_batch):
     model = FAT5ForConditionalGeneration(tiny_fat5_config(check_token_ids=False))
     with pytest.raises(IndexError):
         model(input_ids=torch.tensor([[3, 4, 96]]), decoder_input_ids=torch.tensor([[0]]))
+    with pytest.raises(IndexError):  # the PyTorch loss's own error for a label >= vocab_size
+        model(input_ids=torch.tensor([[3, 4]]), decoder_input_ids=torch.tensor([[0, 5]]), labels=torch.tensor([[5, 96]]))
     kernels = ("_triton_cross_entropy", "_triton_fused_linear_cross_entropy")  # eval loss, training loss
     if not all(getattr(kernel_ops, name) is not None for name in kernels):
         return
@@ -249,13 +255,15 @@ def test_check_token_ids_false_skips_the_checks(tiny_fat5_config, make_batch):
             with kernel_ops.kernels_on_cpu(), pytest.MonkeyPatch.context() as patch:
                 patch.setattr(kernel_ops, name, spy)
                 if check:
-                    with pytest.raises(ValueError, match=r"labels must be in \[0, 96\)"):
+                    # the model checks the labels once, before the decoder: the loss kernels are never reached
+                    with pytest.raises(ValueError, match=r"`labels` holds ids in \[1, 96\]"):
                         model(
                             input_ids=input_ids, decoder_input_ids=decoder_input_ids, labels=torch.tensor([[5, 96, 1]])
                         )
-                else:
-                    model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, labels=torch.tensor([[5, 7, 1]]))
-            assert validated == [check], name
+                    assert validated == [], name
+                # valid labels: the kernels are not asked to check again (a second host sync on GPU)
+                model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, labels=torch.tensor([[5, 7, 1]]))
+            assert validated == [False], name
 
 
 def test_peft_lora_on_q_v_trains(tiny_fat5_config, make_batch):
@@ -379,3 +387,61 @@ def test_fresh_init_matches_t5_statistics_and_is_seeded(variant):
         expected = t5_params[name].std().item()
         assert abs(param.std().item() - expected) <= 0.15 * expected, name
         assert torch.equal(param, dict(models[1].named_parameters())[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_load_keeps_t5s_fp16_guard_only(t5_pair, tmp_path, dtype):
+    # T5's fp16 guard: loaded in fp16, the feed-forward output projections `wo` stay fp32 (bf16-trained checkpoints
+    # overflow fp16 there); loaded in bf16 (the training default) nothing is forced to fp32.
+    from fat5_hf.convert import convert_t5_to_fat5
+
+    t5, _ = t5_pair("t5_v1_1")
+    t5.save_pretrained(tmp_path / "t5")
+    convert_t5_to_fat5(tmp_path / "t5", tmp_path / "fat5")
+    t5 = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5", dtype=dtype).eval()
+    fat5 = FAT5ForConditionalGeneration.from_pretrained(tmp_path / "fat5", dtype=dtype).eval()
+    t5_dtypes = {name: p.dtype for name, p in t5.named_parameters()}
+    fat5_dtypes = {name: p.dtype for name, p in fat5.named_parameters()}
+    assert fat5_dtypes == t5_dtypes
+    fp32 = sorted(name for name, d in fat5_dtypes.items() if d == torch.float32)
+    if dtype == torch.float16:
+        assert fp32 and all(name.endswith("DenseReluDense.wo.weight") for name in fp32), fp32
+        assert len(fp32) == 4  # 2 encoder + 2 decoder blocks
+    else:
+        assert fp32 == []
+    input_ids = torch.tensor([[5, 9, 17, 33, 2, 1]])
+    decoder_input_ids = torch.tensor([[0, 7, 11]])
+    with torch.no_grad():
+        expected = t5(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
+        actual = fat5(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+
+
+def test_t5_encoding_serves_lengths_past_max_distance(t5_pair):
+    # Distances past relative_attention_max_distance (16 here) share the last bucket: no length limit, same as T5.
+    t5, fat5 = t5_pair("t5", "eager")
+    assert fat5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.max_positions is None
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(2, 96, (1, 70), generator=gen)
+    decoder_input_ids = torch.randint(2, 96, (1, 40), generator=gen)
+    with torch.no_grad():
+        expected = t5(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
+        actual = fat5(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+
+def test_input_longer_than_the_position_encoding_serves_raises(tiny_fat5_config):
+    # An encoding with a finite range declares it as `max_positions` (T5's has none); the stacks enforce it.
+    model = FAT5ForConditionalGeneration(tiny_fat5_config()).eval()
+    model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.max_positions = 8
+    model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.max_positions = 5
+    with torch.no_grad():
+        model(input_ids=torch.full((2, 8), 3), decoder_input_ids=torch.full((2, 5), 3))  # at the limit: fine
+        with pytest.raises(ValueError, match=r"encoder input spans 9 positions .* serves at most 8.*max_length=8"):
+            model(input_ids=torch.full((2, 9), 3), decoder_input_ids=torch.full((2, 5), 3))
+        with pytest.raises(ValueError, match=r"decoder input spans 6 positions \(0 cached \+ 6 new\)"):
+            model(input_ids=torch.full((2, 8), 3), decoder_input_ids=torch.full((2, 6), 3))
+        # cached generation counts the cached positions: the 5 decoder positions of 5 new tokens fit, 6 do not
+        assert model.generate(torch.full((1, 8), 3), max_new_tokens=5, min_new_tokens=5).shape == (1, 6)
+        with pytest.raises(ValueError, match=r"decoder input spans 6 positions \(5 cached \+ 1 new\)"):
+            model.generate(torch.full((1, 8), 3), max_new_tokens=6, min_new_tokens=6)
