@@ -200,6 +200,50 @@ def prepare_output_dir(config: PretrainConfig, resuming: bool, is_main_process: 
     return output_dir
 
 
+def check_accelerate_setup(accelerator, config: PretrainConfig) -> None:
+    """Checks (and for DeepSpeed completes) what the accelerate config decides besides this recipe's config.
+
+    ``accelerate launch`` may set the gradient accumulation from its config file (DeepSpeed configs do), which the
+    Accelerator then uses instead of ``training.gradient_accumulation_steps``: the loop would step the optimizer
+    on every micro-batch. DeepSpeed also needs the per-GPU batch, which Accelerate reads from a DataLoader this
+    recipe does not use, and clips gradients itself: both are set here from the recipe's config.
+    """
+    from accelerate.utils import DistributedType
+
+    training = config.training
+    if accelerator.gradient_accumulation_steps != training.gradient_accumulation_steps:
+        raise RecipeError(
+            f"Accelerate was set up with gradient_accumulation_steps={accelerator.gradient_accumulation_steps} "
+            f"(accelerate config or ACCELERATE_GRADIENT_ACCUMULATION_STEPS) but training.gradient_accumulation_steps="
+            f"{training.gradient_accumulation_steps}; remove it from the accelerate config (the recipe's value is used)"
+        )
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if config.optim.name == "adamw_scale":
+        raise RecipeError(
+            "optim.name=adamw_scale scales each parameter's step by that parameter's RMS, but DeepSpeed ZeRO gives "
+            "the optimizer flat partitions of many parameters; use optim.name=adamw with DeepSpeed, or DDP / FSDP2 "
+            "(accelerate-ddp.yaml, accelerate-fsdp2.yaml) with adamw_scale"
+        )
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    recipe_values = {
+        "gradient_accumulation_steps": ("training.gradient_accumulation_steps", training.gradient_accumulation_steps),
+        "gradient_clipping": ("training.max_grad_norm", float(training.max_grad_norm or 0.0)),
+    }
+    for key, (name, value) in recipe_values.items():
+        current = ds_config.get(key, "auto")
+        if current not in ("auto", None) and float(current) != value:
+            raise RecipeError(
+                f"The DeepSpeed config sets {key}={current} but the recipe has {name}={value}; remove {key} from "
+                "the accelerate config (the recipe sets it) or make the two equal"
+            )
+        ds_config[key] = value
+    ds_config["train_micro_batch_size_per_gpu"] = training.per_device_batch_size
+    ds_config["train_batch_size"] = (
+        training.per_device_batch_size * training.gradient_accumulation_steps * accelerator.num_processes
+    )
+
+
 # -------------------------------------------------------------------------------------- tokenizer, model
 
 
@@ -674,6 +718,7 @@ def train(config: PretrainConfig) -> dict[str, Any]:
             f"({accelerator.distributed_type.value}); check the accelerate config (on CPU: --multi_gpu with "
             "training.cpu=true gives gloo data parallelism)"
         )
+    check_accelerate_setup(accelerator, config)
     if resume_dir is not None:
         saved_processes = json.loads((resume_dir / RECIPE_STATE_FILE).read_text(encoding="utf-8"))["num_processes"]
         if saved_processes != accelerator.num_processes:

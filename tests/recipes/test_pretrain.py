@@ -134,8 +134,71 @@ def test_shipped_configs_load():
     from fat5_hf import modeling_fat5
 
     assert hasattr(modeling_fat5, fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"])
-    for name in ("accelerate-ddp.yaml", "accelerate-deepspeed-zero2.yaml"):
-        assert "distributed_type" in yaml.safe_load((RECIPES / "configs" / name).read_text())
+    # Accelerate's own loader accepts every shipped accelerate config (unknown keys or values would fail here).
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"accelerate-ddp.yaml": "MULTI_GPU", "accelerate-fsdp2.yaml": "FSDP", "accelerate-deepspeed-zero2.yaml":
+                "DEEPSPEED"}  # fmt: skip
+    for name, distributed_type in expected.items():
+        loaded = load_config_from_file(str(RECIPES / "configs" / name))
+        assert loaded.distributed_type.value == distributed_type and loaded.mixed_precision == "bf16"
+
+
+def _deepspeed_launch_env(config_file: Path) -> dict[str, str]:
+    """The ACCELERATE_* variables `accelerate launch --config_file <config_file>` gives each DeepSpeed process."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), str(PRETRAIN)])
+    args, defaults, _ = _validate_launch_command(args)
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+    _, env = prepare_deepspeed_cmd_env(args)
+    return {key: value for key, value in env.items() if key.startswith("ACCELERATE_")}
+
+
+def _deepspeed_accelerator(monkeypatch, config_file: Path, config: PretrainConfig):
+    """What Accelerator(...) would hold in a process launched with a DeepSpeed config (DeepSpeed itself is not
+    needed to build its plugin, but is to build the Accelerator, so this stands in for it)."""
+    import types
+
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+    from accelerate.utils.environment import parse_choice_from_env
+
+    for key, value in _deepspeed_launch_env(config_file).items():
+        monkeypatch.setenv(key, value)
+    steps = int(parse_choice_from_env("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", config.training.gradient_accumulation_steps))
+    return types.SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED, gradient_accumulation_steps=steps, num_processes=8,
+        state=types.SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin()),
+    )  # fmt: skip
+
+
+def test_deepspeed_config_is_completed_from_the_recipe(monkeypatch, tmp_path):
+    """accelerate-deepspeed-zero2.yaml: the recipe sets the per-GPU batch (Accelerate would read it from a
+    DataLoader, and fails at prepare without one), accumulation and clipping; refuses adamw_scale and a DeepSpeed
+    accumulation that differs from the recipe's."""
+    shipped = RECIPES / "configs" / "accelerate-deepspeed-zero2.yaml"
+    overrides = ["training.per_device_batch_size=32", "training.gradient_accumulation_steps=2",
+                 "training.max_grad_norm=0.5"]  # fmt: skip
+    config = load_config(None, ["optim.name=adamw", *overrides])
+    accelerator = _deepspeed_accelerator(monkeypatch, shipped, config)
+    assert accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == "auto"
+    pretrain.check_accelerate_setup(accelerator, config)
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    assert ds_config["zero_optimization"]["stage"] == 2
+    assert ds_config["train_micro_batch_size_per_gpu"] == 32 and ds_config["train_batch_size"] == 32 * 2 * 8
+    assert ds_config["gradient_accumulation_steps"] == 2 and ds_config["gradient_clipping"] == 0.5
+
+    with pytest.raises(pretrain.RecipeError, match="optim.name=adamw with DeepSpeed"):
+        pretrain.check_accelerate_setup(accelerator, load_config(None, ["optim.name=adamw_scale", *overrides]))
+    # A DeepSpeed config that fixes the accumulation (as this file did) would make the loop step on every batch.
+    pinned = tmp_path / "pinned.yaml"
+    data = yaml.safe_load(shipped.read_text())
+    data["deepspeed_config"]["gradient_accumulation_steps"] = 1
+    pinned.write_text(yaml.safe_dump(data))
+    accelerator = _deepspeed_accelerator(monkeypatch, pinned, config)
+    with pytest.raises(pretrain.RecipeError, match="gradient_accumulation_steps=1.*training.gradient_accumulation"):
+        pretrain.check_accelerate_setup(accelerator, config)
 
 
 def test_resume_mismatches_ignore_only_mutable_fields():
