@@ -514,9 +514,12 @@ def test_streamed_dataset_resumes_exactly(tmp_path, monkeypatch):
     assert any("eval_loss" in r for r in read_log(straight))
 
 
-def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_writes_checkpoint_and_resumes_exactly(tmp_path):
+    """SIGTERM mid-run (a subprocess): checkpoint, exit 0, no export; resumed, the next steps have bit for bit the
+    losses of an uninterrupted run (dropout on, so the RNG states matter too)."""
     output_dir = tmp_path / "run"
-    args = [*TINY, f"training.output_dir={output_dir}", "training.max_steps=100000", "training.save_steps=100000"]
+    common = [*TINY, "training.max_steps=100000", "training.save_steps=100000", "model.config.dropout_rate=0.1"]
+    args = [*common, f"training.output_dir={output_dir}"]
     process = subprocess.Popen(
         [sys.executable, str(PRETRAIN), *args],
         env=subprocess_env(),
@@ -541,9 +544,22 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
     assert step == max(train_losses(output_dir)) >= 2
     assert not (output_dir / "model.safetensors").exists()
 
-    # The checkpoint resumes (training.max_steps may change on resume).
-    summary = pretrain.train(load_config(None, [*args, f"training.max_steps={step + 2}", "training.resume=latest"]))
-    assert summary["step"] == step + 2 and (output_dir / "model.safetensors").is_file()
+    # Resume 3 more steps here, and run the same 3 + step steps uninterrupted, single-threaded like the subprocess.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pause = f"training.stop_at_step={step + 3}"
+        pretrain.train(load_config(None, [*args, "training.resume=latest", pause]))
+        straight = tmp_path / "straight"
+        pretrain.train(load_config(None, [*common, f"training.output_dir={straight}", pause]))
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(train_losses(output_dir)) == list(range(1, step + 4))
+    assert train_losses(output_dir) == train_losses(straight)
+
+    # The checkpoint resumes with another training.max_steps too (the schedule then spans the new length).
+    summary = pretrain.train(load_config(None, [*args, f"training.max_steps={step + 5}", "training.resume=latest"]))
+    assert summary["step"] == step + 5 and (output_dir / "model.safetensors").is_file()
 
 
 def test_prefetching_stream_hands_out_states_in_order_and_raises_producer_errors():
