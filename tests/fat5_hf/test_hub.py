@@ -54,6 +54,27 @@ LOADER = textwrap.dedent(
     assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
     generated = model.generate(input_ids=expected["input_ids"], max_new_tokens=5, do_sample=False)
     assert torch.equal(generated, expected["generated"])
+
+    # The remote code's kernel seam runs on its own flattened copy of fat5_kernels when triton is there, and on the
+    # PyTorch path (what gave the outputs above on CPU) when it is not.
+    kernel_ops = sys.modules[type(model).__module__].kernel_ops
+    assert kernel_ops.__name__.startswith("transformers_modules"), kernel_ops.__name__
+    kernels = ("rms_norm", "gated_activation", "cross_entropy", "fused_linear_cross_entropy", "attention")
+    if "triton" in blocked:
+        assert not any(kernel_ops.kernel_available(name) for name in kernels)
+    elif not torch.cuda.is_available():  # kernels under the Triton interpreter (TRITON_INTERPRET=1 from conftest)
+        assert all(kernel_ops.kernel_available(name) for name in kernels)
+        calls = []
+        for name in ("_triton_t5_flash_attention", "_triton_rms_norm", "_triton_gated_activation"):
+            original = getattr(kernel_ops, name)
+            assert original.__module__.startswith("transformers_modules"), original.__module__
+            setattr(kernel_ops, name, lambda *a, _original=original, _name=name, **k: calls.append(_name) or _original(*a, **k))
+        with kernel_ops.kernels_on_cpu(), torch.no_grad():
+            kernel_logits = model(input_ids=expected["input_ids"], decoder_input_ids=expected["decoder_input_ids"]).logits
+        assert set(calls) == {"_triton_t5_flash_attention", "_triton_rms_norm", "_triton_gated_activation"}, calls
+        scale = expected["logits"].abs().max().item()
+        torch.testing.assert_close(kernel_logits, expected["logits"], atol=1e-5 * scale, rtol=1e-4)
+        print("REMOTE_KERNELS_OK")
     model.save_pretrained(folder + "/resaved")  # the remote code exports itself again
     print("REMOTE_OK", type(model).__name__)
     """
@@ -84,6 +105,8 @@ def run_loader(folder, blocked: str, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "REMOTE_OK FAT5ForConditionalGeneration" in result.stdout
+    if "triton" not in blocked and not torch.cuda.is_available():
+        assert "REMOTE_KERNELS_OK" in result.stdout
 
 
 def test_save_pretrained_writes_code_and_auto_map(tmp_path):
