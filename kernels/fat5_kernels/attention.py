@@ -14,9 +14,10 @@ and does not break the graph around it. Eager calls go through `T5FlashAttention
 
 Bias modes: a T5 bucket table (H, num_buckets) in the bidirectional (encoder) or causal (decoder) bucket
 mode, which gets a gradient; ALiBi slopes (no gradient); or none (cross-attention). The T5 bias is never
-materialized: the kernels read a per-distance vector of length ``2R + 1`` (``R = max(max_distance,
-num_buckets)``), and the table gradient is reduced per (key block, head) from partial sums, then over
-programs in a fixed order: it is deterministic with or without ``deterministic=True`` (the partial-sum
+materialized: the kernels read a per-distance vector, padded to cover every distance of the call and saturated
+beyond ``R``, the distance where the buckets stop changing (at most ``max(max_distance, num_buckets)``). The
+table gradient is reduced per (key block, head) from partial sums, then over programs in a fixed order: it is
+deterministic with or without ``deterministic=True`` (the partial-sum
 reduction costs less than atomics would, so there is no atomic variant).
 
 Conventions: ``d = key_position - query_position``; with ``M != N`` queries are aligned to the end of the

@@ -28,6 +28,7 @@ from .attention_fwd import (
     BIAS_ALIBI,
     BIAS_NONE,
     BIAS_T5,
+    _band_bias,
     _key_ranges,
     _mask2d,
     _tile_bias,
@@ -90,8 +91,12 @@ def _dkdv_tile_loop(
     """
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     query_shift = seqlen_k - seqlen_q  # query i sits at key position i + N - M
+    first_distance = key_pos[:, None] - (tl.arange(0, BLOCK_M) + query_shift)[None, :]  # at query block 0
+    next_bias = _band_bias(dist_bias_ptr, first_distance - lo, BIAS_KIND, REGION)
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        band_bias = next_bias
+        next_bias = _band_bias(dist_bias_ptr, first_distance - (start_m + BLOCK_M), BIAS_KIND, REGION)
         if MASKED:
             q_t = tl.load(
                 q_ptrs + start_m * stride_qm,
@@ -113,11 +118,10 @@ def _dkdv_tile_loop(
         lse_log2 = tl.load(lse_ptr + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < seqlen_q, other=0.0)
         scores_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
-        distance = key_pos[:, None] - (offs_m + query_shift)[None, :]
+        distance = first_distance - start_m
         scores_t = _tile_bias(
-            scores_t, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right,
-            BIAS_KIND, REGION,
-        )  # fmt: skip
+            scores_t, distance, band_bias, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
+        )
         p_t = tl.math.exp2(scores_t - lse_log2[None, :])
         if MASKED:
             allowed = key_pos[:, None] < seqlen_k
@@ -320,8 +324,11 @@ def _dq_tile_loop(
 ):  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    next_bias = _band_bias(dist_bias_ptr, (lo + offs_n)[None, :] - query_pos[:, None], BIAS_KIND, REGION)
     for start_n in tl.range(lo, hi, BLOCK_N):
         key_pos = start_n + offs_n
+        band_bias = next_bias
+        next_bias = _band_bias(dist_bias_ptr, (key_pos + BLOCK_N)[None, :] - query_pos[:, None], BIAS_KIND, REGION)
         if MASKED:
             kv_mask = _mask2d(key_pos[:, None] < seqlen_k, offs_d[None, :] < head_dim, EVEN_HEAD_DIM)
             k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
@@ -335,7 +342,7 @@ def _dq_tile_loop(
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         distance = key_pos[None, :] - query_pos[:, None]
         scores = _tile_bias(
-            scores, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
+            scores, distance, band_bias, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
         )
         p = tl.math.exp2(scores - lse_log2[:, None])
         if MASKED:

@@ -8,8 +8,8 @@ The key axis of a query block is split into three ranges by the distance ``d = k
   causal / bounds masking;
 * far right (``d >= R``): scalar bias again; only the last, partial key tile is masked.
 
-``R`` is the bucket layout's radius (``max(max_distance, num_buckets)``); without a T5 bias the band is the
-diagonal tile(s). So the bias costs O(L + buckets) memory and nothing but a scalar add on most tiles.
+``R`` is the bucket layout's radius, the distance where T5's buckets saturate (91 for 32 bidirectional buckets
+and max_distance 128, 113 for 32 causal ones); without a T5 bias the band is the diagonal tile(s). So the bias costs O(L + buckets) memory and nothing but a scalar add on most tiles.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ REGION_FAR_RIGHT = 2  # every d >= R
 def _tile_bias(
     scores,
     distance,
-    dist_bias_ptr,
+    band_bias,
     alibi_slope_log2,
     bias_far_left,
     bias_far_right,
@@ -62,17 +62,29 @@ def _tile_bias(
 ):
     """Add the relative bias to a tile of log2-domain scores; ``distance = key - query``.
 
-    ``dist_bias_ptr`` points at distance 0 of the head's log2-scaled, padded per-distance vector."""
+    ``band_bias`` is the band tile's T5 bias, already gathered (see `_band_bias`)."""
     if BIAS_KIND == 1:
         if REGION == 0:
             scores = scores + bias_far_left
         elif REGION == 2:
             scores = scores + bias_far_right
         else:
-            scores = scores + tl.load(dist_bias_ptr + distance)
+            scores = scores + band_bias
     elif BIAS_KIND == 2:
         scores = scores - alibi_slope_log2 * tl.abs(distance).to(tl.float32)
     return scores
+
+
+@triton.jit
+def _band_bias(dist_bias_ptr, distance, BIAS_KIND: tl.constexpr, REGION: tl.constexpr):
+    """The T5 bias of a band tile, gathered from the head's log2-scaled per-distance vector (``dist_bias_ptr``
+    points at distance 0; the vector is padded to cover every distance of the call and one tile more).
+
+    The tile loops call it one tile ahead: the gather of the next tile is in flight while this one computes,
+    instead of stalling the softmax on it."""
+    if BIAS_KIND == 1 and REGION == 1:
+        return tl.load(dist_bias_ptr + distance)
+    return 0.0
 
 
 @triton.jit
@@ -146,8 +158,11 @@ def _fwd_tile_loop(
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    next_bias = _band_bias(dist_bias_ptr, (lo + offs_n)[None, :] - query_pos[:, None], BIAS_KIND, REGION)
     for start_n in tl.range(lo, hi, BLOCK_N):
         key_pos = start_n + offs_n
+        band_bias = next_bias
+        next_bias = _band_bias(dist_bias_ptr, (key_pos + BLOCK_N)[None, :] - query_pos[:, None], BIAS_KIND, REGION)
         if MASKED:
             k = tl.load(
                 k_ptrs + start_n * stride_kn,
@@ -168,7 +183,7 @@ def _fwd_tile_loop(
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2
         distance = key_pos[None, :] - query_pos[:, None]
         scores = _tile_bias(
-            scores, distance, dist_bias_ptr, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
+            scores, distance, band_bias, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
         )
         if MASKED:
             allowed = key_pos[None, :] < seqlen_k

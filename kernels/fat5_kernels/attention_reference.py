@@ -69,7 +69,7 @@ class RelativeBiasLayout:
     """How T5 buckets tile the distance axis, for one (bidirectional, num_buckets, max_distance).
 
     Attributes:
-        radius: ``R``; every distance ``|d| >= R`` has the bucket of ``sign(d) * R``.
+        radius: ``R``, the smallest radius such that every distance ``|d| >= R`` has the bucket of ``sign(d) * R``.
         distance_bucket: int64 (2R+1,), the bucket of distance ``d`` at index ``d + R``.
         cuts: int32 (num_cuts_padded,), sorted distances ``c`` where ``bucket(c) != bucket(c + 1)``,
             padded with ``SEGMENT_BOUND``. Segment ``s`` is the distance range ``(cuts[s-1], cuts[s]]``
@@ -108,15 +108,24 @@ def _relative_bias_layout_cpu(bidirectional: bool, num_buckets: int, max_distanc
             f"max_distance={max_distance} must be larger than the exact-bucket range {max_exact} "
             f"(num_buckets={num_buckets}, bidirectional={bidirectional}); T5's log buckets are undefined otherwise."
         )
-    radius = max(max_distance, num_buckets)
-    # Check, rather than assume, that buckets saturate beyond +-radius.
-    wide = torch.arange(-4 * radius, 4 * radius + 1)
+    bound = max(max_distance, num_buckets)
+    # Check, rather than assume, that buckets saturate beyond +-bound.
+    wide = torch.arange(-4 * bound, 4 * bound + 1)
     wide_bucket = t5_relative_position_bucket(wide, bidirectional, num_buckets, max_distance)
-    inner = wide_bucket[3 * radius : 5 * radius + 1]
+    center = 4 * bound
     if not (
-        torch.all(wide_bucket[: 3 * radius + 1] == inner[0]) and torch.all(wide_bucket[5 * radius :] == inner[-1])
+        torch.all(wide_bucket[: center - bound + 1] == wide_bucket[center - bound])
+        and torch.all(wide_bucket[center + bound :] == wide_bucket[center + bound])
     ):
         raise ValueError(f"T5 buckets do not saturate beyond max_distance={max_distance}; unsupported parameters.")
+    # The smallest radius that saturates on both sides (T5's log buckets reach their last value before
+    # max_distance: 91 for 32 bidirectional buckets and max_distance 128): fewer band tiles in the kernels.
+    left_changes = torch.nonzero(wide_bucket[: center + 1] != wide_bucket[0]).flatten()
+    right_changes = torch.nonzero(wide_bucket[center:] != wide_bucket[-1]).flatten()
+    left = center - int(left_changes[0]) + 1 if left_changes.numel() else 0  # every d <= -left is saturated
+    right = int(right_changes[-1]) + 1 if right_changes.numel() else 0  # every d >= right is saturated
+    radius = max(left, right, 1)
+    inner = wide_bucket[center - radius : center + radius + 1]
     cut_positions = torch.nonzero(inner[1:] != inner[:-1]).flatten()  # index of c in [0, 2R)
     cuts = (cut_positions - radius).tolist()
     num_segments = len(cuts) + 1
