@@ -286,6 +286,9 @@ def can_use_flash_attention(
     )
 
 
+_SDPA_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def flash_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -297,7 +300,8 @@ def flash_attention(
     num_buckets: int,
     max_distance: int,
 ) -> torch.Tensor:
-    """T5 attention (scale 1.0, relative bias from `bias_table` computed in-kernel) with the Triton kernel.
+    """T5 attention (scale 1.0, relative bias from `bias_table` computed in-kernel) with the Triton kernel;
+    unpadded fp16/bf16 cross-attention (no bias, no mask) goes to PyTorch's SDPA, whose flash kernel is faster there.
 
     Args:
         query (`(B, H, M, D)`), key, value (`(B, H, N, D)`): projected heads.
@@ -308,6 +312,10 @@ def flash_attention(
         `torch.Tensor` of shape `(B, M, H, D)` (the layout transformers' attention functions return).
     """
     key_padding_mask = mask.key_padding_mask
+    if bias_table is None and key_padding_mask is None and not mask.causal and query.dtype in _SDPA_FLASH_DTYPES:
+        # Cross-attention without padding: nothing for our kernel to do that SDPA's flash kernel does not do faster
+        # (H100, B=64, H=8, L=512, D=64, bf16: 0.44 ms against 0.56 ms per forward+backward).
+        return nn.functional.scaled_dot_product_attention(query, key, value, scale=1.0).transpose(1, 2)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(device=query.device, dtype=torch.bool)
     out = _triton_t5_flash_attention(
