@@ -58,17 +58,22 @@ def torch_linear_cross_entropy(hidden, weight, labels, z_loss=0.0, label_smoothi
     return torch_cross_entropy(hidden @ weight.t(), labels, z_loss, label_smoothing)
 
 
-def fat5_cross_entropy(logits, labels, z_loss=0.0, label_smoothing=0.0):
+# The fat5 rows skip the label-range check (one host sync per call), as Liger-Kernel and torch do and as the model
+# does while it trains; the fat5_checked variant rows measure the default, checked call.
+def fat5_cross_entropy(logits, labels, z_loss=0.0, label_smoothing=0.0, check_label_values=False):
     from fat5_kernels.cross_entropy import cross_entropy
 
-    return cross_entropy(logits, labels, ignore_index=IGNORE, z_loss=z_loss, label_smoothing=label_smoothing)[0]
+    return cross_entropy(logits, labels, ignore_index=IGNORE, z_loss=z_loss, label_smoothing=label_smoothing,
+                         check_label_values=check_label_values)[0]  # fmt: skip
 
 
-def fat5_linear_cross_entropy(hidden, weight, labels, z_loss=0.0, label_smoothing=0.0, chunk_size=None):
+def fat5_linear_cross_entropy(hidden, weight, labels, z_loss=0.0, label_smoothing=0.0, chunk_size=None,
+                              check_label_values=False):  # fmt: skip
     from fat5_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     return fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, z_loss=z_loss,
-                                      label_smoothing=label_smoothing, chunk_size=chunk_size)[0]  # fmt: skip
+                                      label_smoothing=label_smoothing, chunk_size=chunk_size,
+                                      check_label_values=check_label_values)[0]  # fmt: skip
 
 
 def liger_cross_entropy(logits, labels, z_loss=0.0, label_smoothing=0.0):
@@ -319,9 +324,14 @@ def variant_cases() -> list[Case]:
     flce (d=768, fwd+bwd): ``fat5_ligermem``, chunk_size from Liger-Kernel's memory rule (the least memory);
     ``fat5_c1024``, half the default chunk at V=250,112; ``fat5_2pass``, rows read twice by the chunk's kernel at
     V=32,128. ce (no z-loss / smoothing): ``fat5_fwdblock16384`` (fwd), ``fat5_bwdblock8192`` (fwd+bwd), other
-    block widths of the loss-only forward and of the backward.
+    block widths of the loss-only forward and of the backward. Both, V=32,128: ``fat5_checked``, the default call
+    that checks the labels' range (a host sync).
     """
     cases = []
+    for kernel, shape in (("ce", ce_shapes()[0]), ("flce", flce_shapes()[0])):
+        for mode in ("fwd", "fwdbwd"):
+            cases.append(Case(kernel, "fat5_checked", shape, mode, {"check_label_values": True, "check": False},
+                              base_impl="fat5"))  # fmt: skip
     for shape in [s for s in flce_shapes() if s["d"] == 768 and "z" not in s]:
         cases.append(Case("flce", "fat5_ligermem", shape, "fwdbwd",
                           {"chunk_size": liger_chunk_size(shape), "check": False}, base_impl="fat5"))  # fmt: skip
