@@ -279,6 +279,8 @@ def build_model(config: PretrainConfig, tokenizer):
         except Exception as err:  # TypeError, ValueError or huggingface_hub's strict-dataclass validation error
             raise ConfigError(f"model.config is not a valid FAT5Config: {err}") from err
         model = FAT5ForConditionalGeneration(model_config)
+        if model_args.get("tie_word_embeddings") is False:
+            untie_lm_head(model)
     if model.config.vocab_size < vocab_needed:
         raise RecipeError(
             f"The tokenizer {config.data.tokenizer!r} has {vocab_needed} tokens but the model's vocabulary holds "
@@ -295,6 +297,20 @@ def build_model(config: PretrainConfig, tokenizer):
     # checks (three host syncs a step on a GPU) are off while training and back on in the exported config.
     set_token_id_checks(model, False)
     return model
+
+
+def untie_lm_head(model) -> None:
+    """Gives a new model its own LM head, as ``tie_word_embeddings: false`` (T5 v1.1, FAT5) means.
+
+    transformers 5's ``T5Config`` (and ``FAT5Config``, which follows it) stores ``tie_word_embeddings=True`` whatever
+    it is given and reads ``false`` only as "do not rescale the decoder output", so a model built from such a config
+    shares its input embedding with the LM head (FAT5-small would have 130M parameters instead of 147M). A separate
+    head, initialized as T5 initializes an untied one (normal, std ``initializer_factor``), is saved by
+    ``save_pretrained`` and loaded untied by ``from_pretrained`` (both weights present), like T5 v1.1 checkpoints.
+    """
+    head = torch.empty_like(model.lm_head.weight)
+    torch.nn.init.normal_(head, mean=0.0, std=model.config.initializer_factor * 1.0)
+    model.lm_head.weight = torch.nn.Parameter(head)
 
 
 def set_token_id_checks(model, enabled: bool) -> None:

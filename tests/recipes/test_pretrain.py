@@ -118,16 +118,27 @@ def test_unknown_yaml_key_lists_valid_keys(tmp_path):
         load_config(path)
 
 
+class _VocabOnly:
+    """Stands for a 32,768-token tokenizer where only its size and special ids matter (T5 layout)."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __len__(self):
+        return 32768
+
+
 def test_shipped_configs_load():
-    for name in ("pretrain-fat5-small.yaml", "pretrain-fat5-base.yaml"):
+    for name, millions in (("pretrain-fat5-small.yaml", 147), ("pretrain-fat5-base.yaml", 249)):
         config = load_config(RECIPES / "configs" / name)
         assert config.data.dataset_name and not config.data.train_files and not config.data.eval_files
         assert config.training.mixed_precision == "bf16"
-        # Every model field is a real FAT5Config field.
-        from fat5_hf import FAT5Config
-
-        model_config = FAT5Config(vocab_size=32768, **config.model.config)
-        assert model_config.z_loss > 0 and model_config.d_model in (512, 768)
+        # The model the recipe builds (every model field is a real FAT5Config field), on the meta device: FAT5-small
+        # is CATIE's 147M-parameter shape, with its own LM head (tie_word_embeddings: false).
+        with torch.device("meta"):
+            model = pretrain.build_model(config, _VocabOnly())
+        assert model.config.z_loss > 0 and model.config.vocab_size == 32768
+        assert model.lm_head.weight is not model.shared.weight and not model.config.scale_decoder_outputs
+        assert round(sum(p.numel() for p in model.parameters()) / 1e6) == millions, name
     fsdp = yaml.safe_load((RECIPES / "configs" / "accelerate-fsdp2.yaml").read_text())
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
     # Wrapping each block (and only blocks) keeps the shared embedding / LM head in the root unit.
@@ -341,6 +352,26 @@ def test_default_config_trains_on_the_shipped_corpus(tmp_path):
     assert summary["step"] == 6 and summary["eval_loss"] == summary["eval_loss"]
     assert sorted(train_losses(output_dir)) == [5, 6] or sorted(train_losses(output_dir)) == [6]
     assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
+
+
+def test_untied_lm_head_trains_and_exports_untied(tmp_path):
+    """tie_word_embeddings: false gives a separate LM head (transformers 5's config alone would tie it), trained,
+    saved beside the embedding and loaded untied."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSeq2SeqLM
+
+    import fat5_hf  # noqa: F401
+
+    output_dir = tmp_path / "run"
+    pretrain.train(
+        tiny_config(output_dir, "model.config.tie_word_embeddings=false", "training.max_steps=2",
+                    "optim.warmup_steps=1", "training.save_steps=100", "training.eval_steps=100")
+    )  # fmt: skip
+    weights = load_file(output_dir / "model.safetensors")
+    assert not torch.equal(weights["lm_head.weight"], weights["shared.weight"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(output_dir)
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, weights["lm_head.weight"]) and not model.config.scale_decoder_outputs
 
 
 def test_gradient_accumulation_clipping_and_optimizer_steps(tmp_path, monkeypatch):

@@ -53,6 +53,12 @@ def expected_normalization(text):
 
 def test_t5_layout(trained):
     tokenizer = AutoTokenizer.from_pretrained(trained)
+    # SentencePiece-style: a Unigram model with byte fallback, NFKC first in the normalizer, "▁" word marker
+    saved = json.loads((trained / "tokenizer.json").read_text(encoding="utf-8"))
+    assert saved["model"]["type"] == "Unigram" and saved["model"]["byte_fallback"] is True
+    assert saved["normalizer"]["normalizers"][0]["type"] == "NFKC"
+    assert saved["pre_tokenizer"]["type"] == "Metaspace" and saved["pre_tokenizer"]["replacement"] == "▁"
+    assert tokenizer.is_fast
     vocab = tokenizer.get_vocab()
     assert len(tokenizer) == 700
     assert (tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token) == ("<pad>", "</s>", "<unk>")
