@@ -118,6 +118,11 @@ class FAT5Config(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.num_decoder_layers = self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
+        if not isinstance(self.feed_forward_proj, str):
+            raise ValueError(
+                f"`feed_forward_proj` must be a string such as 'relu', 'gated-gelu' or 'gated-silu', got "
+                f"{self.feed_forward_proj!r}."
+            )
 
         act_info = self.feed_forward_proj.split("-")
         self.dense_act_fn = act_info[-1]
@@ -159,6 +164,26 @@ class FAT5Config(PreTrainedConfig):
                 f"`relative_attention_num_buckets` must be at least 2 (half the buckets are exact offsets, half "
                 f"logarithmic), got {self.relative_attention_num_buckets}."
             )
+        # The decoder's (one-directional) bucketing gives distances below `num_buckets // 2` a bucket each and spaces
+        # the rest logarithmically up to `max_distance`; with `max_distance <= num_buckets // 2` that log range is
+        # empty or negative and the bucket ids come out negative (out-of-range reads of the bias table).
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+            raise ValueError(
+                f"`relative_attention_max_distance` ({self.relative_attention_max_distance}) must be larger than "
+                f"`relative_attention_num_buckets // 2` ({self.relative_attention_num_buckets // 2}): distances "
+                "below that get exact buckets and the rest are bucketed logarithmically up to the max distance. T5 "
+                "uses 32 buckets and a max distance of 128."
+            )
+        for name in ("use_triton_attention", "use_fused_rms_norm", "use_fused_cross_entropy", "use_fused_glu",
+                     "check_token_ids"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+        for name in ("dropout_rate", "classifier_dropout", "layer_norm_epsilon", "initializer_factor", "z_loss",
+                     "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"`{name}` must be a number, got {value!r}.")
         for name in ("dropout_rate", "classifier_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -115,6 +115,15 @@ def test_fat5_fields_defaults():
         (dict(num_heads=-2), "`num_heads` must be a positive integer"),
         (dict(num_decoder_layers=0), "`num_decoder_layers` must be a positive integer"),
         (dict(relative_attention_num_buckets=1), "at least 2"),
+        # the decoder's bucketing needs max_distance > num_buckets // 2 (else negative bucket ids)
+        (dict(relative_attention_num_buckets=8, relative_attention_max_distance=4),
+         r"`relative_attention_max_distance` \(4\) must be larger than `relative_attention_num_buckets // 2` \(4\)"),
+        (dict(relative_attention_num_buckets=32, relative_attention_max_distance=3), "relative_attention_max_distance"),
+        (dict(use_fused_rms_norm="yes"), "`use_fused_rms_norm` must be True or False"),
+        (dict(check_token_ids=1), "`check_token_ids` must be True or False"),
+        (dict(z_loss="1e-4"), "`z_loss` must be a number"),
+        (dict(label_smoothing=None), "`label_smoothing` must be a number"),
+        (dict(feed_forward_proj=None), "`feed_forward_proj` must be a string"),
         (dict(dropout_rate=1.0), "`dropout_rate` must be a probability"),
         (dict(classifier_dropout=-0.1), "`classifier_dropout` must be a probability"),
         (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon"),
@@ -128,8 +137,22 @@ def test_invalid_values_raise_value_error(kwargs, message):
 
 
 def test_wrong_types_are_rejected():
-    with pytest.raises(Exception, match="d_model"):
+    with pytest.raises(ValueError, match="d_model"):
         FAT5Config(d_model="512")
+
+
+def test_smallest_valid_bucket_range_gives_valid_buckets():
+    # max_distance = num_buckets // 2 + 1 is the smallest accepted value: every bucket id is in range
+    from fat5_hf.position_encoding import relative_position_bucket
+
+    config = FAT5Config(relative_attention_num_buckets=8, relative_attention_max_distance=5)
+    relative_position = torch.arange(-40, 41)
+    for bidirectional in (True, False):
+        buckets = relative_position_bucket(
+            relative_position, bidirectional=bidirectional, num_buckets=config.relative_attention_num_buckets,
+            max_distance=config.relative_attention_max_distance,
+        )
+        assert buckets.min() >= 0 and buckets.max() < config.relative_attention_num_buckets
 
 
 def test_auto_config_for_model():
