@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,6 +48,11 @@ SIDE_FILES = (
 _CONFIG_BOOKKEEPING_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path")
 
 
+# A Hub model id: "name" or "namespace/name" (a path that does not exist locally and has this shape is looked up on the
+# Hub; anything else, e.g. "./x", "/abs/x" or "a/b/c", is a missing local folder).
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
 class ConversionError(ValueError):
     """A checkpoint cannot be converted; the message says why and what to do."""
 
@@ -57,8 +63,8 @@ def _resolve_source(src: str | os.PathLike) -> Path:
         if not path.is_dir():
             raise ConversionError(f"SRC {path} is a file; pass the checkpoint folder that holds config.json")
         return path
-    if os.sep in str(src) or str(src).startswith("."):
-        raise ConversionError(f"SRC {src} does not exist")
+    if not _HUB_REPO_ID.fullmatch(str(src)):
+        raise ConversionError(f"SRC {src} does not exist (and is not a Hub model id such as 'google/flan-t5-base')")
     # Not a local path: treat it as a Hub id (needs the network unless cached).
     from huggingface_hub import snapshot_download
 

@@ -217,3 +217,42 @@ def test_cli(tmp_path, capsys):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "t5_back" / "model.safetensors").is_file()
+
+
+def test_unreachable_hub_id_is_a_clear_error(tmp_path, monkeypatch):
+    # SRC that is not a local folder but has the shape of a Hub id ("namespace/name") is looked up on the Hub;
+    # offline (as the tests run) it cannot be fetched. Other missing paths are reported as missing folders.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConversionError, match="'someone/no-such-t5' is neither a local folder nor a downloadable Hub"):
+        convert_t5_to_fat5("someone/no-such-t5", tmp_path / "out")
+    for local in ("./missing-folder", str(tmp_path / "missing" / "folder"), "a/b/c"):
+        with pytest.raises(ConversionError, match="does not exist"):
+            convert_t5_to_fat5(local, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_id_source_is_downloaded_then_converted(tmp_path, monkeypatch):
+    # The network is replaced by a local snapshot: what is checked is that a "namespace/name" SRC goes to the Hub
+    # download (with the checkpoint's files allowed) and converts like a local folder.
+    import huggingface_hub
+
+    t5 = make_t5_checkpoint(tmp_path / "snapshot", "t5_v1_1")
+    requests = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        requests.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    convert_t5_to_fat5("google/t5-v1_1-tiny", tmp_path / "fat5")
+    assert requests and requests[0][0] == "google/t5-v1_1-tiny"
+    assert "config.json" in requests[0][1] and "*.safetensors" in requests[0][1]
+    fat5 = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "fat5").eval()
+    input_ids, attention_mask, labels = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fat5(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits,
+            t5(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits, atol=1e-4, rtol=0,
+        )

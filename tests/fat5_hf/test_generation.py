@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import EncoderDecoderCache
+from transformers import EncoderDecoderCache, StaticCache
 
 from fat5_hf import FAT5ForConditionalGeneration
 
@@ -81,3 +81,22 @@ def test_forward_with_labels_returns_no_cache_unless_asked(tiny_fat5_config, mak
     )
     full = model(input_ids=input_ids, decoder_input_ids=labels, use_cache=False)
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, 2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_layers, num_decoder_layers", [(2, 2), (2, 3)])
+def test_static_cache_generation_equals_dynamic(tiny_fat5_config, make_batch, num_layers, num_decoder_layers):
+    # transformers' other encoder-decoder cache: a StaticCache (one layer per decoder block) for self-attention
+    torch.manual_seed(0)
+    config = tiny_fat5_config(num_layers=num_layers, num_decoder_layers=num_decoder_layers, initializer_factor=0.5)
+    model = FAT5ForConditionalGeneration(config).eval()
+    input_ids, attention_mask = make_batch(96, [7, 4])
+    for kwargs in (dict(num_beams=1), dict(num_beams=2)):
+        dynamic = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False, **kwargs)
+        out = model.generate(
+            input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False,
+            cache_implementation="static", return_dict_in_generate=True, **kwargs,
+        )
+        assert torch.equal(out.sequences, dynamic), kwargs
+    assert isinstance(out.cache, EncoderDecoderCache)
+    assert isinstance(out.cache.self_attention_cache, StaticCache)
+    assert len(out.cache.self_attention_cache.layers) == num_decoder_layers
