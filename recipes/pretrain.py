@@ -370,31 +370,39 @@ def build_data(config: PretrainConfig, tokenizer, accelerator) -> tuple[UL2Batch
     chunk_length = collator.chunk_length
     holdout = 0 if (data.eval_files or data.eval_split) else data.eval_holdout_documents
     with accelerator.main_process_first():  # the first process fills the datasets cache, the others reuse it
-        if data.dataset_name:
-            documents = load_streamed_documents(
-                data.dataset_name, data.dataset_config, data.train_split, data.text_column
-            )
-            eval_documents = None
-            if data.eval_split:
-                eval_documents = load_streamed_documents(
-                    data.dataset_name, data.dataset_config, data.eval_split, data.text_column
+        try:
+            if data.dataset_name:
+                documents = load_streamed_documents(
+                    data.dataset_name, data.dataset_config, data.train_split, data.text_column
                 )
-            elif holdout:
-                eval_documents, documents = documents.take(holdout), documents.skip(holdout)
-            train_rows = pack_documents(documents, tokenizer, chunk_length)
-        else:
-            documents = load_local_documents(data.train_files, data.text_column)
-            eval_documents = load_local_documents(data.eval_files, data.text_column) if data.eval_files else None
-            if eval_documents is None and holdout:
-                if holdout >= len(documents):
-                    raise DataError(
-                        f"data.eval_holdout_documents={holdout} would hold out all {len(documents)} training "
-                        "documents; lower it or give data.eval_files"
+                eval_documents = None
+                if data.eval_split:
+                    eval_documents = load_streamed_documents(
+                        data.dataset_name, data.dataset_config, data.eval_split, data.text_column
                     )
-                eval_documents = documents.select(range(holdout))
-                documents = documents.select(range(holdout, len(documents)))
-            train_rows = pack_documents(documents, tokenizer, chunk_length)
-        eval_rows = pack_documents(eval_documents, tokenizer, chunk_length) if eval_documents is not None else None
+                elif holdout:
+                    eval_documents, documents = documents.take(holdout), documents.skip(holdout)
+                train_rows = pack_documents(documents, tokenizer, chunk_length)
+            else:
+                documents = load_local_documents(data.train_files, data.text_column)
+                eval_documents = load_local_documents(data.eval_files, data.text_column) if data.eval_files else None
+                if eval_documents is None and holdout:
+                    if holdout >= len(documents):
+                        raise DataError(
+                            f"data.eval_holdout_documents={holdout} would hold out all {len(documents)} training "
+                            "documents; lower it or give data.eval_files"
+                        )
+                    eval_documents = documents.select(range(holdout))
+                    documents = documents.select(range(holdout, len(documents)))
+                train_rows = pack_documents(documents, tokenizer, chunk_length)
+            eval_rows = pack_documents(eval_documents, tokenizer, chunk_length) if eval_documents is not None else None
+        except DataError:
+            if accelerator.is_main_process and accelerator.num_processes > 1:
+                # The other processes wait for this one to go first: release them, so that each meets the same
+                # error and reports it (rather than being killed by torchrun's agent, or blocked until the
+                # collective times out where no agent watches).
+                accelerator.wait_for_everyone()
+            raise
     train_stream = UL2BatchStream(
         PackedRowStream(
             train_rows,

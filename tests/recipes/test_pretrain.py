@@ -791,6 +791,21 @@ def test_ddp_two_processes_on_cpu_resumes_exactly(tmp_path):
     assert any("eval_loss" in r for r in records) and (straight / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_ddp_two_processes_stop_together_on_bad_data(tmp_path):
+    """A data error met by the process that loads first releases the others, which meet it too: every process
+    reports the clear message (before, the others were blocked in a barrier and killed by the launcher) and no
+    output folder is created."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(_free_port()), str(PRETRAIN), *TINY, "training.cpu=true", f"training.output_dir={tmp_path / 'run'}",
+               f"data.train_files=[{tmp_path / 'missing.jsonl'}]"]  # fmt: skip
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("pretrain.py: error: Data files not found") == 2, result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_ddp_two_gpus_bf16(tmp_path):
