@@ -256,3 +256,14 @@ def test_hub_id_source_is_downloaded_then_converted(tmp_path, monkeypatch):
             fat5(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits,
             t5(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits, atol=1e-4, rtol=0,
         )
+
+
+def test_sharded_checkpoint_converts(tmp_path):
+    t5 = make_t5_checkpoint(tmp_path / "t5", "t5_v1_1")
+    t5.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    convert_t5_to_fat5(tmp_path / "sharded", tmp_path / "fat5")
+    fat5 = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "fat5")
+    expected = t5.state_dict()
+    for name, tensor in fat5.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
