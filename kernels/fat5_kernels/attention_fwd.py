@@ -83,8 +83,10 @@ def _band_bias(dist_bias_ptr, distance, BIAS_KIND: tl.constexpr, REGION: tl.cons
     The tile loops call it one tile ahead: the gather of the next tile is in flight while this one computes,
     instead of stalling the softmax on it."""
     if BIAS_KIND == 1 and REGION == 1:
-        return tl.load(dist_bias_ptr + distance)
-    return 0.0
+        bias = tl.load(dist_bias_ptr + distance)
+    else:  # unused there (and removed by the compiler); one return type for every instance
+        bias = tl.zeros(distance.shape, dtype=tl.float32)
+    return bias
 
 
 @triton.jit
