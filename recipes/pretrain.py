@@ -356,8 +356,8 @@ def build_collator(config: PretrainConfig, tokenizer, seed: int):
         )
     except ValueError as err:
         raise ConfigError(
-            f"The denoisers cannot work with data.max_input_length={data.max_input_length}, "
-            f"data.max_target_length={data.max_target_length}: {err}"
+            f"data.denoisers with data.max_input_length={data.max_input_length}, "
+            f"data.max_target_length={data.max_target_length} and data.tokenizer: {err}"
         ) from err
     except TypeError as err:
         raise ConfigError(f"data.collator_kwargs: {err}") from err

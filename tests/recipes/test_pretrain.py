@@ -212,6 +212,34 @@ def test_deepspeed_config_is_completed_from_the_recipe(monkeypatch, tmp_path):
         pretrain.check_accelerate_setup(accelerator, config)
 
 
+def test_denoiser_mixture_is_configurable():
+    """data.denoisers: "ul2", "t5" or a list of DenoiserSpec fields (span length, rate, weight, mode token)."""
+    tokenizer = pretrain.load_tokenizer(load_config())
+    custom = load_config(
+        None,
+        ['data.denoisers=[{name: R5, mode_token: "[R]", mean_span_length: 5, corruption_rate: 0.2, weight: 3}, '
+         '{name: S, mode_token: "[S]", mean_span_length: 1, corruption_rate: 0.5, weight: 1, prefix_lm: true}]'],
+    )  # fmt: skip
+    collator = pretrain.build_collator(custom, tokenizer, seed=0)
+    assert [(d.name, d.mean_span_length, d.corruption_rate, d.prefix_lm) for d in collator.denoisers] == [
+        ("R5", 5.0, 0.2, False), ("S", 1.0, 0.5, True)
+    ]  # fmt: skip
+    assert collator.denoiser_probabilities.tolist() == [0.75, 0.25]
+    assert [ids[0] for ids in collator.mode_token_ids] == tokenizer.convert_tokens_to_ids(["[R]", "[S]"])
+    assert [d.name for d in pretrain.build_denoisers(load_config(None, ["data.denoisers=t5"]))] == ["T5"]
+    assert len(pretrain.build_denoisers(load_config())) == 7  # R, R, X, X, X, X, S
+    for bad, message in [
+        ('data.denoisers=[{name: R, mode_token: "[R]", span: 3, corruption_rate: 0.15, weight: 1}]', "fields: name"),
+        ('data.denoisers=[{name: R, mode_token: "[R]", mean_span_length: 3, corruption_rate: 1.5, weight: 1}]',
+         "corruption_rate"),
+        ('data.denoisers=[{name: Z, mode_token: "[Z]", mean_span_length: 3, corruption_rate: 0.15, weight: 1}]',
+         r"Mode token '\[Z\]' is not a special token"),
+        ("data.denoisers=ul3", "must be"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            pretrain.build_collator(load_config(None, [bad]), tokenizer, seed=0)
+
+
 def test_resume_mismatches_ignore_only_mutable_fields():
     from pretrain_config import resume_mismatches
 
