@@ -1,5 +1,6 @@
-"""The package as installed: triton optional, kernels importable only as `fat5_kernels`, extras, the CI entry point
-running the README's test command, GPU-only tests skipped (not passed) on CPU."""
+"""The package as built and installed: the wheel holds fat5_hf and fat5_kernels (never a top-level `kernels`), triton
+is optional (extras), the installed package imports and trains without it; the CI entry point runs the README's
+test command; GPU-only tests are skipped (not passed) on CPU."""
 
 from __future__ import annotations
 
@@ -22,10 +23,52 @@ except ImportError:  # Python 3.10
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Runs in a fresh interpreter with triton made unimportable, as on a CPU-only install without the `gpu` extra.
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory):
+    """fat5-hf built as a wheel (from a copy of the sources, so nothing is written into the checkout) and installed
+    without dependencies into a folder of its own: `(wheel_path, site_dir)`."""
+    import shutil
+
+    pytest.importorskip("setuptools", reason="building the wheel offline (--no-build-isolation) needs setuptools")
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "fat5_hf", source / "fat5_hf", ignore=ignore)
+    shutil.copytree(REPO / "kernels", source / "kernels", ignore=ignore)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(work / "dist")],
+                   check=True, cwd=work, timeout=300, capture_output=True)
+    (wheel,) = (work / "dist").glob("fat5_hf-*.whl")
+    site = work / "site"
+    subprocess.run([*pip, "install", str(wheel), "--no-deps", "--no-index", "--target", str(site)],
+                   check=True, cwd=work, timeout=300, capture_output=True)
+    return wheel, site
+
+
+def test_wheel_ships_fat5_hf_and_fat5_kernels_only(installed_wheel):
+    import zipfile
+
+    wheel, _ = installed_wheel
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    # `kernels` is Hugging Face's kernels library, which transformers probes for: fat5-hf must not provide it
+    assert top_level == {"fat5_hf", "fat5_kernels"}
+    assert "fat5_kernels/attention.py" in names and "fat5_hf/modeling_fat5.py" in names
+    (metadata_name,) = [name for name in names if name.endswith(".dist-info/METADATA")]
+    requires = [line for line in zipfile.ZipFile(wheel).read(metadata_name).decode().splitlines()
+                if line.startswith("Requires-Dist:")]
+    triton = [line for line in requires if line.split()[1].startswith("triton")]
+    assert triton and all("extra ==" in line for line in triton), triton  # triton only through extras
+
+
+# Runs in a fresh interpreter on the installed wheel (not the checkout), with triton made unimportable, as on a
+# CPU-only install without the `gpu` extra.
 WITHOUT_TRITON = textwrap.dedent(
     """
-    import importlib.abc, sys
+    import importlib.abc, importlib.util, sys
 
     class NoTriton(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -36,8 +79,13 @@ WITHOUT_TRITON = textwrap.dedent(
     sys.meta_path.insert(0, NoTriton())
     import torch
     import fat5_hf
+    import fat5_kernels
     from fat5_hf import FAT5Config, FAT5ForConditionalGeneration, kernel_ops
 
+    site = sys.argv[1]
+    assert fat5_hf.__file__.startswith(site) and fat5_kernels.__file__.startswith(site), (fat5_hf.__file__, site)
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not any(str(p).startswith(site) for p in spec.submodule_search_locations or [])
     assert "triton" not in sys.modules
     assert not any(kernel_ops.kernel_available(k) for k in ("rms_norm", "gated_activation", "cross_entropy", "attention"))
     torch.manual_seed(0)
@@ -52,24 +100,19 @@ WITHOUT_TRITON = textwrap.dedent(
 )
 
 
-def test_fat5_hf_imports_and_trains_without_triton(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")])}
-    result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_TRITON], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-        check=False,
+def test_installed_package_imports_and_trains_without_triton(installed_wheel, tmp_path):
+    _, site = installed_wheel
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run(  # from an empty folder, so the working directory puts nothing on the path
+        [sys.executable, "-c", WITHOUT_TRITON, str(site)], capture_output=True, text=True, cwd=tmp_path, env=env,
+        timeout=300, check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "NO_TRITON_OK" in result.stdout
 
 
-def test_kernels_import_as_fat5_kernels_never_as_kernels(tmp_path):
-    # `kernels` is Hugging Face's kernels library, which transformers probes for: fat5-hf must not provide it.
+def test_source_tree_maps_kernels_to_fat5_kernels():
     assert Path(fat5_kernels.__file__).resolve().parent == REPO / "kernels" / "fat5_kernels"
-    probe = "import importlib.util; s = importlib.util.find_spec('kernels'); print(list(s.submodule_search_locations or []) if s else None)"
-    result = subprocess.run(  # from an empty folder, so the working directory puts nothing on the path
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120, check=True
-    )
-    assert str(REPO / "kernels") not in result.stdout, result.stdout
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "kernels" not in setuptools["packages"] and setuptools["package-dir"]["fat5_kernels"] == "kernels/fat5_kernels"
 
