@@ -141,3 +141,35 @@ def test_flatten_imports_rewrites_and_refuses():
     assert "    from .rms_norm import rms_norm\n" in flatten_imports(source)
     with pytest.raises(ValueError, match="cannot be flattened"):
         flatten_imports("import fat5_kernels\n", "x.py")
+
+
+def test_push_to_hub_uploads_code_and_auto_map(tmp_path, monkeypatch):
+    # push_to_hub goes through save_pretrained: the commit carries the same code files and auto_map. The Hub API is
+    # replaced by a recorder (the tests are offline); the uploaded files are copied out before the temp folder goes.
+    import shutil
+    import types
+
+    from transformers.utils import hub as hf_hub_utils
+
+    uploaded = tmp_path / "uploaded"
+    uploaded.mkdir()
+    commits = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, **kwargs):
+            return types.SimpleNamespace(repo_id=repo_id)
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            commits.append(repo_id)
+            for op in operations:
+                (uploaded / op.path_in_repo).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(op.path_or_fileobj, uploaded / op.path_in_repo)
+
+    monkeypatch.setattr(hf_hub_utils, "hf_api", lambda: RecordingApi())
+    model = save_tiny_model(tmp_path / "saved")
+    model.push_to_hub("someone/tiny-fat5")
+    assert commits == ["someone/tiny-fat5"]
+    saved = {p.name for p in (tmp_path / "saved").iterdir() if p.name != "expected.pt"}
+    assert saved <= {p.name for p in uploaded.iterdir()}
+    assert {"modeling_fat5.py", "configuration_fat5.py", "attention.py", "model.safetensors"} <= saved
+    assert json.loads((uploaded / "config.json").read_text())["auto_map"] == AUTO_MAP
