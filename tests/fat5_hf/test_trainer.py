@@ -62,3 +62,27 @@ def test_seq2seq_trainer_accumulation_matches_one_large_batch(tmp_path):
     accumulated = train_once(tmp_path, batch_size=2, accumulation=2)
     for name, param in large.items():
         torch.testing.assert_close(accumulated[name], param, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trainer_finetunes_a_classification_head_loaded_through_auto(tmp_path):
+    # CamemBERT-style use: a FAT5 seq2seq checkpoint -> AutoModelForSequenceClassification -> plain Trainer.
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    FAT5ForConditionalGeneration(FAT5Config(**CONFIG)).save_pretrained(tmp_path / "init")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "init", num_labels=2)
+    assert type(model).__name__ == "FAT5ForSequenceClassification"
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(2, CONFIG["vocab_size"], (16, 10), generator=gen)
+    labels = (input_ids[:, 0] > CONFIG["vocab_size"] // 2).long()  # learnable from the first token
+    data = Dataset.from_dict({"input_ids": input_ids.tolist(), "attention_mask": [[1] * 10] * 16,
+                              "labels": labels.tolist()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=8, learning_rate=3e-3,
+        use_cpu=True, report_to="none", save_strategy="no", seed=0, logging_steps=1,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=default_data_collator)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < 0.8 * before, (before, after)
