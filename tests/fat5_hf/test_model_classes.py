@@ -107,3 +107,29 @@ def test_output_attentions_and_hidden_states_on_every_class(tiny_fat5_config, ma
     for weights in attentions:
         assert len(weights) == 2 and weights[0].shape[1] == 4  # 2 blocks, 4 heads
         assert torch.isfinite(weights[0]).all()
+
+
+@pytest.mark.parametrize("variant", ["t5", "mt5"])
+def test_bare_model_matches_t5model(t5_pair, make_batch, variant):
+    # FAT5Model has its own forward (not the one of FAT5ForConditionalGeneration): same outputs as transformers'
+    # T5Model on T5's weights, with and without the KV cache.
+    t5_lm, fat5_lm = t5_pair(variant, "eager")
+    t5 = transformers.T5Model(t5_lm.config).eval()
+    fat5 = FAT5Model(fat5_lm.config).eval()
+    t5.load_state_dict(t5_lm.state_dict(), strict=False)
+    incompatible = fat5.load_state_dict(t5.state_dict(), strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    input_ids, attention_mask = make_batch(96, [7, 4])
+    decoder_input_ids, decoder_attention_mask = make_batch(96, [4, 4], seed=6)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                  decoder_attention_mask=decoder_attention_mask)
+    with torch.no_grad():
+        expected, actual = t5(**kwargs), fat5(**kwargs)
+        torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=0)
+        torch.testing.assert_close(actual.encoder_last_hidden_state, expected.encoder_last_hidden_state, atol=1e-5,
+                                   rtol=0)
+        first = fat5(**{**kwargs, "decoder_input_ids": decoder_input_ids[:, :3], "decoder_attention_mask": None},
+                     use_cache=True)
+        step = fat5(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids[:, 3:],
+                    cache=first.cache, use_cache=True)
+    torch.testing.assert_close(step.last_hidden_state[:, 0], expected.last_hidden_state[:, 3], atol=1e-5, rtol=0)
