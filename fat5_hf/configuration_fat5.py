@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -182,7 +183,7 @@ class FAT5Config(PreTrainedConfig):
         for name in ("dropout_rate", "classifier_dropout", "layer_norm_epsilon", "initializer_factor", "z_loss",
                      "label_smoothing"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real: numpy floats too
                 raise ValueError(f"`{name}` must be a number, got {value!r}.")
         for name in ("dropout_rate", "classifier_dropout"):
             value = getattr(self, name)
