@@ -28,7 +28,6 @@ from .attention_fwd import (
     BIAS_ALIBI,
     BIAS_NONE,
     BIAS_T5,
-    _band_bias,
     _key_ranges,
     _mask2d,
     _tile_bias,
@@ -75,6 +74,79 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dkdv_tile(
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows,
+    k, v, key_pos, key_keep,
+    q_ptrs, do_ptrs, lse_ptr, delta_ptr, band_bias, cuts,
+    start_m, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim,
+    qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+    BIAS_KIND: tl.constexpr, REGION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    EVEN_HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dK, dV (and the bias sums) of one key block with the query tile at ``start_m``.
+
+    Works on transposed tiles: rows are this program's keys, columns the queries.
+    """
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    query_shift = seqlen_k - seqlen_q  # query i sits at key position i + N - M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if MASKED:
+        q_t = tl.load(
+            q_ptrs + start_m * stride_qm,
+            mask=_mask2d(offs_m[None, :] < seqlen_q, offs_d[:, None] < head_dim, EVEN_HEAD_DIM),
+            other=0.0,
+        )
+        do = tl.load(
+            do_ptrs + start_m * stride_dom,
+            mask=_mask2d(offs_m[:, None] < seqlen_q, offs_d[None, :] < head_dim, EVEN_HEAD_DIM),
+            other=0.0,
+        )
+    elif EVEN_HEAD_DIM:
+        q_t = tl.load(q_ptrs + start_m * stride_qm)
+        do = tl.load(do_ptrs + start_m * stride_dom)
+    else:
+        q_t = tl.load(q_ptrs + start_m * stride_qm, mask=offs_d[:, None] < head_dim, other=0.0)
+        do = tl.load(do_ptrs + start_m * stride_dom, mask=offs_d[None, :] < head_dim, other=0.0)
+    # padded query rows get lse = +inf, hence p = 0 and dS = 0
+    lse_log2 = tl.load(lse_ptr + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    scores_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
+    distance = key_pos[:, None] - (offs_m + query_shift)[None, :]
+    scores_t = _tile_bias(
+        scores_t, distance, band_bias, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
+    )
+    p_t = tl.math.exp2(scores_t - lse_log2[None, :])
+    if MASKED:
+        allowed = key_pos[:, None] < seqlen_k
+        if IS_CAUSAL:
+            allowed = allowed & (distance <= 0)
+        p_t = tl.where(allowed, p_t, 0.0)
+    if HAS_KEY_MASK:
+        p_t = tl.where(key_keep[:, None], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])  # gradient of the natural-log logits
+    dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+    if COMPUTE_DBIAS:
+        if REGION == 0:
+            far_left_rows += tl.sum(ds_t, axis=1)
+        elif REGION == 2:
+            far_right_rows += tl.sum(ds_t, axis=1)
+        else:
+            # sum over {d <= cut} of dS, for every cut at once: along a key row the distance falls as
+            # the query index grows, so {d <= cut} is a suffix of the row starting at column
+            # key - cut - first_query_position; read it from the reversed cumulative sum.
+            suffix_sums = tl.cumsum(ds_t, axis=1, reverse=True)
+            first_col = key_pos[:, None] - cuts[None, :] - (start_m + query_shift)
+            col = tl.minimum(tl.maximum(first_col, 0), BLOCK_M - 1)
+            picked = tl.gather(suffix_sums, col, axis=1)
+            picked = tl.where(first_col >= BLOCK_M, 0.0, picked)
+            band_cut_sums += tl.sum(picked, axis=0)
+    return dk, dv, band_cut_sums, far_left_rows, far_right_rows
+
+
+@triton.jit
 def _dkdv_tile_loop(
     dk, dv, band_cut_sums, far_left_rows, far_right_rows,
     k, v, key_pos, key_keep,
@@ -85,70 +157,29 @@ def _dkdv_tile_loop(
     HAS_KEY_MASK: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     EVEN_HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dK, dV (and the bias sums) of one key block over query blocks ``[lo, hi)``.
-
-    Works on transposed tiles: rows are this program's keys, columns the queries.
-    """
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    query_shift = seqlen_k - seqlen_q  # query i sits at key position i + N - M
-    first_distance = key_pos[:, None] - (tl.arange(0, BLOCK_M) + query_shift)[None, :]  # at query block 0
-    next_bias = _band_bias(dist_bias_ptr, first_distance - lo, BIAS_KIND, REGION)
-    for start_m in tl.range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        band_bias = next_bias
-        next_bias = _band_bias(dist_bias_ptr, first_distance - (start_m + BLOCK_M), BIAS_KIND, REGION)
-        if MASKED:
-            q_t = tl.load(
-                q_ptrs + start_m * stride_qm,
-                mask=_mask2d(offs_m[None, :] < seqlen_q, offs_d[:, None] < head_dim, EVEN_HEAD_DIM),
-                other=0.0,
-            )
-            do = tl.load(
-                do_ptrs + start_m * stride_dom,
-                mask=_mask2d(offs_m[:, None] < seqlen_q, offs_d[None, :] < head_dim, EVEN_HEAD_DIM),
-                other=0.0,
-            )
-        elif EVEN_HEAD_DIM:
-            q_t = tl.load(q_ptrs + start_m * stride_qm)
-            do = tl.load(do_ptrs + start_m * stride_dom)
-        else:
-            q_t = tl.load(q_ptrs + start_m * stride_qm, mask=offs_d[:, None] < head_dim, other=0.0)
-            do = tl.load(do_ptrs + start_m * stride_dom, mask=offs_d[None, :] < head_dim, other=0.0)
-        # padded query rows get lse = +inf, hence p = 0 and dS = 0
-        lse_log2 = tl.load(lse_ptr + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_ptr + offs_m, mask=offs_m < seqlen_q, other=0.0)
-        scores_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
-        distance = first_distance - start_m
-        scores_t = _tile_bias(
-            scores_t, distance, band_bias, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
-        )
-        p_t = tl.math.exp2(scores_t - lse_log2[None, :])
-        if MASKED:
-            allowed = key_pos[:, None] < seqlen_k
-            if IS_CAUSAL:
-                allowed = allowed & (distance <= 0)
-            p_t = tl.where(allowed, p_t, 0.0)
-        if HAS_KEY_MASK:
-            p_t = tl.where(key_keep[:, None], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])  # gradient of the natural-log logits
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
-        if COMPUTE_DBIAS:
-            if REGION == 0:
-                far_left_rows += tl.sum(ds_t, axis=1)
-            elif REGION == 2:
-                far_right_rows += tl.sum(ds_t, axis=1)
-            else:
-                # sum over {d <= cut} of dS, for every cut at once: along a key row the distance falls as
-                # the query index grows, so {d <= cut} is a suffix of the row starting at column
-                # key - cut - first_query_position; read it from the reversed cumulative sum.
-                suffix_sums = tl.cumsum(ds_t, axis=1, reverse=True)
-                first_col = key_pos[:, None] - cuts[None, :] - (start_m + query_shift)
-                col = tl.minimum(tl.maximum(first_col, 0), BLOCK_M - 1)
-                picked = tl.gather(suffix_sums, col, axis=1)
-                picked = tl.where(first_col >= BLOCK_M, 0.0, picked)
-                band_cut_sums += tl.sum(picked, axis=0)
+    """Accumulate dK, dV (and the bias sums) of one key block over query blocks ``[lo, hi)``."""
+    if BIAS_KIND == 1 and REGION == 1:
+        # band: the next tile's bias gather is issued before this tile's work (see `_fwd_tile_loop`)
+        query_shift = seqlen_k - seqlen_q
+        first_distance = key_pos[:, None] - (tl.arange(0, BLOCK_M) + query_shift)[None, :]  # at query block 0
+        next_bias = tl.load(dist_bias_ptr + first_distance - lo)
+        for start_m in tl.range(lo, hi, BLOCK_M):
+            band_bias = next_bias
+            next_bias = tl.load(dist_bias_ptr + first_distance - (start_m + BLOCK_M))
+            dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile(
+                dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, key_pos, key_keep, q_ptrs, do_ptrs, lse_ptr,
+                delta_ptr, band_bias, cuts, start_m, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2,
+                alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK,
+                COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M, DOT_PRECISION,
+            )  # fmt: skip
+    else:
+        for start_m in tl.range(lo, hi, BLOCK_M):
+            dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile(
+                dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, key_pos, key_keep, q_ptrs, do_ptrs, lse_ptr,
+                delta_ptr, 0.0, cuts, start_m, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2,
+                alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK,
+                COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M, DOT_PRECISION,
+            )  # fmt: skip
     return dk, dv, band_cut_sums, far_left_rows, far_right_rows
 
 
@@ -313,6 +344,50 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_tile(
+    dq, q, do, lse_log2, delta,
+    k_ptrs, v_ptrs, key_mask_ptr, band_bias,
+    start_n, query_pos, seqlen_k, stride_kn, stride_vn, head_dim,
+    qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+    BIAS_KIND: tl.constexpr, REGION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dQ of one query block with the key tile at ``start_n``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    key_pos = start_n + offs_n
+    if MASKED:
+        kv_mask = _mask2d(key_pos[:, None] < seqlen_k, offs_d[None, :] < head_dim, EVEN_HEAD_DIM)
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+    elif EVEN_HEAD_DIM:
+        k = tl.load(k_ptrs + start_n * stride_kn)
+        v = tl.load(v_ptrs + start_n * stride_vn)
+    else:
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < head_dim, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < head_dim, other=0.0)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    distance = key_pos[None, :] - query_pos[:, None]
+    scores = _tile_bias(
+        scores, distance, band_bias, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
+    )
+    p = tl.math.exp2(scores - lse_log2[:, None])
+    if MASKED:
+        allowed = key_pos[None, :] < seqlen_k
+        if IS_CAUSAL:
+            allowed = allowed & (distance <= 0)
+        p = tl.where(allowed, p, 0.0)
+    if HAS_KEY_MASK:
+        keep = tl.load(key_mask_ptr + key_pos, mask=key_pos < seqlen_k, other=0)
+        p = tl.where(keep[None, :] != 0, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
 def _dq_tile_loop(
     dq, q, do, lse_log2, delta,
     k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr,
@@ -322,40 +397,25 @@ def _dq_tile_loop(
     HAS_KEY_MASK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    next_bias = _band_bias(dist_bias_ptr, (lo + offs_n)[None, :] - query_pos[:, None], BIAS_KIND, REGION)
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        key_pos = start_n + offs_n
-        band_bias = next_bias
-        next_bias = _band_bias(dist_bias_ptr, (key_pos + BLOCK_N)[None, :] - query_pos[:, None], BIAS_KIND, REGION)
-        if MASKED:
-            kv_mask = _mask2d(key_pos[:, None] < seqlen_k, offs_d[None, :] < head_dim, EVEN_HEAD_DIM)
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-        elif EVEN_HEAD_DIM:
-            k = tl.load(k_ptrs + start_n * stride_kn)
-            v = tl.load(v_ptrs + start_n * stride_vn)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < head_dim, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < head_dim, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        distance = key_pos[None, :] - query_pos[:, None]
-        scores = _tile_bias(
-            scores, distance, band_bias, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
-        )
-        p = tl.math.exp2(scores - lse_log2[:, None])
-        if MASKED:
-            allowed = key_pos[None, :] < seqlen_k
-            if IS_CAUSAL:
-                allowed = allowed & (distance <= 0)
-            p = tl.where(allowed, p, 0.0)
-        if HAS_KEY_MASK:
-            keep = tl.load(key_mask_ptr + key_pos, mask=key_pos < seqlen_k, other=0)
-            p = tl.where(keep[None, :] != 0, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    if BIAS_KIND == 1 and REGION == 1:
+        # band: the next tile's bias gather is issued before this tile's work (see `_fwd_tile_loop`)
+        offs_n = tl.arange(0, BLOCK_N)
+        next_bias = tl.load(dist_bias_ptr + (lo + offs_n)[None, :] - query_pos[:, None])
+        for start_n in tl.range(lo, hi, BLOCK_N):
+            band_bias = next_bias
+            next_bias = tl.load(dist_bias_ptr + (start_n + BLOCK_N + offs_n)[None, :] - query_pos[:, None])
+            dq = _dq_tile(
+                dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, band_bias, start_n, query_pos, seqlen_k, stride_kn,
+                stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION,
+                MASKED, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+            )  # fmt: skip
+    else:
+        for start_n in tl.range(lo, hi, BLOCK_N):
+            dq = _dq_tile(
+                dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, 0.0, start_n, query_pos, seqlen_k, stride_kn,
+                stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION,
+                MASKED, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+            )  # fmt: skip
     return dq
 
 

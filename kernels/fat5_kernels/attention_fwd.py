@@ -62,7 +62,7 @@ def _tile_bias(
 ):
     """Add the relative bias to a tile of log2-domain scores; ``distance = key - query``.
 
-    ``band_bias`` is the band tile's T5 bias, already gathered (see `_band_bias`)."""
+    ``band_bias`` is the band tile's T5 bias, gathered by the tile loop (one tile ahead)."""
     if BIAS_KIND == 1:
         if REGION == 0:
             scores = scores + bias_far_left
@@ -73,20 +73,6 @@ def _tile_bias(
     elif BIAS_KIND == 2:
         scores = scores - alibi_slope_log2 * tl.abs(distance).to(tl.float32)
     return scores
-
-
-@triton.jit
-def _band_bias(dist_bias_ptr, distance, BIAS_KIND: tl.constexpr, REGION: tl.constexpr):
-    """The T5 bias of a band tile, gathered from the head's log2-scaled per-distance vector (``dist_bias_ptr``
-    points at distance 0; the vector is padded to cover every distance of the call and one tile more).
-
-    The tile loops call it one tile ahead: the gather of the next tile is in flight while this one computes,
-    instead of stalling the softmax on it."""
-    if BIAS_KIND == 1 and REGION == 1:
-        bias = tl.load(dist_bias_ptr + distance)
-    else:  # unused there (and removed by the compiler); one return type for every instance
-        bias = tl.zeros(distance.shape, dtype=tl.float32)
-    return bias
 
 
 @triton.jit
@@ -128,6 +114,81 @@ def _key_ranges(first_row, seqlen_q, seqlen_k, band_radius, IS_CAUSAL: tl.conste
 
 
 @triton.jit
+def _fwd_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    key_mask_ptr,
+    band_bias,
+    start_n,
+    query_pos,
+    seqlen_k,
+    stride_kn,
+    stride_vn,
+    qk_scale_log2,
+    alibi_slope_log2,
+    bias_far_left,
+    bias_far_right,
+    head_dim,
+    BIAS_KIND: tl.constexpr,
+    REGION: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    EVEN_HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of one query block with the key tile at ``start_n``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    key_pos = start_n + offs_n
+    if MASKED:
+        k = tl.load(
+            k_ptrs + start_n * stride_kn,
+            mask=_mask2d(key_pos[None, :] < seqlen_k, offs_d[:, None] < head_dim, EVEN_HEAD_DIM),
+            other=0.0,
+        )
+        v = tl.load(
+            v_ptrs + start_n * stride_vn,
+            mask=_mask2d(key_pos[:, None] < seqlen_k, offs_d[None, :] < head_dim, EVEN_HEAD_DIM),
+            other=0.0,
+        )
+    elif EVEN_HEAD_DIM:
+        k = tl.load(k_ptrs + start_n * stride_kn)
+        v = tl.load(v_ptrs + start_n * stride_vn)
+    else:
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[:, None] < head_dim, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < head_dim, other=0.0)
+    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2
+    distance = key_pos[None, :] - query_pos[:, None]
+    scores = _tile_bias(
+        scores, distance, band_bias, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
+    )
+    if MASKED:
+        allowed = key_pos[None, :] < seqlen_k
+        if IS_CAUSAL:
+            allowed = allowed & (distance <= 0)
+        scores = tl.where(allowed, scores, float("-inf"))
+    if HAS_KEY_MASK:
+        keep = tl.load(key_mask_ptr + key_pos, mask=key_pos < seqlen_k, other=0)
+        scores = tl.where(keep[None, :] != 0, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # rows with every key masked so far keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(scores - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_tile_loop(
     acc,
     l_i,
@@ -158,51 +219,27 @@ def _fwd_tile_loop(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    next_bias = _band_bias(dist_bias_ptr, (lo + offs_n)[None, :] - query_pos[:, None], BIAS_KIND, REGION)
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        key_pos = start_n + offs_n
-        band_bias = next_bias
-        next_bias = _band_bias(dist_bias_ptr, (key_pos + BLOCK_N)[None, :] - query_pos[:, None], BIAS_KIND, REGION)
-        if MASKED:
-            k = tl.load(
-                k_ptrs + start_n * stride_kn,
-                mask=_mask2d(key_pos[None, :] < seqlen_k, offs_d[:, None] < head_dim, EVEN_HEAD_DIM),
-                other=0.0,
-            )
-            v = tl.load(
-                v_ptrs + start_n * stride_vn,
-                mask=_mask2d(key_pos[:, None] < seqlen_k, offs_d[None, :] < head_dim, EVEN_HEAD_DIM),
-                other=0.0,
-            )
-        elif EVEN_HEAD_DIM:
-            k = tl.load(k_ptrs + start_n * stride_kn)
-            v = tl.load(v_ptrs + start_n * stride_vn)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[:, None] < head_dim, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_d[None, :] < head_dim, other=0.0)
-        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2
-        distance = key_pos[None, :] - query_pos[:, None]
-        scores = _tile_bias(
-            scores, distance, band_bias, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
-        )
-        if MASKED:
-            allowed = key_pos[None, :] < seqlen_k
-            if IS_CAUSAL:
-                allowed = allowed & (distance <= 0)
-            scores = tl.where(allowed, scores, float("-inf"))
-        if HAS_KEY_MASK:
-            keep = tl.load(key_mask_ptr + key_pos, mask=key_pos < seqlen_k, other=0)
-            scores = tl.where(keep[None, :] != 0, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # rows with every key masked so far keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(scores - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if BIAS_KIND == 1 and REGION == 1:
+        # Band tiles gather their bias per element: the next tile's gather is issued before this tile's work, so
+        # that it is in flight during the matmuls instead of stalling the softmax (only here: a loop-carried tile
+        # in the other loops would cost registers for nothing).
+        offs_n = tl.arange(0, BLOCK_N)
+        next_bias = tl.load(dist_bias_ptr + (lo + offs_n)[None, :] - query_pos[:, None])
+        for start_n in tl.range(lo, hi, BLOCK_N):
+            band_bias = next_bias
+            next_bias = tl.load(dist_bias_ptr + (start_n + BLOCK_N + offs_n)[None, :] - query_pos[:, None])
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, band_bias, start_n, query_pos, seqlen_k, stride_kn,
+                stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim, BIAS_KIND,
+                REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+            )  # fmt: skip
+    else:
+        for start_n in tl.range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, 0.0, start_n, query_pos, seqlen_k, stride_kn,
+                stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim, BIAS_KIND,
+                REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+            )  # fmt: skip
     return acc, l_i, m_i
 
 
