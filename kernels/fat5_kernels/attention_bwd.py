@@ -28,12 +28,14 @@ from .attention_fwd import (
     BIAS_ALIBI,
     BIAS_NONE,
     BIAS_T5,
+    _band_bias,
     _key_ranges,
     _mask2d,
     _tile_bias,
     dot_precision,
     dummy_tensor,
     launch_tuned,
+    prefetch_band_bias,
     seqlen_autotune_key,
     tuning_configs,
 )
@@ -156,9 +158,10 @@ def _dkdv_tile_loop(
     BIAS_KIND: tl.constexpr, REGION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     EVEN_HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PREFETCH_BIAS: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK, dV (and the bias sums) of one key block over query blocks ``[lo, hi)``."""
-    if BIAS_KIND == 1 and REGION == 1:
+    if BIAS_KIND == 1 and REGION == 1 and PREFETCH_BIAS:
         # band: the next tile's bias gather is issued before this tile's work (see `_fwd_tile_loop`)
         query_shift = seqlen_k - seqlen_q
         first_distance = key_pos[:, None] - (tl.arange(0, BLOCK_M) + query_shift)[None, :]  # at query block 0
@@ -174,9 +177,14 @@ def _dkdv_tile_loop(
             )  # fmt: skip
     else:
         for start_m in tl.range(lo, hi, BLOCK_M):
+            band_bias = 0.0
+            if BIAS_KIND == 1 and REGION == 1:
+                band_bias = tl.load(
+                    dist_bias_ptr + key_pos[:, None] - (start_m + tl.arange(0, BLOCK_M) + seqlen_k - seqlen_q)[None, :]
+                )
             dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile(
                 dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, key_pos, key_keep, q_ptrs, do_ptrs, lse_ptr,
-                delta_ptr, 0.0, cuts, start_m, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2,
+                delta_ptr, band_bias, cuts, start_m, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2,
                 alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK,
                 COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M, DOT_PRECISION,
             )  # fmt: skip
@@ -225,7 +233,7 @@ def _bwd_dkdv_kernel(
     SEQLEN_KEY,
     BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr, NUM_CUTS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    EVEN_HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    EVEN_HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     start_n = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -301,28 +309,28 @@ def _bwd_dkdv_kernel(
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, query_lo, far_right_end, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
-        DOT_PRECISION,
+        DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, far_right_end, band_end, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
-        DOT_PRECISION,
+        DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, band_end, full_end, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
-        DOT_PRECISION,
+        DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, full_end, seqlen_q, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 0, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
-        DOT_PRECISION,
+        DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
 
     dk = dk * softmax_scale
@@ -396,8 +404,9 @@ def _dq_tile_loop(
     BIAS_KIND: tl.constexpr, REGION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PREFETCH_BIAS: tl.constexpr,
 ):  # fmt: skip
-    if BIAS_KIND == 1 and REGION == 1:
+    if BIAS_KIND == 1 and REGION == 1 and PREFETCH_BIAS:
         # band: the next tile's bias gather is issued before this tile's work (see `_fwd_tile_loop`)
         offs_n = tl.arange(0, BLOCK_N)
         next_bias = tl.load(dist_bias_ptr + (lo + offs_n)[None, :] - query_pos[:, None])
@@ -411,8 +420,9 @@ def _dq_tile_loop(
             )  # fmt: skip
     else:
         for start_n in tl.range(lo, hi, BLOCK_N):
+            band_bias = _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND, REGION, BLOCK_N)
             dq = _dq_tile(
-                dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, 0.0, start_n, query_pos, seqlen_k, stride_kn,
+                dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, band_bias, start_n, query_pos, seqlen_k, stride_kn,
                 stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION,
                 MASKED, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
             )  # fmt: skip
@@ -444,7 +454,7 @@ def _bwd_dq_kernel(
     num_heads, seqlen_q, seqlen_k, head_dim, qk_scale_log2, softmax_scale, radius, dist_center,
     SEQLEN_KEY,
     BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
@@ -503,22 +513,22 @@ def _bwd_dq_kernel(
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, 0, far_left_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-         BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+         BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, full_end, key_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-         BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+         BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
     dq = dq * softmax_scale
     tl.store(
@@ -595,7 +605,7 @@ def t5_attention_backward(
         )  # fmt: skip
     seqlen_key = seqlen_autotune_key(max(max_seqlen_q, max_seqlen_k))
     common = dict(
-        BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None, IS_VARLEN=is_varlen,
+        PREFETCH_BIAS=prefetch_band_bias(max(max_seqlen_q, max_seqlen_k)), BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None, IS_VARLEN=is_varlen,
         HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad, DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
     optional = (

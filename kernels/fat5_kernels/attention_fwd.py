@@ -62,7 +62,7 @@ def _tile_bias(
 ):
     """Add the relative bias to a tile of log2-domain scores; ``distance = key - query``.
 
-    ``band_bias`` is the band tile's T5 bias, gathered by the tile loop (one tile ahead)."""
+    ``band_bias`` is the band tile's T5 bias, gathered by the tile loop (`_band_bias`, possibly one tile ahead)."""
     if BIAS_KIND == 1:
         if REGION == 0:
             scores = scores + bias_far_left
@@ -73,6 +73,30 @@ def _tile_bias(
     elif BIAS_KIND == 2:
         scores = scores - alibi_slope_log2 * tl.abs(distance).to(tl.float32)
     return scores
+
+
+@triton.jit
+def _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND: tl.constexpr, REGION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """T5 bias of the band tile of keys ``[start_n, start_n + BLOCK_N)`` (rows: ``query_pos``), gathered from the
+    head's log2-scaled per-distance vector; 0 (unused) outside the band."""
+    if BIAS_KIND == 1 and REGION == 1:
+        bias = tl.load(dist_bias_ptr + (start_n + tl.arange(0, BLOCK_N))[None, :] - query_pos[:, None])
+    else:
+        bias = 0.0
+    return bias
+
+
+def prefetch_band_bias(max_seqlen: int) -> bool:
+    """Whether the band loops gather the next tile's bias ahead (the PREFETCH_BIAS constexpr of the kernels).
+
+    Measured on an H100 (bf16, D=64, 64x64 tiles): it pays where band tiles are a large share of the work, up to
+    L=1024 (forward -16% at L=512, fwd+bwd -10%), and costs registers, hence occupancy, in every loop of the
+    kernel, which loses at L >= 2048 (forward +6% at 2048, +13% at 4096). ``FAT5_ATTENTION_PREFETCH=0/1`` forces it.
+    """
+    forced = os.environ.get("FAT5_ATTENTION_PREFETCH")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return max_seqlen <= 1024
 
 
 @triton.jit
@@ -218,8 +242,9 @@ def _fwd_tile_loop(
     EVEN_HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PREFETCH_BIAS: tl.constexpr,
 ):
-    if BIAS_KIND == 1 and REGION == 1:
+    if BIAS_KIND == 1 and REGION == 1 and PREFETCH_BIAS:
         # Band tiles gather their bias per element: the next tile's gather is issued before this tile's work, so
         # that it is in flight during the matmuls instead of stalling the softmax (only here: a loop-carried tile
         # in the other loops would cost registers for nothing).
@@ -235,8 +260,9 @@ def _fwd_tile_loop(
             )  # fmt: skip
     else:
         for start_n in tl.range(lo, hi, BLOCK_N):
+            band_bias = _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND, REGION, BLOCK_N)
             acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, 0.0, start_n, query_pos, seqlen_k, stride_kn,
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, band_bias, start_n, query_pos, seqlen_k, stride_kn,
                 stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim, BIAS_KIND,
                 REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
             )  # fmt: skip
@@ -305,7 +331,7 @@ def _t5_attn_fwd_kernel(
     IS_VARLEN: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     EVEN_HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PREFETCH_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -362,27 +388,27 @@ def _t5_attn_fwd_kernel(
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, 0, far_left_end, query_pos, seqlen_k,
         stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
-        BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_unmasked_end, query_pos,
         seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-        head_dim, BIAS_KIND, 1, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        head_dim, BIAS_KIND, 1, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_unmasked_end, band_end, query_pos,
         seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-        head_dim, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        head_dim, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos, seqlen_k,
         stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
-        BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, full_end, key_end, query_pos, seqlen_k,
         stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
-        BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
     )  # fmt: skip
 
     # rows without any allowed key: output 0 and lse = +inf (so the backward's exp(s - lse) is 0)
@@ -502,7 +528,7 @@ def t5_attention_forward(
         num_heads, max_seqlen_q, max_seqlen_k, head_dim, softmax_scale * LOG2E, radius, dist_center, seqlen_key,
     )  # fmt: skip
     kwargs = dict(
-        BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=has_key_mask, IS_VARLEN=is_varlen,
+        PREFETCH_BIAS=prefetch_band_bias(max(max_seqlen_q, max_seqlen_k)), BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=has_key_mask, IS_VARLEN=is_varlen,
         HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad, DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
     key = ("fwd", q.device, q.dtype, seqlen_key, *kwargs.values())

@@ -141,6 +141,17 @@ def test_dense_matches_reference(bias, causal, bidirectional, seqlen_q, seqlen_k
     _check_against_reference(kernel_fn, reference_fn, (q, k, v, table), dout, "qkvt", low)
 
 
+@pytest.mark.parametrize("prefetch", ["0", "1"])
+@pytest.mark.parametrize("causal,seqlen_q,seqlen_k", [(False, 150, 131), (True, 133, 150)])
+def test_band_bias_gathered_in_place_or_one_tile_ahead(monkeypatch, prefetch, causal, seqlen_q, seqlen_k):
+    # The band loops gather the bias one tile ahead only up to L=1024 (the tests' lengths): force both ways.
+    monkeypatch.setenv("FAT5_ATTENTION_PREFETCH", prefetch)
+    q, k, v, table, dout = _inputs(1, 2, seqlen_q, seqlen_k, 32, CPU_DTYPE if DEVICE == "cpu" else torch.bfloat16)
+    kernel_fn, reference_fn = _dense_fns("t5", causal, not causal, 8, 12)
+    low = CPU_DTYPE if DEVICE == "cpu" else torch.bfloat16
+    _check_against_reference(kernel_fn, reference_fn, (q, k, v, table), dout, "qkvt", low)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_distances_far_beyond_the_band_with_partial_blocks(causal):
     # Distances up to ~N - M + M = 410 >> R + 256 and partial key blocks: the backward sends a partial key block's
