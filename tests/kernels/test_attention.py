@@ -144,7 +144,7 @@ def test_dense_matches_reference(bias, causal, bidirectional, seqlen_q, seqlen_k
 @pytest.mark.parametrize("prefetch", ["0", "1"])
 @pytest.mark.parametrize("causal,seqlen_q,seqlen_k", [(False, 150, 131), (True, 133, 150)])
 def test_band_bias_gathered_in_place_or_one_tile_ahead(monkeypatch, prefetch, causal, seqlen_q, seqlen_k):
-    # The band loops gather the bias one tile ahead only up to L=1024 (the tests' lengths): force both ways.
+    # Both band paths: the bias gathered one tile ahead (the default) and in the loop (FAT5_ATTENTION_PREFETCH=0).
     monkeypatch.setenv("FAT5_ATTENTION_PREFETCH", prefetch)
     q, k, v, table, dout = _inputs(1, 2, seqlen_q, seqlen_k, 32, CPU_DTYPE if DEVICE == "cpu" else torch.bfloat16)
     kernel_fn, reference_fn = _dense_fns("t5", causal, not causal, 8, 12)
