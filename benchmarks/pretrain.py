@@ -66,12 +66,17 @@ def build_model(variant: str) -> torch.nn.Module:
     if variant.startswith("t5"):
         from transformers import T5Config, T5ForConditionalGeneration
 
-        return T5ForConditionalGeneration(T5Config(**FAT5_SMALL_SHAPE, attn_implementation="eager"))
-    from fat5_hf import FAT5Config, FAT5ForConditionalGeneration
+        model = T5ForConditionalGeneration(T5Config(**FAT5_SMALL_SHAPE, attn_implementation="eager"))
+    else:
+        from fat5_hf import FAT5Config, FAT5ForConditionalGeneration
 
-    # As the pretraining recipe trains: its collator emits only tokenizer ids, so the per-step id checks (host
-    # syncs) are off.
-    return FAT5ForConditionalGeneration(FAT5Config(**FAT5_SMALL_SHAPE, check_token_ids=False))
+        # As the pretraining recipe trains: its collator emits only tokenizer ids, so the per-step id checks (host
+        # syncs) are off.
+        model = FAT5ForConditionalGeneration(FAT5Config(**FAT5_SMALL_SHAPE, check_token_ids=False))
+    # transformers 5 ties the LM head whatever tie_word_embeddings says; FAT5-small (147M) has its own head, as the
+    # recipe gives it (recipes/pretrain.py: untie_lm_head).
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    return model
 
 
 def build_optimizer(variant: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
