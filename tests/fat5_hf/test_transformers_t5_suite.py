@@ -114,19 +114,9 @@ EXPECTED_FAT5_FAILURES: dict[str, dict[str, str]] = {
     },
 }
 
-# `Class::test` that FAT5 skips where T5 runs it -> why.
-EXPECTED_FAT5_SKIPS: dict[str, str] = {
-    test: (
-        "FAT5 deliberately has no `_keep_in_fp32_modules` (T5 keeps `wo` in fp32 when loaded in fp16): FAT5 runs "
-        "pure half precision, with T5's overflow clamp (see FAT5PreTrainedModel)."
-    )
-    for test in (
-        "T5ModelTest::test_keep_in_fp32_modules",
-        "T5ModelTest::test_keep_in_fp32_modules_exist",
-        "T5EncoderOnlyModelTest::test_keep_in_fp32_modules",
-        "T5EncoderOnlyModelTest::test_keep_in_fp32_modules_exist",
-    )
-}
+# `Class::test` that FAT5 skips where T5 runs it -> why. None since FAT5 keeps T5's fp16 guard
+# (`_keep_in_fp32_modules = ["wo"]`), which made the two `test_keep_in_fp32_modules*` tests run and pass.
+EXPECTED_FAT5_SKIPS: dict[str, str] = {}
 
 SUBPROCESS_TIMEOUT_S = 1800
 
