@@ -605,7 +605,8 @@ def t5_attention_backward(
         )  # fmt: skip
     seqlen_key = seqlen_autotune_key(max(max_seqlen_q, max_seqlen_k))
     common = dict(
-        PREFETCH_BIAS=prefetch_band_bias(max(max_seqlen_q, max_seqlen_k)), BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None, IS_VARLEN=is_varlen,
+        PREFETCH_BIAS=prefetch_band_bias(),
+        BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None, IS_VARLEN=is_varlen,
         HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad, DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
     optional = (

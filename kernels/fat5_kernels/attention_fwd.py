@@ -86,12 +86,12 @@ def _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND: tl.constexpr, REGIO
     return bias
 
 
-def prefetch_band_bias(max_seqlen: int) -> bool:
+def prefetch_band_bias() -> bool:
     """Whether the band loops gather the next tile's bias ahead (the PREFETCH_BIAS constexpr of the kernels).
 
     On by default: on an H100 (bf16, D=64, 64x64 tiles, same process) it beat the in-loop gather at every length
     measured, L=512 to 4096, forward (-24% at L=512, -6% at 4096) and forward+backward (-13% at 512, -3% at 4096).
-    ``FAT5_ATTENTION_PREFETCH=0`` turns it off (for comparisons; ``max_seqlen`` is there for a length rule).
+    ``FAT5_ATTENTION_PREFETCH=0`` turns it off (for comparisons).
     """
     return os.environ.get("FAT5_ATTENTION_PREFETCH", "1") != "0"
 
@@ -525,7 +525,8 @@ def t5_attention_forward(
         num_heads, max_seqlen_q, max_seqlen_k, head_dim, softmax_scale * LOG2E, radius, dist_center, seqlen_key,
     )  # fmt: skip
     kwargs = dict(
-        PREFETCH_BIAS=prefetch_band_bias(max(max_seqlen_q, max_seqlen_k)), BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=has_key_mask, IS_VARLEN=is_varlen,
+        PREFETCH_BIAS=prefetch_band_bias(),
+        BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=has_key_mask, IS_VARLEN=is_varlen,
         HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad, DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
     key = ("fwd", q.device, q.dtype, seqlen_key, *kwargs.values())
