@@ -717,7 +717,7 @@ def export_model(
 def train(config: PretrainConfig) -> dict[str, Any]:
     """Runs (or resumes) the pretraining described by ``config``; returns a summary of the run."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
     from fat5_hf.optim import build_optimizer, build_scheduler
@@ -761,6 +761,11 @@ def train(config: PretrainConfig) -> dict[str, Any]:
     set_seed(training.seed)
     tokenizer = load_tokenizer(config)
     model = build_model(config, tokenizer)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Accelerate's FSDP2 gives the input embedding a unit of its own (shared with the LM head when tied): the
+        # encoder and decoder must call that very module, not their own Embedding over the same weight, which
+        # torch >= 2.13 refuses (a parameter in two units) and 2.11 leaves sharded in their forward.
+        model.set_input_embeddings(model.get_input_embeddings())
     train_stream, eval_batches = build_data(config, tokenizer, accelerator)
     if config.data.prefetch_batches:
         train_stream = PrefetchingBatchStream(

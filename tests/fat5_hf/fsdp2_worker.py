@@ -1,9 +1,14 @@
 """Worker of test_fsdp2.py, run by `torch.distributed.run` with 2 CPU processes (gloo).
 
-Shards FAT5 as the recipe's FSDP2 config does (every FAT5Block its own unit, the shared embedding in the root unit)
-and checks the loss, every gradient and greedy generation against the same model unsharded. With `kernels` as the
-first argument the Triton kernels run under the interpreter: later blocks then read the relative-bias table of
-block 0, whose parameters FSDP2 frees after block 0's forward.
+Shards FAT5 and checks the loss, every gradient and greedy generation against the same model unsharded. Modes
+(first argument):
+
+* ``pytorch`` / ``kernels``: every FAT5Block its own unit, the shared embedding (tied to the LM head) in the root
+  unit. With ``kernels`` the Triton kernels run under the interpreter: later blocks then read the relative-bias
+  table of block 0, whose parameters FSDP2 frees after block 0's forward.
+* ``carved``: what Accelerate 1.15's FSDP2 preparation does to a model with its own LM head (FAT5-small): the
+  blocks, then the input embedding and the LM head each in a unit of their own, then the root; the stacks call
+  the shared embedding module itself (`set_input_embeddings`, as the pretraining recipe does before preparing).
 """
 
 import sys
@@ -16,7 +21,7 @@ from fat5_hf import FAT5Config, FAT5ForConditionalGeneration, kernel_ops
 from fat5_hf.modeling_fat5 import FAT5Block
 
 
-def main(use_kernels: bool) -> None:
+def main(mode: str) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     config = FAT5Config(
@@ -24,19 +29,28 @@ def main(use_kernels: bool) -> None:
         feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=True,
     )  # fmt: skip
     model = FAT5ForConditionalGeneration(config)
+    if mode == "carved":  # a head of its own, as recipes/pretrain.py gives FAT5-small
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     reference = FAT5ForConditionalGeneration(config)
+    if mode == "carved":
+        reference.lm_head.weight = torch.nn.Parameter(reference.lm_head.weight.detach().clone())
     reference.load_state_dict(model.state_dict())
     for module in model.modules():
         if isinstance(module, FAT5Block):
             fully_shard(module)
+    if mode == "carved":
+        model.set_input_embeddings(model.get_input_embeddings())
+        fully_shard(model.get_input_embeddings())
+        fully_shard([model.get_output_embeddings()], reshard_after_forward=False)
     fully_shard(model)
-    assert model.shared.weight is model.lm_head.weight, "the tie must survive sharding"
+    if mode != "carved":
+        assert model.shared.weight is model.lm_head.weight, "the tie must survive sharding"
 
     # the same batch on both ranks: FSDP's averaged gradient then equals the unsharded one
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(2, 96, (2, 37), generator=generator)
     labels = torch.randint(2, 96, (2, 21), generator=generator)
-    context = kernel_ops.kernels_on_cpu() if use_kernels else torch.enable_grad()
+    context = kernel_ops.kernels_on_cpu() if mode == "kernels" else torch.enable_grad()
     with context:
         loss = model(input_ids=input_ids, labels=labels).loss
         loss.backward()
@@ -58,4 +72,4 @@ def main(use_kernels: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] == ["kernels"])
+    main(sys.argv[1])

@@ -24,7 +24,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("path", ["pytorch", "kernels"])
+@pytest.mark.parametrize("path", ["pytorch", "kernels", "carved"])
 def test_fsdp2_matches_unsharded_model(path):
     if path == "kernels" and not kernel_ops.kernel_available("attention"):
         pytest.skip("fat5_kernels' attention kernel needs triton")
@@ -32,7 +32,7 @@ def test_fsdp2_matches_unsharded_model(path):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "kernels"), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER)]
-    command += ["kernels"] if path == "kernels" else []
+    command += [path]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert result.stdout.count("FSDP2 matches") == 2
