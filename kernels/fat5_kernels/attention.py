@@ -35,7 +35,7 @@ import torch
 
 from .attention_bwd import bias_sums_to_table_grad, t5_attention_backward
 from .attention_fwd import LOG2E, t5_attention_forward
-from .attention_reference import relative_bias_layout, t5_relative_position_bucket
+from .attention_reference import check_bucket_parameters, relative_bias_layout, t5_relative_position_bucket
 from .triton_utils import triton_interpreter_enabled
 
 __all__ = [
@@ -347,7 +347,7 @@ def _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional,
             )
         if bias_table.device != q.device:
             raise ValueError(f"bias_table is on {bias_table.device}, q on {q.device}.")
-        relative_bias_layout(bidirectional, num_buckets, max_distance)  # validates the bucket parameters
+        check_bucket_parameters(bidirectional, num_buckets, max_distance)
     if alibi_slopes is not None:
         if alibi_slopes.dtype != torch.float32 or tuple(alibi_slopes.shape) != (num_heads,):
             raise ValueError(

@@ -95,8 +95,9 @@ def _next_power_of_2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=64)
-def _relative_bias_layout_cpu(bidirectional: bool, num_buckets: int, max_distance: int) -> RelativeBiasLayout:
+def check_bucket_parameters(bidirectional: bool, num_buckets: int, max_distance: int) -> None:
+    """Raise a ValueError for T5 bucket parameters the kernels cannot serve. Plain Python (no tensor op), so that
+    ``torch.compile`` folds it instead of breaking the graph."""
     if num_buckets < (4 if bidirectional else 2):
         raise ValueError(
             f"num_buckets={num_buckets} is too small for T5 buckets (need >= {4 if bidirectional else 2} "
@@ -108,6 +109,11 @@ def _relative_bias_layout_cpu(bidirectional: bool, num_buckets: int, max_distanc
             f"max_distance={max_distance} must be larger than the exact-bucket range {max_exact} "
             f"(num_buckets={num_buckets}, bidirectional={bidirectional}); T5's log buckets are undefined otherwise."
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _relative_bias_layout_cpu(bidirectional: bool, num_buckets: int, max_distance: int) -> RelativeBiasLayout:
+    check_bucket_parameters(bidirectional, num_buckets, max_distance)
     bound = max(max_distance, num_buckets)
     # Check, rather than assume, that buckets saturate beyond +-bound.
     wide = torch.arange(-4 * bound, 4 * bound + 1)

@@ -412,6 +412,20 @@ def test_custom_op_opcheck_and_compile():
         torch.testing.assert_close(g, e)
 
 
+def test_compile_fullgraph_before_any_eager_call():
+    """Input validation is plain Python: a first call under torch.compile(fullgraph=True), with bucket parameters
+    no eager call has built a layout for, traces without a graph break."""
+    q, k, v, table, _ = _inputs(1, 2, 20, 24, 16, torch.float32, num_buckets=10)
+    q, k, v, table = (t.requires_grad_() for t in (q, k, v, table))
+
+    def f(q, k, v, table):
+        return t5_flash_attention(q, k, v, bias_table=table, num_buckets=10, max_distance=23).sum()
+
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, table), (q, k, v, table))
+    for e, g in zip(torch.autograd.grad(f(q, k, v, table), (q, k, v, table)), got):
+        torch.testing.assert_close(g, e)
+
+
 def test_custom_op_with_transposed_table_view():
     """The model passes its (num_buckets, heads) parameter as a transposed view: the backward's fake must give the
     table gradient the real op's (contiguous) strides, or torch.compile fails its stride check."""
