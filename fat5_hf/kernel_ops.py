@@ -47,8 +47,9 @@ except ImportError:
 
 try:
     from fat5_kernels.attention import t5_flash_attention as _triton_t5_flash_attention
+    from fat5_kernels.attention import t5_flash_attention_varlen as _triton_t5_flash_attention_varlen
 except ImportError:
-    _triton_t5_flash_attention = None
+    _triton_t5_flash_attention = _triton_t5_flash_attention_varlen = None
 
 
 # transformers' activation names of the gated MLPs the fused kernel implements, and the kernel's names for them.
@@ -248,6 +249,47 @@ def fused_linear_cross_entropy(
 # ----------------------------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------------------------
+def segment_ids_to_cu_seqlens(segment_ids):
+    """Variable-length attention metadata for packed rows, one sequence per (row, document).
+
+    Args:
+        segment_ids: int tensor of shape (batch, length): 1..k for the documents of a row, 0 on padding (as emitted
+            by `DataCollatorForUL2(return_segment_ids=True)`). Tokens of one document must be contiguous.
+
+    Returns:
+        ``(indices, cu_seqlens, max_seqlen)`` as FlashAttention's ``unpad_input``: ``indices`` (int64, (total,)) of
+        the non-padding tokens in the flattened (batch * length) tensor, ``cu_seqlens`` (int32, (num_sequences + 1,))
+        the cumulative sequence lengths over those tokens, starting at 0, and ``max_seqlen`` (int) the longest one.
+    """
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must have shape (batch, length), got {tuple(segment_ids.shape)}.")
+    flat = segment_ids.reshape(-1)
+    indices = torch.nonzero(flat > 0, as_tuple=False).flatten()
+    ids = flat[indices]
+    rows = torch.div(indices, segment_ids.shape[1], rounding_mode="floor")
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = (ids[1:] != ids[:-1]) | (rows[1:] != rows[:-1])
+    boundaries = torch.cat([torch.nonzero(starts, as_tuple=False).flatten(), indices.new_tensor([len(ids)])])
+    cu_seqlens = boundaries.to(torch.int32)
+    max_seqlen = int((boundaries[1:] - boundaries[:-1]).max()) if len(ids) else 0
+    return indices, cu_seqlens, max_seqlen
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """Where the documents of packed rows are, in FlashAttention's varlen layout (see `fat5_hf.packing`).
+
+    Attributes:
+        indices (`torch.LongTensor` of shape `(total,)`): the non-padding tokens in the flattened `(batch * length)`.
+        cu_seqlens (`torch.IntTensor` of shape `(num_documents + 1,)`): cumulative document lengths.
+        max_seqlen (`int`): the longest document.
+    """
+
+    indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
 @dataclass(frozen=True)
 class FlashAttentionMask:
     """How a stack asks its attention layers to use the Triton kernel instead of a materialized 4D mask.
@@ -255,10 +297,15 @@ class FlashAttentionMask:
     Attributes:
         key_padding_mask (`torch.BoolTensor` of shape `(batch_size, key_length)`, *optional*): True = attend.
         causal (`bool`): Decoder self-attention.
+        queries, keys (`PackedSequences`, *optional*): packed rows of several documents; each query attends only to
+            the keys of its own document (the i-th query document to the i-th key document), through the kernel's
+            varlen API. Both or neither.
     """
 
     key_padding_mask: torch.Tensor | None
     causal: bool
+    queries: PackedSequences | None = None
+    keys: PackedSequences | None = None
 
 
 def can_use_flash_attention(
@@ -311,6 +358,11 @@ def flash_attention(
     Returns:
         `torch.Tensor` of shape `(B, M, H, D)` (the layout transformers' attention functions return).
     """
+    if mask.queries is not None:
+        return _packed_flash_attention(
+            query, key, value, mask, bias_table, bidirectional=bidirectional, num_buckets=num_buckets,
+            max_distance=max_distance,
+        )  # fmt: skip
     key_padding_mask = mask.key_padding_mask
     if bias_table is None and key_padding_mask is None and not mask.causal and query.dtype in _SDPA_FLASH_DTYPES:
         # Cross-attention without padding: nothing for our kernel to do that SDPA's flash kernel does not do faster
@@ -333,8 +385,49 @@ def flash_attention(
     return out.transpose(1, 2)
 
 
+def _packed_flash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: FlashAttentionMask,
+    bias_table: torch.Tensor | None,
+    *,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+) -> torch.Tensor:
+    """`flash_attention` over packed documents: gathers the real tokens into the varlen layout, runs the kernel
+    (each document a sequence: its own positions, so T5's relative bias is the same as for the document alone),
+    and scatters the result back; padding rows are zeros. Returns `(B, M, H, D)`."""
+    batch, heads, query_length, head_dim = query.shape
+    key_length = key.shape[2]
+
+    def pack(states: torch.Tensor, length: int, packed: PackedSequences) -> torch.Tensor:
+        return states.transpose(1, 2).reshape(batch * length, heads, head_dim).index_select(0, packed.indices)
+
+    out = _triton_t5_flash_attention_varlen(
+        pack(query, query_length, mask.queries),
+        pack(key, key_length, mask.keys),
+        pack(value, key_length, mask.keys),
+        mask.queries.cu_seqlens,
+        mask.keys.cu_seqlens,
+        mask.queries.max_seqlen,
+        mask.keys.max_seqlen,
+        bias_table=bias_table,
+        bidirectional=bidirectional,
+        num_buckets=num_buckets,
+        max_distance=max_distance,
+        causal=mask.causal,
+        softmax_scale=1.0,
+    )
+    full = out.new_zeros(batch * query_length, heads, head_dim).index_copy(0, mask.queries.indices, out)
+    return full.view(batch, query_length, heads, head_dim)
+
+
 __all__ = [
     "FlashAttentionMask",
+    "PackedSequences",
+    "segment_ids_to_cu_seqlens",
     "can_fuse_linear_cross_entropy",
     "can_use_flash_attention",
     "cross_entropy",

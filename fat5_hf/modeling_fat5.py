@@ -42,7 +42,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from . import kernel_ops
 from .configuration_fat5 import FAT5Config
 from .hub import add_auto_map, write_remote_code
-from .kernel_ops import FlashAttentionMask
+from .kernel_ops import FlashAttentionMask, PackedSequences, segment_ids_to_cu_seqlens
 from .position_encoding import T5RelativePositionBias
 
 logger = logging.get_logger(__name__)
@@ -652,6 +652,49 @@ class FAT5Stack(FAT5PreTrainedModel):
             self.training,
         )
 
+    def _checked_segment_ids(self, segment_ids, states, attention_mask, which: str) -> torch.Tensor:
+        """Segment ids of the stack's own tokens (`which="own"`) or of the encoder's, checked against their states;
+        tokens that the attention mask drops count as padding (id 0)."""
+        name = ("decoder" if self.is_decoder else "encoder") if which == "own" else "encoder"
+        if not isinstance(segment_ids, torch.Tensor) or tuple(segment_ids.shape) != tuple(states.shape[:2]):
+            raise ValueError(
+                f"{name}_segment_ids must be an integer tensor of shape (batch, length) = {tuple(states.shape[:2])} "
+                f"(1, 2, ... per document of a packed row, 0 on padding); got "
+                f"{tuple(getattr(segment_ids, 'shape', ()))}."
+            )
+        segment_ids = segment_ids.to(states.device)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            segment_ids = segment_ids * (attention_mask.to(segment_ids.device) != 0)
+        return segment_ids
+
+    def _segment_masks(self, segment_ids, encoder_segment_ids, use_flash: bool, dtype: torch.dtype):
+        """Self- and cross-attention masks that keep each token within its document: `FlashAttentionMask`s over the
+        kernel's varlen layout, or additive `(batch, 1, query, key)` masks for the PyTorch attention."""
+        if use_flash:
+            own = PackedSequences(*segment_ids_to_cu_seqlens(segment_ids))
+            self_mask = FlashAttentionMask(key_padding_mask=None, causal=self.is_decoder, queries=own, keys=own)
+            cross_mask = None
+            if encoder_segment_ids is not None:
+                encoder = PackedSequences(*segment_ids_to_cu_seqlens(encoder_segment_ids))
+                documents = segment_ids.amax(dim=1), encoder_segment_ids.amax(dim=1)
+                if own.cu_seqlens.numel() != encoder.cu_seqlens.numel() or not torch.equal(*documents):
+                    raise ValueError(
+                        "decoder_segment_ids and encoder_segment_ids must number the same documents in each row "
+                        "(1..k, in order, each with input and target tokens)."
+                    )
+                cross_mask = FlashAttentionMask(key_padding_mask=None, causal=False, queries=own, keys=encoder)
+            return self_mask, cross_mask
+
+        def additive(query_ids, key_ids, causal):
+            allowed = (query_ids[:, :, None] == key_ids[:, None, :]) & (key_ids[:, None, :] > 0)
+            if causal:
+                allowed = allowed & torch.ones(allowed.shape[1:], dtype=torch.bool, device=allowed.device).tril()
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+        cross = additive(segment_ids, encoder_segment_ids, False) if encoder_segment_ids is not None else None
+        return additive(segment_ids, segment_ids, self.is_decoder), cross
+
     @merge_with_config_defaults
     @capture_outputs
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -677,6 +720,23 @@ class FAT5Stack(FAT5PreTrainedModel):
 
         if use_cache is True and not self.is_decoder:
             raise ValueError(f"`use_cache` can only be set to `True` if {self} is used as a decoder")
+        # Packed rows of several documents (`fat5_hf.ul2.DataCollatorForUL2(return_segment_ids=True)`): the top
+        # models pass their kwargs to both stacks; each takes its own ids, the decoder also the encoder's.
+        segment_ids = kwargs.pop("decoder_segment_ids" if self.is_decoder else "encoder_segment_ids", None)
+        encoder_segment_ids = kwargs.pop("encoder_segment_ids", None)
+        kwargs.pop("decoder_segment_ids", None)
+        if segment_ids is not None:
+            segment_ids = self._checked_segment_ids(segment_ids, inputs_embeds, attention_mask, "own")
+            if self.is_decoder and encoder_hidden_states is not None:
+                if encoder_segment_ids is None:
+                    raise ValueError(
+                        "decoder_segment_ids needs encoder_segment_ids too: cross-attention keeps each target "
+                        "document on its own input document."
+                    )
+                encoder_segment_ids = self._checked_segment_ids(
+                    encoder_segment_ids, encoder_hidden_states, encoder_attention_mask, "encoder"
+                )
+            use_cache, cache = False, None  # packed rows are for training and scoring, not incremental decoding
 
         if self.is_decoder:
             if use_cache and cache is None:
@@ -692,7 +752,12 @@ class FAT5Stack(FAT5PreTrainedModel):
 
         use_flash = self._use_flash_attention(inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs)
         encoder_extended_attention_mask = None
-        if use_flash:
+        if segment_ids is not None:
+            attention_mask, encoder_extended_attention_mask = self._segment_masks(
+                segment_ids, encoder_segment_ids if encoder_hidden_states is not None else None, use_flash,
+                inputs_embeds.dtype,
+            )  # fmt: skip
+        elif use_flash:
             attention_mask = FlashAttentionMask(
                 key_padding_mask=attention_mask.bool() if attention_mask is not None else None,
                 causal=self.is_decoder,
@@ -883,6 +948,13 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
     Logits rule: when the fused linear + cross-entropy kernel is used (CUDA, triton, `config.use_fused_cross_entropy`,
     `model.training` and `labels` given), the `(batch, target_length, vocab)` logits are never materialized and
     `logits` is `None`. In eval mode (and in `generate()`), or without labels, logits are always returned.
+
+    Packed rows (several documents a row, as `fat5_hf.ul2.DataCollatorForUL2(return_segment_ids=True)` makes them):
+    pass `encoder_segment_ids` and `decoder_segment_ids` (int `(batch, length)`, 1..k for the documents of a row in
+    the same order on both sides, 0 on padding) as keyword arguments. Attention then stays within each document,
+    each target document cross-attends to its own input document, and every document gets the outputs it would get
+    alone (the kernel path runs the varlen kernel, one sequence per document). Also accepted by `FAT5Model`
+    (both) and the encoder-only classes (`encoder_segment_ids`); not with a KV cache.
     """
 
     _keys_to_ignore_on_load_unexpected = ["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"]
@@ -973,6 +1045,13 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
 
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
+            decoder_segment_ids = kwargs.get("decoder_segment_ids")
+            if decoder_segment_ids is not None:  # packed targets: every document starts from the start token
+                starts = torch.ones_like(decoder_segment_ids, dtype=torch.bool)
+                starts[:, 1:] = decoder_segment_ids[:, 1:] != decoder_segment_ids[:, :-1]
+                decoder_input_ids = decoder_input_ids.masked_fill(
+                    starts.to(decoder_input_ids.device), self.config.decoder_start_token_id
+                )
 
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,

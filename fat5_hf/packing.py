@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from .kernel_ops import segment_ids_to_cu_seqlens  # the model's attention reads it; re-exported for data code
+
 __all__ = [
     "make_tokenize_function",
     "pack_batch",
@@ -167,31 +169,3 @@ def pack_dataset(
         fn_kwargs={"chunk_length": chunk_length, "eos_token_id": eos_token_id, "drop_remainder": drop_remainder},
         **map_kwargs,
     )
-
-
-def segment_ids_to_cu_seqlens(segment_ids):
-    """Variable-length attention metadata for packed rows, one sequence per (row, document).
-
-    Args:
-        segment_ids: int tensor of shape (batch, length): 1..k for the documents of a row, 0 on padding (as emitted
-            by `DataCollatorForUL2(return_segment_ids=True)`). Tokens of one document must be contiguous.
-
-    Returns:
-        ``(indices, cu_seqlens, max_seqlen)`` as FlashAttention's ``unpad_input``: ``indices`` (int64, (total,)) of
-        the non-padding tokens in the flattened (batch * length) tensor, ``cu_seqlens`` (int32, (num_sequences + 1,))
-        the cumulative sequence lengths over those tokens, starting at 0, and ``max_seqlen`` (int) the longest one.
-    """
-    import torch
-
-    if segment_ids.dim() != 2:
-        raise ValueError(f"segment_ids must have shape (batch, length), got {tuple(segment_ids.shape)}.")
-    flat = segment_ids.reshape(-1)
-    indices = torch.nonzero(flat > 0, as_tuple=False).flatten()
-    ids = flat[indices]
-    rows = torch.div(indices, segment_ids.shape[1], rounding_mode="floor")
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[1:] = (ids[1:] != ids[:-1]) | (rows[1:] != rows[:-1])
-    boundaries = torch.cat([torch.nonzero(starts, as_tuple=False).flatten(), indices.new_tensor([len(ids)])])
-    cu_seqlens = boundaries.to(torch.int32)
-    max_seqlen = int((boundaries[1:] - boundaries[:-1]).max()) if len(ids) else 0
-    return indices, cu_seqlens, max_seqlen

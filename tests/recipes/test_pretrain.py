@@ -884,3 +884,22 @@ def test_parse_override_rejects_non_mapping_nested_key():
     config = PretrainConfig()
     with pytest.raises(ConfigError, match="not a mapping"):
         parse_override(config, "training.max_steps.x=1")
+
+
+def test_segment_ids_keep_attention_within_documents():
+    """data.collator_kwargs={return_segment_ids: true}: packed rows carry their documents' segment ids, which the
+    model uses to keep attention (and each target's cross-attention) within its document."""
+    from pretrain_data import load_local_documents, pack_documents
+
+    config = load_config(None, ["data.collator_kwargs={return_segment_ids: true}"])
+    tokenizer = pretrain.load_tokenizer(config)
+    collator = pretrain.build_collator(config, tokenizer, seed=0)
+    documents = load_local_documents(config.data.train_files)
+    rows = [row for row, _ in zip(pack_documents(documents, tokenizer, collator.chunk_length), range(64))]
+    batch = collator(rows[:8])
+    assert batch["encoder_segment_ids"].amax() > 1  # several documents in a row: the case that matters
+    model = pretrain.build_model(config, tokenizer).eval()
+    with torch.no_grad():
+        within = model(**batch).loss
+        across = model(**{k: v for k, v in batch.items() if not k.endswith("_segment_ids")}).loss
+    assert torch.isfinite(within) and not torch.isclose(within, across)
