@@ -233,7 +233,8 @@ def _bwd_dkdv_kernel(
     SEQLEN_KEY,
     BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr, NUM_CUTS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    EVEN_HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    EVEN_HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     start_n = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -309,28 +310,32 @@ def _bwd_dkdv_kernel(
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, query_lo, far_right_end, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
-        DOT_PRECISION, PREFETCH_BIAS,
+        DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, far_right_end, band_end, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
-        DOT_PRECISION, PREFETCH_BIAS,
+        DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, band_end, full_end, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
-        DOT_PRECISION, PREFETCH_BIAS,
+        DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
         q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, full_end, seqlen_q, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 0, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
-        DOT_PRECISION, PREFETCH_BIAS,
+        DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
 
     dk = dk * softmax_scale
@@ -408,23 +413,22 @@ def _dq_tile_loop(
 ):  # fmt: skip
     if BIAS_KIND == 1 and REGION == 1 and PREFETCH_BIAS:
         # band: the next tile's bias gather is issued before this tile's work (see `_fwd_tile_loop`)
-        offs_n = tl.arange(0, BLOCK_N)
-        next_bias = tl.load(dist_bias_ptr + (lo + offs_n)[None, :] - query_pos[:, None])
+        next_bias = _band_bias(dist_bias_ptr, lo, query_pos, BIAS_KIND, REGION, BLOCK_N)
         for start_n in tl.range(lo, hi, BLOCK_N):
             band_bias = next_bias
-            next_bias = tl.load(dist_bias_ptr + (start_n + BLOCK_N + offs_n)[None, :] - query_pos[:, None])
+            next_bias = _band_bias(dist_bias_ptr, start_n + BLOCK_N, query_pos, BIAS_KIND, REGION, BLOCK_N)
             dq = _dq_tile(
-                dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, band_bias, start_n, query_pos, seqlen_k, stride_kn,
-                stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION,
-                MASKED, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+                dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, band_bias, start_n, query_pos, seqlen_k,
+                stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+                BIAS_KIND, REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
             )  # fmt: skip
     else:
         for start_n in tl.range(lo, hi, BLOCK_N):
             band_bias = _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND, REGION, BLOCK_N)
             dq = _dq_tile(
-                dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, band_bias, start_n, query_pos, seqlen_k, stride_kn,
-                stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION,
-                MASKED, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+                dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, band_bias, start_n, query_pos, seqlen_k,
+                stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+                BIAS_KIND, REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
             )  # fmt: skip
     return dq
 
@@ -513,22 +517,26 @@ def _bwd_dq_kernel(
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, 0, far_left_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
+         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-         BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
+         BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
+         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
     dq = _dq_tile_loop(
         dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, full_end, key_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-         BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
+         BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
     dq = dq * softmax_scale
     tl.store(

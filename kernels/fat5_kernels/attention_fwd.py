@@ -9,7 +9,8 @@ The key axis of a query block is split into three ranges by the distance ``d = k
 * far right (``d >= R``): scalar bias again; only the last, partial key tile is masked.
 
 ``R`` is the bucket layout's radius, the distance where T5's buckets saturate (91 for 32 bidirectional buckets
-and max_distance 128, 113 for 32 causal ones); without a T5 bias the band is the diagonal tile(s). So the bias costs O(L + buckets) memory and nothing but a scalar add on most tiles.
+and max_distance 128, 113 for 32 causal ones); without a T5 bias the band is the diagonal tile(s). So the bias
+costs O(L + buckets) memory and nothing but a scalar add on most tiles.
 """
 
 from __future__ import annotations
@@ -245,11 +246,10 @@ def _fwd_tile_loop(
         # Band tiles gather their bias per element: the next tile's gather is issued before this tile's work, so
         # that it is in flight during the matmuls instead of stalling the softmax (only here: a loop-carried tile
         # in the other loops would cost registers for nothing).
-        offs_n = tl.arange(0, BLOCK_N)
-        next_bias = tl.load(dist_bias_ptr + (lo + offs_n)[None, :] - query_pos[:, None])
+        next_bias = _band_bias(dist_bias_ptr, lo, query_pos, BIAS_KIND, REGION, BLOCK_N)
         for start_n in tl.range(lo, hi, BLOCK_N):
             band_bias = next_bias
-            next_bias = tl.load(dist_bias_ptr + (start_n + BLOCK_N + offs_n)[None, :] - query_pos[:, None])
+            next_bias = _band_bias(dist_bias_ptr, start_n + BLOCK_N, query_pos, BIAS_KIND, REGION, BLOCK_N)
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, band_bias, start_n, query_pos, seqlen_k, stride_kn,
                 stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim, BIAS_KIND,
@@ -328,7 +328,8 @@ def _t5_attn_fwd_kernel(
     IS_VARLEN: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     EVEN_HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PREFETCH_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    PREFETCH_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -385,27 +386,32 @@ def _t5_attn_fwd_kernel(
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, 0, far_left_end, query_pos, seqlen_k,
         stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
-        BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
+        BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_unmasked_end, query_pos,
         seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-        head_dim, BIAS_KIND, 1, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
+        head_dim, BIAS_KIND, 1, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_unmasked_end, band_end, query_pos,
         seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
-        head_dim, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
+        head_dim, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos, seqlen_k,
         stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
-        BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
+        BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, full_end, key_end, query_pos, seqlen_k,
         stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
-        BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH_BIAS,
+        BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        PREFETCH_BIAS,
     )  # fmt: skip
 
     # rows without any allowed key: output 0 and lse = +inf (so the backward's exp(s - lse) is 0)
