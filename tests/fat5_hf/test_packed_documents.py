@@ -125,3 +125,19 @@ def test_encoder_and_bare_model_take_segment_ids(tiny_fat5_config, model_class):
             want = alone.last_hidden_state if model_class is FAT5EncoderModel else alone.encoder_last_hidden_state
             torch.testing.assert_close(states[0, start : start + len(inputs_alone)], want[0], atol=1e-5, rtol=1e-4)
             start += len(inputs_alone)
+
+
+def test_kernel_path_gradients_match_the_pytorch_path(tiny_fat5_config):
+    # Training runs through the varlen kernel's backward and the gather / scatter around it.
+    if not kernel_ops.kernel_available("attention"):
+        pytest.skip("fat5_kernels' attention kernel needs triton")
+    torch.manual_seed(0)
+    reference = FAT5ForConditionalGeneration(tiny_fat5_config(attn_implementation="eager"))
+    kernel_model = FAT5ForConditionalGeneration(tiny_fat5_config(use_triton_attention=True))
+    kernel_model.load_state_dict(reference.state_dict())
+    batch = _packed_batch(_documents(reference.config.vocab_size))
+    reference(**batch).loss.backward()
+    with kernel_ops.kernels_on_cpu():
+        kernel_model(**batch).loss.backward()
+    for (name, want), got in zip(reference.named_parameters(), kernel_model.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
