@@ -277,7 +277,7 @@ def segment_ids_to_cu_seqlens(segment_ids):
 
 @dataclass(frozen=True)
 class PackedSequences:
-    """Where the documents of packed rows are, in FlashAttention's varlen layout (see `fat5_hf.packing`).
+    """Where the documents of packed rows are, in FlashAttention's varlen layout (`segment_ids_to_cu_seqlens`).
 
     Attributes:
         indices (`torch.LongTensor` of shape `(total,)`): the non-padding tokens in the flattened `(batch * length)`.
@@ -400,15 +400,14 @@ def _packed_flash_attention(
     (each document a sequence: its own positions, so T5's relative bias is the same as for the document alone),
     and scatters the result back; padding rows are zeros. Returns `(B, M, H, D)`."""
     batch, heads, query_length, head_dim = query.shape
-    key_length = key.shape[2]
 
-    def pack(states: torch.Tensor, length: int, packed: PackedSequences) -> torch.Tensor:
-        return states.transpose(1, 2).reshape(batch * length, heads, head_dim).index_select(0, packed.indices)
+    def pack(states: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
+        return states.transpose(1, 2).reshape(-1, heads, head_dim).index_select(0, packed.indices)
 
     out = _triton_t5_flash_attention_varlen(
-        pack(query, query_length, mask.queries),
-        pack(key, key_length, mask.keys),
-        pack(value, key_length, mask.keys),
+        pack(query, mask.queries),
+        pack(key, mask.keys),
+        pack(value, mask.keys),
         mask.queries.cu_seqlens,
         mask.keys.cu_seqlens,
         mask.queries.max_seqlen,

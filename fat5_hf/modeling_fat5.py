@@ -652,13 +652,13 @@ class FAT5Stack(FAT5PreTrainedModel):
             self.training,
         )
 
-    def _checked_segment_ids(self, segment_ids, states, attention_mask, which: str) -> torch.Tensor:
-        """Segment ids of the stack's own tokens (`which="own"`) or of the encoder's, checked against their states;
-        tokens that the attention mask drops count as padding (id 0)."""
-        name = ("decoder" if self.is_decoder else "encoder") if which == "own" else "encoder"
+    @staticmethod
+    def _checked_segment_ids(segment_ids, states, attention_mask, name: str) -> torch.Tensor:
+        """Segment ids (the argument `name`) checked against the states they describe; tokens that the attention
+        mask drops count as padding (id 0)."""
         if not isinstance(segment_ids, torch.Tensor) or tuple(segment_ids.shape) != tuple(states.shape[:2]):
             raise ValueError(
-                f"{name}_segment_ids must be an integer tensor of shape (batch, length) = {tuple(states.shape[:2])} "
+                f"{name} must be an integer tensor of shape (batch, length) = {tuple(states.shape[:2])} "
                 f"(1, 2, ... per document of a packed row, 0 on padding); got "
                 f"{tuple(getattr(segment_ids, 'shape', ()))}."
             )
@@ -722,11 +722,12 @@ class FAT5Stack(FAT5PreTrainedModel):
             raise ValueError(f"`use_cache` can only be set to `True` if {self} is used as a decoder")
         # Packed rows of several documents (`fat5_hf.ul2.DataCollatorForUL2(return_segment_ids=True)`): the top
         # models pass their kwargs to both stacks; each takes its own ids, the decoder also the encoder's.
-        segment_ids = kwargs.pop("decoder_segment_ids" if self.is_decoder else "encoder_segment_ids", None)
+        own_name = "decoder_segment_ids" if self.is_decoder else "encoder_segment_ids"
+        segment_ids = kwargs.pop(own_name, None)
         encoder_segment_ids = kwargs.pop("encoder_segment_ids", None)
         kwargs.pop("decoder_segment_ids", None)
         if segment_ids is not None:
-            segment_ids = self._checked_segment_ids(segment_ids, inputs_embeds, attention_mask, "own")
+            segment_ids = self._checked_segment_ids(segment_ids, inputs_embeds, attention_mask, own_name)
             if self.is_decoder and encoder_hidden_states is not None:
                 if encoder_segment_ids is None:
                     raise ValueError(
@@ -734,7 +735,7 @@ class FAT5Stack(FAT5PreTrainedModel):
                         "document on its own input document."
                     )
                 encoder_segment_ids = self._checked_segment_ids(
-                    encoder_segment_ids, encoder_hidden_states, encoder_attention_mask, "encoder"
+                    encoder_segment_ids, encoder_hidden_states, encoder_attention_mask, "encoder_segment_ids"
                 )
             use_cache, cache = False, None  # packed rows are for training and scoring, not incremental decoding
 

@@ -17,8 +17,8 @@ mode, which gets a gradient; ALiBi slopes (no gradient); or none (cross-attentio
 materialized: the kernels read a per-distance vector, padded to cover every distance of the call and saturated
 beyond ``R``, the distance where the buckets stop changing (at most ``max(max_distance, num_buckets)``). The
 table gradient is reduced per (key block, head) from partial sums, then over programs in a fixed order: it is
-deterministic with or without ``deterministic=True`` (the partial-sum
-reduction costs less than atomics would, so there is no atomic variant).
+deterministic with or without ``deterministic=True`` (the partial-sum reduction costs less than atomics would,
+so there is no atomic variant).
 
 Conventions: ``d = key_position - query_position``; with ``M != N`` queries are aligned to the end of the
 keys (query ``i`` at position ``i + N - M``, as in FlashAttention >= 2.1 and HF T5 with a KV cache); the
@@ -123,8 +123,8 @@ def _forward_impl(
     return t5_attention_forward(
         q, k, v,
         dist_bias=dist_bias, radius=radius, dist_center=dist_center, alibi_slopes=alibi_slopes,
-        key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        causal=causal, softmax_scale=softmax_scale,
+        key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
     )  # fmt: skip
 
 
