@@ -215,6 +215,12 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--name", default="attention")
     parser.add_argument("--profile", action="store_true", help="print per-kernel CUDA time and host time instead")
+    parser.add_argument(
+        "--keep-existing",
+        action="store_true",
+        help="keep the rows of the results file already in --out for points this run does not measure (one "
+        "head_dim per GPU call, say); every row carries its run's date and device",
+    )
     args = parser.parse_args()
     if args.profile:
         return profile(args)
@@ -229,6 +235,12 @@ def main():
     print(json.dumps(meta), flush=True)
     rows = []
     os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, f"{args.name}.json")
+    earlier = []
+    if args.keep_existing and os.path.exists(json_path):
+        with open(json_path) as f:
+            previous = json.load(f)
+        earlier = [dict(r, date=r.get("date", previous["meta"]["date"])) for r in previous["rows"]]
     seqs = [int(s) for s in args.seqs.split(",") if s]
     long_seqs = [int(s) for s in args.long_seqs.split(",") if s]
     for D in [int(d) for d in args.dims.split(",")]:
@@ -248,6 +260,7 @@ def main():
                     if L in long_seqs and name not in ("fat5", "nobias"):
                         continue
                     row = dict(impl=name, causal=causal, L=L, B=B, H=H, D=D, dtype="bf16", device=meta["device"])
+                    row["date"] = meta["date"]
                     reason = skip_reason(name, L, D, args)
                     if reason:
                         row["skipped"] = reason
@@ -264,24 +277,36 @@ def main():
                         torch.cuda.empty_cache()
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:  # partial results survive a timeout
-                        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+                    write_results(json_path, meta, earlier, rows)  # partial results survive a timeout
                 del q, k, v, table, do, reference
                 torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    meta, rows = write_results(json_path, meta, earlier, rows)
     markdown = render_markdown(meta, rows)
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write(markdown)
     print(markdown)
 
 
+def point(row) -> tuple:
+    return row["impl"], row["causal"], row["L"], row["D"]
+
+
+def write_results(path: str, meta: dict, earlier: list, rows: list) -> tuple[dict, list]:
+    """Write this run's rows, after the earlier rows of points it did not measure; meta lists every run kept."""
+    measured = {point(r) for r in rows}
+    merged = [r for r in earlier if point(r) not in measured] + rows
+    meta = dict(meta, runs=sorted({(r.get("date", meta["date"]), r["device"]) for r in merged}))
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, rows=merged), f, indent=1)
+    return meta, merged
+
+
 def render_markdown(meta, rows):
     lines = [
         "# Attention with a learned T5 bias: fat5 kernel vs. the alternatives",
         "",
-        f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {meta['date']}. "
+        f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+        f"runs: {'; '.join(f'{date} ({device})' for date, device in meta['runs'])}. "
         f"bf16, {meta['tokens_per_batch']} tokens per batch (B = tokens / L), H = {meta['heads']}, "
         f"{meta['num_buckets']} buckets, max distance {meta['max_distance']}, scale 1.0. "
         "fwd / fwd+bwd TFLOP/s (fwd+bwd includes the bias-table gradient; nobias has no bias at all) and peak "
@@ -309,14 +334,14 @@ def render_markdown(meta, rows):
                         cells.append(f"{r['fwd_tflops']:.0f} / {r['fwdbwd_tflops']:.0f}, {r['peak_extra_MiB']:.0f}")
                 lines.append(f"| {L} | " + " | ".join(cells) + " |")
             lines.append("")
-    lines += ["## Targets (fat5 against nobias in this run)", "",
+    lines += ["## Targets (fat5 against nobias of the same run)", "",
               "| D | causal | L | fwd ratio (>= 0.85) | fwd+bwd ratio (>= 0.80 at L >= 1024) | memory ratio (<= 1.1) |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r["impl"] != "fat5" or "fwd_ms" not in r:
             continue
         base = by_key.get(("nobias", r["causal"], r["L"], r["D"]))
-        if not base or "fwd_ms" not in base:
+        if not base or "fwd_ms" not in base or base.get("date") != r.get("date"):
             continue
         fwd = r["fwd_tflops"] / base["fwd_tflops"]
         fb = r["fwdbwd_tflops"] / base["fwdbwd_tflops"]

@@ -1,0 +1,45 @@
+"""The attention benchmark's results file: merging runs (one head_dim per GPU call) and the targets table."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+
+import attention as bench  # noqa: E402
+
+
+def _row(impl, D, date, fwd, fwdbwd, mem=100.0, L=1024, causal=False):
+    return dict(impl=impl, causal=causal, L=L, B=16, H=12, D=D, dtype="bf16", device="GPU", date=date,
+                fwd_ms=1.0, fwdbwd_ms=3.5, fwd_tflops=fwd, fwdbwd_tflops=fwdbwd, peak_extra_MiB=mem)  # fmt: skip
+
+
+def _meta(date):
+    return dict(device="GPU", torch="t", triton="tr", cuda="c", date=date, tokens_per_batch=16384, heads=12,
+                num_buckets=32, max_distance=128)  # fmt: skip
+
+
+def test_merge_keeps_unmeasured_points_and_replaces_measured_ones(tmp_path):
+    path = str(tmp_path / "attention.json")
+    first = [_row("fat5", 64, "run1", 100, 100), _row("nobias", 64, "run1", 200, 200),
+             _row("fat5", 128, "run1", 100, 100), _row("nobias", 128, "run1", 100, 100)]  # fmt: skip
+    bench.write_results(path, _meta("run1"), [], first)
+    earlier = json.load(open(path))["rows"]
+    second = [_row("fat5", 128, "run2", 90, 90), _row("nobias", 128, "run2", 100, 100)]
+    meta, rows = bench.write_results(path, _meta("run2"), earlier, second)
+    assert {(r["D"], r["impl"], r["date"]) for r in rows} == {
+        (64, "fat5", "run1"), (64, "nobias", "run1"), (128, "fat5", "run2"), (128, "nobias", "run2")
+    }
+    assert [tuple(run) for run in meta["runs"]] == [("run1", "GPU"), ("run2", "GPU")]
+    assert json.load(open(path))["rows"] == rows
+    markdown = bench.render_markdown(meta, rows)
+    assert "| 64 | 0 | 1024 | 0.50 MISSED | 0.50 MISSED | 1.00 met |" in markdown
+    assert "| 128 | 0 | 1024 | 0.90 met | 0.90 met | 1.00 met |" in markdown
+
+
+def test_targets_never_compare_rows_of_different_runs():
+    rows = [_row("fat5", 64, "run2", 100, 100), _row("nobias", 64, "run1", 100, 100)]
+    meta = dict(_meta("run2"), runs=[("run1", "GPU"), ("run2", "GPU")])
+    markdown = bench.render_markdown(meta, rows)
+    assert "| 64 | 0 | 1024 |" not in markdown
+    assert "run1 (GPU); run2 (GPU)" in markdown
