@@ -267,10 +267,12 @@ def _fwd_tile_loop(
 
 
 def _fwd_configs() -> list:
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry is the default (interpreter, FAT5_ATTENTION_AUTOTUNE=0)
-    # and fits Ampere-class shared memory (A100, A10G). Key tiles of 32 beat 64 on an H100 (bf16, D=64, same
-    # process, every other kernel fixed): forward 231 vs 277 us at L=1024 and 754 vs 893 us at L=4096 (B*L = 16k,
-    # H=12), causal or not: finer tiles waste fewer keys at the band's edges. 128-row tiles lost everywhere.
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages). The first is the default (interpreter, FAT5_ATTENTION_AUTOTUNE=0) and
+    # fits Ampere-class shared memory (A100, A10G). Key tiles of 32 beat 64 on an H100 (bf16, B*L = 16k, H=12, same
+    # process): D=64, L=1024: 225 us vs 240 (64x64/4/3), flash without bias 191; and at L=512-1024, D=64 and 128,
+    # causal or not, no other shape won (32-row tiles, 64x16, 128x32, 2 or 4 warps, 2 or 4 stages). The
+    # benchmark's forward went from 195 to 234 TF/s at L=1024 and from 245 to 306 at L=4096 over the earlier
+    # 64x64/4/2 default: finer tiles waste fewer keys at the band's edges.
     shapes = [(64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
