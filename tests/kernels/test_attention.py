@@ -176,6 +176,44 @@ def test_float32_matches_reference_tightly(causal, seqlen_q, seqlen_k):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
 
 
+def _autotune_cases():
+    from fat5_kernels import attention_bwd, attention_fwd
+
+    lists = {"fwd": attention_fwd._fwd_configs(), "dkdv": attention_bwd._dkdv_configs(), "dq": attention_bwd._dq_configs()}
+    return [
+        pytest.param(kernel, config.all_kwargs(), id=f"{kernel}-{'x'.join(str(v) for v in config.kwargs.values())}")
+        for kernel, configs in lists.items()
+        for config in configs[1:]  # the first one runs in every other test
+    ]
+
+
+@pytest.mark.parametrize("kernel,config", _autotune_cases())
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_autotune_config_matches_reference(monkeypatch, kernel, config, causal):
+    """The interpreter runs only the first config of each list, and GPU tests without autotuning too: force each
+    other tile shape the autotuner may pick, one kernel at a time, and check it exactly (fp32)."""
+    from fat5_kernels import attention_bwd, attention_fwd
+
+    original = attention_fwd.launch_tuned
+
+    def launch(kernel_fn, grid, args, kwargs, key):
+        if key[0] == kernel:
+            kernel_fn.fn[grid](*args, **kwargs, **config)
+        else:
+            original(kernel_fn, grid, args, kwargs, key)
+
+    monkeypatch.setattr(attention_fwd, "launch_tuned", launch)
+    monkeypatch.setattr(attention_bwd, "launch_tuned", launch)
+    # partial blocks on both axes, far tiles on both sides (bidirectional), M != N
+    q, k, v, table, dout = _inputs(1, 2, 150, 139, 16, torch.float32, seed=4)
+    kernel_fn, reference_fn = _dense_fns("t5", causal, not causal, 8, 12, scale=0.25)
+    out, grads = _grads(kernel_fn, (q, k, v, table), dout)
+    ref, ref_grads = _grads(reference_fn, (q, k, v, table), dout)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
 def test_key_padding_mask_and_empty_rows():
     """Padded keys are ignored; a batch row with no key at all gives zeros and zero gradients, not NaN."""
     q, k, v, table, dout = _inputs(3, 2, 70, 90, 32, CPU_DTYPE, seed=1)
