@@ -43,3 +43,13 @@ def test_targets_never_compare_rows_of_different_runs():
     markdown = bench.render_markdown(meta, rows)
     assert "| 64 | 0 | 1024 |" not in markdown
     assert "run1 (GPU); run2 (GPU)" in markdown
+
+
+def test_best_of_runs_sets_times_and_rates():
+    row = dict(fwd_ms_runs=[2.0, 1.0, 3.0], fwdbwd_ms_runs=[5.0, 7.0])
+    bench.set_best_times(row, B=16, H=12, L=1024, D=64, causal=True)
+    assert row["fwd_ms"] == 1.0 and row["fwdbwd_ms"] == 5.0
+    flops = 4 * 16 * 12 * 1024 * 1024 * 64 / 2
+    assert row["fwd_tflops"] == flops / 1.0 / 1e9
+    assert row["fwdbwd_tflops"] == 3.5 * flops / 5.0 / 1e9
+    assert row["fwd_ms_runs"] == [2.0, 1.0, 3.0]  # every run stays in the row
