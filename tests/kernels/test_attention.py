@@ -162,18 +162,24 @@ def test_distances_far_beyond_the_band_with_partial_blocks(causal):
     _check_against_reference(kernel_fn, reference_fn, (q, k, v, table), dout, "qkvt", low)
 
 
-# The fp16 reference's table gradient is coarse (it sums in fp16, so the 2x rule lets a wrong bucket sum pass):
-# these fp32 runs pin the table gradient down, with tiles at several offsets from the band (N - M = 67, 66, -3, 7).
-@pytest.mark.parametrize("causal,seqlen_q,seqlen_k", [(False, 83, 150), (False, 100, 166), (False, 166, 163), (True, 100, 107)])
-def test_float32_matches_reference_tightly(causal, seqlen_q, seqlen_k):
-    """fp32 inputs take exact (ieee) products: the kernel must agree with the reference to rounding."""
-    q, k, v, table, dout = _inputs(1, 2, seqlen_q, seqlen_k, 16, torch.float32, seed=3)
+def _assert_t5_matches_reference_in_float32(causal, seqlen_q, seqlen_k, seed):
+    """T5 bias (8 buckets, max distance 12; causal buckets when causal), fp32 inputs: exact (ieee) products, so
+    output and every gradient must agree with the reference to rounding."""
+    q, k, v, table, dout = _inputs(1, 2, seqlen_q, seqlen_k, 16, torch.float32, seed=seed)
     kernel_fn, reference_fn = _dense_fns("t5", causal, not causal, 8, 12, scale=0.25)
     out, grads = _grads(kernel_fn, (q, k, v, table), dout)
     ref, ref_grads = _grads(reference_fn, (q, k, v, table), dout)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+# The fp16 reference's table gradient is coarse (it sums in fp16, so the 2x rule lets a wrong bucket sum pass):
+# these fp32 runs pin the table gradient down, with tiles at several offsets from the band (N - M = 67, 66, -3, 7).
+@pytest.mark.parametrize("causal,seqlen_q,seqlen_k", [(False, 83, 150), (False, 100, 166), (False, 166, 163), (True, 100, 107)])
+def test_float32_matches_reference_tightly(causal, seqlen_q, seqlen_k):
+    """fp32 inputs take exact (ieee) products: the kernel must agree with the reference to rounding."""
+    _assert_t5_matches_reference_in_float32(causal, seqlen_q, seqlen_k, seed=3)
 
 
 def _autotune_cases():
@@ -205,13 +211,7 @@ def test_every_autotune_config_matches_reference(monkeypatch, kernel, config, ca
     monkeypatch.setattr(attention_fwd, "launch_tuned", launch)
     monkeypatch.setattr(attention_bwd, "launch_tuned", launch)
     # partial blocks on both axes, far tiles on both sides (bidirectional), M != N
-    q, k, v, table, dout = _inputs(1, 2, 150, 139, 16, torch.float32, seed=4)
-    kernel_fn, reference_fn = _dense_fns("t5", causal, not causal, 8, 12, scale=0.25)
-    out, grads = _grads(kernel_fn, (q, k, v, table), dout)
-    ref, ref_grads = _grads(reference_fn, (q, k, v, table), dout)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    _assert_t5_matches_reference_in_float32(causal, 150, 139, seed=4)
 
 
 def test_key_padding_mask_and_empty_rows():
