@@ -39,6 +39,7 @@ from .attention_fwd import (
     seqlen_autotune_key,
     tuning_configs,
 )
+from .triton_utils import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -588,7 +589,7 @@ def t5_attention_backward(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     head_dim = q.shape[-1]
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    head_dim_pad = max(16, next_power_of_2(head_dim))
     if is_varlen:
         num_heads = q.shape[1]
         batch = cu_seqlens_q.numel() - 1
@@ -611,7 +612,7 @@ def t5_attention_backward(
     if compute_dbias:
         # one slot per program of the smallest key block: programs that exit early leave zeros
         bias_partials = torch.zeros(
-            triton.cdiv(max_seqlen_k, DKDV_MIN_BLOCK_N), batch, num_heads, num_cuts_pad + 2,
+            cdiv(max_seqlen_k, DKDV_MIN_BLOCK_N), batch, num_heads, num_cuts_pad + 2,
             device=q.device, dtype=torch.float32,
         )  # fmt: skip
     seqlen_key = seqlen_autotune_key(max(max_seqlen_q, max_seqlen_k))
@@ -629,7 +630,7 @@ def t5_attention_backward(
     )
     mask_stride = key_padding_mask.stride(0) if key_padding_mask is not None else 0
     preprocess_block = 64
-    _bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, preprocess_block), batch * num_heads)](
+    _bwd_preprocess_kernel[(cdiv(max_seqlen_q, preprocess_block), batch * num_heads)](
         out, dout, delta, optional[3],
         *_layout_strides(out, is_varlen), *_layout_strides(dout, is_varlen), *lse_strides,
         num_heads, max_seqlen_q, head_dim,
@@ -648,7 +649,7 @@ def t5_attention_backward(
     dkdv_kwargs = dict(COMPUTE_DBIAS=compute_dbias, NUM_CUTS_PAD=num_cuts_pad, **common)
     launch_tuned(
         _bwd_dkdv_kernel,
-        lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * num_heads),
+        lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * num_heads),
         dkdv_args,
         dkdv_kwargs,
         ("dkdv", q.device, q.dtype, seqlen_key, *dkdv_kwargs.values()),
@@ -661,7 +662,7 @@ def t5_attention_backward(
     )  # fmt: skip
     launch_tuned(
         _bwd_dq_kernel,
-        lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads),
+        lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads),
         dq_args,
         common,
         ("dq", q.device, q.dtype, seqlen_key, *common.values()),

@@ -25,7 +25,7 @@ try:
 except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch without it
     raise ImportError("fat5_kernels.attention_fwd needs triton: pip install 'fat5-hf[gpu]'") from err
 
-from .triton_utils import autotune_configs
+from .triton_utils import autotune_configs, cdiv, next_power_of_2
 
 
 def tuning_configs(configs: list) -> list:
@@ -485,7 +485,7 @@ def t5_attention_forward(
     """
     is_varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    head_dim_pad = max(16, next_power_of_2(head_dim))
     out = torch.empty_like(q)
     if is_varlen:
         total_q, num_heads, _ = q.shape
@@ -510,7 +510,7 @@ def t5_attention_forward(
     else:
         bias_kind = BIAS_NONE
     dummy = dummy_tensor(q.device)  # never read: the constexpr flags disable the loads
-    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads)
+    grid = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads)
     seqlen_key = seqlen_autotune_key(max(max_seqlen_q, max_seqlen_k))
     has_key_mask = key_padding_mask is not None
     args = (

@@ -34,6 +34,7 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.cross_entropy needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .cross_entropy_reference import validate_cross_entropy_inputs
+from .triton_utils import cdiv, next_power_of_2
 
 __all__ = ["CrossEntropyFunction", "cross_entropy", "cross_entropy_forward", "scale_"]
 
@@ -222,7 +223,7 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x
     scale = scale.detach().float().reshape(1).contiguous()
     block = 4096
-    _scale_kernel[(triton.cdiv(x.numel(), block),)](x, scale, x.numel(), BLOCK_SIZE=block, num_warps=4)
+    _scale_kernel[(cdiv(x.numel(), block),)](x, scale, x.numel(), BLOCK_SIZE=block, num_warps=4)
     return x
 
 
@@ -232,7 +233,7 @@ def _num_warps(block: int) -> int:
 
 def _launch_config(n_cols: int, compute_grad: bool) -> tuple[bool, int, int]:
     """(single_pass, BLOCK_SIZE, num_warps) of the forward kernel for a row of n_cols logits."""
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     if not compute_grad:  # one read whatever the width: loop over blocks, several programs per SM
         block = min(block, LOSS_ONLY_BLOCK)
         return block >= n_cols, block, _num_warps(block)
@@ -338,8 +339,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         n_rows, n_cols = logits.shape
         if n_rows > 0:
             grad_loss = grad_loss.detach().float().contiguous()
-            block = min(BACKWARD_BLOCK, triton.next_power_of_2(n_cols))
-            _cross_entropy_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            block = min(BACKWARD_BLOCK, next_power_of_2(n_cols))
+            _cross_entropy_bwd_kernel[(n_rows, cdiv(n_cols, block))](
                 logits, logits.stride(0), grad, grad.stride(0), labels, lse, grad_loss, count, n_cols,
                 ignore_index, float(z_loss), float(label_smoothing),
                 GRAD_OUTPUT_PER_ROW=reduction == "none", DIVIDE_BY_COUNT=reduction == "mean",

@@ -22,7 +22,7 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.gated_mlp needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .gated_mlp_reference import check_gated_activation_inputs, resolve_activation
-from .triton_utils import triton_interpreter_enabled
+from .triton_utils import cdiv, next_power_of_2, triton_interpreter_enabled
 
 __all__ = ["GatedActivationFunction", "gated_activation"]
 
@@ -136,7 +136,7 @@ def _as_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def _launch_config(n_cols: int) -> tuple[int, int]:
     """(BLOCK, num_warps): 8 elements per thread, i.e. 16-byte accesses in half precision."""
-    block = min(2048, triton.next_power_of_2(max(n_cols, 1)))
+    block = min(2048, next_power_of_2(max(n_cols, 1)))
     return block, max(1, min(8, block // 256))
 
 
@@ -149,7 +149,7 @@ def _gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: 
     n_rows, n_cols = gate_rows.shape
     block, num_warps = _launch_config(n_cols)
     with _device_context(gate):
-        _gated_activation_forward_kernel[(n_rows * triton.cdiv(n_cols, block),)](
+        _gated_activation_forward_kernel[(n_rows * cdiv(n_cols, block),)](
             gate_rows,
             up_rows,
             out_rows,
@@ -195,7 +195,7 @@ def _gated_activation_backward(
     n_rows, n_cols = gate_rows.shape
     block, num_warps = _launch_config(n_cols)
     with _device_context(gate):
-        _gated_activation_backward_kernel[(n_rows * triton.cdiv(n_cols, block),)](
+        _gated_activation_backward_kernel[(n_rows * cdiv(n_cols, block),)](
             dout_rows,
             gate_rows,
             up_rows,

@@ -28,7 +28,7 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.rms_norm needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .rms_norm_reference import check_rms_norm_inputs, rms_norm_output_dtype
-from .triton_utils import triton_interpreter_enabled
+from .triton_utils import cdiv, next_power_of_2, triton_interpreter_enabled
 
 __all__ = ["RMSNormFunction", "rms_norm"]
 
@@ -183,7 +183,7 @@ def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def _forward_launch_config(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_COLS, num_warps): tiles of ~4K elements, ~8-16 elements per thread."""
-    block_cols = triton.next_power_of_2(n_cols)
+    block_cols = next_power_of_2(n_cols)
     block_rows = max(1, min(16, 4096 // block_cols))
     num_warps = min(16, max(4, block_rows * block_cols // 512))
     return block_rows, block_cols, num_warps
@@ -191,7 +191,7 @@ def _forward_launch_config(n_cols: int) -> tuple[int, int, int]:
 
 def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int]:
     """(BLOCK_ROWS, BLOCK_COLS, num_warps, programs per SM)."""
-    block_cols = triton.next_power_of_2(n_cols)
+    block_cols = next_power_of_2(n_cols)
     block_rows = max(1, min(16, 2048 // block_cols))
     num_warps = min(16, max(4, block_rows * block_cols // 256))
     # More programs hide more latency but write more float32 partial weight gradients (programs x d of extra
@@ -216,7 +216,7 @@ def _rms_norm_forward(
         return y, summed, rstd
     block_rows, block_cols, num_warps = _forward_launch_config(n_cols)
     with _device_context(x):
-        _rms_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
+        _rms_norm_forward_kernel[(cdiv(n_rows, block_rows),)](
             x,
             residual if residual is not None else x,
             weight,
@@ -259,10 +259,10 @@ def _rms_norm_backward(
     if n_rows == 0:
         return dx, torch.zeros_like(weight)
     block_rows, block_cols, num_warps, programs_per_sm = _backward_launch_config(n_cols)
-    n_programs = min(_programs_per_launch(dy.device) * programs_per_sm, triton.cdiv(n_rows, block_rows))
+    n_programs = min(_programs_per_launch(dy.device) * programs_per_sm, cdiv(n_rows, block_rows))
     # Whole row blocks per program, so that only the last program has a ragged tail.
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), block_rows) * block_rows
-    n_programs = triton.cdiv(n_rows, rows_per_program)
+    rows_per_program = cdiv(cdiv(n_rows, n_programs), block_rows) * block_rows
+    n_programs = cdiv(n_rows, rows_per_program)
     dweight_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=dy.device)
     with _device_context(dy):
         _rms_norm_backward_kernel[(n_programs,)](

@@ -27,3 +27,15 @@ def autotune_configs(configs: list, default_index: int = 0) -> list:
     if triton_interpreter_enabled():
         return [configs[default_index]]
     return configs
+
+
+# Host-side integer helpers. `triton.cdiv` / `triton.next_power_of_2` also work on the host, but recent tritons wrap
+# them as constexpr functions whose host call unwraps every argument: several microseconds a call, on every launch.
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for integers, ``b > 0``."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
