@@ -410,7 +410,9 @@ def t5_flash_attention(
             )
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}.")
-        key_padding_mask = key_padding_mask.contiguous().view(torch.uint8)
+        # Triton takes bytes; a copy rather than `.view(torch.uint8)`, which Inductor cannot lower for bool
+        # (torch 2.11: "torch.bool is not supported by torch.iinfo"), and B x N bytes cost nothing.
+        key_padding_mask = key_padding_mask.to(torch.uint8)
     out, lse = _attention(
         q, k, v, bias_table, alibi_slopes, key_padding_mask, None, None, q.shape[2], k.shape[2],
         bidirectional, num_buckets, max_distance, causal, float(softmax_scale),

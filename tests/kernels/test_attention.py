@@ -541,6 +541,25 @@ def test_gpu_torch_compile_inductor():
     torch.testing.assert_close(out, f(q, k, v, table))
 
 
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor_key_padding_mask():
+    """The model builds the bool key mask inside the compiled graph (`attention_mask.bool()`); Inductor must lower
+    what the wrapper does to it (a `.view(torch.uint8)` of a bool tensor it could not, torch 2.11)."""
+    q, k, v, table, dout = _inputs(2, 4, 300, 300, 64, torch.bfloat16, num_buckets=32)
+    q, k, v, table = (t.requires_grad_() for t in (q, k, v, table))
+    attention_mask = torch.ones(2, 300, dtype=torch.long, device=DEVICE)
+    attention_mask[1, 200:] = 0
+
+    def f(q, k, v, table, attention_mask):
+        out = t5_flash_attention(q, k, v, bias_table=table, key_padding_mask=attention_mask.bool())
+        return (out.float() * dout.float()).sum()
+
+    expected = torch.autograd.grad(f(q, k, v, table, attention_mask), (q, k, v, table))
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v, table, attention_mask), (q, k, v, table))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+
+
 _AUTOTUNED_FIRST_CALL = """
 import torch
 from fat5_kernels.attention import t5_flash_attention
