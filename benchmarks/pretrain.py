@@ -139,16 +139,20 @@ def measure(
         torch.cuda.synchronize()
         step_s = (time.perf_counter() - start) / args.steps
         peak_bytes = torch.cuda.max_memory_allocated()
+        # A CUDA graph's memory pool is reserved once, at capture; its replays allocate nothing, so only the
+        # reserved figure shows what the graph variants hold.
+        reserved_bytes = torch.cuda.max_memory_reserved()
         if gpus > 1:  # the slowest rank sets the pace; report the largest footprint
-            stats = torch.tensor([step_s, peak_bytes], dtype=torch.float64, device="cuda")
+            stats = torch.tensor([step_s, peak_bytes, reserved_bytes], dtype=torch.float64, device="cuda")
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-            step_s, peak_bytes = stats.tolist()
+            step_s, peak_bytes, reserved_bytes = stats.tolist()
         if args.profile and gpus == 1:
             row["profile"] = profile_steps(train_step, batches, args, variant)
         row.update(
             step_ms=round(step_s * 1e3, 2),
             tokens_per_s=round(gpus * args.batch_size * (args.input_length + args.target_length) / step_s),
             peak_memory_GiB=round(peak_bytes / 2**30, 2),
+            reserved_memory_GiB=round(reserved_bytes / 2**30, 2),
             final_loss=round(float(loss), 4),
         )
     except Exception as err:  # one failing variant (e.g. out of memory, no compile) must not hide the others
@@ -221,14 +225,21 @@ def to_markdown(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
         + " ".join(args.argv)
         + "`.",
         "",
-        "| variant | GPUs | optimizer | step ms | tokens/s | vs. t5_compiled | scaling | peak GiB | params (M) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Peak GiB: most memory allocated during the timed steps; reserved GiB: most held by PyTorch's allocator, "
+        "including CUDA-graph pools (the `_cudagraphs` variants' replays allocate nothing, so only reserved counts "
+        "their memory).",
+        "",
+        "| variant | GPUs | optimizer | step ms | tokens/s | vs. t5_compiled | scaling | peak GiB | reserved GiB "
+        "| params (M) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ok = [r for r in rows if "error" not in r]
     for row in rows:
         optimizer = "AdamWScale" if row["variant"] == "fat5_adamw_scale" else "AdamW (fused)"
         if "error" in row:
-            lines.append(f"| {row['variant']} | {row['gpus']} | {optimizer} | error: {row['error'][:120]} | | | | | |")
+            lines.append(
+                f"| {row['variant']} | {row['gpus']} | {optimizer} | error: {row['error'][:120]} | | | | | | |"
+            )
             continue
         # compared with t5_compiled on as many GPUs; scaling against this variant's own one-GPU row
         reference = next((r for r in ok if r["variant"] == "t5_compiled" and r["gpus"] == row["gpus"]), None)
@@ -239,9 +250,10 @@ def to_markdown(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
             if row["gpus"] == 1 or single is None
             else f"{row['tokens_per_s'] / (row['gpus'] * single['tokens_per_s']):.2f}"
         )
+        reserved = f"{row['reserved_memory_GiB']:.1f}" if "reserved_memory_GiB" in row else "n/a"
         lines.append(
             f"| {row['variant']} | {row['gpus']} | {optimizer} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | "
-            f"{ratio} | {scaling} | {row['peak_memory_GiB']:.1f} | {row['parameters_M']} |"
+            f"{ratio} | {scaling} | {row['peak_memory_GiB']:.1f} | {reserved} | {row['parameters_M']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -254,9 +266,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first (compilation happens there)")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument(
-        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated subset of {VARIANTS}"
-    )
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument(
         "--profile",

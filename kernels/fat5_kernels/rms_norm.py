@@ -182,22 +182,31 @@ def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_launch_config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS, num_warps): tiles of ~4K elements, ~8-16 elements per thread."""
+    """(BLOCK_ROWS, BLOCK_COLS, num_warps): tiles of ~4K elements. 4 warps up to d=1024 (H100 sweep, see
+    `_backward_launch_config`: d=768 bf16 22.0 vs 24.1 us with 8, d=1024 27.4 vs 29.0), 8-16 above."""
     block_cols = next_power_of_2(n_cols)
     block_rows = max(1, min(16, 4096 // block_cols))
-    num_warps = min(16, max(4, block_rows * block_cols // 512))
+    num_warps = 4 if block_cols <= 1024 else min(16, max(4, block_rows * block_cols // 512))
     return block_rows, block_cols, num_warps
 
 
 def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS, num_warps, programs per SM)."""
+    """(BLOCK_ROWS, BLOCK_COLS, num_warps, programs per SM).
+
+    The backward is bound by memory latency: each program walks its rows serially. Swept on an H100
+    (`benchmarks/rms_norm_sweep.py`, results in `benchmarks/results/rms_norm_sweep.{md,json}`): at d <= 1024,
+    tiles of 4096 elements over 4 warps beat the earlier 2048 over 8 by 8-16% (d=768 bf16 52.4 vs 60.9 us,
+    d=1024 58.0 vs 65.4, d=512 fp32 86.6 vs 103.3). Eight programs per SM would gain 6-15% more (d=768
+    46.7 us, bf16 d=512 54.2 vs 63.3) but multiply the float32 partial weight gradients (programs x d x 4 bytes;
+    Liger-Kernel keeps one per SM), which took the in-place fwd+bwd 8 MiB above Liger's peak in
+    `benchmarks/fused.py` (the issue's memory target); two per SM stay under 1.1 MiB at d=1024 on 132 SMs.
+    Rows of 2048 and more keep one row a tile over 8-16 warps.
+    """
     block_cols = next_power_of_2(n_cols)
+    if block_cols <= 1024:
+        return max(1, min(16, 4096 // block_cols)), block_cols, 4, 2
     block_rows = max(1, min(16, 2048 // block_cols))
-    num_warps = min(16, max(4, block_rows * block_cols // 256))
-    # More programs hide more latency but write more float32 partial weight gradients (programs x d of extra
-    # memory): two per SM keeps that buffer under 1 MiB at T5-base width (Liger-Kernel uses one per SM).
-    programs_per_sm = 2
-    return block_rows, block_cols, num_warps, programs_per_sm
+    return block_rows, block_cols, min(16, max(4, block_rows * block_cols // 256)), 2
 
 
 def _rms_norm_forward(

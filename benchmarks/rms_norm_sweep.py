@@ -1,0 +1,162 @@
+"""Launch-configuration sweep of the RMSNorm kernels (GPU time), the evidence behind
+``fat5_kernels.rms_norm._forward_launch_config`` and ``_backward_launch_config``.
+
+For each shape it times the forward (one kernel) and the backward (kernel plus the sum of the partial weight
+gradients); CUDA events, ``triton.testing.do_bench`` median; at the default configuration and at every (rows per
+tile, warps[, programs per SM]) of the grid, in one process. Writes ``rms_norm_sweep.json`` and ``.md`` (default
+first, then the fastest eight). Usage (GPU machine, repository root)::
+
+    PYTHONPATH=$PWD/kernels python benchmarks/rms_norm_sweep.py --output-dir benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+
+import torch
+import triton
+from triton.testing import do_bench
+
+import fat5_kernels.rms_norm as rms_norm_module
+
+# (rows, d, activation dtype, weight dtype): T5-base / large bf16, the FAT5-small pretraining norm (fp32 residual
+# stream and weight under autocast, 64 x 512 tokens) and a wide row.
+SHAPES = [
+    (16384, 768, torch.bfloat16, torch.bfloat16),
+    (16384, 1024, torch.bfloat16, torch.bfloat16),
+    (32768, 512, torch.float32, torch.float32),
+    (32768, 512, torch.bfloat16, torch.bfloat16),
+    (16384, 4096, torch.bfloat16, torch.bfloat16),
+]
+ROWS_PER_TILE = (1, 2, 4, 8, 16)
+WARPS = (1, 2, 4, 8, 16)
+PROGRAMS_PER_SM = (1, 2, 4, 8, 16)  # backward only
+
+
+def _candidates(pass_name: str, block_cols: int) -> list[tuple]:
+    """Launch configs of the grid, in the order of the module's config tuples (programs per SM last)."""
+    configs = []
+    for rows, warps in itertools.product(ROWS_PER_TILE, WARPS):
+        elements = rows * block_cols
+        if not 512 <= elements <= 16384 or not 4 <= elements // (warps * 32) <= 64:  # 4-64 elements per thread
+            continue
+        if pass_name == "forward":
+            configs.append((rows, block_cols, warps))
+        else:
+            configs += [(rows, block_cols, warps, per_sm) for per_sm in PROGRAMS_PER_SM]
+    return configs
+
+
+def _time_pass(pass_name: str, step, d: int) -> tuple[list, list[float], list[dict]]:
+    """(default config, its times before and after the grid, every grid config's time) of one pass; the module's
+    config function is patched for the duration and restored. The default is timed twice because these
+    machines have slow phases that can catch one measurement."""
+    attribute = f"_{pass_name}_launch_config"
+    default_config = getattr(rms_norm_module, attribute)
+    chosen: list = []
+    setattr(rms_norm_module, attribute, lambda n_cols: chosen[0] if chosen else default_config(n_cols))
+    time_us = lambda: do_bench(step, warmup=20, rep=100, return_mode="median") * 1e3
+    try:
+        default_runs = [time_us()]
+        configs = []
+        for config in _candidates(pass_name, triton.next_power_of_2(d)):
+            chosen[:] = [config]
+            configs.append(dict(config=list(config), us=time_us()))
+        chosen.clear()
+        default_runs.append(time_us())
+    finally:
+        setattr(rms_norm_module, attribute, default_config)
+    return list(default_config(d)), default_runs, sorted(configs, key=lambda c: c["us"])
+
+
+def sweep_shape(n_rows: int, d: int, x_dtype: torch.dtype, weight_dtype: torch.dtype) -> list[dict]:
+    """Forward and backward: times of the default and of every grid configuration for one shape (us)."""
+    torch.manual_seed(0)
+    x = torch.randn(n_rows, d, device="cuda", dtype=x_dtype)
+    weight = torch.randn(d, device="cuda", dtype=weight_dtype)
+    dy = torch.randn(n_rows, d, device="cuda", dtype=x_dtype)
+    _, _, rstd = rms_norm_module._rms_norm_forward(x, weight, None, 1e-6)
+    steps = {
+        "forward": lambda: rms_norm_module._rms_norm_forward(x, weight, None, 1e-6),
+        "backward": lambda: rms_norm_module._rms_norm_backward(dy, x, weight, rstd, None, False),
+    }
+    # bytes each pass must move: forward reads x, writes y; backward reads x and dy, writes dx
+    bytes_moved = {"forward": 2 * x.numel() * x.element_size(), "backward": 3 * x.numel() * x.element_size()}
+    results = []
+    for pass_name, step in steps.items():
+        default_config, default_runs, configs = _time_pass(pass_name, step, d)
+        default_us = min(default_runs)
+        results.append(
+            dict(
+                rows=n_rows,
+                d=d,
+                x_dtype=str(x_dtype).removeprefix("torch."),
+                weight_dtype=str(weight_dtype).removeprefix("torch."),
+                pass_name=pass_name,
+                default=dict(
+                    config=default_config,
+                    us=default_us,
+                    us_runs=default_runs,
+                    GB_per_s=round(bytes_moved[pass_name] / default_us / 1e3),
+                ),
+                configs=configs,
+            )
+        )
+    return results
+
+
+def _config_str(config: list) -> str:
+    rows, _, warps, *per_sm = config
+    return "/".join(str(v) for v in (rows, warps, *per_sm))
+
+
+def to_markdown(env: dict, results: list[dict]) -> str:
+    lines = [
+        "# RMSNorm kernels: launch-configuration sweep",
+        "",
+        f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. GPU time of one call (the "
+        "backward includes the partial weight-gradient sum), median of `triton.testing.do_bench`; the default "
+        "configuration first (the better of two timings, before and after the grid), then the fastest eight. Configs: rows per tile / warps (/ programs per SM).",
+        "",
+        "| pass | rows x d | x / weight | default: us (GB/s) | fastest |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        fastest = ", ".join(f"{_config_str(c['config'])}: {c['us']:.1f}" for c in r["configs"][:8])
+        default = r["default"]
+        lines.append(
+            f"| {r['pass_name']} | {r['rows']} x {r['d']} | {r['x_dtype']} / {r['weight_dtype']} | "
+            f"{_config_str(default['config'])}: {default['us']:.1f} ({default['GB_per_s']}) | {fastest} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    env = dict(
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    results = []
+    for shape in SHAPES:
+        for result in sweep_shape(*shape):
+            results.append(result)
+            print(json.dumps({k: v for k, v in result.items() if k != "configs"}), flush=True)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "rms_norm_sweep.json"), "w") as f:
+        json.dump(dict(environment=env, results=results), f, indent=1)
+    with open(os.path.join(args.output_dir, "rms_norm_sweep.md"), "w") as f:
+        f.write(to_markdown(env, results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
