@@ -1104,7 +1104,9 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
                 scale = (labels != -100).sum() / num_items_in_batch
                 loss, z_loss_term = loss * scale, z_loss_term * scale
             z_loss_term = z_loss_term.detach()
-            ce_loss = loss.detach() - z_loss_term
+            # No subtraction without z-loss: Inductor (torch 2.13, CPU) folds the constant zero and returns a
+            # `loss` without grad_fn when the graph also outputs `loss.detach() - 0` (tests/fat5_hf/test_modeling.py).
+            ce_loss = loss.detach() - z_loss_term if self.config.z_loss > 0 else loss.detach()
 
         return FAT5Seq2SeqLMOutput(
             loss=loss,

@@ -731,7 +731,6 @@ def train(config: PretrainConfig) -> dict[str, Any]:
         log_with=log_cfg.log_with or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         cpu=training.cpu,
-        dynamo_backend="inductor" if config.model.torch_compile else None,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -792,6 +791,11 @@ def train(config: PretrainConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         (output_dir / "recipe_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if config.model.torch_compile:
+        # Compiled here rather than through Accelerator(dynamo_backend=...): Accelerate keeps the state of its
+        # first Accelerator for the whole process, so a second run in one process (tests, notebooks) would
+        # silently train uncompiled. Checkpoints and exports unwrap it (`accelerator.unwrap_model`).
+        model = torch.compile(model)
     state = TrainState(train_stream, accelerator.process_index, accelerator.num_processes)
     accelerator.register_for_checkpointing(scheduler, state)
 
@@ -806,7 +810,8 @@ def train(config: PretrainConfig) -> dict[str, Any]:
     accelerator.print(
         f"Pretraining {type(accelerator.unwrap_model(model)).__name__} on {accelerator.num_processes} process(es) "
         f"({accelerator.distributed_type.value}, {accelerator.device.type}, mixed precision "
-        f"{accelerator.mixed_precision}); steps {state.step} -> {training.max_steps}"
+        f"{accelerator.mixed_precision}{', torch.compile' if config.model.torch_compile else ''}); "
+        f"steps {state.step} -> {training.max_steps}"
     )
     stopper = StopOnSignal(accelerator.num_processes)
     model.train()

@@ -53,7 +53,8 @@ class ModelConfig:
     ``name_or_path`` instead continues training from saved weights (``config`` then overrides fields of
     the saved config). ``vocab_size`` defaults to the tokenizer's length rounded up to a multiple of
     ``pad_vocab_to_multiple_of`` (128 keeps the LM head GEMM on tensor-core-friendly shapes). The z-loss
-    coefficient is the model's own ``z_loss`` field (``model.config.z_loss``, e.g. 1e-4).
+    coefficient is the model's own ``z_loss`` field (``model.config.z_loss``, e.g. 1e-4). ``torch_compile``
+    trains the prepared model through ``torch.compile`` (Inductor; the kernels stay opaque custom ops).
     """
 
     config: dict = field(default_factory=_tiny_model_config)

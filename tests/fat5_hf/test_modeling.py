@@ -214,6 +214,28 @@ def test_z_loss_and_label_smoothing(tiny_fat5_config, make_batch):
     torch.testing.assert_close(out.loss, expected_ce + expected_z)
 
 
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_inductor_compiled_loss_backpropagates_like_eager(tiny_fat5_config, make_batch, z_loss):
+    """`torch.compile` (Inductor on the CPU, what the pretraining recipe's `model.torch_compile` does there): the
+    loss keeps its graph and matches eager, with and without z-loss. The model once returned `loss.detach() - 0`
+    next to the loss, and Inductor (torch 2.13) then gave a loss without grad_fn."""
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(tiny_fat5_config(z_loss=z_loss)).train()
+    input_ids, attention_mask = make_batch(96, [7, 5])
+    labels = _labels(96, [4, 6], make_batch)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    eager = model(**batch)
+    eager_grads = torch.autograd.grad(eager.loss, list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model)(**batch)
+    assert compiled.loss.grad_fn is not None
+    compiled_grads = torch.autograd.grad(compiled.loss, list(model.parameters()))
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.ce_loss, eager.ce_loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_labels_are_shifted_right_like_t5(tiny_fat5_config):
     model = FAT5ForConditionalGeneration(tiny_fat5_config(decoder_start_token_id=0, pad_token_id=0))
     labels = torch.tensor([[5, 6, -100, -100], [7, 8, 9, 1]])
