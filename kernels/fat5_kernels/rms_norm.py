@@ -205,8 +205,7 @@ def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int]:
     block_cols = next_power_of_2(n_cols)
     if block_cols <= 1024:
         return max(1, min(16, 4096 // block_cols)), block_cols, 4, 2
-    block_rows = max(1, min(16, 2048 // block_cols))
-    return block_rows, block_cols, min(16, max(4, block_rows * block_cols // 256)), 2
+    return 1, block_cols, min(16, block_cols // 256), 2
 
 
 def _rms_norm_forward(
