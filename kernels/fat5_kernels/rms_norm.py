@@ -197,9 +197,10 @@ def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int]:
     (`benchmarks/rms_norm_sweep.py`, results in `benchmarks/results/rms_norm_sweep.{md,json}`): at d <= 1024,
     tiles of 4096 elements over 4 warps beat the earlier 2048 over 8 by 8-16% (d=768 bf16 52.4 vs 60.9 us,
     d=1024 58.0 vs 65.4, d=512 fp32 86.6 vs 103.3). Eight programs per SM would gain 6-15% more (d=768
-    46.7 us, bf16 d=512 54.2 vs 63.3) but multiply the float32 partial weight gradients (programs x d x 4 bytes;
-    Liger-Kernel keeps one per SM), which took the in-place fwd+bwd 8 MiB above Liger's peak in
-    `benchmarks/fused.py` (the issue's memory target); two per SM stay under 1.1 MiB at d=1024 on 132 SMs.
+    46.7 us with 4 warps, bf16 d=512 53.6 vs 63.3 with 2) but multiply the float32 partial weight gradients
+    (programs x d x 4 bytes; Liger-Kernel keeps one per SM), which took the in-place fwd+bwd 8 MiB above
+    Liger's peak in `benchmarks/fused.py` (the issue's memory target); two per SM stay under 1.1 MiB at d=1024
+    on 132 SMs.
     Rows of 2048 and more keep one row a tile over 8-16 warps.
     """
     block_cols = next_power_of_2(n_cols)
