@@ -120,7 +120,8 @@ def to_markdown(env: dict, results: list[dict]) -> str:
         "",
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. GPU time of one call (the "
         "backward includes the partial weight-gradient sum), median of `triton.testing.do_bench`; the default "
-        "configuration first (the better of two timings, before and after the grid), then the fastest eight. Configs: rows per tile / warps (/ programs per SM).",
+        "configuration first (the better of two timings, before and after the grid), then the fastest eight. "
+        "Configs: rows per tile / warps (/ programs per SM).",
         "",
         "| pass | rows x d | x / weight | default: us (GB/s) | fastest |",
         "|---|---|---|---|---|",
