@@ -62,6 +62,11 @@ class AdamWScale(Optimizer):
         min_rms: lower bound :math:`\epsilon_{rms}` of the RMS scale, so that parameters initialized at
             (or decayed to) zero still move. Adafactor and nanoT5 use 1e-3.
         correct_bias: apply Adam's bias correction.
+        foreach: update all parameters of a group (of one device and dtype) with ``torch._foreach_*`` ops, a
+            dozen kernel launches per group instead of a dozen per parameter, as ``torch.optim.AdamW`` does
+            (FAT5-small's 281 parameter tensors: 27 aten ops a step instead of 3,874, counted on the CPU).
+            ``None`` (default) picks it when every parameter is a plain CUDA tensor: a CPU or FSDP2-sharded
+            (DTensor) parameter takes the per-parameter loop.
 
     All states are kept in the parameter's dtype and device; the RMS stays a tensor (no host sync), and
     works on sharded parameters (FSDP2 DTensors) since ``norm`` and ``numel`` there are global.
@@ -76,6 +81,7 @@ class AdamWScale(Optimizer):
         weight_decay: float = 0.0,
         min_rms: float = 1e-3,
         correct_bias: bool = True,
+        foreach: bool | None = None,
     ):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate {lr}: must be >= 0")
@@ -88,7 +94,13 @@ class AdamWScale(Optimizer):
         if min_rms < 0.0:
             raise ValueError(f"Invalid min_rms {min_rms}: must be >= 0")
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, min_rms=min_rms, correct_bias=correct_bias
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            min_rms=min_rms,
+            correct_bias=correct_bias,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
 
@@ -105,35 +117,78 @@ class AdamWScale(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            params, step_sizes = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError("AdamWScale does not support sparse gradients; use dense embeddings")
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
-                step = state["step"]
-
-                exp_avg.lerp_(grad, 1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-
-                step_size = lr
+                step_size = group["lr"]
                 if group["correct_bias"]:
-                    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-                # The RMS is measured before the decay, on the weights the gradient was computed for.
-                scale = self._rms(p).clamp_min(group["min_rms"]).to(p.dtype)
-                if group["weight_decay"] > 0.0:
-                    p.mul_(1.0 - lr * group["weight_decay"])
-                update = exp_avg / exp_avg_sq.sqrt().add_(eps)
-                p.sub_(update.mul_(scale * step_size))
+                    beta1, beta2 = group["betas"]
+                    step_size *= math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+                params.append(p)
+                step_sizes.append(step_size)
+            foreach = group.get("foreach")  # absent from the param groups of checkpoints saved before it existed
+            if foreach is None:
+                foreach = all(_is_plain_cuda_tensor(p) for p in params)
+            if foreach:
+                by_device_and_dtype: dict[tuple, list[int]] = {}
+                for index, p in enumerate(params):
+                    by_device_and_dtype.setdefault((p.device, p.dtype), []).append(index)
+                for indices in by_device_and_dtype.values():
+                    self._foreach_update(group, [params[i] for i in indices], [step_sizes[i] for i in indices])
+            else:
+                for p, step_size in zip(params, step_sizes):
+                    self._single_update(group, p, step_size)
         return loss
+
+    def _single_update(self, group: dict, p: torch.Tensor, step_size: float) -> None:
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        state = self.state[p]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(p.grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+        # The RMS is measured before the decay, on the weights the gradient was computed for.
+        scale = self._rms(p).clamp_min(group["min_rms"]).to(p.dtype)
+        if group["weight_decay"] > 0.0:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        update = exp_avg / exp_avg_sq.sqrt().add_(eps)
+        p.sub_(update.mul_(scale * step_size))
+
+    def _foreach_update(self, group: dict, params: list[torch.Tensor], step_sizes: list[float]) -> None:
+        """`_single_update` over parameters of one device and dtype, op by op with ``torch._foreach_*``."""
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        grads = [p.grad for p in params]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        # fp32 norms of the weights before the decay (as `_rms`), then the RMS scale in the weights' dtype
+        scales = torch._foreach_norm(params, 2, dtype=torch.float32)
+        torch._foreach_div_(scales, [math.sqrt(p.numel()) for p in params])
+        torch._foreach_clamp_min_(scales, group["min_rms"])
+        if params[0].dtype != torch.float32:  # one cast, not one a parameter
+            scales = list(torch.stack(scales).to(params[0].dtype).unbind())
+        if group["weight_decay"] > 0.0:
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, eps)
+        updates = torch._foreach_div(exp_avgs, denominators)
+        torch._foreach_mul_(updates, torch._foreach_mul(scales, step_sizes))
+        torch._foreach_sub_(params, updates)
+
+
+def _is_plain_cuda_tensor(tensor: torch.Tensor) -> bool:
+    # FSDP2's DTensor parameters (and CPU ones) keep the per-parameter loop, whose ops they are tested with.
+    return tensor.is_cuda and type(tensor.data) is torch.Tensor
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

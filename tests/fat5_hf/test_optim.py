@@ -61,6 +61,57 @@ def test_zero_weights_still_move_with_min_rms():
     torch.testing.assert_close(param.detach(), torch.full((10,), -1e-3), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_foreach_update_matches_the_loop_bit_for_bit(dtype):
+    """The `torch._foreach_*` path (the default on CUDA) against the per-parameter loop, forced on the CPU: two
+    groups, weight decay on one, a parameter that gets its first gradient a step late (its own step count)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(37, 64), nn.LayerNorm(64), nn.Linear(64, 5)).to(dtype)
+    late = nn.Parameter(torch.randn(7, dtype=dtype))
+    models = [model, copy.deepcopy(model)]
+    lates = [late, copy.deepcopy(late)]
+    optimizers = [
+        AdamWScale(
+            [
+                {"params": list(m.parameters())[:3], "weight_decay": 0.1},
+                {"params": [*list(m.parameters())[3:], extra], "weight_decay": 0.0},
+            ],
+            lr=5e-3,
+            foreach=foreach,
+        )
+        for m, extra, foreach in zip(models, lates, (False, True))
+    ]
+    for step in range(4):
+        x = torch.randn(8, 37, dtype=dtype)
+        for m, extra, optimizer in zip(models, lates, optimizers):
+            optimizer.zero_grad()
+            loss = m(x).float().pow(2).mean() + (extra.float().sum() if step > 0 else 0.0)
+            loss.backward()
+            optimizer.step()
+    for p, q in zip([*models[0].parameters(), lates[0]], [*models[1].parameters(), lates[1]]):
+        assert torch.equal(p, q)
+    assert optimizers[1].state[lates[1]]["step"] == 3
+
+
+def test_foreach_default_and_old_checkpoints(monkeypatch):
+    """`foreach=None` keeps CPU parameters on the loop; a param group saved before `foreach` existed loads and
+    steps (the key is optional)."""
+    calls = []
+    monkeypatch.setattr(AdamWScale, "_foreach_update", lambda self, *args: calls.append(args))
+    param = nn.Parameter(torch.randn(4))
+    optimizer = AdamWScale([param])
+    param.grad = torch.ones(4)
+    optimizer.step()
+    assert calls == []
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        del group["foreach"]
+    restored = AdamWScale([param], foreach=True)
+    restored.load_state_dict(state)
+    restored.step()  # the loaded group has no "foreach": the default choice, the loop here
+    assert calls == [] and restored.state[param]["step"] == 2
+
+
 def test_state_dict_round_trip_continues_identically():
     torch.manual_seed(0)
     model = nn.Linear(6, 3)
