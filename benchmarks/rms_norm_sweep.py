@@ -22,6 +22,7 @@ import triton
 from triton.testing import do_bench
 
 import fat5_kernels.rms_norm as rms_norm_module
+from fat5_kernels.triton_utils import next_power_of_2
 
 # (rows, d, activation dtype, weight dtype): T5-base / large bf16, the FAT5-small pretraining norm (fp32 residual
 # stream and weight under autocast, 64 x 512 tokens) and a wide row.
@@ -63,7 +64,7 @@ def _time_pass(pass_name: str, step, d: int) -> tuple[list, list[float], list[di
     try:
         default_runs = [time_us()]
         configs = []
-        for config in _candidates(pass_name, triton.next_power_of_2(d)):
+        for config in _candidates(pass_name, next_power_of_2(d)):
             chosen[:] = [config]
             configs.append(dict(config=list(config), us=time_us()))
         chosen.clear()

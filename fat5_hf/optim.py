@@ -139,11 +139,13 @@ class AdamWScale(Optimizer):
             if foreach is None:
                 foreach = all(_is_plain_cuda_tensor(p) for p in params)
             if foreach:
-                by_device_and_dtype: dict[tuple, list[int]] = {}
-                for index, p in enumerate(params):
-                    by_device_and_dtype.setdefault((p.device, p.dtype), []).append(index)
-                for indices in by_device_and_dtype.values():
-                    self._foreach_update(group, [params[i] for i in indices], [step_sizes[i] for i in indices])
+                by_device_and_dtype: dict[tuple, tuple[list, list]] = {}
+                for p, step_size in zip(params, step_sizes):
+                    same_kind, their_step_sizes = by_device_and_dtype.setdefault((p.device, p.dtype), ([], []))
+                    same_kind.append(p)
+                    their_step_sizes.append(step_size)
+                for same_kind, their_step_sizes in by_device_and_dtype.values():
+                    self._foreach_update(group, same_kind, their_step_sizes)
             else:
                 for p, step_size in zip(params, step_sizes):
                     self._single_update(group, p, step_size)

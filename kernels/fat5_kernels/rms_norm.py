@@ -200,8 +200,7 @@ def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int]:
     46.7 us with 4 warps, bf16 d=512 53.6 vs 63.3 with 2) but multiply the float32 partial weight gradients
     (programs x d x 4 bytes; Liger-Kernel keeps one per SM), which took the in-place fwd+bwd 8 MiB above
     Liger's peak in `benchmarks/fused.py` (the issue's memory target); two per SM stay under 1.1 MiB at d=1024
-    on 132 SMs.
-    Rows of 2048 and more keep one row a tile over 8-16 warps.
+    on 132 SMs. Rows of 2048 and more keep one row a tile over 8-16 warps.
     """
     block_cols = next_power_of_2(n_cols)
     if block_cols <= 1024:
