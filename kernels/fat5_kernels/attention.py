@@ -36,7 +36,7 @@ import torch
 from .attention_bwd import bias_sums_to_table_grad, t5_attention_backward
 from .attention_fwd import LOG2E, t5_attention_forward
 from .attention_reference import check_bucket_parameters, relative_bias_layout, t5_relative_position_bucket
-from .triton_utils import triton_interpreter_enabled
+from .triton_utils import outside_cuda_graph_pools, triton_interpreter_enabled
 
 __all__ = [
     "T5FlashAttentionFunction",
@@ -65,7 +65,9 @@ def _distance_bias(
     index = _PADDED_DISTANCE_BUCKETS.get(key)
     if index is None:
         buckets = layout.distance_bucket
-        index = torch.cat((buckets[:1].expand(pad), buckets, buckets[-1:].expand(pad)))
+        index = outside_cuda_graph_pools(
+            lambda: torch.cat((buckets[:1].expand(pad), buckets, buckets[-1:].expand(pad))), buckets.device
+        )
         _PADDED_DISTANCE_BUCKETS[key] = index
     return torch.index_select(bias_table.float(), 1, index) * LOG2E, layout, layout.radius + pad
 

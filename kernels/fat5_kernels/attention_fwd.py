@@ -25,7 +25,7 @@ try:
 except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch without it
     raise ImportError("fat5_kernels.attention_fwd needs triton: pip install 'fat5-hf[gpu]'") from err
 
-from .triton_utils import autotune_configs, cdiv, next_power_of_2
+from .triton_utils import autotune_configs, cdiv, next_power_of_2, outside_cuda_graph_pools
 
 
 def tuning_configs(configs: list) -> list:
@@ -444,7 +444,9 @@ def dummy_tensor(device: torch.device) -> torch.Tensor:
     """A small fp32 tensor for pointer arguments that the constexpr flags never read (cached per device)."""
     dummy = _DUMMIES.get(device)
     if dummy is None:
-        dummy = _DUMMIES[device] = torch.zeros(2, device=device)
+        dummy = _DUMMIES[device] = outside_cuda_graph_pools(
+            lambda: torch.zeros(2, device=device), torch.device(device)
+        )
     return dummy
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .triton_utils import outside_cuda_graph_pools
+
 __all__ = [
     "RelativeBiasLayout",
     "relative_bias_layout",
@@ -162,13 +164,16 @@ def relative_bias_layout(
     layout = _LAYOUT_CACHE.get(key)
     if layout is None:
         cpu = _relative_bias_layout_cpu(*key[:3])
-        layout = RelativeBiasLayout(
-            cpu.radius,
-            cpu.distance_bucket.to(device),
-            cpu.cuts.to(device),
-            cpu.num_segments,
-            cpu.segment_bucket_onehot.to(device),
-            cpu.cut_sums_to_bucket.to(device),
+        layout = outside_cuda_graph_pools(
+            lambda: RelativeBiasLayout(
+                cpu.radius,
+                cpu.distance_bucket.to(device),
+                cpu.cuts.to(device),
+                cpu.num_segments,
+                cpu.segment_bucket_onehot.to(device),
+                cpu.cut_sums_to_bucket.to(device),
+            ),
+            device,
         )
         _LAYOUT_CACHE[key] = layout
     return layout

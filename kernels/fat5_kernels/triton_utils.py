@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
 
 
 @functools.cache
@@ -39,3 +46,26 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def outside_cuda_graph_pools(make: Callable[[], T], device: torch.device) -> T:
+    """``make()``, with the process-lifetime tensors of a kernel cache allocated outside CUDA-graph memory pools.
+
+    ``torch.compile(mode="reduce-overhead")`` runs a model's first step eagerly with the allocations of the
+    calling thread routed into its graph pool, and refuses pool memory that outlives the step without being an
+    output ("tensors in the cudagraph pool not tracked as outputs"). A cache filled during that step would be
+    such memory, so the cache's tensors are made in a helper thread (the default pool, its own stream) and
+    synchronized before use. While a graph is being captured they are made in place (the pool of a captured
+    graph lives as long as the graph).
+    """
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return make()
+
+    def run() -> T:
+        with torch.cuda.device(device):
+            made = make()
+            torch.cuda.current_stream(device).synchronize()
+        return made
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as helper:
+        return helper.submit(run).result()

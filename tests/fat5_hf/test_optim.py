@@ -11,6 +11,9 @@ from torch import nn
 
 from fat5_hf.optim import AdamWScale, build_optimizer, build_scheduler, parameter_groups
 
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
 
 def reference_adamw_scale(param, grads, lr, betas, eps, weight_decay, min_rms):
     """The update written out in float64, one step per gradient."""
@@ -93,11 +96,70 @@ def test_foreach_update_matches_the_loop_bit_for_bit(dtype):
     assert optimizers[1].state[lates[1]]["step"] == 3
 
 
-def test_foreach_default_and_old_checkpoints(monkeypatch):
-    """`foreach=None` keeps CPU parameters on the loop; a param group saved before `foreach` existed loads and
-    steps (the key is optional)."""
+def _run_two_group_model(dtype, device="cpu", **optimizer_kwargs):
+    """Four steps of AdamWScale on a small model: two groups, weight decay on one, a parameter that gets its first
+    gradient a step late (its own step count). Returns the parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(37, 64), nn.LayerNorm(64), nn.Linear(64, 5)).to(device, dtype)
+    late = nn.Parameter(torch.randn(7, dtype=dtype, device=device))
+    optimizer = AdamWScale(
+        [
+            {"params": list(model.parameters())[:3], "weight_decay": 0.1},
+            {"params": [*list(model.parameters())[3:], late], "weight_decay": 0.0},
+        ],
+        **{"lr": 5e-3, **optimizer_kwargs},
+    )
+    for step in range(4):
+        x = torch.randn(8, 37, dtype=dtype).to(device)
+        optimizer.zero_grad()
+        loss = model(x).float().pow(2).mean() + (late.float().sum() if step > 0 else 0.0)
+        loss.backward()
+        optimizer.step()
+    assert optimizer.state[late]["step"] == 3
+    return [p.detach() for p in [*model.parameters(), late]]
+
+
+@pytest.mark.parametrize(
+    "dtype, device",
+    # bf16 on the GPU only: the Triton interpreter's bf16 rounding is not the GPU's (and a loop over fp16 states
+    # divides by sqrt(v) + eps with eps = 0 in fp16).
+    [pytest.param(torch.float32, "cpu", marks=pytest.mark.skipif(ON_GPU, reason="interpreter on CPU machines")),
+     pytest.param(torch.float32, "cuda", marks=pytest.mark.gpu),
+     pytest.param(torch.bfloat16, "cuda", marks=pytest.mark.gpu)],
+)  # fmt: skip
+def test_fused_update_matches_the_loop(dtype, device):
+    """The Triton kernel (the default on CUDA; on the CPU under the interpreter) against the per-parameter loop. The
+    kernel rounds once from float32 where the loop rounds after each op: equal up to the storage's rounding."""
+    pytest.importorskip("fat5_kernels.adamw_scale", reason="the fused update needs triton")
+    loop = _run_two_group_model(dtype, device, foreach=False)
+    fused = _run_two_group_model(dtype, device, fused=True)
+    # bf16: up to a couple of ulps (2^-8 relative) after four steps of per-op rounding in the loop
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 8e-3}
+    for p, q in zip(loop, fused):
+        torch.testing.assert_close(q, p, **tolerance)
+    assert not torch.equal(fused[0], _run_two_group_model(dtype, device, fused=True, lr=5e-2)[0])  # lr matters
+
+
+def test_fused_and_foreach_are_exclusive_and_fused_rejects_what_it_cannot_update():
+    with pytest.raises(ValueError, match="exclusive"):
+        AdamWScale([nn.Parameter(torch.zeros(2))], fused=True, foreach=True)
+    pytest.importorskip("fat5_kernels.adamw_scale", reason="the fused update needs triton")
+    transposed = nn.Parameter(torch.randn(4, 3, device=DEVICE).t())
+    transposed.grad = torch.ones_like(transposed)
+    before = transposed.detach().clone()
+    with pytest.raises(ValueError, match="fused=True. cannot update.*not contiguous.*fused=False"):
+        AdamWScale([transposed], fused=True).step()
+    assert torch.equal(transposed.detach(), before)
+    AdamWScale([transposed]).step()  # the default takes the loop for it
+    assert not torch.equal(transposed.detach(), before)
+
+
+def test_default_implementation_and_old_checkpoints(monkeypatch):
+    """On the CPU the defaults keep the per-parameter loop; a param group saved before `foreach` and `fused`
+    existed loads and steps (the keys are optional)."""
     calls = []
-    monkeypatch.setattr(AdamWScale, "_foreach_update", lambda self, *args: calls.append(args))
+    monkeypatch.setattr(AdamWScale, "_foreach_update", lambda self, *args: calls.append(("foreach", args)))
+    monkeypatch.setattr(AdamWScale, "_fused_update", lambda self, *args: calls.append(("fused", args)))
     param = nn.Parameter(torch.randn(4))
     optimizer = AdamWScale([param])
     param.grad = torch.ones(4)
@@ -105,11 +167,16 @@ def test_foreach_default_and_old_checkpoints(monkeypatch):
     assert calls == []
     state = optimizer.state_dict()
     for group in state["param_groups"]:
-        del group["foreach"]
-    restored = AdamWScale([param], foreach=True)
+        del group["foreach"], group["fused"]
+    restored = AdamWScale([param], fused=True)
     restored.load_state_dict(state)
-    restored.step()  # the loaded group has no "foreach": the default choice, the loop here
+    restored.step()  # the loaded group has neither key: the default choice, the loop here
     assert calls == [] and restored.state[param]["step"] == 2
+    on_device = nn.Parameter(torch.randn(4, device=DEVICE))  # CUDA on the GPU machine, CPU under the interpreter
+    on_device.grad = torch.ones_like(on_device)
+    AdamWScale([on_device], fused=True).step()
+    AdamWScale([on_device], foreach=True).step()
+    assert [name for name, _ in calls] == ["fused", "foreach"]
 
 
 def test_state_dict_round_trip_continues_identically():

@@ -592,8 +592,9 @@ def test_streamed_dataset_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_sigterm_writes_checkpoint_and_resumes_exactly(tmp_path):
-    """SIGTERM mid-run (a subprocess): checkpoint, exit 0, no export; resumed, the next steps have bit for bit the
-    losses of an uninterrupted run (dropout on, so the RNG states matter too)."""
+    """SIGTERM mid-run to every process of the run, as a scheduler's preemption sends it (a subprocess in its own
+    process group, with its data worker): checkpoint, exit 0, no export; resumed, the next steps have bit for bit
+    the losses of an uninterrupted run (dropout on, so the RNG states matter too)."""
     output_dir = tmp_path / "run"
     common = [*TINY, "training.max_steps=100000", "training.save_steps=100000", "model.config.dropout_rate=0.1"]
     args = [*common, f"training.output_dir={output_dir}"]
@@ -603,6 +604,7 @@ def test_sigterm_writes_checkpoint_and_resumes_exactly(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     log = output_dir / pretrain.TRAIN_LOG_FILE
     deadline = time.monotonic() + 120
@@ -611,7 +613,7 @@ def test_sigterm_writes_checkpoint_and_resumes_exactly(tmp_path):
             break
         time.sleep(0.2)
     assert process.poll() is None, f"the run ended before SIGTERM:\n{process.communicate()[0][-3000:]}"
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]
     assert "Stopped by SIGTERM" in output
