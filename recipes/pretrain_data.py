@@ -252,9 +252,10 @@ def _worker_ignores_foreign_sigterm(_worker_id: int) -> None:
 class PrefetchingBatchStream:
     """Builds the next ``depth`` batches of a stream in a worker process, overlapping data work with the step.
 
-    A process rather than a thread: the UL2 collation is Python and numpy work that holds the GIL, and in a thread
-    it starves the training loop's own Python (on an H100, an eager FAT5-small step of 64 rows went from 115 to
-    186 ms beside a collating thread). The worker is a ``torch.utils.data.DataLoader`` worker (batches come back
+    A process rather than a thread: the UL2 collation (about 19 ms for 64 rows) is Python and numpy work that holds
+    the GIL, and in a thread it competes with the training loop's own Python, which launches every kernel of an
+    eager step (an H200, FAT5-small, 64 rows a step, one process: 101 ms a step with the worker process, 117 and
+    151 ms in two runs with a thread). The worker is a ``torch.utils.data.DataLoader`` worker (batches come back
     through shared memory, pinned for asynchronous copies when ``pin_memory``); it ignores a SIGTERM sent to every
     process, so that a preempted run still writes its checkpoint.
 
