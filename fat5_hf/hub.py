@@ -4,7 +4,7 @@ transformers' remote-code loader copies only the modeling file and its *same-fol
 imports (``from .x import y``) into its module cache, so a saved FAT5 folder carries:
 
 - ``configuration_fat5.py``, ``modeling_fat5.py`` and their helpers from ``fat5_hf``;
-- every module of ``fat5_kernels`` (the Triton kernels and their PyTorch references), copied next
+- the modules of ``fat5_kernels`` that the model uses (the Triton kernels and their PyTorch references), copied next
   to them with ``from fat5_kernels.x import`` rewritten to ``from .x import``;
 - an ``auto_map`` in ``config.json`` naming the classes for each Auto class.
 
@@ -32,6 +32,10 @@ MODEL_CODE_FILES = (
     "kernel_ops.py",
     "hub.py",
 )
+
+# Modules of fat5_kernels that no model code imports (the optimizer's kernel): not exported, since the remote-code
+# loader would not copy them into its module cache either.
+NON_MODEL_KERNEL_FILES = frozenset({"__init__.py", "adamw_scale.py"})
 
 # Auto class -> "module.Class" as transformers expects in config.json's auto_map.
 AUTO_MAP = {
@@ -75,7 +79,7 @@ def _code_sources() -> dict[str, Path]:
         kernel_dir = Path(importlib.import_module("fat5_kernels").__file__).resolve().parent
     sources = {name: here / name for name in MODEL_CODE_FILES}
     for path in sorted(kernel_dir.glob("*.py")):
-        if path.name != "__init__.py" and path.name not in sources:
+        if path.name not in NON_MODEL_KERNEL_FILES and path.name not in sources:
             sources[path.name] = path
     missing = [str(path) for path in sources.values() if not path.is_file()]
     if missing:
