@@ -19,11 +19,16 @@ Precision: the weight gradient is rounded to the weight dtype once per chunk (as
 with bf16 weights and many chunks this adds a little error to ``dW`` compared with one big product (fewer chunks,
 less error: at most N / 64 roundings, 8 at N=16384 and V=250,112 with the default chunk).
 
+Under ``torch.compile`` the loop is one ``torch.library`` custom op (``<namespace>::fused_linear_cross_entropy_forward``,
+returning the loss, the z term and both gradients), so a compiled model keeps its graph across the loss.
+
 The pure-PyTorch reference (used on CPU by the model) is
 `fat5_kernels.cross_entropy_reference.linear_cross_entropy_reference`.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -61,52 +66,125 @@ def default_chunk_size(
     return max(1, min(chunk, n_tokens))
 
 
+def _fused_linear_cross_entropy_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    z_loss: float,
+    label_smoothing: float,
+    reduction: str,
+    chunk_size: int,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The chunked loop: ``(loss, z_term, grad_hidden, grad_weight)``, the gradients for ``grad_output = 1`` (None
+    when not asked for)."""
+    n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    compute_grad = need_grad_hidden or need_grad_weight
+    device = hidden.device
+
+    count = (labels != ignore_index).sum()  # on the device; the kernel divides the gradient by it
+    row_loss = torch.empty(n_tokens, dtype=torch.float32, device=device)
+    row_z = torch.empty(n_tokens, dtype=torch.float32, device=device) if z_loss > 0.0 else None
+    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+    grad_weight = torch.empty_like(weight) if need_grad_weight else None
+    chunk_size = max(1, min(chunk_size, n_tokens))
+    if grad_weight is not None and n_tokens == 0:
+        grad_weight.zero_()
+    logits_buffer = torch.empty(chunk_size, vocab_size, dtype=hidden.dtype, device=device)
+
+    for chunk_index, start in enumerate(range(0, n_tokens, chunk_size)):
+        end = min(start + chunk_size, n_tokens)
+        hidden_chunk = hidden[start:end]
+        logits = logits_buffer[: end - start]
+        torch.mm(hidden_chunk, weight.t(), out=logits)
+        cross_entropy_forward(
+            logits, labels[start:end], count, row_loss[start:end],
+            row_z[start:end] if row_z is not None else None,
+            grad=logits if compute_grad else None, ignore_index=ignore_index, z_loss=z_loss,
+            label_smoothing=label_smoothing, divide_by_count=reduction == "mean",
+        )  # fmt: skip
+        # `logits` now holds d(loss)/d(logits) of the chunk.
+        if need_grad_hidden:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+        if need_grad_weight:
+            if chunk_index == 0:
+                torch.mm(logits.t(), hidden_chunk, out=grad_weight)
+            else:
+                grad_weight.addmm_(logits.t(), hidden_chunk)
+    del logits_buffer
+
+    loss = row_loss.sum()
+    z_term = row_z.sum() if row_z is not None else torch.zeros((), dtype=torch.float32, device=device)
+    if reduction == "mean":
+        denominator = count.clamp(min=1).float()
+        loss, z_term = loss / denominator, z_term / denominator
+    return loss, z_term, grad_hidden, grad_weight
+
+
+# ---- torch.library custom op: what torch.compile sees (opaque, with a fake implementation for tracing) ----
+# The namespace follows the module path, so that a copy of this file flattened into a Hub repo (imported as
+# transformers_modules.<repo>...) registers its own op instead of colliding with an installed fat5_kernels.
+_NAMESPACE = re.sub(r"\W", "_", __name__.rpartition(".")[0] or "fat5_kernels")
+
+
+@torch.library.custom_op(
+    f"{_NAMESPACE}::fused_linear_cross_entropy_forward",
+    mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, float z_loss, float label_smoothing, "
+    "str reduction, int chunk_size, bool need_grad_hidden, bool need_grad_weight) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _fused_linear_cross_entropy_forward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    z_loss: float,
+    label_smoothing: float,
+    reduction: str,
+    chunk_size: int,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, z_term, grad_hidden, grad_weight = _fused_linear_cross_entropy_forward(
+        hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size,
+        need_grad_hidden, need_grad_weight,
+    )  # fmt: skip
+    # An op returns tensors only: an empty placeholder stands for a gradient not asked for.
+    return loss, z_term, _or_empty(grad_hidden, hidden), _or_empty(grad_weight, weight)
+
+
+@_fused_linear_cross_entropy_forward_op.register_fake
+def _(hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size, need_grad_hidden,
+      need_grad_weight):  # fmt: skip
+    scalar = hidden.new_empty((), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
+    grad_weight = torch.empty_like(weight) if need_grad_weight else weight.new_empty(0)
+    return scalar, torch.empty_like(scalar), grad_hidden, grad_weight
+
+
+def _or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor is not None else like.new_empty(0)
+
+
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper of the chunked LM head + cross-entropy; see `fused_linear_cross_entropy`."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size):
-        n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
         need_grad_hidden, need_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        compute_grad = need_grad_hidden or need_grad_weight
-        device = hidden.device
-
-        count = (labels != ignore_index).sum()  # on the device; the kernel divides the gradient by it
-        row_loss = torch.empty(n_tokens, dtype=torch.float32, device=device)
-        row_z = torch.empty(n_tokens, dtype=torch.float32, device=device) if z_loss > 0.0 else None
-        grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
-        grad_weight = torch.empty_like(weight) if need_grad_weight else None
-        chunk_size = max(1, min(chunk_size, n_tokens))
-        if grad_weight is not None and n_tokens == 0:
-            grad_weight.zero_()
-        logits_buffer = torch.empty(chunk_size, vocab_size, dtype=hidden.dtype, device=device)
-
-        for chunk_index, start in enumerate(range(0, n_tokens, chunk_size)):
-            end = min(start + chunk_size, n_tokens)
-            hidden_chunk = hidden[start:end]
-            logits = logits_buffer[: end - start]
-            torch.mm(hidden_chunk, weight.t(), out=logits)
-            cross_entropy_forward(
-                logits, labels[start:end], count, row_loss[start:end],
-                row_z[start:end] if row_z is not None else None,
-                grad=logits if compute_grad else None, ignore_index=ignore_index, z_loss=z_loss,
-                label_smoothing=label_smoothing, divide_by_count=reduction == "mean",
-            )  # fmt: skip
-            # `logits` now holds d(loss)/d(logits) of the chunk.
-            if need_grad_hidden:
-                torch.mm(logits, weight, out=grad_hidden[start:end])
-            if need_grad_weight:
-                if chunk_index == 0:
-                    torch.mm(logits.t(), hidden_chunk, out=grad_weight)
-                else:
-                    grad_weight.addmm_(logits.t(), hidden_chunk)
-        del logits_buffer
-
-        loss = row_loss.sum()
-        z_term = row_z.sum() if row_z is not None else torch.zeros((), dtype=torch.float32, device=device)
-        if reduction == "mean":
-            denominator = count.clamp(min=1).float()
-            loss, z_term = loss / denominator, z_term / denominator
+        args = (hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size)
+        if torch.compiler.is_compiling():
+            loss, z_term, grad_hidden, grad_weight = _fused_linear_cross_entropy_forward_op(
+                *args, need_grad_hidden, need_grad_weight
+            )
+            grad_hidden = grad_hidden if need_grad_hidden else None
+            grad_weight = grad_weight if need_grad_weight else None
+        else:
+            loss, z_term, grad_hidden, grad_weight = _fused_linear_cross_entropy_forward(
+                *args, need_grad_hidden, need_grad_weight
+            )
         ctx.mark_non_differentiable(z_term)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss, z_term
@@ -115,11 +193,17 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_z_term):
         grad_hidden, grad_weight = ctx.saved_tensors
-        # Gradients were computed for grad_output = 1; scale in place (no-op on the device when it is 1).
-        if grad_hidden is not None:
-            scale_(grad_hidden, grad_loss)
-        if grad_weight is not None:
-            scale_(grad_weight, grad_loss)
+        if torch.compiler.is_compiling():
+            # Out of place for Inductor, which fuses the product into one pass.
+            scale = grad_loss.to(torch.float32)
+            grad_hidden = (grad_hidden * scale).to(grad_hidden.dtype) if grad_hidden is not None else None
+            grad_weight = (grad_weight * scale).to(grad_weight.dtype) if grad_weight is not None else None
+        else:
+            # Gradients were computed for grad_output = 1; scale in place (no-op on the device when it is 1).
+            if grad_hidden is not None:
+                scale_(grad_hidden, grad_loss)
+            if grad_weight is not None:
+                scale_(grad_weight, grad_loss)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
@@ -197,13 +281,7 @@ def fused_linear_cross_entropy(
         raise ValueError(f"chunk_size must be a positive number of token rows, got {chunk_size}.")
     # The matmuls take any strides, but the chunk's rows must be contiguous slices for torch.mm(out=...).
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
-    return _apply_fused_linear_cross_entropy(
+    return FusedLinearCrossEntropyFunction.apply(
         hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size
     )
 
-
-# torch.compile runs the op eagerly (a graph break): its matmuls and kernel launches are already what it should be,
-# and the gradients it writes during the forward must not be reordered by Inductor.
-@torch.compiler.disable
-def _apply_fused_linear_cross_entropy(*args):
-    return FusedLinearCrossEntropyFunction.apply(*args)

@@ -243,3 +243,35 @@ def test_runs_inside_torch_compile():
         results.append((loss.detach(), hidden.grad, weight.grad))
     for eager, compiled in zip(*results):
         assert torch.allclose(eager, compiled, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["recording", "inductor"])
+def test_torch_compile_traces_the_custom_op(backend):
+    """fullgraph compile traces the fused loss as its custom op (no graph break, so a compiled model keeps one graph
+    across its loss, which CUDA-graph replays need): the loss, z term and both gradients are eager's, also with a
+    grad_output other than 1 (the backward's out-of-place scale under compile). Inductor on the CPU runs the op
+    (the Triton kernel under the interpreter)."""
+    from fat5_kernels import fused_linear_cross_entropy as module
+
+    torch._dynamo.reset()
+    hidden64, weight64, labels = make_case(37, 24, 45, torch.float32)
+    # check_label_values=False: the range check is a host sync (a graph break), off while training
+    kwargs = dict(z_loss=1e-3, label_smoothing=0.1, chunk_size=16, check_label_values=False)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module.print_readable(print_output=False))
+        return graph_module.forward
+
+    def loss_fn(hidden, weight, labels):
+        return fused_linear_cross_entropy(hidden, weight, labels, **kwargs)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=recording_backend if backend == "recording" else backend)
+    got = run(compiled, hidden64, weight64, labels, torch.float32, grad_scale=0.5)
+    want = run(loss_fn, hidden64, weight64, labels, torch.float32, grad_scale=0.5)
+    if backend == "recording":
+        assert "fused_linear_cross_entropy_forward" in "\n".join(graphs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    args = (hidden64.float(), weight64.float(), labels, IGNORE, 1e-3, 0.1, "mean", 16, True, False)
+    torch.library.opcheck(module._fused_linear_cross_entropy_forward_op, args)
