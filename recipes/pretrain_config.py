@@ -90,7 +90,7 @@ class DataConfig:
     collator_kwargs: dict = field(default_factory=dict)
     shuffle: bool = True
     shuffle_buffer_size: int = 10_000
-    # Batches built ahead in a background thread (overlaps collation with the step); 0: build them in the loop.
+    # Batches built ahead in a worker process (overlaps collation with the step); 0: build them in the loop.
     prefetch_batches: int = 2
 
 

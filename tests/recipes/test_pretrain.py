@@ -546,7 +546,7 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     summary = pretrain.train(tiny_config(resumed, *common, "training.stop_at_step=4"))
     assert summary["stopped_early"] and summary["step"] == 4
     assert not (resumed / "model.safetensors").exists(), "an interrupted run must not export a final model"
-    # Resumed without the prefetching thread: the batches must not depend on it.
+    # Resumed without the prefetching worker: the batches must not depend on it.
     pretrain.train(tiny_config(resumed, *common, "training.resume=latest", "data.prefetch_batches=0"))
 
     assert train_losses(straight) == train_losses(resumed)  # exact float equality, every step
