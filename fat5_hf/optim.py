@@ -232,9 +232,9 @@ def _implementation(group: dict, params: list[torch.Tensor]) -> str:
         if reason:
             raise ValueError(f"AdamWScale(fused=True) cannot update these parameters: {reason}. Use fused=False")
         return "fused"
-    plain_cuda = all(p.is_cuda and type(p.data) is torch.Tensor for p in params)
-    if fused is None and foreach is None and plain_cuda and _why_not_fused(params) is None:
+    if fused is None and foreach is None and _why_not_fused(params) is None:  # implies plain CUDA tensors
         return "fused"
+    plain_cuda = all(p.is_cuda and type(p.data) is torch.Tensor for p in params)
     return "foreach" if (plain_cuda if foreach is None else foreach) else "loop"
 
 
