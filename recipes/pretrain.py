@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from pretrain_config import (  # noqa: E402
+    CUDA_GRAPH_COMPILE_MODES,
     ConfigError,
     PretrainConfig,
     load_config,
@@ -553,14 +554,17 @@ def full_parameters(model):
 
 
 @torch.no_grad()
-def evaluate(model, eval_batches: list[dict], accelerator) -> float:
+def evaluate(model, eval_batches: list[dict], accelerator, uses_cuda_graphs: bool = False) -> float:
     """Mean loss over the fixed evaluation batches of every process."""
     model.eval()
     losses = []
     for batch in eval_batches:
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        if uses_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with accelerator.autocast():
-            losses.append(model(**batch).loss.float())
+            # cloned: a CUDA-graph replay's outputs are overwritten by the next replay
+            losses.append(model(**batch).loss.float().clone())
     model.train()
     mean = torch.stack(losses).mean().reshape(1)
     return float(accelerator.reduce(mean, reduction="mean").item())
@@ -795,7 +799,16 @@ def train(config: PretrainConfig) -> dict[str, Any]:
         # Compiled here rather than through Accelerator(dynamo_backend=...): Accelerate keeps the state of its
         # first Accelerator for the whole process, so a second run in one process (tests, notebooks) would
         # silently train uncompiled. Checkpoints and exports unwrap it (`accelerator.unwrap_model`).
-        model = torch.compile(model)
+        model = torch.compile(model, mode=config.model.torch_compile_mode)
+    # Each forward replays new CUDA graphs: marking the step tells cudagraph trees the last step's outputs are
+    # no longer needed (the loss is read before the next forward).
+    uses_cuda_graphs = config.model.torch_compile and config.model.torch_compile_mode in CUDA_GRAPH_COMPILE_MODES
+    if uses_cuda_graphs:
+        # Gradients allocated (and zeroed, not freed) outside the graph pool: a first backward would otherwise hand
+        # its pool output to .grad, which the next replay (the next micro-batch or step) overwrites.
+        for parameter in model.parameters():
+            if parameter.requires_grad and parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
     state = TrainState(train_stream, accelerator.process_index, accelerator.num_processes)
     accelerator.register_for_checkpointing(scheduler, state)
 
@@ -807,10 +820,14 @@ def train(config: PretrainConfig) -> dict[str, Any]:
     if log_cfg.log_with:
         accelerator.init_trackers(log_cfg.project_name, config=_flat_hparams(config))
 
+    compiled = ""
+    if config.model.torch_compile:
+        mode = config.model.torch_compile_mode
+        compiled = ", torch.compile" + ("" if mode == "default" else f" {mode}")
     accelerator.print(
         f"Pretraining {type(accelerator.unwrap_model(model)).__name__} on {accelerator.num_processes} process(es) "
         f"({accelerator.distributed_type.value}, {accelerator.device.type}, mixed precision "
-        f"{accelerator.mixed_precision}{', torch.compile' if config.model.torch_compile else ''}); "
+        f"{accelerator.mixed_precision}{compiled}); "
         f"steps {state.step} -> {training.max_steps}"
     )
     stopper = StopOnSignal(accelerator.num_processes)
@@ -839,13 +856,15 @@ def train(config: PretrainConfig) -> dict[str, Any]:
                 window_tokens += count_tokens(batch)
                 batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
                 with accelerator.accumulate(model):
+                    if uses_cuda_graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
                     outputs = model(**batch)
                     loss = outputs.loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and training.max_grad_norm:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
                     optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=not uses_cuda_graphs)
                 window_loss += loss.detach().float() / training.gradient_accumulation_steps
                 if log_z_loss:
                     window_z_loss += outputs.z_loss.detach().float() / training.gradient_accumulation_steps
@@ -895,7 +914,7 @@ def train(config: PretrainConfig) -> dict[str, Any]:
                 window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
 
             if eval_batches and (state.step % training.eval_steps == 0 or state.step == training.max_steps):
-                eval_loss = evaluate(model, eval_batches, accelerator)
+                eval_loss = evaluate(model, eval_batches, accelerator, uses_cuda_graphs)
                 sample = generate_sample(model, tokenizer, eval_batches, accelerator)
                 last_metrics["eval_loss"] = eval_loss
                 accelerator.log({"eval/loss": eval_loss, "eval/sample": sample}, step=state.step)

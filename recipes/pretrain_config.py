@@ -28,6 +28,9 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT / "recipes" / "data"
+# torch.compile's modes; the two that capture CUDA graphs need a step boundary marked before each forward.
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _tiny_model_config() -> dict:
@@ -54,13 +57,17 @@ class ModelConfig:
     the saved config). ``vocab_size`` defaults to the tokenizer's length rounded up to a multiple of
     ``pad_vocab_to_multiple_of`` (128 keeps the LM head GEMM on tensor-core-friendly shapes). The z-loss
     coefficient is the model's own ``z_loss`` field (``model.config.z_loss``, e.g. 1e-4). ``torch_compile``
-    trains the prepared model through ``torch.compile`` (Inductor; the kernels stay opaque custom ops).
+    trains the prepared model through ``torch.compile`` (Inductor; the kernels stay opaque custom ops) in
+    ``torch_compile_mode`` (one of torch.compile's modes: ``"reduce-overhead"`` replays each step as CUDA
+    graphs, which removes the host's launch cost but needs one batch shape, e.g. ``data.collator_kwargs:
+    {pad_to_multiple_of: 512}``, and keeps a graph pool per shape).
     """
 
     config: dict = field(default_factory=_tiny_model_config)
     name_or_path: str | None = None
     pad_vocab_to_multiple_of: int = 128
     torch_compile: bool = False
+    torch_compile_mode: str = "default"
 
 
 @dataclass
@@ -177,6 +184,7 @@ RESUME_MUTABLE_FIELDS = frozenset(
         "training.hub_license",
         "training.mixed_precision",
         "model.torch_compile",
+        "model.torch_compile_mode",
         "data.eval_files",
         "data.eval_split",
         "data.prefetch_batches",
@@ -378,6 +386,15 @@ def validate_config(config: PretrainConfig) -> None:
         raise ConfigError(f"training.save_total_limit must be >= 1 or null, got {t.save_total_limit}")
     if t.mixed_precision not in (None, "no", "fp16", "bf16", "fp8"):
         raise ConfigError(f"training.mixed_precision must be null, no, bf16, fp16 or fp8, got {t.mixed_precision!r}")
+    if config.model.torch_compile_mode not in TORCH_COMPILE_MODES:
+        raise ConfigError(
+            f"model.torch_compile_mode must be one of {list(TORCH_COMPILE_MODES)}, got {config.model.torch_compile_mode!r}"
+        )
+    if config.model.torch_compile_mode != "default" and not config.model.torch_compile:
+        raise ConfigError(
+            f"model.torch_compile_mode={config.model.torch_compile_mode!r} has no effect without compiling: "
+            "also set model.torch_compile=true"
+        )
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
     if len(o.betas) != 2:

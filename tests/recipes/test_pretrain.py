@@ -104,6 +104,8 @@ def test_overrides_parse_yaml_values_and_nested_keys():
         ("training.mixed_precision=fp64", "mixed_precision"),
         ("training.push_to_hub=true", "hub_model_id"),
         ("max_steps", "section.key=value"),
+        ("model.torch_compile_mode=fast", "torch_compile_mode must be one of"),
+        ("model.torch_compile_mode=reduce-overhead", "also set model.torch_compile=true"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):
@@ -280,17 +282,23 @@ def short_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_torch_compile_trains_to_the_eager_losses(tmp_path):
-    """`model.torch_compile=true` (Accelerate's Inductor backend, here on the CPU) over packed UL2 batches: the same
-    losses as eager, step for step (it once failed at the first backward: the compiled loss had no graph)."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_trains_to_the_eager_losses(tmp_path, mode):
+    """`model.torch_compile=true` (Inductor, here on the CPU) over packed UL2 batches: the same losses as eager, step
+    for step (it once failed at the first backward: the compiled loss had no graph). With two micro-batches a step,
+    the CUDA-graph mode's handling (step marks, gradients kept allocated and zeroed) must accumulate exactly as
+    eager; Inductor captures no graphs on a CPU, see the GPU test for the replays."""
     import contextlib
     import io
 
-    common = ("training.max_steps=3", "training.eval_steps=3", "training.save_steps=100")
+    common = ("training.max_steps=3", "training.eval_steps=3", "training.save_steps=100",
+              "training.gradient_accumulation_steps=2")  # fmt: skip
     pretrain.train(tiny_config(tmp_path / "eager", *common))
+    compile_options = ("model.torch_compile=true", f"model.torch_compile_mode={mode}")
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        pretrain.train(tiny_config(tmp_path / "compiled", *common, "model.torch_compile=true"))
-    assert "mixed precision no, torch.compile)" in stdout.getvalue()
+        pretrain.train(tiny_config(tmp_path / "compiled", *common, *compile_options))
+    label = "torch.compile" if mode == "default" else f"torch.compile {mode}"
+    assert f"mixed precision no, {label})" in stdout.getvalue()
     eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
     assert sorted(compiled) == [1, 2, 3]
     for step, loss in eager.items():
@@ -878,14 +886,19 @@ def test_ddp_two_gpus_bf16(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_compiled_one_gpu_bf16_matches_eager(tmp_path):
-    """`model.torch_compile=true` (Accelerate's inductor backend) over the Triton kernels, on packed UL2 batches
-    (the varlen attention path, with its graph breaks) and bf16: trains to the eager run's losses."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_one_gpu_bf16_matches_eager(tmp_path, mode):
+    """`model.torch_compile=true` (Inductor) over the Triton kernels on packed UL2 rows in bf16, two micro-batches a
+    step: trains to the eager run's losses. In `reduce-overhead` mode with one padded batch shape the steps replay
+    as CUDA graphs (it once failed at the second backward: `.grad` held a graph output that the next replay
+    overwrote)."""
     common = ["training.max_steps=6", "training.save_steps=100", "training.eval_steps=6",
-              "training.mixed_precision=bf16"]  # fmt: skip
+              "training.mixed_precision=bf16", "training.gradient_accumulation_steps=2",
+              "data.collator_kwargs={pad_to_multiple_of: 64}"]  # fmt: skip
     _launch(1, tmp_path / "eager", *common)
-    output = _launch(1, tmp_path / "compiled", *common, "model.torch_compile=true")
-    assert "on 1 process(es)" in output and "mixed precision bf16, torch.compile)" in output
+    output = _launch(1, tmp_path / "compiled", *common, "model.torch_compile=true", f"model.torch_compile_mode={mode}")
+    label = "torch.compile" if mode == "default" else f"torch.compile {mode}"
+    assert "on 1 process(es)" in output and f"mixed precision bf16, {label})" in output
     eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
     assert sorted(compiled) == list(range(1, 7))
     for step, loss in eager.items():  # inductor fuses the elementwise work differently: last bits differ
