@@ -15,6 +15,10 @@ gradient is written over the logits (no (N, V) buffer is allocated, as in Liger-
 gradient instead). This makes the forward as cheap as a plain loss and handles any ``grad_output`` (gradient
 accumulation, loss scaling, ``reduction="none"``) without an extra pass.
 
+Under ``torch.compile`` the forward and backward are two ``torch.library`` custom ops
+(``<namespace>::cross_entropy_forward`` / ``cross_entropy_backward``), so a compiled model keeps its graph across
+the loss; there the backward writes the gradient to a new buffer (Inductor plans the memory), not over the logits.
+
 Gradient of row ``i`` (``p = softmax(x_i)``, ``lse = log(sum(exp(x_i)))``, ``eps`` the smoothing, ``z`` the z-loss
 coefficient, ``n`` the count of non-ignored rows for ``reduction="mean"``, else 1)::
 
@@ -34,7 +38,7 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.cross_entropy needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .cross_entropy_reference import validate_cross_entropy_inputs
-from .triton_utils import cdiv, next_power_of_2
+from .triton_utils import cdiv, custom_op_namespace, next_power_of_2
 
 __all__ = ["CrossEntropyFunction", "cross_entropy", "cross_entropy_forward", "scale_"]
 
@@ -298,20 +302,115 @@ def cross_entropy_forward(
     )
 
 
+def _cross_entropy_forward(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, z_loss: float, label_smoothing: float, need_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Loss-only forward: ``(row_loss (n,), row_z (n,) or None, lse (n,) or None, count ())``, fp32 / int64."""
+    n_rows = logits.shape[0]
+    count = (labels != ignore_index).sum()  # stays on the device: the kernels read it, no host sync
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    row_z = torch.empty(n_rows, dtype=torch.float32, device=logits.device) if z_loss > 0.0 else None
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device) if need_lse else None
+    cross_entropy_forward(
+        logits, labels, count, row_loss, row_z, grad=None, lse=lse, ignore_index=ignore_index, z_loss=z_loss,
+        label_smoothing=label_smoothing, divide_by_count=False,
+    )  # fmt: skip
+    return row_loss, row_z, lse, count
+
+
+def _cross_entropy_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    count: torch.Tensor,
+    grad_loss: torch.Tensor,
+    grad: torch.Tensor,
+    ignore_index: int,
+    z_loss: float,
+    label_smoothing: float,
+    reduction: str,
+) -> torch.Tensor:
+    """Writes d(loss)/d(logits) times ``grad_loss`` (a scalar, or ``(n,)`` for ``reduction="none"``) into ``grad``
+    (``(n, V)``, may be ``logits`` itself: each program reads its block before writing it)."""
+    n_rows, n_cols = logits.shape
+    if n_rows > 0:
+        grad_loss = grad_loss.detach().float().contiguous()
+        block = min(BACKWARD_BLOCK, next_power_of_2(n_cols))
+        _cross_entropy_bwd_kernel[(n_rows, cdiv(n_cols, block))](
+            logits, logits.stride(0), grad, grad.stride(0), labels, lse, grad_loss, count, n_cols,
+            ignore_index, float(z_loss), float(label_smoothing),
+            GRAD_OUTPUT_PER_ROW=reduction == "none", DIVIDE_BY_COUNT=reduction == "mean",
+            HAS_Z_LOSS=z_loss > 0.0, BLOCK_SIZE=block, num_warps=_num_warps(block),
+        )  # fmt: skip
+    return grad
+
+
+# ---- torch.library custom ops: what torch.compile sees (opaque, with fake implementations for tracing) ----
+# Out of place: under torch.compile the backward allocates the gradient (Inductor plans the memory) instead of
+# writing it over the logits, which a graph may still read.
+_NAMESPACE = custom_op_namespace(__name__)
+
+
+@torch.library.custom_op(
+    f"{_NAMESPACE}::cross_entropy_forward",
+    mutates_args=(),
+    schema="(Tensor logits, Tensor labels, int ignore_index, float z_loss, float label_smoothing) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _cross_entropy_forward_op(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, z_loss: float, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    row_loss, row_z, lse, count = _cross_entropy_forward(logits, labels, ignore_index, z_loss, label_smoothing, True)
+    return row_loss, row_z if row_z is not None else torch.zeros_like(row_loss), lse, count
+
+
+@_cross_entropy_forward_op.register_fake
+def _(logits, labels, ignore_index, z_loss, label_smoothing):
+    row = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return row, torch.empty_like(row), torch.empty_like(row), labels.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op(
+    f"{_NAMESPACE}::cross_entropy_backward",
+    mutates_args=(),
+    schema="(Tensor logits, Tensor labels, Tensor lse, Tensor count, Tensor grad_loss, int ignore_index, "
+    "float z_loss, float label_smoothing, str reduction) -> Tensor",
+)
+def _cross_entropy_backward_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    count: torch.Tensor,
+    grad_loss: torch.Tensor,
+    ignore_index: int,
+    z_loss: float,
+    label_smoothing: float,
+    reduction: str,
+) -> torch.Tensor:
+    grad = torch.empty_like(logits)
+    return _cross_entropy_backward(
+        logits, labels, lse, count, grad_loss, grad, ignore_index, z_loss, label_smoothing, reduction
+    )
+
+
+@_cross_entropy_backward_op.register_fake
+def _(logits, labels, lse, count, grad_loss, ignore_index, z_loss, label_smoothing, reduction):
+    return torch.empty_like(logits)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper of the fused cross-entropy; see `cross_entropy` for the arguments."""
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, z_loss, label_smoothing, reduction, inplace):
-        n_rows = logits.shape[0]
-        count = (labels != ignore_index).sum()  # stays on the device: the kernels read it, no host sync
-        row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-        row_z = torch.empty(n_rows, dtype=torch.float32, device=logits.device) if z_loss > 0.0 else None
-        lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device) if ctx.needs_input_grad[0] else None
-        cross_entropy_forward(
-            logits, labels, count, row_loss, row_z, grad=None, lse=lse, ignore_index=ignore_index, z_loss=z_loss,
-            label_smoothing=label_smoothing, divide_by_count=False,
-        )  # fmt: skip
+        if torch.compiler.is_compiling():
+            row_loss, row_z, lse, count = _cross_entropy_forward_op(
+                logits, labels, ignore_index, z_loss, label_smoothing
+            )
+        else:
+            row_loss, row_z, lse, count = _cross_entropy_forward(
+                logits, labels, ignore_index, z_loss, label_smoothing, need_lse=ctx.needs_input_grad[0]
+            )
         if row_z is None:
             row_z = torch.zeros_like(row_loss)
         if reduction == "none":
@@ -334,18 +433,13 @@ class CrossEntropyFunction(torch.autograd.Function):
             return (None,) * 7
         logits, labels, lse, count = ctx.saved_tensors
         ignore_index, z_loss, label_smoothing, reduction, inplace = ctx.options
+        options = (ignore_index, z_loss, label_smoothing, reduction)
+        if torch.compiler.is_compiling():
+            grad = _cross_entropy_backward_op(logits, labels, lse, count, grad_loss, *options)
+            return grad, None, None, None, None, None, None
         # In place: a new tensor object over the logits' storage, so that autograd takes it as the gradient as is.
         grad = logits.detach() if inplace else torch.empty_like(logits)
-        n_rows, n_cols = logits.shape
-        if n_rows > 0:
-            grad_loss = grad_loss.detach().float().contiguous()
-            block = min(BACKWARD_BLOCK, next_power_of_2(n_cols))
-            _cross_entropy_bwd_kernel[(n_rows, cdiv(n_cols, block))](
-                logits, logits.stride(0), grad, grad.stride(0), labels, lse, grad_loss, count, n_cols,
-                ignore_index, float(z_loss), float(label_smoothing),
-                GRAD_OUTPUT_PER_ROW=reduction == "none", DIVIDE_BY_COUNT=reduction == "mean",
-                HAS_Z_LOSS=z_loss > 0.0, BLOCK_SIZE=block, num_warps=_num_warps(block),
-            )  # fmt: skip
+        _cross_entropy_backward(logits, labels, lse, count, grad_loss, grad, *options)
         if inplace:
             # The logits now hold their gradient: any other saved use of them fails loudly instead of reading it.
             torch.autograd.graph.increment_version(logits)
@@ -377,7 +471,8 @@ def cross_entropy(
         label_smoothing: epsilon in ``[0, 1]`` as in ``torch.nn.functional.cross_entropy``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row losses, ``(N,)``).
         inplace: write the gradient over ``logits`` during the backward (no extra (N, V) memory; ``logits`` holds
-            its gradient afterwards, and another backward that saved it raises). ``False`` allocates a new buffer.
+            its gradient afterwards, and another backward that saved it raises). ``False`` allocates a new buffer,
+            as the backward always does under ``torch.compile``.
         check_label_values: raise a ValueError naming the first label outside ``[0, V)`` (and not
             ``ignore_index``). On a GPU this waits for the labels (one host sync per call, which stalls the
             launch queue); pass ``False`` when the data pipeline already guarantees the range.
@@ -401,11 +496,4 @@ def cross_entropy(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     labels = labels.contiguous()
-    return _apply_cross_entropy(logits, labels, ignore_index, z_loss, label_smoothing, reduction, inplace)
-
-
-# torch.compile runs the op eagerly (a graph break): the kernels are already fused, and the gradient the backward
-# writes over the logits is not something Inductor should reorder.
-@torch.compiler.disable
-def _apply_cross_entropy(*args):
-    return CrossEntropyFunction.apply(*args)
+    return CrossEntropyFunction.apply(logits, labels, ignore_index, z_loss, label_smoothing, reduction, inplace)

@@ -28,8 +28,6 @@ The pure-PyTorch reference (used on CPU by the model) is
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 try:
@@ -39,6 +37,7 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
 
 from .cross_entropy import cross_entropy_forward, scale_
 from .cross_entropy_reference import validate_cross_entropy_inputs
+from .triton_utils import custom_op_namespace
 
 __all__ = ["FusedLinearCrossEntropyFunction", "default_chunk_size", "fused_linear_cross_entropy"]
 
@@ -124,9 +123,7 @@ def _fused_linear_cross_entropy_forward(
 
 
 # ---- torch.library custom op: what torch.compile sees (opaque, with a fake implementation for tracing) ----
-# The namespace follows the module path, so that a copy of this file flattened into a Hub repo (imported as
-# transformers_modules.<repo>...) registers its own op instead of colliding with an installed fat5_kernels.
-_NAMESPACE = re.sub(r"\W", "_", __name__.rpartition(".")[0] or "fat5_kernels")
+_NAMESPACE = custom_op_namespace(__name__)
 
 
 @torch.library.custom_op(

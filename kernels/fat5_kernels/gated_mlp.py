@@ -11,7 +11,6 @@ dtype. Under ``torch.compile`` the kernels are reached through ``torch.library``
 """
 
 import contextlib
-import re
 
 import torch
 
@@ -22,7 +21,7 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.gated_mlp needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .gated_mlp_reference import check_gated_activation_inputs, resolve_activation
-from .triton_utils import cdiv, next_power_of_2, triton_interpreter_enabled
+from .triton_utils import cdiv, custom_op_namespace, next_power_of_2, triton_interpreter_enabled
 
 __all__ = ["GatedActivationFunction", "gated_activation"]
 
@@ -217,8 +216,7 @@ def _gated_activation_backward(
 
 
 # ---- torch.library custom ops: what torch.compile sees (opaque, with fake implementations for tracing) ----
-# Namespace from the module path: a copy flattened into a Hub repo registers its own ops (see rms_norm.py).
-_NAMESPACE = re.sub(r"\W", "_", __name__.rpartition(".")[0] or "fat5_kernels")
+_NAMESPACE = custom_op_namespace(__name__)
 
 
 @torch.library.custom_op(

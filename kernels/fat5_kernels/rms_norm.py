@@ -17,7 +17,6 @@ which the compiler treats as opaque; eager mode launches them directly to skip t
 
 import contextlib
 import functools
-import re
 
 import torch
 
@@ -28,7 +27,7 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.rms_norm needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .rms_norm_reference import check_rms_norm_inputs, rms_norm_output_dtype
-from .triton_utils import cdiv, next_power_of_2, triton_interpreter_enabled
+from .triton_utils import cdiv, custom_op_namespace, next_power_of_2, triton_interpreter_enabled
 
 __all__ = ["RMSNormFunction", "rms_norm"]
 
@@ -298,9 +297,7 @@ def _rms_norm_backward(
 
 
 # ---- torch.library custom ops: what torch.compile sees (opaque, with fake implementations for tracing) ----
-# The namespace follows the module path, so that a copy of this file flattened into a Hub repo (imported as
-# transformers_modules.<repo>...) registers its own ops instead of colliding with an installed fat5_kernels.
-_NAMESPACE = re.sub(r"\W", "_", __name__.rpartition(".")[0] or "fat5_kernels")
+_NAMESPACE = custom_op_namespace(__name__)
 
 
 @torch.library.custom_op(

@@ -6,6 +6,7 @@ import concurrent.futures
 import functools
 import importlib.util
 import os
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -38,6 +39,16 @@ def autotune_configs(configs: list, default_index: int = 0) -> list:
 
 # Host-side integer helpers. `triton.cdiv` / `triton.next_power_of_2` also work on the host, but recent tritons wrap
 # them as constexpr functions whose host call unwraps every argument: several microseconds a call, on every launch.
+def custom_op_namespace(module_name: str) -> str:
+    """The ``torch.library`` namespace of the ops defined in module ``module_name`` (its ``__name__``).
+
+    It follows the package path, so that a copy of the kernels flattened into a Hub repo (imported as
+    ``transformers_modules.<repo>...``) registers its own ops instead of colliding with an installed
+    ``fat5_kernels``.
+    """
+    return re.sub(r"\W", "_", module_name.rpartition(".")[0] or "fat5_kernels")
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for integers, ``b > 0``."""
     return -(-a // b)

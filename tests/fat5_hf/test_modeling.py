@@ -392,6 +392,36 @@ def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monk
         torch.testing.assert_close(param.grad, expected_grads[name], atol=1e-4 * scale, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_compiled_training_step_with_every_kernel_is_one_graph(tiny_fat5_config, make_batch, monkeypatch, fused_loss):
+    """`torch.compile(model, fullgraph=True)` over every kernel (attention, norms, gated activation and either loss,
+    each a custom op): one graph, no break, which CUDA-graph replays of a training step need. Loss and gradients
+    are the eager kernels' (the graph runs the same ops)."""
+    for name in ("attention", "rms_norm", "gated_activation", "cross_entropy", "fused_linear_cross_entropy"):
+        if not kernel_ops.kernel_available(name):
+            pytest.skip(f"fat5_kernels has no {name} kernel here")
+    if not fused_loss:  # the LM head as nn.Linear, then the plain cross-entropy kernel
+        monkeypatch.setattr(kernel_ops, "can_fuse_linear_cross_entropy", lambda *args: False)
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(tiny_fat5_config(z_loss=1e-3, check_token_ids=False)).train()
+    input_ids, attention_mask = make_batch(96, [9, 6])
+    labels = _labels(96, [5, 3], make_batch)
+
+    def loss_and_grads(forward):
+        model.zero_grad(set_to_none=True)
+        with kernel_ops.kernels_on_cpu():
+            loss = forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    got_loss, got_grads = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    want_loss, want_grads = loss_and_grads(model)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(), msg=name)
+
+
 @pytest.mark.parametrize("variant", ["t5", "t5_v1_1"])
 def test_fresh_init_matches_t5_statistics_and_is_seeded(variant):
     # transformers 5 initializes "custom code" models leaf by leaf unless told otherwise: every parameter must get

@@ -250,3 +250,48 @@ def test_runs_inside_torch_compile():
     compiled.backward()
     assert torch.allclose(eager, compiled, rtol=1e-6)
     assert torch.equal(eager_logits.grad, compiled_logits.grad)
+
+
+@pytest.mark.parametrize("backend", ["recording", "inductor"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_traces_the_custom_ops(backend, reduction):
+    """fullgraph compile traces the loss as its forward and backward custom ops (no graph break, so a compiled model
+    keeps one graph across its loss): losses, z terms and the gradient are eager's, for a grad_output other than 1
+    and per-row ones. Under compile the gradient goes to a new buffer (the logits keep their values). Inductor on
+    the CPU runs the ops (the Triton kernels under the interpreter)."""
+    torch._dynamo.reset()
+    logits64, labels = make_case(37, 45, torch.float32, seed=3)
+    # check_label_values=False: the range check is a host sync (a graph break), off while training
+    kwargs = dict(z_loss=1e-3, label_smoothing=0.1, reduction=reduction, check_label_values=False)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module.print_readable(print_output=False))
+        return graph_module.forward
+
+    def loss_fn(logits, labels):
+        return cross_entropy(logits, labels, **kwargs)
+
+    grad_scale = torch.full((), 0.5) if reduction == "mean" else torch.linspace(-1.0, 2.0, 37, dtype=torch.float32)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=recording_backend if backend == "recording" else backend)
+    logits = logits64.float().clone().requires_grad_()
+    loss, z = compiled(logits, labels)
+    (loss * grad_scale).sum().backward()
+    want = run_kernel(logits64, labels, torch.float32, grad_scale=grad_scale, **kwargs)
+    for got, expected in zip((loss.detach(), z, logits.grad), want):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(logits.detach(), logits64.float())  # not overwritten by the compiled backward
+    if backend == "recording":
+        joined = "\n".join(graphs)
+        assert "cross_entropy_forward" in joined and "cross_entropy_backward" in joined
+
+
+def test_custom_ops_pass_opcheck():
+    logits64, labels = make_case(9, 33, torch.float32, seed=4)
+    logits = logits64.float()
+    torch.library.opcheck(ce_module._cross_entropy_forward_op, (logits, labels, IGNORE, 1e-3, 0.1))
+    lse = torch.logsumexp(logits, dim=-1)
+    count = (labels != IGNORE).sum()
+    torch.library.opcheck(
+        ce_module._cross_entropy_backward_op, (logits, labels, lse, count, torch.tensor(0.5), IGNORE, 1e-3, 0.1, "mean")
+    )
