@@ -59,8 +59,8 @@ class ModelConfig:
     coefficient is the model's own ``z_loss`` field (``model.config.z_loss``, e.g. 1e-4). ``torch_compile``
     trains the prepared model through ``torch.compile`` (Inductor; the kernels stay opaque custom ops) in
     ``torch_compile_mode`` (one of torch.compile's modes: ``"reduce-overhead"`` replays each step as CUDA
-    graphs, which removes the host's launch cost but needs one batch shape, e.g. ``data.collator_kwargs:
-    {pad_to_multiple_of: 512}``, and keeps a graph pool per shape).
+    graphs, which removes the host's launch cost; each batch shape compiles and records its own graphs, so pad
+    to one shape, e.g. ``data.collator_kwargs: {pad_to_multiple_of: 512}``).
     """
 
     config: dict = field(default_factory=_tiny_model_config)
