@@ -32,6 +32,7 @@ from .attention_fwd import (
     _key_ranges,
     _mask2d,
     _tile_bias,
+    by_head_dim,
     dot_precision,
     dummy_tensor,
     launch_tuned,
@@ -205,7 +206,14 @@ def _dkdv_configs() -> list:
 DKDV_MIN_BLOCK_N = 64  # smallest BLOCK_N of _dkdv_configs: sizes the bias partial-sum buffer
 
 
+def _dkdv_wide_head_configs() -> list:
+    # head dims above 128 (see attention_fwd.WIDE_HEAD_DIM): 84 KiB of shared memory at D=256 on sm_86. BLOCK_N
+    # stays at DKDV_MIN_BLOCK_N; 64x32/4/2 would need 100 KiB there.
+    return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 16}, num_warps=4, num_stages=2)]
+
+
 def _prune_bwd_configs(configs, named_args, **kwargs):
+    configs = by_head_dim(configs, named_args, **kwargs)
     head_dim_pad = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 64))
     if head_dim_pad <= 64:
         return configs
@@ -214,7 +222,7 @@ def _prune_bwd_configs(configs, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=tuning_configs(_dkdv_configs()),
+    configs=tuning_configs(_dkdv_configs(), _dkdv_wide_head_configs()),
     key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "COMPUTE_DBIAS", "SEQLEN_KEY"],
     prune_configs_by={"early_config_prune": _prune_bwd_configs},
     # configs with a larger BLOCK_N fill fewer slots: stale sums from other configs' trial runs must not remain
@@ -444,8 +452,14 @@ def _dq_configs() -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
+def _dq_wide_head_configs() -> list:
+    # head dims above 128 (see attention_fwd.WIDE_HEAD_DIM): 68 and 82 KiB of shared memory at D=256 on sm_86
+    shapes = [(32, 32, 4, 2), (64, 16, 4, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
 @triton.autotune(
-    configs=tuning_configs(_dq_configs()),
+    configs=tuning_configs(_dq_configs(), _dq_wide_head_configs()),
     key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "SEQLEN_KEY"],
     prune_configs_by={"early_config_prune": _prune_bwd_configs},
 )

@@ -27,13 +27,28 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
 
 from .triton_utils import autotune_configs, cdiv, next_power_of_2, outside_cuda_graph_pools
 
+# Head dims above this (padded to 256) get their own, smaller tiles: compiled for sm_86 (A10G, L4: 99 KiB of shared
+# memory a block) at D=256, every default tile needs 100-136 KiB (forward 64x32/4/3 100 KiB, dK/dV 64x32/4/3
+# 116, dQ 64x64/4/2 136), the wide-head ones 52-84 KiB.
+WIDE_HEAD_DIM = 128
 
-def tuning_configs(configs: list) -> list:
-    """Autotune over ``configs`` on a GPU; only the first (safe) one under the interpreter or when
-    ``FAT5_ATTENTION_AUTOTUNE=0`` (skips minutes of compilation, e.g. for quick GPU test runs)."""
+
+def tuning_configs(configs: list, wide_head_configs: list) -> list:
+    """Autotune candidates of a kernel: ``configs`` for head dims up to 128 and ``wide_head_configs`` (smaller
+    tiles) above; `by_head_dim` keeps the right list at launch. The first of each list is its default, the only
+    candidate with ``FAT5_ATTENTION_AUTOTUNE=0`` (skips minutes of compilation, e.g. for quick GPU test runs).
+    Under the interpreter, which cannot autotune, the first of ``configs`` alone."""
     if os.environ.get("FAT5_ATTENTION_AUTOTUNE", "1") == "0":
-        return configs[:1]
-    return autotune_configs(configs)
+        configs, wide_head_configs = configs[:1], wide_head_configs[:1]
+    for config in wide_head_configs:
+        config.fat5_wide_head = True
+    return autotune_configs(configs + wide_head_configs)
+
+
+def by_head_dim(configs: list, named_args: dict, **kwargs) -> list:
+    """``early_config_prune`` of the attention kernels: the candidates made for the launch's padded head dim."""
+    wide = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 64)) > WIDE_HEAD_DIM
+    return [config for config in configs if getattr(config, "fat5_wide_head", False) == wide]
 
 
 LOG2E = 1.4426950408889634
@@ -277,9 +292,16 @@ def _fwd_configs() -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
+def _fwd_wide_head_configs() -> list:
+    # head dims above 128 (see WIDE_HEAD_DIM): 68 and 52 KiB of shared memory at D=256 on sm_86
+    shapes = [(64, 32, 4, 2), (32, 32, 4, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
 @triton.autotune(
-    configs=tuning_configs(_fwd_configs()),
+    configs=tuning_configs(_fwd_configs(), _fwd_wide_head_configs()),
     key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "SEQLEN_KEY"],
+    prune_configs_by={"early_config_prune": by_head_dim},
 )
 @triton.jit
 def _t5_attn_fwd_kernel(

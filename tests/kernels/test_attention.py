@@ -8,7 +8,11 @@ against the fp32 reference must be at most twice the error of the same reference
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,10 +166,10 @@ def test_distances_far_beyond_the_band_with_partial_blocks(causal):
     _check_against_reference(kernel_fn, reference_fn, (q, k, v, table), dout, "qkvt", low)
 
 
-def _assert_t5_matches_reference_in_float32(causal, seqlen_q, seqlen_k, seed):
+def _assert_t5_matches_reference_in_float32(causal, seqlen_q, seqlen_k, seed, head_dim=16):
     """T5 bias (8 buckets, max distance 12; causal buckets when causal), fp32 inputs: exact (ieee) products, so
     output and every gradient must agree with the reference to rounding."""
-    q, k, v, table, dout = _inputs(1, 2, seqlen_q, seqlen_k, 16, torch.float32, seed=seed)
+    q, k, v, table, dout = _inputs(1, 2, seqlen_q, seqlen_k, head_dim, torch.float32, seed=seed)
     kernel_fn, reference_fn = _dense_fns("t5", causal, not causal, 8, 12, scale=0.25)
     out, grads = _grads(kernel_fn, (q, k, v, table), dout)
     ref, ref_grads = _grads(reference_fn, (q, k, v, table), dout)
@@ -185,11 +189,19 @@ def test_float32_matches_reference_tightly(causal, seqlen_q, seqlen_k):
 def _autotune_cases():
     from fat5_kernels import attention_bwd, attention_fwd
 
-    lists = {"fwd": attention_fwd._fwd_configs(), "dkdv": attention_bwd._dkdv_configs(), "dq": attention_bwd._dq_configs()}
+    lists = {
+        # the first config of each list runs in every other test; the wide-head lists never run otherwise
+        "fwd": attention_fwd._fwd_configs()[1:] + attention_fwd._fwd_wide_head_configs(),
+        "dkdv": attention_bwd._dkdv_configs()[1:] + attention_bwd._dkdv_wide_head_configs(),
+        "dq": attention_bwd._dq_configs()[1:] + attention_bwd._dq_wide_head_configs(),
+    }
     return [
-        pytest.param(kernel, config.all_kwargs(), id=f"{kernel}-{'x'.join(str(v) for v in config.kwargs.values())}")
+        pytest.param(
+            kernel, config.all_kwargs(),
+            id=f"{kernel}-{'x'.join(str(v) for v in config.kwargs.values())}-{config.num_stages}",
+        )  # fmt: skip
         for kernel, configs in lists.items()
-        for config in configs[1:]  # the first one runs in every other test
+        for config in configs
     ]
 
 
@@ -212,6 +224,66 @@ def test_every_autotune_config_matches_reference(monkeypatch, kernel, config, ca
     monkeypatch.setattr(attention_bwd, "launch_tuned", launch)
     # partial blocks on both axes, far tiles on both sides (bidirectional), M != N
     _assert_t5_matches_reference_in_float32(causal, 150, 139, seed=4)
+
+
+def _force_wide_head_defaults(monkeypatch):
+    from fat5_kernels import attention_bwd, attention_fwd
+
+    defaults = {
+        "fwd": attention_fwd._fwd_wide_head_configs()[0].all_kwargs(),
+        "dkdv": attention_bwd._dkdv_wide_head_configs()[0].all_kwargs(),
+        "dq": attention_bwd._dq_wide_head_configs()[0].all_kwargs(),
+    }
+
+    def launch(kernel_fn, grid, args, kwargs, key):
+        kernel_fn.fn[grid](*args, **kwargs, **defaults[key[0]])
+
+    monkeypatch.setattr(attention_fwd, "launch_tuned", launch)
+    monkeypatch.setattr(attention_bwd, "launch_tuned", launch)
+
+
+def test_wide_head_tiles_match_reference(monkeypatch):
+    """A head dim above 128 (160, padded to 256) with the wide-head default tiles, which a GPU picks there."""
+    _force_wide_head_defaults(monkeypatch)
+    _assert_t5_matches_reference_in_float32(False, 70, 83, seed=5, head_dim=160)
+
+
+def test_configs_are_chosen_by_head_dim(monkeypatch):
+    """On a GPU every kernel keeps its usual tiles up to head dim 128 and only the wide-head ones above; with
+    FAT5_ATTENTION_AUTOTUNE=0 the first of each list."""
+    from fat5_kernels import attention_bwd, attention_fwd
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the candidates a GPU gets (the interpreter gets one config)
+    for configs, wide, prune in (
+        (attention_fwd._fwd_configs(), attention_fwd._fwd_wide_head_configs(), attention_fwd.by_head_dim),
+        (attention_bwd._dkdv_configs(), attention_bwd._dkdv_wide_head_configs(), attention_bwd._prune_bwd_configs),
+        (attention_bwd._dq_configs(), attention_bwd._dq_wide_head_configs(), attention_bwd._prune_bwd_configs),
+    ):
+        for autotune, expected_narrow, expected_wide in (("1", configs, wide), ("0", configs[:1], wide[:1])):
+            monkeypatch.setenv("FAT5_ATTENTION_AUTOTUNE", autotune)
+            candidates = attention_fwd.tuning_configs(configs, wide)
+            assert candidates == expected_narrow + expected_wide
+            assert prune(candidates, {}, HEAD_DIM_PAD=256) == expected_wide
+            narrow = prune(candidates, {}, HEAD_DIM_PAD=128)
+            assert narrow and all(c in expected_narrow for c in narrow)
+            assert prune(candidates, {}, HEAD_DIM_PAD=64) == expected_narrow
+
+
+def test_default_tiles_fit_ampere_shared_memory():
+    """Compiled for A100 (sm_80) and A10G / L4 (sm_86) on this machine, without a GPU (a stub driver names the
+    target, nothing launches): each kernel's default tiles for head dims 64, 128 and 256 fit the shared memory
+    a block may use there, so the kernels run on those GPUs without autotuning."""
+    script = os.path.join(os.path.dirname(__file__), "ampere_shared_memory.py")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "FAT5_ATTENTION_AUTOTUNE": "0"}
+    rows = []
+    for arch in (80, 86):  # one process each: Triton keeps a kernel's compile target for the process
+        result = subprocess.run([sys.executable, script, str(arch)], env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows += [json.loads(line) for line in result.stdout.splitlines()]
+    kernels = {(r["arch"], r["head_dim"], r["kernel"]) for r in rows}
+    assert len(kernels) == 2 * 3 * 3, sorted(kernels)  # every kernel compiled for every target and head dim
+    too_large = [r for r in rows if r["shared_bytes"] > r["limit_bytes"]]
+    assert not too_large, too_large
 
 
 def test_key_padding_mask_and_empty_rows():

@@ -1,0 +1,79 @@
+"""Compiles the attention kernels' default tiles for one NVIDIA target on a machine without a GPU and prints, a JSON
+line each, the shared memory every kernel needs (run by `test_attention.py::test_default_tiles_fit_ampere_shared_
+memory`, one process per target: Triton caches a kernel's compile target per process).
+
+    TRITON_INTERPRET=0 FAT5_ATTENTION_AUTOTUNE=0 python tests/kernels/ampere_shared_memory.py 86
+
+A stub driver names the target; `launch_tuned` is replaced by a compile of the config the launch would get
+(`by_head_dim` / `_prune_bwd_configs` over the defaults), so nothing is launched.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+# Shared memory a block may use (opt-in maximum), bytes: A100, and A10G / L4 / RTX 30-40.
+LIMITS = {80: 163 * 1024, 86: 99 * 1024}
+
+
+class StubDriver:
+    """What Triton's JIT asks of a driver before it compiles, for a target that is not on this machine."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+
+def main(arch: int) -> None:
+    driver.set_active(StubDriver(GPUTarget("cuda", arch, 32)))
+    import fat5_kernels.attention as attention
+    import fat5_kernels.attention_bwd as attention_bwd
+    import fat5_kernels.attention_fwd as attention_fwd
+
+    attention.triton_interpreter_enabled = lambda: True  # let CPU tensors past the device check
+    prune = {"fwd": attention_fwd.by_head_dim, "dkdv": attention_bwd._prune_bwd_configs, "dq": attention_bwd._prune_bwd_configs}
+    head_dim = None
+
+    def compile_only(kernel, grid, args, kwargs, key):
+        (config,) = prune[key[0]](kernel.configs, {}, **kwargs)
+        compiled = kernel.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
+        row = dict(arch=arch, head_dim=head_dim, kernel=key[0], config=str(config), shared_bytes=compiled.metadata.shared)
+        print(json.dumps({**row, "limit_bytes": LIMITS[arch]}), flush=True)
+
+    class CompileOnly:  # kernels launched without autotuning (the backward's preprocessing)
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.fn.warmup(*args, grid=grid, **kwargs)
+
+    attention_fwd.launch_tuned = attention_bwd.launch_tuned = compile_only
+    attention_bwd._bwd_preprocess_kernel = CompileOnly(attention_bwd._bwd_preprocess_kernel)
+    for head_dim in (64, 128, 256):
+        q, k, v = (torch.randn(1, 2, 100, head_dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        table = torch.randn(2, 32, requires_grad=True)
+        out = attention.t5_flash_attention(q, k, v, bias_table=table)
+        out.backward(torch.randn_like(out))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
