@@ -574,6 +574,8 @@ def test_custom_op_with_transposed_table_view():
         ("t5", False, True, 777, 2049, 128),
         ("alibi", True, True, 1500, 1500, 64),
         ("none", False, True, 513, 1000, 64),
+        ("t5", False, True, 700, 700, 256),  # the wide-head tiles
+        ("t5", True, False, 600, 600, 160),
     ],
 )
 def test_gpu_large_shapes(dtype, bias, causal, bidirectional, seqlen_q, seqlen_k, head_dim):
