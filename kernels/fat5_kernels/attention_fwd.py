@@ -31,6 +31,7 @@ from .triton_utils import autotune_configs, cdiv, next_power_of_2, outside_cuda_
 # memory a block) at D=256, every default tile needs 100-136 KiB (forward 64x32/4/3 100 KiB, dK/dV 64x32/4/3
 # 116, dQ 64x64/4/2 136), the wide-head ones 52-84 KiB.
 WIDE_HEAD_DIM = 128
+_WIDE_HEAD_CONFIGS: list = []  # every kernel's candidates for those head dims (`by_head_dim` tells them by identity)
 
 
 def tuning_configs(configs: list, wide_head_configs: list) -> list:
@@ -40,15 +41,14 @@ def tuning_configs(configs: list, wide_head_configs: list) -> list:
     Under the interpreter, which cannot autotune, the first of ``configs`` alone."""
     if os.environ.get("FAT5_ATTENTION_AUTOTUNE", "1") == "0":
         configs, wide_head_configs = configs[:1], wide_head_configs[:1]
-    for config in wide_head_configs:
-        config.fat5_wide_head = True
+    _WIDE_HEAD_CONFIGS.extend(wide_head_configs)
     return autotune_configs(configs + wide_head_configs)
 
 
 def by_head_dim(configs: list, named_args: dict, **kwargs) -> list:
     """``early_config_prune`` of the attention kernels: the candidates made for the launch's padded head dim."""
     wide = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 64)) > WIDE_HEAD_DIM
-    return [config for config in configs if getattr(config, "fat5_wide_head", False) == wide]
+    return [config for config in configs if any(config is other for other in _WIDE_HEAD_CONFIGS) == wide]
 
 
 LOG2E = 1.4426950408889634
