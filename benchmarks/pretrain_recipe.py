@@ -52,7 +52,7 @@ def recipe_command(args: argparse.Namespace, mode: str, output_dir: str) -> list
         f"logging.logging_steps={args.logging_steps}",
         f"training.eval_steps={args.steps}",
         "training.eval_batches=2",
-        f"training.save_steps={args.steps + 1}",  # the final checkpoint only
+        f"training.save_steps={args.steps + 1}",  # no checkpoint, only the final export
         f"optim.warmup_steps={min(5, args.steps)}",
         "logging.log_with=[]",
         "logging.progress_bar=false",
@@ -65,7 +65,8 @@ def recipe_command(args: argparse.Namespace, mode: str, output_dir: str) -> list
 
 def summarize(mode: str, log_path: str, skip_windows: int) -> dict:
     """One result row from the recipe's ``train_log.jsonl``: median tokens/s of the windows after ``skip_windows``."""
-    records = [json.loads(line) for line in open(log_path, encoding="utf-8")]
+    with open(log_path, encoding="utf-8") as log:
+        records = [json.loads(line) for line in log]
     windows = [r for r in records if "tokens_per_s" in r]
     timed = windows[skip_windows:]
     if not timed:

@@ -37,8 +37,6 @@ def autotune_configs(configs: list, default_index: int = 0) -> list:
     return configs
 
 
-# Host-side integer helpers. `triton.cdiv` / `triton.next_power_of_2` also work on the host, but recent tritons wrap
-# them as constexpr functions whose host call unwraps every argument: several microseconds a call, on every launch.
 def custom_op_namespace(module_name: str) -> str:
     """The ``torch.library`` namespace of the ops defined in module ``module_name`` (its ``__name__``).
 
@@ -49,6 +47,8 @@ def custom_op_namespace(module_name: str) -> str:
     return re.sub(r"\W", "_", module_name.rpartition(".")[0] or "fat5_kernels")
 
 
+# Host-side integer helpers. `triton.cdiv` / `triton.next_power_of_2` also work on the host, but recent tritons wrap
+# them as constexpr functions whose host call unwraps every argument: several microseconds a call, on every launch.
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for integers, ``b > 0``."""
     return -(-a // b)
