@@ -277,6 +277,14 @@ class DataCollatorForUL2:
         return_segment_ids: also return ``encoder_segment_ids`` and ``decoder_segment_ids`` (int64, 1..k per
             document of the row, 0 on padding). Off by default since a plain T5 ``forward`` rejects unknown keys.
         decoder_start_token_id: first decoder input of each document; default the pad id (T5's convention).
+        denoiser_per_batch: draw one denoiser per batch (with the mixture's probabilities) instead of one per row.
+            Each denoiser turns a chunk into inputs and targets of nearly fixed lengths (R: long inputs, short
+            targets; X: both halves; S: 3:1), so a batch mixing them pads every row to the longest of each side.
+            With the UL2 default, 512 + 512 tokens and 64-row batches of French text, padding is 31% of a mixed
+            batch (``pad_to_multiple_of=64``; 40% padded to 512) and 8-12% of a one-denoiser batch
+            (``pad_to_multiple_of`` 64 or 128, giving 4 or 3 distinct batch shapes). The mixture is the same over
+            many batches, but an optimizer step then sees fewer denoisers (one per micro-batch and process), and
+            the logged loss jumps with the denoiser drawn.
 
     Call it on a list of examples ``{"input_ids": list[int]}`` (optionally ``"document_ids"``: one int per token,
     equal ids for the tokens of one document, as produced by `fat5_hf.packing`). Each example should hold at most
@@ -314,6 +322,7 @@ class DataCollatorForUL2:
         pad_to_max_length: bool = False,
         return_segment_ids: bool = False,
         decoder_start_token_id: int | None = None,
+        denoiser_per_batch: bool = False,
     ):
         self.tokenizer = tokenizer
         self.denoisers = list(denoisers) if denoisers is not None else default_ul2_denoisers()
@@ -329,6 +338,7 @@ class DataCollatorForUL2:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_to_max_length = pad_to_max_length
         self.return_segment_ids = return_segment_ids
+        self.denoiser_per_batch = bool(denoiser_per_batch)
 
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer needs a pad token and an eos token (T5: pad=0, eos=1).")
@@ -542,7 +552,11 @@ class DataCollatorForUL2:
                 raise KeyError(f"Each example needs an 'input_ids' field; got keys {sorted(example)}.")
         rng = self._batch_rng(examples)
         self.num_batches_seen += 1
-        denoiser_indices = rng.choice(len(self.denoisers), size=len(examples), p=self.denoiser_probabilities)
+        denoiser_indices = rng.choice(
+            len(self.denoisers), size=1 if self.denoiser_per_batch else len(examples), p=self.denoiser_probabilities
+        )
+        if self.denoiser_per_batch:
+            denoiser_indices = np.repeat(denoiser_indices, len(examples))
         self.last_denoiser_indices = denoiser_indices.tolist()
 
         rows = []
@@ -586,6 +600,7 @@ class DataCollatorForUL2:
         mixture = ", ".join(f"{d.name}:{p:.3f}" for d, p in zip(self.denoisers, self.denoiser_probabilities))
         return (
             f"{type(self).__name__}(max_input_length={self.max_input_length}, max_target_length="
-            f"{self.max_target_length}, chunk_length={self.chunk_length}, denoisers=[{mixture}])"
+            f"{self.max_target_length}, chunk_length={self.chunk_length}, denoisers=[{mixture}]"
+            + (", denoiser_per_batch=True)" if self.denoiser_per_batch else ")")
         )
 

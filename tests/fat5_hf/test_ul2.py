@@ -288,6 +288,33 @@ def test_mixture_proportions(tokenizer):
     assert np.all(np.abs(counts / counts.sum() - expected) <= 4 * np.sqrt(expected * (1 - expected) / 2000))
 
 
+def test_denoiser_per_batch(tokenizer):
+    """`denoiser_per_batch`: every row of a batch has the same denoiser, drawn with the mixture's probabilities
+    across batches; rows stay exact; the batch pads less than a mixed batch of the same rows."""
+    denoisers = default_ul2_denoisers()
+    collator = with_mode_ids(
+        DataCollatorForUL2(tokenizer, denoisers, max_input_length=64, seed=6, denoiser_per_batch=True,
+                           return_segment_ids=True)
+    )
+    mixed = DataCollatorForUL2(tokenizer, denoisers, max_input_length=64, seed=6)
+    assert "denoiser_per_batch=True" in repr(collator) and "denoiser_per_batch" not in repr(mixed)
+    rng = np.random.default_rng(7)
+    counts = np.zeros(len(denoisers))
+    padded, padded_mixed = 0, 0
+    for _ in range(600):
+        examples = [{"input_ids": random_words(rng, collator.chunk_length)} for _ in range(8)]
+        batch = collator(examples)
+        assert len(set(collator.last_denoiser_indices)) == 1
+        counts[collator.last_denoiser_indices[0]] += 1
+        padded += batch["input_ids"].numel() + batch["labels"].numel()
+        padded_mixed += sum(mixed(examples)[key].numel() for key in ("input_ids", "labels"))
+    check_batch(collator, examples, batch)
+    expected = np.array([d.weight for d in denoisers]) / sum(d.weight for d in denoisers)
+    # 600 draws: 4 standard deviations of a binomial proportion
+    assert np.all(np.abs(counts / counts.sum() - expected) <= 4 * np.sqrt(expected * (1 - expected) / 600))
+    assert padded < 0.85 * padded_mixed
+
+
 def test_edge_cases(tokenizer):
     collator = with_mode_ids(DataCollatorForUL2(tokenizer, t5_span_corruption_denoisers(), max_input_length=40,
                                                 seed=8, return_segment_ids=True))
