@@ -92,22 +92,30 @@ def kernel_available(name: str) -> bool:
 # RMSNorm
 # ----------------------------------------------------------------------------------------------------------------
 def rms_norm(
-    hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, use_kernel: bool, feeds_linear: bool = False
-) -> torch.Tensor:
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    use_kernel: bool,
+    feeds_linear: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """T5 RMSNorm, fused Triton kernel when `use_kernel` and possible, else `rms_norm_reference` (T5LayerNorm's
     maths: variance in fp32, output in the weight's dtype when it is half precision).
 
     `feeds_linear`: the output only feeds `nn.Linear` layers. Under autocast, where T5 would return fp32 that each
     of those layers casts to the autocast dtype again, the kernel then stores the autocast dtype directly (the
     same values, one pass over the activations instead of one per consuming layer).
+
+    `residual`: normalize `hidden_states + residual` and return `(normed, hidden_states + residual)`; the kernel
+    does the add in the same pass (the sum in the promoted dtype, bit for bit PyTorch's add).
     """
     if use_kernel and _triton_rms_norm is not None and _device_ok(hidden_states):
         out_dtype = None
         device_type = hidden_states.device.type
         if feeds_linear and torch.is_autocast_enabled(device_type) and weight.dtype == torch.float32:
             out_dtype = torch.get_autocast_dtype(device_type)
-        return _triton_rms_norm(hidden_states, weight, eps, out_dtype=out_dtype)
-    return rms_norm_reference(hidden_states, weight, eps)
+        return _triton_rms_norm(hidden_states, weight, eps, residual=residual, out_dtype=out_dtype)
+    return rms_norm_reference(hidden_states, weight, eps, residual)
 
 
 # ----------------------------------------------------------------------------------------------------------------

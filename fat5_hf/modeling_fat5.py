@@ -99,13 +99,35 @@ class FAT5LayerNorm(nn.Module):
         # the norm in front of a block's projections: under autocast the kernel may output the autocast dtype
         self.feeds_linear = feeds_linear
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalized `hidden_states`; with `residual`, `(norm(hidden_states + residual), hidden_states + residual)`
+        with the add done by the norm's kernel."""
         return kernel_ops.rms_norm(
-            hidden_states, self.weight, self.variance_epsilon, self.use_fused_kernel, self.feeds_linear
+            hidden_states, self.weight, self.variance_epsilon, self.use_fused_kernel, self.feeds_linear, residual
         )
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused={self.use_fused_kernel}"
+
+
+def _norm_after_pending_add(
+    layer_norm: FAT5LayerNorm, hidden_states: torch.Tensor, pending_output: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(residual stream, its norm)`. `pending_output` is the previous sublayer's output that its block left to be
+    added here: the add runs inside the norm (one pass over the residual stream less)."""
+    if pending_output is None:
+        return hidden_states, layer_norm(hidden_states)
+    normed, hidden_states = layer_norm(pending_output, residual=hidden_states)
+    return hidden_states, normed
+
+
+def _add_or_defer(
+    hidden_states: torch.Tensor, output: torch.Tensor, defer_add: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A sublayer's residual connection, or `(residual stream, output)` for the next norm to add (`defer_add`)."""
+    return (hidden_states, output) if defer_add else hidden_states + output
 
 
 def _match_wo_dtype(hidden_states: torch.Tensor, wo: nn.Linear) -> torch.Tensor:
@@ -174,10 +196,14 @@ class FAT5LayerFF(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        forwarded_states = self.layer_norm(hidden_states)
+    def forward(
+        self, hidden_states: torch.Tensor, pending_output: torch.Tensor | None = None, defer_add: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`hidden_states + FF(norm(hidden_states))`. `pending_output`: the previous sublayer's output, added to
+        `hidden_states` first (inside the norm's kernel). `defer_add`: return `(hidden_states, FF output)` unadded."""
+        hidden_states, forwarded_states = _norm_after_pending_add(self.layer_norm, hidden_states, pending_output)
         forwarded_states = self.DenseReluDense(forwarded_states)
-        return hidden_states + self.dropout(forwarded_states)
+        return _add_or_defer(hidden_states, self.dropout(forwarded_states), defer_add)
 
 
 def eager_attention_forward(
@@ -384,13 +410,23 @@ class FAT5LayerSelfAttention(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, hidden_states, attention_mask=None, position_bias=None, cache=None, **kwargs):
-        normed_hidden_states = self.layer_norm(hidden_states)
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_bias=None,
+        cache=None,
+        pending_output=None,
+        defer_add=False,
+        **kwargs,
+    ):
+        """`(hidden_states + attention(norm(hidden_states)), position_bias, attn_weights)`; `pending_output` and
+        `defer_add` as in `FAT5LayerFF` (with `defer_add` the first item is the pair `(hidden_states, output)`)."""
+        hidden_states, normed_hidden_states = _norm_after_pending_add(self.layer_norm, hidden_states, pending_output)
         attention_output, position_bias, attn_weights = self.SelfAttention(
             normed_hidden_states, mask=attention_mask, position_bias=position_bias, cache=cache, **kwargs
         )
-        hidden_states = hidden_states + self.dropout(attention_output)
-        return hidden_states, position_bias, attn_weights
+        return _add_or_defer(hidden_states, self.dropout(attention_output), defer_add), position_bias, attn_weights
 
 
 class FAT5LayerCrossAttention(nn.Module):
@@ -404,8 +440,19 @@ class FAT5LayerCrossAttention(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, hidden_states, key_value_states, attention_mask=None, position_bias=None, cache=None, **kwargs):
-        normed_hidden_states = self.layer_norm(hidden_states)
+    def forward(
+        self,
+        hidden_states,
+        key_value_states,
+        attention_mask=None,
+        position_bias=None,
+        cache=None,
+        pending_output=None,
+        defer_add=False,
+        **kwargs,
+    ):
+        """As `FAT5LayerSelfAttention.forward`, attending to `key_value_states`."""
+        hidden_states, normed_hidden_states = _norm_after_pending_add(self.layer_norm, hidden_states, pending_output)
         attention_output, position_bias, attn_weights = self.EncDecAttention(
             normed_hidden_states,
             mask=attention_mask,
@@ -414,8 +461,7 @@ class FAT5LayerCrossAttention(nn.Module):
             cache=cache,
             **kwargs,
         )
-        hidden_states = hidden_states + self.dropout(attention_output)
-        return hidden_states, position_bias, attn_weights
+        return _add_or_defer(hidden_states, self.dropout(attention_output), defer_add), position_bias, attn_weights
 
 
 def _clamp_fp16_overflow(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -457,10 +503,23 @@ class FAT5Block(GradientCheckpointingLayer):
         cache=None,
         **kwargs,
     ):
+        # Each sublayer's residual add but the last is left to the next sublayer's norm, whose kernel fuses it (one
+        # pass over the residual stream less, forward and backward). An fp16 residual stream keeps the adds: T5
+        # clamps overflows between the add and the next norm.
+        defer_add = hidden_states.dtype != torch.float16
+        pending_output = None
         hidden_states, self_attn_position_bias, _ = self.layer[0](
-            hidden_states, attention_mask=attention_mask, position_bias=position_bias, cache=cache, **kwargs
+            hidden_states,
+            attention_mask=attention_mask,
+            position_bias=position_bias,
+            cache=cache,
+            defer_add=defer_add,
+            **kwargs,
         )
-        hidden_states = _clamp_fp16_overflow(hidden_states)
+        if defer_add:
+            hidden_states, pending_output = hidden_states
+        else:
+            hidden_states = _clamp_fp16_overflow(hidden_states)
 
         cross_attn_position_bias = None
         if self.is_decoder and encoder_hidden_states is not None:
@@ -470,11 +529,16 @@ class FAT5Block(GradientCheckpointingLayer):
                 attention_mask=encoder_attention_mask,
                 position_bias=encoder_decoder_position_bias,
                 cache=cache,
+                pending_output=pending_output,
+                defer_add=defer_add,
                 **kwargs,
             )
-            hidden_states = _clamp_fp16_overflow(hidden_states)
+            if defer_add:
+                hidden_states, pending_output = hidden_states
+            else:
+                hidden_states = _clamp_fp16_overflow(hidden_states)
 
-        hidden_states = self.layer[-1](hidden_states)
+        hidden_states = self.layer[-1](hidden_states, pending_output=pending_output)
         hidden_states = _clamp_fp16_overflow(hidden_states)
         return hidden_states, self_attn_position_bias, cross_attn_position_bias
 

@@ -2,8 +2,8 @@
 
 Semantics are T5's (see :mod:`.rms_norm_reference`): the variance is computed in float32, the normalized
 activations are cast to the weight dtype when it is half precision, then scaled by the weight; no mean, no
-bias. With a residual the kernel also returns ``x + residual`` in x's dtype, the next residual stream, so that
-the add costs no extra pass over memory.
+bias. With a residual the kernel also returns ``x + residual`` (in the promoted dtype of the two, as PyTorch's add),
+the next residual stream, so that the add costs no extra pass over memory.
 
 Forward: one program normalizes ``BLOCK_ROWS`` rows; it stores the output, the per-row ``rstd`` (float32, saved
 for the backward) and the sum when there is a residual.
@@ -68,7 +68,7 @@ def _rms_norm_forward_kernel(
         residual = tl.load(
             residual_ptr + rows[:, None] * residual_row_stride + cols[None, :], mask=mask, other=0.0
         ).to(tl.float32)
-        # Round the sum to x's dtype before normalizing it, as `x + residual` in PyTorch would.
+        # Round the sum to its dtype before normalizing it, as `x + residual` in PyTorch would.
         summed = (x + residual).to(summed_ptr.dtype.element_ty)
         tl.store(summed_ptr + rows[:, None] * summed_row_stride + cols[None, :], summed, mask=mask)
         x = summed.to(tl.float32)
@@ -207,6 +207,13 @@ def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int]:
     return 1, block_cols, min(16, block_cols // 256), 2
 
 
+def _empty_sum(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+    """The buffer of ``x + residual`` (rows, d), in the dtype PyTorch's add would give; None without a residual."""
+    if residual is None:
+        return None
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+
+
 def _rms_norm_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -218,7 +225,7 @@ def _rms_norm_forward(
     n_rows, n_cols = x.shape
     y = torch.empty((n_rows, n_cols), dtype=out_dtype or rms_norm_output_dtype(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    summed = torch.empty_like(x) if residual is not None else None
+    summed = _empty_sum(x, residual)
     if n_rows == 0:
         return y, summed, rstd
     block_rows, block_cols, num_warps = _forward_launch_config(n_cols)
@@ -316,8 +323,8 @@ def _rms_norm_forward_op(
 @_rms_norm_forward_op.register_fake
 def _(x, weight, residual, eps, out_dtype):
     y = x.new_empty(x.shape, dtype=out_dtype or rms_norm_output_dtype(x.dtype, weight.dtype))
-    summed = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return y, summed, x.new_empty(x.shape[0], dtype=torch.float32)
+    summed = _empty_sum(x, residual)
+    return y, summed if summed is not None else x.new_empty(0), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op(
@@ -375,8 +382,9 @@ class RMSNormFunction(torch.autograd.Function):
             in_place = ctx.in_place_backward and dy_rows.is_contiguous()
             dx, dweight = _rms_norm_backward(dy_rows, summed, weight, rstd, dsummed_rows, in_place)
         dx = dx.view(ctx.shape)
-        # x and residual get the same gradient; one tensor serves both (autograd copies before accumulating
-        # into a shared buffer), which saves a full activation-sized allocation.
+        # x and residual get the same gradient, in the sum's dtype; one tensor serves both (autograd casts it
+        # to x's dtype when that is narrower, and copies before accumulating into a shared buffer), which saves
+        # a full activation-sized allocation.
         dresidual = dx if ctx.has_residual else None
         return dx, dweight, dresidual, None, None, None
 
@@ -396,7 +404,8 @@ def rms_norm(
             Any layout; rows must be addressable with a unit stride along d, else a copy is made.
         weight: (d,) scale; its dtype decides the output dtype as in T5 (see ``rms_norm_output_dtype``).
         eps: added to the float32 variance.
-        residual: optional, x's shape and dtype. When given, the norm applies to ``x + residual``.
+        residual: optional, x's shape. When given, the norm applies to ``x + residual``, computed in float32 and
+            stored in the promoted dtype of the two (an fp32 residual stream plus a bf16 sublayer output: fp32).
         in_place_backward: write the input gradient into the incoming gradient's buffer (saves one
             activation-sized allocation, as Liger-Kernel does). Only safe when nothing else reads that
             gradient after this backward; ignored under ``torch.compile``.
@@ -405,7 +414,7 @@ def rms_norm(
             the autocast dtype anyway; storing it in that dtype saves a pass over the activations.
 
     Returns:
-        ``normed`` of shape (..., d), or ``(normed, x + residual)`` with a residual (the sum in x's dtype).
+        ``normed`` of shape (..., d), or ``(normed, x + residual)`` with a residual.
         Gradients flow to x, weight and residual through both outputs; the weight gradient is reduced
         deterministically.
     """

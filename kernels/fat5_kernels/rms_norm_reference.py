@@ -53,11 +53,6 @@ def check_rms_norm_inputs(
                 f"rms_norm: residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}; "
                 "the residual add is elementwise, pass tensors of the same shape"
             )
-        if residual.dtype != x.dtype:
-            raise TypeError(
-                f"rms_norm: residual dtype {residual.dtype} differs from x dtype {x.dtype}; "
-                "cast one of them so that the residual stream keeps a single dtype"
-            )
 
 
 def rms_norm_reference(
@@ -69,12 +64,13 @@ def rms_norm_reference(
         x: (..., d) float32, float16 or bfloat16 (float64 too, for checks).
         weight: (d,) scale, in the model dtype.
         eps: added to the variance before the reciprocal square root.
-        residual: optional tensor of x's shape and dtype, added to x before the norm.
+        residual: optional tensor of x's shape, added to x before the norm (the sum in the promoted dtype of the
+            two, as ``x + residual``: an fp32 residual stream plus a half-precision sublayer output stays fp32).
 
     Returns:
         ``weight * (x * rsqrt(mean(x**2) + eps))`` of shape (..., d), in
         :func:`rms_norm_output_dtype` of (x.dtype, weight.dtype). With ``residual``, the pair
-        ``(normed, summed)`` where ``summed = x + residual`` in x's dtype (the new residual stream).
+        ``(normed, summed)`` where ``summed = x + residual`` (the new residual stream).
     """
     check_rms_norm_inputs(x, weight, residual, REFERENCE_DTYPES)
     summed = x if residual is None else x + residual

@@ -356,6 +356,48 @@ def test_block_norms_store_the_autocast_dtype_for_their_linears():
         torch.testing.assert_close(actual, expected.to(want_dtype), atol=1e-6, rtol=1e-6)
 
 
+def test_residual_adds_fused_into_the_next_norm_under_autocast(tiny_fat5_config, make_batch, monkeypatch):
+    """Under autocast the residual stream stays fp32 and the sublayers output half precision: each block leaves
+    its residual adds but the last to the next norm's kernel (fp32 stream + half output). Loss and gradients match
+    the PyTorch path under the same autocast."""
+    if not kernel_ops.kernel_available("rms_norm"):
+        pytest.skip("fat5_kernels has no rms_norm kernel here")
+    residual_dtypes = []
+    kernel = kernel_ops._triton_rms_norm
+
+    def recording_kernel(hidden_states, weight, eps, residual=None, **kwargs):
+        residual_dtypes.append(None if residual is None else (hidden_states.dtype, residual.dtype))
+        return kernel(hidden_states, weight, eps, residual=residual, **kwargs)
+
+    monkeypatch.setattr(kernel_ops, "_triton_rms_norm", recording_kernel)
+    torch.manual_seed(0)
+    config = tiny_fat5_config(use_triton_attention=False, use_fused_glu=False, use_fused_cross_entropy=False)
+    model = FAT5ForConditionalGeneration(config).train()
+    input_ids, attention_mask = make_batch(96, [7, 5])
+    labels = _labels(96, [4, 6], make_batch)
+    half = torch.float16  # the interpreter's bf16 maths is wrong: fp16 autocast exercises the same mixed add
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=half):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected_loss, expected_grads = loss_and_grads()
+    assert residual_dtypes == []
+    with kernel_ops.kernels_on_cpu():
+        loss, grads = loss_and_grads()
+    fused = [dtypes for dtypes in residual_dtypes if dtypes is not None]
+    # encoder: self-attention -> FF; decoder: self-attention -> cross-attention -> FF
+    assert len(fused) == config.num_layers + 2 * config.num_decoder_layers
+    assert set(fused) == {(half, torch.float32)}
+    torch.testing.assert_close(loss, expected_loss, atol=1e-4, rtol=1e-4)
+    for name, grad in expected_grads.items():
+        scale = grad.abs().max().item() + 1e-12
+        torch.testing.assert_close(grads[name], grad, atol=2e-3 * scale, rtol=2e-2, msg=name)
+
+
 def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch):
     if not kernel_ops.kernel_available("attention"):
         pytest.skip("fat5_kernels has no attention kernel here")

@@ -53,7 +53,7 @@ def _check_against_reference(inputs: dict, grad_outputs, residual: bool, **fused
     want_dtype = rms_norm_output_dtype(inputs["x"].dtype, inputs["weight"].dtype)
     assert got_out[0].dtype == want_dtype and got_out[0].shape == inputs["x"].shape
     if residual:
-        assert got_out[1].dtype == inputs["x"].dtype
+        assert got_out[1].dtype == torch.promote_types(inputs["x"].dtype, inputs["residual"].dtype)
     for i, (got, truth, half) in enumerate(zip(got_out, truth_out, half_out)):
         assert_within_half_precision_budget(f"output {i}", got, truth, half)
     for name in inputs:
@@ -81,7 +81,8 @@ def _grad_outputs(inputs, residual, seed=1):
     out_dtype = rms_norm_output_dtype(inputs["x"].dtype, inputs["weight"].dtype)
     grads = [torch.randn(*shape, generator=generator).to(DEVICE, out_dtype)]
     if residual:
-        grads.append(torch.randn(*shape, generator=generator).to(DEVICE, inputs["x"].dtype))
+        summed_dtype = torch.promote_types(inputs["x"].dtype, inputs["residual"].dtype)
+        grads.append(torch.randn(*shape, generator=generator).to(DEVICE, summed_dtype))
     return grads
 
 
@@ -102,6 +103,27 @@ def test_rms_norm_mixed_dtypes_follow_t5(x_dtype, weight_dtype):
     """T5 returns the weight dtype for a half weight, and float32 for a float32 weight (variance is fp32)."""
     inputs = _make_inputs((23, 80), x_dtype, residual=True, weight_dtype=weight_dtype)
     _check_against_reference(inputs, _grad_outputs(inputs, residual=True), residual=True)
+
+
+@pytest.mark.parametrize("in_place_backward", [False, True], ids=["out_of_place", "in_place"])
+def test_rms_norm_half_input_on_float32_residual_stream(in_place_backward):
+    """The model's fused residual add under autocast: a half-precision sublayer output added to the float32
+    residual stream. The sum is float32 and exact (as `residual + x` in PyTorch), the norm matches the float32
+    reference on the same inputs, and each input gets its gradient in its own dtype."""
+    inputs = _make_inputs((3, 21, 80), torch.float32, residual=True)
+    inputs["x"] = inputs["x"].to(HALF)
+    grads = _grad_outputs(inputs, residual=True)
+    assert grads[1].dtype == torch.float32
+    run = lambda x, w, e, r: rms_norm(x, w, e, residual=r, in_place_backward=in_place_backward)
+    (normed, summed), got_grads = _run(run, inputs, [g.clone() for g in grads], True)
+    (want_normed, want_summed), want_grads = _run(rms_norm_reference, inputs, grads, True)
+    assert summed.dtype == torch.float32 and torch.equal(summed, inputs["residual"] + inputs["x"])
+    assert (normed - want_normed).norm() <= 1e-5 * want_normed.norm()
+    assert got_grads["x"].dtype == HALF and got_grads["residual"].dtype == torch.float32
+    for name in inputs:
+        got, want = got_grads[name].double(), want_grads[name].double()
+        # d_x is the float32 gradient rounded to half precision, in both
+        assert (got - want).norm() <= 1e-5 * want.norm() + 1e-3 * (name == "x") * want.norm(), name
 
 
 @pytest.mark.parametrize("layout", ["row_strided", "transposed"])
@@ -199,7 +221,7 @@ def test_t5_reference_matches_transformers_t5_layer_norm():
         (lambda: (torch.randn(4, 8), torch.ones(7)), ValueError, "last dimension of x"),
         (lambda: (torch.randn(4, 8), torch.ones(1, 8)), ValueError, "weight must be 1-D"),
         (lambda: (torch.randn(4, 8), torch.ones(8), torch.randn(4, 9)), ValueError, "residual shape"),
-        (lambda: (torch.randn(4, 8), torch.ones(8), torch.randn(4, 8, dtype=torch.float16)), TypeError, "residual dtype"),
+        (lambda: (torch.randn(4, 8), torch.ones(8), torch.randn(4, 8).to(torch.int32)), TypeError, "residual has dtype"),
         (lambda: (torch.ones(4, 8, dtype=torch.int32), torch.ones(8)), TypeError, "x has dtype"),
     ],
     ids=["d_mismatch", "weight_2d", "residual_shape", "residual_dtype", "int_input"],
