@@ -485,12 +485,16 @@ def sweep(output_dir: str) -> None:
     warm_up_gpu()
     rows = []
     default_bwd = rms_norm_module._backward_launch_config
-    backward_configs = {768: [(2, 8, 2), (2, 8, 4), (2, 8, 8), (4, 8, 4), (1, 4, 4)], 4096: [(1, 16, 2), (1, 8, 2), (1, 8, 4), (2, 16, 2)]}
+    # (rows per tile, warps, programs per SM, row-loop pipeline stages)
+    backward_configs = {
+        768: [(2, 8, 2, 1), (2, 8, 4, 1), (2, 8, 8, 1), (4, 8, 4, 1), (1, 4, 4, 1), (4, 4, 2, 1), (4, 4, 1, 3)],
+        4096: [(1, 16, 2, 1), (1, 8, 2, 1), (1, 8, 4, 1), (2, 16, 2, 1), (1, 16, 1, 3)],
+    }
     for d, configs in backward_configs.items():
         torch.manual_seed(0)
         args, grad_out = (_randn(N_TOKENS, d), _weight(d)), _randn(N_TOKENS, d)
         block_cols = 1 << (d - 1).bit_length()
-        for config in [default_bwd(d)] + [(r, block_cols, w, p) for r, w, p in configs]:
+        for config in [default_bwd(d)] + [(r, block_cols, w, p, stages) for r, w, p, stages in configs]:
             rms_norm_module._backward_launch_config = lambda n, c=config: c
             try:
                 row = dict(kernel="rms_norm", d=d, bwd_config=config, **time_it(lambda x, w: rms_norm_module.rms_norm(x, w, EPS), args, grad_out))

@@ -3,7 +3,7 @@
 
 For each shape it times the forward (one kernel) and the backward (kernel plus the sum of the partial weight
 gradients); CUDA events, ``triton.testing.do_bench`` median; at the default configuration and at every (rows per
-tile, warps[, programs per SM]) of the grid, in one process. Writes ``rms_norm_sweep.json`` and ``.md`` (default
+tile, warps[, programs per SM, row-loop pipeline stages]) of the grid, in one process. Writes ``rms_norm_sweep.json`` and ``.md`` (default
 first, then the fastest eight). Usage (GPU machine, repository root)::
 
     PYTHONPATH=$PWD/kernels python benchmarks/rms_norm_sweep.py --output-dir benchmarks/results
@@ -36,10 +36,12 @@ SHAPES = [
 ROWS_PER_TILE = (1, 2, 4, 8, 16)
 WARPS = (1, 2, 4, 8, 16)
 PROGRAMS_PER_SM = (1, 2, 4, 8, 16)  # backward only
+PIPELINE_STAGES = (1, 3)  # backward only: row loop plain, or with the next tiles' loads in flight
 
 
 def _candidates(pass_name: str, block_cols: int) -> list[tuple]:
-    """Launch configs of the grid, in the order of the module's config tuples (programs per SM last)."""
+    """Launch configs of the grid, in the order of the module's config tuples (backward: programs per SM, then
+    pipeline stages, last)."""
     configs = []
     for rows, warps in itertools.product(ROWS_PER_TILE, WARPS):
         elements = rows * block_cols
@@ -48,7 +50,10 @@ def _candidates(pass_name: str, block_cols: int) -> list[tuple]:
         if pass_name == "forward":
             configs.append((rows, block_cols, warps))
         else:
-            configs += [(rows, block_cols, warps, per_sm) for per_sm in PROGRAMS_PER_SM]
+            configs += [
+                (rows, block_cols, warps, per_sm, stages)
+                for per_sm, stages in itertools.product(PROGRAMS_PER_SM, PIPELINE_STAGES)
+            ]
     return configs
 
 
@@ -111,8 +116,8 @@ def sweep_shape(n_rows: int, d: int, x_dtype: torch.dtype, weight_dtype: torch.d
 
 
 def _config_str(config: list) -> str:
-    rows, _, warps, *per_sm = config
-    return "/".join(str(v) for v in (rows, warps, *per_sm))
+    rows, _, warps, *backward = config
+    return "/".join(str(v) for v in (rows, warps, *backward))
 
 
 def to_markdown(env: dict, results: list[dict]) -> str:
@@ -122,7 +127,7 @@ def to_markdown(env: dict, results: list[dict]) -> str:
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. GPU time of one call (the "
         "backward includes the partial weight-gradient sum), median of `triton.testing.do_bench`; the default "
         "configuration first (the better of two timings, before and after the grid), then the fastest eight. "
-        "Configs: rows per tile / warps (/ programs per SM).",
+        "Configs: rows per tile / warps (/ programs per SM / row-loop pipeline stages).",
         "",
         "| pass | rows x d | x / weight | default: us (GB/s) | fastest |",
         "|---|---|---|---|---|",

@@ -103,6 +103,7 @@ def _rms_norm_backward_kernel(
     rows_per_program,
     HAS_DSUMMED: tl.constexpr,
     CAST_TO_WEIGHT_DTYPE: tl.constexpr,
+    ROW_PIPELINE_STAGES: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
@@ -115,7 +116,8 @@ def _rms_norm_backward_kernel(
 
     row_start = program.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for block_start in range(row_start, row_end, BLOCK_ROWS):
+    # With several stages the loads of the next row blocks are issued while this one computes.
+    for block_start in tl.range(row_start, row_end, BLOCK_ROWS, num_stages=ROW_PIPELINE_STAGES):
         rows = block_start + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
@@ -189,22 +191,25 @@ def _forward_launch_config(n_cols: int) -> tuple[int, int, int]:
     return block_rows, block_cols, num_warps
 
 
-def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS, num_warps, programs per SM).
+def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, num_warps, programs per SM, row-loop pipeline stages).
 
     The backward is bound by memory latency: each program walks its rows serially. Swept on an H100
     (`benchmarks/rms_norm_sweep.py`, results in `benchmarks/results/rms_norm_sweep.{md,json}`): at d <= 1024,
     tiles of 4096 elements over 4 warps beat the earlier 2048 over 8 by 8-16% (d=768 bf16 52.4 vs 60.9 us,
-    d=1024 58.0 vs 65.4, d=512 fp32 86.6 vs 103.3). Eight programs per SM would gain 6-15% more (d=768
-    46.7 us with 4 warps, bf16 d=512 53.6 vs 63.3 with 2) but multiply the float32 partial weight gradients
-    (programs x d x 4 bytes; Liger-Kernel keeps one per SM), which took the in-place fwd+bwd 8 MiB above
-    Liger's peak in `benchmarks/fused.py` (the issue's memory target); two per SM stay under 1.1 MiB at d=1024
-    on 132 SMs. Rows of 2048 and more keep one row a tile over 8-16 warps.
+    d=1024 58.0 vs 65.4, d=512 fp32 86.6 vs 103.3). More programs per SM hide more latency but multiply the
+    float32 partial weight gradients (programs x d x 4 bytes; Liger-Kernel keeps one per SM; eight per SM took
+    the in-place fwd+bwd 8 MiB above Liger's peak in `benchmarks/fused.py`, the issue's memory target).
+    Pipelining the row loop instead (3 stages: the next tiles' loads in flight, 64 KiB of shared memory in fp32,
+    within the 99 KiB of sm_86) with one program per SM beat two unpipelined programs per SM at every shape
+    measured (H100, session 8, same process, us): d=768 bf16 49.3 vs 51.1, d=1024 bf16 54.9 vs 56.5, d=512 fp32
+    82.9 vs 86.8, d=512 bf16 56.7 vs 64.7, with half the partial sums. (Two pipelined programs per SM lost badly
+    at d=1024: 87.4.) Rows of 2048 and more keep one row a tile over 8-16 warps, two per SM, unpipelined.
     """
     block_cols = next_power_of_2(n_cols)
     if block_cols <= 1024:
-        return max(1, min(16, 4096 // block_cols)), block_cols, 4, 2
-    return 1, block_cols, min(16, block_cols // 256), 2
+        return max(1, min(16, 4096 // block_cols)), block_cols, 4, 1, 3
+    return 1, block_cols, min(16, block_cols // 256), 2, 1
 
 
 def _empty_sum(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
@@ -272,7 +277,7 @@ def _rms_norm_backward(
         dx = torch.empty((n_rows, n_cols), dtype=summed.dtype, device=dy.device)
     if n_rows == 0:
         return dx, torch.zeros_like(weight)
-    block_rows, block_cols, num_warps, programs_per_sm = _backward_launch_config(n_cols)
+    block_rows, block_cols, num_warps, programs_per_sm, pipeline_stages = _backward_launch_config(n_cols)
     n_programs = min(_programs_per_launch(dy.device) * programs_per_sm, cdiv(n_rows, block_rows))
     # Whole row blocks per program, so that only the last program has a ragged tail.
     rows_per_program = cdiv(cdiv(n_rows, n_programs), block_rows) * block_rows
@@ -296,6 +301,7 @@ def _rms_norm_backward(
             rows_per_program,
             HAS_DSUMMED=dsummed is not None,
             CAST_TO_WEIGHT_DTYPE=weight.dtype in _HALF_DTYPES,
+            ROW_PIPELINE_STAGES=pipeline_stages,
             BLOCK_ROWS=block_rows,
             BLOCK_COLS=block_cols,
             num_warps=num_warps,

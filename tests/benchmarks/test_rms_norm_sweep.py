@@ -19,7 +19,7 @@ def test_grid_holds_launchable_configs_and_the_defaults(block_cols):
 
     forward = sweep._candidates("forward", block_cols)
     backward = sweep._candidates("backward", block_cols)
-    assert forward and len(backward) == len(forward) * len(sweep.PROGRAMS_PER_SM)
+    assert forward and len(backward) == len(forward) * len(sweep.PROGRAMS_PER_SM) * len(sweep.PIPELINE_STAGES)
     for rows, cols, warps, *_ in forward + backward:
         assert cols == block_cols and 4 <= rows * cols // (warps * 32) <= 64 and rows * cols <= 16384
     # the modules' defaults are points of the grid, so the sweep ranks them against the same alternatives
@@ -31,8 +31,8 @@ def test_markdown_lists_default_then_fastest():
     env = dict(gpu="GPU", torch="2", triton="3", date="today")
     result = dict(
         rows=16, d=768, x_dtype="bfloat16", weight_dtype="bfloat16", pass_name="backward",
-        default=dict(config=[4, 1024, 4, 2], us=50.0, us_runs=[50.0, 52.0], GB_per_s=1500),
-        configs=[dict(config=[4, 1024, 2, 8], us=47.5), dict(config=[1, 1024, 4, 8], us=48.0)],
+        default=dict(config=[4, 1024, 4, 1, 3], us=50.0, us_runs=[50.0, 52.0], GB_per_s=1500),
+        configs=[dict(config=[4, 1024, 2, 8, 1], us=47.5), dict(config=[1, 1024, 4, 8, 3], us=48.0)],
     )  # fmt: skip
     line = sweep.to_markdown(env, [result]).splitlines()[-1]
-    assert line == "| backward | 16 x 768 | bfloat16 / bfloat16 | 4/4/2: 50.0 (1500) | 4/2/8: 47.5, 1/4/8: 48.0 |"
+    assert line == "| backward | 16 x 768 | bfloat16 / bfloat16 | 4/4/1/3: 50.0 (1500) | 4/2/8/1: 47.5, 1/4/8/3: 48.0 |"

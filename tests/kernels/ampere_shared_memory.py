@@ -1,6 +1,7 @@
-"""Compiles the attention kernels' default tiles for one NVIDIA target on a machine without a GPU and prints, a JSON
-line each, the shared memory every kernel needs (run by `test_attention.py::test_default_tiles_fit_ampere_shared_
-memory`, one process per target: Triton caches a kernel's compile target per process).
+"""Compiles the attention kernels' default tiles (and the RMSNorm backward's pipelined row loop) for one NVIDIA target
+on a machine without a GPU and prints, a JSON line each, the shared memory every kernel needs (run by
+`test_attention.py::test_default_tiles_fit_ampere_shared_memory`, one process per target: Triton caches a kernel's
+compile target per process).
 
     TRITON_INTERPRET=0 FAT5_ATTENTION_AUTOTUNE=0 python tests/kernels/ampere_shared_memory.py 86
 
@@ -73,6 +74,22 @@ def main(arch: int) -> None:
         table = torch.randn(2, 32, requires_grad=True)
         out = attention.t5_flash_attention(q, k, v, bias_table=table)
         out.backward(torch.randn_like(out))
+
+    import fat5_kernels.rms_norm as rms_norm
+
+    class CompileAndReport(CompileOnly):
+        def __getitem__(self, grid):
+            def compile_kernel(*args, **kwargs):
+                compiled = self.fn.warmup(*args, grid=grid, **kwargs)
+                row = dict(arch=arch, head_dim=args[8], kernel="rms_norm_backward", shared_bytes=compiled.metadata.shared)
+                print(json.dumps({**row, "limit_bytes": LIMITS[arch]}), flush=True)
+
+            return compile_kernel
+
+    rms_norm._rms_norm_backward_kernel = CompileAndReport(rms_norm._rms_norm_backward_kernel)
+    for d in (512, 1024, 4096):  # float32 rows take the most shared memory (the row width is reported as head_dim)
+        x, dy, rstd = torch.randn(64, d), torch.randn(64, d), torch.rand(64)
+        rms_norm._rms_norm_backward(dy, x, torch.ones(d), rstd, None, in_place=False)
 
 
 if __name__ == "__main__":
