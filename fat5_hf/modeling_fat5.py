@@ -476,6 +476,16 @@ def _clamp_fp16_overflow(hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states
 
 
+def _stream_and_pending(
+    sublayer_result: torch.Tensor | tuple[torch.Tensor, torch.Tensor], defer_add: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(residual stream, output left for the next norm)` after a sublayer called with `defer_add`; without it, the
+    stream with T5's fp16 overflow clamp applied, and no pending output."""
+    if defer_add:
+        return sublayer_result
+    return _clamp_fp16_overflow(sublayer_result), None
+
+
 class FAT5Block(GradientCheckpointingLayer):
     """One T5 block: self-attention, cross-attention (decoder only), feed-forward; pre-norm residuals."""
 
@@ -507,7 +517,6 @@ class FAT5Block(GradientCheckpointingLayer):
         # pass over the residual stream less, forward and backward). An fp16 residual stream keeps the adds: T5
         # clamps overflows between the add and the next norm.
         defer_add = hidden_states.dtype != torch.float16
-        pending_output = None
         hidden_states, self_attn_position_bias, _ = self.layer[0](
             hidden_states,
             attention_mask=attention_mask,
@@ -516,10 +525,7 @@ class FAT5Block(GradientCheckpointingLayer):
             defer_add=defer_add,
             **kwargs,
         )
-        if defer_add:
-            hidden_states, pending_output = hidden_states
-        else:
-            hidden_states = _clamp_fp16_overflow(hidden_states)
+        hidden_states, pending_output = _stream_and_pending(hidden_states, defer_add)
 
         cross_attn_position_bias = None
         if self.is_decoder and encoder_hidden_states is not None:
@@ -533,10 +539,7 @@ class FAT5Block(GradientCheckpointingLayer):
                 defer_add=defer_add,
                 **kwargs,
             )
-            if defer_add:
-                hidden_states, pending_output = hidden_states
-            else:
-                hidden_states = _clamp_fp16_overflow(hidden_states)
+            hidden_states, pending_output = _stream_and_pending(hidden_states, defer_add)
 
         hidden_states = self.layer[-1](hidden_states, pending_output=pending_output)
         hidden_states = _clamp_fp16_overflow(hidden_states)
