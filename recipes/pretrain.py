@@ -342,10 +342,16 @@ def build_denoisers(config: PretrainConfig):
     raise ConfigError(f'data.denoisers must be "ul2", "t5" or a list of DenoiserSpec mappings, got {denoisers!r}')
 
 
-def build_collator(config: PretrainConfig, tokenizer, seed: int):
+def build_collator(config: PretrainConfig, tokenizer, seed: int, evaluation: bool = False):
+    """The UL2 collator of ``data``; for ``evaluation`` every batch mixes the denoisers (whatever
+    ``data.collator_kwargs.denoiser_per_batch`` says), so that the evaluation loss covers the whole mixture and
+    compares across runs."""
     from fat5_hf.ul2 import DataCollatorForUL2
 
     data = config.data
+    collator_kwargs = dict(data.collator_kwargs)
+    if evaluation:
+        collator_kwargs["denoiser_per_batch"] = False
     try:
         return DataCollatorForUL2(
             tokenizer,
@@ -353,7 +359,7 @@ def build_collator(config: PretrainConfig, tokenizer, seed: int):
             max_input_length=data.max_input_length,
             max_target_length=data.max_target_length,
             seed=seed,
-            **data.collator_kwargs,
+            **collator_kwargs,
         )
     except ValueError as err:
         raise ConfigError(
@@ -427,7 +433,7 @@ def build_data(config: PretrainConfig, tokenizer, accelerator) -> tuple[UL2Batch
                 num_processes=accelerator.num_processes,
                 shuffle=False,
             ),
-            build_collator(config, tokenizer, seed=10_000 + training.seed + accelerator.process_index),
+            build_collator(config, tokenizer, seed=10_000 + training.seed + accelerator.process_index, evaluation=True),
             training.per_device_batch_size,
         )
         eval_batches = [next(eval_stream) for _ in range(training.eval_batches)]

@@ -8,6 +8,7 @@ overwritten), and two-process DDP (gloo) with an exact resume. FSDP2 needs GPUs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -240,6 +242,23 @@ def test_denoiser_mixture_is_configurable():
     ]:  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             pretrain.build_collator(load_config(None, [bad]), tokenizer, seed=0)
+
+
+def test_evaluation_batches_mix_the_denoisers():
+    """With `denoiser_per_batch` the training batches take one denoiser each, the evaluation batches still mix them
+    (an evaluation loss over the whole mixture, comparable across runs)."""
+    config = load_config(None, ["data.collator_kwargs={denoiser_per_batch: true}"])
+    tokenizer = pretrain.load_tokenizer(config)
+    assert pretrain.build_collator(config, tokenizer, seed=0).denoiser_per_batch
+    assert not pretrain.build_collator(config, tokenizer, seed=0, evaluation=True).denoiser_per_batch
+    assert config.data.collator_kwargs == {"denoiser_per_batch": True}  # the config is left as it was
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, main_process_first=contextlib.nullcontext)
+    train_stream, eval_batches = pretrain.build_data(config, tokenizer, accelerator)
+    mode_ids = tokenizer.convert_tokens_to_ids(["[R]", "[S]", "[X]"])
+    for batch in eval_batches:
+        assert len({int(row[0]) for row in batch["input_ids"]} & set(mode_ids)) > 1
+    train_batch = next(iter(train_stream))
+    assert len({int(row[0]) for row in train_batch["input_ids"]}) == 1
 
 
 def test_resume_mismatches_ignore_only_mutable_fields():
