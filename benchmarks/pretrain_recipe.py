@@ -4,8 +4,8 @@ pipeline, where `benchmarks/pretrain.py` times dense random batches.
 
 Each mode is a separate `accelerate launch` of the FAT5-small config (one process, bf16) on the shipped French corpus
 and tokenizer (no network), with every batch padded to one shape (``--pad-to-multiple-of``, 512 by default: the
-compiled modes then compile once), or one UL2 denoiser per batch (``--denoiser-per-batch``: less padding, a few batch
-shapes). The recipe logs tokens/s over windows of ``--logging-steps`` steps; the first ``--skip-windows``
+compiled modes then compile once), or with each batch's UL2 denoisers drawn from one group of equal padded lengths
+(``--group-denoisers-by-length``: less padding, a few batch shapes). The recipe logs tokens/s over windows of ``--logging-steps`` steps; the first ``--skip-windows``
 (compilation, autotuning) are left out and the median of the others is reported, with the range.
 Writes ``pretrain_recipe.json`` and ``.md``. Usage (GPU machine, repository root)::
 
@@ -61,8 +61,8 @@ def recipe_command(args: argparse.Namespace, mode: str, output_dir: str) -> list
     ]
     if args.pad_to_multiple_of:
         command.append(f"data.collator_kwargs.pad_to_multiple_of={args.pad_to_multiple_of}")
-    if args.denoiser_per_batch:
-        command.append("data.collator_kwargs.denoiser_per_batch=true")
+    if args.group_denoisers_by_length:
+        command.append("data.collator_kwargs.group_denoisers_by_length=true")
     return command + MODES[mode] + list(args.override)
 
 
@@ -95,8 +95,8 @@ def summarize(mode: str, log_path: str, skip_windows: int) -> dict:
 def to_markdown(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
     base = next((r for r in rows if r["mode"] == "eager"), None)
     padding = f"padded to a multiple of {args.pad_to_multiple_of}" if args.pad_to_multiple_of else "default padding"
-    if args.denoiser_per_batch:
-        padding += ", one denoiser per batch"
+    if args.group_denoisers_by_length:
+        padding += ", denoisers grouped by length"
     lines = [
         "# The pretraining recipe's throughput: eager, compiled, CUDA graphs",
         "",
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--skip-windows", type=int, default=1, help="first logging windows left out (warm-up)")
     parser.add_argument("--pad-to-multiple-of", type=int, default=512, help="0: the config's own padding")
-    parser.add_argument("--denoiser-per-batch", action="store_true",
-                        help="one UL2 denoiser per batch (less padding, a few batch shapes)")  # fmt: skip
+    parser.add_argument("--group-denoisers-by-length", action="store_true",
+                        help="each batch's UL2 denoisers from one group of equal lengths (less padding, a few shapes)")  # fmt: skip
     parser.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16", "fp16"])
     parser.add_argument("--override", action="append", default=[], help="extra recipe key=value (repeatable)")
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

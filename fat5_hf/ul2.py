@@ -277,14 +277,16 @@ class DataCollatorForUL2:
         return_segment_ids: also return ``encoder_segment_ids`` and ``decoder_segment_ids`` (int64, 1..k per
             document of the row, 0 on padding). Off by default since a plain T5 ``forward`` rejects unknown keys.
         decoder_start_token_id: first decoder input of each document; default the pad id (T5's convention).
-        denoiser_per_batch: draw one denoiser per batch (with the mixture's probabilities) instead of one per row.
-            Each denoiser turns a chunk into inputs and targets of nearly fixed lengths (R: long inputs, short
-            targets; X: both halves; S: 3:1), so a batch mixing them pads every row to the longest of each side.
-            With the UL2 default, 512 + 512 tokens and 64-row batches of French text, padding is 31% of a mixed
-            batch (``pad_to_multiple_of=64``; 40% padded to 512) and 8-12% of a one-denoiser batch
-            (``pad_to_multiple_of`` 64 or 128, giving 4 or 3 distinct batch shapes). The mixture is the same over
-            many batches, but an optimizer step then sees fewer denoisers (one per micro-batch and process), and
-            the logged loss jumps with the denoiser drawn.
+        group_denoisers_by_length: draw each batch's denoisers from one group of denoisers whose examples pad to the
+            same lengths instead of from the whole mixture. Each denoiser turns a chunk into inputs and targets of
+            nearly fixed lengths (R: long inputs, short targets; X: both halves; S: 3:1), so a batch mixing all of
+            them pads every row to the longest of each side. Groups are the denoisers whose `chunk_length`-token
+            example rounds up to the same input and target lengths (multiples of ``pad_to_multiple_of``); a batch
+            draws a group with the group's total probability, then each row a denoiser of the group, so every
+            denoiser keeps its probability. With the UL2 default, 512 + 512 tokens and 64-row batches of French
+            text, padding is 31% of a mixed batch (``pad_to_multiple_of=64``; 40% padded to 512) and 8-13% of a
+            grouped one (``pad_to_multiple_of`` 64 or 128: 4 or 3 groups, as many batch shapes). An optimizer step
+            then sees fewer denoisers, and the logged loss jumps with the group drawn.
 
     Call it on a list of examples ``{"input_ids": list[int]}`` (optionally ``"document_ids"``: one int per token,
     equal ids for the tokens of one document, as produced by `fat5_hf.packing`). Each example should hold at most
@@ -308,6 +310,8 @@ class DataCollatorForUL2:
     Attributes:
         chunk_length: the largest example length that fits every denoiser for a single-document example.
         last_denoiser_indices: index into ``denoisers`` used for each row of the last batch (for logging).
+        denoiser_groups: with ``group_denoisers_by_length``, ``(denoiser indices, their probabilities within the
+            group)`` per group; ``denoiser_group_probabilities`` holds each group's probability.
     """
 
     def __init__(
@@ -322,7 +326,7 @@ class DataCollatorForUL2:
         pad_to_max_length: bool = False,
         return_segment_ids: bool = False,
         decoder_start_token_id: int | None = None,
-        denoiser_per_batch: bool = False,
+        group_denoisers_by_length: bool = False,
     ):
         self.tokenizer = tokenizer
         self.denoisers = list(denoisers) if denoisers is not None else default_ul2_denoisers()
@@ -338,7 +342,6 @@ class DataCollatorForUL2:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_to_max_length = pad_to_max_length
         self.return_segment_ids = return_segment_ids
-        self.denoiser_per_batch = bool(denoiser_per_batch)
 
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer needs a pad token and an eos token (T5: pad=0, eos=1).")
@@ -366,12 +369,31 @@ class DataCollatorForUL2:
             for d, mode_ids in zip(self.denoisers, self.mode_token_ids)
         )
 
+        self.group_denoisers_by_length = bool(group_denoisers_by_length)
+        # (denoiser indices, their probabilities within the group) per group, and each group's probability
+        self.denoiser_groups: list[tuple[np.ndarray, np.ndarray]] = []
+        self.denoiser_group_probabilities = np.ones(1)
+        if self.group_denoisers_by_length:
+            self._group_denoisers_by_length()
+
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
         self.seed = int(seed)
         self.epoch = 0
         self.num_batches_seen = 0  # informational (per process: DataLoader workers hold copies)
         self.last_denoiser_indices: list[int] = []
+
+    def _group_denoisers_by_length(self) -> None:
+        multiple = self.pad_to_multiple_of or 1
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (denoiser, mode_ids) in enumerate(zip(self.denoisers, self.mode_token_ids)):
+            input_length, target_length, _ = denoised_lengths(self.chunk_length, denoiser, len(mode_ids))
+            padded = (-(-input_length // multiple) * multiple, -(-target_length // multiple) * multiple)
+            groups.setdefault(padded, []).append(index)
+        members = [np.asarray(indices) for indices in groups.values()]
+        totals = np.asarray([self.denoiser_probabilities[m].sum() for m in members])
+        self.denoiser_groups = [(m, self.denoiser_probabilities[m] / total) for m, total in zip(members, totals)]
+        self.denoiser_group_probabilities = totals / totals.sum()
 
     # ----------------------------------------------------------------------------------------------- state
 
@@ -552,11 +574,12 @@ class DataCollatorForUL2:
                 raise KeyError(f"Each example needs an 'input_ids' field; got keys {sorted(example)}.")
         rng = self._batch_rng(examples)
         self.num_batches_seen += 1
-        denoiser_indices = rng.choice(
-            len(self.denoisers), size=1 if self.denoiser_per_batch else len(examples), p=self.denoiser_probabilities
-        )
-        if self.denoiser_per_batch:
-            denoiser_indices = np.repeat(denoiser_indices, len(examples))
+        if self.group_denoisers_by_length:
+            group = rng.choice(len(self.denoiser_groups), p=self.denoiser_group_probabilities)
+            members, probabilities = self.denoiser_groups[group]
+            denoiser_indices = members[rng.choice(len(members), size=len(examples), p=probabilities)]
+        else:
+            denoiser_indices = rng.choice(len(self.denoisers), size=len(examples), p=self.denoiser_probabilities)
         self.last_denoiser_indices = denoiser_indices.tolist()
 
         rows = []
@@ -601,6 +624,6 @@ class DataCollatorForUL2:
         return (
             f"{type(self).__name__}(max_input_length={self.max_input_length}, max_target_length="
             f"{self.max_target_length}, chunk_length={self.chunk_length}, denoisers=[{mixture}]"
-            + (", denoiser_per_batch=True)" if self.denoiser_per_batch else ")")
+            + (", group_denoisers_by_length=True)" if self.group_denoisers_by_length else ")")
         )
 

@@ -343,15 +343,15 @@ def build_denoisers(config: PretrainConfig):
 
 
 def build_collator(config: PretrainConfig, tokenizer, seed: int, evaluation: bool = False):
-    """The UL2 collator of ``data``; for ``evaluation`` every batch mixes the denoisers (whatever
-    ``data.collator_kwargs.denoiser_per_batch`` says), so that the evaluation loss covers the whole mixture and
-    compares across runs."""
+    """The UL2 collator of ``data``; for ``evaluation`` every batch mixes all the denoisers (whatever
+    ``data.collator_kwargs.group_denoisers_by_length`` says), so that the evaluation loss covers the whole mixture
+    and compares across runs."""
     from fat5_hf.ul2 import DataCollatorForUL2
 
     data = config.data
     collator_kwargs = dict(data.collator_kwargs)
     if evaluation:
-        collator_kwargs["denoiser_per_batch"] = False
+        collator_kwargs["group_denoisers_by_length"] = False
     try:
         return DataCollatorForUL2(
             tokenizer,

@@ -16,7 +16,7 @@ _spec.loader.exec_module(benchmark)
 
 def _args(**overrides):
     fields = dict(config="", config_data=False, steps=6, logging_steps=2, skip_windows=1, pad_to_multiple_of=512,
-                  denoiser_per_batch=False, mixed_precision="bf16", override=[])  # fmt: skip
+                  group_denoisers_by_length=False, mixed_precision="bf16", override=[])  # fmt: skip
     return argparse.Namespace(**{**fields, **overrides})
 
 
@@ -26,9 +26,9 @@ def test_modes_differ_only_in_their_compile_options(tmp_path):
     # the mode's options, then the user's overrides last (so that they win)
     assert graphs == eager[:-1] + benchmark.MODES["cudagraphs"] + ["training.per_device_batch_size=8"]
     assert "data.collator_kwargs.pad_to_multiple_of=512" in eager and "data.dataset_name=null" in eager
-    assert not any("denoiser_per_batch" in part for part in eager)
-    per_batch = benchmark.recipe_command(_args(denoiser_per_batch=True), "eager", str(tmp_path))
-    assert "data.collator_kwargs.denoiser_per_batch=true" in per_batch
+    assert not any("group_denoisers_by_length" in part for part in eager)
+    per_batch = benchmark.recipe_command(_args(group_denoisers_by_length=True), "eager", str(tmp_path))
+    assert "data.collator_kwargs.group_denoisers_by_length=true" in per_batch
     assert "--config" not in eager  # '' runs the embedded default
     assert "data.dataset_name=null" not in benchmark.recipe_command(_args(config_data=True), "eager", str(tmp_path))
 

@@ -288,31 +288,50 @@ def test_mixture_proportions(tokenizer):
     assert np.all(np.abs(counts / counts.sum() - expected) <= 4 * np.sqrt(expected * (1 - expected) / 2000))
 
 
-def test_denoiser_per_batch(tokenizer):
-    """`denoiser_per_batch`: every row of a batch has the same denoiser, drawn with the mixture's probabilities
-    across batches; rows stay exact; the batch pads less than a mixed batch of the same rows."""
+def test_group_denoisers_by_length(tokenizer):
+    """`group_denoisers_by_length`: the groups are the denoisers whose chunk pads to the same lengths; each batch
+    draws its rows' denoisers from one group; groups and denoisers within them keep the mixture's probabilities;
+    rows stay exact; batches pad less than mixed batches of the same rows."""
     denoisers = default_ul2_denoisers()
     collator = with_mode_ids(
-        DataCollatorForUL2(tokenizer, denoisers, max_input_length=64, seed=6, denoiser_per_batch=True,
-                           return_segment_ids=True)
-    )
-    mixed = DataCollatorForUL2(tokenizer, denoisers, max_input_length=64, seed=6)
-    assert "denoiser_per_batch=True" in repr(collator) and "denoiser_per_batch" not in repr(mixed)
+        DataCollatorForUL2(tokenizer, denoisers, max_input_length=64, pad_to_multiple_of=16, seed=6,
+                           group_denoisers_by_length=True, return_segment_ids=True)
+    )  # fmt: skip
+    mixed = DataCollatorForUL2(tokenizer, denoisers, max_input_length=64, pad_to_multiple_of=16, seed=6)
+    assert "group_denoisers_by_length=True" in repr(collator) and "group_denoisers" not in repr(mixed)
+    # R (mean span 3 or 8) and X (mean span 64, 15%): long inputs, short targets; the other X: halves; S apart
+    groups = [members.tolist() for members, _ in collator.denoiser_groups]
+    assert groups == [[0, 1, 4], [2, 3, 5], [6]]
+    padded = lambda n: -(-n // 16) * 16
+    for members in groups:
+        shapes = {tuple(padded(n) for n in denoised_lengths(collator.chunk_length, denoisers[i])[:2]) for i in members}
+        assert len(shapes) == 1
+    expected = np.array([d.weight for d in denoisers]) / sum(d.weight for d in denoisers)
+    assert collator.denoiser_group_probabilities.tolist() == pytest.approx([expected[g].sum() for g in groups])
+
     rng = np.random.default_rng(7)
-    counts = np.zeros(len(denoisers))
-    padded, padded_mixed = 0, 0
+    group_counts, row_counts = np.zeros(len(groups)), np.zeros(len(denoisers))
+    padded_tokens, padded_tokens_mixed, batches_mixing = 0, 0, 0
     for _ in range(600):
         examples = [{"input_ids": random_words(rng, collator.chunk_length)} for _ in range(8)]
         batch = collator(examples)
-        assert len(set(collator.last_denoiser_indices)) == 1
-        counts[collator.last_denoiser_indices[0]] += 1
-        padded += batch["input_ids"].numel() + batch["labels"].numel()
-        padded_mixed += sum(mixed(examples)[key].numel() for key in ("input_ids", "labels"))
+        used = set(collator.last_denoiser_indices)
+        (group,) = [g for g, members in enumerate(groups) if used <= set(members)]
+        group_counts[group] += 1
+        row_counts += np.bincount(collator.last_denoiser_indices, minlength=len(denoisers))
+        batches_mixing += len(used) > 1
+        padded_tokens += batch["input_ids"].numel() + batch["labels"].numel()
+        padded_tokens_mixed += sum(mixed(examples)[key].numel() for key in ("input_ids", "labels"))
     check_batch(collator, examples, batch)
-    expected = np.array([d.weight for d in denoisers]) / sum(d.weight for d in denoisers)
-    # 600 draws: 4 standard deviations of a binomial proportion
-    assert np.all(np.abs(counts / counts.sum() - expected) <= 4 * np.sqrt(expected * (1 - expected) / 600))
-    assert padded < 0.85 * padded_mixed
+    # 4 standard deviations of a binomial proportion: groups over 600 batches, denoisers over their group's rows
+    group_expected = collator.denoiser_group_probabilities
+    assert np.all(np.abs(group_counts / 600 - group_expected) <= 4 * np.sqrt(group_expected * (1 - group_expected) / 600))
+    for members, probabilities in collator.denoiser_groups:
+        rows = row_counts[members].sum()
+        spread = 4 * np.sqrt(probabilities * (1 - probabilities) / rows) + 1e-12
+        assert np.all(np.abs(row_counts[members] / rows - probabilities) <= spread)
+    assert batches_mixing > 300  # rows of one batch still mix the denoisers of their group
+    assert padded_tokens < 0.9 * padded_tokens_mixed
 
 
 def test_edge_cases(tokenizer):

@@ -245,20 +245,19 @@ def test_denoiser_mixture_is_configurable():
 
 
 def test_evaluation_batches_mix_the_denoisers():
-    """With `denoiser_per_batch` the training batches take one denoiser each, the evaluation batches still mix them
-    (an evaluation loss over the whole mixture, comparable across runs)."""
-    config = load_config(None, ["data.collator_kwargs={denoiser_per_batch: true}"])
+    """With `group_denoisers_by_length` a training batch draws its denoisers from one length group, the evaluation
+    batches still mix them all (an evaluation loss over the whole mixture, comparable across runs)."""
+    config = load_config(None, ["data.collator_kwargs={group_denoisers_by_length: true}"])
     tokenizer = pretrain.load_tokenizer(config)
-    assert pretrain.build_collator(config, tokenizer, seed=0).denoiser_per_batch
-    assert not pretrain.build_collator(config, tokenizer, seed=0, evaluation=True).denoiser_per_batch
-    assert config.data.collator_kwargs == {"denoiser_per_batch": True}  # the config is left as it was
+    assert pretrain.build_collator(config, tokenizer, seed=0).group_denoisers_by_length
+    assert not pretrain.build_collator(config, tokenizer, seed=0, evaluation=True).group_denoisers_by_length
+    assert config.data.collator_kwargs == {"group_denoisers_by_length": True}  # the config is left as it was
     accelerator = SimpleNamespace(process_index=0, num_processes=1, main_process_first=contextlib.nullcontext)
-    train_stream, eval_batches = pretrain.build_data(config, tokenizer, accelerator)
-    mode_ids = tokenizer.convert_tokens_to_ids(["[R]", "[S]", "[X]"])
-    for batch in eval_batches:
-        assert len({int(row[0]) for row in batch["input_ids"]} & set(mode_ids)) > 1
-    train_batch = next(iter(train_stream))
-    assert len({int(row[0]) for row in train_batch["input_ids"]}) == 1
+    _, eval_batches = pretrain.build_data(config, tokenizer, accelerator)
+    _, mixed_eval_batches = pretrain.build_data(load_config(), tokenizer, accelerator)
+    assert len(eval_batches) == len(mixed_eval_batches) > 0
+    for batch, mixed in zip(eval_batches, mixed_eval_batches):
+        assert batch.keys() == mixed.keys() and all(torch.equal(batch[key], mixed[key]) for key in batch)
 
 
 def test_resume_mismatches_ignore_only_mutable_fields():
