@@ -384,11 +384,12 @@ class DataCollatorForUL2:
         self.last_denoiser_indices: list[int] = []
 
     def _group_denoisers_by_length(self) -> None:
-        multiple = self.pad_to_multiple_of or 1
+        # the lengths a chunk of each denoiser pads to, as `__call__` pads a batch of such chunks
         groups: dict[tuple[int, int], list[int]] = {}
         for index, (denoiser, mode_ids) in enumerate(zip(self.denoisers, self.mode_token_ids)):
             input_length, target_length, _ = denoised_lengths(self.chunk_length, denoiser, len(mode_ids))
-            padded = (-(-input_length // multiple) * multiple, -(-target_length // multiple) * multiple)
+            padded = (self._padded_length(input_length, self.max_input_length),
+                      self._padded_length(target_length, self.max_target_length))  # fmt: skip
             groups.setdefault(padded, []).append(index)
         members = [np.asarray(indices) for indices in groups.values()]
         totals = np.asarray([self.denoiser_probabilities[m].sum() for m in members])

@@ -308,6 +308,10 @@ def test_group_denoisers_by_length(tokenizer):
         assert len(shapes) == 1
     expected = np.array([d.weight for d in denoisers]) / sum(d.weight for d in denoisers)
     assert collator.denoiser_group_probabilities.tolist() == pytest.approx([expected[g].sum() for g in groups])
+    # padded to the limits, every batch has one shape already: one group, the whole mixture
+    static = DataCollatorForUL2(tokenizer, denoisers, max_input_length=64, pad_to_max_length=True,
+                                group_denoisers_by_length=True)  # fmt: skip
+    assert [members.tolist() for members, _ in static.denoiser_groups] == [list(range(len(denoisers)))]
 
     rng = np.random.default_rng(7)
     group_counts, row_counts = np.zeros(len(groups)), np.zeros(len(denoisers))
