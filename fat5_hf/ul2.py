@@ -310,8 +310,9 @@ class DataCollatorForUL2:
     Attributes:
         chunk_length: the largest example length that fits every denoiser for a single-document example.
         last_denoiser_indices: index into ``denoisers`` used for each row of the last batch (for logging).
-        denoiser_groups: with ``group_denoisers_by_length``, ``(denoiser indices, their probabilities within the
-            group)`` per group; ``denoiser_group_probabilities`` holds each group's probability.
+        denoiser_groups: ``(denoiser indices, their probabilities within the group)`` per group (without
+            ``group_denoisers_by_length``, one group: the whole mixture); ``denoiser_group_probabilities`` holds
+            each group's probability.
     """
 
     def __init__(
@@ -370,11 +371,12 @@ class DataCollatorForUL2:
         )
 
         self.group_denoisers_by_length = bool(group_denoisers_by_length)
-        # (denoiser indices, their probabilities within the group) per group, and each group's probability
-        self.denoiser_groups: list[tuple[np.ndarray, np.ndarray]] = []
-        self.denoiser_group_probabilities = np.ones(1)
-        if self.group_denoisers_by_length:
-            self._group_denoisers_by_length()
+        groups = (
+            self._denoisers_by_padded_length() if self.group_denoisers_by_length else [np.arange(len(self.denoisers))]
+        )
+        totals = np.asarray([self.denoiser_probabilities[members].sum() for members in groups])
+        self.denoiser_groups = [(m, self.denoiser_probabilities[m] / total) for m, total in zip(groups, totals)]
+        self.denoiser_group_probabilities = totals / totals.sum()
 
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
@@ -383,18 +385,15 @@ class DataCollatorForUL2:
         self.num_batches_seen = 0  # informational (per process: DataLoader workers hold copies)
         self.last_denoiser_indices: list[int] = []
 
-    def _group_denoisers_by_length(self) -> None:
-        # the lengths a chunk of each denoiser pads to, as `__call__` pads a batch of such chunks
+    def _denoisers_by_padded_length(self) -> list[np.ndarray]:
+        """Denoiser indices grouped by the lengths a chunk of each pads to, as `__call__` pads a batch of them."""
         groups: dict[tuple[int, int], list[int]] = {}
         for index, (denoiser, mode_ids) in enumerate(zip(self.denoisers, self.mode_token_ids)):
             input_length, target_length, _ = denoised_lengths(self.chunk_length, denoiser, len(mode_ids))
             padded = (self._padded_length(input_length, self.max_input_length),
                       self._padded_length(target_length, self.max_target_length))  # fmt: skip
             groups.setdefault(padded, []).append(index)
-        members = [np.asarray(indices) for indices in groups.values()]
-        totals = np.asarray([self.denoiser_probabilities[m].sum() for m in members])
-        self.denoiser_groups = [(m, self.denoiser_probabilities[m] / total) for m, total in zip(members, totals)]
-        self.denoiser_group_probabilities = totals / totals.sum()
+        return [np.asarray(indices) for indices in groups.values()]
 
     # ----------------------------------------------------------------------------------------------- state
 
