@@ -9,7 +9,7 @@ Three launches, FlashAttention-2 style, all deterministic:
    * band tiles take a reversed cumulative sum of dS along the query axis, then one ``tl.gather`` per
      (key row, cut) reads "sum of dS over distances <= cut" for every bucket boundary ("cut") at once.
    Each program writes these few numbers to its own slot of a small fp32 buffer
-   ``(key_blocks, B, H, num_cuts_padded + 2)``; the host differences and reduces them in a fixed order.
+   ``(H, num_cuts_padded + 2, key_blocks * B)``; the host differences and reduces them in a fixed order.
    No atomics, no (L, L) tensor: the table gradient costs O(L / BLOCK_N * buckets) memory.
 3. ``_bwd_dq_kernel``: one program per (query block, batch, head) walks the keys for dQ.
 """
@@ -240,7 +240,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh, stride_maskb,
-    batch, num_heads, seqlen_q, seqlen_k, head_dim, qk_scale_log2, softmax_scale, radius, dist_center,
+    batch, num_heads, seqlen_q, seqlen_k, head_dim, qk_scale_log2, softmax_scale, radius, dist_center, num_partials,
     SEQLEN_KEY,
     BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr, NUM_CUTS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -361,10 +361,12 @@ def _bwd_dkdv_kernel(
         mask=kv_mask,
     )
     if COMPUTE_DBIAS:
-        slot = BiasPartials + ((start_n * batch + off_b) * num_heads + off_h).to(tl.int64) * (NUM_CUTS_PAD + 2)
-        tl.store(slot + tl.arange(0, NUM_CUTS_PAD), band_cut_sums)
-        tl.store(slot + NUM_CUTS_PAD, tl.sum(far_left_rows, axis=0))
-        tl.store(slot + NUM_CUTS_PAD + 1, tl.sum(far_right_rows, axis=0))
+        # layout (H, NUM_CUTS_PAD + 2, num_partials): each sum's programs are contiguous, so the host's reduction
+        # over them is a fast row sum
+        slot = BiasPartials + (off_h * (NUM_CUTS_PAD + 2) * num_partials + start_n * batch + off_b).to(tl.int64)
+        tl.store(slot + tl.arange(0, NUM_CUTS_PAD).to(tl.int64) * num_partials, band_cut_sums)
+        tl.store(slot + NUM_CUTS_PAD * num_partials, tl.sum(far_left_rows, axis=0))
+        tl.store(slot + (NUM_CUTS_PAD + 1) * num_partials, tl.sum(far_right_rows, axis=0))
 
 
 @triton.jit
@@ -595,8 +597,8 @@ def t5_attention_backward(
     """Launch the backward kernels on validated inputs (layouts as in `t5_attention_forward`).
 
     Returns ``dq, dk, dv`` (dtypes of q, k, v) and, when ``cuts`` is given (T5 bias that needs a gradient),
-    the per-program bias sums: float32 ``(key_blocks, B, H, len(cuts) + 2)`` holding, per program, the sum of
-    dS over band elements with distance ``<= cut`` for each cut, then the sums over the far-left
+    the per-program bias sums: float32 ``(H, len(cuts) + 2, key_blocks * B)`` holding, per program, the sum
+    of dS over band elements with distance ``<= cut`` for each cut, then the sums over the far-left
     (``d <= -R``) and far-right (``d >= R``) tiles. `bias_sums_to_table_grad` turns them into the table gradient.
     """
     is_varlen = cu_seqlens_q is not None
@@ -614,7 +616,7 @@ def t5_attention_backward(
     if q.numel() == 0 or k.numel() == 0:  # no rows or no keys: every gradient is zero
         partials = None
         if cuts is not None:
-            partials = torch.zeros(1, 1, q.shape[1], cuts.numel() + 2, device=q.device, dtype=torch.float32)
+            partials = torch.zeros(q.shape[1], cuts.numel() + 2, 1, device=q.device, dtype=torch.float32)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), partials
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -622,13 +624,11 @@ def t5_attention_backward(
     bias_kind = BIAS_T5 if dist_bias is not None else (BIAS_ALIBI if alibi_slopes is not None else BIAS_NONE)
     compute_dbias = cuts is not None
     num_cuts_pad = cuts.numel() if compute_dbias else 2
+    # one slot per program of the smallest key block: programs that exit early leave zeros
+    num_partials = cdiv(max_seqlen_k, DKDV_MIN_BLOCK_N) * batch
     bias_partials = None
     if compute_dbias:
-        # one slot per program of the smallest key block: programs that exit early leave zeros
-        bias_partials = torch.zeros(
-            cdiv(max_seqlen_k, DKDV_MIN_BLOCK_N), batch, num_heads, num_cuts_pad + 2,
-            device=q.device, dtype=torch.float32,
-        )  # fmt: skip
+        bias_partials = torch.zeros(num_heads, num_cuts_pad + 2, num_partials, device=q.device, dtype=torch.float32)
     seqlen_key = seqlen_autotune_key(max(max_seqlen_q, max_seqlen_k))
     common = dict(
         PREFETCH_BIAS=prefetch_band_bias(),
@@ -658,7 +658,8 @@ def t5_attention_backward(
         *_layout_strides(q, is_varlen), *_layout_strides(k, is_varlen), *_layout_strides(v, is_varlen),
         *_layout_strides(dout, is_varlen), *_layout_strides(dk, is_varlen), *_layout_strides(dv, is_varlen),
         *lse_strides, mask_stride,
-        batch, num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, dist_center, seqlen_key,
+        batch, num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, dist_center,
+        num_partials, seqlen_key,
     )  # fmt: skip
     dkdv_kwargs = dict(COMPUTE_DBIAS=compute_dbias, NUM_CUTS_PAD=num_cuts_pad, **common)
     launch_tuned(
@@ -685,11 +686,11 @@ def t5_attention_backward(
 
 
 def bias_sums_to_table_grad(bias_partials: torch.Tensor, cut_sums_to_bucket: torch.Tensor) -> torch.Tensor:
-    """Per-program bias sums ``(P, B, H, C + 2)`` -> table gradient float32 ``(H, num_buckets)``, deterministic.
+    """Per-program bias sums ``(H, C + 2, P)`` -> table gradient float32 ``(H, num_buckets)``, deterministic.
 
     Sums the programs in a fixed order, then maps "<= cut" sums and the far sums to buckets with the layout's
     ``cut_sums_to_bucket`` matrix, written as an fp32 reduction (not a matmul, which may run in TF32).
     Differencing after the program sum costs at most log2(num_segments) bits of the fp32 mantissa.
     """
-    per_head = bias_partials.sum(dim=(0, 1))  # (H, C + 2)
+    per_head = bias_partials.sum(dim=2)  # (H, C + 2)
     return (per_head[:, :, None] * cut_sums_to_bucket[None, :, :]).sum(dim=1)
