@@ -39,6 +39,11 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+try:  # what transformers' output-capturing hooks collect during the current call (None: nothing)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # another transformers version: every hook on a block counts as reading its outputs
+    _active_collector = None
+
 from . import kernel_ops
 from .configuration_fat5 import FAT5Config
 from .hub import add_auto_map, write_remote_code
@@ -511,17 +516,29 @@ class FAT5Block(GradientCheckpointingLayer):
         encoder_attention_mask=None,
         encoder_decoder_position_bias=None,
         cache=None,
+        pending_output=None,
+        defer_output_add=False,
         **kwargs,
     ):
+        """`(hidden_states, self-attention position bias, cross-attention position bias)`.
+
+        `pending_output`: the previous block's feed-forward output, which that block left unadded (its
+        `defer_output_add`): the add runs inside this block's first norm. `defer_output_add`: leave this block's
+        own feed-forward add to the next block (or the stack's final norm) and return its output as a fourth item;
+        the first item is then the residual stream without it. Neither applies to an fp16 residual stream.
+        """
         # Each sublayer's residual add but the last is left to the next sublayer's norm, whose kernel fuses it (one
         # pass over the residual stream less, forward and backward). An fp16 residual stream keeps the adds: T5
         # clamps overflows between the add and the next norm.
         defer_add = hidden_states.dtype != torch.float16
+        if not defer_add and pending_output is not None:
+            hidden_states, pending_output = _clamp_fp16_overflow(hidden_states + pending_output), None
         hidden_states, self_attn_position_bias, _ = self.layer[0](
             hidden_states,
             attention_mask=attention_mask,
             position_bias=position_bias,
             cache=cache,
+            pending_output=pending_output,
             defer_add=defer_add,
             **kwargs,
         )
@@ -541,9 +558,31 @@ class FAT5Block(GradientCheckpointingLayer):
             )
             hidden_states, pending_output = _stream_and_pending(hidden_states, defer_add)
 
-        hidden_states = self.layer[-1](hidden_states, pending_output=pending_output)
+        defer_output_add = defer_output_add and defer_add
+        hidden_states = self.layer[-1](hidden_states, pending_output=pending_output, defer_add=defer_output_add)
+        if defer_output_add:
+            hidden_states, output = hidden_states
+            return hidden_states, self_attn_position_bias, cross_attn_position_bias, output
         hidden_states = _clamp_fp16_overflow(hidden_states)
         return hidden_states, self_attn_position_bias, cross_attn_position_bias
+
+
+def _block_hidden_states_observed(blocks: nn.ModuleList) -> bool:
+    """Whether something reads the blocks' input or output hidden states in this call: a forward (pre-)hook (a
+    user's, or transformers' output capture while it collects hidden states). They must then be whole, each block's
+    feed-forward add done inside it."""
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return True
+    for block in blocks:
+        if block._forward_pre_hooks:
+            return True
+        for hook in block._forward_hooks.values():
+            if getattr(hook, "__name__", None) != "output_capturing_hook" or _active_collector is None:
+                return True
+            collecting = _active_collector.get()
+            if collecting and "hidden_states" in collecting:
+                return True
+    return False
 
 
 class FAT5ClassificationHead(nn.Module):
@@ -859,8 +898,14 @@ class FAT5Stack(FAT5PreTrainedModel):
         encoder_decoder_position_bias = None
         hidden_states = self.dropout(inputs_embeds)
 
+        # Each block's last residual add goes into the next block's first norm (the last one into the final norm),
+        # unless the blocks' hidden states are read (asked for, hooks) or the blocks are checkpointed (a pending
+        # output passed by keyword would lose its gradient under reentrant checkpointing).
+        checkpointing = self.training and torch.is_grad_enabled() and any(b.gradient_checkpointing for b in self.block)
+        defer_output_add = not (checkpointing or _block_hidden_states_observed(self.block))
+        pending_output = None
         for layer_module in self.block:
-            hidden_states, self_attention_position_bias, cross_attention_position_bias = layer_module(
+            block_outputs = layer_module(
                 hidden_states,
                 attention_mask,
                 position_bias,
@@ -868,14 +913,18 @@ class FAT5Stack(FAT5PreTrainedModel):
                 encoder_extended_attention_mask,
                 encoder_decoder_position_bias,  # positional, for gradient checkpointing
                 cache=cache,
+                pending_output=pending_output,
+                defer_output_add=defer_output_add,
                 **kwargs,
             )
+            hidden_states, self_attention_position_bias, cross_attention_position_bias = block_outputs[:3]
+            pending_output = block_outputs[3] if len(block_outputs) > 3 else None
             # T5 shares the first layer's position bias with all the layers of the stack
             position_bias = self_attention_position_bias
             if self.is_decoder and encoder_hidden_states is not None:
                 encoder_decoder_position_bias = cross_attention_position_bias
 
-        hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = _norm_after_pending_add(self.final_layer_norm, hidden_states, pending_output)[1]
         hidden_states = self.dropout(hidden_states)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
 

@@ -357,9 +357,10 @@ def test_block_norms_store_the_autocast_dtype_for_their_linears():
 
 
 def test_residual_adds_fused_into_the_next_norm_under_autocast(tiny_fat5_config, make_batch, monkeypatch):
-    """Under autocast the residual stream stays fp32 and the sublayers output half precision: each block leaves
-    its residual adds but the last to the next norm's kernel (fp32 stream + half output). Loss and gradients match
-    the PyTorch path under the same autocast."""
+    """Under autocast the residual stream stays fp32 and the sublayers output half precision: every residual add
+    goes into the next norm's kernel (fp32 stream + half output), the next sublayer's or, for each block's last
+    one, the next block's first norm or the stack's final norm. Loss and gradients match the PyTorch path under the
+    same autocast."""
     if not kernel_ops.kernel_available("rms_norm"):
         pytest.skip("fat5_kernels has no rms_norm kernel here")
     residual_dtypes = []
@@ -389,13 +390,44 @@ def test_residual_adds_fused_into_the_next_norm_under_autocast(tiny_fat5_config,
     with kernel_ops.kernels_on_cpu():
         loss, grads = loss_and_grads()
     fused = [dtypes for dtypes in residual_dtypes if dtypes is not None]
-    # encoder: self-attention -> FF; decoder: self-attention -> cross-attention -> FF
-    assert len(fused) == config.num_layers + 2 * config.num_decoder_layers
+    # every sublayer's add: encoder blocks self-attention and FF, decoder blocks also cross-attention
+    assert len(fused) == 2 * config.num_layers + 3 * config.num_decoder_layers
     assert set(fused) == {(half, torch.float32)}
     torch.testing.assert_close(loss, expected_loss, atol=1e-4, rtol=1e-4)
     for name, grad in expected_grads.items():
         scale = grad.abs().max().item() + 1e-12
         torch.testing.assert_close(grads[name], grad, atol=2e-3 * scale, rtol=2e-2, msg=name)
+
+
+def test_block_hooks_and_hidden_states_see_whole_residual_stream(tiny_fat5_config, make_batch):
+    """Each block leaves its feed-forward add to the next block's first norm (or the final norm) unless its hidden
+    states are read: forward hooks on the blocks, or `output_hidden_states`, then see the whole stream, and the
+    outputs are the same bit for bit either way."""
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(tiny_fat5_config(num_layers=3)).eval()
+    input_ids, attention_mask = make_batch(96, [7, 5])
+    decoder_input_ids, _ = make_batch(96, [4, 4], seed=3)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids)
+    with torch.no_grad():
+        deferred = model(**kwargs)
+        with_hidden = model(**kwargs, output_hidden_states=True)
+        seen = []
+        handles = [
+            block.register_forward_hook(lambda module, args, output: seen.append(output[0]))
+            for block in model.encoder.block
+        ]
+        hooked = model(**kwargs)
+        for handle in handles:
+            handle.remove()
+        # the last block's output is the whole stream: the final norm of it is the encoder's output
+        assert torch.equal(model.encoder.final_layer_norm(seen[-1]), hooked.encoder_last_hidden_state)
+    # transformers replaces the last hidden state with the final norm's output; the others are the blocks' outputs
+    assert len(seen) == 3 and len(with_hidden.encoder_hidden_states) == 4
+    for hidden, block_output in zip(with_hidden.encoder_hidden_states[1:-1], seen[:-1]):
+        assert torch.equal(hidden, block_output)
+    for outputs in (with_hidden, hooked):
+        assert torch.equal(outputs.logits, deferred.logits)
+        assert torch.equal(outputs.encoder_last_hidden_state, deferred.encoder_last_hidden_state)
 
 
 def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch):
