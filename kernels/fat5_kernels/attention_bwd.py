@@ -6,8 +6,9 @@ Three launches, FlashAttention-2 style, all deterministic:
 2. ``_bwd_dkdv_kernel``: one program per (key block, batch, head) walks the query blocks and accumulates
    dK and dV in registers, plus this program's share of the bias-table gradient:
    * tiles with every distance ``<= -R`` (or ``>= R``) lie in one bucket: only their sum of dS is kept;
-   * band tiles take a reversed cumulative sum of dS along the query axis, then one ``tl.gather`` per
-     (key row, cut) reads "sum of dS over distances <= cut" for every bucket boundary ("cut") at once.
+   * band tiles take a reversed cumulative sum of dS along the query axis (a matmul with a triangular matrix
+     of ones), then one ``tl.gather`` per (key row, cut) reads "sum of dS over distances <= cut" for every
+     bucket boundary ("cut") at once.
    Each program writes these few numbers to its own slot of a small fp32 buffer
    ``(H, num_cuts_padded + 2, key_blocks * B)``; the host differences and reduces them in a fixed order.
    No atomics, no (L, L) tensor: the table gradient costs O(L / BLOCK_N * buckets) memory.
@@ -140,8 +141,14 @@ def _dkdv_tile(
         else:
             # sum over {d <= cut} of dS, for every cut at once: along a key row the distance falls as
             # the query index grows, so {d <= cut} is a suffix of the row starting at column
-            # key - cut - first_query_position; read it from the reversed cumulative sum.
-            suffix_sums = tl.cumsum(ds_t, axis=1, reverse=True)
+            # key - cut - first_query_position; read it from the reversed cumulative sum. That sum is a product
+            # with an upper-triangular matrix of ones, on the tensor cores: on an H100 it cut the table
+            # gradient's cost in this kernel by 58% against `tl.cumsum` (bf16, B=64, H=8, L=512, D=64: 447 ->
+            # 354 us bidirectional, 325 -> 250 causal). For half inputs dS is rounded to TF32 there (2^-11
+            # relative, finer than the bf16 rounding of dS that feeds dK).
+            cols = tl.arange(0, BLOCK_M)
+            suffix_ones = (cols[:, None] >= cols[None, :]).to(tl.float32)  # [i', i] = 1 where i' >= i
+            suffix_sums = tl.dot(ds_t, suffix_ones, input_precision=DOT_PRECISION)
             first_col = key_pos[:, None] - cuts[None, :] - (start_m + query_shift)
             col = tl.minimum(tl.maximum(first_col, 0), BLOCK_M - 1)
             picked = tl.gather(suffix_sums, col, axis=1)
@@ -447,10 +454,12 @@ def _dq_tile_loop(
 
 
 def _dq_configs() -> list:
-    # (BLOCK_M queries per program, BLOCK_N keys per step, warps, stages); the first is the safe default.
-    # H100 (bf16, D=64): 64x64 with 2 or 3 stages, and 64x32/4/3 close behind (best at causal L=1024 once);
-    # 128-row tiles and 32-row ones lost.
-    shapes = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
+    # (BLOCK_M queries per program, BLOCK_N keys per step, warps, stages); the first is the default. Kernel time
+    # (torch.profiler, bf16, D=64, H=8, B*L = 32k, T5 bias with its gradient), session 9, one H200 process:
+    # 64x32/4/3 won at L=512 (162 vs 197 us for 64x64/4/2, causal 139 vs 143) and at L=1024 (259 vs 321; causal
+    # 201 vs 191 for 64x64/4/3); 128-row tiles, 32-row ones and 64x128 lost everywhere. On H100s at L=512: 164 us
+    # autotuned to it, 198 with 64x64/4/2 (another process).
+    shapes = [(64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
