@@ -93,6 +93,7 @@ def _rms_norm_backward_kernel(
     rstd_ptr,
     dsummed_ptr,
     dx_ptr,
+    dx_cast_ptr,
     dweight_partial_ptr,
     n_rows,
     n_cols,
@@ -100,8 +101,10 @@ def _rms_norm_backward_kernel(
     summed_row_stride,
     dsummed_row_stride,
     dx_row_stride,
+    dx_cast_row_stride,
     rows_per_program,
     HAS_DSUMMED: tl.constexpr,
+    HAS_DX_CAST: tl.constexpr,
     CAST_TO_WEIGHT_DTYPE: tl.constexpr,
     ROW_PIPELINE_STAGES: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
@@ -143,6 +146,9 @@ def _rms_norm_backward_kernel(
                 tl.float32
             )
         tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_DX_CAST:  # the same gradient for an input of a narrower dtype than the sum (rounded once)
+            dx_cast = dx.to(dx_ptr.dtype.element_ty).to(dx_cast_ptr.dtype.element_ty)
+            tl.store(dx_cast_ptr + rows[:, None] * dx_cast_row_stride + cols[None, :], dx_cast, mask=mask)
 
     tl.store(dweight_partial_ptr + program * n_cols + cols, tl.sum(dweight_acc, axis=0), mask=col_mask)
 
@@ -265,18 +271,25 @@ def _rms_norm_backward(
     rstd: torch.Tensor,
     dsummed: torch.Tensor | None,
     in_place: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward on 2-D inputs. Returns (dx in summed's dtype (rows, d), dweight in weight's dtype).
+    cast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the backward on 2-D inputs. Returns (dx in summed's dtype (rows, d), dweight in weight's dtype, dx
+    in ``cast_dtype`` or None).
 
     ``in_place`` writes dx into dy's buffer when dtypes agree (each program reads a row before writing it).
+    ``cast_dtype``: also write dx rounded to this dtype (the gradient of a half-precision input of a float32 sum:
+    one pass over memory less than casting it afterwards).
     """
     n_rows, n_cols = dy.shape
     if in_place and dy.dtype == summed.dtype:
         dx = dy
     else:
         dx = torch.empty((n_rows, n_cols), dtype=summed.dtype, device=dy.device)
+    dx_cast = None
+    if cast_dtype is not None and cast_dtype != summed.dtype:
+        dx_cast = torch.empty((n_rows, n_cols), dtype=cast_dtype, device=dy.device)
     if n_rows == 0:
-        return dx, torch.zeros_like(weight)
+        return dx, torch.zeros_like(weight), dx_cast
     block_rows, block_cols, num_warps, programs_per_sm, pipeline_stages = _backward_launch_config(n_cols)
     n_programs = min(_programs_per_launch(dy.device) * programs_per_sm, cdiv(n_rows, block_rows))
     # Whole row blocks per program, so that only the last program has a ragged tail.
@@ -291,6 +304,7 @@ def _rms_norm_backward(
             rstd,
             dsummed if dsummed is not None else dy,
             dx,
+            dx_cast if dx_cast is not None else dx,
             dweight_partial,
             n_rows,
             n_cols,
@@ -298,15 +312,17 @@ def _rms_norm_backward(
             summed.stride(0),
             dsummed.stride(0) if dsummed is not None else 0,
             dx.stride(0),
+            dx_cast.stride(0) if dx_cast is not None else 0,
             rows_per_program,
             HAS_DSUMMED=dsummed is not None,
+            HAS_DX_CAST=dx_cast is not None,
             CAST_TO_WEIGHT_DTYPE=weight.dtype in _HALF_DTYPES,
             ROW_PIPELINE_STAGES=pipeline_stages,
             BLOCK_ROWS=block_rows,
             BLOCK_COLS=block_cols,
             num_warps=num_warps,
         )
-    return dx, dweight_partial.sum(0).to(weight.dtype)
+    return dx, dweight_partial.sum(0).to(weight.dtype), dx_cast
 
 
 # ---- torch.library custom ops: what torch.compile sees (opaque, with fake implementations for tracing) ----
@@ -336,17 +352,28 @@ def _(x, weight, residual, eps, out_dtype):
 @torch.library.custom_op(
     f"{_NAMESPACE}::rms_norm_backward",
     mutates_args=(),
-    schema="(Tensor dy, Tensor summed, Tensor weight, Tensor rstd, Tensor? dsummed) -> (Tensor, Tensor)",
+    schema=(
+        "(Tensor dy, Tensor summed, Tensor weight, Tensor rstd, Tensor? dsummed, ScalarType? cast_dtype) "
+        "-> (Tensor, Tensor, Tensor)"
+    ),
 )
 def _rms_norm_backward_op(
-    dy: torch.Tensor, summed: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dsummed: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rms_norm_backward(dy, summed, weight, rstd, dsummed, in_place=False)
+    dy: torch.Tensor,
+    summed: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dsummed: torch.Tensor | None,
+    cast_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dweight, dx_cast = _rms_norm_backward(dy, summed, weight, rstd, dsummed, False, cast_dtype)
+    return dx, dweight, dx_cast if dx_cast is not None else dx.new_empty(0)  # outputs may not alias inputs
 
 
 @_rms_norm_backward_op.register_fake
-def _(dy, summed, weight, rstd, dsummed):
-    return torch.empty_like(summed), torch.empty_like(weight)
+def _(dy, summed, weight, rstd, dsummed, cast_dtype):
+    needs_cast = cast_dtype is not None and cast_dtype != summed.dtype
+    dx_cast = torch.empty_like(summed, dtype=cast_dtype) if needs_cast else summed.new_empty(0)
+    return torch.empty_like(summed), torch.empty_like(weight), dx_cast
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -367,6 +394,7 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(summed if summed is not None else x_rows, weight, rstd)
         ctx.shape = shape
         ctx.has_residual = residual is not None
+        ctx.x_dtype = x.dtype
         ctx.in_place_backward = in_place_backward
         ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros
         y = y.view(shape)
@@ -382,16 +410,20 @@ class RMSNormFunction(torch.autograd.Function):
             return dsummed, None, dsummed, None, None, None
         dy_rows = _as_rows(dy)
         dsummed_rows = _as_rows(dsummed) if dsummed is not None else None
+        # x and residual get the same gradient, in the sum's dtype; one tensor serves both (autograd copies it
+        # before accumulating into a shared buffer), which saves a full activation-sized allocation. An x of a
+        # narrower dtype than the sum (a half-precision sublayer output on the float32 residual stream) gets it
+        # rounded to its dtype by the kernel, which saves autograd's cast (a pass over the fp32 gradient).
+        cast_dtype = ctx.x_dtype if ctx.has_residual and ctx.x_dtype != summed.dtype else None
         if torch.compiler.is_compiling():
-            dx, dweight = _rms_norm_backward_op(dy_rows, summed, weight, rstd, dsummed_rows)
+            dx, dweight, dx_cast = _rms_norm_backward_op(dy_rows, summed, weight, rstd, dsummed_rows, cast_dtype)
         else:
             in_place = ctx.in_place_backward and dy_rows.is_contiguous()
-            dx, dweight = _rms_norm_backward(dy_rows, summed, weight, rstd, dsummed_rows, in_place)
+            dx, dweight, dx_cast = _rms_norm_backward(dy_rows, summed, weight, rstd, dsummed_rows, in_place, cast_dtype)
         dx = dx.view(ctx.shape)
-        # x and residual get the same gradient, in the sum's dtype; one tensor serves both (autograd casts it
-        # to x's dtype when that is narrower, and copies before accumulating into a shared buffer), which saves
-        # a full activation-sized allocation.
         dresidual = dx if ctx.has_residual else None
+        if cast_dtype is not None:
+            return dx_cast.view(ctx.shape), dweight, dresidual, None, None, None
         return dx, dweight, dresidual, None, None, None
 
 

@@ -120,6 +120,8 @@ def test_rms_norm_half_input_on_float32_residual_stream(in_place_backward):
     assert summed.dtype == torch.float32 and torch.equal(summed, inputs["residual"] + inputs["x"])
     assert (normed - want_normed).norm() <= 1e-5 * want_normed.norm()
     assert got_grads["x"].dtype == HALF and got_grads["residual"].dtype == torch.float32
+    # the kernel writes x's gradient in x's dtype: the float32 gradient rounded, bit for bit autograd's cast
+    assert torch.equal(got_grads["x"], got_grads["residual"].to(HALF))
     for name in inputs:
         got, want = got_grads[name].double(), want_grads[name].double()
         # d_x is the float32 gradient rounded to half precision, in both
@@ -177,10 +179,13 @@ def test_rms_norm_weight_gradient_is_deterministic():
     assert torch.equal(first, second)
 
 
-def test_rms_norm_under_torch_compile():
-    """fullgraph compile traces the custom ops (no graph break) and the result is eager's, bit for bit."""
+@pytest.mark.parametrize("x_dtype", [torch.float32, HALF], ids=["float32", "half_on_float32_stream"])
+def test_rms_norm_under_torch_compile(x_dtype):
+    """fullgraph compile traces the custom ops (no graph break) and the result is eager's, bit for bit (also the
+    half-precision input's gradient, which the backward op writes in that dtype)."""
     torch._dynamo.reset()
     inputs = _make_inputs((2, 11, 64), torch.float32, residual=True)
+    inputs["x"] = inputs["x"].to(x_dtype)
     grads = _grad_outputs(inputs, residual=True)
     graphs = []
 
@@ -196,7 +201,22 @@ def test_rms_norm_under_torch_compile():
     for got, want in zip(got_out, want_out):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     for name in inputs:
+        assert got_grads[name].dtype == inputs[name].dtype
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=0, atol=0)
+
+
+def test_rms_norm_backward_writes_the_gradient_of_a_narrower_input():
+    """With ``cast_dtype`` the backward kernel also stores dx rounded to that dtype (the gradient of a half sublayer
+    output on the float32 stream), equal to casting the float32 dx; without it, nothing more."""
+    torch.manual_seed(0)
+    dy, summed = torch.randn(19, 80, device=DEVICE).to(HALF), torch.randn(19, 80, device=DEVICE) * 3
+    dsummed, weight = torch.randn(19, 80, device=DEVICE), torch.rand(80, device=DEVICE) + 0.5
+    rstd = torch.rsqrt(summed.pow(2).mean(-1) + 1e-6)
+    dx, dweight, dx_half = rms_norm_module._rms_norm_backward(dy, summed, weight, rstd, dsummed, False, HALF)
+    assert dx.dtype == torch.float32 and dx_half.dtype == HALF
+    assert torch.equal(dx_half, dx.to(HALF))
+    plain = rms_norm_module._rms_norm_backward(dy, summed, weight, rstd, dsummed, False)
+    assert plain[2] is None and torch.equal(plain[0], dx) and torch.equal(plain[1], dweight)
 
 
 def test_t5_reference_matches_transformers_t5_layer_norm():
