@@ -525,7 +525,8 @@ class FAT5Block(GradientCheckpointingLayer):
         `pending_output`: the previous block's feed-forward output, which that block left unadded (its
         `defer_output_add`): the add runs inside this block's first norm. `defer_output_add`: leave this block's
         own feed-forward add to the next block (or the stack's final norm) and return its output as a fourth item;
-        the first item is then the residual stream without it. Neither applies to an fp16 residual stream.
+        the first item is then the residual stream without it. An fp16 residual stream keeps its adds in the
+        blocks (T5's overflow clamp sits between add and norm): a pending output is added and clamped first.
         """
         # Each sublayer's residual add but the last is left to the next sublayer's norm, whose kernel fuses it (one
         # pass over the residual stream less, forward and backward). An fp16 residual stream keeps the adds: T5
