@@ -81,7 +81,7 @@ def main(arch: int) -> None:
         def __getitem__(self, grid):
             def compile_kernel(*args, **kwargs):
                 compiled = self.fn.warmup(*args, grid=grid, **kwargs)
-                row = dict(arch=arch, head_dim=args[8], kernel="rms_norm_backward", shared_bytes=compiled.metadata.shared)
+                row = dict(arch=arch, head_dim=args[1].shape[-1], kernel="rms_norm_backward", shared_bytes=compiled.metadata.shared)
                 print(json.dumps({**row, "limit_bytes": LIMITS[arch]}), flush=True)
 
             return compile_kernel
