@@ -529,8 +529,8 @@ class FAT5Block(GradientCheckpointingLayer):
         blocks (T5's overflow clamp sits between add and norm): a pending output is added and clamped first.
         """
         # Each sublayer's residual add but the last is left to the next sublayer's norm, whose kernel fuses it (one
-        # pass over the residual stream less, forward and backward). An fp16 residual stream keeps the adds: T5
-        # clamps overflows between the add and the next norm.
+        # pass over the residual stream less, forward and backward); the last one too with `defer_output_add`. An
+        # fp16 residual stream keeps the adds: T5 clamps overflows between the add and the next norm.
         defer_add = hidden_states.dtype != torch.float16
         if not defer_add and pending_output is not None:
             hidden_states, pending_output = _clamp_fp16_overflow(hidden_states + pending_output), None
