@@ -568,16 +568,26 @@ class FAT5Block(GradientCheckpointingLayer):
         return hidden_states, self_attn_position_bias, cross_attn_position_bias
 
 
+# FSDP2's hooks gather and free a unit's parameters and hook its outputs' gradients; they read no values.
+_HOOKS_THAT_READ_NO_VALUES = ("torch.distributed.fsdp.", "torch.distributed._composable.fsdp.")
+
+
+def _may_read_values(hook) -> bool:
+    return not getattr(hook, "__module__", "").startswith(_HOOKS_THAT_READ_NO_VALUES)
+
+
 def _block_hidden_states_observed(blocks: nn.ModuleList) -> bool:
     """Whether something reads the blocks' input or output hidden states in this call: a forward (pre-)hook (a
-    user's, or transformers' output capture while it collects hidden states). They must then be whole, each block's
-    feed-forward add done inside it."""
+    user's, or transformers' output capture while it collects hidden states; not FSDP2's). They must then be
+    whole, each block's feed-forward add done inside it."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return True
     for block in blocks:
-        if block._forward_pre_hooks:
+        if any(_may_read_values(hook) for hook in block._forward_pre_hooks.values()):
             return True
         for hook in block._forward_hooks.values():
+            if not _may_read_values(hook):
+                continue
             if getattr(hook, "__name__", None) != "output_capturing_hook" or _active_collector is None:
                 return True
             collecting = _active_collector.get()

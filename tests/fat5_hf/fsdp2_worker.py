@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from fat5_hf import FAT5Config, FAT5ForConditionalGeneration, kernel_ops
-from fat5_hf.modeling_fat5 import FAT5Block
+from fat5_hf.modeling_fat5 import FAT5Block, _block_hidden_states_observed
 
 
 def main(mode: str) -> None:
@@ -45,6 +45,11 @@ def main(mode: str) -> None:
     fully_shard(model)
     if mode != "carved":
         assert model.shared.weight is model.lm_head.weight, "the tie must survive sharding"
+    # FSDP2's hooks on the blocks read no hidden states: each block still leaves its feed-forward add to the next
+    # block's first norm, and the checks below cover that path
+    assert all(block._forward_pre_hooks for block in model.encoder.block), "FSDP2 hooks the blocks"
+    assert not _block_hidden_states_observed(model.encoder.block)
+    assert not _block_hidden_states_observed(model.decoder.block)
 
     # the same batch on both ranks: FSDP's averaged gradient then equals the unsharded one
     generator = torch.Generator().manual_seed(1)
