@@ -30,8 +30,9 @@ except ImportError:  # triton or the kernel module is missing: PyTorch path
 
 try:
     from fat5_kernels.gated_mlp import gated_activation as _triton_gated_activation
+    from fat5_kernels.gated_mlp import gated_activation_packed as _triton_gated_activation_packed
 except ImportError:
-    _triton_gated_activation = None
+    _triton_gated_activation = _triton_gated_activation_packed = None
 
 try:
     from fat5_kernels.cross_entropy import cross_entropy as _triton_cross_entropy
@@ -47,9 +48,14 @@ except ImportError:
 
 try:
     from fat5_kernels.attention import t5_flash_attention as _triton_t5_flash_attention
+    from fat5_kernels.attention import t5_flash_attention_qkvpacked as _triton_t5_flash_attention_qkvpacked
     from fat5_kernels.attention import t5_flash_attention_varlen as _triton_t5_flash_attention_varlen
+    from fat5_kernels.attention import (
+        t5_flash_attention_varlen_qkvpacked as _triton_t5_flash_attention_varlen_qkvpacked,
+    )
 except ImportError:
     _triton_t5_flash_attention = _triton_t5_flash_attention_varlen = None
+    _triton_t5_flash_attention_qkvpacked = _triton_t5_flash_attention_varlen_qkvpacked = None
 
 
 # transformers' activation names of the gated MLPs the fused kernel implements, and the kernel's names for them.
@@ -147,6 +153,24 @@ def gated_activation(
     ):
         return _triton_gated_activation(gate, up, kernel_activation)
     return act_fn(gate) * up
+
+
+def can_use_packed_gated_activation(hidden_states: torch.Tensor, act_name: str, use_kernel: bool) -> bool:
+    """Whether `gated_activation_packed` can run the kernel on the projection of `hidden_states` (the model then
+    projects with the concatenated `[wi_0; wi_1]` weight)."""
+    return (
+        use_kernel
+        and act_name in FUSED_GLU_ACTIVATIONS
+        and _triton_gated_activation_packed is not None
+        and _device_ok(hidden_states)
+    )
+
+
+def gated_activation_packed(gate_up: torch.Tensor, act_name: str) -> torch.Tensor:
+    """`act(gate) * up` from the packed `(..., 2 d_ff)` output `[gate | up]` of one projection by `[wi_0; wi_1]`,
+    with the kernel (check `can_use_packed_gated_activation` first); its gradient comes back packed, so the
+    projection's backward is one matmul as well. Returns `(..., d_ff)`, dtype of the input."""
+    return _triton_gated_activation_packed(gate_up, FUSED_GLU_ACTIVATIONS[act_name])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,6 +417,55 @@ def flash_attention(
     return out.transpose(1, 2)
 
 
+def can_use_qkv_packed_attention(mask: FlashAttentionMask) -> bool:
+    """Whether self-attention under `mask` can take one packed `(B, L, 3, H, D)` q/k/v
+    (`flash_self_attention_qkvpacked`): the kernel imports and queries and keys are the same tokens."""
+    return _triton_t5_flash_attention_qkvpacked is not None and mask.queries is mask.keys
+
+
+def flash_self_attention_qkvpacked(
+    qkv: torch.Tensor,
+    mask: FlashAttentionMask,
+    bias_table: torch.Tensor | None,
+    *,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+) -> torch.Tensor:
+    """`flash_attention` for self-attention on the packed output of one projection by the concatenated
+    `[q; k; v]` weights, viewed `(B, L, 3, H, D)`. The kernel writes the gradient of `qkv` as one tensor, so the
+    projection's backward is one matmul (three, and two adds, with separate q, k, v). Returns `(B, L, H, D)`."""
+    if mask.queries is not None:
+        batch, length, _, heads, head_dim = qkv.shape
+        packed = mask.queries
+        out = _triton_t5_flash_attention_varlen_qkvpacked(
+            qkv.reshape(-1, 3, heads, head_dim).index_select(0, packed.indices),
+            packed.cu_seqlens,
+            packed.max_seqlen,
+            bias_table=bias_table,
+            bidirectional=bidirectional,
+            num_buckets=num_buckets,
+            max_distance=max_distance,
+            causal=mask.causal,
+            softmax_scale=1.0,
+        )
+        full = out.new_zeros(batch * length, heads, head_dim).index_copy(0, packed.indices, out)
+        return full.view(batch, length, heads, head_dim)
+    key_padding_mask = mask.key_padding_mask
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.to(device=qkv.device, dtype=torch.bool)
+    return _triton_t5_flash_attention_qkvpacked(
+        qkv,
+        bias_table=bias_table,
+        bidirectional=bidirectional,
+        num_buckets=num_buckets,
+        max_distance=max_distance,
+        causal=mask.causal,
+        key_padding_mask=key_padding_mask,
+        softmax_scale=1.0,
+    )
+
+
 def _packed_flash_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -437,11 +510,15 @@ __all__ = [
     "segment_ids_to_cu_seqlens",
     "can_fuse_linear_cross_entropy",
     "can_use_flash_attention",
+    "can_use_packed_gated_activation",
+    "can_use_qkv_packed_attention",
     "cross_entropy",
     "cross_entropy_reference",
     "flash_attention",
+    "flash_self_attention_qkvpacked",
     "fused_linear_cross_entropy",
     "gated_activation",
+    "gated_activation_packed",
     "kernel_available",
     "kernels_on_cpu",
     "rms_norm",

@@ -135,6 +135,42 @@ def _add_or_defer(
     return (hidden_states, output) if defer_add else hidden_states + output
 
 
+def _fusable_projections(*linears: nn.Module) -> bool:
+    """Whether projections of one input may run as one matmul by their concatenated weights (the kernel paths' q/k/v
+    and wi_0/wi_1): plain bias-free `nn.Linear`s of one weight dtype and device that nothing observes or wraps. A
+    LoRA, quantized, offloaded (Accelerate hook) or hooked projection keeps its own call."""
+    hooks = torch.nn.modules.module
+    if (
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    ):
+        return False
+    weight = linears[0].weight
+    return all(
+        type(linear) is nn.Linear
+        and linear.bias is None
+        and not (
+            linear._forward_hooks
+            or linear._forward_pre_hooks
+            or linear._backward_hooks
+            or linear._backward_pre_hooks
+            or "forward" in vars(linear)
+        )
+        and linear.weight.dtype == weight.dtype
+        and linear.weight.device == weight.device
+        for linear in linears
+    )
+
+
+def _fused_projection(hidden_states: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
+    """`cat([linear(hidden_states) for linear in linears], -1)` as one matmul by the concatenated weights: a wider
+    matmul runs faster, and so does its backward when the gradient comes back in one piece (H100, 32768 tokens,
+    d_model 512: q/k/v forward 85 vs 102 us, input gradient 78 vs 176 us with the adds, weight gradient 80 vs 110)."""
+    return nn.functional.linear(hidden_states, torch.cat([linear.weight for linear in linears]))
+
+
 def _match_wo_dtype(hidden_states: torch.Tensor, wo: nn.Linear) -> torch.Tensor:
     """T5's guard before `wo`: match its dtype when it was kept in another precision (fp32 `wo` of an fp16 model).
 
@@ -182,9 +218,15 @@ class FAT5DenseGatedActDense(nn.Module):
         self.use_fused_kernel = config.use_fused_glu
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        gate = self.wi_0(hidden_states)
-        up = self.wi_1(hidden_states)
-        hidden_states = kernel_ops.gated_activation(gate, up, self.act, self.act_name, self.use_fused_kernel)
+        if kernel_ops.can_use_packed_gated_activation(
+            hidden_states, self.act_name, self.use_fused_kernel
+        ) and _fusable_projections(self.wi_0, self.wi_1):
+            gate_up = _fused_projection(hidden_states, self.wi_0, self.wi_1)
+            hidden_states = kernel_ops.gated_activation_packed(gate_up, self.act_name)
+        else:
+            gate = self.wi_0(hidden_states)
+            up = self.wi_1(hidden_states)
+            hidden_states = kernel_ops.gated_activation(gate, up, self.act, self.act_name, self.use_fused_kernel)
         hidden_states = self.dropout(hidden_states)
         return self.wo(_match_wo_dtype(hidden_states, self.wo))
 
@@ -321,16 +363,30 @@ class FAT5Attention(nn.Module):
         hidden_shape = (*input_shape, -1, self.key_value_proj_dim)
         is_cross_attention = key_value_states is not None
 
-        query_states = self.q(hidden_states).view(hidden_shape).transpose(1, 2)
-
         if isinstance(mask, FlashAttentionMask):
             # Kernel path (no cache by construction): the bias is computed in-kernel from the shared table.
+            if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
+                position_bias = self.relative_attention_bias.kernel_table()
+            if (
+                not is_cross_attention
+                and kernel_ops.can_use_qkv_packed_attention(mask)
+                and _fusable_projections(self.q, self.k, self.v)
+            ):
+                qkv = _fused_projection(hidden_states, self.q, self.k, self.v)
+                attn_output = kernel_ops.flash_self_attention_qkvpacked(
+                    qkv.view(*input_shape, 3, self.n_heads, self.key_value_proj_dim),
+                    mask,
+                    position_bias,
+                    bidirectional=not self.is_decoder,
+                    num_buckets=self.relative_attention_num_buckets,
+                    max_distance=self.relative_attention_max_distance,
+                )
+                return self.o(attn_output.reshape(*input_shape, -1)), position_bias, None
+            query_states = self.q(hidden_states).view(hidden_shape).transpose(1, 2)
             current_states = key_value_states if is_cross_attention else hidden_states
             kv_shape = (*current_states.shape[:-1], -1, self.key_value_proj_dim)
             key_states = self.k(current_states).view(kv_shape).transpose(1, 2)
             value_states = self.v(current_states).view(kv_shape).transpose(1, 2)
-            if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
-                position_bias = self.relative_attention_bias.kernel_table()
             attn_output = kernel_ops.flash_attention(
                 query_states,
                 key_states,
@@ -344,6 +400,7 @@ class FAT5Attention(nn.Module):
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()
             return self.o(attn_output), position_bias, None
 
+        query_states = self.q(hidden_states).view(hidden_shape).transpose(1, 2)
         past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         # Clone for StaticCache: the value is read before the update and used after it.
         past_seen_tokens = past_seen_tokens.clone() if isinstance(past_seen_tokens, torch.Tensor) else past_seen_tokens

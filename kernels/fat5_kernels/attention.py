@@ -4,13 +4,16 @@ Public API (what the model calls):
 
 * `t5_flash_attention(q, k, v, ...)` over (B, H, L, D) tensors;
 * `t5_flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)` over
-  packed (total, H, D) tensors, as FlashAttention's varlen API: padding and packing cost only real tokens.
+  packed (total, H, D) tensors, as FlashAttention's varlen API: padding and packing cost only real tokens;
+* `t5_flash_attention_qkvpacked(qkv, ...)` and `t5_flash_attention_varlen_qkvpacked(qkv, cu_seqlens, ...)`:
+  self-attention on one (..., 3, H, D) tensor, whose gradient comes back packed (one projection matmul).
 
-Under ``torch.compile`` both run two ``torch.library`` custom ops, ``fat5::t5_flash_attention_fwd`` and
-``fat5::t5_flash_attention_bwd``; the forward op carries its autograd formula
-(``torch.library.register_autograd``) and fake implementations, so ``torch.compile`` sees one opaque op
-and does not break the graph around it. Eager calls go through `T5FlashAttentionFunction`, an
-``autograd.Function`` over the same implementations without the custom-op dispatch cost.
+Under ``torch.compile`` they run ``torch.library`` custom ops, ``fat5::t5_flash_attention_fwd`` and
+``fat5::t5_flash_attention_bwd`` (``..._qkvpacked_fwd`` / ``_bwd`` for the packed ones); each forward op carries
+its autograd formula (``torch.library.register_autograd``) and fake implementations, so ``torch.compile`` sees
+one opaque op and does not break the graph around it. Eager calls go through `T5FlashAttentionFunction` (and
+`T5FlashAttentionQKVPackedFunction`), ``autograd.Function`` s over the same implementations without the
+custom-op dispatch cost.
 
 Bias modes: a T5 bucket table (H, num_buckets) in the bidirectional (encoder) or causal (decoder) bucket
 mode, which gets a gradient; ALiBi slopes (no gradient); or none (cross-attention). The T5 bias is never
@@ -40,8 +43,11 @@ from .triton_utils import outside_cuda_graph_pools, triton_interpreter_enabled
 
 __all__ = [
     "T5FlashAttentionFunction",
+    "T5FlashAttentionQKVPackedFunction",
     "t5_flash_attention",
+    "t5_flash_attention_qkvpacked",
     "t5_flash_attention_varlen",
+    "t5_flash_attention_varlen_qkvpacked",
     "t5_relative_position_bucket",
 ]
 
@@ -184,6 +190,7 @@ def _backward_impl(
     causal: bool,
     softmax_scale: float,
     bias_table_needs_grad: bool,
+    grad_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dist_bias, radius, dist_center, cuts, layout = None, 0, 0, None, None
     if bias_table is not None:
@@ -198,6 +205,7 @@ def _backward_impl(
         dist_bias=dist_bias, radius=radius, dist_center=dist_center, cuts=cuts, alibi_slopes=alibi_slopes,
         key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
+        grad_buffers=grad_buffers,
     )  # fmt: skip
     if bias_partials is None:
         dtable = q.new_empty((0,), dtype=torch.float32)
@@ -315,6 +323,170 @@ def _attention(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
     return T5FlashAttentionFunction.apply(*inputs)
 
 
+# ---- packed q/k/v: one (..., 3, H, D) input (the output of one projection by the concatenated q/k/v weights),
+# whose gradient the backward writes as one packed tensor, so that the projection's backward is one matmul.
+def _qkv_views(qkv: torch.Tensor, is_varlen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, 3, H, D) -> three (B, H, L, D) views; (total, 3, H, D) -> three (total, H, D) views."""
+    q, k, v = qkv.unbind(-3)
+    if is_varlen:
+        return q, k, v
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+_PACKED_FWD_ARG_NAMES = (
+    "qkv", "bias_table", "alibi_slopes", "key_padding_mask", "cu_seqlens", "max_seqlen", "bidirectional",
+    "num_buckets", "max_distance", "causal", "softmax_scale",
+)  # fmt: skip
+
+
+def _packed_forward_impl(
+    qkv, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, bidirectional, num_buckets,
+    max_distance, causal, softmax_scale,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    q, k, v = _qkv_views(qkv, cu_seqlens is not None)
+    return _forward_impl(
+        q, k, v, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        bidirectional, num_buckets, max_distance, causal, softmax_scale,
+    )  # fmt: skip
+
+
+def _packed_backward_impl(
+    dout, qkv, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, bidirectional,
+    num_buckets, max_distance, causal, softmax_scale, bias_table_needs_grad,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    is_varlen = cu_seqlens is not None
+    dqkv = torch.empty_like(qkv)
+    _, _, _, dtable = _backward_impl(
+        dout, *_qkv_views(qkv, is_varlen), out, lse, bias_table, alibi_slopes, key_padding_mask, cu_seqlens,
+        cu_seqlens, max_seqlen, max_seqlen, bidirectional, num_buckets, max_distance, causal, softmax_scale,
+        bias_table_needs_grad, grad_buffers=_qkv_views(dqkv, is_varlen),
+    )  # fmt: skip
+    return dqkv, dtable
+
+
+@torch.library.custom_op("fat5::t5_flash_attention_qkvpacked_fwd", mutates_args=())
+def _t5_flash_attention_qkvpacked_fwd(
+    qkv: torch.Tensor,
+    bias_table: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _packed_forward_impl(
+        qkv, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, bidirectional, num_buckets,
+        max_distance, causal, softmax_scale,
+    )  # fmt: skip
+
+
+@_t5_flash_attention_qkvpacked_fwd.register_fake
+def _(qkv, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, bidirectional, num_buckets,
+      max_distance, causal, softmax_scale):  # fmt: skip
+    q = _qkv_views(qkv, cu_seqlens is not None)[0]
+    if cu_seqlens is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op("fat5::t5_flash_attention_qkvpacked_bwd", mutates_args=())
+def _t5_flash_attention_qkvpacked_bwd(
+    dout: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias_table: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+    causal: bool,
+    softmax_scale: float,
+    bias_table_needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _packed_backward_impl(
+        dout, qkv, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, bidirectional,
+        num_buckets, max_distance, causal, softmax_scale, bias_table_needs_grad,
+    )  # fmt: skip
+
+
+@_t5_flash_attention_qkvpacked_bwd.register_fake
+def _(dout, qkv, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, bidirectional,
+      num_buckets, max_distance, causal, softmax_scale, bias_table_needs_grad):  # fmt: skip
+    if bias_table is not None and bias_table_needs_grad:
+        dtable = bias_table.new_empty(bias_table.shape)  # contiguous, as in the unpacked op's fake
+    else:
+        dtable = qkv.new_empty((0,), dtype=torch.float32)
+    return torch.empty_like(qkv), dtable
+
+
+def _save_packed_for_backward(ctx, inputs, out, lse, bias_table_needs_grad: bool) -> None:
+    args = dict(zip(_PACKED_FWD_ARG_NAMES, inputs))
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(
+        args["qkv"], out, lse, args["bias_table"], args["alibi_slopes"], args["key_padding_mask"], args["cu_seqlens"]
+    )
+    ctx.static_args = tuple(args[name] for name in _PACKED_FWD_ARG_NAMES[5:])
+    ctx.bias_table_needs_grad = bias_table_needs_grad
+
+
+def _run_packed_backward(ctx, dout, backward_fn):
+    dqkv, dtable = backward_fn(dout, *ctx.saved_tensors, *ctx.static_args, ctx.bias_table_needs_grad)
+    grad_table = dtable if ctx.bias_table_needs_grad else None
+    return (dqkv, grad_table) + (None,) * (len(_PACKED_FWD_ARG_NAMES) - 2)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    table = inputs[1]
+    _save_packed_for_backward(ctx, inputs, *output, table is not None and table.requires_grad)
+
+
+def _packed_backward(ctx, dout, dlse):
+    del dlse
+    return _run_packed_backward(ctx, dout, _t5_flash_attention_qkvpacked_bwd)
+
+
+torch.library.register_autograd(
+    "fat5::t5_flash_attention_qkvpacked_fwd", _packed_backward, setup_context=_packed_setup_context
+)
+
+
+class T5FlashAttentionQKVPackedFunction(torch.autograd.Function):
+    """`T5FlashAttentionFunction` over one packed q/k/v tensor (eager calls; the custom op under compile).
+    Arguments are those of ``fat5::t5_flash_attention_qkvpacked_fwd``; returns ``(out, lse)``."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _packed_forward_impl(*inputs)
+        _save_packed_for_backward(ctx, inputs, out, lse, ctx.needs_input_grad[1])
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        del dlse
+        return _run_packed_backward(ctx, dout, _packed_backward_impl)
+
+
+def _attention_qkvpacked(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():
+        return _t5_flash_attention_qkvpacked_fwd(*inputs)
+    return T5FlashAttentionQKVPackedFunction.apply(*inputs)
+
+
+def _check_qkv_packed(qkv: torch.Tensor, packed_dim: int, layout: str) -> None:
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != packed_dim + 3 or qkv.shape[packed_dim] != 3:
+        raise ValueError(f"qkv must be a packed {layout} tensor, got {getattr(qkv, 'shape', qkv)}.")
+
+
 def _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -358,6 +530,38 @@ def _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional,
             )
         if alibi_slopes.device != q.device:
             raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}.")
+
+
+def _key_padding_mask_bytes(
+    key_padding_mask: torch.Tensor | None, batch: int, num_keys: int, device: torch.device
+) -> torch.Tensor | None:
+    """Check a (B, N) bool key padding mask and return it as bytes (what the kernels read)."""
+    if key_padding_mask is None:
+        return None
+    if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, num_keys):
+        raise ValueError(
+            f"key_padding_mask must be bool of shape (batch, N) = ({batch}, {num_keys}), "
+            f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}."
+        )
+    if key_padding_mask.device != device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {device}.")
+    # Triton takes bytes; a copy rather than `.view(torch.uint8)`, which Inductor cannot lower for bool
+    # (torch 2.11: "torch.bool is not supported by torch.iinfo"), and B x N bytes cost nothing.
+    return key_padding_mask.to(torch.uint8)
+
+
+def _check_varlen_args(device: torch.device, *named_seqlens: tuple[str, torch.Tensor, int]) -> None:
+    """Check each (name, cu_seqlens, max_seqlen) of a varlen call (the cu_seqlens values are checked at launch)."""
+    for name, cu, max_seqlen in named_seqlens:
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of length batch + 1 >= 2, got {getattr(cu, 'dtype', cu)}.")
+        if cu.device != device:
+            raise ValueError(f"{name} is on {cu.device}, q on {device}.")
+        if int(max_seqlen) < 1:
+            raise ValueError(f"the max_seqlen that goes with {name} must be positive, got {max_seqlen}.")
+    batch_sizes = {cu.numel() - 1 for _, cu, _ in named_seqlens}
+    if len(batch_sizes) > 1:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe different batch sizes ({sorted(batch_sizes)}).")
 
 
 def t5_flash_attention(
@@ -404,17 +608,7 @@ def t5_flash_attention(
             f"k and v must be (batch={batch}, heads={num_heads}, N, head_dim) like q, got {tuple(k.shape)}, {tuple(v.shape)}."
         )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, k.shape[2]):
-            raise ValueError(
-                f"key_padding_mask must be bool of shape (batch, N) = ({batch}, {k.shape[2]}), "
-                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}."
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}.")
-        # Triton takes bytes; a copy rather than `.view(torch.uint8)`, which Inductor cannot lower for bool
-        # (torch 2.11: "torch.bool is not supported by torch.iinfo"), and B x N bytes cost nothing.
-        key_padding_mask = key_padding_mask.to(torch.uint8)
+    key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, k.shape[2], q.device)
     out, lse = _attention(
         q, k, v, bias_table, alibi_slopes, key_padding_mask, None, None, q.shape[2], k.shape[2],
         bidirectional, num_buckets, max_distance, causal, float(softmax_scale),
@@ -461,20 +655,79 @@ def t5_flash_attention_varlen(
     if k.shape[1] != num_heads or v.shape != k.shape:
         raise ValueError(f"k and v must be (total_k, heads={num_heads}, head_dim), got {tuple(k.shape)}, {tuple(v.shape)}.")
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{name} must be a 1-D int32 tensor of length batch + 1 >= 2, got {getattr(cu, 'dtype', cu)}.")
-        if cu.device != q.device:
-            raise ValueError(f"{name} is on {cu.device}, q on {q.device}.")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(
-            f"cu_seqlens_q and cu_seqlens_k describe different batch sizes ({cu_seqlens_q.numel() - 1} vs "
-            f"{cu_seqlens_k.numel() - 1})."
-        )
-    if int(max_seqlen_q) < 1 or int(max_seqlen_k) < 1:
-        raise ValueError(f"max_seqlen_q and max_seqlen_k must be positive, got {max_seqlen_q}, {max_seqlen_k}.")
+    _check_varlen_args(q.device, ("cu_seqlens_q", cu_seqlens_q, max_seqlen_q), ("cu_seqlens_k", cu_seqlens_k, max_seqlen_k))
     out, lse = _attention(
         q, k, v, bias_table, alibi_slopes, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
         int(max_seqlen_q), int(max_seqlen_k), bidirectional, num_buckets, max_distance, causal, float(softmax_scale),
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def t5_flash_attention_qkvpacked(
+    qkv: torch.Tensor,
+    *,
+    bias_table: torch.Tensor | None = None,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    alibi_slopes: torch.Tensor | None = None,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float = 1.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention `t5_flash_attention` on a packed (B, L, 3, H, D) q/k/v, as FlashAttention's qkvpacked API.
+
+    ``qkv`` is typically ``(x @ cat([Wq, Wk, Wv]).T).view(B, L, 3, H, D)``: one projection instead of three.
+    The backward writes the gradient of ``qkv`` as one tensor, so the projection's backward is one matmul of
+    width 3 H D too, with no copy to assemble it.
+
+    Args:
+        qkv: (B, L, 3, H, D) float16, bfloat16 or float32, contiguous last dimension.
+        Other keywords as `t5_flash_attention` (``key_padding_mask`` (B, L)).
+
+    Returns:
+        (B, L, H, D) in qkv's dtype, and the float32 (B, H, L) log-sum-exp if ``return_lse``.
+    """
+    _check_qkv_packed(qkv, 2, "(batch, length, 3, heads, head_dim)")
+    q, k, v = _qkv_views(qkv, is_varlen=False)
+    batch, num_heads, length = q.shape[:3]
+    _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
+    key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, length, q.device)
+    out, lse = _attention_qkvpacked(
+        qkv, bias_table, alibi_slopes, key_padding_mask, None, length, bidirectional, num_buckets, max_distance,
+        causal, float(softmax_scale),
+    )  # fmt: skip
+    out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def t5_flash_attention_varlen_qkvpacked(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    bias_table: torch.Tensor | None = None,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    alibi_slopes: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float = 1.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention `t5_flash_attention_varlen` on a packed (total, 3, H, D) q/k/v (see
+    `t5_flash_attention_qkvpacked`); ``cu_seqlens`` / ``max_seqlen`` serve queries and keys alike.
+
+    Returns:
+        (total, H, D), and the float32 (H, total) log-sum-exp if ``return_lse``.
+    """
+    _check_qkv_packed(qkv, 1, "(total_tokens, 3, heads, head_dim)")
+    q, k, v = _qkv_views(qkv, is_varlen=True)
+    _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, q.shape[1])
+    _check_varlen_args(q.device, ("cu_seqlens", cu_seqlens, max_seqlen))
+    out, lse = _attention_qkvpacked(
+        qkv, bias_table, alibi_slopes, None, cu_seqlens.contiguous(), int(max_seqlen), bidirectional, num_buckets,
+        max_distance, causal, float(softmax_scale),
     )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -602,8 +602,12 @@ def t5_attention_backward(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
+    grad_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the backward kernels on validated inputs (layouts as in `t5_attention_forward`).
+
+    ``grad_buffers``: (dq, dk, dv) tensors shaped like q, k, v (any strides with a contiguous last dimension)
+    to write the gradients into, e.g. views of one packed buffer; by default they are allocated.
 
     Returns ``dq, dk, dv`` (dtypes of q, k, v) and, when ``cuts`` is given (T5 bias that needs a gradient),
     the per-program bias sums: float32 ``(H, len(cuts) + 2, key_blocks * B)`` holding, per program, the sum
@@ -626,9 +630,13 @@ def t5_attention_backward(
         partials = None
         if cuts is not None:
             partials = torch.zeros(q.shape[1], cuts.numel() + 2, 1, device=q.device, dtype=torch.float32)
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), partials
+        if grad_buffers is None:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), partials
+        return (*(buffer.zero_() for buffer in grad_buffers), partials)
     delta = torch.empty_like(lse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if grad_buffers is None:
+        grad_buffers = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    dq, dk, dv = grad_buffers
     dummy = dummy_tensor(q.device)
     bias_kind = BIAS_T5 if dist_bias is not None else (BIAS_ALIBI if alibi_slopes is not None else BIAS_NONE)
     compute_dbias = cuts is not None

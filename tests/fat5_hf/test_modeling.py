@@ -434,13 +434,18 @@ def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monk
     if not kernel_ops.kernel_available("attention"):
         pytest.skip("fat5_kernels has no attention kernel here")
     calls = []
-    kernel = kernel_ops._triton_t5_flash_attention
 
-    def counting_kernel(*args, **kwargs):
-        calls.append(kwargs["causal"])
-        return kernel(*args, **kwargs)
+    def counting(name):
+        kernel = getattr(kernel_ops, name)
 
-    monkeypatch.setattr(kernel_ops, "_triton_t5_flash_attention", counting_kernel)
+        def counting_kernel(*args, **kwargs):
+            calls.append((name.endswith("qkvpacked"), kwargs["causal"]))
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(kernel_ops, name, counting_kernel)
+
+    counting("_triton_t5_flash_attention")
+    counting("_triton_t5_flash_attention_qkvpacked")
     torch.manual_seed(0)
     config = tiny_fat5_config(use_fused_rms_norm=False, use_fused_glu=False, use_fused_cross_entropy=False)
     # training mode (dropout 0): no KV cache, so encoder and decoder both take the kernel path
@@ -455,8 +460,8 @@ def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monk
     with kernel_ops.kernels_on_cpu():
         actual = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         actual.loss.backward()
-    # 2 encoder self-attentions, 2 decoder self-attentions (causal) and 2 cross-attentions
-    assert sorted(calls) == [False] * 4 + [True] * 2
+    # 2 encoder and 2 decoder (causal) self-attentions on packed q/k/v, 2 cross-attentions on separate ones
+    assert sorted(calls) == [(False, False)] * 2 + [(True, False)] * 2 + [(True, True)] * 2
     # the kernel's exp2-based softmax is fp32-accurate, not bit-identical: compare relative to the values' scale
     scale = expected.logits.abs().max().item()
     torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5 * scale, rtol=1e-4)
@@ -464,6 +469,88 @@ def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monk
     for name, param in model.named_parameters():
         scale = expected_grads[name].abs().max().item()
         torch.testing.assert_close(param.grad, expected_grads[name], atol=1e-4 * scale, rtol=1e-3, msg=name)
+
+
+def test_fusable_projections_only_for_plain_unobserved_linears():
+    """q/k/v (and wi_0/wi_1) are concatenated into one matmul only when nothing could tell the difference: plain
+    bias-free nn.Linear of one dtype, without module hooks, global hooks or a patched forward (Accelerate)."""
+    from fat5_hf.modeling_fat5 import _fusable_projections
+
+    def linears(**kwargs):
+        return [torch.nn.Linear(8, 8, bias=False, **kwargs) for _ in range(3)]
+
+    assert _fusable_projections(*linears())
+    biased = linears()
+    biased[1] = torch.nn.Linear(8, 8)
+    assert not _fusable_projections(*biased)
+    mixed = linears()
+    mixed[2] = mixed[2].to(torch.float16)
+    assert not _fusable_projections(*mixed)
+
+    class Wrapped(torch.nn.Linear):  # a LoRA or quantized layer subclasses (or replaces) nn.Linear
+        pass
+
+    assert not _fusable_projections(*linears()[:2], Wrapped(8, 8, bias=False))
+    for register in ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook"):
+        hooked = linears()
+        getattr(hooked[0], register)(lambda *args: None)
+        assert not _fusable_projections(*hooked), register
+    patched = linears()
+    patched[1].forward = lambda x: x  # what accelerate's add_hook_to_module does
+    assert not _fusable_projections(*patched)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not _fusable_projections(*linears())
+    finally:
+        handle.remove()
+
+
+def test_kernel_path_packs_projections_and_matches_separate_ones(tiny_fat5_config, make_batch, monkeypatch):
+    """On the kernel path, self-attention runs one q/k/v matmul into the packed attention kernel and the gated
+    feed-forward one wi_0/wi_1 matmul into the packed activation; loss and every gradient match the separate
+    projections (same kernels on views), and a hook on a projection keeps it separate (the hook sees its call)."""
+    if not (kernel_ops.kernel_available("attention") and kernel_ops.kernel_available("gated_activation")):
+        pytest.skip("fat5_kernels has no attention or gated-activation kernel here")
+    from fat5_hf import modeling_fat5
+
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(tiny_fat5_config(use_fused_cross_entropy=False)).train()
+    input_ids, attention_mask = make_batch(96, [9, 6])
+    labels = _labels(96, [5, 3], make_batch)
+    packed_calls = []
+    for name in ("_triton_t5_flash_attention_qkvpacked", "_triton_gated_activation_packed"):
+        kernel = getattr(kernel_ops, name)
+        monkeypatch.setattr(
+            kernel_ops, name, lambda *a, _k=kernel, _n=name, **kw: packed_calls.append(_n) or _k(*a, **kw)
+        )
+
+    def loss_and_grads():
+        model.zero_grad()
+        with kernel_ops.kernels_on_cpu():
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    packed_loss, packed_grads = loss_and_grads()
+    layers = model.config.num_layers + model.config.num_decoder_layers
+    assert sorted(packed_calls) == ["_triton_gated_activation_packed"] * layers + [
+        "_triton_t5_flash_attention_qkvpacked"
+    ] * layers
+    packed_calls.clear()
+    monkeypatch.setattr(modeling_fat5, "_fusable_projections", lambda *linears: False)
+    separate_loss, separate_grads = loss_and_grads()
+    assert packed_calls == []
+    torch.testing.assert_close(packed_loss, separate_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in separate_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+    monkeypatch.undo()
+    seen = []
+    model.encoder.block[0].layer[0].SelfAttention.k.register_forward_hook(lambda m, i, o: seen.append("k"))
+    model.decoder.block[1].layer[-1].DenseReluDense.wi_1.register_forward_hook(lambda m, i, o: seen.append("wi_1"))
+    hooked_loss, _ = loss_and_grads()
+    assert sorted(seen) == ["k", "wi_1"]
+    torch.testing.assert_close(hooked_loss, separate_loss, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("fused_loss", [True, False])

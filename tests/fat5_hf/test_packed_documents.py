@@ -94,14 +94,19 @@ def test_kernel_path_runs_the_varlen_kernel(tiny_fat5_config, monkeypatch):
     if not kernel_ops.kernel_available("attention"):
         pytest.skip("fat5_kernels' attention kernel needs triton")
     calls = []
-    varlen = kernel_ops._triton_t5_flash_attention_varlen
-    monkeypatch.setattr(kernel_ops, "_triton_t5_flash_attention_varlen", lambda *a, **k: calls.append(k) or varlen(*a, **k))
+    for name in ("_triton_t5_flash_attention_varlen", "_triton_t5_flash_attention_varlen_qkvpacked"):
+        kernel = getattr(kernel_ops, name)
+        monkeypatch.setattr(kernel_ops, name, lambda *a, _k=kernel, _n=name, **kw: calls.append((_n, kw)) or _k(*a, **kw))
     model = FAT5ForConditionalGeneration(tiny_fat5_config(use_triton_attention=True)).eval()
     with torch.no_grad(), kernel_ops.kernels_on_cpu():
         model(**_packed_batch(_documents(model.config.vocab_size)))
-    layers = model.config.num_layers + 2 * model.config.num_decoder_layers  # encoder self, decoder self + cross
-    assert len(calls) == layers
-    assert sum(call["bias_table"] is None for call in calls) == model.config.num_decoder_layers
+    # encoder and decoder self-attention on packed q/k/v, cross-attention (no bias) on separate ones
+    self_calls = [kw for name, kw in calls if name.endswith("qkvpacked")]
+    cross_calls = [kw for name, kw in calls if not name.endswith("qkvpacked")]
+    assert len(self_calls) == model.config.num_layers + model.config.num_decoder_layers
+    assert len(cross_calls) == model.config.num_decoder_layers
+    assert all(kw["bias_table"] is None for kw in cross_calls)
+    assert all(kw["bias_table"] is not None for kw in self_calls)
 
 
 @pytest.mark.parametrize("model_class", [FAT5EncoderModel, FAT5Model])

@@ -19,7 +19,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from fat5_kernels.attention import t5_flash_attention, t5_flash_attention_varlen  # noqa: E402
+from fat5_kernels.attention import (  # noqa: E402
+    t5_flash_attention,
+    t5_flash_attention_qkvpacked,
+    t5_flash_attention_varlen,
+    t5_flash_attention_varlen_qkvpacked,
+)
 from fat5_kernels.attention_reference import (  # noqa: E402
     relative_bias_layout,
     t5_attention_reference,
@@ -564,6 +569,91 @@ def test_custom_op_with_transposed_table_view():
 
 
 # ----------------------------------------------------------------------------------------------- GPU
+
+
+def _qkvpacked_and_separate(qkv, table, dout, packed_fn, separate_fn, split):
+    """Outputs and gradients of `packed_fn(qkv, table)` and of `separate_fn(*split(qkv), table)` on copies."""
+    results = []
+    for fn in (lambda x, t: packed_fn(x, t), lambda x, t: separate_fn(*split(x), t)):
+        leaves = [qkv.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()]
+        out = fn(*leaves)
+        results.append((out, *torch.autograd.grad(out, leaves, dout)))
+    return results
+
+
+@pytest.mark.parametrize("causal,bidirectional", [(False, True), (True, False)])
+def test_qkvpacked_equals_separate_q_k_v(poisoned_empty, causal, bidirectional):
+    """The packed API runs the same kernels on views of the packed tensor: outputs, the packed gradient and the
+    table gradient are bit for bit those of separate q, k, v (with a padding mask, an empty row, a partial
+    block, head_dim 12), and the gradient of qkv is one contiguous tensor, every element written."""
+    gen = torch.Generator().manual_seed(11)
+    batch, length, heads, head_dim = 3, 70, 2, 12
+    qkv = torch.randn(batch, length, 3, heads, head_dim, generator=gen).to(DEVICE, CPU_DTYPE)
+    table = torch.randn(heads, 8, generator=gen).to(DEVICE)
+    dout = torch.randn(batch, length, heads, head_dim, generator=gen).to(DEVICE, CPU_DTYPE)
+    mask = torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
+    mask[1, 40:] = False
+    mask[2] = False
+    kwargs = dict(bidirectional=bidirectional, num_buckets=8, max_distance=12, causal=causal, key_padding_mask=mask)
+    packed, separate = _qkvpacked_and_separate(
+        qkv, table, dout,
+        lambda x, t: t5_flash_attention_qkvpacked(x, bias_table=t, **kwargs),
+        lambda q, k, v, t: t5_flash_attention(q, k, v, bias_table=t, **kwargs).transpose(1, 2),
+        lambda x: [t.transpose(1, 2) for t in x.unbind(2)],
+    )  # fmt: skip
+    assert packed[0].shape == (batch, length, heads, head_dim)
+    assert packed[1].shape == qkv.shape and packed[1].is_contiguous()
+    for got, expected in zip(packed, separate):
+        assert torch.equal(got, expected)
+
+
+def test_varlen_qkvpacked_equals_separate_q_k_v(poisoned_empty):
+    q, k, v, table, dout, cu, _ = _packed([37, 0, 90, 5], [37, 0, 90, 5], 2, 16, CPU_DTYPE, seed=4)
+    qkv = torch.stack([q, k, v], dim=1)
+    kwargs = dict(bidirectional=False, num_buckets=8, max_distance=12, causal=True)
+    packed, separate = _qkvpacked_and_separate(
+        qkv, table, dout,
+        lambda x, t: t5_flash_attention_varlen_qkvpacked(x, cu, 90, bias_table=t, **kwargs),
+        lambda q, k, v, t: t5_flash_attention_varlen(q, k, v, cu, cu, 90, 90, bias_table=t, **kwargs),
+        lambda x: x.unbind(1),
+    )  # fmt: skip
+    for got, expected in zip(packed, separate):
+        assert torch.equal(got, expected)
+
+
+def test_qkvpacked_custom_op_and_compile():
+    """The packed custom ops pass opcheck and agree with the eager function; torch.compile traces them."""
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(2, 20, 3, 2, 16, generator=gen).to(DEVICE).requires_grad_()
+    table = torch.randn(2, 8, generator=gen).to(DEVICE).requires_grad_()
+    args = (qkv, table, None, None, None, 20, True, 8, 12, False, 1.0)
+    torch.library.opcheck(torch.ops.fat5.t5_flash_attention_qkvpacked_fwd.default, args)
+
+    def f(qkv, table):
+        return (t5_flash_attention_qkvpacked(qkv, bias_table=table, num_buckets=8, max_distance=12) ** 2).sum()
+
+    expected = torch.autograd.grad(f(qkv, table), (qkv, table))
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(qkv, table), (qkv, table))
+    for e, g in zip(expected, got):
+        assert torch.equal(g, e)
+
+
+def test_qkvpacked_bad_inputs_raise_before_launch():
+    qkv = torch.randn(2, 10, 3, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\(batch, length, 3, heads, head_dim\)"):
+        t5_flash_attention_qkvpacked(qkv[:, :, :2])
+    with pytest.raises(ValueError, match=r"\(batch, length, 3, heads, head_dim\)"):
+        t5_flash_attention_qkvpacked(qkv[0])
+    with pytest.raises(ValueError, match="bias_table has shape"):
+        t5_flash_attention_qkvpacked(qkv, bias_table=torch.zeros(3, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        t5_flash_attention_qkvpacked(qkv, key_padding_mask=torch.ones(2, 9, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match=r"\(total_tokens, 3, heads, head_dim\)"):
+        t5_flash_attention_varlen_qkvpacked(qkv, torch.tensor([0, 20], dtype=torch.int32, device=DEVICE), 10)
+    with pytest.raises(ValueError, match="int32"):
+        t5_flash_attention_varlen_qkvpacked(qkv.flatten(0, 1), torch.tensor([0, 20], device=DEVICE), 20)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        t5_flash_attention_varlen_qkvpacked(qkv.flatten(0, 1), torch.tensor([0, 20], dtype=torch.int32, device=DEVICE), 0)
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ from fat5_kernels.gated_mlp_reference import gated_activation_reference
 
 gated_mlp_module = pytest.importorskip("fat5_kernels.gated_mlp", reason="the fused kernels need triton")
 gated_activation = gated_mlp_module.gated_activation
+gated_activation_packed = gated_mlp_module.gated_activation_packed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # half precision whose maths can be trusted here
@@ -140,6 +141,68 @@ def test_gated_activation_under_torch_compile(activation):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+def _run_packed(gate_up, grad_out, activation, **kwargs):
+    gate_up = gate_up.detach().clone().requires_grad_()
+    out = gated_activation_packed(gate_up, activation, **kwargs)
+    out.backward(grad_out)
+    return out.detach(), gate_up.grad
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(37, 200), (2, 13, 514)], ids=str)
+def test_gated_activation_packed_equals_the_halves(shape, activation):
+    """`gated_activation_packed([gate | up])` is `gated_activation(gate, up)` bit for bit, and its gradient is the
+    two halves' gradients, packed the same way, in one contiguous tensor."""
+    gate_up = _randn(*shape, dtype=torch.float16)
+    grad_out = _randn(*shape[:-1], shape[-1] // 2, dtype=torch.float16, scale=1.0, seed=2)
+    out, grad = _run_packed(gate_up, grad_out, activation)
+    want_out, want_dgate, want_dup = _run(gated_activation, *gate_up.chunk(2, dim=-1), grad_out, activation)
+    assert grad.is_contiguous() and grad.shape == gate_up.shape
+    assert torch.equal(out, want_out)
+    assert torch.equal(grad, torch.cat([want_dgate, want_dup], dim=-1))
+
+
+def test_gated_activation_packed_in_place_backward_and_strided_rows():
+    gate_up = _randn(6, 2 * 40, dtype=torch.float32)
+    grad_out = _randn(6, 40, dtype=torch.float32, scale=1.0, seed=2)
+    _, want = _run_packed(gate_up, grad_out, "gelu_new")
+    leaf = gate_up.clone().requires_grad_()
+    non_leaf = leaf * 1  # the output of the fused projection, as in the model
+    gated_activation_packed(non_leaf, "gelu_new", in_place_backward=True).backward(grad_out)
+    assert torch.equal(leaf.grad, want) and torch.equal(non_leaf.detach(), want)
+    # rows of a wider buffer (a row stride > 2 d_ff): read in place, gradient still packed and correct
+    wide = _randn(6, 100, dtype=torch.float32, seed=4)
+    wide[:, : 2 * 40] = gate_up
+    _, strided_grad = _run_packed(wide[:, : 2 * 40], grad_out, "gelu_new")
+    assert torch.equal(strided_grad, want)
+
+
+def test_gated_activation_packed_under_torch_compile():
+    torch._dynamo.reset()
+    gate_up = _randn(2, 9, 128, dtype=torch.float32)
+    grad_out = _randn(2, 9, 64, dtype=torch.float32, scale=1.0, seed=2)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module.print_readable(print_output=False))
+        return graph_module.forward
+
+    leaf = gate_up.clone().requires_grad_()
+    compiled = torch.compile(gated_activation_packed, backend=recording_backend, fullgraph=True)
+    compiled(leaf, "silu").backward(grad_out)
+    assert "gated_activation_packed_backward" in "\n".join(graphs)
+    assert torch.equal(leaf.grad, _run_packed(gate_up, grad_out, "silu")[1])
+
+
+def test_gated_activation_packed_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"2 \* d_ff"):
+        gated_activation_packed(_randn(3, 7, dtype=torch.float32))
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        gated_activation_packed(_randn(8, 3, dtype=torch.float32).t())
+    with pytest.raises(TypeError, match="not supported"):
+        gated_activation_packed(_randn(3, 8, dtype=torch.float32).to(torch.int32))
+
+
 def test_activation_aliases_and_transformers_definitions():
     """"gelu_new" / "gelu_pytorch_tanh" are the tanh GELU of transformers; "swish" is SiLU."""
     from transformers.activations import ACT2FN
@@ -188,6 +251,9 @@ def test_gated_activation_bf16_on_gpu(d_ff, activation):
     _check_against_reference(gate, up, grad_out, activation, in_place_backward=True)
     fused = _randn(4, 1031, 2 * d_ff, dtype=torch.bfloat16)
     _check_against_reference(fused[..., :d_ff], fused[..., d_ff:], grad_out, activation)
+    out, grad = _run_packed(fused, grad_out, activation)
+    want_out, want_dgate, want_dup = _run(gated_activation, fused[..., :d_ff], fused[..., d_ff:], grad_out, activation)
+    assert torch.equal(out, want_out) and torch.equal(grad, torch.cat([want_dgate, want_dup], dim=-1))
 
 
 @pytest.mark.gpu
