@@ -1,8 +1,10 @@
 """Backward Triton kernels of flash attention with an in-kernel T5 relative-position bias.
 
-Three launches, FlashAttention-2 style, all deterministic:
+Two launches, FlashAttention-2 style, both deterministic:
 
-1. ``_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` in fp32.
+1. ``_bwd_dq_kernel``: one program per (query block, batch, head) computes its rows' ``delta = rowsum(dO * O)``
+   (fp32), stores it for the next launch, and walks the keys for dQ. (FlashAttention computes delta in a launch
+   of its own; here the dQ programs, which read their dO rows anyway, do it: one launch and one pass over dO less.)
 2. ``_bwd_dkdv_kernel``: one program per (key block, batch, head) walks the query blocks and accumulates
    dK and dV in registers, plus this program's share of the bias-table gradient:
    * tiles with every distance ``<= -R`` (or ``>= R``) lie in one bucket: only their sum of dS is kept;
@@ -12,7 +14,6 @@ Three launches, FlashAttention-2 style, all deterministic:
    Each program writes these few numbers to its own slot of a small fp32 buffer
    ``(H, num_cuts_padded + 2, key_blocks * B)``; the host differences and reduces them in a fixed order.
    No atomics, no (L, L) tensor: the table gradient costs O(L / BLOCK_N * buckets) memory.
-3. ``_bwd_dq_kernel``: one program per (query block, batch, head) walks the keys for dQ.
 """
 
 from __future__ import annotations
@@ -42,40 +43,6 @@ from .attention_fwd import (
     tuning_configs,
 )
 from .triton_utils import cdiv, next_power_of_2
-
-
-@triton.jit
-def _bwd_preprocess_kernel(
-    Out, DOut, Delta,
-    CuSeqlensQ,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    stride_lb, stride_lh,
-    num_heads, seqlen_q, head_dim,
-    IS_VARLEN: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // num_heads
-    off_h = off_bh % num_heads
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
-    else:
-        q_start = 0
-    if start_m * BLOCK_M >= seqlen_q:
-        return
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask = _mask2d(offs_m[:, None] < seqlen_q, offs_d[None, :] < head_dim, EVEN_HEAD_DIM)
-    b64 = off_b.to(tl.int64)
-    rows = (q_start + offs_m)[:, None].to(tl.int64)
-    o = tl.load(Out + b64 * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(
-        DOut + b64 * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :], mask=mask, other=0.0
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + b64 * stride_lb + off_h * stride_lh + q_start + offs_m, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -476,11 +443,12 @@ def _dq_wide_head_configs() -> list:
 )
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DOut, DQ, Lse, Delta,
+    Q, K, V, Out, DOut, DQ, Lse, Delta,
     DistBias, AlibiSlopes, KeyMask, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     stride_lb, stride_lh, stride_maskb,
@@ -518,7 +486,9 @@ def _bwd_dq_kernel(
         tl.load(Lse + b64 * stride_lb + off_h * stride_lh + q_start + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
         * 1.4426950408889634
     )
-    delta = tl.load(Delta + b64 * stride_lb + off_h * stride_lh + q_start + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    o = tl.load(Out + b64 * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :], mask=q_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + b64 * stride_lb + off_h * stride_lh + q_start + offs_m, delta, mask=offs_m < seqlen_q)
     k_rows = (k_start + offs_n).to(tl.int64)
     k_ptrs = K + b64 * stride_kb + off_h * stride_kh + k_rows[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V + b64 * stride_vb + off_h * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :]
@@ -660,15 +630,22 @@ def t5_attention_backward(
         cu_seqlens_k if is_varlen else dummy,
     )
     mask_stride = key_padding_mask.stride(0) if key_padding_mask is not None else 0
-    preprocess_block = 64
-    _bwd_preprocess_kernel[(cdiv(max_seqlen_q, preprocess_block), batch * num_heads)](
-        out, dout, delta, optional[3],
-        *_layout_strides(out, is_varlen), *_layout_strides(dout, is_varlen), *lse_strides,
-        num_heads, max_seqlen_q, head_dim,
-        IS_VARLEN=is_varlen, HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad,
-        BLOCK_M=preprocess_block,
-    )  # fmt: skip
     scale_log2 = softmax_scale * 1.4426950408889634
+    # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV programs read.
+    dq_args = (
+        q, k, v, out, dout, dq, lse, delta, *optional,
+        *_layout_strides(q, is_varlen), *_layout_strides(k, is_varlen), *_layout_strides(v, is_varlen),
+        *_layout_strides(out, is_varlen), *_layout_strides(dout, is_varlen), *_layout_strides(dq, is_varlen),
+        *lse_strides, mask_stride,
+        num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, dist_center, seqlen_key,
+    )  # fmt: skip
+    launch_tuned(
+        _bwd_dq_kernel,
+        lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads),
+        dq_args,
+        common,
+        ("dq", q.device, q.dtype, seqlen_key, *common.values()),
+    )
     dkdv_args = (
         q, k, v, dout, dk, dv, lse, delta, *optional,
         cuts if compute_dbias else dummy, bias_partials if compute_dbias else dummy,
@@ -685,19 +662,6 @@ def t5_attention_backward(
         dkdv_args,
         dkdv_kwargs,
         ("dkdv", q.device, q.dtype, seqlen_key, *dkdv_kwargs.values()),
-    )
-    dq_args = (
-        q, k, v, dout, dq, lse, delta, *optional,
-        *_layout_strides(q, is_varlen), *_layout_strides(k, is_varlen), *_layout_strides(v, is_varlen),
-        *_layout_strides(dout, is_varlen), *_layout_strides(dq, is_varlen), *lse_strides, mask_stride,
-        num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, dist_center, seqlen_key,
-    )  # fmt: skip
-    launch_tuned(
-        _bwd_dq_kernel,
-        lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads),
-        dq_args,
-        common,
-        ("dq", q.device, q.dtype, seqlen_key, *common.values()),
     )
     return dq, dk, dv, bias_partials
 

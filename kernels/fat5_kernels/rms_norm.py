@@ -53,6 +53,8 @@ def _rms_norm_forward_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     CAST_TO_WEIGHT_DTYPE: tl.constexpr,
+    INPUT_EVICTION: tl.constexpr,
+    WEIGHT_EVICTION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
@@ -63,7 +65,9 @@ def _rms_norm_forward_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
 
     # Half-precision inputs are upcast right after the load: all arithmetic is float32.
-    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0, eviction_policy=INPUT_EVICTION
+    ).to(tl.float32)
     if HAS_RESIDUAL:
         residual = tl.load(
             residual_ptr + rows[:, None] * residual_row_stride + cols[None, :], mask=mask, other=0.0
@@ -80,7 +84,7 @@ def _rms_norm_forward_kernel(
     normed = x * rstd[:, None]
     if CAST_TO_WEIGHT_DTYPE:  # T5 casts to the (half-precision) weight dtype before the scale
         normed = normed.to(weight_ptr.dtype.element_ty).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0, eviction_policy=WEIGHT_EVICTION).to(tl.float32)
     y = normed * weight[None, :]
     tl.store(y_ptr + rows[:, None] * y_row_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -257,6 +261,11 @@ def _rms_norm_forward(
             eps,
             HAS_RESIDUAL=residual is not None,
             CAST_TO_WEIGHT_DTYPE=weight.dtype in _HALF_DTYPES,
+            # The input is read once (first out of L2), the weight by every program (kept): 13% faster without a
+            # residual (H100, d=768 bf16: 14.9 vs 17.2 us), 1.5% slower with one (d=768 bf16, and the model's d=512
+            # float32 stream), which therefore gets no hints.
+            INPUT_EVICTION="evict_first" if residual is None else "",
+            WEIGHT_EVICTION="evict_last" if residual is None else "",
             BLOCK_ROWS=block_rows,
             BLOCK_COLS=block_cols,
             num_warps=num_warps,
