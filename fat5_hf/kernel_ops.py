@@ -395,26 +395,36 @@ def flash_attention(
             query, key, value, mask, bias_table, bidirectional=bidirectional, num_buckets=num_buckets,
             max_distance=max_distance,
         )  # fmt: skip
-    key_padding_mask = mask.key_padding_mask
-    if bias_table is None and key_padding_mask is None and not mask.causal and query.dtype in _SDPA_FLASH_DTYPES:
+    no_mask = mask.key_padding_mask is None and not mask.causal
+    if bias_table is None and no_mask and query.dtype in _SDPA_FLASH_DTYPES:
         # Cross-attention without padding: nothing for our kernel to do that SDPA's flash kernel does not do faster
         # (H100, B=64, H=8, L=512, D=64, bf16: 0.44 ms against 0.56 ms per forward+backward).
         return nn.functional.scaled_dot_product_attention(query, key, value, scale=1.0).transpose(1, 2)
-    if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.to(device=query.device, dtype=torch.bool)
-    out = _triton_t5_flash_attention(
-        query,
-        key,
-        value,
-        bias_table=bias_table,
-        bidirectional=bidirectional,
-        num_buckets=num_buckets,
-        max_distance=max_distance,
-        causal=mask.causal,
-        key_padding_mask=key_padding_mask,
-        softmax_scale=1.0,
-    )
+    t5 = _t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance)
+    out = _triton_t5_flash_attention(query, key, value, key_padding_mask=_key_padding_mask(mask, query), **t5)
     return out.transpose(1, 2)
+
+
+def _t5_kernel_kwargs(
+    mask: FlashAttentionMask, bias_table: torch.Tensor | None, bidirectional: bool, num_buckets: int, max_distance: int
+) -> dict:
+    """The keywords every kernel call of the model shares: T5's bias, its causality, and T5's unscaled scores."""
+    return dict(
+        bias_table=bias_table, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance,
+        causal=mask.causal, softmax_scale=1.0,
+    )  # fmt: skip
+
+
+def _key_padding_mask(mask: FlashAttentionMask, like: torch.Tensor) -> torch.Tensor | None:
+    if mask.key_padding_mask is None:
+        return None
+    return mask.key_padding_mask.to(device=like.device, dtype=torch.bool)
+
+
+def _scatter_documents(out: torch.Tensor, queries: PackedSequences, batch: int, length: int) -> torch.Tensor:
+    """Varlen rows `(total, H, D)` back to `(batch, length, H, D)`, zeros at padding."""
+    full = out.new_zeros(batch * length, *out.shape[1:]).index_copy(0, queries.indices, out)
+    return full.view(batch, length, *out.shape[1:])
 
 
 def can_use_qkv_packed_attention(mask: FlashAttentionMask) -> bool:
@@ -435,35 +445,13 @@ def flash_self_attention_qkvpacked(
     """`flash_attention` for self-attention on the packed output of one projection by the concatenated
     `[q; k; v]` weights, viewed `(B, L, 3, H, D)`. The kernel writes the gradient of `qkv` as one tensor, so the
     projection's backward is one matmul (three, and two adds, with separate q, k, v). Returns `(B, L, H, D)`."""
+    t5 = _t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance)
     if mask.queries is not None:
-        batch, length, _, heads, head_dim = qkv.shape
         packed = mask.queries
-        out = _triton_t5_flash_attention_varlen_qkvpacked(
-            qkv.reshape(-1, 3, heads, head_dim).index_select(0, packed.indices),
-            packed.cu_seqlens,
-            packed.max_seqlen,
-            bias_table=bias_table,
-            bidirectional=bidirectional,
-            num_buckets=num_buckets,
-            max_distance=max_distance,
-            causal=mask.causal,
-            softmax_scale=1.0,
-        )
-        full = out.new_zeros(batch * length, heads, head_dim).index_copy(0, packed.indices, out)
-        return full.view(batch, length, heads, head_dim)
-    key_padding_mask = mask.key_padding_mask
-    if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.to(device=qkv.device, dtype=torch.bool)
-    return _triton_t5_flash_attention_qkvpacked(
-        qkv,
-        bias_table=bias_table,
-        bidirectional=bidirectional,
-        num_buckets=num_buckets,
-        max_distance=max_distance,
-        causal=mask.causal,
-        key_padding_mask=key_padding_mask,
-        softmax_scale=1.0,
-    )
+        rows = qkv.flatten(0, 1).index_select(0, packed.indices)
+        out = _triton_t5_flash_attention_varlen_qkvpacked(rows, packed.cu_seqlens, packed.max_seqlen, **t5)
+        return _scatter_documents(out, packed, *qkv.shape[:2])
+    return _triton_t5_flash_attention_qkvpacked(qkv, key_padding_mask=_key_padding_mask(mask, qkv), **t5)
 
 
 def _packed_flash_attention(
@@ -493,15 +481,9 @@ def _packed_flash_attention(
         mask.keys.cu_seqlens,
         mask.queries.max_seqlen,
         mask.keys.max_seqlen,
-        bias_table=bias_table,
-        bidirectional=bidirectional,
-        num_buckets=num_buckets,
-        max_distance=max_distance,
-        causal=mask.causal,
-        softmax_scale=1.0,
+        **_t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance),
     )
-    full = out.new_zeros(batch * query_length, heads, head_dim).index_copy(0, mask.queries.indices, out)
-    return full.view(batch, query_length, heads, head_dim)
+    return _scatter_documents(out, mask.queries, batch, query_length)
 
 
 __all__ = [
