@@ -215,6 +215,14 @@ def _backward_impl(
     return dq, dk, dv, dtable
 
 
+def _fake_table_grad(bias_table: torch.Tensor | None, bias_table_needs_grad: bool, like: torch.Tensor) -> torch.Tensor:
+    if bias_table is not None and bias_table_needs_grad:
+        # Contiguous like the real op's result, whatever the table's layout (the model passes a transposed view);
+        # `empty_like` would keep the view's strides and break torch.compile's stride checks.
+        return bias_table.new_empty(bias_table.shape)
+    return like.new_empty((0,), dtype=torch.float32)
+
+
 @torch.library.custom_op("fat5::t5_flash_attention_bwd", mutates_args=())
 def _t5_flash_attention_bwd(
     dout: torch.Tensor,
@@ -248,12 +256,7 @@ def _t5_flash_attention_bwd(
 def _(dout, q, k, v, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
       max_seqlen_q, max_seqlen_k, bidirectional, num_buckets, max_distance, causal, softmax_scale,
       bias_table_needs_grad):  # fmt: skip
-    if bias_table is not None and bias_table_needs_grad:
-        # Contiguous like the real op's result, whatever the table's layout (the model passes a transposed view);
-        # `empty_like` would keep the view's strides and break torch.compile's stride checks.
-        dtable = bias_table.new_empty(bias_table.shape)
-    else:
-        dtable = q.new_empty((0,), dtype=torch.float32)
+    dtable = _fake_table_grad(bias_table, bias_table_needs_grad, q)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dtable
 
 
@@ -263,38 +266,48 @@ _FWD_ARG_NAMES = (
 )  # fmt: skip
 
 
-def _save_for_backward(ctx, inputs, out, lse, bias_table_needs_grad: bool) -> None:
-    args = dict(zip(_FWD_ARG_NAMES, inputs))
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(
-        args["q"], args["k"], args["v"], out, lse, args["bias_table"], args["alibi_slopes"],
-        args["key_padding_mask"], args["cu_seqlens_q"], args["cu_seqlens_k"],
-    )  # fmt: skip
-    ctx.static_args = tuple(args[name] for name in _FWD_ARG_NAMES[8:])
-    ctx.bias_table_needs_grad = bias_table_needs_grad
+class _AttentionAutograd:
+    """How an attention API's custom op and its eager autograd.Function save and run the backward.
+
+    Their inputs are the attention tensors (q, k, v, or the packed qkv), the bias table, the other optional
+    tensors, then the static arguments (from ``max_seqlen``). The backward gets the saved tensors (attention
+    tensors, out, lse, the other tensors), the static arguments and whether the table needs a gradient; it
+    returns the attention tensors' gradients then the table's.
+    """
+
+    def __init__(self, arg_names: tuple[str, ...]):
+        self.num_inputs = len(arg_names)
+        self.table_index = arg_names.index("bias_table")
+        self.num_tensors = next(i for i, name in enumerate(arg_names) if name.startswith("max_seqlen"))
+
+    def save(self, ctx, inputs, out, lse, bias_table_needs_grad: bool) -> None:
+        ctx.mark_non_differentiable(lse)
+        attention_tensors, other_tensors = inputs[: self.table_index], inputs[self.table_index : self.num_tensors]
+        ctx.save_for_backward(*attention_tensors, out, lse, *other_tensors)
+        ctx.static_args = inputs[self.num_tensors :]
+        ctx.bias_table_needs_grad = bias_table_needs_grad
+
+    def run_backward(self, ctx, dout, backward_fn) -> tuple:
+        *grads, dtable = backward_fn(dout, *ctx.saved_tensors, *ctx.static_args, ctx.bias_table_needs_grad)
+        grad_table = dtable if ctx.bias_table_needs_grad else None
+        return (*grads, grad_table) + (None,) * (self.num_inputs - self.table_index - 1)
+
+    def register(self, op_name: str, backward_op) -> None:
+        """``register_autograd`` of the forward custom op ``op_name``, whose backward is ``backward_op``."""
+
+        def setup_context(ctx, inputs, output):
+            table = inputs[self.table_index]
+            self.save(ctx, inputs, *output, table is not None and table.requires_grad)
+
+        def backward(ctx, dout, dlse):
+            del dlse  # the log-sum-exp is an auxiliary output without gradient
+            return self.run_backward(ctx, dout, backward_op)
+
+        torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-def _run_backward(ctx, dout, backward_fn):
-    q, k, v, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv, dtable = backward_fn(
-        dout, q, k, v, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_q, cu_k, *ctx.static_args,
-        ctx.bias_table_needs_grad,
-    )  # fmt: skip
-    grad_table = dtable if ctx.bias_table_needs_grad else None
-    return (dq, dk, dv, grad_table) + (None,) * (len(_FWD_ARG_NAMES) - 4)
-
-
-def _setup_context(ctx, inputs, output):
-    table = inputs[3]
-    _save_for_backward(ctx, inputs, *output, table is not None and table.requires_grad)
-
-
-def _backward(ctx, dout, dlse):
-    del dlse  # the log-sum-exp is an auxiliary output without gradient
-    return _run_backward(ctx, dout, _t5_flash_attention_bwd)
-
-
-torch.library.register_autograd("fat5::t5_flash_attention_fwd", _backward, setup_context=_setup_context)
+_AUTOGRAD = _AttentionAutograd(_FWD_ARG_NAMES)
+_AUTOGRAD.register("fat5::t5_flash_attention_fwd", _t5_flash_attention_bwd)
 
 
 class T5FlashAttentionFunction(torch.autograd.Function):
@@ -308,13 +321,13 @@ class T5FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         out, lse = _forward_impl(*inputs)
-        _save_for_backward(ctx, inputs, out, lse, ctx.needs_input_grad[3])
+        _AUTOGRAD.save(ctx, inputs, out, lse, ctx.needs_input_grad[_AUTOGRAD.table_index])
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         del dlse
-        return _run_backward(ctx, dout, _backward_impl)
+        return _AUTOGRAD.run_backward(ctx, dout, _backward_impl)
 
 
 def _attention(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,42 +435,11 @@ def _t5_flash_attention_qkvpacked_bwd(
 @_t5_flash_attention_qkvpacked_bwd.register_fake
 def _(dout, qkv, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, bidirectional,
       num_buckets, max_distance, causal, softmax_scale, bias_table_needs_grad):  # fmt: skip
-    if bias_table is not None and bias_table_needs_grad:
-        dtable = bias_table.new_empty(bias_table.shape)  # contiguous, as in the unpacked op's fake
-    else:
-        dtable = qkv.new_empty((0,), dtype=torch.float32)
-    return torch.empty_like(qkv), dtable
+    return torch.empty_like(qkv), _fake_table_grad(bias_table, bias_table_needs_grad, qkv)
 
 
-def _save_packed_for_backward(ctx, inputs, out, lse, bias_table_needs_grad: bool) -> None:
-    args = dict(zip(_PACKED_FWD_ARG_NAMES, inputs))
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(
-        args["qkv"], out, lse, args["bias_table"], args["alibi_slopes"], args["key_padding_mask"], args["cu_seqlens"]
-    )
-    ctx.static_args = tuple(args[name] for name in _PACKED_FWD_ARG_NAMES[5:])
-    ctx.bias_table_needs_grad = bias_table_needs_grad
-
-
-def _run_packed_backward(ctx, dout, backward_fn):
-    dqkv, dtable = backward_fn(dout, *ctx.saved_tensors, *ctx.static_args, ctx.bias_table_needs_grad)
-    grad_table = dtable if ctx.bias_table_needs_grad else None
-    return (dqkv, grad_table) + (None,) * (len(_PACKED_FWD_ARG_NAMES) - 2)
-
-
-def _packed_setup_context(ctx, inputs, output):
-    table = inputs[1]
-    _save_packed_for_backward(ctx, inputs, *output, table is not None and table.requires_grad)
-
-
-def _packed_backward(ctx, dout, dlse):
-    del dlse
-    return _run_packed_backward(ctx, dout, _t5_flash_attention_qkvpacked_bwd)
-
-
-torch.library.register_autograd(
-    "fat5::t5_flash_attention_qkvpacked_fwd", _packed_backward, setup_context=_packed_setup_context
-)
+_PACKED_AUTOGRAD = _AttentionAutograd(_PACKED_FWD_ARG_NAMES)
+_PACKED_AUTOGRAD.register("fat5::t5_flash_attention_qkvpacked_fwd", _t5_flash_attention_qkvpacked_bwd)
 
 
 class T5FlashAttentionQKVPackedFunction(torch.autograd.Function):
@@ -467,13 +449,13 @@ class T5FlashAttentionQKVPackedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         out, lse = _packed_forward_impl(*inputs)
-        _save_packed_for_backward(ctx, inputs, out, lse, ctx.needs_input_grad[1])
+        _PACKED_AUTOGRAD.save(ctx, inputs, out, lse, ctx.needs_input_grad[_PACKED_AUTOGRAD.table_index])
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         del dlse
-        return _run_packed_backward(ctx, dout, _packed_backward_impl)
+        return _PACKED_AUTOGRAD.run_backward(ctx, dout, _packed_backward_impl)
 
 
 def _attention_qkvpacked(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
