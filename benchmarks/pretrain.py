@@ -13,7 +13,10 @@ Variants:
 - ``fat5_compiled``: FAT5 under ``torch.compile`` (reported as an error row if it does not compile);
 - ``fat5_adamw_scale``: FAT5 with ``fat5_hf.optim.AdamWScale`` instead of fused AdamW;
 - ``t5_cudagraphs``, ``fat5_cudagraphs`` (not in the default list): ``torch.compile(mode="reduce-overhead")``, the
-  compiled forward and backward replayed as CUDA graphs, which removes the host's launch work from the step.
+  compiled forward and backward replayed as CUDA graphs, which removes the host's launch work from the step;
+- ``fat5_bf16residual_cudagraphs``, ``fat5_bf16residual_compiled`` (not in the default list): FAT5 with
+  ``residual_dtype="bfloat16"``, the pretraining recipe's setting (a bf16 residual stream, as T5X trains T5; T5
+  keeps it in fp32 under autocast).
 
 Tokens per second count encoder and decoder tokens: ``GPUs * batch * (input_length + target_length) / step time``.
 
@@ -46,7 +49,9 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_VARIANTS = ("t5", "t5_compiled", "fat5", "fat5_compiled", "fat5_adamw_scale")
-VARIANTS = DEFAULT_VARIANTS + ("t5_cudagraphs", "fat5_cudagraphs")
+VARIANTS = DEFAULT_VARIANTS + (
+    "t5_cudagraphs", "fat5_cudagraphs", "fat5_bf16residual_cudagraphs", "fat5_bf16residual_compiled"
+)
 
 FAT5_SMALL_SHAPE = dict(
     d_model=512,
@@ -75,7 +80,10 @@ def build_model(variant: str) -> torch.nn.Module:
 
         # As the pretraining recipe trains: its collator emits only tokenizer ids, so the per-step id checks (host
         # syncs) are off.
-        model = FAT5ForConditionalGeneration(FAT5Config(**FAT5_SMALL_SHAPE, check_token_ids=False))
+        residual_dtype = "bfloat16" if "_bf16residual" in variant else None
+        model = FAT5ForConditionalGeneration(
+            FAT5Config(**FAT5_SMALL_SHAPE, check_token_ids=False, residual_dtype=residual_dtype)
+        )
     # transformers 5 ties the LM head whatever tie_word_embeddings says; FAT5-small (147M) has its own head, as the
     # recipe gives it (recipes/pretrain.py: untie_lm_head).
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())

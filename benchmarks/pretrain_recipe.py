@@ -88,6 +88,7 @@ def summarize(mode: str, log_path: str, skip_windows: int) -> dict:
         tokens_per_s_max=round(max(rates)),
         tokens_per_s_windows=[round(r) for r in rates],
         final_loss=round(windows[-1]["loss"], 4),
+        loss_windows=[round(r["loss"], 4) for r in windows],  # every window's mean loss, warm-up included
         eval_loss=round(evals[-1], 4) if evals else None,
     )
 

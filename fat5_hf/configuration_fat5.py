@@ -12,6 +12,7 @@ from transformers import PreTrainedConfig
 # Position encodings FAT5 knows about. Only "t5" (learned relative buckets) is implemented; the others are planned.
 IMPLEMENTED_POSITION_ENCODINGS = ("t5",)
 PLANNED_POSITION_ENCODINGS = ("alibi", "rope", "fire")
+RESIDUAL_DTYPES = (None, "float32", "bfloat16", "float16")
 
 
 @strict
@@ -58,6 +59,15 @@ class FAT5Config(PreTrainedConfig):
             `labels` lie in the vocabulary (a clear `ValueError` instead of a device-side assert). On a GPU each
             check waits for the ids (a host sync per check, which stalls kernel launches): a data pipeline that
             guarantees the range (the pretraining recipe's) can turn it off for speed.
+        residual_dtype (`str`, *optional*): Dtype of the residual stream, the hidden states that run through the
+            blocks: the embeddings are cast to it. `None` (default) keeps T5's, the embeddings' dtype (fp32 under
+            autocast over fp32 weights). `"bfloat16"` under bf16 autocast keeps the stream, the norms' saved inputs
+            and the stream's gradient in bf16, as T5X trains T5 (bf16 activations over fp32 parameters): the norms
+            move half the bytes and the saved activations take less memory, at the cost of rounding each residual
+            sum to bf16. `"float32"` keeps an fp32 stream in a bf16 or fp16 model (Megatron-LM's
+            `fp32_residual_connection`). The residual adds follow PyTorch's type promotion, so the stream stays
+            in this dtype only when the sublayers' outputs are no wider (for `"bfloat16"`: bf16 autocast or a bf16
+            model); the model warns once otherwise.
 
     The kernel switches only take effect on CUDA with triton installed; elsewhere FAT5 runs plain PyTorch that
     reproduces transformers' T5 exactly.
@@ -116,6 +126,7 @@ class FAT5Config(PreTrainedConfig):
     z_loss: float | int = 0.0
     label_smoothing: float | int = 0.0
     check_token_ids: bool = True
+    residual_dtype: str | None = None
 
     def __post_init__(self, **kwargs):
         self.num_decoder_layers = self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
@@ -218,6 +229,12 @@ class FAT5Config(PreTrainedConfig):
             raise ValueError(
                 f"`position_encoding_type` must be one of {list(IMPLEMENTED_POSITION_ENCODINGS)} (planned: "
                 f"{list(PLANNED_POSITION_ENCODINGS)}), got {self.position_encoding_type!r}."
+            )
+
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(
+                f"`residual_dtype` must be None (the embeddings' dtype, as T5) or one of {list(RESIDUAL_DTYPES[1:])}, "
+                f"got {self.residual_dtype!r}."
             )
 
         if not self.z_loss >= 0:

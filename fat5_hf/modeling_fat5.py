@@ -964,6 +964,9 @@ class FAT5Stack(FAT5PreTrainedModel):
 
         position_bias = None
         encoder_decoder_position_bias = None
+        residual_dtype = getattr(torch, self.config.residual_dtype) if self.config.residual_dtype else None
+        if residual_dtype is not None:
+            inputs_embeds = inputs_embeds.to(residual_dtype)
         hidden_states = self.dropout(inputs_embeds)
 
         # Each block's last residual add goes into the next block's first norm (the last one into the final norm),
@@ -992,6 +995,12 @@ class FAT5Stack(FAT5PreTrainedModel):
             if self.is_decoder and encoder_hidden_states is not None:
                 encoder_decoder_position_bias = cross_attention_position_bias
 
+        if residual_dtype is not None and hidden_states.dtype != residual_dtype:
+            logger.warning_once(
+                f"config.residual_dtype={self.config.residual_dtype!r}, but the sublayers output "
+                f"{hidden_states.dtype} and the residual adds widened the stream to it. Run the model under "
+                f"{self.config.residual_dtype} autocast (Accelerate's mixed_precision) or in that dtype."
+            )
         hidden_states = _norm_after_pending_add(self.final_layer_norm, hidden_states, pending_output)[1]
         hidden_states = self.dropout(hidden_states)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)

@@ -40,6 +40,7 @@ def test_summary_skips_the_warm_up_windows_and_reports_the_median(tmp_path):
     row = benchmark.summarize("eager", str(log), skip_windows=1)
     assert row["tokens_per_s"] == 300 and (row["tokens_per_s_min"], row["tokens_per_s_max"]) == (100, 400)
     assert row["timed_windows"] == 3 and row["steps"] == 8 and row["final_loss"] == 1.0 and row["eval_loss"] == 1.25
+    assert row["loss_windows"] == [4.0, 3.0, 2.0, 1.0]
     with pytest.raises(SystemExit, match="none left after --skip-windows 4"):
         benchmark.summarize("eager", str(log), skip_windows=4)
 

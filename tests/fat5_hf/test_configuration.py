@@ -99,6 +99,7 @@ def test_fat5_fields_defaults():
     assert config.use_triton_attention and config.use_fused_rms_norm and config.use_fused_cross_entropy
     assert config.use_fused_glu
     assert config.z_loss == 0.0 and config.label_smoothing == 0.0
+    assert config.residual_dtype is None
 
 
 @pytest.mark.parametrize(
@@ -129,6 +130,8 @@ def test_fat5_fields_defaults():
         (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon"),
         (dict(z_loss=-1e-4), "`z_loss` must be a non-negative"),
         (dict(label_smoothing=1.0), r"`label_smoothing` must be in \[0, 1\)"),
+        (dict(residual_dtype="bf16"),
+         r"`residual_dtype` must be None .* \['float32', 'bfloat16', 'float16'\], got 'bf16'"),
     ],
 )
 def test_invalid_values_raise_value_error(kwargs, message):

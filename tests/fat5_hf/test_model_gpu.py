@@ -45,15 +45,20 @@ def relative_error(actual, expected):
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
 
 
-def test_training_step_with_kernels_matches_pytorch_path():
+@pytest.mark.parametrize("residual_dtype", [None, "bfloat16"])
+def test_training_step_with_kernels_matches_pytorch_path(residual_dtype):
+    # with residual_dtype="bfloat16" both paths keep a bf16 residual stream; the truth is the fp32 model
     torch.manual_seed(0)
     reference = FAT5ForConditionalGeneration(FAT5Config(**SHAPE, **KERNELS_OFF)).cuda().train()
-    with_kernels = FAT5ForConditionalGeneration(FAT5Config(**SHAPE)).cuda().train()
+    torch_path = FAT5ForConditionalGeneration(FAT5Config(**SHAPE, **KERNELS_OFF, residual_dtype=residual_dtype))
+    with_kernels = FAT5ForConditionalGeneration(FAT5Config(**SHAPE, residual_dtype=residual_dtype)).cuda().train()
+    torch_path = torch_path.cuda().train()
+    torch_path.load_state_dict(reference.state_dict())
     with_kernels.load_state_dict(reference.state_dict())
     inputs = batch("cuda")
 
     ref_loss, ref_grads = loss_and_grads(reference, inputs, autocast=False)  # fp32 truth
-    torch_loss, torch_grads = loss_and_grads(reference, inputs, autocast=True)
+    torch_loss, torch_grads = loss_and_grads(torch_path, inputs, autocast=True)
     kernel_loss, kernel_grads = loss_and_grads(with_kernels, inputs, autocast=True)
 
     assert abs(kernel_loss - ref_loss) <= 2 * abs(torch_loss - ref_loss) + 2e-3 * ref_loss

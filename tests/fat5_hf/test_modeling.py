@@ -399,6 +399,99 @@ def test_residual_adds_fused_into_the_next_norm_under_autocast(tiny_fat5_config,
         torch.testing.assert_close(grads[name], grad, atol=2e-3 * scale, rtol=2e-2, msg=name)
 
 
+def _stream_dtypes(model) -> list[torch.dtype]:
+    """Dtypes of every block's output stream in one call (forward hooks: the blocks then add their outputs)."""
+    seen = []
+    for block in (*model.encoder.block, *model.decoder.block):
+        block.register_forward_hook(lambda module, args, output: seen.append(output[0].dtype))
+    return seen
+
+
+@pytest.mark.parametrize("residual_dtype", ["bfloat16", "float32"])
+def test_residual_dtype_sets_the_stream_dtype(tiny_fat5_config, make_batch, residual_dtype):
+    """`residual_dtype` casts the embeddings: under bf16 autocast over fp32 weights the stream is bf16 with
+    "bfloat16" (T5X) and fp32 by default; in a bf16 model "float32" keeps it fp32. Training still reaches every
+    parameter, in its own dtype."""
+    torch.manual_seed(0)
+    config = tiny_fat5_config(residual_dtype=residual_dtype)
+    model = FAT5ForConditionalGeneration(config).train()
+    default = FAT5ForConditionalGeneration(tiny_fat5_config())
+    default.load_state_dict(model.state_dict())
+    if residual_dtype == "float32":
+        model, default = model.to(torch.bfloat16), default.to(torch.bfloat16)
+    want, default_want = (torch.bfloat16, torch.float32) if residual_dtype == "bfloat16" else (torch.float32, torch.bfloat16)
+    input_ids, attention_mask = make_batch(96, [7, 5])
+    labels = _labels(96, [4, 6], make_batch)
+    losses = []
+    for candidate, stream_dtype in ((model, want), (default, default_want)):
+        seen = _stream_dtypes(candidate)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = candidate(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        assert set(seen) == {stream_dtype} and len(seen) == config.num_layers + config.num_decoder_layers
+        losses.append(loss.item())
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.dtype == param.dtype and torch.isfinite(param.grad).all(), name
+    # the same network: the streams' roundings differ
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
+def test_residual_dtype_warns_when_the_adds_widen_the_stream(tiny_fat5_config, make_batch, caplog):
+    """A bf16 stream in an fp32 model without autocast: the fp32 sublayer outputs widen it at the first add, which
+    the model says (once) with the fix."""
+    import transformers
+
+    model = FAT5ForConditionalGeneration(tiny_fat5_config(residual_dtype="bfloat16")).eval()
+    input_ids, attention_mask = make_batch(96, [7, 5])
+    transformers.logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"), torch.no_grad():
+            model.encoder(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        transformers.logging.disable_propagation()
+    assert "residual_dtype='bfloat16'" in caplog.text and "sublayers output torch.float32" in caplog.text
+    assert "autocast" in caplog.text
+
+
+def test_bf16_residual_stream_adds_in_the_norm_kernels(tiny_fat5_config, make_batch, monkeypatch):
+    """With `residual_dtype="bfloat16"` under bf16 autocast every deferred residual add reaches the norm kernel as
+    bf16 output + bf16 stream, and the kernel path trains like the PyTorch path (bf16 roundings apart: the
+    interpreter truncates where the GPU rounds)."""
+    if not kernel_ops.kernel_available("rms_norm"):
+        pytest.skip("fat5_kernels has no rms_norm kernel here")
+    residual_dtypes = []
+    kernel = kernel_ops._triton_rms_norm
+
+    def recording_kernel(hidden_states, weight, eps, residual=None, **kwargs):
+        residual_dtypes.append(None if residual is None else (hidden_states.dtype, residual.dtype))
+        return kernel(hidden_states, weight, eps, residual=residual, **kwargs)
+
+    monkeypatch.setattr(kernel_ops, "_triton_rms_norm", recording_kernel)
+    torch.manual_seed(0)
+    config = tiny_fat5_config(
+        residual_dtype="bfloat16", use_triton_attention=False, use_fused_glu=False, use_fused_cross_entropy=False
+    )
+    model = FAT5ForConditionalGeneration(config).train()
+    input_ids, attention_mask = make_batch(96, [7, 5])
+    labels = _labels(96, [4, 6], make_batch)
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    expected_loss, expected_grads = loss_and_grads()
+    with kernel_ops.kernels_on_cpu():
+        loss, grads = loss_and_grads()
+    fused = [dtypes for dtypes in residual_dtypes if dtypes is not None]
+    assert len(fused) == 2 * config.num_layers + 3 * config.num_decoder_layers
+    assert set(fused) == {(torch.bfloat16, torch.bfloat16)}
+    torch.testing.assert_close(loss, expected_loss, atol=2e-2, rtol=2e-2)
+    assert torch.nn.functional.cosine_similarity(grads, expected_grads, dim=0) > 0.99
+
+
 def test_block_hooks_and_hidden_states_see_whole_residual_stream(tiny_fat5_config, make_batch):
     """Each block leaves its feed-forward add to the next block's first norm (or the final norm) unless its hidden
     states are read: forward hooks on the blocks, or `output_hidden_states`, then see the whole stream, and the

@@ -141,6 +141,7 @@ def test_shipped_configs_load():
         with torch.device("meta"):
             model = pretrain.build_model(config, _VocabOnly())
         assert model.config.z_loss > 0 and model.config.vocab_size == 32768
+        assert model.config.residual_dtype == "bfloat16"  # T5X's bf16 residual stream under bf16 autocast
         assert model.lm_head.weight is not model.shared.weight and not model.config.scale_decoder_outputs
         assert round(sum(p.numel() for p in model.parameters()) / 1e6) == millions, name
     fsdp = yaml.safe_load((RECIPES / "configs" / "accelerate-fsdp2.yaml").read_text())
