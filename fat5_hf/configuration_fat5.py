@@ -65,9 +65,10 @@ class FAT5Config(PreTrainedConfig):
             and the stream's gradient in bf16, as T5X trains T5 (bf16 activations over fp32 parameters): the norms
             move half the bytes and the saved activations take less memory, at the cost of rounding each residual
             sum to bf16. `"float32"` keeps an fp32 stream in a bf16 or fp16 model (Megatron-LM's
-            `fp32_residual_connection`). The residual adds follow PyTorch's type promotion, so the stream stays
-            in this dtype only when the sublayers' outputs are no wider (for `"bfloat16"`: bf16 autocast or a bf16
-            model); the model warns once otherwise.
+            `fp32_residual_connection`). The residual adds promote, so the setting applies only where the stream
+            can hold it, i.e. where the sublayers' outputs (the autocast dtype, else the model's) are no wider: an
+            fp32 model outside autocast keeps T5's fp32 stream (so a model pretrained with `"bfloat16"` runs
+            inference as T5), and another autocast dtype keeps it too, with a warning.
 
     The kernel switches only take effect on CUDA with triton installed; elsewhere FAT5 runs plain PyTorch that
     reproduces transformers' T5 exactly.

@@ -810,6 +810,30 @@ class FAT5Stack(FAT5PreTrainedModel):
                 f"max_length={max_positions})`) or use a shorter `max_new_tokens`."
             )
 
+    def _residual_stream_dtype(self, inputs_embeds: torch.Tensor) -> torch.dtype | None:
+        """The dtype to cast the embeddings to (`config.residual_dtype`), or None to keep T5's stream.
+
+        The residual adds promote, so the stream holds a dtype only if it is at least as wide as the sublayers'
+        outputs (the autocast dtype, else the embeddings'). Otherwise the cast would only round the embeddings: in
+        an fp32 model outside autocast (inference of a model pretrained with a bf16 stream) the stream stays fp32,
+        as T5's; under another autocast dtype the model also warns.
+        """
+        if self.config.residual_dtype is None:
+            return None
+        wanted = getattr(torch, self.config.residual_dtype)
+        device_type = inputs_embeds.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        compute = torch.get_autocast_dtype(device_type) if autocast else inputs_embeds.dtype
+        if torch.promote_types(wanted, compute) == wanted:
+            return wanted
+        if autocast:
+            logger.warning_once(
+                f"config.residual_dtype={self.config.residual_dtype!r} cannot hold under {compute} autocast (the "
+                f"residual adds would widen it): the residual stream stays {inputs_embeds.dtype}. Use "
+                f"{self.config.residual_dtype} autocast (Accelerate's mixed_precision) or residual_dtype=None."
+            )
+        return None
+
     def _use_flash_attention(self, inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs) -> bool:
         output_attentions = kwargs.get("output_attentions")
         if output_attentions is None:
@@ -964,7 +988,7 @@ class FAT5Stack(FAT5PreTrainedModel):
 
         position_bias = None
         encoder_decoder_position_bias = None
-        residual_dtype = getattr(torch, self.config.residual_dtype) if self.config.residual_dtype else None
+        residual_dtype = self._residual_stream_dtype(inputs_embeds)
         if residual_dtype is not None:
             inputs_embeds = inputs_embeds.to(residual_dtype)
         hidden_states = self.dropout(inputs_embeds)
@@ -995,12 +1019,6 @@ class FAT5Stack(FAT5PreTrainedModel):
             if self.is_decoder and encoder_hidden_states is not None:
                 encoder_decoder_position_bias = cross_attention_position_bias
 
-        if residual_dtype is not None and hidden_states.dtype != residual_dtype:
-            logger.warning_once(
-                f"config.residual_dtype={self.config.residual_dtype!r}, but the sublayers output "
-                f"{hidden_states.dtype} and the residual adds widened the stream to it. Run the model under "
-                f"{self.config.residual_dtype} autocast (Accelerate's mixed_precision) or in that dtype."
-            )
         hidden_states = _norm_after_pending_add(self.final_layer_norm, hidden_states, pending_output)[1]
         hidden_states = self.dropout(hidden_states)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)

@@ -447,21 +447,32 @@ def test_residual_dtype_sets_the_stream_dtype(tiny_fat5_config, make_batch, resi
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)
 
 
-def test_residual_dtype_warns_when_the_adds_widen_the_stream(tiny_fat5_config, make_batch, caplog):
-    """A bf16 stream in an fp32 model without autocast: the fp32 sublayer outputs widen it at the first add, which
-    the model says (once) with the fix."""
+def test_residual_dtype_applies_only_where_the_stream_can_hold_it(tiny_fat5_config, make_batch, caplog):
+    """A bf16 stream cannot hold where the sublayers output fp32 or fp16: an fp32 model outside autocast (inference
+    of a model pretrained with the bf16 stream) runs exactly as T5, and fp16 autocast keeps T5's stream too, with a
+    warning that names the fix."""
     import transformers
 
+    torch.manual_seed(0)
     model = FAT5ForConditionalGeneration(tiny_fat5_config(residual_dtype="bfloat16")).eval()
+    default = FAT5ForConditionalGeneration(tiny_fat5_config()).eval()
+    default.load_state_dict(model.state_dict())
     input_ids, attention_mask = make_batch(96, [7, 5])
+    decoder_input_ids, _ = make_batch(96, [4, 4], seed=3)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids)
     transformers.logging.enable_propagation()
     try:
         with caplog.at_level("WARNING"), torch.no_grad():
-            model.encoder(input_ids=input_ids, attention_mask=attention_mask)
+            assert torch.equal(model(**kwargs).logits, default(**kwargs).logits)
+            assert caplog.text == ""
+            seen = _stream_dtypes(model)
+            with torch.autocast("cpu", dtype=torch.float16):
+                model(**kwargs)
     finally:
         transformers.logging.disable_propagation()
-    assert "residual_dtype='bfloat16'" in caplog.text and "sublayers output torch.float32" in caplog.text
-    assert "autocast" in caplog.text
+    assert set(seen) == {torch.float32}
+    assert "residual_dtype='bfloat16' cannot hold under torch.float16 autocast" in caplog.text
+    assert "residual_dtype=None" in caplog.text
 
 
 def test_block_hooks_and_hidden_states_see_whole_residual_stream(tiny_fat5_config, make_batch):
