@@ -50,9 +50,9 @@ def test_training_step_with_kernels_matches_pytorch_path(residual_dtype):
     # with residual_dtype="bfloat16" both paths keep a bf16 residual stream; the truth is the fp32 model
     torch.manual_seed(0)
     reference = FAT5ForConditionalGeneration(FAT5Config(**SHAPE, **KERNELS_OFF)).cuda().train()
-    torch_path = FAT5ForConditionalGeneration(FAT5Config(**SHAPE, **KERNELS_OFF, residual_dtype=residual_dtype))
+    torch_config = FAT5Config(**SHAPE, **KERNELS_OFF, residual_dtype=residual_dtype)
+    torch_path = FAT5ForConditionalGeneration(torch_config).cuda().train()
     with_kernels = FAT5ForConditionalGeneration(FAT5Config(**SHAPE, residual_dtype=residual_dtype)).cuda().train()
-    torch_path = torch_path.cuda().train()
     torch_path.load_state_dict(reference.state_dict())
     with_kernels.load_state_dict(reference.state_dict())
     inputs = batch("cuda")
