@@ -163,7 +163,12 @@ def _t5_flash_attention_fwd(
 @_t5_flash_attention_fwd.register_fake
 def _(q, k, v, bias_table, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       bidirectional, num_buckets, max_distance, causal, softmax_scale):  # fmt: skip
-    if cu_seqlens_q is not None:
+    return _fake_forward_outputs(q, cu_seqlens_q is not None)
+
+
+def _fake_forward_outputs(q: torch.Tensor, is_varlen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake ``(out, lse)`` of a forward op: lse is (H, total) for packed sequences, (B, H, L) otherwise."""
+    if is_varlen:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:
         lse = q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -400,12 +405,8 @@ def _t5_flash_attention_qkvpacked_fwd(
 @_t5_flash_attention_qkvpacked_fwd.register_fake
 def _(qkv, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, bidirectional, num_buckets,
       max_distance, causal, softmax_scale):  # fmt: skip
-    q = _qkv_views(qkv, cu_seqlens is not None)[0]
-    if cu_seqlens is not None:
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-    else:
-        lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-    return torch.empty_like(q), lse
+    is_varlen = cu_seqlens is not None
+    return _fake_forward_outputs(_qkv_views(qkv, is_varlen)[0], is_varlen)
 
 
 @torch.library.custom_op("fat5::t5_flash_attention_qkvpacked_bwd", mutates_args=())
