@@ -494,8 +494,9 @@ def sweep(output_dir: str) -> None:
         torch.manual_seed(0)
         args, grad_out = (_randn(N_TOKENS, d), _weight(d)), _randn(N_TOKENS, d)
         block_cols = 1 << (d - 1).bit_length()
-        for config in [default_bwd(d)] + [(r, block_cols, w, p, stages) for r, w, p, stages in configs]:
-            rms_norm_module._backward_launch_config = lambda n, c=config: c
+        defaults = [default_bwd(d, 2)]  # rows of bf16 (2-byte) elements
+        for config in defaults + [(r, block_cols, w, p, stages) for r, w, p, stages in configs]:
+            rms_norm_module._backward_launch_config = lambda n, element_size, c=config: c
             try:
                 row = dict(kernel="rms_norm", d=d, bwd_config=config, **time_it(lambda x, w: rms_norm_module.rms_norm(x, w, EPS), args, grad_out))
             except Exception as err:

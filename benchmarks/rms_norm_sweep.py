@@ -57,14 +57,15 @@ def _candidates(pass_name: str, block_cols: int) -> list[tuple]:
     return configs
 
 
-def _time_pass(pass_name: str, step, d: int) -> tuple[list, list[float], list[dict]]:
+def _time_pass(pass_name: str, step, d: int, element_size: int) -> tuple[list, list[float], list[dict]]:
     """(default config, its times before and after the grid, every grid config's time) of one pass; the module's
     config function is patched for the duration and restored. The default is timed twice because these
     machines have slow phases that can catch one measurement."""
     attribute = f"_{pass_name}_launch_config"
     default_config = getattr(rms_norm_module, attribute)
+    config_args = (d,) if pass_name == "forward" else (d, element_size)  # the backward's depends on the dtype
     chosen: list = []
-    setattr(rms_norm_module, attribute, lambda n_cols: chosen[0] if chosen else default_config(n_cols))
+    setattr(rms_norm_module, attribute, lambda *args: chosen[0] if chosen else default_config(*args))
     time_us = lambda: do_bench(step, warmup=20, rep=100, return_mode="median") * 1e3
     try:
         default_runs = [time_us()]
@@ -76,7 +77,7 @@ def _time_pass(pass_name: str, step, d: int) -> tuple[list, list[float], list[di
         default_runs.append(time_us())
     finally:
         setattr(rms_norm_module, attribute, default_config)
-    return list(default_config(d)), default_runs, sorted(configs, key=lambda c: c["us"])
+    return list(default_config(*config_args)), default_runs, sorted(configs, key=lambda c: c["us"])
 
 
 def sweep_shape(n_rows: int, d: int, x_dtype: torch.dtype, weight_dtype: torch.dtype) -> list[dict]:
@@ -94,7 +95,7 @@ def sweep_shape(n_rows: int, d: int, x_dtype: torch.dtype, weight_dtype: torch.d
     bytes_moved = {"forward": 2 * x.numel() * x.element_size(), "backward": 3 * x.numel() * x.element_size()}
     results = []
     for pass_name, step in steps.items():
-        default_config, default_runs, configs = _time_pass(pass_name, step, d)
+        default_config, default_runs, configs = _time_pass(pass_name, step, d, x.element_size())
         default_us = min(default_runs)
         results.append(
             dict(

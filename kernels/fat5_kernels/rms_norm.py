@@ -9,7 +9,7 @@ Forward: one program normalizes ``BLOCK_ROWS`` rows; it stores the output, the p
 for the backward) and the sum when there is a residual.
 Backward: a fixed number of programs (a few per SM) each walk a contiguous range of rows, write the input
 gradient and accumulate their share of the weight gradient in float32 registers; the partial sums of all programs
-are then added by one ``sum``: deterministic, no atomics.
+are then added in a fixed order by a second small kernel, which also casts: deterministic, no atomics.
 
 Under ``torch.compile`` the kernels are reached through ``torch.library`` custom ops (``<namespace>::rms_norm_*``),
 which the compiler treats as opaque; eager mode launches them directly to skip the dispatcher overhead.
@@ -34,6 +34,8 @@ __all__ = ["RMSNormFunction", "rms_norm"]
 # Rows wider than this would not fit one program's registers (Liger uses the same bound).
 MAX_FUSED_COLS = 65536
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Columns a program of the weight-gradient reduction sums: d=768 spreads over 24 programs.
+_SUM_BLOCK_COLS = 32
 
 
 @triton.jit
@@ -157,6 +159,27 @@ def _rms_norm_backward_kernel(
     tl.store(dweight_partial_ptr + program * n_cols + cols, tl.sum(dweight_acc, axis=0), mask=col_mask)
 
 
+@triton.jit
+def _sum_partials_kernel(
+    partial_ptr,
+    out_ptr,
+    n_partials,
+    n_cols,
+    BLOCK_PARTIALS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    """out[c] = sum over p of partial[p, c] in a fixed order, cast to out's dtype: one launch where
+    ``partial.sum(0).to(dtype)`` takes two for half-precision weights (a sum, then a cast)."""
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_mask = cols < n_cols
+    acc = tl.zeros((BLOCK_PARTIALS, BLOCK_COLS), dtype=tl.float32)
+    for start in range(0, n_partials, BLOCK_PARTIALS):
+        rows = start + tl.arange(0, BLOCK_PARTIALS)
+        mask = (rows < n_partials)[:, None] & col_mask[None, :]
+        acc += tl.load(partial_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
 def _check_launchable(x: torch.Tensor) -> None:
     if not x.is_cuda and not triton_interpreter_enabled():
         raise ValueError(
@@ -201,8 +224,9 @@ def _forward_launch_config(n_cols: int) -> tuple[int, int, int]:
     return block_rows, block_cols, num_warps
 
 
-def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS, num_warps, programs per SM, row-loop pipeline stages).
+def _backward_launch_config(n_cols: int, element_size: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, num_warps, programs per SM, row-loop pipeline stages) for rows of ``n_cols``
+    elements of ``element_size`` bytes (the wider of dy and the saved input).
 
     The backward is bound by memory latency: each program walks its rows serially. Swept on an H100
     (`benchmarks/rms_norm_sweep.py`, results in `benchmarks/results/rms_norm_sweep.{md,json}`): at d <= 1024,
@@ -214,11 +238,18 @@ def _backward_launch_config(n_cols: int) -> tuple[int, int, int, int, int]:
     within the 99 KiB of sm_86) with one program per SM beat two unpipelined programs per SM at every shape
     measured (H100, session 8, same process, us): d=768 bf16 49.3 vs 51.1, d=1024 bf16 54.9 vs 56.5, d=512 fp32
     82.9 vs 86.8, d=512 bf16 56.7 vs 64.7, with half the partial sums. (Two pipelined programs per SM lost badly
-    at d=1024: 87.4.) Rows of 2048 and more keep one row a tile over 8-16 warps, two per SM, unpipelined.
+    at d=1024: 87.4.)
+
+    Wider rows take one row a tile. Up to 16 KiB a row (the same shared memory), one pipelined program per SM over
+    8 warps against two unpipelined ones over 16 (H100, session 12, backward kernel, us): bf16 d=2048 97.9 vs 97.7,
+    d=4096 152.5 vs 152.7, d=8192 293.2 vs 319.7, fp32 d=4096 288.5 vs 292.6; again half the partial sums, which
+    brings the d=4096 fwd+bwd peak to Liger's. Wider rows keep two unpipelined programs per SM.
     """
     block_cols = next_power_of_2(n_cols)
     if block_cols <= 1024:
         return max(1, min(16, 4096 // block_cols)), block_cols, 4, 1, 3
+    if block_cols * element_size <= 16384:
+        return 1, block_cols, 8, 1, 3
     return 1, block_cols, min(16, block_cols // 256), 2, 1
 
 
@@ -227,6 +258,17 @@ def _empty_sum(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor |
     if residual is None:
         return None
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+
+
+def _sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Column sums of float32 ``partials`` (programs, d), contiguous, in a fixed order; returns (d,) in ``dtype``."""
+    n_partials, n_cols = partials.shape
+    out = torch.empty(n_cols, dtype=dtype, device=partials.device)
+    with _device_context(partials):
+        _sum_partials_kernel[(cdiv(n_cols, _SUM_BLOCK_COLS),)](
+            partials, out, n_partials, n_cols, BLOCK_PARTIALS=64, BLOCK_COLS=_SUM_BLOCK_COLS, num_warps=4
+        )
+    return out
 
 
 def _rms_norm_forward(
@@ -244,6 +286,10 @@ def _rms_norm_forward(
     if n_rows == 0:
         return y, summed, rstd
     block_rows, block_cols, num_warps = _forward_launch_config(n_cols)
+    # The input is read once (first out of L2), the weight by every program (kept). H100, bf16: 13% faster without
+    # a residual at d=768 (14.9 vs 17.2 us), level at d=1024; 1.5% slower with a residual (d=768, and d=512 bf16 on
+    # a float32 stream) and without one at d=4096 (92.3 vs 90.8 us), which therefore get no hints.
+    use_eviction_hints = residual is None and block_cols <= 1024
     with _device_context(x):
         _rms_norm_forward_kernel[(cdiv(n_rows, block_rows),)](
             x,
@@ -261,11 +307,8 @@ def _rms_norm_forward(
             eps,
             HAS_RESIDUAL=residual is not None,
             CAST_TO_WEIGHT_DTYPE=weight.dtype in _HALF_DTYPES,
-            # The input is read once (first out of L2), the weight by every program (kept): 13% faster without a
-            # residual (H100, d=768 bf16: 14.9 vs 17.2 us), 1.5% slower with one (d=768 bf16, and the model's d=512
-            # float32 stream), which therefore gets no hints.
-            INPUT_EVICTION="evict_first" if residual is None else "",
-            WEIGHT_EVICTION="evict_last" if residual is None else "",
+            INPUT_EVICTION="evict_first" if use_eviction_hints else "",
+            WEIGHT_EVICTION="evict_last" if use_eviction_hints else "",
             BLOCK_ROWS=block_rows,
             BLOCK_COLS=block_cols,
             num_warps=num_warps,
@@ -299,7 +342,8 @@ def _rms_norm_backward(
         dx_cast = torch.empty((n_rows, n_cols), dtype=cast_dtype, device=dy.device)
     if n_rows == 0:
         return dx, torch.zeros_like(weight), dx_cast
-    block_rows, block_cols, num_warps, programs_per_sm, pipeline_stages = _backward_launch_config(n_cols)
+    element_size = max(dy.element_size(), summed.element_size())
+    block_rows, block_cols, num_warps, programs_per_sm, pipeline_stages = _backward_launch_config(n_cols, element_size)
     n_programs = min(_programs_per_launch(dy.device) * programs_per_sm, cdiv(n_rows, block_rows))
     # Whole row blocks per program, so that only the last program has a ragged tail.
     rows_per_program = cdiv(cdiv(n_rows, n_programs), block_rows) * block_rows
@@ -331,7 +375,7 @@ def _rms_norm_backward(
             BLOCK_COLS=block_cols,
             num_warps=num_warps,
         )
-    return dx, dweight_partial.sum(0).to(weight.dtype), dx_cast
+    return dx, _sum_partials(dweight_partial, weight.dtype), dx_cast
 
 
 # ---- torch.library custom ops: what torch.compile sees (opaque, with fake implementations for tracing) ----
