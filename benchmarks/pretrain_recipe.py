@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown modes {unknown}; choose from {list(MODES)}")
+    on_cpu = not torch.cuda.is_available() or "training.cpu=true" in [o.replace(" ", "").lower() for o in args.override]
     env = dict(
-        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+        gpu="CPU" if on_cpu else torch.cuda.get_device_name(),
         torch=torch.__version__,
         transformers=transformers.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

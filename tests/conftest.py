@@ -19,9 +19,20 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; run on the GPU machine")
+    """`gpu` tests need compiled kernels on a CUDA GPU; `interpreter` tests run the kernels on CPU tensors, which
+    only the Triton interpreter can. On a GPU machine run both kinds in two sessions: `pytest tests` (the
+    interpreter ones are skipped) and `TRITON_INTERPRET=1 pytest -m interpreter tests`."""
+    interpreter = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU; run on the GPU machine")
+    elif interpreter:
+        skips["gpu"] = pytest.mark.skip(reason="needs the compiled kernels: run without TRITON_INTERPRET")
+    if not interpreter:
+        skips["interpreter"] = pytest.mark.skip(
+            reason="runs the Triton kernels on CPU tensors: run with TRITON_INTERPRET=1 (set by default on CPU-only machines)"
+        )
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)

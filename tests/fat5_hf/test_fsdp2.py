@@ -28,7 +28,8 @@ def _free_port() -> int:
 def test_fsdp2_matches_unsharded_model(path):
     if path == "kernels" and not kernel_ops.kernel_available("attention"):
         pytest.skip("fat5_kernels' attention kernel needs triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    # two CPU processes (gloo) on any machine: with a GPU visible, FSDP2's default mesh would be a CUDA one
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "kernels"), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER)]

@@ -256,6 +256,7 @@ def test_out_of_range_token_ids_raise(tiny_fat5_config, bad_id):
     model(input_ids=torch.tensor([[3, 4]]), labels=torch.tensor([[5, -100, 95]]))
 
 
+@pytest.mark.interpreter
 def test_check_token_ids_false_skips_the_checks(tiny_fat5_config, make_batch):
     # The switch trades the clear error for no host sync: PyTorch's own error (or a device assert) remains.
     model = FAT5ForConditionalGeneration(tiny_fat5_config(check_token_ids=False))
@@ -316,6 +317,7 @@ def test_peft_lora_on_q_v_trains(tiny_fat5_config, make_batch):
 # The kernel seam: with `kernels_on_cpu()` the Triton kernels run under the interpreter and must agree with the
 # PyTorch path (fp32). Skipped for kernels that have not landed in fat5_kernels yet.
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.interpreter
 def test_fused_norm_glu_and_loss_paths_match_pytorch(tiny_fat5_config, make_batch):
     for name in ("rms_norm", "gated_activation", "cross_entropy"):
         if not kernel_ops.kernel_available(name):
@@ -335,6 +337,7 @@ def test_fused_norm_glu_and_loss_paths_match_pytorch(tiny_fat5_config, make_batc
     torch.testing.assert_close(actual.z_loss, expected.z_loss, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.interpreter
 def test_block_norms_store_the_autocast_dtype_for_their_linears():
     # Under autocast a block's norm feeds only nn.Linear layers, which cast to the autocast dtype: the kernel
     # stores that dtype directly, with the values of T5's fp32 output cast. The stacks' final norms keep fp32.
@@ -357,6 +360,7 @@ def test_block_norms_store_the_autocast_dtype_for_their_linears():
 
 
 @pytest.mark.parametrize("residual_dtype", [None, "bfloat16"])
+@pytest.mark.interpreter
 def test_residual_adds_fused_into_the_next_norm_under_autocast(tiny_fat5_config, make_batch, monkeypatch, residual_dtype):
     """Under autocast the sublayers output half precision: every residual add goes into the next norm's kernel, the
     next sublayer's or, for each block's last one, the next block's first norm or the stack's final norm. T5's
@@ -506,6 +510,7 @@ def test_block_hooks_and_hidden_states_see_whole_residual_stream(tiny_fat5_confi
         assert torch.equal(outputs.encoder_last_hidden_state, deferred.encoder_last_hidden_state)
 
 
+@pytest.mark.interpreter
 def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch):
     if not kernel_ops.kernel_available("attention"):
         pytest.skip("fat5_kernels has no attention kernel here")
@@ -581,6 +586,7 @@ def test_fusable_projections_only_for_plain_unobserved_linears():
         handle.remove()
 
 
+@pytest.mark.interpreter
 def test_kernel_path_packs_projections_and_matches_separate_ones(tiny_fat5_config, make_batch, monkeypatch):
     """On the kernel path, self-attention runs one q/k/v matmul into the packed attention kernel and the gated
     feed-forward one wi_0/wi_1 matmul into the packed activation; loss and every gradient match the separate
@@ -630,6 +636,7 @@ def test_kernel_path_packs_projections_and_matches_separate_ones(tiny_fat5_confi
 
 
 @pytest.mark.parametrize("fused_loss", [True, False])
+@pytest.mark.interpreter
 def test_compiled_training_step_with_every_kernel_is_one_graph(tiny_fat5_config, make_batch, monkeypatch, fused_loss):
     """`torch.compile(model, fullgraph=True)` over every kernel (attention, norms, gated activation and either loss,
     each a custom op): one graph, no break, which CUDA-graph replays of a training step need. Loss and gradients

@@ -45,7 +45,7 @@ def _packed_batch(documents):
     )
 
 
-@pytest.mark.parametrize("path", ["eager", "sdpa", "kernels"])
+@pytest.mark.parametrize("path", ["eager", "sdpa", pytest.param("kernels", marks=pytest.mark.interpreter)])
 def test_each_document_gets_its_own_logits(tiny_fat5_config, path):
     if path == "kernels" and not kernel_ops.kernel_available("attention"):
         pytest.skip("fat5_kernels' attention kernel needs triton")
@@ -79,6 +79,7 @@ def test_segment_ids_are_checked(tiny_fat5_config):
         model(**{key: value for key, value in batch.items() if key != "encoder_segment_ids"})
 
 
+@pytest.mark.interpreter
 def test_kernel_path_refuses_documents_without_a_partner(tiny_fat5_config):
     # The varlen cross-attention pairs the i-th target document with the i-th input document.
     if not kernel_ops.kernel_available("attention"):
@@ -90,6 +91,7 @@ def test_kernel_path_refuses_documents_without_a_partner(tiny_fat5_config):
         model(**batch)
 
 
+@pytest.mark.interpreter
 def test_kernel_path_runs_the_varlen_kernel(tiny_fat5_config, monkeypatch):
     if not kernel_ops.kernel_available("attention"):
         pytest.skip("fat5_kernels' attention kernel needs triton")
@@ -132,6 +134,7 @@ def test_encoder_and_bare_model_take_segment_ids(tiny_fat5_config, model_class):
             start += len(inputs_alone)
 
 
+@pytest.mark.interpreter
 def test_kernel_path_gradients_match_the_pytorch_path(tiny_fat5_config):
     # Training runs through the varlen kernel's backward and the gather / scatter around it.
     if not kernel_ops.kernel_available("attention"):

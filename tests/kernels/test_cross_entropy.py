@@ -273,6 +273,7 @@ def test_torch_compile_traces_the_custom_ops(backend, reduction):
         return cross_entropy(logits, labels, **kwargs)
 
     grad_scale = torch.full((), 0.5) if reduction == "mean" else torch.linspace(-1.0, 2.0, 37, dtype=torch.float32)
+    grad_scale = grad_scale.to(logits64.device)
     compiled = torch.compile(loss_fn, fullgraph=True, backend=recording_backend if backend == "recording" else backend)
     logits = logits64.float().clone().requires_grad_()
     loss, z = compiled(logits, labels)
@@ -293,5 +294,6 @@ def test_custom_ops_pass_opcheck():
     lse = torch.logsumexp(logits, dim=-1)
     count = (labels != IGNORE).sum()
     torch.library.opcheck(
-        ce_module._cross_entropy_backward_op, (logits, labels, lse, count, torch.tensor(0.5), IGNORE, 1e-3, 0.1, "mean")
+        ce_module._cross_entropy_backward_op,
+        (logits, labels, lse, count, torch.tensor(0.5, device=logits.device), IGNORE, 1e-3, 0.1, "mean"),
     )

@@ -47,7 +47,8 @@ TINY = [
 
 
 def tiny_config(output_dir: Path, *overrides: str) -> PretrainConfig:
-    return load_config(None, [*TINY, f"training.output_dir={output_dir}", *overrides])
+    """The tiny run in this process, on the CPU on any machine (the exact-resume guarantees are the CPU's)."""
+    return load_config(None, [*TINY, "training.cpu=true", f"training.output_dir={output_dir}", *overrides])
 
 
 def read_log(output_dir: Path) -> list[dict]:
@@ -58,8 +59,12 @@ def train_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_log(output_dir) if "loss" in r}
 
 
-def subprocess_env() -> dict[str, str]:
+def subprocess_env(cpu_only: bool = False) -> dict[str, str]:
+    """The recipe's environment; ``cpu_only`` hides the GPUs (the CPU tests' launches, e.g. two gloo processes,
+    which `accelerate launch --multi_gpu` would otherwise place on a visible GPU)."""
     env = dict(os.environ)
+    if cpu_only:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "kernels"), str(REPO_ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["OMP_NUM_THREADS"] = "1"
@@ -623,11 +628,12 @@ def test_sigterm_writes_checkpoint_and_resumes_exactly(tmp_path):
     process group, with its data worker): checkpoint, exit 0, no export; resumed, the next steps have bit for bit
     the losses of an uninterrupted run (dropout on, so the RNG states matter too)."""
     output_dir = tmp_path / "run"
-    common = [*TINY, "training.max_steps=100000", "training.save_steps=100000", "model.config.dropout_rate=0.1"]
+    common = [*TINY, "training.cpu=true", "training.max_steps=100000", "training.save_steps=100000",
+              "model.config.dropout_rate=0.1"]  # fmt: skip
     args = [*common, f"training.output_dir={output_dir}"]
     process = subprocess.Popen(
         [sys.executable, str(PRETRAIN), *args],
-        env=subprocess_env(),
+        env=subprocess_env(cpu_only=True),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -845,7 +851,8 @@ def _launch(nprocs: int, output_dir: Path, *overrides: str, config_file: Path | 
         command += ["--num_processes", str(nprocs), "--num_machines", "1", "--mixed_precision", "no"]
     command += ["--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(PRETRAIN), *TINY]
     command += [f"training.output_dir={output_dir}", *overrides]
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    env = subprocess_env(cpu_only="training.cpu=true" in overrides)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result.stdout
 
@@ -876,7 +883,7 @@ def test_ddp_two_processes_stop_together_on_bad_data(tmp_path):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                str(_free_port()), str(PRETRAIN), *TINY, "training.cpu=true", f"training.output_dir={tmp_path / 'run'}",
                f"data.train_files=[{tmp_path / 'missing.jsonl'}]"]  # fmt: skip
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=subprocess_env(cpu_only=True), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert result.stderr.count("pretrain.py: error: Data files not found") == 2, result.stderr[-3000:]
     assert not (tmp_path / "run").exists()
