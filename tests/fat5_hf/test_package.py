@@ -147,3 +147,17 @@ def test_gpu_tests_are_skipped_not_passed_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"\b\d+ skipped\b", summary) and "passed" not in summary, summary
     assert "needs a CUDA GPU" in result.stdout
+
+
+def test_interpreter_tests_are_skipped_not_failed_without_the_interpreter():
+    """With TRITON_INTERPRET off (a GPU machine's default), the tests that run the kernels on CPU tensors are
+    skipped with the fix in the reason, instead of failing in the kernels' device check."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-m", "interpreter", "-rs",
+         "tests/fat5_hf/test_packed_documents.py"],
+        capture_output=True, text=True, cwd=REPO, timeout=300, check=False, env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
+    summary = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"\b\d+ skipped\b", summary) and "passed" not in summary, summary
+    assert "run with TRITON_INTERPRET=1" in result.stdout
