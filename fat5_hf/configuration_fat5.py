@@ -6,8 +6,21 @@ from __future__ import annotations
 import copy
 import numbers
 
+import transformers
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from packaging import version
+
+# The oldest transformers FAT5 runs on (pyproject.toml's bound; a test keeps the two equal). Checked here, on import,
+# because this file also travels with models exported for `trust_remote_code`, where fat5-hf's own requirements are
+# not installed: an older transformers would otherwise fail later with an unrelated-looking error.
+MIN_TRANSFORMERS_VERSION = "5.24"
+if version.parse(version.parse(transformers.__version__).base_version) < version.parse(MIN_TRANSFORMERS_VERSION):
+    raise ImportError(
+        f"FAT5 needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers {transformers.__version__} is "
+        f"installed: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION},<6'"
+    )
+
+from transformers import PreTrainedConfig  # noqa: E402  (after the version check: older releases lack it)
 
 # Position encodings FAT5 knows about. Only "t5" (learned relative buckets) is implemented; the others are planned.
 IMPLEMENTED_POSITION_ENCODINGS = ("t5",)

@@ -161,3 +161,26 @@ def test_interpreter_tests_are_skipped_not_failed_without_the_interpreter():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"\b\d+ skipped\b", summary) and "passed" not in summary, summary
     assert "run with TRITON_INTERPRET=1" in result.stdout
+
+
+@pytest.mark.parametrize("installed, ok", [("5.17.0", False), ("5.24.0.dev0", True)])
+def test_too_old_transformers_is_refused_on_import_with_the_fix(installed, ok):
+    """Importing FAT5 (also its exported remote code, which starts with the configuration file) under an older
+    transformers raises an ImportError naming the installed version and the pip command, instead of an unrelated
+    error later (transformers 5.17 failed in the first forward pass)."""
+    code = f"import transformers; transformers.__version__ = {installed!r}; import fat5_hf; print('IMPORTED')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    if ok:
+        assert result.returncode == 0 and "IMPORTED" in result.stdout, result.stderr[-2000:]
+    else:
+        assert result.returncode != 0
+        assert f"FAT5 needs transformers>=5.24, but transformers {installed} is installed" in result.stderr
+        assert "pip install -U 'transformers>=5.24,<6'" in result.stderr
+
+
+def test_minimum_transformers_version_matches_the_package_requirement():
+    from fat5_hf.configuration_fat5 import MIN_TRANSFORMERS_VERSION
+
+    requirements = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (transformers_requirement,) = [r for r in requirements if re.match(r"transformers\b", r)]
+    assert f">={MIN_TRANSFORMERS_VERSION}," in transformers_requirement, transformers_requirement
