@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import copy
 import numbers
+import re
 
 import transformers
 from huggingface_hub.dataclasses import strict
-from packaging import version
 
 # The oldest transformers FAT5 runs on (pyproject.toml's bound; a test keeps the two equal). Checked here, on import,
 # because this file also travels with models exported for `trust_remote_code`, where fat5-hf's own requirements are
-# not installed: an older transformers would otherwise fail later with an unrelated-looking error.
+# not installed: an older transformers would otherwise fail later with an unrelated-looking error. Major.minor are
+# compared (a dev build of the minimum counts as the minimum), without `packaging`, which exported files do not import.
 MIN_TRANSFORMERS_VERSION = "5.24"
-if version.parse(version.parse(transformers.__version__).base_version) < version.parse(MIN_TRANSFORMERS_VERSION):
+_installed = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", transformers.__version__).groups())
+if _installed < tuple(int(part) for part in MIN_TRANSFORMERS_VERSION.split(".")):
     raise ImportError(
         f"FAT5 needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers {transformers.__version__} is "
         f"installed: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION},<6'"
