@@ -22,7 +22,9 @@ def pytest_collection_modifyitems(config, items):
     """`gpu` tests need compiled kernels on a CUDA GPU; `interpreter` tests run the kernels on CPU tensors, which
     only the Triton interpreter can. On a GPU machine run both kinds in two sessions: `pytest tests` (the
     interpreter ones are skipped) and `TRITON_INTERPRET=1 pytest -m interpreter tests`."""
-    interpreter = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    from fat5_kernels import triton_interpreter_enabled  # imports no triton; the variable is set above
+
+    interpreter = triton_interpreter_enabled()
     skips = {}
     if not torch.cuda.is_available():
         skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU; run on the GPU machine")
