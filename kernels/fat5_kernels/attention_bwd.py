@@ -37,6 +37,7 @@ from .attention_fwd import (
     by_head_dim,
     dot_precision,
     dummy_tensor,
+    gather_f32,
     launch_tuned,
     prefetch_band_bias,
     seqlen_autotune_key,
@@ -141,10 +142,10 @@ def _dkdv_tile_loop(
         # band: the next tile's bias gather is issued before this tile's work (see `_fwd_tile_loop`)
         query_shift = seqlen_k - seqlen_q
         first_distance = key_pos[:, None] - (tl.arange(0, BLOCK_M) + query_shift)[None, :]  # at query block 0
-        next_bias = tl.load(dist_bias_ptr + first_distance - lo)
+        next_bias = gather_f32(dist_bias_ptr + first_distance - lo)
         for start_m in tl.range(lo, hi, BLOCK_M):
             band_bias = next_bias
-            next_bias = tl.load(dist_bias_ptr + first_distance - (start_m + BLOCK_M))
+            next_bias = gather_f32(dist_bias_ptr + first_distance - (start_m + BLOCK_M))
             dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile(
                 dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, key_pos, key_keep, q_ptrs, do_ptrs, lse_ptr,
                 delta_ptr, band_bias, cuts, start_m, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2,
@@ -155,7 +156,7 @@ def _dkdv_tile_loop(
         for start_m in tl.range(lo, hi, BLOCK_M):
             band_bias = 0.0
             if BIAS_KIND == 1 and REGION == 1:
-                band_bias = tl.load(
+                band_bias = gather_f32(
                     dist_bias_ptr + key_pos[:, None] - (start_m + tl.arange(0, BLOCK_M) + seqlen_k - seqlen_q)[None, :]
                 )
             dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile(

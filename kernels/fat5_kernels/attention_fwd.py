@@ -25,7 +25,13 @@ try:
 except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch without it
     raise ImportError("fat5_kernels.attention_fwd needs triton: pip install 'fat5-hf[gpu]'") from err
 
-from .triton_utils import autotune_configs, cdiv, next_power_of_2, outside_cuda_graph_pools
+from .triton_utils import (
+    autotune_configs,
+    cdiv,
+    next_power_of_2,
+    outside_cuda_graph_pools,
+    triton_interpreter_enabled,
+)
 
 # Head dims above this (padded to 256) get their own, smaller tiles: compiled for sm_86 (A10G, L4: 99 KiB of shared
 # memory a block) at D=256, every default tile needs 100-136 KiB (forward 64x32/4/3 100 KiB, dK/dV 64x32/4/3
@@ -65,6 +71,28 @@ REGION_BAND = 1
 REGION_FAR_RIGHT = 2  # every d >= R
 
 
+# How band tiles gather their per-element bias. A `tl.load` of a (rows, keys) tile of pointers is placed in a
+# coalesced layout, and Triton converts the fp32 tile to the matmul accumulator's layout through shared memory on
+# every tile (16 KiB of shared-memory traffic and two barriers on a 64x32 tile; compiled for sm_90, the forward's
+# band loop holds one such conversion a tile). The same load written as an elementwise inline-asm op is
+# rematerialized in the accumulator's layout, which needs no conversion. CUDA only: ROCm and the interpreter take
+# `tl.load`.
+GATHER_IN_ACCUMULATOR_LAYOUT = tl.constexpr(not triton_interpreter_enabled() and torch.version.hip is None)
+
+
+@triton.jit
+def gather_f32(ptrs):
+    """Load the float32 values at a tensor of pointers (every pointer valid: no mask), in the layout of the tensor
+    they are combined with (see ``GATHER_IN_ACCUMULATOR_LAYOUT``)."""
+    if GATHER_IN_ACCUMULATOR_LAYOUT:
+        # ld.global.nc: read-only data cache; the table is written by an earlier launch, never by this kernel
+        return tl.inline_asm_elementwise(
+            "ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.load(ptrs)
+
+
 @triton.jit
 def _tile_bias(
     scores,
@@ -96,7 +124,7 @@ def _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND: tl.constexpr, REGIO
     """T5 bias of the band tile of keys ``[start_n, start_n + BLOCK_N)`` (rows: ``query_pos``), gathered from the
     head's log2-scaled per-distance vector; 0 (unused) outside the band."""
     if BIAS_KIND == 1 and REGION == 1:
-        bias = tl.load(dist_bias_ptr + (start_n + tl.arange(0, BLOCK_N))[None, :] - query_pos[:, None])
+        bias = gather_f32(dist_bias_ptr + (start_n + tl.arange(0, BLOCK_N))[None, :] - query_pos[:, None])
     else:
         bias = 0.0
     return bias
