@@ -61,21 +61,25 @@ _PADDED_DISTANCE_BUCKETS: dict = {}
 def _distance_bias(
     bias_table: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int, max_seqlen: int
 ) -> tuple[torch.Tensor, object, int]:
-    """The kernels' per-distance bias: float32 (H, 2C + 1) holding the bias of distance ``d`` times log2(e) (the
-    kernels' softmax runs in base 2) at ``d + C``, saturated beyond +-R, with ``C`` covering every distance of
-    sequences up to ``max_seqlen`` plus a tile, so that the kernels index it without clamping. One small gather,
-    O(L + buckets) memory. Returns ``(vector, layout, C)``."""
+    """The kernels' per-distance bias: float32 (H, 2C + 1, 2) holding the pair (bias of distance ``d``, bias of
+    ``d + 1``) times log2(e) (the kernels' softmax runs in base 2) at ``d + C``, saturated beyond +-R, with ``C``
+    covering every distance of sequences up to ``max_seqlen`` plus a tile, so that the kernels index it without
+    clamping. Pairs let a kernel read two adjacent columns of a tile with one load. One small gather, O(L + buckets)
+    memory. Returns ``(vector, layout, C)``."""
     layout = relative_bias_layout(bidirectional, num_buckets, max_distance, bias_table.device)
     pad = 1 << max(8, (max_seqlen + 256 - 1).bit_length())  # >= max_seqlen + largest BLOCK_M + BLOCK_N; few sizes
     key = (id(layout), pad)  # layouts are cached for the process: their ids are stable
     index = _PADDED_DISTANCE_BUCKETS.get(key)
     if index is None:
-        buckets = layout.distance_bucket
-        index = outside_cuda_graph_pools(
-            lambda: torch.cat((buckets[:1].expand(pad), buckets, buckets[-1:].expand(pad))), buckets.device
-        )
-        _PADDED_DISTANCE_BUCKETS[key] = index
-    return torch.index_select(bias_table.float(), 1, index) * LOG2E, layout, layout.radius + pad
+
+        def pair_index() -> torch.Tensor:
+            buckets = layout.distance_bucket
+            padded = torch.cat((buckets[:1].expand(pad), buckets, buckets[-1:].expand(pad + 1)))  # 2C + 2
+            return torch.stack((padded[:-1], padded[1:]), dim=1).flatten()
+
+        index = _PADDED_DISTANCE_BUCKETS[key] = outside_cuda_graph_pools(pair_index, bias_table.device)
+    pairs = torch.index_select(bias_table.float(), 1, index) * LOG2E
+    return pairs.view(bias_table.shape[0], -1, 2), layout, layout.radius + pad
 
 
 _VALIDATED_CU_SEQLENS: dict = {}

@@ -37,7 +37,7 @@ from .attention_fwd import (
     by_head_dim,
     dot_precision,
     dummy_tensor,
-    gather_f32,
+    gather_distance_pairs,
     launch_tuned,
     prefetch_band_bias,
     seqlen_autotune_key,
@@ -126,6 +126,16 @@ def _dkdv_tile(
 
 
 @triton.jit
+def _band_bias_t(dist_bias_ptr, key_pos, first_query_pos, BLOCK_M: tl.constexpr):
+    """T5 bias of a transposed band tile: rows ``key_pos``, columns the queries at positions
+    ``[first_query_pos, first_query_pos + BLOCK_M)``."""
+    # the distance falls along the queries: the pair before an even query's distance holds the odd query's bias
+    even_queries = first_query_pos + 2 * tl.arange(0, BLOCK_M // 2)
+    at_odd, at_even = gather_distance_pairs(dist_bias_ptr, key_pos[:, None] - even_queries[None, :] - 1)
+    return tl.reshape(tl.join(at_even, at_odd), [key_pos.shape[0], BLOCK_M])
+
+
+@triton.jit
 def _dkdv_tile_loop(
     dk, dv, band_cut_sums, far_left_rows, far_right_rows,
     k, v, key_pos, key_keep,
@@ -140,12 +150,10 @@ def _dkdv_tile_loop(
     """Accumulate dK, dV (and the bias sums) of one key block over query blocks ``[lo, hi)``."""
     if BIAS_KIND == 1 and REGION == 1 and PREFETCH_BIAS:
         # band: the next tile's bias gather is issued before this tile's work (see `_fwd_tile_loop`)
-        query_shift = seqlen_k - seqlen_q
-        first_distance = key_pos[:, None] - (tl.arange(0, BLOCK_M) + query_shift)[None, :]  # at query block 0
-        next_bias = gather_f32(dist_bias_ptr + first_distance - lo)
+        next_bias = _band_bias_t(dist_bias_ptr, key_pos, lo + seqlen_k - seqlen_q, BLOCK_M)
         for start_m in tl.range(lo, hi, BLOCK_M):
             band_bias = next_bias
-            next_bias = gather_f32(dist_bias_ptr + first_distance - (start_m + BLOCK_M))
+            next_bias = _band_bias_t(dist_bias_ptr, key_pos, start_m + BLOCK_M + seqlen_k - seqlen_q, BLOCK_M)
             dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile(
                 dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, key_pos, key_keep, q_ptrs, do_ptrs, lse_ptr,
                 delta_ptr, band_bias, cuts, start_m, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2,
@@ -156,9 +164,7 @@ def _dkdv_tile_loop(
         for start_m in tl.range(lo, hi, BLOCK_M):
             band_bias = 0.0
             if BIAS_KIND == 1 and REGION == 1:
-                band_bias = gather_f32(
-                    dist_bias_ptr + key_pos[:, None] - (start_m + tl.arange(0, BLOCK_M) + seqlen_k - seqlen_q)[None, :]
-                )
+                band_bias = _band_bias_t(dist_bias_ptr, key_pos, start_m + seqlen_k - seqlen_q, BLOCK_M)
             dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile(
                 dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, key_pos, key_keep, q_ptrs, do_ptrs, lse_ptr,
                 delta_ptr, band_bias, cuts, start_m, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2,
@@ -187,6 +193,17 @@ def _dkdv_wide_head_configs() -> list:
     return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 16}, num_warps=4, num_stages=2)]
 
 
+def _dkdv_narrow_head_configs() -> list:
+    # head dims up to 64 (see attention_fwd.NARROW_HEAD_DIM): uncapped, 64x32/4/3 takes 166 (bidirectional) or 190
+    # (causal) registers a thread at D=64 (sm_90): 3 or 2 programs a multiprocessor; capped at 168, 3 without
+    # spills. Kernel time, H200, bf16, B=64, H=8, L=512, D=64 (bidirectional / causal): 282 / 237 us uncapped,
+    # 283 / 206 capped, 279 / 194 capped with 2 stages; a cap of 128 spills (296 / 224).
+    capped = [(64, 32, 4, 2, 168), (64, 32, 4, 3, 168)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s, maxnreg=r) for bn, bm, w, s, r in capped
+    ] + _dkdv_configs()
+
+
 def _prune_bwd_configs(configs, named_args, **kwargs):
     configs = by_head_dim(configs, named_args, **kwargs)
     head_dim_pad = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 64))
@@ -197,7 +214,7 @@ def _prune_bwd_configs(configs, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=tuning_configs(_dkdv_configs(), _dkdv_wide_head_configs()),
+    configs=tuning_configs(_dkdv_configs(), _dkdv_wide_head_configs(), _dkdv_narrow_head_configs()),
     key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "COMPUTE_DBIAS", "SEQLEN_KEY"],
     prune_configs_by={"early_config_prune": _prune_bwd_configs},
     # configs with a larger BLOCK_N fill fewer slots: stale sums from other configs' trial runs must not remain
@@ -249,7 +266,7 @@ def _bwd_dkdv_kernel(
     do_ptrs = DOut + b64 * stride_dob + off_h * stride_doh + q_rows[:, None] * stride_dom + offs_d[None, :]
     lse_ptr = Lse + b64 * stride_lb + off_h * stride_lh + q_start
     delta_ptr = Delta + b64 * stride_lb + off_h * stride_lh + q_start
-    dist_bias_ptr = DistBias + off_h * (2 * dist_center + 1) + dist_center  # at distance 0
+    dist_bias_ptr = DistBias + off_h * (4 * dist_center + 2) + 2 * dist_center  # the pair at distance 0
     key_keep = offs_n < seqlen_k
     if HAS_KEY_MASK:
         key_keep = tl.load(KeyMask + b64 * stride_maskb + offs_n, mask=offs_n < seqlen_k, other=0) != 0
@@ -263,8 +280,8 @@ def _bwd_dkdv_kernel(
     if BIAS_KIND == 2:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
     if BIAS_KIND == 1:
-        bias_far_left = tl.load(dist_bias_ptr - radius)
-        bias_far_right = tl.load(dist_bias_ptr + radius)
+        bias_far_left = tl.load(dist_bias_ptr - 2 * radius)
+        bias_far_right = tl.load(dist_bias_ptr + 2 * radius)
         band_radius = radius
     else:
         band_radius = 1
@@ -437,8 +454,19 @@ def _dq_wide_head_configs() -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
+def _dq_narrow_head_configs() -> list:
+    # head dims up to 64 (see attention_fwd.NARROW_HEAD_DIM), as the forward's: uncapped, the causal dQ kernel
+    # takes 141 registers a thread at D=64 (sm_90), 3 programs a multiprocessor; 4 capped at 128, 5 at 96. Kernel
+    # time, H200, bf16, B=64, H=8, L=512, D=64 (bidirectional / causal): 152 / 125 us uncapped, 151 / 117 at 128,
+    # 148 / 132 at 96.
+    capped = [(64, 32, 4, 3, 128), (64, 32, 4, 3, 96)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r) for bm, bn, w, s, r in capped
+    ] + _dq_configs()
+
+
 @triton.autotune(
-    configs=tuning_configs(_dq_configs(), _dq_wide_head_configs()),
+    configs=tuning_configs(_dq_configs(), _dq_wide_head_configs(), _dq_narrow_head_configs()),
     key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "SEQLEN_KEY"],
     prune_configs_by={"early_config_prune": _prune_bwd_configs},
 )
@@ -494,7 +522,7 @@ def _bwd_dq_kernel(
     k_ptrs = K + b64 * stride_kb + off_h * stride_kh + k_rows[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V + b64 * stride_vb + off_h * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :]
     key_mask_ptr = KeyMask + b64 * stride_maskb
-    dist_bias_ptr = DistBias + off_h * (2 * dist_center + 1) + dist_center  # at distance 0
+    dist_bias_ptr = DistBias + off_h * (4 * dist_center + 2) + 2 * dist_center  # the pair at distance 0
     query_pos = offs_m + (seqlen_k - seqlen_q)
 
     alibi_slope_log2 = 0.0
@@ -503,8 +531,8 @@ def _bwd_dq_kernel(
     if BIAS_KIND == 2:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
     if BIAS_KIND == 1:
-        bias_far_left = tl.load(dist_bias_ptr - radius)
-        bias_far_right = tl.load(dist_bias_ptr + radius)
+        bias_far_left = tl.load(dist_bias_ptr - 2 * radius)
+        bias_far_right = tl.load(dist_bias_ptr + 2 * radius)
         band_radius = radius
     else:
         band_radius = 1

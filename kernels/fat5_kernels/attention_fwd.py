@@ -37,24 +37,39 @@ from .triton_utils import (
 # memory a block) at D=256, every default tile needs 100-136 KiB (forward 64x32/4/3 100 KiB, dK/dV 64x32/4/3
 # 116, dQ 64x64/4/2 136), the wide-head ones 52-84 KiB.
 WIDE_HEAD_DIM = 128
-_WIDE_HEAD_CONFIGS: list = []  # every kernel's candidates for those head dims (`by_head_dim` tells them by identity)
+# Head dims up to this get their own candidates first: the same tiles with a register cap (`maxnreg`) that fits
+# one more program on a multiprocessor, which wider heads would pay for in spills.
+NARROW_HEAD_DIM = 64
+# every kernel's candidates for those head dims (`by_head_dim` tells them by identity)
+_WIDE_HEAD_CONFIGS: list = []
+_NARROW_HEAD_CONFIGS: list = []
 
 
-def tuning_configs(configs: list, wide_head_configs: list) -> list:
-    """Autotune candidates of a kernel: ``configs`` for head dims up to 128 and ``wide_head_configs`` (smaller
-    tiles) above; `by_head_dim` keeps the right list at launch. The first of each list is its default, the only
-    candidate with ``FAT5_ATTENTION_AUTOTUNE=0`` (skips minutes of compilation, e.g. for quick GPU test runs).
-    Under the interpreter, which cannot autotune, the first of ``configs`` alone."""
+def tuning_configs(configs: list, wide_head_configs: list, narrow_head_configs: list) -> list:
+    """Autotune candidates of a kernel: ``narrow_head_configs`` for head dims up to 64, ``configs`` up to 128 and
+    ``wide_head_configs`` (smaller tiles) above; `by_head_dim` keeps the right list at launch. The first of each
+    list is its default, the only candidate with ``FAT5_ATTENTION_AUTOTUNE=0`` (skips minutes of compilation, e.g.
+    for quick GPU test runs). Under the interpreter, which cannot autotune, the first of ``narrow_head_configs``
+    alone."""
     if os.environ.get("FAT5_ATTENTION_AUTOTUNE", "1") == "0":
-        configs, wide_head_configs = configs[:1], wide_head_configs[:1]
+        configs, wide_head_configs, narrow_head_configs = configs[:1], wide_head_configs[:1], narrow_head_configs[:1]
     _WIDE_HEAD_CONFIGS.extend(wide_head_configs)
-    return autotune_configs(configs + wide_head_configs)
+    _NARROW_HEAD_CONFIGS.extend(narrow_head_configs)
+    return autotune_configs(narrow_head_configs + configs + wide_head_configs)
 
 
 def by_head_dim(configs: list, named_args: dict, **kwargs) -> list:
     """``early_config_prune`` of the attention kernels: the candidates made for the launch's padded head dim."""
-    wide = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 64)) > WIDE_HEAD_DIM
-    return [config for config in configs if any(config is other for other in _WIDE_HEAD_CONFIGS) == wide]
+    head_dim_pad = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD", 64))
+    if head_dim_pad > WIDE_HEAD_DIM:
+        return [config for config in configs if _is_in(config, _WIDE_HEAD_CONFIGS)]
+    if head_dim_pad <= NARROW_HEAD_DIM:
+        return [config for config in configs if _is_in(config, _NARROW_HEAD_CONFIGS)]
+    return [config for config in configs if not _is_in(config, _WIDE_HEAD_CONFIGS + _NARROW_HEAD_CONFIGS)]
+
+
+def _is_in(config, configs: list) -> bool:
+    return any(config is other for other in configs)
 
 
 LOG2E = 1.4426950408889634
@@ -75,22 +90,29 @@ REGION_FAR_RIGHT = 2  # every d >= R
 # coalesced layout, and Triton converts the fp32 tile to the matmul accumulator's layout through shared memory on
 # every tile (16 KiB of shared-memory traffic and two barriers on a 64x32 tile; compiled for sm_90, the forward's
 # band loop holds one such conversion a tile). The same load written as an elementwise inline-asm op is
-# rematerialized in the accumulator's layout, which needs no conversion. CUDA only: ROCm and the interpreter take
-# `tl.load`.
+# rematerialized in the accumulator's layout, which needs no conversion. The per-distance vector is stored as
+# pairs (bias at d, bias at d + 1): the accumulator holds two adjacent columns per thread, so one 8-byte load
+# serves both (and loads shared by rows 8 apart fold into one), half the load instructions of a gather per
+# element. CUDA only: ROCm and the interpreter take `tl.load`.
 GATHER_IN_ACCUMULATOR_LAYOUT = tl.constexpr(not triton_interpreter_enabled() and torch.version.hip is None)
 
 
 @triton.jit
-def gather_f32(ptrs):
-    """Load the float32 values at a tensor of pointers (every pointer valid: no mask), in the layout of the tensor
-    they are combined with (see ``GATHER_IN_ACCUMULATOR_LAYOUT``)."""
+def gather_distance_pairs(pairs_ptr, distance):
+    """``(bias[d], bias[d + 1])`` for every ``d`` of the int tensor ``distance``, read from the pair-packed
+    per-distance vector (``pairs_ptr`` at distance 0, float32 pairs: see `t5_attention_forward`). Every distance
+    must lie inside the vector: no mask."""
+    ptrs = pairs_ptr + 2 * distance
     if GATHER_IN_ACCUMULATOR_LAYOUT:
-        # ld.global.nc: read-only data cache; the table is written by an earlier launch, never by this kernel
-        return tl.inline_asm_elementwise(
-            "ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32, is_pure=True, pack=1
-        )
+        # ld.global.nc: read-only data cache; the vector is written by an earlier launch, never by these kernels
+        at, after = tl.inline_asm_elementwise(
+            "ld.global.nc.v2.f32 {$0, $1}, [$2];", "=r,=r,l", [ptrs], dtype=(tl.float32, tl.float32), is_pure=True,
+            pack=1,
+        )  # fmt: skip
     else:
-        return tl.load(ptrs)
+        at = tl.load(ptrs)
+        after = tl.load(ptrs + 1)
+    return at, after
 
 
 @triton.jit
@@ -124,7 +146,10 @@ def _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND: tl.constexpr, REGIO
     """T5 bias of the band tile of keys ``[start_n, start_n + BLOCK_N)`` (rows: ``query_pos``), gathered from the
     head's log2-scaled per-distance vector; 0 (unused) outside the band."""
     if BIAS_KIND == 1 and REGION == 1:
-        bias = gather_f32(dist_bias_ptr + (start_n + tl.arange(0, BLOCK_N))[None, :] - query_pos[:, None])
+        # the distance grows along the keys: an even key's pair holds its odd neighbour's bias too
+        even_keys = start_n + 2 * tl.arange(0, BLOCK_N // 2)
+        at_even, at_odd = gather_distance_pairs(dist_bias_ptr, even_keys[None, :] - query_pos[:, None])
+        bias = tl.reshape(tl.join(at_even, at_odd), [query_pos.shape[0], BLOCK_N])
     else:
         bias = 0.0
     return bias
@@ -326,8 +351,19 @@ def _fwd_wide_head_configs() -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
+def _fwd_narrow_head_configs() -> list:
+    # head dims up to 64 (see NARROW_HEAD_DIM): the default tile with a register cap first. Uncapped, the causal
+    # forward takes 130 registers a thread at D=64 (sm_90), 3 programs of 4 warps a multiprocessor; capped at 128,
+    # 4 programs, at 96, 5, without spills (bidirectional; causal spills a little). Kernel time, H200, bf16, B=64,
+    # H=8, L=512, D=64: bidirectional 147 us uncapped, 147 at 128, 142 at 96; causal 123, 112, 119.
+    capped = [(64, 32, 4, 3, 128), (64, 32, 4, 3, 96)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r) for bm, bn, w, s, r in capped
+    ] + _fwd_configs()
+
+
 @triton.autotune(
-    configs=tuning_configs(_fwd_configs(), _fwd_wide_head_configs()),
+    configs=tuning_configs(_fwd_configs(), _fwd_wide_head_configs(), _fwd_narrow_head_configs()),
     key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "SEQLEN_KEY"],
     prune_configs_by={"early_config_prune": by_head_dim},
 )
@@ -406,7 +442,7 @@ def _t5_attn_fwd_kernel(
     k_ptrs = K + b64 * stride_kb + off_h * stride_kh + k_rows[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + b64 * stride_vb + off_h * stride_vh + k_rows[:, None] * stride_vn + offs_d[None, :]
     key_mask_ptr = KeyMask + b64 * stride_maskb
-    dist_bias_ptr = DistBias + off_h * (2 * dist_center + 1) + dist_center  # at distance 0
+    dist_bias_ptr = DistBias + off_h * (4 * dist_center + 2) + 2 * dist_center  # the pair at distance 0
 
     alibi_slope_log2 = 0.0
     bias_far_left = 0.0
@@ -414,8 +450,8 @@ def _t5_attn_fwd_kernel(
     if BIAS_KIND == 2:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
     if BIAS_KIND == 1:
-        bias_far_left = tl.load(dist_bias_ptr - radius)
-        bias_far_right = tl.load(dist_bias_ptr + radius)
+        bias_far_left = tl.load(dist_bias_ptr - 2 * radius)
+        bias_far_right = tl.load(dist_bias_ptr + 2 * radius)
         band_radius = radius
     else:
         band_radius = 1
@@ -531,9 +567,9 @@ def t5_attention_forward(
 
     Dense layout: q (B, H, M, D), k/v (B, H, N, D) -> out (B, H, M, D), lse float32 (B, H, M).
     Packed layout (``cu_seqlens_q`` given): q (total_q, H, D), k/v (total_k, H, D) -> out (total_q, H, D),
-    lse float32 (H, total_q). ``dist_bias`` is float32 (H, 2*dist_center+1): the bias of distance ``d`` times
-    log2(e) at ``d + dist_center`` (saturated beyond +-radius); it must cover every distance the inputs have
-    (``dist_center >= max(M, N) + 256``): the kernels index it without clamping.
+    lse float32 (H, total_q). ``dist_bias`` is float32 (H, 2*dist_center+1, 2): pairs (bias of distance ``d``, bias
+    of ``d + 1``) times log2(e) at ``d + dist_center`` (saturated beyond +-radius); it must cover every distance
+    the inputs have (``dist_center >= max(M, N) + 256``): the kernels index it without clamping.
     """
     is_varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]

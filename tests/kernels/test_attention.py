@@ -195,15 +195,16 @@ def _autotune_cases():
     from fat5_kernels import attention_bwd, attention_fwd
 
     lists = {
-        # the first config of each list runs in every other test; the wide-head lists never run otherwise
-        "fwd": attention_fwd._fwd_configs()[1:] + attention_fwd._fwd_wide_head_configs(),
-        "dkdv": attention_bwd._dkdv_configs()[1:] + attention_bwd._dkdv_wide_head_configs(),
-        "dq": attention_bwd._dq_configs()[1:] + attention_bwd._dq_wide_head_configs(),
+        # the first config of the narrow-head list runs in every other test; the narrow-head lists end with the
+        # usual ones; the wide-head lists never run otherwise
+        "fwd": attention_fwd._fwd_narrow_head_configs()[1:] + attention_fwd._fwd_wide_head_configs(),
+        "dkdv": attention_bwd._dkdv_narrow_head_configs()[1:] + attention_bwd._dkdv_wide_head_configs(),
+        "dq": attention_bwd._dq_narrow_head_configs()[1:] + attention_bwd._dq_wide_head_configs(),
     }
     return [
         pytest.param(
             kernel, config.all_kwargs(),
-            id=f"{kernel}-{'x'.join(str(v) for v in config.kwargs.values())}-{config.num_stages}",
+            id=f"{kernel}-{'x'.join(str(v) for v in config.kwargs.values())}-{config.num_stages}-{config.maxnreg}",
         )  # fmt: skip
         for kernel, configs in lists.items()
         for config in configs
@@ -254,24 +255,29 @@ def test_wide_head_tiles_match_reference(monkeypatch):
 
 
 def test_configs_are_chosen_by_head_dim(monkeypatch):
-    """On a GPU every kernel keeps its usual tiles up to head dim 128 and only the wide-head ones above; with
-    FAT5_ATTENTION_AUTOTUNE=0 the first of each list."""
+    """On a GPU every kernel gets its register-capped tiles first and its usual ones up to head dim 64, only the
+    usual ones up to 128 and only the wide-head ones above; with FAT5_ATTENTION_AUTOTUNE=0 the first of each
+    list."""
     from fat5_kernels import attention_bwd, attention_fwd
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the candidates a GPU gets (the interpreter gets one config)
-    for configs, wide, prune in (
-        (attention_fwd._fwd_configs(), attention_fwd._fwd_wide_head_configs(), attention_fwd.by_head_dim),
-        (attention_bwd._dkdv_configs(), attention_bwd._dkdv_wide_head_configs(), attention_bwd._prune_bwd_configs),
-        (attention_bwd._dq_configs(), attention_bwd._dq_wide_head_configs(), attention_bwd._prune_bwd_configs),
-    ):
-        for autotune, expected_narrow, expected_wide in (("1", configs, wide), ("0", configs[:1], wide[:1])):
+    for configs, wide, narrow, prune in (
+        (attention_fwd._fwd_configs(), attention_fwd._fwd_wide_head_configs(),
+         attention_fwd._fwd_narrow_head_configs(), attention_fwd.by_head_dim),
+        (attention_bwd._dkdv_configs(), attention_bwd._dkdv_wide_head_configs(),
+         attention_bwd._dkdv_narrow_head_configs(), attention_bwd._prune_bwd_configs),
+        (attention_bwd._dq_configs(), attention_bwd._dq_wide_head_configs(),
+         attention_bwd._dq_narrow_head_configs(), attention_bwd._prune_bwd_configs),
+    ):  # fmt: skip
+        assert narrow[0].maxnreg is not None and all(c.maxnreg is None for c in configs + wide)
+        for autotune, keep in (("1", slice(None)), ("0", slice(1))):
             monkeypatch.setenv("FAT5_ATTENTION_AUTOTUNE", autotune)
-            candidates = attention_fwd.tuning_configs(configs, wide)
-            assert candidates == expected_narrow + expected_wide
-            assert prune(candidates, {}, HEAD_DIM_PAD=256) == expected_wide
-            narrow = prune(candidates, {}, HEAD_DIM_PAD=128)
-            assert narrow and all(c in expected_narrow for c in narrow)
-            assert prune(candidates, {}, HEAD_DIM_PAD=64) == expected_narrow
+            candidates = attention_fwd.tuning_configs(configs, wide, narrow)
+            assert candidates == narrow[keep] + configs[keep] + wide[keep]
+            assert prune(candidates, {}, HEAD_DIM_PAD=256) == wide[keep]
+            usual = prune(candidates, {}, HEAD_DIM_PAD=128)
+            assert usual and all(c in configs[keep] for c in usual)
+            assert prune(candidates, {}, HEAD_DIM_PAD=64) == narrow[keep]
 
 
 def test_default_tiles_fit_ampere_shared_memory():
