@@ -53,3 +53,18 @@ def test_best_of_runs_sets_times_and_rates():
     assert row["fwd_tflops"] == flops / 1.0 / 1e9
     assert row["fwdbwd_tflops"] == 3.5 * flops / 5.0 / 1e9
     assert row["fwd_ms_runs"] == [2.0, 1.0, 3.0]  # every run stays in the row
+
+
+def test_best_of_graph_runs_sets_graph_times_and_rates():
+    row = dict(fwd_ms_runs=[2.0], fwdbwd_ms_runs=[5.0], fwd_ms_graph_runs=[0.8, 0.5], fwdbwd_ms_graph_runs=[2.5])
+    bench.set_best_times(row, B=16, H=12, L=1024, D=64, causal=False)
+    assert (row["fwd_ms"], row["fwd_ms_graph"], row["fwdbwd_ms_graph"]) == (2.0, 0.5, 2.5)
+    assert row["fwd_tflops_graph"] == 4 * row["fwd_tflops"]
+
+
+def test_targets_table_shows_eager_and_graph_ratios():
+    fat5 = dict(_row("fat5", 64, "run1", 50, 40), fwd_tflops_graph=90, fwdbwd_tflops_graph=170)
+    nobias = dict(_row("nobias", 64, "run1", 100, 200), fwd_tflops_graph=100, fwdbwd_tflops_graph=200)
+    markdown = bench.render_markdown(dict(_meta("run1"), runs=[("run1", "GPU")]), [fat5, nobias])
+    assert "| fwd ratio, graphs | fwd+bwd ratio, graphs | memory ratio (<= 1.1) |" in markdown
+    assert "| 64 | 0 | 1024 | 0.50 MISSED | 0.20 MISSED | 0.90 met | 0.85 met | 1.00 met |" in markdown
