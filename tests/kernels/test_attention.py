@@ -126,6 +126,25 @@ def _dense_fns(bias, causal, bidirectional, num_buckets, max_distance, key_paddi
     return build(t5_flash_attention), build(t5_attention_reference)
 
 
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_distance_bias_pairs_hold_each_distance_and_its_successor(bidirectional):
+    """The kernels' per-distance vector: pair ``d`` holds (bias[d], bias[d + 1]) times log2(e), saturated
+    beyond the bucket radius, for every distance a sequence of max_seqlen can have, plus a tile."""
+    from fat5_kernels.attention import _distance_bias
+
+    table = torch.randn(3, 32)
+    max_seqlen = 300
+    pairs, _, center = _distance_bias(table, bidirectional, 32, 128, max_seqlen)
+    assert pairs.shape == (3, 2 * center + 1, 2) and pairs.dtype == torch.float32
+    assert center >= max_seqlen + 256
+    distance = torch.arange(-center, center + 1)
+    bucket = t5_relative_position_bucket(distance[None, :], bidirectional, 32, 128)[0]
+    expected = table[:, bucket] * math.log2(math.e)
+    torch.testing.assert_close(pairs[:, :, 0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(pairs[:, :-1, 1], expected[:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(pairs[:, -1, 1], expected[:, -1], rtol=0, atol=0)  # saturated past the end
+
+
 # (bias, causal, bidirectional buckets, M, N): every bias mode, causal and not, odd lengths that are not
 # multiples of the block, M != N both ways; L up to 150 with max_distance 12 exercises the far-left, band and
 # far-right tile ranges of every loop.
