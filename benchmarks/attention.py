@@ -11,7 +11,9 @@ Implementations, measured side by side for every (causal, L, D):
 the decoder's unidirectional buckets), softmax scale 1.0. Forward+backward includes the table gradient
 (except nobias). TFLOP/s count 4*B*H*L^2*D per forward (halved when causal), 3.5x that for forward+backward.
 fat5 and nobias, whose ratios are the targets, are timed --repeats times, alternating; a row reports its best run
-(the median of one `triton.testing.do_bench`) and keeps every run in ``fwd_ms_runs`` / ``fwdbwd_ms_runs``.
+(the median of one `triton.testing.do_bench`) and keeps every run in ``fwd_ms_runs`` / ``fwdbwd_ms_runs``. They
+are also timed replayed from CUDA graphs (``fwd_ms_graph`` / ``fwdbwd_ms_graph``, `do_bench_cudagraph`): GPU
+time without the host's, which bounds eager calls at short lengths.
 Peak extra memory: max allocated during one forward+backward minus what was allocated before it.
 
 Writes benchmarks/results/attention.json and attention.md (or --out).

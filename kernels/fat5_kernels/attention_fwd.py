@@ -354,7 +354,7 @@ def _fwd_wide_head_configs() -> list:
 def _fwd_narrow_head_configs() -> list:
     # head dims up to 64 (see NARROW_HEAD_DIM): the default tile with a register cap first. Uncapped, the causal
     # forward takes 130 registers a thread at D=64 (sm_90), 3 programs of 4 warps a multiprocessor; capped at 128,
-    # 4 programs, at 96, 5, without spills (bidirectional; causal spills a little). Kernel time, H200, bf16, B=64,
+    # 4 programs; at 96, 5 (no spills bidirectional, a few in the causal forward). Kernel time, H200, bf16, B=64,
     # H=8, L=512, D=64: bidirectional 147 us uncapped, 147 at 128, 142 at 96; causal 123, 112, 119.
     capped = [(64, 32, 4, 3, 128), (64, 32, 4, 3, 96)]
     return [
