@@ -1,9 +1,9 @@
 """Compiles the attention kernels' default tiles (and the RMSNorm backward's pipelined row loop) for one NVIDIA target
-on a machine without a GPU and prints, a JSON line each, the shared memory every kernel needs (run by
-`test_attention.py::test_default_tiles_fit_ampere_shared_memory`, one process per target: Triton caches a kernel's
-compile target per process).
+on a machine without a GPU and prints, a JSON line each, what the compiled code needs and holds: the shared memory
+of every kernel and, for the attention kernels, the layout conversions of fp32 tiles into the matmul accumulator's
+layout (run by `test_attention.py`, one process per target: Triton caches a kernel's compile target per process).
 
-    TRITON_INTERPRET=0 FAT5_ATTENTION_AUTOTUNE=0 python tests/kernels/ampere_shared_memory.py 86
+    TRITON_INTERPRET=0 FAT5_ATTENTION_AUTOTUNE=0 python tests/kernels/compile_without_gpu.py 86
 
 A stub driver names the target; `launch_tuned` is replaced by a compile of the config the launch would get
 (`by_head_dim` / `_prune_bwd_configs` over the defaults), so nothing is launched.
@@ -12,14 +12,21 @@ A stub driver names the target; `launch_tuned` is replaced by a compile of the c
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-# Shared memory a block may use (opt-in maximum), bytes: A100, and A10G / L4 / RTX 30-40.
-LIMITS = {80: 163 * 1024, 86: 99 * 1024}
+# Shared memory a block may use (opt-in maximum), bytes: A100, A10G / L4 / RTX 30-40, H100 / H200.
+LIMITS = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
+# A convert_layout of a 2D fp32 tile (not a column) from a blocked (load) layout into an MMA (accumulator) layout: on
+# sm_90 each one goes through shared memory. The band bias used to take one a tile (see
+# attention_fwd.GATHER_IN_ACCUMULATOR_LAYOUT).
+ACCUMULATOR_CONVERSION = re.compile(
+    r"ttg\.convert_layout .*: tensor<\d+x(?!1x)\d+xf32, #blocked\d*> -> tensor<\d+x\d+xf32, #mma\d*>"
+)
 
 
 class StubDriver:
@@ -52,12 +59,14 @@ def main(arch: int) -> None:
 
     attention.triton_interpreter_enabled = lambda: True  # let CPU tensors past the device check
     prune = {"fwd": attention_fwd.by_head_dim, "dkdv": attention_bwd._prune_bwd_configs, "dq": attention_bwd._prune_bwd_configs}
-    head_dim = None
+    head_dim = causal = None
 
     def compile_only(kernel, grid, args, kwargs, key):
         (config,) = prune[key[0]](kernel.configs, {}, **kwargs)
         compiled = kernel.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
-        row = dict(arch=arch, head_dim=head_dim, kernel=key[0], config=str(config), shared_bytes=compiled.metadata.shared)
+        row = dict(arch=arch, head_dim=head_dim, causal=causal, kernel=key[0], config=str(config),
+                   shared_bytes=compiled.metadata.shared,
+                   accumulator_conversions=len(ACCUMULATOR_CONVERSION.findall(compiled.asm["ttgir"])))  # fmt: skip
         print(json.dumps({**row, "limit_bytes": LIMITS[arch]}), flush=True)
 
     class CompileOnly:  # kernels launched without autotuning
@@ -69,10 +78,11 @@ def main(arch: int) -> None:
 
     attention_fwd.launch_tuned = attention_bwd.launch_tuned = compile_only
     for head_dim in (64, 128, 256):
-        q, k, v = (torch.randn(1, 2, 100, head_dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        table = torch.randn(2, 32, requires_grad=True)
-        out = attention.t5_flash_attention(q, k, v, bias_table=table)
-        out.backward(torch.randn_like(out))
+        for causal in (False, True):
+            q, k, v = (torch.randn(1, 2, 100, head_dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            table = torch.randn(2, 32, requires_grad=True)
+            out = attention.t5_flash_attention(q, k, v, bias_table=table, bidirectional=not causal, causal=causal)
+            out.backward(torch.randn_like(out))
 
     import fat5_kernels.rms_norm as rms_norm
 
