@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -161,16 +162,22 @@ def measure(name, fn, q, k, v, table, do, causal, reference):
     return row
 
 
-def timings(fn, q, k, v, table, do, causal) -> tuple[float, float]:
-    """Median ms of the forward and of forward+backward (`triton.testing.do_bench`)."""
-    fwd = triton.testing.do_bench(lambda: fn(q, k, v, table, causal), warmup=25, rep=100, return_mode="median")
+def _fwd_and_fwdbwd_ms(bench, fn, q, k, v, table, do, causal) -> tuple[float, float]:
+    """Median ms of the forward and of forward+backward, each timed by ``bench`` (a `triton.testing` timer)."""
+    fwd = bench(lambda: fn(q, k, v, table, causal), return_mode="median")
 
     def step():
         fn(q, k, v, table, causal).backward(do)
 
-    fwdbwd = triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=[q, k, v, table], return_mode="median")
+    fwdbwd = bench(step, grad_to_none=[q, k, v, table], return_mode="median")
     q.grad = k.grad = v.grad = table.grad = None
     return fwd, fwdbwd
+
+
+def timings(fn, q, k, v, table, do, causal) -> tuple[float, float]:
+    """Median ms of the forward and of forward+backward (`triton.testing.do_bench`)."""
+    bench = functools.partial(triton.testing.do_bench, warmup=25, rep=100)
+    return _fwd_and_fwdbwd_ms(bench, fn, q, k, v, table, do, causal)
 
 
 def graph_timings(fn, q, k, v, table, do, causal) -> tuple[float, float]:
@@ -178,14 +185,8 @@ def graph_timings(fn, q, k, v, table, do, causal) -> tuple[float, float]:
     (`triton.testing.do_bench_cudagraph`): the GPU's time without the host's, as a training step captured in a
     graph (the pretraining recipe's default) sees it. At short lengths the eager timings above are bound by the
     host: one fat5 fwd+bwd at L=512 costs about 1 ms of Python and launches for 0.5 ms of kernels."""
-    fwd = triton.testing.do_bench_cudagraph(lambda: fn(q, k, v, table, causal), rep=100, return_mode="median")
-
-    def step():
-        fn(q, k, v, table, causal).backward(do)
-
-    fwdbwd = triton.testing.do_bench_cudagraph(step, rep=100, grad_to_none=[q, k, v, table], return_mode="median")
-    q.grad = k.grad = v.grad = table.grad = None
-    return fwd, fwdbwd
+    bench = functools.partial(triton.testing.do_bench_cudagraph, rep=100)
+    return _fwd_and_fwdbwd_ms(bench, fn, q, k, v, table, do, causal)
 
 
 def set_best_times(row: dict, B: int, H: int, L: int, D: int, causal: bool) -> None:
