@@ -32,6 +32,7 @@ are all masked (causal with ``M > N``, an all-False padding row, ...) returns ze
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -59,13 +60,18 @@ _PADDED_DISTANCE_BUCKETS: dict = {}
 
 
 def _distance_bias(
-    bias_table: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int, max_seqlen: int
-) -> tuple[torch.Tensor, object, int]:
+    bias_table: torch.Tensor,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+    max_seqlen: int,
+    gather: bool = True,
+) -> tuple[torch.Tensor | None, object, int]:
     """The kernels' per-distance bias: float32 (H, 2C + 1, 2) holding the pair (bias of distance ``d``, bias of
     ``d + 1``) times log2(e) (the kernels' softmax runs in base 2) at ``d + C``, saturated beyond +-R, with ``C``
     covering every distance of sequences up to ``max_seqlen`` plus a tile, so that the kernels index it without
     clamping. Pairs let a kernel read two adjacent columns of a tile with one load. One small gather, O(L + buckets)
-    memory. Returns ``(vector, layout, C)``."""
+    memory. Returns ``(vector, layout, C)``; the vector is None with ``gather=False`` (layout and C only)."""
     layout = relative_bias_layout(bidirectional, num_buckets, max_distance, bias_table.device)
     pad = 1 << max(8, (max_seqlen + 256 - 1).bit_length())  # >= max_seqlen + largest BLOCK_M + BLOCK_N; few sizes
     key = (id(layout), pad)  # layouts are cached for the process: their ids are stable
@@ -78,8 +84,11 @@ def _distance_bias(
             return torch.stack((padded[:-1], padded[1:]), dim=1).flatten()
 
         index = _PADDED_DISTANCE_BUCKETS[key] = outside_cuda_graph_pools(pair_index, bias_table.device)
+    center = layout.radius + pad
+    if not gather:
+        return None, layout, center
     pairs = torch.index_select(bias_table.float(), 1, index) * LOG2E
-    return pairs.view(bias_table.shape[0], -1, 2), layout, layout.radius + pad
+    return pairs.view(bias_table.shape[0], -1, 2), layout, center
 
 
 _VALIDATED_CU_SEQLENS: dict = {}
@@ -106,7 +115,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, nam
     _VALIDATED_CU_SEQLENS[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, total, max_seqlen)
 
 
-def _forward_impl(
+def _forward_with_distance_bias(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -122,7 +131,8 @@ def _forward_impl(
     max_distance: int,
     causal: bool,
     softmax_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(out, lse, distance bias)``; the eager autograd.Functions keep the distance bias for the backward."""
     if cu_seqlens_q is not None:
         _check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
         _check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
@@ -132,12 +142,18 @@ def _forward_impl(
             bias_table, bidirectional, num_buckets, max_distance, max(max_seqlen_q, max_seqlen_k)
         )
         radius = layout.radius
-    return t5_attention_forward(
+    out, lse = t5_attention_forward(
         q, k, v,
         dist_bias=dist_bias, radius=radius, dist_center=dist_center, alibi_slopes=alibi_slopes,
         key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
     )  # fmt: skip
+    return out, lse, dist_bias
+
+
+def _forward_impl(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward custom op's ``(out, lse)`` (arguments as ``_FWD_ARG_NAMES``)."""
+    return _forward_with_distance_bias(*inputs)[:2]
 
 
 @torch.library.custom_op("fat5::t5_flash_attention_fwd", mutates_args=())
@@ -200,12 +216,15 @@ def _backward_impl(
     softmax_scale: float,
     bias_table_needs_grad: bool,
     grad_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    dist_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dist_bias, radius, dist_center, cuts, layout = None, 0, 0, None, None
+    """``dist_bias``: the forward's distance bias when it was kept (eager calls), else it is computed again."""
+    radius, dist_center, cuts, layout = 0, 0, None, None
     if bias_table is not None:
-        dist_bias, layout, dist_center = _distance_bias(
-            bias_table, bidirectional, num_buckets, max_distance, max(max_seqlen_q, max_seqlen_k)
+        pairs, layout, dist_center = _distance_bias(
+            bias_table, bidirectional, num_buckets, max_distance, max(max_seqlen_q, max_seqlen_k), dist_bias is None
         )
+        dist_bias = pairs if dist_bias is None else dist_bias
         radius = layout.radius
         if bias_table_needs_grad:
             cuts = layout.cuts
@@ -323,20 +342,20 @@ class T5FlashAttentionFunction(torch.autograd.Function):
     """The same forward/backward as the ``fat5::t5_flash_attention_fwd`` custom op, as a plain autograd.Function.
 
     Eager calls use it: it skips the custom-op dispatch, a noticeable part of the host time per call at short
-    sequence lengths. Under ``torch.compile`` the public functions call the custom op instead (one opaque node).
+    sequence lengths, and hands the forward's distance bias to the backward instead of gathering it again. Under ``torch.compile`` the public functions call the custom op instead (one opaque node).
     Arguments are those of the custom op (see ``_FWD_ARG_NAMES``); returns ``(out, lse)``.
     """
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, lse = _forward_impl(*inputs)
+        out, lse, ctx.dist_bias = _forward_with_distance_bias(*inputs)  # made without autograd: no graph kept alive
         _AUTOGRAD.save(ctx, inputs, out, lse, ctx.needs_input_grad[_AUTOGRAD.table_index])
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         del dlse
-        return _AUTOGRAD.run_backward(ctx, dout, _backward_impl)
+        return _AUTOGRAD.run_backward(ctx, dout, functools.partial(_backward_impl, dist_bias=ctx.dist_bias))
 
 
 def _attention(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,12 +380,12 @@ _PACKED_FWD_ARG_NAMES = (
 )  # fmt: skip
 
 
-def _packed_forward_impl(
+def _packed_forward_with_distance_bias(
     qkv, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, bidirectional, num_buckets,
     max_distance, causal, softmax_scale,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     q, k, v = _qkv_views(qkv, cu_seqlens is not None)
-    return _forward_impl(
+    return _forward_with_distance_bias(
         q, k, v, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
         bidirectional, num_buckets, max_distance, causal, softmax_scale,
     )  # fmt: skip
@@ -374,14 +393,14 @@ def _packed_forward_impl(
 
 def _packed_backward_impl(
     dout, qkv, out, lse, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, bidirectional,
-    num_buckets, max_distance, causal, softmax_scale, bias_table_needs_grad,
+    num_buckets, max_distance, causal, softmax_scale, bias_table_needs_grad, dist_bias=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     is_varlen = cu_seqlens is not None
     dqkv = torch.empty_like(qkv)
     _, _, _, dtable = _backward_impl(
         dout, *_qkv_views(qkv, is_varlen), out, lse, bias_table, alibi_slopes, key_padding_mask, cu_seqlens,
         cu_seqlens, max_seqlen, max_seqlen, bidirectional, num_buckets, max_distance, causal, softmax_scale,
-        bias_table_needs_grad, grad_buffers=_qkv_views(dqkv, is_varlen),
+        bias_table_needs_grad, grad_buffers=_qkv_views(dqkv, is_varlen), dist_bias=dist_bias,
     )  # fmt: skip
     return dqkv, dtable
 
@@ -400,10 +419,10 @@ def _t5_flash_attention_qkvpacked_fwd(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _packed_forward_impl(
+    return _packed_forward_with_distance_bias(
         qkv, bias_table, alibi_slopes, key_padding_mask, cu_seqlens, max_seqlen, bidirectional, num_buckets,
         max_distance, causal, softmax_scale,
-    )  # fmt: skip
+    )[:2]  # fmt: skip
 
 
 @_t5_flash_attention_qkvpacked_fwd.register_fake
@@ -453,14 +472,14 @@ class T5FlashAttentionQKVPackedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, lse = _packed_forward_impl(*inputs)
+        out, lse, ctx.dist_bias = _packed_forward_with_distance_bias(*inputs)  # made without autograd: no graph kept alive
         _PACKED_AUTOGRAD.save(ctx, inputs, out, lse, ctx.needs_input_grad[_PACKED_AUTOGRAD.table_index])
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         del dlse
-        return _PACKED_AUTOGRAD.run_backward(ctx, dout, _packed_backward_impl)
+        return _PACKED_AUTOGRAD.run_backward(ctx, dout, functools.partial(_packed_backward_impl, dist_bias=ctx.dist_bias))
 
 
 def _attention_qkvpacked(*inputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.attention_fwd needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .triton_utils import (
+    CompiledLaunches,
     autotune_configs,
     cdiv,
     next_power_of_2,
@@ -509,21 +510,25 @@ def _t5_attn_fwd_kernel(
 
 _TUNED_CONFIGS: dict = {}
 _DUMMIES: dict = {}
+_LAUNCHES = CompiledLaunches()
 
 
 def launch_tuned(kernel, grid, args: tuple, kwargs: dict, key: tuple) -> None:
-    """Run an autotuned kernel; once it has been tuned for ``key``, launch the chosen config directly.
+    """Run an autotuned kernel; once it has been tuned for ``key``, launch the chosen config's binary directly
+    (`CompiledLaunches`), without the autotuner's and ``JITFunction.run``'s per-call Python work.
 
-    The autotuner's per-call Python work (its key holds a dtype string per tensor argument) is a large part
-    of the host time per call; ``key`` must hold everything the autotuner's key holds.
+    ``args``: the kernel's runtime arguments in order; ``kwargs``: its other constexprs; ``key`` must hold
+    everything the autotuner's key holds.
     """
-    config = _TUNED_CONFIGS.get(key)
-    if config is not None:
-        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+    tuned = _TUNED_CONFIGS.get(key)
+    if tuned is not None:
+        _LAUNCHES.launch(kernel.fn, grid, args, *tuned, key)
         return
     kernel[grid](*args, **kwargs)
-    if getattr(kernel, "best_config", None) is not None:
-        _TUNED_CONFIGS[key] = kernel.best_config
+    config = getattr(kernel, "best_config", None)
+    if config is not None:  # the chosen config as the kernel's constexprs and launch options
+        options = {name: value for name, value in config.all_kwargs().items() if name not in config.kwargs}
+        _TUNED_CONFIGS[key] = ({**kwargs, **config.kwargs}, options)
 
 
 def dummy_tensor(device: torch.device) -> torch.Tensor:

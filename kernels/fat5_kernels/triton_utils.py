@@ -59,6 +59,91 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+class CompiledLaunches:
+    """Relaunch a ``@triton.jit`` kernel's compiled binary directly, keyed by the raw argument values.
+
+    ``JITFunction.run`` re-derives on every call what the binary was specialized on (each pointer's dtype and
+    16-byte alignment, each integer's divisibility by 16 and size), formats a cache-key string and looks the
+    binary up. For the attention kernels' ~45 arguments that is about 50 us of host time a launch on the H100
+    machine's CPU, as much as the kernels take at short lengths. A model calls each kernel with the same strides
+    and sizes layer after layer, so here the binary is found by ``(key, dtypes and address alignments of the
+    tensors, the other argument values)``: a lookup at least as fine as Triton's specialization, so a call that
+    could need another binary always goes through ``JITFunction.run`` (which compiles or finds it) first.
+
+    Falls back to ``JITFunction.run`` whenever the direct path does not apply: under the interpreter, when a
+    launch hook is installed (profilers such as proton), for arguments other than tensors, ints, floats, bools
+    and None, or on a Triton whose compiled kernels lack the launch interface used here. ``FAT5_DIRECT_LAUNCH=0``
+    turns it off.
+    """
+
+    MAX_ENTRIES = 512
+
+    def __init__(self) -> None:
+        self._entries: dict = {}
+
+    def launch(self, fn, grid: Callable[[dict], tuple], args: tuple, constexprs: dict, options: dict, key: tuple) -> None:
+        """Launch ``fn[grid](*args, **constexprs, **options)``.
+
+        ``args``: the kernel's leading runtime arguments, in order, tensors first; ``constexprs``: the remaining
+        parameters by name (``tl.constexpr`` values, block sizes included); ``options``: launch options
+        (``num_warps``, ``num_stages``, ...); ``key``: hashable, determines ``constexprs`` and ``options``.
+        """
+        num_tensors = 0
+        while num_tensors < len(args) and isinstance(args[num_tensors], torch.Tensor):
+            num_tensors += 1
+        device = torch.cuda.current_device() if num_tensors and args[0].is_cuda else -1
+        entry_key = (key, device, tuple((t.dtype, t.data_ptr() & 15) for t in args[:num_tensors]), args[num_tensors:])
+        entry = self._entries.get(entry_key)
+        if entry is not None and not _launch_hooks():
+            compiled, tail = entry
+            grid_size = (*grid(constexprs), 1, 1)
+            compiled.run(
+                grid_size[0], grid_size[1], grid_size[2], _current_stream(device), compiled.function,
+                compiled.packed_metadata, None, None, None, *args, *tail,
+            )  # fmt: skip
+            return
+        compiled = fn[grid](*args, **constexprs, **options)
+        if _direct_launch_applies(fn, compiled, args[num_tensors:], len(args), constexprs):
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            tail = tuple(constexprs[name] for name in fn.arg_names[len(args) :])
+            self._entries[entry_key] = (compiled, tail)
+
+
+def _direct_launch_applies(fn, compiled, scalars: tuple, num_args: int, constexprs: dict) -> bool:
+    if os.environ.get("FAT5_DIRECT_LAUNCH", "1") == "0" or triton_interpreter_enabled() or _launch_hooks():
+        return False
+    if not all(a is None or type(a) in (int, float, bool) for a in scalars):  # nothing whose == is elementwise
+        return False
+    if not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
+        return False
+    names = getattr(fn, "arg_names", None)
+    return names is not None and len(names) == num_args + len(constexprs) and set(names[num_args:]) == set(constexprs)
+
+
+def _current_stream(device: int) -> int:
+    """The raw handle of ``device``'s current CUDA stream (what ``JITFunction.run`` launches on)."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+@functools.cache
+def _triton_runtime_knobs():
+    try:
+        from triton import knobs
+    except ImportError:  # Triton < 3.4: no knobs, and another launch interface
+        return None
+    return knobs.runtime
+
+
+def _launch_hooks() -> bool:
+    """Whether launches must go through ``JITFunction.run``: a launch hook is installed, or Triton is too old."""
+    runtime = _triton_runtime_knobs()
+    if runtime is None:
+        return True
+    # Recent Tritons hold the hooks in (usually empty) chains of calls; a hook may also be set as a plain callable.
+    return any(getattr(hook, "calls", hook) for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+
+
 def outside_cuda_graph_pools(make: Callable[[], T], device: torch.device) -> T:
     """``make()``, with the process-lifetime tensors of a kernel cache allocated outside CUDA-graph memory pools.
 

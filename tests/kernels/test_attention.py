@@ -720,6 +720,42 @@ def test_gpu_large_shapes(dtype, bias, causal, bidirectional, seqlen_q, seqlen_k
 
 
 @pytest.mark.gpu
+def test_gpu_direct_launch_serves_repeat_calls_and_respects_alignment(monkeypatch):
+    """Repeat calls launch the cached binaries without ``JITFunction.run`` (`CompiledLaunches`), and a call whose
+    tensors sit at another 16-byte alignment (same shapes and strides) goes through it: the cached binary may
+    assume aligned addresses. Every call's output and gradients stay within the reference error."""
+    from fat5_kernels import attention_bwd, attention_fwd
+
+    q, k, v, table, dout = _inputs(2, 4, 300, 300, 64, torch.bfloat16, num_buckets=32, table_scale=0.5)
+    kernel_fn, reference_fn = _dense_fns("t5", False, True, 32, 128)
+    ref, ref_grads = _grads(lambda *t: reference_fn(*t, compute_dtype=torch.float32), (q, k, v, table), dout)
+    low, low_grads = _grads(lambda *t: reference_fn(*t, compute_dtype=torch.bfloat16), (q, k, v, table), dout)
+
+    def misaligned(t):  # the same values, shape and strides, 2 bytes past a 16-byte boundary
+        buffer = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+        view = buffer[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    jit_runs = []
+    for kernel in (attention_fwd._t5_attn_fwd_kernel, attention_bwd._bwd_dq_kernel, attention_bwd._bwd_dkdv_kernel):
+        jit_run = kernel.fn.run
+        monkeypatch.setattr(kernel.fn, "run", lambda *a, _run=jit_run, **kw: jit_runs.append(1) or _run(*a, **kw))
+    # the first call may tune, the second fills the direct-launch cache, the third must be served from it
+    calls = [((q, k, v), None), ((q, k, v), None), ((q, k, v), False), (tuple(map(misaligned, (q, k, v))), True)]
+    for inputs, via_jit in calls:
+        leaves = [t.detach().requires_grad_() for t in (*inputs, table)]
+        jit_runs.clear()
+        out = kernel_fn(*leaves)
+        out.backward(dout)
+        if via_jit is not None:
+            assert bool(jit_runs) == via_jit, f"JITFunction.run calls: {len(jit_runs)}"
+        assert_within_reference_error(out, ref, low, "out")
+        for name, leaf, r, lg in zip("qkvt", leaves, ref_grads, low_grads):
+            assert_within_reference_error(leaf.grad, r, lg, f"d{name}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_varlen_padding_and_determinism(dtype):
     lengths = [1000, 17, 512, 333]
