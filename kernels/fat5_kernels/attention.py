@@ -342,7 +342,8 @@ class T5FlashAttentionFunction(torch.autograd.Function):
     """The same forward/backward as the ``fat5::t5_flash_attention_fwd`` custom op, as a plain autograd.Function.
 
     Eager calls use it: it skips the custom-op dispatch, a noticeable part of the host time per call at short
-    sequence lengths, and hands the forward's distance bias to the backward instead of gathering it again. Under ``torch.compile`` the public functions call the custom op instead (one opaque node).
+    sequence lengths, and hands the forward's distance bias to the backward instead of gathering it again. Under
+    ``torch.compile`` the public functions call the custom op instead (one opaque node).
     Arguments are those of the custom op (see ``_FWD_ARG_NAMES``); returns ``(out, lse)``.
     """
 
@@ -472,14 +473,15 @@ class T5FlashAttentionQKVPackedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, lse, ctx.dist_bias = _packed_forward_with_distance_bias(*inputs)  # made without autograd: no graph kept alive
+        out, lse, ctx.dist_bias = _packed_forward_with_distance_bias(*inputs)  # made without autograd
         _PACKED_AUTOGRAD.save(ctx, inputs, out, lse, ctx.needs_input_grad[_PACKED_AUTOGRAD.table_index])
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         del dlse
-        return _PACKED_AUTOGRAD.run_backward(ctx, dout, functools.partial(_packed_backward_impl, dist_bias=ctx.dist_bias))
+        backward_fn = functools.partial(_packed_backward_impl, dist_bias=ctx.dist_bias)
+        return _PACKED_AUTOGRAD.run_backward(ctx, dout, backward_fn)
 
 
 def _attention_qkvpacked(*inputs) -> tuple[torch.Tensor, torch.Tensor]:

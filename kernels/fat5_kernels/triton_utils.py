@@ -64,8 +64,8 @@ class CompiledLaunches:
 
     ``JITFunction.run`` re-derives on every call what the binary was specialized on (each pointer's dtype and
     16-byte alignment, each integer's divisibility by 16 and size), formats a cache-key string and looks the
-    binary up. For the attention kernels' ~45 arguments that is about 50 us of host time a launch on the H100
-    machine's CPU, as much as the kernels take at short lengths. A model calls each kernel with the same strides
+    binary up. For the attention kernels' ~45 arguments a launch took 75-120 us of host time on an H100 machine's
+    CPU (from the autograd engine's thread), more than the kernels take at short lengths. A model calls each kernel with the same strides
     and sizes layer after layer, so here the binary is found by ``(key, dtypes and address alignments of the
     tensors, the other argument values)``: a lookup at least as fine as Triton's specialization, so a call that
     could need another binary always goes through ``JITFunction.run`` (which compiles or finds it) first.
@@ -73,7 +73,7 @@ class CompiledLaunches:
     Falls back to ``JITFunction.run`` whenever the direct path does not apply: under the interpreter, when a
     launch hook is installed (profilers such as proton), for arguments other than tensors, ints, floats, bools
     and None, or on a Triton whose compiled kernels lack the launch interface used here. ``FAT5_DIRECT_LAUNCH=0``
-    turns it off.
+    (read when a binary would be cached) turns it off.
     """
 
     MAX_ENTRIES = 512
@@ -92,7 +92,14 @@ class CompiledLaunches:
         while num_tensors < len(args) and isinstance(args[num_tensors], torch.Tensor):
             num_tensors += 1
         device = torch.cuda.current_device() if num_tensors and args[0].is_cuda else -1
-        entry_key = (key, device, tuple((t.dtype, t.data_ptr() & 15) for t in args[:num_tensors]), args[num_tensors:])
+        scalars = args[num_tensors:]
+        entry_key = (
+            key,
+            device,
+            tuple((t.dtype, t.data_ptr() & 15) for t in args[:num_tensors]),
+            scalars,
+            tuple(map(type, scalars)),  # True == 1 == 1.0 as keys, but Triton types them apart
+        )
         entry = self._entries.get(entry_key)
         if entry is not None and not _launch_hooks():
             compiled, tail = entry
@@ -103,7 +110,7 @@ class CompiledLaunches:
             )  # fmt: skip
             return
         compiled = fn[grid](*args, **constexprs, **options)
-        if _direct_launch_applies(fn, compiled, args[num_tensors:], len(args), constexprs):
+        if _direct_launch_applies(fn, compiled, scalars, len(args), constexprs):
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries.clear()
             tail = tuple(constexprs[name] for name in fn.arg_names[len(args) :])

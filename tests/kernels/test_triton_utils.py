@@ -70,7 +70,7 @@ def direct_launches(monkeypatch):
     return CompiledLaunches()
 
 
-def _launch(launches, fn, x, n=64, scale=0.5, block=32):
+def _launch(launches, fn, x, n=64, scale=1.0, block=32):
     grid = lambda meta: (n // meta["BLOCK"], 3)  # noqa: E731
     launches.launch(fn, grid, (x, n, scale), {"BLOCK": block}, {"num_warps": 4}, key=("k", block))
 
@@ -78,13 +78,13 @@ def _launch(launches, fn, x, n=64, scale=0.5, block=32):
 def test_second_identical_launch_goes_to_the_binary(direct_launches):
     fn, x = _FakeJITFunction(), torch.zeros(64)
     _launch(direct_launches, fn, x)
-    assert fn.slow_launches == [((2, 3), (x, 64, 0.5), {"BLOCK": 32, "num_warps": 4})]
+    assert fn.slow_launches == [((2, 3), (x, 64, 1.0), {"BLOCK": 32, "num_warps": 4})]
     assert fn.compiled.launches == []
     _launch(direct_launches, fn, x)
     assert len(fn.slow_launches) == 1
     (launch,) = fn.compiled.launches
     assert launch[:9] == (2, 3, 1, 1234, "function-handle", "packed-metadata", None, None, None)
-    assert launch[9:] == (x, 64, 0.5, 32)  # every kernel parameter in order, the constexpr last
+    assert launch[9:] == (x, 64, 1.0, 32)  # every kernel parameter in order, the constexpr last
 
 
 @pytest.mark.parametrize(
@@ -94,6 +94,7 @@ def test_second_identical_launch_goes_to_the_binary(direct_launches):
         pytest.param(lambda x: dict(x=x.to(torch.float16)), id="other-dtype"),
         pytest.param(lambda x: dict(x=x, n=65), id="other-int"),
         pytest.param(lambda x: dict(x=x, scale=0.25), id="other-float"),
+        pytest.param(lambda x: dict(x=x, scale=True), id="same-value-other-type"),
         pytest.param(lambda x: dict(x=x, block=16), id="other-constexpr"),
     ],
 )
