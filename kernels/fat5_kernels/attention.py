@@ -151,11 +151,6 @@ def _forward_with_distance_bias(
     return out, lse, dist_bias
 
 
-def _forward_impl(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward custom op's ``(out, lse)`` (arguments as ``_FWD_ARG_NAMES``)."""
-    return _forward_with_distance_bias(*inputs)[:2]
-
-
 @torch.library.custom_op("fat5::t5_flash_attention_fwd", mutates_args=())
 def _t5_flash_attention_fwd(
     q: torch.Tensor,
@@ -174,10 +169,10 @@ def _t5_flash_attention_fwd(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(
+    return _forward_with_distance_bias(
         q, k, v, bias_table, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, bidirectional, num_buckets, max_distance, causal, softmax_scale,
-    )  # fmt: skip
+    )[:2]  # fmt: skip
 
 
 @_t5_flash_attention_fwd.register_fake
