@@ -34,7 +34,7 @@ try:
 except ImportError as err:  # triton is optional; AdamWScale falls back to PyTorch ops without it
     raise ImportError("fat5_kernels.adamw_scale needs triton: pip install 'fat5-hf[gpu]'") from err
 
-from .triton_utils import cdiv, triton_interpreter_enabled
+from .triton_utils import cdiv, launch, triton_interpreter_enabled
 
 __all__ = ["adamw_scale_update_"]
 
@@ -196,23 +196,11 @@ def adamw_scale_update_(
         offsets = offsets.pin_memory().to(device, non_blocking=True)
         step_size = step_size.pin_memory().to(device, non_blocking=True)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _adamw_scale_kernel[(chunk_tensor.numel(),)](
-            params[0],
-            offsets,
-            step_size,
-            norms,
-            numels,
-            chunk_tensor,
-            chunk_start,
-            n,
-            1.0 - beta1,
-            beta2,
-            1.0 - beta2,
-            eps,
-            min_rms,
-            decay_factor,
-            APPLY_DECAY=decay_factor != 1.0,
-            VEC=16 // element_size,
-            BLOCK=_BLOCK,
+        launch(
+            _adamw_scale_kernel,
+            (chunk_tensor.numel(),),
+            (params[0], offsets, step_size, norms, numels, chunk_tensor, chunk_start, n, 1.0 - beta1, beta2,
+             1.0 - beta2, eps, min_rms, decay_factor),
+            dict(APPLY_DECAY=decay_factor != 1.0, VEC=16 // element_size, BLOCK=_BLOCK),
             num_warps=_NUM_WARPS,
-        )
+        )  # fmt: skip

@@ -38,7 +38,7 @@ import weakref
 import torch
 
 from .attention_bwd import bias_sums_to_table_grad, t5_attention_backward
-from .attention_fwd import LOG2E, t5_attention_forward
+from .attention_fwd import distance_bias_vector, t5_attention_forward
 from .attention_reference import check_bucket_parameters, relative_bias_layout, t5_relative_position_bucket
 from .triton_utils import outside_cuda_graph_pools, triton_interpreter_enabled
 
@@ -87,8 +87,7 @@ def _distance_bias(
     center = layout.radius + pad
     if not gather:
         return None, layout, center
-    pairs = torch.index_select(bias_table.float(), 1, index) * LOG2E
-    return pairs.view(bias_table.shape[0], -1, 2), layout, center
+    return distance_bias_vector(bias_table, index).view(bias_table.shape[0], -1, 2), layout, center
 
 
 _VALIDATED_CU_SEQLENS: dict = {}
@@ -233,8 +232,7 @@ def _backward_impl(
     if bias_partials is None:
         dtable = q.new_empty((0,), dtype=torch.float32)
     else:
-        dtable = bias_sums_to_table_grad(bias_partials, layout.cut_sums_to_bucket)
-        dtable = dtable.to(bias_table.dtype).contiguous()
+        dtable = bias_sums_to_table_grad(bias_partials, layout.cut_sums_to_bucket, bias_table.dtype)
     return dq, dk, dv, dtable
 
 

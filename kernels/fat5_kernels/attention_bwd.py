@@ -43,7 +43,7 @@ from .attention_fwd import (
     seqlen_autotune_key,
     tuning_configs,
 )
-from .triton_utils import cdiv, next_power_of_2
+from .triton_utils import cdiv, launch, next_power_of_2
 
 
 @triton.jit
@@ -695,12 +695,49 @@ def t5_attention_backward(
     return dq, dk, dv, bias_partials
 
 
-def bias_sums_to_table_grad(bias_partials: torch.Tensor, cut_sums_to_bucket: torch.Tensor) -> torch.Tensor:
-    """Per-program bias sums ``(H, C + 2, P)`` -> table gradient float32 ``(H, num_buckets)``, deterministic.
+@triton.jit
+def _table_grad_kernel(
+    Partials, CutSumsToBucket, Out, num_sums, num_partials, num_buckets,
+    SUMS_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """One program per head: sum its ``(num_sums, num_partials)`` partials over the programs in a fixed order,
+    then map the sums to buckets (``(num_sums, num_buckets)`` matrix), in fp32; store in Out's dtype."""
+    head = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, SUMS_PAD)
+    offs_p = tl.arange(0, BLOCK_P)
+    rows = Partials + head * num_sums * num_partials + offs_s[:, None] * num_partials
+    acc = tl.zeros((SUMS_PAD, BLOCK_P), dtype=tl.float32)
+    for start in range(0, num_partials, BLOCK_P):
+        mask = (offs_s[:, None] < num_sums) & (start + offs_p[None, :] < num_partials)
+        acc += tl.load(rows + start + offs_p[None, :], mask=mask, other=0.0)
+    sums = tl.sum(acc, axis=1)
+    for start in range(0, num_buckets, BLOCK_B):
+        offs_b = start + tl.arange(0, BLOCK_B)
+        mask = (offs_s[:, None] < num_sums) & (offs_b[None, :] < num_buckets)
+        to_bucket = tl.load(CutSumsToBucket + offs_s[:, None] * num_buckets + offs_b[None, :], mask=mask, other=0.0)
+        grad = tl.sum(sums[:, None] * to_bucket, axis=0)
+        tl.store(Out + head * num_buckets + offs_b, grad.to(Out.dtype.element_ty), mask=offs_b < num_buckets)
 
-    Sums the programs in a fixed order, then maps "<= cut" sums and the far sums to buckets with the layout's
-    ``cut_sums_to_bucket`` matrix, written as an fp32 reduction (not a matmul, which may run in TF32).
-    Differencing after the program sum costs at most log2(num_segments) bits of the fp32 mantissa.
+
+def bias_sums_to_table_grad(
+    bias_partials: torch.Tensor, cut_sums_to_bucket: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Per-program bias sums ``(H, C + 2, P)`` -> table gradient ``(H, num_buckets)`` in ``dtype``, deterministic.
+
+    One small kernel (host time matters here: it runs once per attention backward): sums the programs in a fixed
+    order, then maps "<= cut" sums and the far sums to buckets with the layout's ``cut_sums_to_bucket`` matrix, in
+    fp32 (not a matmul, which may run in TF32). Differencing after the program sum costs at most
+    log2(num_segments) bits of the fp32 mantissa.
     """
-    per_head = bias_partials.sum(dim=2)  # (H, C + 2)
-    return (per_head[:, :, None] * cut_sums_to_bucket[None, :, :]).sum(dim=1)
+    num_heads, num_sums, num_partials = bias_partials.shape
+    num_buckets = cut_sums_to_bucket.shape[1]
+    out = torch.empty((num_heads, num_buckets), dtype=dtype, device=bias_partials.device)
+    sums_pad = next_power_of_2(num_sums)
+    launch(
+        _table_grad_kernel,
+        (num_heads,),
+        (bias_partials, cut_sums_to_bucket, out, num_sums, num_partials, num_buckets),
+        dict(SUMS_PAD=sums_pad, BLOCK_P=max(1, 4096 // sums_pad), BLOCK_B=min(next_power_of_2(num_buckets), 64)),
+        num_warps=4,
+    )
+    return out

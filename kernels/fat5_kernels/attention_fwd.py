@@ -29,6 +29,7 @@ from .triton_utils import (
     CompiledLaunches,
     autotune_configs,
     cdiv,
+    launch,
     next_power_of_2,
     outside_cuda_graph_pools,
     triton_interpreter_enabled,
@@ -85,6 +86,34 @@ BIAS_ALIBI = 2
 REGION_FAR_LEFT = 0  # every d <= -R
 REGION_BAND = 1
 REGION_FAR_RIGHT = 2  # every d >= R
+
+
+@triton.jit
+def _distance_bias_kernel(Table, Index, Out, num_entries, stride_th, stride_tb, BLOCK: tl.constexpr):
+    """``Out[h, i] = float32(Table[h, Index[i]]) * log2(e)``: grid (heads, entry blocks)."""
+    head = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_entries
+    bucket = tl.load(Index + offs, mask=mask, other=0)
+    bias = tl.load(Table + head * stride_th + bucket * stride_tb, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + head * num_entries + offs, bias * 1.4426950408889634, mask=mask)  # log2(e)
+
+
+def distance_bias_vector(bias_table: torch.Tensor, bucket_index: torch.Tensor) -> torch.Tensor:
+    """The kernels' per-distance bias, float32 ``(H, len(bucket_index))``: ``bias_table[:, bucket_index]`` times
+    log2(e) in float32, one launch (host time matters: it runs once per attention forward). ``bias_table``: (H,
+    num_buckets), any float dtype and strides; ``bucket_index``: int64 (n,) on the same device."""
+    num_heads, num_entries = bias_table.shape[0], bucket_index.numel()
+    out = torch.empty((num_heads, num_entries), dtype=torch.float32, device=bias_table.device)
+    block = 1024
+    launch(
+        _distance_bias_kernel,
+        (num_heads, cdiv(num_entries, block)),
+        (bias_table, bucket_index, out, num_entries, bias_table.stride(0), bias_table.stride(1)),
+        dict(BLOCK=block),
+        num_warps=4,
+    )
+    return out
 
 
 # How band tiles gather their per-element bias. A `tl.load` of a (rows, keys) tile of pointers is placed in a

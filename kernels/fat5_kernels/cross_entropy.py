@@ -38,7 +38,7 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.cross_entropy needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .cross_entropy_reference import validate_cross_entropy_inputs
-from .triton_utils import cdiv, custom_op_namespace, next_power_of_2
+from .triton_utils import cdiv, custom_op_namespace, launch, next_power_of_2
 
 __all__ = ["CrossEntropyFunction", "cross_entropy", "cross_entropy_forward", "scale_"]
 
@@ -227,7 +227,7 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x
     scale = scale.detach().float().reshape(1).contiguous()
     block = 4096
-    _scale_kernel[(cdiv(x.numel(), block),)](x, scale, x.numel(), BLOCK_SIZE=block, num_warps=4)
+    launch(_scale_kernel, (cdiv(x.numel(), block),), (x, scale, x.numel()), dict(BLOCK_SIZE=block), num_warps=4)
     return x
 
 
@@ -277,29 +277,16 @@ def cross_entropy_forward(
     compute_grad = grad is not None
     single_pass, block, num_warps = _launch_config(n_cols, compute_grad)
     grad_arg = grad if compute_grad else logits  # never written when COMPUTE_GRAD is False
-    _cross_entropy_fwd_kernel[(n_rows,)](
-        logits,
-        logits.stride(0),
-        grad_arg,
-        grad_arg.stride(0),
-        labels,
-        row_loss,
-        row_z if row_z is not None else row_loss,
-        lse if lse is not None else row_loss,
-        count,
-        n_cols,
-        ignore_index,
-        float(z_loss),
-        float(label_smoothing),
-        COMPUTE_GRAD=compute_grad,
-        STORE_LSE=lse is not None,
-        DIVIDE_BY_COUNT=divide_by_count,
-        HAS_Z_LOSS=z_loss > 0.0,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        SINGLE_PASS=single_pass,
-        BLOCK_SIZE=block,
+    launch(
+        _cross_entropy_fwd_kernel,
+        (n_rows,),
+        (logits, logits.stride(0), grad_arg, grad_arg.stride(0), labels, row_loss,
+         row_z if row_z is not None else row_loss, lse if lse is not None else row_loss, count, n_cols, ignore_index,
+         float(z_loss), float(label_smoothing)),
+        dict(COMPUTE_GRAD=compute_grad, STORE_LSE=lse is not None, DIVIDE_BY_COUNT=divide_by_count,
+             HAS_Z_LOSS=z_loss > 0.0, HAS_SMOOTHING=label_smoothing > 0.0, SINGLE_PASS=single_pass, BLOCK_SIZE=block),
         num_warps=num_warps,
-    )
+    )  # fmt: skip
 
 
 def _cross_entropy_forward(
@@ -336,11 +323,14 @@ def _cross_entropy_backward(
     if n_rows > 0:
         grad_loss = grad_loss.detach().float().contiguous()
         block = min(BACKWARD_BLOCK, next_power_of_2(n_cols))
-        _cross_entropy_bwd_kernel[(n_rows, cdiv(n_cols, block))](
-            logits, logits.stride(0), grad, grad.stride(0), labels, lse, grad_loss, count, n_cols,
-            ignore_index, float(z_loss), float(label_smoothing),
-            GRAD_OUTPUT_PER_ROW=reduction == "none", DIVIDE_BY_COUNT=reduction == "mean",
-            HAS_Z_LOSS=z_loss > 0.0, BLOCK_SIZE=block, num_warps=_num_warps(block),
+        launch(
+            _cross_entropy_bwd_kernel,
+            (n_rows, cdiv(n_cols, block)),
+            (logits, logits.stride(0), grad, grad.stride(0), labels, lse, grad_loss, count, n_cols,
+             ignore_index, float(z_loss), float(label_smoothing)),
+            dict(GRAD_OUTPUT_PER_ROW=reduction == "none", DIVIDE_BY_COUNT=reduction == "mean",
+                 HAS_Z_LOSS=z_loss > 0.0, BLOCK_SIZE=block),
+            num_warps=_num_warps(block),
         )  # fmt: skip
     return grad
 

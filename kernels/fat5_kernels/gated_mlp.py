@@ -21,7 +21,7 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.gated_mlp needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .gated_mlp_reference import check_gated_activation_inputs, resolve_activation
-from .triton_utils import cdiv, custom_op_namespace, next_power_of_2, triton_interpreter_enabled
+from .triton_utils import cdiv, custom_op_namespace, launch, next_power_of_2, triton_interpreter_enabled
 
 __all__ = ["GatedActivationFunction", "PackedGatedActivationFunction", "gated_activation", "gated_activation_packed"]
 
@@ -148,16 +148,11 @@ def _gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: 
     n_rows, n_cols = gate_rows.shape
     block, num_warps = _launch_config(n_cols)
     with _device_context(gate):
-        _gated_activation_forward_kernel[(n_rows * cdiv(n_cols, block),)](
-            gate_rows,
-            up_rows,
-            out_rows,
-            n_cols,
-            gate_rows.stride(0),
-            up_rows.stride(0),
-            out_rows.stride(0),
-            ACTIVATION=_ACTIVATION_IDS[activation],
-            BLOCK=block,
+        launch(
+            _gated_activation_forward_kernel,
+            (n_rows * cdiv(n_cols, block),),
+            (gate_rows, up_rows, out_rows, n_cols, gate_rows.stride(0), up_rows.stride(0), out_rows.stride(0)),
+            dict(ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block),
             num_warps=num_warps,
         )
     return out
@@ -207,22 +202,14 @@ def _gated_activation_backward(
     n_rows, n_cols = gate_rows.shape
     block, num_warps = _launch_config(n_cols)
     with _device_context(gate):
-        _gated_activation_backward_kernel[(n_rows * cdiv(n_cols, block),)](
-            dout_rows,
-            gate_rows,
-            up_rows,
-            dgate_rows,
-            dup_rows,
-            n_cols,
-            dout_rows.stride(0),
-            gate_rows.stride(0),
-            up_rows.stride(0),
-            dgate_rows.stride(0),
-            dup_rows.stride(0),
-            ACTIVATION=_ACTIVATION_IDS[activation],
-            BLOCK=block,
+        launch(
+            _gated_activation_backward_kernel,
+            (n_rows * cdiv(n_cols, block),),
+            (dout_rows, gate_rows, up_rows, dgate_rows, dup_rows, n_cols, dout_rows.stride(0), gate_rows.stride(0),
+             up_rows.stride(0), dgate_rows.stride(0), dup_rows.stride(0)),
+            dict(ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block),
             num_warps=num_warps,
-        )
+        )  # fmt: skip
     if in_place:
         return gate.detach(), up.detach()
     if grad_buffers is not None:

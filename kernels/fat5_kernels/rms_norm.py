@@ -27,7 +27,7 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.rms_norm needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .rms_norm_reference import check_rms_norm_inputs, rms_norm_output_dtype
-from .triton_utils import cdiv, custom_op_namespace, next_power_of_2, triton_interpreter_enabled
+from .triton_utils import cdiv, custom_op_namespace, launch, next_power_of_2, triton_interpreter_enabled
 
 __all__ = ["RMSNormFunction", "rms_norm"]
 
@@ -265,8 +265,12 @@ def _sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n_partials, n_cols = partials.shape
     out = torch.empty(n_cols, dtype=dtype, device=partials.device)
     with _device_context(partials):
-        _sum_partials_kernel[(cdiv(n_cols, _SUM_BLOCK_COLS),)](
-            partials, out, n_partials, n_cols, BLOCK_PARTIALS=64, BLOCK_COLS=_SUM_BLOCK_COLS, num_warps=4
+        launch(
+            _sum_partials_kernel,
+            (cdiv(n_cols, _SUM_BLOCK_COLS),),
+            (partials, out, n_partials, n_cols),
+            dict(BLOCK_PARTIALS=64, BLOCK_COLS=_SUM_BLOCK_COLS),
+            num_warps=4,
         )
     return out
 
@@ -291,28 +295,18 @@ def _rms_norm_forward(
     # a float32 stream) and without one at d=4096 (92.3 vs 90.8 us), which therefore get no hints.
     use_eviction_hints = residual is None and block_cols <= 1024
     with _device_context(x):
-        _rms_norm_forward_kernel[(cdiv(n_rows, block_rows),)](
-            x,
-            residual if residual is not None else x,
-            weight,
-            y,
-            summed if summed is not None else y,
-            rstd,
-            n_rows,
-            n_cols,
-            x.stride(0),
-            residual.stride(0) if residual is not None else 0,
-            y.stride(0),
-            summed.stride(0) if summed is not None else 0,
-            eps,
-            HAS_RESIDUAL=residual is not None,
-            CAST_TO_WEIGHT_DTYPE=weight.dtype in _HALF_DTYPES,
-            INPUT_EVICTION="evict_first" if use_eviction_hints else "",
-            WEIGHT_EVICTION="evict_last" if use_eviction_hints else "",
-            BLOCK_ROWS=block_rows,
-            BLOCK_COLS=block_cols,
+        launch(
+            _rms_norm_forward_kernel,
+            (cdiv(n_rows, block_rows),),
+            (x, residual if residual is not None else x, weight, y, summed if summed is not None else y, rstd, n_rows,
+             n_cols, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+             summed.stride(0) if summed is not None else 0, eps),
+            dict(HAS_RESIDUAL=residual is not None, CAST_TO_WEIGHT_DTYPE=weight.dtype in _HALF_DTYPES,
+                 INPUT_EVICTION="evict_first" if use_eviction_hints else "",
+                 WEIGHT_EVICTION="evict_last" if use_eviction_hints else "", BLOCK_ROWS=block_rows,
+                 BLOCK_COLS=block_cols),
             num_warps=num_warps,
-        )
+        )  # fmt: skip
     return y, summed, rstd
 
 
@@ -350,31 +344,18 @@ def _rms_norm_backward(
     n_programs = cdiv(n_rows, rows_per_program)
     dweight_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=dy.device)
     with _device_context(dy):
-        _rms_norm_backward_kernel[(n_programs,)](
-            dy,
-            summed,
-            weight,
-            rstd,
-            dsummed if dsummed is not None else dy,
-            dx,
-            dx_cast if dx_cast is not None else dx,
-            dweight_partial,
-            n_rows,
-            n_cols,
-            dy.stride(0),
-            summed.stride(0),
-            dsummed.stride(0) if dsummed is not None else 0,
-            dx.stride(0),
-            dx_cast.stride(0) if dx_cast is not None else 0,
-            rows_per_program,
-            HAS_DSUMMED=dsummed is not None,
-            HAS_DX_CAST=dx_cast is not None,
-            CAST_TO_WEIGHT_DTYPE=weight.dtype in _HALF_DTYPES,
-            ROW_PIPELINE_STAGES=pipeline_stages,
-            BLOCK_ROWS=block_rows,
-            BLOCK_COLS=block_cols,
+        launch(
+            _rms_norm_backward_kernel,
+            (n_programs,),
+            (dy, summed, weight, rstd, dsummed if dsummed is not None else dy, dx, dx_cast if dx_cast is not None else dx,
+             dweight_partial, n_rows, n_cols, dy.stride(0), summed.stride(0),
+             dsummed.stride(0) if dsummed is not None else 0, dx.stride(0),
+             dx_cast.stride(0) if dx_cast is not None else 0, rows_per_program),
+            dict(HAS_DSUMMED=dsummed is not None, HAS_DX_CAST=dx_cast is not None,
+                 CAST_TO_WEIGHT_DTYPE=weight.dtype in _HALF_DTYPES, ROW_PIPELINE_STAGES=pipeline_stages,
+                 BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols),
             num_warps=num_warps,
-        )
+        )  # fmt: skip
     return dx, _sum_partials(dweight_partial, weight.dtype), dx_cast
 
 

@@ -82,51 +82,71 @@ class CompiledLaunches:
     def __init__(self) -> None:
         self._entries: dict = {}
 
-    def launch(self, fn, grid: Callable[[dict], tuple], args: tuple, constexprs: dict, options: dict, key: tuple) -> None:
+    def launch(
+        self, fn, grid: tuple | Callable[[dict], tuple], args: tuple, constexprs: dict, options: dict, key: tuple
+    ) -> None:
         """Launch ``fn[grid](*args, **constexprs, **options)``.
 
-        ``args``: the kernel's leading runtime arguments, in order, tensors first; ``constexprs``: the remaining
-        parameters by name (``tl.constexpr`` values, block sizes included); ``options``: launch options
-        (``num_warps``, ``num_stages``, ...); ``key``: hashable, determines ``constexprs`` and ``options``.
+        ``grid``: a tuple, or a function of the constexprs returning one; ``args``: the kernel's leading runtime
+        arguments, in order; ``constexprs``: the remaining parameters by name (``tl.constexpr`` values, block sizes
+        included); ``options``: launch options (``num_warps``, ``num_stages``, ...); ``key``: hashable, determines
+        ``constexprs`` and ``options``.
         """
-        num_tensors = 0
-        while num_tensors < len(args) and isinstance(args[num_tensors], torch.Tensor):
-            num_tensors += 1
-        device = torch.cuda.current_device() if num_tensors and args[0].is_cuda else -1
-        scalars = args[num_tensors:]
-        entry_key = (
-            key,
-            device,
-            tuple((t.dtype, t.data_ptr() & 15) for t in args[:num_tensors]),
-            scalars,
-            tuple(map(type, scalars)),  # True == 1 == 1.0 as keys, but Triton types them apart
-        )
+        device = -1
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                device = torch.cuda.current_device() if arg.is_cuda else -1
+                break
+        entry_key = (key, device, tuple(map(_specialization, args)))
         entry = self._entries.get(entry_key)
         if entry is not None and not _launch_hooks():
             compiled, tail = entry
-            grid_size = (*grid(constexprs), 1, 1)
+            grid_size = (*(grid(constexprs) if callable(grid) else grid), 1, 1)
             compiled.run(
                 grid_size[0], grid_size[1], grid_size[2], _current_stream(device), compiled.function,
                 compiled.packed_metadata, None, None, None, *args, *tail,
             )  # fmt: skip
             return
         compiled = fn[grid](*args, **constexprs, **options)
-        if _direct_launch_applies(fn, compiled, scalars, len(args), constexprs):
+        if _direct_launch_applies(fn, compiled, args, constexprs):
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries.clear()
             tail = tuple(constexprs[name] for name in fn.arg_names[len(args) :])
             self._entries[entry_key] = (compiled, tail)
 
 
-def _direct_launch_applies(fn, compiled, scalars: tuple, num_args: int, constexprs: dict) -> bool:
+def _specialization(arg) -> object:
+    """What of an argument may select another binary: a tensor's dtype and 16-byte alignment, an int's or a bool's
+    value (Triton specializes on ints equal to 1 or divisible by 16), a float's type only (Triton passes every
+    float as fp32). Scalars are keyed by type, as True == 1 == 1.0 are equal keys that Triton types apart."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() & 15
+    if type(arg) is float:
+        return float
+    return type(arg), arg
+
+
+_JIT_LAUNCHES = CompiledLaunches()
+
+
+def launch(fn, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
+    """``fn[grid](*args, **constexprs, **options)`` for a plain (not autotuned) ``@triton.jit`` kernel, relaunched
+    directly from its binary once compiled (`CompiledLaunches`). ``args``: the leading runtime arguments in order;
+    ``constexprs``: the other parameters by name; ``options``: ``num_warps``, ``num_stages``..."""
+    key = (fn, tuple(constexprs.items()), tuple(options.items()))
+    _JIT_LAUNCHES.launch(fn, grid, args, constexprs, options, key)
+
+
+def _direct_launch_applies(fn, compiled, args: tuple, constexprs: dict) -> bool:
     if os.environ.get("FAT5_DIRECT_LAUNCH", "1") == "0" or triton_interpreter_enabled() or _launch_hooks():
         return False
-    if not all(a is None or type(a) in (int, float, bool) for a in scalars):  # nothing whose == is elementwise
+    # nothing whose == is elementwise or whose specialization the key would not capture
+    if not all(isinstance(a, torch.Tensor) or a is None or type(a) in (int, float, bool) for a in args):
         return False
     if not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
         return False
     names = getattr(fn, "arg_names", None)
-    return names is not None and len(names) == num_args + len(constexprs) and set(names[num_args:]) == set(constexprs)
+    return names is not None and len(names) == len(args) + len(constexprs) and set(names[len(args) :]) == set(constexprs)
 
 
 def _current_stream(device: int) -> int:

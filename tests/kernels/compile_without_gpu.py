@@ -12,6 +12,7 @@ A stub driver names the target; `launch_tuned` is replaced by a compile of the c
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -52,6 +53,7 @@ class StubDriver:
 
 
 def main(arch: int) -> None:
+    os.environ["FAT5_DIRECT_LAUNCH"] = "0"  # nothing is launched: no binary to relaunch
     driver.set_active(StubDriver(GPUTarget("cuda", arch, 32)))
     import fat5_kernels.attention as attention
     import fat5_kernels.attention_bwd as attention_bwd
@@ -77,6 +79,8 @@ def main(arch: int) -> None:
             return lambda *args, **kwargs: self.fn.warmup(*args, grid=grid, **kwargs)
 
     attention_fwd.launch_tuned = attention_bwd.launch_tuned = compile_only
+    attention_fwd._distance_bias_kernel = CompileOnly(attention_fwd._distance_bias_kernel)
+    attention_bwd._table_grad_kernel = CompileOnly(attention_bwd._table_grad_kernel)
     for head_dim in (64, 128, 256):
         for causal in (False, True):
             q, k, v = (torch.randn(1, 2, 100, head_dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

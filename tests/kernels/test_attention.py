@@ -738,9 +738,12 @@ def test_gpu_direct_launch_serves_repeat_calls_and_respects_alignment(monkeypatc
         return view
 
     jit_runs = []
-    for kernel in (attention_fwd._t5_attn_fwd_kernel, attention_bwd._bwd_dq_kernel, attention_bwd._bwd_dkdv_kernel):
-        jit_run = kernel.fn.run
-        monkeypatch.setattr(kernel.fn, "run", lambda *a, _run=jit_run, **kw: jit_runs.append(1) or _run(*a, **kw))
+    jit_functions = (
+        attention_fwd._t5_attn_fwd_kernel.fn, attention_bwd._bwd_dq_kernel.fn, attention_bwd._bwd_dkdv_kernel.fn,
+        attention_fwd._distance_bias_kernel, attention_bwd._table_grad_kernel,
+    )  # fmt: skip
+    for fn in jit_functions:
+        monkeypatch.setattr(fn, "run", lambda *a, _run=fn.run, **kw: jit_runs.append(1) or _run(*a, **kw))
     # the first call may tune, the second fills the direct-launch cache, the third must be served from it
     calls = [((q, k, v), None), ((q, k, v), None), ((q, k, v), False), (tuple(map(misaligned, (q, k, v))), True)]
     for inputs, via_jit in calls:

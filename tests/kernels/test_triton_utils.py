@@ -53,7 +53,7 @@ class _FakeJITFunction:
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            self.slow_launches.append((grid(kwargs), args, kwargs))
+            self.slow_launches.append((grid(kwargs) if callable(grid) else grid, args, kwargs))
             return self.compiled
 
         return run
@@ -93,7 +93,6 @@ def test_second_identical_launch_goes_to_the_binary(direct_launches):
         pytest.param(lambda x: dict(x=x[1:]), id="misaligned-pointer"),
         pytest.param(lambda x: dict(x=x.to(torch.float16)), id="other-dtype"),
         pytest.param(lambda x: dict(x=x, n=65), id="other-int"),
-        pytest.param(lambda x: dict(x=x, scale=0.25), id="other-float"),
         pytest.param(lambda x: dict(x=x, scale=True), id="same-value-other-type"),
         pytest.param(lambda x: dict(x=x, block=16), id="other-constexpr"),
     ],
@@ -103,6 +102,35 @@ def test_a_launch_the_binary_may_not_serve_goes_through_the_jit(direct_launches,
     _launch(direct_launches, fn, x)
     _launch(direct_launches, fn, **change(x))
     assert len(fn.slow_launches) == 2 and fn.compiled.launches == []
+
+
+def test_another_float_value_reaches_the_same_binary(direct_launches):
+    """Triton passes every float as fp32 without specializing on its value (a learning rate changes each step)."""
+    fn, x = _FakeJITFunction(), torch.zeros(64)
+    _launch(direct_launches, fn, x, scale=1.0)
+    _launch(direct_launches, fn, x, scale=0.25)
+    assert len(fn.slow_launches) == 1
+    (launch,) = fn.compiled.launches
+    assert launch[9:] == (x, 64, 0.25, 32)
+
+
+class _FakePlainKernel(_FakeJITFunction):
+    """A kernel whose tensors and integers interleave, launched on a fixed grid."""
+
+    arg_names = ["X", "stride", "Y", "BLOCK"]
+
+
+def test_plain_kernel_launch_with_a_fixed_grid_and_interleaved_arguments(direct_launches, monkeypatch):
+    monkeypatch.setattr(triton_utils, "_JIT_LAUNCHES", direct_launches)
+    fn, x, y = _FakePlainKernel(), torch.zeros(64), torch.zeros(64)
+    for _ in range(2):
+        triton_utils.launch(fn, (5,), (x, 8, y), dict(BLOCK=16), num_warps=2)
+    assert fn.slow_launches == [((5,), (x, 8, y), {"BLOCK": 16, "num_warps": 2})]
+    (launch,) = fn.compiled.launches
+    assert launch[:4] == (5, 1, 1, 1234) and launch[9:] == (x, 8, y, 16)
+    triton_utils.launch(fn, (5,), (x, 8, y[1:]), dict(BLOCK=16), num_warps=2)  # a misaligned tensor after an int
+    triton_utils.launch(fn, (5,), (x, 8, y), dict(BLOCK=16), num_warps=8)  # another launch option
+    assert len(fn.slow_launches) == 3 and len(fn.compiled.launches) == 1
 
 
 def test_direct_launch_can_be_turned_off(direct_launches, monkeypatch):
@@ -134,3 +162,42 @@ def test_interpreter_launches_are_never_cached(monkeypatch):
     for _ in range(2):
         _launch(launches, fn, x)
     assert len(fn.slow_launches) == 2 and fn.compiled.launches == []
+
+
+@pytest.mark.gpu
+def test_gpu_plain_kernels_relaunch_their_binaries(monkeypatch):
+    """RMSNorm, the gated activation and cross-entropy, called twice with the same shapes: the second call launches
+    no kernel through ``JITFunction.run`` and gives bit-identical outputs and gradients (deterministic kernels)."""
+    from fat5_kernels import cross_entropy, gated_mlp, rms_norm
+
+    jit_functions = (
+        rms_norm._rms_norm_forward_kernel, rms_norm._rms_norm_backward_kernel, rms_norm._sum_partials_kernel,
+        gated_mlp._gated_activation_forward_kernel, gated_mlp._gated_activation_backward_kernel,
+        cross_entropy._cross_entropy_fwd_kernel, cross_entropy._cross_entropy_bwd_kernel,
+    )  # fmt: skip
+    jit_runs = []
+    for fn in jit_functions:
+        monkeypatch.setattr(fn, "run", lambda *a, _run=fn.run, **kw: jit_runs.append(1) or _run(*a, **kw))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(300, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
+    weight = torch.rand(768, device="cuda", dtype=torch.bfloat16, generator=gen) + 0.5
+    gate, up = (torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    logits = torch.randn(300, 5000, device="cuda", generator=gen)
+    labels = torch.randint(0, 5000, (300,), device="cuda", generator=gen)
+    labels[::7] = -100
+
+    def step() -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in (x, weight, gate, up, logits)]
+        y = rms_norm.rms_norm(leaves[0], leaves[1])
+        h = gated_mlp.gated_activation(leaves[2], leaves[3])
+        loss, _ = cross_entropy.cross_entropy(leaves[4], labels, z_loss=1e-4, inplace=False)
+        (y.float().square().mean() + h.float().square().mean() + loss).backward()
+        return [y, h, loss] + [leaf.grad for leaf in leaves]
+
+    first = step()
+    assert jit_runs
+    jit_runs.clear()
+    second = step()
+    assert not jit_runs, f"JITFunction.run calls on a repeat: {len(jit_runs)}"
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
