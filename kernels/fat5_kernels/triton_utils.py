@@ -97,7 +97,7 @@ class CompiledLaunches:
             if isinstance(arg, torch.Tensor):
                 device = torch.cuda.current_device() if arg.is_cuda else -1
                 break
-        entry_key = (key, device, tuple(map(_specialization, args)))
+        entry_key = (key, device, _specializations(args))
         entry = self._entries.get(entry_key)
         if entry is not None and not _launch_hooks():
             compiled, tail = entry
@@ -115,15 +115,23 @@ class CompiledLaunches:
             self._entries[entry_key] = (compiled, tail)
 
 
-def _specialization(arg) -> object:
-    """What of an argument may select another binary: a tensor's dtype and 16-byte alignment, an int's or a bool's
-    value (Triton specializes on ints equal to 1 or divisible by 16), a float's type only (Triton passes every
-    float as fp32). Scalars are keyed by type, as True == 1 == 1.0 are equal keys that Triton types apart."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() & 15
-    if type(arg) is float:
-        return float
-    return type(arg), arg
+def _specializations(args: tuple) -> tuple:
+    """What of each argument may select another binary: a tensor's dtype and 16-byte alignment, an int's value
+    (Triton specializes on ints equal to 1 or divisible by 16, and on their width), a float's type only (Triton
+    passes every float as fp32), anything else's type and value (True == 1 == 1.0 as keys, but Triton types them
+    apart). One plain loop: it runs on every launch, over ~45 arguments for the attention kernels."""
+    specs = []
+    for arg in args:
+        cls = arg.__class__
+        if cls is int:
+            specs.append(arg)
+        elif cls is float:
+            specs.append(float)
+        elif isinstance(arg, torch.Tensor):
+            specs.append((arg.dtype, arg.data_ptr() & 15))
+        else:
+            specs.append((cls, arg))
+    return tuple(specs)
 
 
 _JIT_LAUNCHES = CompiledLaunches()
