@@ -68,11 +68,12 @@ def fat5_cross_entropy(logits, labels, z_loss=0.0, label_smoothing=0.0, check_la
 
 
 def fat5_linear_cross_entropy(hidden, weight, labels, z_loss=0.0, label_smoothing=0.0, chunk_size=None,
-                              check_label_values=False):  # fmt: skip
+                              vocab_chunk_size=None, check_label_values=False):  # fmt: skip
     from fat5_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     return fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, z_loss=z_loss,
                                       label_smoothing=label_smoothing, chunk_size=chunk_size,
+                                      vocab_chunk_size=vocab_chunk_size,
                                       check_label_values=check_label_values)[0]  # fmt: skip
 
 
@@ -321,7 +322,8 @@ def liger_chunk_size(shape) -> int:
 def variant_cases() -> list[Case]:
     """fat5 launch variants, time and memory only: the data behind the defaults.
 
-    flce (d=768, fwd+bwd): ``fat5_ligermem``, chunk_size from Liger-Kernel's memory rule (the least memory);
+    flce (fwd+bwd): ``fat5_sliced``, vocabulary slices of 4096 columns (`vocab_chunk_size`, the low-memory mode,
+    every shape); d=768: ``fat5_ligermem``, chunk_size from Liger-Kernel's memory rule;
     ``fat5_c1024``, half the default chunk at V=250,112; ``fat5_2pass``, rows read twice by the chunk's kernel at
     V=32,128. ce (no z-loss / smoothing): ``fat5_fwdblock16384`` (fwd), ``fat5_bwdblock8192`` (fwd+bwd), other
     block widths of the loss-only forward and of the backward. Both, V=32,128: ``fat5_checked``, the default call
@@ -332,6 +334,9 @@ def variant_cases() -> list[Case]:
         for mode in ("fwd", "fwdbwd"):
             cases.append(Case(kernel, "fat5_checked", shape, mode, {"check_label_values": True, "check": False},
                               base_impl="fat5"))  # fmt: skip
+    for shape in flce_shapes():
+        cases.append(Case("flce", "fat5_sliced", shape, "fwdbwd", {"vocab_chunk_size": 4096, "check": False},
+                          base_impl="fat5"))  # fmt: skip
     for shape in [s for s in flce_shapes() if s["d"] == 768 and "z" not in s]:
         cases.append(Case("flce", "fat5_ligermem", shape, "fwdbwd",
                           {"chunk_size": liger_chunk_size(shape), "check": False}, base_impl="fat5"))  # fmt: skip

@@ -168,6 +168,7 @@ def _cross_entropy_bwd_kernel(
     grad_output_ptr,
     count_ptr,
     n_cols,
+    vocab_size,
     ignore_index,
     z_loss,
     label_smoothing,
@@ -178,7 +179,8 @@ def _cross_entropy_bwd_kernel(
 ):
     """grad[row, block] = grad_output * d(loss)/d(logits[row, block]), from the saved log-sum-exp.
 
-    Grid (rows, column blocks). grad may alias logits (in place).
+    Grid (rows, column blocks). grad may alias logits (in place). The ``n_cols`` logits may be a slice of a
+    ``vocab_size`` vocabulary (labels relative to it; smoothing spreads over the whole vocabulary).
     """
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -199,9 +201,67 @@ def _cross_entropy_bwd_kernel(
     if HAS_Z_LOSS:
         p_scale *= 1.0 + 2.0 * z_loss * lse
     x = tl.load(logits_ptr + row * logits_row_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    grad = tl.exp(x - lse) * p_scale - scale * label_smoothing / n_cols
+    grad = tl.exp(x - lse) * p_scale - scale * label_smoothing / vocab_size
     grad -= tl.where(offs == label, scale * (1.0 - label_smoothing), 0.0)
     tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _logit_stats_kernel(
+    logits_ptr,
+    logits_row_stride,
+    labels_ptr,
+    stats_ptr,
+    n_rows,
+    n_cols,
+    label_offset,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Per row of a column slice of the logits (columns ``label_offset + [0, n_cols)`` of the vocabulary): its
+    max, its sum of exp(x - max), its target logit (0 when the row's label is elsewhere) and its sum of logits,
+    at ``stats_ptr + k * n_rows + row`` for k = 0..3 (float32)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * logits_row_stride
+    cols = tl.arange(0, BLOCK_SIZE)
+    row_max = float("-inf")
+    sum_exp = 0.0
+    sum_x = 0.0
+    for start in range(0, n_cols, BLOCK_SIZE):
+        offs = start + cols
+        mask = offs < n_cols
+        x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(row_max, tl.max(x, axis=0))
+        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        row_max = new_max
+        sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    label = tl.load(labels_ptr + row) - label_offset
+    in_slice = (label >= 0) & (label < n_cols)
+    target = tl.load(logits_row + tl.where(in_slice, label, 0)).to(tl.float32)
+    tl.store(stats_ptr + row, row_max)
+    tl.store(stats_ptr + n_rows + row, sum_exp)
+    tl.store(stats_ptr + 2 * n_rows + row, tl.where(in_slice, target, 0.0))
+    tl.store(stats_ptr + 3 * n_rows + row, sum_x)
+
+
+def logit_stats(logits: torch.Tensor, labels: torch.Tensor, label_offset: int, stats: torch.Tensor) -> None:
+    """Write the per-row statistics of a column slice of the logits (see `_logit_stats_kernel`) into ``stats``
+    (float32, ``(4, n)``, contiguous): max, sum of exp(x - max), target logit or 0, sum of logits.
+
+    ``logits``: ``(n, V_slice)`` with unit column stride, columns ``label_offset + [0, V_slice)`` of the
+    vocabulary; ``labels``: ``(n,)`` vocabulary ids (any other value, ``ignore_index`` included, counts as
+    elsewhere).
+    """
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    block = min(MULTI_PASS_BLOCK, next_power_of_2(n_cols))
+    launch(
+        _logit_stats_kernel,
+        (n_rows,),
+        (logits, logits.stride(0), labels, stats, n_rows, n_cols, label_offset),
+        dict(BLOCK_SIZE=block),
+        num_warps=_num_warps(block),
+    )
 
 
 @triton.jit
@@ -316,9 +376,11 @@ def _cross_entropy_backward(
     z_loss: float,
     label_smoothing: float,
     reduction: str,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Writes d(loss)/d(logits) times ``grad_loss`` (a scalar, or ``(n,)`` for ``reduction="none"``) into ``grad``
-    (``(n, V)``, may be ``logits`` itself: each program reads its block before writing it)."""
+    (``(n, V)``, may be ``logits`` itself: each program reads its block before writing it). ``vocab_size``: when
+    the logits are a column slice of a larger vocabulary (labels relative to the slice), its size."""
     n_rows, n_cols = logits.shape
     if n_rows > 0:
         grad_loss = grad_loss.detach().float().contiguous()
@@ -327,7 +389,7 @@ def _cross_entropy_backward(
             _cross_entropy_bwd_kernel,
             (n_rows, cdiv(n_cols, block)),
             (logits, logits.stride(0), grad, grad.stride(0), labels, lse, grad_loss, count, n_cols,
-             ignore_index, float(z_loss), float(label_smoothing)),
+             vocab_size or n_cols, ignore_index, float(z_loss), float(label_smoothing)),
             dict(GRAD_OUTPUT_PER_ROW=reduction == "none", DIVIDE_BY_COUNT=reduction == "mean",
                  HAS_Z_LOSS=z_loss > 0.0, BLOCK_SIZE=block),
             num_warps=_num_warps(block),

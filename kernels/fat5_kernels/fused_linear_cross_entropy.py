@@ -8,6 +8,9 @@ The tokens are processed in chunks of ``chunk_size`` rows. For each chunk, durin
 3. ``grad_hidden[chunk] = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden_chunk`` (cuBLAS, the weight
    gradient accumulated in the weight's dtype with ``addmm_``, fp32 inside each product).
 
+With ``vocab_chunk_size`` each chunk's vocabulary is also sliced (`_sliced_chunk`): two passes over the slices,
+the first for the rows' log-sum-exp, the second for the gradients, so that the buffer is ``(chunk, slice)``.
+
 The backward only multiplies both gradients by ``grad_output`` (skipped on the device when it is 1). Memory: the
 two gradients (which autograd keeps anyway), one ``(chunk, V)`` buffer of the hidden states' dtype and a few
 ``(N,)`` fp32 vectors. The chunk trades memory for speed (see `default_chunk_size`): by default the buffer takes
@@ -35,7 +38,7 @@ try:
 except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch without it
     raise ImportError("fat5_kernels.fused_linear_cross_entropy needs triton: pip install 'fat5-hf[gpu]'") from err
 
-from .cross_entropy import cross_entropy_forward, scale_
+from .cross_entropy import _cross_entropy_backward, cross_entropy_forward, logit_stats, scale_
 from .cross_entropy_reference import validate_cross_entropy_inputs
 from .triton_utils import custom_op_namespace
 
@@ -45,6 +48,8 @@ MIN_CHUNK_SIZE = 64
 MAX_CHUNK_SIZE = 4096
 # Default memory budget of the (chunk, V) logits buffer.
 DEFAULT_CHUNK_BYTES = 1 << 30
+# With vocabulary slices, the (chunk, vocab_chunk_size) buffer's default budget: Liger-Kernel's peak or less.
+SLICED_CHUNK_BYTES = 16 << 20
 
 
 def default_chunk_size(
@@ -74,11 +79,12 @@ def _fused_linear_cross_entropy_forward(
     label_smoothing: float,
     reduction: str,
     chunk_size: int,
+    vocab_chunk_size: int,
     need_grad_hidden: bool,
     need_grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The chunked loop: ``(loss, z_term, grad_hidden, grad_weight)``, the gradients for ``grad_output = 1`` (None
-    when not asked for)."""
+    when not asked for). ``vocab_chunk_size`` in ``(0, V)`` slices each chunk's vocabulary too (`_sliced_chunk`)."""
     n_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     compute_grad = need_grad_hidden or need_grad_weight
     device = hidden.device
@@ -91,12 +97,22 @@ def _fused_linear_cross_entropy_forward(
     chunk_size = max(1, min(chunk_size, n_tokens))
     if grad_weight is not None and n_tokens == 0:
         grad_weight.zero_()
-    logits_buffer = torch.empty(chunk_size, vocab_size, dtype=hidden.dtype, device=device)
+    sliced = 0 < vocab_chunk_size < vocab_size
+    buffer_columns = vocab_chunk_size if sliced else vocab_size
+    logits_buffer = torch.empty(chunk_size * buffer_columns, dtype=hidden.dtype, device=device)
 
     for chunk_index, start in enumerate(range(0, n_tokens, chunk_size)):
         end = min(start + chunk_size, n_tokens)
         hidden_chunk = hidden[start:end]
-        logits = logits_buffer[: end - start]
+        if sliced:
+            _sliced_chunk(
+                hidden_chunk, weight, labels[start:end], count, row_loss[start:end],
+                row_z[start:end] if row_z is not None else None,
+                grad_hidden[start:end] if need_grad_hidden else None, grad_weight if need_grad_weight else None,
+                chunk_index > 0, logits_buffer, vocab_chunk_size, ignore_index, z_loss, label_smoothing, reduction,
+            )  # fmt: skip
+            continue
+        logits = logits_buffer[: (end - start) * vocab_size].view(end - start, vocab_size)
         torch.mm(hidden_chunk, weight.t(), out=logits)
         cross_entropy_forward(
             logits, labels[start:end], count, row_loss[start:end],
@@ -122,6 +138,81 @@ def _fused_linear_cross_entropy_forward(
     return loss, z_term, grad_hidden, grad_weight
 
 
+def _sliced_chunk(
+    hidden_chunk: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    count: torch.Tensor,
+    row_loss: torch.Tensor,
+    row_z: torch.Tensor | None,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+    accumulate_weight_grad: bool,
+    buffer: torch.Tensor,
+    vocab_chunk_size: int,
+    ignore_index: int,
+    z_loss: float,
+    label_smoothing: float,
+    reduction: str,
+) -> None:
+    """One chunk of rows with the vocabulary in slices of ``vocab_chunk_size``, so that the logits buffer is
+    ``(rows, vocab_chunk_size)``: Liger-Kernel's memory with large matmuls, for one more logits matmul.
+
+    Pass 1 computes each slice's logits and per-row statistics (max, sum of exp, target logit, sum of logits) and
+    combines them into the log-sum-exp and the loss. Pass 2 computes each slice's logits again, turns them into
+    d(loss)/d(logits) in place (`_cross_entropy_backward` with the whole vocabulary's log-sum-exp), and adds the
+    slice's products to the gradients: ``grad_hidden`` accumulates over slices in fp32 (each slice's product is
+    rounded to the hidden dtype once), ``grad_weight``'s slice is written (first chunk) or accumulated.
+    """
+    rows, vocab_size = hidden_chunk.shape[0], weight.shape[0]
+    slices = [(v0, min(v0 + vocab_chunk_size, vocab_size)) for v0 in range(0, vocab_size, vocab_chunk_size)]
+
+    def slice_logits(v0: int, v1: int) -> torch.Tensor:
+        logits = buffer[: rows * (v1 - v0)].view(rows, v1 - v0)
+        return torch.mm(hidden_chunk, weight[v0:v1].t(), out=logits)
+
+    stats = torch.empty(len(slices), 4, rows, dtype=torch.float32, device=hidden_chunk.device)
+    for i, (v0, v1) in enumerate(slices):
+        logit_stats(slice_logits(v0, v1), labels, v0, stats[i])
+    maxes, sums, targets, logit_sums = stats.unbind(1)  # each (slices, rows), combined in a fixed order
+    row_max = maxes.max(dim=0).values
+    lse = row_max + torch.log((sums * torch.exp(maxes - row_max)).sum(dim=0))
+    valid = labels != ignore_index
+    loss = lse - (1.0 - label_smoothing) * targets.sum(dim=0)
+    if label_smoothing > 0.0:
+        loss -= label_smoothing * logit_sums.sum(dim=0) / vocab_size
+    if row_z is not None:
+        z_term = z_loss * lse * lse
+        loss += z_term
+        row_z.copy_(torch.where(valid, z_term, 0.0))
+    row_loss.copy_(torch.where(valid, loss, 0.0))
+    if grad_hidden is None and grad_weight is None:
+        return
+
+    unit = torch.ones((), dtype=torch.float32, device=hidden_chunk.device)
+    hidden_grad_sum = None
+    if grad_hidden is not None:
+        hidden_grad_sum = torch.zeros(grad_hidden.shape, dtype=torch.float32, device=grad_hidden.device)
+    for v0, v1 in slices:
+        # Labels relative to the slice: v1 - v0 (no column) when elsewhere, -1 for ignored rows (a vocabulary id
+        # equal to ignore_index, shifted, must not read as ignored).
+        in_slice = (labels >= v0) & (labels < v1)
+        slice_labels = torch.where(valid, torch.where(in_slice, labels - v0, v1 - v0), -1)
+        logits = slice_logits(v0, v1)
+        _cross_entropy_backward(
+            logits, slice_labels, lse, count, unit, logits, -1, z_loss, label_smoothing, reduction, vocab_size
+        )
+        if hidden_grad_sum is not None:
+            hidden_grad_sum += torch.mm(logits, weight[v0:v1])
+        if grad_weight is not None:
+            if accumulate_weight_grad:
+                grad_weight[v0:v1].addmm_(logits.t(), hidden_chunk)
+            else:
+                torch.mm(logits.t(), hidden_chunk, out=grad_weight[v0:v1])
+    if grad_hidden is not None:
+        grad_hidden.copy_(hidden_grad_sum)
+
+
 # ---- torch.library custom op: what torch.compile sees (opaque, with a fake implementation for tracing) ----
 _NAMESPACE = custom_op_namespace(__name__)
 
@@ -130,7 +221,8 @@ _NAMESPACE = custom_op_namespace(__name__)
     f"{_NAMESPACE}::fused_linear_cross_entropy_forward",
     mutates_args=(),
     schema="(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, float z_loss, float label_smoothing, "
-    "str reduction, int chunk_size, bool need_grad_hidden, bool need_grad_weight) -> (Tensor, Tensor, Tensor, Tensor)",
+    "str reduction, int chunk_size, int vocab_chunk_size, bool need_grad_hidden, bool need_grad_weight) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
 )
 def _fused_linear_cross_entropy_forward_op(
     hidden: torch.Tensor,
@@ -141,11 +233,12 @@ def _fused_linear_cross_entropy_forward_op(
     label_smoothing: float,
     reduction: str,
     chunk_size: int,
+    vocab_chunk_size: int,
     need_grad_hidden: bool,
     need_grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, z_term, grad_hidden, grad_weight = _fused_linear_cross_entropy_forward(
-        hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size,
+        hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size, vocab_chunk_size,
         need_grad_hidden, need_grad_weight,
     )  # fmt: skip
     # An op returns tensors only: an empty placeholder stands for a gradient not asked for.
@@ -153,8 +246,8 @@ def _fused_linear_cross_entropy_forward_op(
 
 
 @_fused_linear_cross_entropy_forward_op.register_fake
-def _(hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size, need_grad_hidden,
-      need_grad_weight):  # fmt: skip
+def _(hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size, vocab_chunk_size,
+      need_grad_hidden, need_grad_weight):  # fmt: skip
     scalar = hidden.new_empty((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
     grad_weight = torch.empty_like(weight) if need_grad_weight else weight.new_empty(0)
@@ -169,9 +262,11 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper of the chunked LM head + cross-entropy; see `fused_linear_cross_entropy`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size):
+    def forward(
+        ctx, hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size, vocab_chunk_size
+    ):
         need_grad_hidden, need_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        args = (hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size)
+        args = (hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size, vocab_chunk_size)
         if torch.compiler.is_compiling():
             loss, z_term, grad_hidden, grad_weight = _fused_linear_cross_entropy_forward_op(
                 *args, need_grad_hidden, need_grad_weight
@@ -201,7 +296,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 scale_(grad_hidden, grad_loss)
             if grad_weight is not None:
                 scale_(grad_weight, grad_loss)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -214,6 +309,7 @@ def fused_linear_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
     check_label_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T`` without materializing the ``(N, V)`` logits (training loss only).
@@ -232,7 +328,12 @@ def fused_linear_cross_entropy(
         reduction: ``"mean"`` (sum / max(count of non-ignored, 1)) or ``"sum"``. Per-token losses need the logits:
             use ``cross_entropy(hidden @ weight.T, labels, reduction="none")``.
         chunk_size: token rows per chunk: memory (a ``(chunk_size, V)`` buffer) against speed; default
-            `default_chunk_size` (a buffer of at most 1 GiB).
+            `default_chunk_size` (a buffer of at most 1 GiB; 16 MiB with ``vocab_chunk_size``).
+        vocab_chunk_size: also slice the vocabulary, so that the buffer is ``(chunk_size, vocab_chunk_size)``
+            (with 4096 and bf16: 2048 rows by default, 16 MiB, against Liger-Kernel's (N * d / V)-row chunks of
+            the whole vocabulary), plus an fp32 ``(chunk_size, d)`` sum of the hidden states' gradient. The matmuls
+            stay large, but the logits are computed twice (once for the log-sum-exp, once for the gradients): one
+            matmul more. None (default) keeps whole rows.
         check_label_values: raise a ValueError naming the first label outside ``[0, V)`` (and not
             ``ignore_index``). On a GPU this waits for the labels (one host sync per call, which stalls the
             launch queue); pass ``False`` when the data pipeline already guarantees the range.
@@ -272,13 +373,20 @@ def fused_linear_cross_entropy(
         hidden.shape, weight.shape[0], labels, ignore_index=ignore_index, z_loss=z_loss,
         label_smoothing=label_smoothing, reduction=reduction, check_label_values=check_label_values,
     )  # fmt: skip
+    if vocab_chunk_size is not None and vocab_chunk_size < 1:
+        raise ValueError(f"vocab_chunk_size must be a positive number of vocabulary columns, got {vocab_chunk_size}.")
     if chunk_size is None:
-        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.element_size())
+        if vocab_chunk_size is None:
+            chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.element_size())
+        else:
+            chunk_size = default_chunk_size(
+                hidden.shape[0], min(vocab_chunk_size, weight.shape[0]), hidden.element_size(), SLICED_CHUNK_BYTES
+            )
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of token rows, got {chunk_size}.")
     # The matmuls take any strides, but the chunk's rows must be contiguous slices for torch.mm(out=...).
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     return FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size
+        hidden, weight, labels, ignore_index, z_loss, label_smoothing, reduction, chunk_size, vocab_chunk_size or 0
     )
 

@@ -62,7 +62,7 @@ def check_against_rule(hidden64, weight64, labels, dtype, half_dtype, grad_scale
     got = run(fused_linear_cross_entropy, hidden64, weight64, labels, dtype, grad_scale, **kw)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert got[2].dtype == dtype and got[3].dtype == dtype
-    loss_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    loss_kw = {k: v for k, v in kw.items() if k not in ("chunk_size", "vocab_chunk_size")}
     truth = run(dense_linear_cross_entropy, hidden64, weight64, labels, torch.float64, grad_scale, **loss_kw)
     if dtype == torch.float32:
         bounds = (2e-6,) * 4
@@ -86,6 +86,45 @@ def test_matches_reference(dtype, n_tokens, hidden_size, vocab, chunk_size, z_lo
     hidden64, weight64, labels = make_case(n_tokens, hidden_size, vocab, dtype)
     check_against_rule(hidden64, weight64, labels, dtype, torch.float16, z_loss=z_loss,
                        label_smoothing=label_smoothing, reduction=reduction, chunk_size=chunk_size)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "n_tokens, hidden_size, vocab, chunk_size, vocab_chunk_size",
+    # ragged last slice and chunk, one row chunk, slices of one column, a slice as wide as the vocabulary
+    [(45, 24, 37, 16, 8), (40, 32, 130, 40, 64), (21, 16, 30, 8, 1), (13, 8, 20, 5, 20)],
+)
+@pytest.mark.parametrize(
+    "z_loss, label_smoothing, reduction", [(0.0, 0.0, "mean"), (1e-2, 0.1, "mean"), (1e-3, 0.1, "sum")]
+)
+def test_vocabulary_slices_match_reference(
+    dtype, n_tokens, hidden_size, vocab, chunk_size, vocab_chunk_size, z_loss, label_smoothing, reduction
+):
+    hidden64, weight64, labels = make_case(n_tokens, hidden_size, vocab, dtype)
+    check_against_rule(hidden64, weight64, labels, dtype, torch.float16, z_loss=z_loss,
+                       label_smoothing=label_smoothing, reduction=reduction, chunk_size=chunk_size,
+                       vocab_chunk_size=vocab_chunk_size)  # fmt: skip
+
+
+def test_vocabulary_slices_with_an_in_vocabulary_ignore_index_and_all_ignored_rows():
+    """ignore_index=0 is also a vocabulary id: shifted into a slice it must not read as ignored; rows labelled 0 are
+    ignored, every other row counts. All rows ignored: zero loss, zero gradients."""
+    hidden64, weight64, labels = make_case(30, 16, 50, torch.float32, ignored_every=0, seed=4)
+    labels[::3] = 0
+    hidden, weight = hidden64.float().requires_grad_(), weight64.float().requires_grad_()
+    loss, _ = fused_linear_cross_entropy(hidden, weight, labels, ignore_index=0, chunk_size=7, vocab_chunk_size=6)
+    loss.backward()
+    hidden_ref, weight_ref = hidden64.clone().requires_grad_(), weight64.clone().requires_grad_()
+    want = F.cross_entropy(hidden_ref @ weight_ref.t(), labels, ignore_index=0)
+    want.backward()
+    assert rel_err(loss, want) < 2e-6
+    assert rel_err(hidden.grad, hidden_ref.grad) < 2e-6 and rel_err(weight.grad, weight_ref.grad) < 2e-6
+    hidden.grad = weight.grad = None
+    loss, z = fused_linear_cross_entropy(hidden, weight, torch.full_like(labels, IGNORE), z_loss=1e-2,
+                                         label_smoothing=0.1, chunk_size=8, vocab_chunk_size=16)  # fmt: skip
+    loss.backward()
+    assert loss.item() == 0.0 and z.item() == 0.0
+    assert not hidden.grad.any() and not weight.grad.any()
 
 
 def test_rows_read_twice(monkeypatch):
@@ -199,6 +238,7 @@ def test_default_chunk_size():
         ((4, 8), (10, 6), (4,), {}, ValueError, "same d"),
         ((4, 8), (10, 8), (4,), {"reduction": "none"}, ValueError, "reduction='mean' or 'sum'"),
         ((4, 8), (10, 8), (4,), {"chunk_size": 0}, ValueError, "chunk_size"),
+        ((4, 8), (10, 8), (4,), {"vocab_chunk_size": 0}, ValueError, "vocab_chunk_size"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(hidden, weight, labels, kwargs, error, match):
@@ -219,12 +259,16 @@ def test_bad_dtypes_and_label_values_raise():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("vocab, chunk_size", [(32128, None), (32128, 256), (250112, None)])
+@pytest.mark.parametrize(
+    "vocab, chunk_size, vocab_chunk_size",
+    [(32128, None, None), (32128, 256, None), (250112, None, None), (32128, None, 4096), (250112, 512, 4096)],
+)
 @pytest.mark.parametrize("z_loss, label_smoothing", [(0.0, 0.0), (1e-4, 0.1)])
-def test_bf16_on_gpu_against_rule(vocab, chunk_size, z_loss, label_smoothing):
+def test_bf16_on_gpu_against_rule(vocab, chunk_size, vocab_chunk_size, z_loss, label_smoothing):
     hidden64, weight64, labels = make_case(1024, 256, vocab, torch.bfloat16, seed=7)
     check_against_rule(hidden64, weight64, labels, torch.bfloat16, torch.bfloat16, z_loss=z_loss,
-                       label_smoothing=label_smoothing, chunk_size=chunk_size)  # fmt: skip
+                       label_smoothing=label_smoothing, chunk_size=chunk_size,
+                       vocab_chunk_size=vocab_chunk_size)  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -273,5 +317,6 @@ def test_torch_compile_traces_the_custom_op(backend):
         assert "fused_linear_cross_entropy_forward" in "\n".join(graphs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
-    args = (hidden64.float(), weight64.float(), labels, IGNORE, 1e-3, 0.1, "mean", 16, True, False)
-    torch.library.opcheck(module._fused_linear_cross_entropy_forward_op, args)
+    for vocab_chunk_size in (0, 8):  # whole rows, vocabulary slices
+        args = (hidden64.float(), weight64.float(), labels, IGNORE, 1e-3, 0.1, "mean", 16, vocab_chunk_size, True, False)
+        torch.library.opcheck(module._fused_linear_cross_entropy_forward_op, args)
