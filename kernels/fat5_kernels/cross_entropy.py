@@ -169,6 +169,7 @@ def _cross_entropy_bwd_kernel(
     count_ptr,
     n_cols,
     vocab_size,
+    label_offset,
     ignore_index,
     z_loss,
     label_smoothing,
@@ -179,8 +180,8 @@ def _cross_entropy_bwd_kernel(
 ):
     """grad[row, block] = grad_output * d(loss)/d(logits[row, block]), from the saved log-sum-exp.
 
-    Grid (rows, column blocks). grad may alias logits (in place). The ``n_cols`` logits may be a slice of a
-    ``vocab_size`` vocabulary (labels relative to it; smoothing spreads over the whole vocabulary).
+    Grid (rows, column blocks). grad may alias logits (in place). The ``n_cols`` logits may be the columns
+    ``label_offset + [0, n_cols)`` of a ``vocab_size`` vocabulary (smoothing spreads over the whole vocabulary).
     """
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -190,6 +191,7 @@ def _cross_entropy_bwd_kernel(
     if label == ignore_index:
         tl.store(grad_row + offs, tl.zeros([BLOCK_SIZE], dtype=tl.float32), mask=mask)
         return
+    label -= label_offset  # after the ignore check: a shifted vocabulary id may equal ignore_index
     if GRAD_OUTPUT_PER_ROW:
         scale = tl.load(grad_output_ptr + row).to(tl.float32)
     else:
@@ -377,10 +379,11 @@ def _cross_entropy_backward(
     label_smoothing: float,
     reduction: str,
     vocab_size: int | None = None,
+    label_offset: int = 0,
 ) -> torch.Tensor:
     """Writes d(loss)/d(logits) times ``grad_loss`` (a scalar, or ``(n,)`` for ``reduction="none"``) into ``grad``
-    (``(n, V)``, may be ``logits`` itself: each program reads its block before writing it). ``vocab_size``: when
-    the logits are a column slice of a larger vocabulary (labels relative to the slice), its size."""
+    (``(n, V)``, may be ``logits`` itself: each program reads its block before writing it). When the logits are
+    the columns ``label_offset + [0, V)`` of a larger vocabulary, ``vocab_size`` is its size."""
     n_rows, n_cols = logits.shape
     if n_rows > 0:
         grad_loss = grad_loss.detach().float().contiguous()
@@ -389,7 +392,7 @@ def _cross_entropy_backward(
             _cross_entropy_bwd_kernel,
             (n_rows, cdiv(n_cols, block)),
             (logits, logits.stride(0), grad, grad.stride(0), labels, lse, grad_loss, count, n_cols,
-             vocab_size or n_cols, ignore_index, float(z_loss), float(label_smoothing)),
+             vocab_size or n_cols, label_offset, ignore_index, float(z_loss), float(label_smoothing)),
             dict(GRAD_OUTPUT_PER_ROW=reduction == "none", DIVIDE_BY_COUNT=reduction == "mean",
                  HAS_Z_LOSS=z_loss > 0.0, BLOCK_SIZE=block),
             num_warps=_num_warps(block),

@@ -194,13 +194,9 @@ def _sliced_chunk(
     if grad_hidden is not None:
         hidden_grad_sum = torch.zeros(grad_hidden.shape, dtype=torch.float32, device=grad_hidden.device)
     for v0, v1 in slices:
-        # Labels relative to the slice: v1 - v0 (no column) when elsewhere, -1 for ignored rows (a vocabulary id
-        # equal to ignore_index, shifted, must not read as ignored).
-        in_slice = (labels >= v0) & (labels < v1)
-        slice_labels = torch.where(valid, torch.where(in_slice, labels - v0, v1 - v0), -1)
         logits = slice_logits(v0, v1)
         _cross_entropy_backward(
-            logits, slice_labels, lse, count, unit, logits, -1, z_loss, label_smoothing, reduction, vocab_size
+            logits, labels, lse, count, unit, logits, ignore_index, z_loss, label_smoothing, reduction, vocab_size, v0
         )
         if hidden_grad_sum is not None:
             hidden_grad_sum += torch.mm(logits, weight[v0:v1])
