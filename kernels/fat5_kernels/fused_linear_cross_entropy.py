@@ -156,7 +156,7 @@ def _sliced_chunk(
     reduction: str,
 ) -> None:
     """One chunk of rows with the vocabulary in slices of ``vocab_chunk_size``, so that the logits buffer is
-    ``(rows, vocab_chunk_size)``: Liger-Kernel's memory with large matmuls, for one more logits matmul.
+    ``(rows, vocab_chunk_size)``: a small buffer with large matmuls, for one more logits matmul.
 
     Pass 1 computes each slice's logits and per-row statistics (max, sum of exp, target logit, sum of logits) and
     combines them into the log-sum-exp and the loss. Pass 2 computes each slice's logits again, turns them into
