@@ -12,7 +12,8 @@ Two launches, FlashAttention-2 style, both deterministic:
      of ones), then one ``tl.gather`` per (key row, cut) reads "sum of dS over distances <= cut" for every
      bucket boundary ("cut") at once.
    Each program writes these few numbers to its own slot of a small fp32 buffer
-   ``(H, num_cuts_padded + 2, key_blocks * B)``; the host differences and reduces them in a fixed order.
+   ``(H, num_cuts_padded + 2, key_blocks * B)``; a small kernel (`bias_sums_to_table_grad`) reduces and
+   differences them in a fixed order.
    No atomics, no (L, L) tensor: the table gradient costs O(L / BLOCK_N * buckets) memory.
 """
 
