@@ -52,6 +52,26 @@ BACKWARD_BLOCK = 4096
 
 
 @triton.jit
+def _online_row_stats(logits_row, n_cols, SUM_LOGITS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """``(max, sum of exp(x - max), sum of x or 0)`` of a row of ``n_cols`` logits, float32, in one read of the
+    row (online max / sum-exp over blocks)."""
+    cols = tl.arange(0, BLOCK_SIZE)
+    row_max = float("-inf")
+    sum_exp = 0.0
+    sum_x = 0.0
+    for start in range(0, n_cols, BLOCK_SIZE):
+        offs = start + cols
+        mask = offs < n_cols
+        x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(row_max, tl.max(x, axis=0))
+        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        row_max = new_max
+        if SUM_LOGITS:
+            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    return row_max, sum_exp, sum_x
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(
     logits_ptr,
     logits_row_stride,
@@ -108,19 +128,7 @@ def _cross_entropy_fwd_kernel(
         if HAS_SMOOTHING:
             sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
     else:
-        # Online max / sum-exp over blocks (one read of the row).
-        row_max = float("-inf")
-        sum_exp = 0.0
-        sum_x = 0.0
-        for start in range(0, n_cols, BLOCK_SIZE):
-            offs = start + cols
-            mask = offs < n_cols
-            x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(row_max, tl.max(x, axis=0))
-            sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-            row_max = new_max
-            if HAS_SMOOTHING:
-                sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        row_max, sum_exp, sum_x = _online_row_stats(logits_row, n_cols, HAS_SMOOTHING, BLOCK_SIZE)
 
     lse = row_max + tl.log(sum_exp)
     if STORE_LSE:
@@ -224,18 +232,7 @@ def _logit_stats_kernel(
     at ``stats_ptr + k * n_rows + row`` for k = 0..3 (float32)."""
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
-    cols = tl.arange(0, BLOCK_SIZE)
-    row_max = float("-inf")
-    sum_exp = 0.0
-    sum_x = 0.0
-    for start in range(0, n_cols, BLOCK_SIZE):
-        offs = start + cols
-        mask = offs < n_cols
-        x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(row_max, tl.max(x, axis=0))
-        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-        row_max = new_max
-        sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    row_max, sum_exp, sum_x = _online_row_stats(logits_row, n_cols, True, BLOCK_SIZE)
     label = tl.load(labels_ptr + row) - label_offset
     in_slice = (label >= 0) & (label < n_cols)
     target = tl.load(logits_row + tl.where(in_slice, label, 0)).to(tl.float32)
