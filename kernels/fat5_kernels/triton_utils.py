@@ -60,14 +60,14 @@ def next_power_of_2(n: int) -> int:
 
 
 class CompiledLaunches:
-    """Relaunch a ``@triton.jit`` kernel's compiled binary directly, keyed by the raw argument values.
+    """Relaunch a ``@triton.jit`` kernel's compiled binary directly, keyed by what of its arguments may select it.
 
     ``JITFunction.run`` re-derives on every call what the binary was specialized on (each pointer's dtype and
     16-byte alignment, each integer's divisibility by 16 and size), formats a cache-key string and looks the
     binary up. For the attention kernels' ~45 arguments a launch took 75-120 us of host time on an H100 machine's
     CPU (from the autograd engine's thread), more than the kernels take at short lengths. A model calls each
-    kernel with the same strides and sizes layer after layer, so here the binary is found by ``(key, dtypes and
-    address alignments of the tensors, the other argument values and types)``: a lookup at least as fine as
+    kernel with the same strides and sizes layer after layer, so here the binary is found by ``(key, device,
+    `_specializations` of the arguments)`` (tensors' dtypes and alignments, ints' values, floats' type): at least as fine as
     Triton's specialization, so a call that could need another binary always goes through ``JITFunction.run``
     (which compiles or finds it) first.
 
