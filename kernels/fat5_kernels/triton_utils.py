@@ -67,9 +67,9 @@ class CompiledLaunches:
     binary up. For the attention kernels' ~45 arguments a launch took 75-120 us of host time on an H100 machine's
     CPU (from the autograd engine's thread), more than the kernels take at short lengths. A model calls each
     kernel with the same strides and sizes layer after layer, so here the binary is found by ``(key, device,
-    `_specializations` of the arguments)`` (tensors' dtypes and alignments, ints' values, floats' type): at least as fine as
-    Triton's specialization, so a call that could need another binary always goes through ``JITFunction.run``
-    (which compiles or finds it) first.
+    `_specializations` of the arguments)`` (tensors' dtypes and alignments, ints' values, floats' type): at least
+    as fine as Triton's specialization, so a call that could need another binary always goes through
+    ``JITFunction.run`` (which compiles or finds it) first.
 
     Falls back to ``JITFunction.run`` whenever the direct path does not apply: under the interpreter, when a
     launch hook is installed (profilers such as proton), for arguments other than tensors, ints, floats, bools
