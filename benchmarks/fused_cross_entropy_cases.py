@@ -324,8 +324,7 @@ def variant_cases() -> list[Case]:
 
     flce (fwd+bwd): ``fat5_sliced``, vocabulary slices of 4096 columns (`vocab_chunk_size`, the low-memory mode,
     every shape); d=768: ``fat5_ligermem``, chunk_size from Liger-Kernel's memory rule;
-    ``fat5_c1024``, half the default chunk at V=250,112; ``fat5_2pass``, rows read twice by the chunk's kernel at
-    V=32,128. ce (no z-loss / smoothing): ``fat5_fwdblock16384`` (fwd), ``fat5_bwdblock8192`` (fwd+bwd), other
+    ``fat5_c1024``, half the default chunk at V=250,112; ``fat5_c4096``, half the default chunk at V=32,128. ce (no z-loss / smoothing): ``fat5_fwdblock16384`` (fwd), ``fat5_bwdblock8192`` (fwd+bwd), other
     block widths of the loss-only forward and of the backward. Both, V=32,128: ``fat5_checked``, the default call
     that checks the labels' range (a host sync).
     """
@@ -344,8 +343,8 @@ def variant_cases() -> list[Case]:
             cases.append(Case("flce", "fat5_c1024", shape, "fwdbwd", {"chunk_size": 1024, "check": False},
                               base_impl="fat5"))  # fmt: skip
         else:
-            cases.append(Case("flce", "fat5_2pass", shape, "fwdbwd", {"check": False},
-                              {"MAX_SINGLE_PASS_BLOCK": 0, "MULTI_PASS_BLOCK": 16384}, base_impl="fat5"))  # fmt: skip
+            cases.append(Case("flce", "fat5_c4096", shape, "fwdbwd", {"chunk_size": 4096, "check": False},
+                              base_impl="fat5"))  # fmt: skip
     for shape in [s for s in ce_shapes() if not s["z"]]:
         cases.append(Case("ce", "fat5_fwdblock16384", shape, "fwd", {"check": False}, {"LOSS_ONLY_BLOCK": 16384},
                           base_impl="fat5"))  # fmt: skip

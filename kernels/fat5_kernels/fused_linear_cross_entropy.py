@@ -14,7 +14,7 @@ the first for the rows' log-sum-exp, the second for the gradients, so that the b
 The backward only multiplies both gradients by ``grad_output`` (skipped on the device when it is 1). Memory: the
 two gradients (which autograd keeps anyway), one ``(chunk, V)`` buffer of the hidden states' dtype and a few
 ``(N,)`` fp32 vectors. The chunk trades memory for speed (see `default_chunk_size`): by default the buffer takes
-at most 1 GiB (V=32,128: 4096 rows, 251 MiB; V=250,112: 2048 rows, 977 MiB), far below the (N, V) logits of an
+at most 1 GiB (V=32,128: 8192 rows, 502 MiB; V=250,112: 2048 rows, 977 MiB), far below the (N, V) logits of an
 unfused loss (1 GiB and 7.8 GiB in bf16 at N=16384, plus their fp32 copies), above Liger-Kernel's (N, d)-sized
 chunks, which make the matmuls inefficient.
 
@@ -45,7 +45,7 @@ from .triton_utils import custom_op_namespace
 __all__ = ["FusedLinearCrossEntropyFunction", "default_chunk_size", "fused_linear_cross_entropy"]
 
 MIN_CHUNK_SIZE = 64
-MAX_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 8192
 # Default memory budget of the (chunk, V) logits buffer.
 DEFAULT_CHUNK_BYTES = 1 << 30
 # With vocabulary slices, the (chunk, vocab_chunk_size) buffer's default budget: 2048 rows of 4096 bf16 columns.
@@ -56,14 +56,15 @@ def default_chunk_size(
     n_tokens: int, vocab_size: int, element_size: int, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> int:
     """Rows per chunk: the largest power of two whose ``(chunk, V)`` logits fit in ``max_chunk_bytes`` (1 GiB by
-    default), clamped to ``[64, 4096]`` and to ``n_tokens``.
+    default), clamped to ``[64, 8192]`` and to ``n_tokens``.
 
-    Measured on an H100 (bf16, N=16384, d=768, fwd+bwd; benchmarks/results/fused.md): the matmuls lose efficiency
-    and the weight is re-read and its gradient re-written once per chunk, so small chunks are slow. V=250,112:
-    197 ms with 64-row chunks (Liger-Kernel's choice, 421 MiB peak), 39 ms with 1024 rows (879 MiB), 35 ms with
-    2048 rows (1368 MiB), against 27 ms for the three bare matmuls. V=32,128: 7.7 ms with 512 rows (103 MiB),
-    4.6 ms with 4096 rows (324 MiB), matmuls 3.4 ms. For the least memory, pass ``chunk_size`` so that
-    ``chunk * V`` is about ``N * d`` (Liger-Kernel's rule).
+    Measured on an H100 (bf16, fwd+bwd; benchmarks/results/fused.md and fused.notes.md): the matmuls lose
+    efficiency and the weight is re-read and its gradient re-written once per chunk, so small chunks are slow.
+    N=16384, d=768, V=250,112: 197 ms with 64-row chunks (Liger-Kernel's choice, 421 MiB peak), 39 ms with 1024
+    rows (879 MiB), 35 ms with 2048 rows (1368 MiB), against 27 ms for the three bare matmuls. V=32,128: 7.7 ms
+    with 512 rows (103 MiB); 4.61, 4.37, 4.31 and 4.24 ms with 2048, 4096, 8192 and 16384 rows (197, 322, 573 and
+    1075 MiB); matmuls 3.48 ms. Beyond 8192 rows the gain is small for the memory. For the least memory, pass
+    ``vocab_chunk_size``.
     """
     rows = max(1, max_chunk_bytes // max(1, vocab_size * element_size))
     chunk = min(MAX_CHUNK_SIZE, max(MIN_CHUNK_SIZE, 1 << (rows.bit_length() - 1)))

@@ -130,7 +130,7 @@ def test_vocabulary_slices_with_an_in_vocabulary_ignore_index_and_all_ignored_ro
 def test_rows_read_twice(monkeypatch):
     import fat5_kernels.cross_entropy as ce_module
 
-    # Rows wider than one block: the chunk's kernel reads each row twice (mT5-sized vocabularies on the GPU).
+    # Rows wider than one block: the chunk's kernel reads each row twice (32k and mT5-sized vocabularies on the GPU).
     monkeypatch.setattr(ce_module, "MAX_SINGLE_PASS_BLOCK", 64)
     monkeypatch.setattr(ce_module, "MULTI_PASS_BLOCK", 64)
     for dtype in (torch.float32, torch.float16):
@@ -223,8 +223,8 @@ def test_reference_matches_dense_definition_and_checkpointed_chunks(monkeypatch)
 
 
 def test_default_chunk_size():
-    # A (chunk, V) buffer of at most 1 GiB, power-of-two rows in [64, 4096], at most the number of tokens.
-    assert default_chunk_size(16384, 32128, 2) == 4096
+    # A (chunk, V) buffer of at most 1 GiB, power-of-two rows in [64, 8192], at most the number of tokens.
+    assert default_chunk_size(16384, 32128, 2) == 8192
     assert default_chunk_size(16384, 250112, 2) == 2048
     assert default_chunk_size(16384, 250112, 4) == 1024
     assert default_chunk_size(16384, 250112, 2, max_chunk_bytes=2**25) == 64
