@@ -47,7 +47,7 @@ __all__ = ["CrossEntropyFunction", "cross_entropy", "cross_entropy_forward", "sc
 # per thread); wider rows are read twice, in blocks of MULTI_PASS_BLOCK, the second time mostly from L2. For 4096
 # rows of 32,768 bf16 logits in place (H100) two reads by a 16-warp program took 0.202 ms, one read by a 32-warp
 # program holding the whole row 0.229 (one program per SM), and one read with the row spread over programs whose
-# last to finish writes its gradient 0.264.
+# last to finish writes its gradient 0.240 (benchmarks/results/fused.notes.md, session 16).
 MAX_SINGLE_PASS_BLOCK = 16384
 MULTI_PASS_BLOCK = 16384
 # Loss-only forward (one read whatever V): block of the online log-sum-exp loop. Backward: block of its 2D grid.
