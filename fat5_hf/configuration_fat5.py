@@ -70,6 +70,14 @@ class FAT5Config(PreTrainedConfig):
         z_loss (`float`, *optional*, defaults to 0.0): Coefficient of the z-loss `mean(logsumexp(logits)**2)` added
             to the LM loss (PaLM uses 1e-4).
         label_smoothing (`float`, *optional*, defaults to 0.0): Label smoothing of the LM loss, in `[0, 1)`.
+        loss_chunk_size (`int`, *optional*): Token rows per chunk of the fused training loss (the `lm_head`
+            projection fused into the cross-entropy): it holds a `(loss_chunk_size, vocab_size)` logits buffer.
+            `None` (default) takes the largest power of two up to 8192 rows that fits 1 GiB. Smaller chunks use
+            less memory and run slower (see `fat5_kernels.fused_linear_cross_entropy.default_chunk_size`).
+        loss_vocab_chunk_size (`int`, *optional*): Also slice the vocabulary of the fused training loss into
+            slices of this many columns: a small `(rows, slice)` logits buffer (16 MiB by default) for one more
+            logits matmul, under Liger-Kernel's peak memory but slower (bound by the host on 32k vocabularies
+            outside CUDA graphs). `None` (default) keeps whole rows.
         check_token_ids (`bool`, *optional*, defaults to `True`): Check that `input_ids`, `decoder_input_ids` and
             `labels` lie in the vocabulary (a clear `ValueError` instead of a device-side assert). On a GPU each
             check waits for the ids (a host sync per check, which stalls kernel launches): a data pipeline that
@@ -141,6 +149,8 @@ class FAT5Config(PreTrainedConfig):
     use_fused_glu: bool = True
     z_loss: float | int = 0.0
     label_smoothing: float | int = 0.0
+    loss_chunk_size: int | None = None
+    loss_vocab_chunk_size: int | None = None
     check_token_ids: bool = True
     residual_dtype: str | None = None
 
@@ -257,6 +267,13 @@ class FAT5Config(PreTrainedConfig):
             raise ValueError(f"`z_loss` must be a non-negative coefficient (e.g. 1e-4), got {self.z_loss!r}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r}.")
+        for name in ("loss_chunk_size", "loss_vocab_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"`{name}` must be None (the default) or a positive number of "
+                    f"{'token rows' if name == 'loss_chunk_size' else 'vocabulary columns'}, got {value!r}."
+                )
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         """Like `PreTrainedConfig.get_text_config`, but `decoder=True` reports the decoder depth.

@@ -257,12 +257,15 @@ def fused_linear_cross_entropy(
     *,
     z_loss: float = 0.0,
     label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
     check_labels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of `hidden_states @ weight.T` without the `(N, V)` logits (call only if `can_fuse_linear_cross_entropy`).
 
     Args:
         hidden_states (`torch.Tensor` of shape `(N, d)`), weight (`(V, d)`), labels (`(N,)`).
+        chunk_size, vocab_chunk_size: the kernel's memory / speed trade-off (`None`: its defaults).
 
     Returns:
         `(loss, z_loss_term)`, fp32 scalars.
@@ -274,6 +277,8 @@ def fused_linear_cross_entropy(
         ignore_index=-100,
         z_loss=z_loss,
         label_smoothing=label_smoothing,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
         check_label_values=check_labels,
     )
 

@@ -1295,6 +1295,8 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
                 labels.reshape(-1),
                 z_loss=self.config.z_loss,
                 label_smoothing=self.config.label_smoothing,
+                chunk_size=self.config.loss_chunk_size,
+                vocab_chunk_size=self.config.loss_vocab_chunk_size,
                 check_labels=False,  # checked at the top of forward
             )
         else:

@@ -100,6 +100,7 @@ def test_fat5_fields_defaults():
     assert config.use_fused_glu
     assert config.z_loss == 0.0 and config.label_smoothing == 0.0
     assert config.residual_dtype is None
+    assert config.loss_chunk_size is None and config.loss_vocab_chunk_size is None
 
 
 @pytest.mark.parametrize(
@@ -130,6 +131,9 @@ def test_fat5_fields_defaults():
         (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon"),
         (dict(z_loss=-1e-4), "`z_loss` must be a non-negative"),
         (dict(label_smoothing=1.0), r"`label_smoothing` must be in \[0, 1\)"),
+        (dict(loss_chunk_size=0), r"`loss_chunk_size` must be None \(the default\) or a positive number of token rows"),
+        (dict(loss_vocab_chunk_size=4096.0), "`loss_vocab_chunk_size` must be None .* vocabulary columns, got 4096.0"),
+        (dict(loss_chunk_size=True), "`loss_chunk_size` must be None"),
         (dict(residual_dtype="bf16"),
          r"`residual_dtype` must be None .* \['float32', 'bfloat16', 'float16'\], got 'bf16'"),
     ],

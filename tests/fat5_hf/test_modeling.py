@@ -338,6 +338,43 @@ def test_fused_norm_glu_and_loss_paths_match_pytorch(tiny_fat5_config, make_batc
 
 
 @pytest.mark.interpreter
+def test_fused_training_loss_takes_the_configs_chunk_sizes(tiny_fat5_config, make_batch, monkeypatch):
+    """`loss_chunk_size` / `loss_vocab_chunk_size` reach the fused LM-head loss (token chunks of 3 rows, vocabulary
+    slices of 40, 40 and 16 columns), whose loss and gradients match the PyTorch path's."""
+    if not kernel_ops.kernel_available("fused_linear_cross_entropy"):
+        pytest.skip("fat5_kernels has no fused_linear_cross_entropy kernel here")
+    calls = []
+    kernel = kernel_ops._triton_fused_linear_cross_entropy
+
+    def recording_kernel(*args, **kwargs):
+        calls.append((kwargs["chunk_size"], kwargs["vocab_chunk_size"]))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_ops, "_triton_fused_linear_cross_entropy", recording_kernel)
+    torch.manual_seed(0)
+    config = tiny_fat5_config(use_triton_attention=False, z_loss=1e-3, loss_chunk_size=3, loss_vocab_chunk_size=40)
+    model = FAT5ForConditionalGeneration(config).train()
+    input_ids, attention_mask = make_batch(96, [6, 4])
+    labels = _labels(96, [5, 3], make_batch)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected_loss, expected_grads = loss_and_grads()
+    with kernel_ops.kernels_on_cpu():
+        loss, grads = loss_and_grads()
+    assert calls == [(3, 40)]
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        scale = grad.abs().max().item() + 1e-12
+        torch.testing.assert_close(grads[name], grad, atol=1e-4 * scale, rtol=1e-3, msg=name)
+
+
+@pytest.mark.interpreter
 def test_block_norms_store_the_autocast_dtype_for_their_linears():
     # Under autocast a block's norm feeds only nn.Linear layers, which cast to the autocast dtype: the kernel
     # stores that dtype directly, with the values of T5's fp32 output cast. The stacks' final norms keep fp32.
