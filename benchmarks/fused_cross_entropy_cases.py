@@ -324,8 +324,9 @@ def variant_cases() -> list[Case]:
 
     flce (fwd+bwd): ``fat5_sliced``, vocabulary slices of 4096 columns (`vocab_chunk_size`, the low-memory mode,
     every shape); d=768: ``fat5_ligermem``, chunk_size from Liger-Kernel's memory rule;
-    ``fat5_c1024``, half the default chunk at V=250,112; ``fat5_c4096``, half the default chunk at V=32,128. ce (no z-loss / smoothing): ``fat5_fwdblock16384`` (fwd), ``fat5_bwdblock8192`` (fwd+bwd), other
-    block widths of the loss-only forward and of the backward. Both, V=32,128: ``fat5_checked``, the default call
+    ``fat5_c1024``, half the default chunk at V=250,112; ``fat5_c4096``, half the default chunk at V=32,128.
+    ce (no z-loss / smoothing): ``fat5_fwdblock16384`` (fwd), ``fat5_bwdblock8192`` (fwd+bwd), other block widths
+    of the loss-only forward and of the backward. Both, V=32,128: ``fat5_checked``, the default call
     that checks the labels' range (a host sync).
     """
     cases = []
