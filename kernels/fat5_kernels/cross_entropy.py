@@ -6,7 +6,7 @@ Two row kernels, each one pass over the (N, V) logits:
   writes the gradient of the reduced loss (for ``grad_output = 1``), possibly over the logits themselves: this is the
   mode `fat5_kernels.fused_linear_cross_entropy` uses on each chunk of logits, which it discards right after. A row
   of at most ``MAX_SINGLE_PASS_BLOCK`` logits is then read once; wider rows (32k and mT5's 250,112 vocabularies)
-  are read twice, the second time mostly from L2.
+  are read twice, the second time backwards, mostly from L2.
 * `_cross_entropy_bwd_kernel` recomputes the softmax from the saved log-sum-exp and writes the gradient, already
   multiplied by ``grad_output`` (one read, one write).
 
@@ -53,12 +53,21 @@ MULTI_PASS_BLOCK = 16384
 # Loss-only forward (one read whatever V): block of the online log-sum-exp loop. Backward: block of its 2D grid.
 LOSS_ONLY_BLOCK = 8192
 BACKWARD_BLOCK = 4096
+# Forward with gradient, two reads: the second pass walks the row backwards, so that it starts with the blocks the
+# first pass read last (most likely still in L2). Rows wider than this many logits (mT5's 250,112) are too wide for
+# L2 to hold every row in flight (one per SM): their first read is marked to stay in L2, their second read and the
+# gradient store to leave first. 2048 rows of 250,112 bf16 logits in place (H100, same process): 0.910 ms, against
+# 0.962 backwards without the hints and 0.997 in order. At 8192 x 32,128, where the rows in flight fit in L2, the
+# order makes no difference (0.375 against 0.374 ms) and the hints cost 1% (0.378).
+WIDE_ROW_COLS = 65536
 
 
 @triton.jit
-def _online_row_stats(logits_row, n_cols, SUM_LOGITS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _online_row_stats(
+    logits_row, n_cols, SUM_LOGITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, LOAD_POLICY: tl.constexpr
+):
     """``(max, sum of exp(x - max), sum of x or 0)`` of a row of ``n_cols`` logits, float32, in one read of the
-    row (online max / sum-exp over blocks)."""
+    row (online max / sum-exp over blocks); ``LOAD_POLICY`` is the loads' eviction policy ("" for none)."""
     cols = tl.arange(0, BLOCK_SIZE)
     row_max = float("-inf")
     sum_exp = 0.0
@@ -66,7 +75,7 @@ def _online_row_stats(logits_row, n_cols, SUM_LOGITS: tl.constexpr, BLOCK_SIZE: 
     for start in range(0, n_cols, BLOCK_SIZE):
         offs = start + cols
         mask = offs < n_cols
-        x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        x = tl.load(logits_row + offs, mask=mask, other=float("-inf"), eviction_policy=LOAD_POLICY).to(tl.float32)
         new_max = tl.maximum(row_max, tl.max(x, axis=0))
         sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
         row_max = new_max
@@ -97,10 +106,14 @@ def _cross_entropy_fwd_kernel(
     HAS_SMOOTHING: tl.constexpr,
     SINGLE_PASS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    FIRST_PASS_POLICY: tl.constexpr,
+    SECOND_PASS_POLICY: tl.constexpr,
 ):
     """Loss, log-sum-exp (STORE_LSE) and gradient (COMPUTE_GRAD) of one row.
 
-    grad may alias logits (in place): each element is read before it is written, by the same thread.
+    grad may alias logits (in place): each element is read before it is written, by the same thread. Without
+    SINGLE_PASS, the two reads of the row use the eviction policies FIRST_PASS_POLICY and SECOND_PASS_POLICY (the
+    latter for the gradient store too; "" for none).
     """
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
@@ -132,7 +145,7 @@ def _cross_entropy_fwd_kernel(
         if HAS_SMOOTHING:
             sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
     else:
-        row_max, sum_exp, sum_x = _online_row_stats(logits_row, n_cols, HAS_SMOOTHING, BLOCK_SIZE)
+        row_max, sum_exp, sum_x = _online_row_stats(logits_row, n_cols, HAS_SMOOTHING, BLOCK_SIZE, FIRST_PASS_POLICY)
 
     lse = row_max + tl.log(sum_exp)
     if STORE_LSE:
@@ -161,12 +174,15 @@ def _cross_entropy_fwd_kernel(
             grad = exp_x * p_scale - smooth_term - tl.where(cols == label, target_term, 0.0)
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
-            for start in range(0, n_cols, BLOCK_SIZE):
-                offs = start + cols
+            last_start = (n_cols - 1) // BLOCK_SIZE * BLOCK_SIZE
+            for start in range(0, n_cols, BLOCK_SIZE):  # backwards: the last blocks read are in cache
+                offs = last_start - start + cols
                 mask = offs < n_cols
-                x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                x = tl.load(logits_row + offs, mask=mask, other=float("-inf"), eviction_policy=SECOND_PASS_POLICY)
+                x = x.to(tl.float32)
                 grad = tl.exp(x - row_max) * p_scale - smooth_term - tl.where(offs == label, target_term, 0.0)
-                tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                grad = grad.to(grad_ptr.dtype.element_ty)
+                tl.store(grad_row + offs, grad, mask=mask, eviction_policy=SECOND_PASS_POLICY)
 
 
 @triton.jit
@@ -236,7 +252,7 @@ def _logit_stats_kernel(
     at ``stats_ptr + k * n_rows + row`` for k = 0..3 (float32)."""
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
-    row_max, sum_exp, sum_x = _online_row_stats(logits_row, n_cols, True, BLOCK_SIZE)
+    row_max, sum_exp, sum_x = _online_row_stats(logits_row, n_cols, True, BLOCK_SIZE, "")
     label = tl.load(labels_ptr + row) - label_offset
     in_slice = (label >= 0) & (label < n_cols)
     target = tl.load(logits_row + tl.where(in_slice, label, 0)).to(tl.float32)
@@ -339,6 +355,7 @@ def cross_entropy_forward(
         return
     compute_grad = grad is not None
     single_pass, block, num_warps = _launch_config(n_cols, compute_grad)
+    wide = compute_grad and n_cols > WIDE_ROW_COLS
     grad_arg = grad if compute_grad else logits  # never written when COMPUTE_GRAD is False
     launch(
         _cross_entropy_fwd_kernel,
@@ -347,7 +364,8 @@ def cross_entropy_forward(
          row_z if row_z is not None else row_loss, lse if lse is not None else row_loss, count, n_cols, ignore_index,
          float(z_loss), float(label_smoothing)),
         dict(COMPUTE_GRAD=compute_grad, STORE_LSE=lse is not None, DIVIDE_BY_COUNT=divide_by_count,
-             HAS_Z_LOSS=z_loss > 0.0, HAS_SMOOTHING=label_smoothing > 0.0, SINGLE_PASS=single_pass, BLOCK_SIZE=block),
+             HAS_Z_LOSS=z_loss > 0.0, HAS_SMOOTHING=label_smoothing > 0.0, SINGLE_PASS=single_pass, BLOCK_SIZE=block,
+             FIRST_PASS_POLICY="evict_last" if wide else "", SECOND_PASS_POLICY="evict_first" if wide else ""),
         num_warps=num_warps,
     )  # fmt: skip
 

@@ -127,12 +127,15 @@ def test_vocabulary_slices_with_an_in_vocabulary_ignore_index_and_all_ignored_ro
     assert not hidden.grad.any() and not weight.grad.any()
 
 
-def test_rows_read_twice(monkeypatch):
+@pytest.mark.parametrize("wide_rows", [False, True])
+def test_rows_read_twice(monkeypatch, wide_rows):
     import fat5_kernels.cross_entropy as ce_module
 
-    # Rows wider than one block: the chunk's kernel reads each row twice (32k and mT5-sized vocabularies on the GPU).
+    # Rows wider than one block: the chunk's kernel reads each row twice, the second time backwards (32k and
+    # mT5-sized vocabularies on the GPU); wide rows (mT5's) also get L2 eviction hints.
     monkeypatch.setattr(ce_module, "MAX_SINGLE_PASS_BLOCK", 64)
     monkeypatch.setattr(ce_module, "MULTI_PASS_BLOCK", 64)
+    monkeypatch.setattr(ce_module, "WIDE_ROW_COLS", 100 if wide_rows else 10**6)
     for dtype in (torch.float32, torch.float16):
         hidden64, weight64, labels = make_case(20, 16, 150, dtype, seed=9)
         check_against_rule(hidden64, weight64, labels, dtype, torch.float16, z_loss=1e-2, label_smoothing=0.1,
