@@ -1,0 +1,66 @@
+"""benchmarks/fused.py's run loop on CPU, with the GPU measurements replaced by recorded fakes."""
+
+import importlib.util
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "fused.py")
+_spec = importlib.util.spec_from_file_location("fused_benchmark", _PATH)
+fused = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fused)
+
+
+class FakeCase:
+    """A self-measuring case whose timings come from a list, one per call."""
+
+    def __init__(self, impl, times, fail_on_call=None):
+        self.kernel, self.impl, self.shape, self.mode = "rms_norm", impl, "N=8,d=4", "fwdbwd"
+        self.times, self.fail_on_call, self.calls = list(times), fail_on_call, []
+
+    def run(self, check=True):
+        self.calls.append(check)
+        if len(self.calls) == self.fail_on_call:
+            raise RuntimeError("CUDA out of memory")
+        return dict(ms=self.times.pop(0), peak_MiB=1.0, **({"rel_err": 1e-3} if check else {}))
+
+
+def test_ms_is_the_median_of_interleaved_rounds_and_profiling_comes_last(monkeypatch):
+    events = []
+    fast, slow = FakeCase("fat5", [0.5, 0.1, 0.2]), FakeCase("liger", [0.3, 0.3, 0.9])
+    tuple_case = ("rms_norm", "compile", "N=8,d=4", "fwdbwd", None, None)
+    monkeypatch.setattr(fused, "measure", lambda case, ref: events.append(("measure", fused.case_key(case)[1])) or (
+        case.run() if not isinstance(case, tuple) else dict(ms=0.4, peak_MiB=2.0)))
+    real_time_again = fused.time_again
+    monkeypatch.setattr(fused, "time_again", lambda case: events.append(("time", fused.case_key(case)[1])) or (
+        real_time_again(case) if not isinstance(case, tuple) else 0.4))
+    monkeypatch.setattr(fused, "_prepared_step", lambda case: (None, []))
+    monkeypatch.setattr(fused, "gpu_time_ms", lambda step, leaves: events.append(("profile", None)) or 0.25)
+    saved = []
+
+    rows = fused.run_cases([fast, slow, tuple_case], {}, {"device": "test"}, 3, lambda rows: saved.append(len(rows)))
+
+    assert [r["ms"] for r in rows] == [0.2, 0.3, 0.4]
+    assert rows[0]["ms_rounds"] == [0.5, 0.1, 0.2] and rows[0]["rel_err"] == 1e-3 and rows[0]["device"] == "test"
+    assert fast.calls == [True, False, False]  # checked once, timed alone afterwards
+    # each round times every case in turn; the profiler runs after the last round, on tuple cases only
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["measure"] * 3 + ["time"] * 6 + ["profile"]
+    assert [impl for kind, impl in events if kind == "time"] == ["fat5", "liger", "compile"] * 2
+    assert rows[2]["gpu_ms"] == 0.25 and "gpu_ms" not in rows[0]
+    assert saved == [1, 2, 3, 3, 3, 3]
+
+
+def test_a_failing_case_is_recorded_and_the_run_goes_on():
+    broken, later_failure = FakeCase("fat5", [], fail_on_call=1), FakeCase("liger", [0.3, 0.2], fail_on_call=3)
+
+    rows = fused.run_cases([broken, later_failure], {}, {}, 3, lambda rows: None)
+
+    assert rows[0]["error"].startswith("RuntimeError: CUDA out of memory") and len(broken.calls) == 1
+    assert rows[1]["ms_rounds"] == [0.3, 0.2] and rows[1]["ms"] == pytest.approx(0.25)
+    assert rows[1]["round_error"].startswith("RuntimeError")
+
+
+def test_rounds_must_be_positive():
+    with pytest.raises(SystemExit):
+        fused.main(["--rounds", "0", "--markdown-only"])
