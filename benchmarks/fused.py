@@ -8,7 +8,7 @@ For every case the runner measures, in one process and side by side:
             as it does for these small memory-bound ops,
   gpu_ms    GPU time of one call: the summed durations of its CUDA kernels (torch.profiler, mean of 10 calls),
             i.e. the kernels' own cost, which is what remains when a training step keeps the GPU busy. Measured
-            after every timing round: the profiler can leave CUPTI attached, which slows every later launch
+            after all timing rounds: the profiler can leave CUPTI attached, which slows every later launch
             (pytorch/pytorch#144455),
   peak_MiB  peak CUDA allocation of one call above what was allocated before it,
   rel_err   relative L2 error against the same kernel's ``torch`` implementation run on float32 copies of the
@@ -27,7 +27,8 @@ Case format, shared by every kernel family. A case is a tuple ``(kernel, impl, s
           grad_outputs is a tuple matching fn's outputs, or None when fn's first output is a scalar loss.
 The tensors of args that require grad are the leaves whose ``.grad`` is reset between timed calls.
 A family may instead give self-measuring cases: objects with ``kernel, impl, mode``, ``shape_str`` (or a string
-``shape``) and ``run() -> dict`` (ms, peak_MiB, optionally rel_err), measured the same way.
+``shape``) and ``run(check=True) -> dict`` (ms, peak_MiB, optionally rel_err; ``check=False`` for the later
+timing rounds, which need ms alone), measured the same way.
 This file registers the RMSNorm and gated-MLP cases; ``benchmarks/fused_cross_entropy_cases.py``, if present,
 defines ``cases() -> list`` or a list ``CASES`` of either kind (optional packages imported inside functions).
 
