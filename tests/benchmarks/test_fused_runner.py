@@ -28,14 +28,25 @@ class FakeCase:
 def test_ms_is_the_median_of_interleaved_rounds_and_profiling_comes_last(monkeypatch):
     events = []
     fast, slow = FakeCase("fat5", [0.5, 0.1, 0.2]), FakeCase("liger", [0.3, 0.3, 0.9])
-    tuple_case = ("rms_norm", "compile", "N=8,d=4", "fwdbwd", None, None)
-    monkeypatch.setattr(fused, "measure", lambda case, ref: events.append(("measure", fused.case_key(case)[1])) or (
-        case.run() if not isinstance(case, tuple) else dict(ms=0.4, peak_MiB=2.0)))
-    real_time_again = fused.time_again
-    monkeypatch.setattr(fused, "time_again", lambda case: events.append(("time", fused.case_key(case)[1])) or (
-        real_time_again(case) if not isinstance(case, tuple) else 0.4))
+    tuple_case = ("rms_norm", "compile", "N=8,d=4", "fwdbwd", None, None)  # timed at 0.4 ms by the fakes below
+    real_measure, real_time_again = fused.measure, fused.time_again
+
+    def measure(case, reference_fn):
+        events.append(("measure", fused.case_key(case)[1]))
+        return dict(ms=0.4, peak_MiB=2.0) if isinstance(case, tuple) else real_measure(case, reference_fn)
+
+    def time_again(case):
+        events.append(("time", fused.case_key(case)[1]))
+        return 0.4 if isinstance(case, tuple) else real_time_again(case)
+
+    def gpu_time_ms(step, leaves):
+        events.append(("profile", None))
+        return 0.25
+
+    monkeypatch.setattr(fused, "measure", measure)
+    monkeypatch.setattr(fused, "time_again", time_again)
+    monkeypatch.setattr(fused, "gpu_time_ms", gpu_time_ms)
     monkeypatch.setattr(fused, "_prepared_step", lambda case: (None, []))
-    monkeypatch.setattr(fused, "gpu_time_ms", lambda step, leaves: events.append(("profile", None)) or 0.25)
     saved = []
 
     rows = fused.run_cases([fast, slow, tuple_case], {}, {"device": "test"}, 3, lambda rows: saved.append(len(rows)))
