@@ -1,12 +1,14 @@
 """Fused cross-entropy over the vocabulary (ignore_index, z-loss, label smoothing) in Triton.
 
-Two row kernels, each one pass over the (N, V) logits:
+Row kernels over the (N, V) logits:
 
 * `_cross_entropy_fwd_kernel` computes each row's log-sum-exp and loss (one read). With ``COMPUTE_GRAD`` it also
   writes the gradient of the reduced loss (for ``grad_output = 1``), possibly over the logits themselves: this is the
   mode `fat5_kernels.fused_linear_cross_entropy` uses on each chunk of logits, which it discards right after. A row
-  of at most ``MAX_SINGLE_PASS_BLOCK`` logits is then read once; wider rows (32k and mT5's 250,112 vocabularies)
-  are read twice, the second time backwards, mostly from L2.
+  of at most ``MAX_SINGLE_PASS_BLOCK`` logits is then read once; wider rows (32k vocabularies) are read twice, the
+  second time backwards, mostly from L2.
+* `_cross_entropy_fwd_split_row_kernel` is that gradient mode for rows wider than ``WIDE_ROW_COLS`` (mT5's
+  250,112): one program a part of a row, the parts exchanging their statistics (see `SPLIT_ROW_PART_COLS`).
 * `_cross_entropy_bwd_kernel` recomputes the softmax from the saved log-sum-exp and writes the gradient, already
   multiplied by ``grad_output`` (one read, one write).
 
@@ -39,35 +41,42 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.cross_entropy needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .cross_entropy_reference import validate_cross_entropy_inputs
-from .triton_utils import cdiv, custom_op_namespace, launch, next_power_of_2
+from .triton_utils import cdiv, custom_op_namespace, launch, multiprocessor_count, next_power_of_2
 
 __all__ = ["CrossEntropyFunction", "cross_entropy", "cross_entropy_forward", "scale_"]
 
 # Forward with gradient: a row of at most this many logits is held in registers and read once (16 warps x 32 fp32
-# per thread); wider rows are read twice, in blocks of MULTI_PASS_BLOCK, the second time mostly from L2. For 4096
-# rows of 32,768 bf16 logits in place (H100) two reads by a 16-warp program took 0.202 ms, one read by a 32-warp
-# program holding the whole row 0.229 (one program per SM), and one read with the row spread over programs whose
-# last to finish writes its gradient 0.240 (benchmarks/results/fused.notes.md, session 16).
+# per thread); wider rows are read twice, in blocks of MULTI_PASS_BLOCK, the second time backwards (it starts with
+# the blocks the first pass read last, most likely still in L2). For 4096 rows of 32,768 bf16 logits in place
+# (H100) two reads by a 16-warp program took 0.202 ms, one read by a 32-warp program holding the whole row 0.229
+# (one program per SM), and one read with the row spread over programs whose last to finish writes its gradient
+# 0.240 (benchmarks/results/fused.notes.md, session 16).
 MAX_SINGLE_PASS_BLOCK = 16384
 MULTI_PASS_BLOCK = 16384
 # Loss-only forward (one read whatever V): block of the online log-sum-exp loop. Backward: block of its 2D grid.
 LOSS_ONLY_BLOCK = 8192
 BACKWARD_BLOCK = 4096
-# Forward with gradient, two reads: the second pass walks the row backwards, so that it starts with the blocks the
-# first pass read last (most likely still in L2). Rows wider than this many logits (mT5's 250,112) are too wide for
-# L2 to hold every row in flight (one per SM): their first read is marked to stay in L2, their second read and the
-# gradient store to leave first. 2048 rows of 250,112 bf16 logits in place (H100, same process): 0.910 ms, against
-# 0.962 backwards without the hints and 0.997 in order. At 8192 x 32,128, where the rows in flight fit in L2, the
-# order makes no difference (0.375 against 0.374 ms) and the hints cost 1% (0.378).
+# Forward with gradient on rows wider than WIDE_ROW_COLS: with one program a row, the rows in flight (one or two
+# per SM, 500 KB each at V=250,112) do not fit in L2, and the second read comes from memory. Each row is split into
+# parts of SPLIT_ROW_PART_COLS columns, one program a part; the parts in flight fit in L2, so each part's second
+# read hits it. A row's parts exchange (max, sum of exp, sum of logits) through memory: each publishes its own and
+# waits for the others (`_cross_entropy_fwd_split_row_kernel`). H100, bf16 in place, same process: 2048 x 250,112
+# 0.780 ms against 0.910 with one program a row (4096 rows: 1.544 vs 1.797); parts of 8192 to 49,152 columns,
+# blocks of 4096 to 16,384 and 4 to 16 warps were slower (0.79-1.55 ms). At 8192 x 32,128, where the rows in
+# flight fit in L2, parts of 16,384 lose (0.409 vs 0.373 ms), hence the threshold (fused.notes.md, session 18).
 WIDE_ROW_COLS = 65536
+SPLIT_ROW_PART_COLS = 16384
+SPLIT_ROW_BLOCK = 8192
+SPLIT_ROW_WARPS = 8
+# Registers a thread may use: 48 lets five 8-warp programs share an SM (80, the compiler's choice, allows three).
+# 2048 x 250,112, same process: 0.783 ms at 48, 0.805 at 64 or uncapped (60), 0.832 at 40 (spills).
+SPLIT_ROW_MAX_REGISTERS = 48
 
 
 @triton.jit
-def _online_row_stats(
-    logits_row, n_cols, SUM_LOGITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, LOAD_POLICY: tl.constexpr
-):
+def _online_row_stats(logits_row, n_cols, SUM_LOGITS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """``(max, sum of exp(x - max), sum of x or 0)`` of a row of ``n_cols`` logits, float32, in one read of the
-    row (online max / sum-exp over blocks); ``LOAD_POLICY`` is the loads' eviction policy ("" for none)."""
+    row (online max / sum-exp over blocks)."""
     cols = tl.arange(0, BLOCK_SIZE)
     row_max = float("-inf")
     sum_exp = 0.0
@@ -75,13 +84,82 @@ def _online_row_stats(
     for start in range(0, n_cols, BLOCK_SIZE):
         offs = start + cols
         mask = offs < n_cols
-        x = tl.load(logits_row + offs, mask=mask, other=float("-inf"), eviction_policy=LOAD_POLICY).to(tl.float32)
+        x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(row_max, tl.max(x, axis=0))
         sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
         row_max = new_max
         if SUM_LOGITS:
             sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
     return row_max, sum_exp, sum_x
+
+
+@triton.jit
+def _store_row_loss(
+    row_loss_ptr, row_z_ptr, lse_ptr, row, lse, target_logit, sum_x, n_cols, z_loss, label_smoothing,
+    STORE_LSE: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):  # fmt: skip
+    """Store a non-ignored row's loss (and z term, log-sum-exp)."""
+    if STORE_LSE:
+        tl.store(lse_ptr + row, lse)
+    loss = lse - (1.0 - label_smoothing) * target_logit
+    if HAS_SMOOTHING:
+        loss -= label_smoothing * sum_x / n_cols
+    if HAS_Z_LOSS:
+        z_term = z_loss * lse * lse
+        loss += z_term
+        tl.store(row_z_ptr + row, z_term)
+    tl.store(row_loss_ptr + row, loss)
+
+
+@triton.jit
+def _store_ignored_row_loss(row_loss_ptr, row_z_ptr, lse_ptr, row, STORE_LSE: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
+    tl.store(row_loss_ptr + row, 0.0)
+    if HAS_Z_LOSS:
+        tl.store(row_z_ptr + row, 0.0)
+    if STORE_LSE:
+        tl.store(lse_ptr + row, 0.0)
+
+
+@triton.jit
+def _gradient_terms(
+    count_ptr, lse, sum_exp, n_cols, z_loss, label_smoothing, DIVIDE_BY_COUNT: tl.constexpr, HAS_Z_LOSS: tl.constexpr
+):
+    """``(p_scale, smooth_term, target_term)``: the row's gradient is ``exp(x - max) * p_scale - smooth_term``,
+    minus ``target_term`` at the label (``grad_output = 1``)."""
+    if DIVIDE_BY_COUNT:
+        scale = 1.0 / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
+    else:
+        scale = 1.0
+    # softmax * (1 + 2 z lse), with the 1 / sum_exp folded in.
+    p_scale = scale / sum_exp
+    if HAS_Z_LOSS:
+        p_scale *= 1.0 + 2.0 * z_loss * lse
+    return p_scale, scale * label_smoothing / n_cols, scale * (1.0 - label_smoothing)
+
+
+@triton.jit
+def _store_gradient_backwards(
+    logits_row, grad_row, start, end, label, row_max, p_scale, smooth_term, target_term, BLOCK_SIZE: tl.constexpr
+):
+    """Gradient of columns ``[start, end)`` of a row, read again and written block by block from the last: the
+    first blocks re-read are those the statistics pass read last, most likely still in L2. Each element is read
+    before it is written, by the same thread (grad may alias the logits)."""
+    cols = tl.arange(0, BLOCK_SIZE)
+    last_start = start + (end - start - 1) // BLOCK_SIZE * BLOCK_SIZE
+    for block_start in range(start, end, BLOCK_SIZE):
+        offs = last_start - (block_start - start) + cols
+        mask = offs < end
+        x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        grad = tl.exp(x - row_max) * p_scale - smooth_term - tl.where(offs == label, target_term, 0.0)
+        tl.store(grad_row + offs, grad.to(grad_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_zeros(row, start, end, BLOCK_SIZE: tl.constexpr):
+    cols = tl.arange(0, BLOCK_SIZE)
+    for block_start in range(start, end, BLOCK_SIZE):
+        offs = block_start + cols
+        tl.store(row + offs, tl.zeros([BLOCK_SIZE], dtype=tl.float32).to(row.dtype.element_ty), mask=offs < end)
 
 
 @triton.jit
@@ -106,14 +184,10 @@ def _cross_entropy_fwd_kernel(
     HAS_SMOOTHING: tl.constexpr,
     SINGLE_PASS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    FIRST_PASS_POLICY: tl.constexpr,
-    SECOND_PASS_POLICY: tl.constexpr,
 ):
     """Loss, log-sum-exp (STORE_LSE) and gradient (COMPUTE_GRAD) of one row.
 
-    grad may alias logits (in place): each element is read before it is written, by the same thread. Without
-    SINGLE_PASS, the two reads of the row use the eviction policies FIRST_PASS_POLICY and SECOND_PASS_POLICY (the
-    latter for the gradient store too; "" for none).
+    grad may alias logits (in place): each element is read before it is written, by the same thread.
     """
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
@@ -122,15 +196,9 @@ def _cross_entropy_fwd_kernel(
     cols = tl.arange(0, BLOCK_SIZE)
 
     if label == ignore_index:
-        tl.store(row_loss_ptr + row, 0.0)
-        if HAS_Z_LOSS:
-            tl.store(row_z_ptr + row, 0.0)
-        if STORE_LSE:
-            tl.store(lse_ptr + row, 0.0)
+        _store_ignored_row_loss(row_loss_ptr, row_z_ptr, lse_ptr, row, STORE_LSE, HAS_Z_LOSS)
         if COMPUTE_GRAD:
-            for start in range(0, n_cols, BLOCK_SIZE):
-                offs = start + cols
-                tl.store(grad_row + offs, tl.zeros([BLOCK_SIZE], dtype=tl.float32), mask=offs < n_cols)
+            _store_zeros(grad_row, 0, n_cols, BLOCK_SIZE)
         return
 
     # Read the target logit before any store: the gradient may overwrite the logits.
@@ -142,47 +210,136 @@ def _cross_entropy_fwd_kernel(
         row_max = tl.max(x, axis=0)
         exp_x = tl.exp(x - row_max)
         sum_exp = tl.sum(exp_x, axis=0)
+        sum_x = 0.0
         if HAS_SMOOTHING:
             sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
     else:
-        row_max, sum_exp, sum_x = _online_row_stats(logits_row, n_cols, HAS_SMOOTHING, BLOCK_SIZE, FIRST_PASS_POLICY)
+        row_max, sum_exp, sum_x = _online_row_stats(logits_row, n_cols, HAS_SMOOTHING, BLOCK_SIZE)
 
     lse = row_max + tl.log(sum_exp)
-    if STORE_LSE:
-        tl.store(lse_ptr + row, lse)
-    loss = lse - (1.0 - label_smoothing) * target_logit
-    if HAS_SMOOTHING:
-        loss -= label_smoothing * sum_x / n_cols
-    if HAS_Z_LOSS:
-        z_term = z_loss * lse * lse
-        loss += z_term
-        tl.store(row_z_ptr + row, z_term)
-    tl.store(row_loss_ptr + row, loss)
+    _store_row_loss(row_loss_ptr, row_z_ptr, lse_ptr, row, lse, target_logit, sum_x, n_cols, z_loss, label_smoothing,
+                    STORE_LSE, HAS_Z_LOSS, HAS_SMOOTHING)  # fmt: skip
 
     if COMPUTE_GRAD:
-        if DIVIDE_BY_COUNT:
-            scale = 1.0 / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
-        else:
-            scale = 1.0
-        # softmax * (1 + 2 z lse), with the 1 / sum_exp folded in.
-        p_scale = scale / sum_exp
-        if HAS_Z_LOSS:
-            p_scale *= 1.0 + 2.0 * z_loss * lse
-        smooth_term = scale * label_smoothing / n_cols
-        target_term = scale * (1.0 - label_smoothing)
+        p_scale, smooth_term, target_term = _gradient_terms(
+            count_ptr, lse, sum_exp, n_cols, z_loss, label_smoothing, DIVIDE_BY_COUNT, HAS_Z_LOSS
+        )
         if SINGLE_PASS:
             grad = exp_x * p_scale - smooth_term - tl.where(cols == label, target_term, 0.0)
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
+            # Backwards, as `_store_gradient_backwards` does; written out, because the call cost 1% here (8192 x
+            # 32,128 with z-loss and smoothing, H100: 0.431 against 0.426 ms).
             last_start = (n_cols - 1) // BLOCK_SIZE * BLOCK_SIZE
-            for start in range(0, n_cols, BLOCK_SIZE):  # backwards: the last blocks read are in cache
+            for start in range(0, n_cols, BLOCK_SIZE):
                 offs = last_start - start + cols
                 mask = offs < n_cols
-                x = tl.load(logits_row + offs, mask=mask, other=float("-inf"), eviction_policy=SECOND_PASS_POLICY)
-                x = x.to(tl.float32)
+                x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 grad = tl.exp(x - row_max) * p_scale - smooth_term - tl.where(offs == label, target_term, 0.0)
-                grad = grad.to(grad_ptr.dtype.element_ty)
-                tl.store(grad_row + offs, grad, mask=mask, eviction_policy=SECOND_PASS_POLICY)
+                tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cross_entropy_fwd_split_row_kernel(
+    logits_ptr,
+    logits_row_stride,
+    grad_ptr,
+    grad_row_stride,
+    labels_ptr,
+    row_loss_ptr,
+    row_z_ptr,
+    lse_ptr,
+    count_ptr,
+    sync_ptr,
+    part_stats_ptr,
+    n_cols,
+    ignore_index,
+    z_loss,
+    label_smoothing,
+    STORE_LSE: tl.constexpr,
+    DIVIDE_BY_COUNT: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    PHASE: tl.constexpr,
+    N_PARTS: tl.constexpr,
+    PARTS_POW2: tl.constexpr,
+    PART_COLS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Loss and gradient of one part (``PART_COLS`` columns) of a row; the forward-with-gradient of
+    `_cross_entropy_fwd_kernel` for rows wider than ``WIDE_ROW_COLS``.
+
+    ``sync_ptr``: int32 ``(1 + n_rows)``, zeros: a ticket counter, then each row's count of published parts.
+    ``part_stats_ptr``: float32 ``(n_rows, N_PARTS, 4)``: each part's (max, sum of exp(x - max), sum of x), and
+    the row's target logit in part 0's fourth slot.
+
+    PHASE 0 does everything in one launch: a part publishes its statistics, then waits until the row's other parts
+    have published theirs. All of a row's parts must then be able to run at once: the caller launches this only
+    when ``N_PARTS`` is at most the number of SMs. Programs take their (row, part) from the ticket counter, in the
+    order they start, so no program waits for a part that has not started while it holds an SM that part needs.
+    PHASE 1 (publish) then PHASE 2 (combine and write the gradient) are the same work in two launches, for the
+    Triton interpreter (which runs programs one after the other) and for GPUs with fewer SMs than parts; the
+    ticket counter is zeroed between them.
+    """
+    ticket = tl.atomic_add(sync_ptr, 1)
+    row = (ticket // N_PARTS).to(tl.int64)
+    part = ticket % N_PARTS
+    logits_row = logits_ptr + row * logits_row_stride
+    grad_row = grad_ptr + row * grad_row_stride
+    start = part * PART_COLS
+    end = tl.minimum(start + PART_COLS, n_cols)
+    label = tl.load(labels_ptr + row).to(tl.int32)
+    if label == ignore_index:
+        if PHASE != 1:
+            _store_zeros(grad_row, start, end, BLOCK_SIZE)
+            if part == 0:
+                _store_ignored_row_loss(row_loss_ptr, row_z_ptr, lse_ptr, row, STORE_LSE, HAS_Z_LOSS)
+        return
+
+    row_stats = part_stats_ptr + row * N_PARTS * 4
+    if PHASE != 2:
+        # Every part reads the target logit before it publishes: no part of the row has written its gradient yet.
+        target_logit = tl.load(logits_row + label).to(tl.float32)
+        part_max, part_sum_exp, part_sum_x = _online_row_stats(logits_row + start, end - start, HAS_SMOOTHING,
+                                                               BLOCK_SIZE)  # fmt: skip
+        tl.store(row_stats + part * 4, part_max)
+        tl.store(row_stats + part * 4 + 1, part_sum_exp)
+        tl.store(row_stats + part * 4 + 2, part_sum_x)
+        if part == 0:
+            tl.store(row_stats + 3, target_logit)
+    if PHASE == 1:
+        return
+    if PHASE == 0:
+        published = sync_ptr + 1 + row
+        tl.debug_barrier()  # every thread's stores above come before the release below
+        tl.atomic_add(published, 1, sem="release")
+        count = tl.atomic_add(published, 0, sem="acquire")
+        while count < N_PARTS:
+            count = tl.atomic_add(published, 0, sem="acquire")
+        tl.debug_barrier()
+    else:
+        target_logit = tl.load(row_stats + 3)
+
+    # The row's statistics from its parts', in part order (the same result whatever order they arrived in); read
+    # through L2 (".cg"): other SMs wrote them.
+    parts = tl.arange(0, PARTS_POW2)
+    part_mask = parts < N_PARTS
+    parts_max = tl.load(row_stats + parts * 4, mask=part_mask, other=float("-inf"), cache_modifier=".cg")
+    parts_sum_exp = tl.load(row_stats + parts * 4 + 1, mask=part_mask, other=0.0, cache_modifier=".cg")
+    row_max = tl.max(parts_max, axis=0)
+    sum_exp = tl.sum(parts_sum_exp * tl.exp(parts_max - row_max), axis=0)
+    lse = row_max + tl.log(sum_exp)
+    if part == 0:
+        sum_x = 0.0
+        if HAS_SMOOTHING:
+            sum_x = tl.sum(tl.load(row_stats + parts * 4 + 2, mask=part_mask, other=0.0, cache_modifier=".cg"), axis=0)
+        _store_row_loss(row_loss_ptr, row_z_ptr, lse_ptr, row, lse, target_logit, sum_x, n_cols, z_loss,
+                        label_smoothing, STORE_LSE, HAS_Z_LOSS, HAS_SMOOTHING)  # fmt: skip
+    p_scale, smooth_term, target_term = _gradient_terms(
+        count_ptr, lse, sum_exp, n_cols, z_loss, label_smoothing, DIVIDE_BY_COUNT, HAS_Z_LOSS
+    )
+    _store_gradient_backwards(logits_row, grad_row, start, end, label, row_max, p_scale, smooth_term, target_term,
+                              BLOCK_SIZE)  # fmt: skip
 
 
 @triton.jit
@@ -252,7 +409,7 @@ def _logit_stats_kernel(
     at ``stats_ptr + k * n_rows + row`` for k = 0..3 (float32)."""
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
-    row_max, sum_exp, sum_x = _online_row_stats(logits_row, n_cols, True, BLOCK_SIZE, "")
+    row_max, sum_exp, sum_x = _online_row_stats(logits_row, n_cols, True, BLOCK_SIZE)
     label = tl.load(labels_ptr + row) - label_offset
     in_slice = (label >= 0) & (label < n_cols)
     target = tl.load(logits_row + tl.where(in_slice, label, 0)).to(tl.float32)
@@ -354,20 +511,46 @@ def cross_entropy_forward(
     if n_rows == 0:
         return
     compute_grad = grad is not None
+    scalars = (ignore_index, float(z_loss), float(label_smoothing))
+    options = dict(STORE_LSE=lse is not None, DIVIDE_BY_COUNT=divide_by_count, HAS_Z_LOSS=z_loss > 0.0,
+                   HAS_SMOOTHING=label_smoothing > 0.0)  # fmt: skip
+    outputs = (row_loss, row_z if row_z is not None else row_loss, lse if lse is not None else row_loss, count)
+    if compute_grad and n_cols > WIDE_ROW_COLS:
+        _split_row_forward(logits, grad, labels, outputs, scalars, options)
+        return
     single_pass, block, num_warps = _launch_config(n_cols, compute_grad)
-    wide = compute_grad and n_cols > WIDE_ROW_COLS
     grad_arg = grad if compute_grad else logits  # never written when COMPUTE_GRAD is False
     launch(
         _cross_entropy_fwd_kernel,
         (n_rows,),
-        (logits, logits.stride(0), grad_arg, grad_arg.stride(0), labels, row_loss,
-         row_z if row_z is not None else row_loss, lse if lse is not None else row_loss, count, n_cols, ignore_index,
-         float(z_loss), float(label_smoothing)),
-        dict(COMPUTE_GRAD=compute_grad, STORE_LSE=lse is not None, DIVIDE_BY_COUNT=divide_by_count,
-             HAS_Z_LOSS=z_loss > 0.0, HAS_SMOOTHING=label_smoothing > 0.0, SINGLE_PASS=single_pass, BLOCK_SIZE=block,
-             FIRST_PASS_POLICY="evict_last" if wide else "", SECOND_PASS_POLICY="evict_first" if wide else ""),
+        (logits, logits.stride(0), grad_arg, grad_arg.stride(0), labels, *outputs, n_cols, *scalars),
+        dict(COMPUTE_GRAD=compute_grad, SINGLE_PASS=single_pass, BLOCK_SIZE=block, **options),
         num_warps=num_warps,
-    )  # fmt: skip
+    )
+
+
+def _split_row_forward(
+    logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor, outputs: tuple, scalars: tuple, options: dict
+) -> None:
+    """`_cross_entropy_fwd_split_row_kernel` over every part of every row: one launch where all of a row's parts
+    can run at once (a CUDA device with at least as many SMs as parts), else two (publish, then finish)."""
+    n_rows, n_cols = logits.shape
+    n_parts = cdiv(n_cols, SPLIT_ROW_PART_COLS)
+    sync = torch.zeros(1 + n_rows, dtype=torch.int32, device=logits.device)
+    part_stats = torch.empty((n_rows, n_parts, 4), dtype=torch.float32, device=logits.device)
+    phases = (0,) if n_parts <= multiprocessor_count(logits.device) else (1, 2)
+    for phase in phases:
+        if phase == 2:
+            sync.zero_()
+        launch(
+            _cross_entropy_fwd_split_row_kernel,
+            (n_rows * n_parts,),
+            (logits, logits.stride(0), grad, grad.stride(0), labels, *outputs, sync, part_stats, n_cols, *scalars),
+            dict(PHASE=phase, N_PARTS=n_parts, PARTS_POW2=next_power_of_2(n_parts), PART_COLS=SPLIT_ROW_PART_COLS,
+                 BLOCK_SIZE=min(SPLIT_ROW_BLOCK, SPLIT_ROW_PART_COLS), **options),
+            num_warps=SPLIT_ROW_WARPS,
+            maxnreg=SPLIT_ROW_MAX_REGISTERS,
+        )  # fmt: skip
 
 
 def _cross_entropy_forward(

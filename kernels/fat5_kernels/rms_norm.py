@@ -16,7 +16,6 @@ which the compiler treats as opaque; eager mode launches them directly to skip t
 """
 
 import contextlib
-import functools
 
 import torch
 
@@ -27,7 +26,14 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
     raise ImportError("fat5_kernels.rms_norm needs triton: pip install 'fat5-hf[gpu]'") from err
 
 from .rms_norm_reference import check_rms_norm_inputs, rms_norm_output_dtype
-from .triton_utils import cdiv, custom_op_namespace, launch, next_power_of_2, triton_interpreter_enabled
+from .triton_utils import (
+    cdiv,
+    custom_op_namespace,
+    launch,
+    multiprocessor_count,
+    next_power_of_2,
+    triton_interpreter_enabled,
+)
 
 __all__ = ["RMSNormFunction", "rms_norm"]
 
@@ -192,16 +198,9 @@ def _check_launchable(x: torch.Tensor) -> None:
         )
 
 
-@functools.cache
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _programs_per_launch(device: torch.device) -> int:
     """Number of streaming multiprocessors; a small number under the interpreter (still several programs)."""
-    if device.type != "cuda":
-        return 3
-    return _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+    return multiprocessor_count(device) or 3
 
 
 def _device_context(tensor: torch.Tensor):

@@ -59,6 +59,18 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 0 for any other device."""
+    if device.type != "cuda":
+        return 0
+    return _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 class CompiledLaunches:
     """Relaunch a ``@triton.jit`` kernel's compiled binary directly, keyed by what of its arguments may select it.
 

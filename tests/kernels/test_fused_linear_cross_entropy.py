@@ -131,15 +131,21 @@ def test_vocabulary_slices_with_an_in_vocabulary_ignore_index_and_all_ignored_ro
 def test_rows_read_twice(monkeypatch, wide_rows):
     import fat5_kernels.cross_entropy as ce_module
 
-    # Rows wider than one block: the chunk's kernel reads each row twice, the second time backwards (32k and
-    # mT5-sized vocabularies on the GPU); wide rows (mT5's) also get L2 eviction hints.
+    # Rows wider than one block: the chunk's kernel reads each row twice, the second time backwards (32k
+    # vocabularies on the GPU). Wide rows (mT5's) are split into parts, each read twice, that combine their
+    # statistics: here 150 columns in parts of 64, 64 and 22, two blocks a part. On the CPU the parts publish and
+    # finish in two launches; the GPU tests run the one-launch path, where the parts wait for each other.
     monkeypatch.setattr(ce_module, "MAX_SINGLE_PASS_BLOCK", 64)
     monkeypatch.setattr(ce_module, "MULTI_PASS_BLOCK", 64)
     monkeypatch.setattr(ce_module, "WIDE_ROW_COLS", 100 if wide_rows else 10**6)
+    monkeypatch.setattr(ce_module, "SPLIT_ROW_PART_COLS", 64)
+    monkeypatch.setattr(ce_module, "SPLIT_ROW_BLOCK", 32)
     for dtype in (torch.float32, torch.float16):
         hidden64, weight64, labels = make_case(20, 16, 150, dtype, seed=9)
+        labels[1], labels[2] = 149, 0  # labels in the first and the last (partial) part
         check_against_rule(hidden64, weight64, labels, dtype, torch.float16, z_loss=1e-2, label_smoothing=0.1,
                            chunk_size=8)  # fmt: skip
+        check_against_rule(hidden64, weight64, labels, dtype, torch.float16, chunk_size=8, reduction="sum")
 
 
 def test_grad_output_scaling_and_default_chunks():
@@ -272,6 +278,16 @@ def test_bf16_on_gpu_against_rule(vocab, chunk_size, vocab_chunk_size, z_loss, l
     check_against_rule(hidden64, weight64, labels, torch.bfloat16, torch.bfloat16, z_loss=z_loss,
                        label_smoothing=label_smoothing, chunk_size=chunk_size,
                        vocab_chunk_size=vocab_chunk_size)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_wide_rows_in_two_launches_on_gpu(monkeypatch):
+    """The split-row kernel's fallback (publish, then finish) where a GPU has fewer SMs than a row has parts."""
+    import fat5_kernels.cross_entropy as ce_module
+
+    monkeypatch.setattr(ce_module, "multiprocessor_count", lambda device: 0)
+    hidden64, weight64, labels = make_case(512, 256, 250112, torch.bfloat16, seed=10)
+    check_against_rule(hidden64, weight64, labels, torch.bfloat16, torch.bfloat16, z_loss=1e-4, label_smoothing=0.1)
 
 
 @pytest.mark.gpu
