@@ -68,6 +68,8 @@ GATED_MLP_WIDTHS = (2048, 2816, 10240)  # T5 v1.1 base / large / xxl d_ff
 # memory than Liger, for each kernel, shape and mode.
 TIME_BASELINES = ("liger", "compile")
 MEMORY_BASELINE = "liger"
+# The fused linear + cross-entropy's fwd+bwd against the three bare matmuls it contains (the issue's target).
+FLCE_MATMUL_TARGET = 1.25
 
 
 # ---- the "torch" definitions (model semantics), also compiled for "compile" ----
@@ -392,6 +394,26 @@ def targets(rows: list[dict]) -> list[dict]:
     return verdicts
 
 
+def matmul_ratios(rows: list[dict]) -> list[dict]:
+    """Per flce shape with fat5 and matmuls fwd+bwd rows: fat5's time over the bare matmuls', from the rows' ``ms``
+    and, where the matmuls row has it, from the alternating calls (``paired_ratio``), which decides the target."""
+    by_shape: dict = {}
+    for row in rows:
+        if row["kernel"] == "flce" and row["mode"] == "fwdbwd" and "error" not in row:
+            by_shape.setdefault(row["shape"], {})[row["impl"]] = row
+    verdicts = []
+    for shape, impls in by_shape.items():
+        if "fat5" not in impls or "matmuls" not in impls:
+            continue
+        fat5, matmuls = impls["fat5"], impls["matmuls"]
+        verdict = dict(shape=shape, fat5_ms=fat5["ms"], matmuls_ms=matmuls["ms"], ratio=fat5["ms"] / matmuls["ms"])
+        if "paired_ratio" in matmuls:
+            verdict.update({key: matmuls[key] for key in ("paired_fat5_ms", "paired_matmuls_ms", "paired_ratio")})
+        verdict["met"] = verdict.get("paired_ratio", verdict["ratio"]) <= FLCE_MATMUL_TARGET
+        verdicts.append(verdict)
+    return verdicts
+
+
 NOTES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fused.notes.md")
 
 
@@ -481,6 +503,30 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{met(v.get('time_met'))} |{gpu_cells} {peak} | {liger_peak} | {met(v.get('memory_met'))} |"
         )
     lines.append("")
+    ratios = matmul_ratios(rows)
+    if ratios:
+        lines += [
+            "## Fused linear + cross-entropy against its three matmuls",
+            "",
+            f"fat5's fwd+bwd at most {FLCE_MATMUL_TARGET}x the three bare matmuls it contains (logits, and the two "
+            "gradient products). `ms`: the two rows above, timed at different moments of the run. Paired: the two "
+            "called alternately, each call timed with CUDA events (median over the calls, and median of the "
+            "per-pair ratios), which decides the target where it was measured.",
+            "",
+            "| shape | fat5 ms | matmuls ms | ratio | paired fat5 ms | paired matmuls ms | paired ratio | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for v in ratios:
+            paired = (
+                f"{v['paired_fat5_ms']:.3f} | {v['paired_matmuls_ms']:.3f} | {v['paired_ratio']:.3f}"
+                if "paired_ratio" in v
+                else " | | "
+            )
+            lines.append(
+                f"| {v['shape']} | {v['fat5_ms']:.3f} | {v['matmuls_ms']:.3f} | {v['ratio']:.3f} | {paired} | "
+                f"{met(v['met'])} |"
+            )
+        lines.append("")
     if os.path.exists(NOTES_PATH):
         with open(NOTES_PATH) as f:
             lines += [f.read().rstrip(), ""]

@@ -7,7 +7,8 @@ Each case runs one implementation of one kernel at one shape, side by side with 
   compile  torch.compile of that definition (default mode, dynamic=False)
   liger    Liger-Kernel's functional API (liger_cross_entropy / liger_fused_linear_cross_entropy, defaults)
   matmuls  (flce only, fwdbwd) the three bf16 matmuls that a fused linear + CE must contain: logits = h @ W.T,
-           dh = dlogits @ W, dW = dlogits.T @ h, at full size (the floor of any LM-head loss)
+           dh = dlogits @ W, dW = dlogits.T @ h, at full size (the floor of any LM-head loss). Its first round
+           also times them against fat5's fwd+bwd called alternately (paired_* fields, `measure_matmuls`)
 
 Tokens N=16384, bf16 inputs, 10% of labels ignored. ``fwd`` is a training forward (inputs require grad; the
 fused kernels compute their gradients there), ``fwdbwd`` adds ``loss.backward()``. Reported per row: median ms
@@ -27,6 +28,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ import torch.nn.functional as F
 N_TOKENS = 16384
 IGNORE = -100
 REF_ROWS = 1024
+# Alternate calls of fat5's fused linear + CE and of its three matmuls behind the matmuls row's paired_ratio.
+PAIRED_CALLS = 20
 VOCABS = (32128, 250112)
 HIDDEN_SIZES = (768, 1024)
 CE_LOSS_CONFIGS = ((0.0, 0.0), (1e-4, 0.1))  # (z-loss, label smoothing)
@@ -205,8 +209,8 @@ def _peak(step, leaves):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure_matmuls(shape, device):
-    """The three bf16 matmuls of an LM-head loss, at full size; dlogits is a given (N, V) bf16 tensor."""
+def _matmuls_step(shape, device) -> Callable[[], None]:
+    """The three bf16 matmuls of an LM-head loss at full size; dlogits is a given (N, V) bf16 tensor."""
     hidden, weight, _ = make_inputs("flce", shape, device, requires_grad=False)
     dlogits = torch.randn(shape["N"], shape["V"], device=device, dtype=torch.bfloat16)
 
@@ -216,15 +220,60 @@ def measure_matmuls(shape, device):
         dlogits @ weight  # noqa: B018
         dlogits.t() @ hidden  # noqa: B018
 
-    step()
-    return dict(ms=_bench(step, []), peak_MiB=_peak(step, []))
+    return step
+
+
+def paired_times(steps: list[Callable[[], None]], calls: int) -> list[list[float]]:
+    """``calls`` rounds of every step in turn, each call timed alone with CUDA events: ``[round][step]`` ms.
+
+    The steps run alternately, so each sees the clocks and power state the others see. Sequential rows do not:
+    each implementation's rows run at another moment of the run, and a 35 ms call fits once or twice in
+    do_bench's 50 ms window.
+    """
+    for step in steps:  # warm-up (compilation, allocator)
+        step()
+        step()
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in steps]
+              for _ in range(calls)]  # fmt: skip
+    for round_events in events:
+        for step, (start, end) in zip(steps, round_events):
+            start.record()
+            step()
+            end.record()
+    torch.cuda.synchronize()
+    return [[start.elapsed_time(end) for start, end in round_events] for round_events in events]
+
+
+def measure_matmuls(shape, device, paired_calls: int = PAIRED_CALLS):
+    """The matmuls row: their time and peak, and (``paired_calls`` > 0) the ratio of fat5's fused linear + CE
+    fwd+bwd to them, timed alternately (`paired_times`): ``paired_ratio`` is the median of the per-round ratios."""
+    matmuls = _matmuls_step(shape, device)
+    matmuls()
+    row = dict(ms=_bench(matmuls, []), peak_MiB=_peak(matmuls, []))
+    if paired_calls:
+        fused_fn, kw = IMPLS["flce"]["fat5"](), loss_kwargs(shape)
+        args = make_inputs("flce", shape, device)
+
+        def fused():
+            for a in args:
+                a.grad = None
+            fused_fn(*args, **kw).backward()
+
+        times = paired_times([fused, matmuls], paired_calls)
+        row.update(
+            paired_calls=paired_calls,
+            paired_fat5_ms=statistics.median(t[0] for t in times),
+            paired_matmuls_ms=statistics.median(t[1] for t in times),
+            paired_ratio=statistics.median(t[0] / t[1] for t in times),
+        )
+    return row
 
 
 def measure(kernel, impl, shape, mode, device="cuda", check=True, **impl_kwargs):
     """One row: time, peak memory and error of ``impl`` of ``kernel`` at ``shape`` in ``mode`` (fwd / fwdbwd);
     ``check=False`` skips the error against the fp32 reference."""
     if impl == "matmuls":
-        return measure_matmuls(shape, device)
+        return measure_matmuls(shape, device, paired_calls=PAIRED_CALLS if check else 0)
     fn = IMPLS[kernel][impl]()
     kw = {**loss_kwargs(shape), **impl_kwargs}
     backward = mode == "fwdbwd"

@@ -75,3 +75,27 @@ def test_a_failing_case_is_recorded_and_the_run_goes_on():
 def test_rounds_must_be_positive():
     with pytest.raises(SystemExit):
         fused.main(["--rounds", "0", "--markdown-only"])
+
+
+def _flce_row(impl, shape, ms, **extra):
+    return dict(kernel="flce", impl=impl, shape=shape, mode="fwdbwd", ms=ms, peak_MiB=1.0, **extra)
+
+
+def test_flce_against_its_matmuls_is_judged_on_the_paired_ratio_where_measured():
+    paired = dict(paired_fat5_ms=12.0, paired_matmuls_ms=10.0, paired_ratio=1.2)
+    rows = [
+        _flce_row("fat5", "V=big", 13.0),  # 1.3x by the sequential rows, 1.2x paired: met
+        _flce_row("matmuls", "V=big", 10.0, **paired),
+        _flce_row("fat5", "V=small", 1.3),  # no paired measurement: the rows decide
+        _flce_row("matmuls", "V=small", 1.0),
+        _flce_row("fat5", "V=failed", 1.0),
+        dict(kernel="flce", impl="matmuls", shape="V=failed", mode="fwdbwd", error="CUDA out of memory"),
+        dict(_flce_row("fat5", "V=big", 13.0), mode="fwd"),
+    ]
+    verdicts = {v["shape"]: v for v in fused.matmul_ratios(rows)}
+    assert set(verdicts) == {"V=big", "V=small"}
+    assert verdicts["V=big"]["ratio"] == pytest.approx(1.3) and verdicts["V=big"]["paired_ratio"] == 1.2
+    assert verdicts["V=big"]["met"] and not verdicts["V=small"]["met"]
+    table = fused.markdown(rows, {}).split("## Fused linear + cross-entropy against its three matmuls")[1]
+    assert "| V=big | 13.000 | 10.000 | 1.300 | 12.000 | 10.000 | 1.200 | met |" in table
+    assert "| V=small | 1.300 | 1.000 | 1.300 |" in table and "**not met**" in table
