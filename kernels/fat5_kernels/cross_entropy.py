@@ -56,14 +56,15 @@ MULTI_PASS_BLOCK = 16384
 # Loss-only forward (one read whatever V): block of the online log-sum-exp loop. Backward: block of its 2D grid.
 LOSS_ONLY_BLOCK = 8192
 BACKWARD_BLOCK = 4096
-# Forward with gradient on rows wider than WIDE_ROW_COLS: with one program a row, the rows in flight (one or two
+# Forward with gradient on rows wider than WIDE_ROW_COLS: with one program a row, the rows in flight (two
 # per SM, 500 KB each at V=250,112) do not fit in L2, and the second read comes from memory. Each row is split into
 # parts of SPLIT_ROW_PART_COLS columns, one program a part; the parts in flight fit in L2, so each part's second
 # read hits it. A row's parts exchange (max, sum of exp, sum of logits) through memory: each publishes its own and
 # waits for the others (`_cross_entropy_fwd_split_row_kernel`). H100, bf16 in place, same process: 2048 x 250,112
-# 0.780 ms against 0.910 with one program a row (4096 rows: 1.544 vs 1.797); parts of 8192 to 49,152 columns,
-# blocks of 4096 to 16,384 and 4 to 16 warps were slower (0.79-1.55 ms). At 8192 x 32,128, where the rows in
-# flight fit in L2, parts of 16,384 lose (0.409 vs 0.373 ms), hence the threshold (fused.notes.md, session 18).
+# 0.784 ms against 0.909 with one program a row (4096 x 131,072: 0.815 vs 0.850); parts of 8192 to 49,152
+# columns, blocks of 4096 to 16,384 and 4 to 16 warps were slower (0.79-1.55 ms). At 8192 x 32,128, where the
+# rows in flight fit in L2, parts of 16,384 lose (0.409 vs 0.373 ms), hence the threshold (fused.notes.md,
+# session 18).
 WIDE_ROW_COLS = 65536
 SPLIT_ROW_PART_COLS = 16384
 SPLIT_ROW_BLOCK = 8192
@@ -275,7 +276,9 @@ def _cross_entropy_fwd_split_row_kernel(
 
     PHASE 0 does everything in one launch: a part publishes its statistics, then waits until the row's other parts
     have published theirs. All of a row's parts must then be able to run at once: the caller launches this only
-    when ``N_PARTS`` is at most the number of SMs. Programs take their (row, part) from the ticket counter, in the
+    when ``N_PARTS`` is at most the device's number of SMs. That is conservative: five of these programs share an
+    H100 SM, so the 16 parts of an mT5 row need 4 SMs, which also holds for a process given a share of the GPU
+    (MPS) of at least that. Programs take their (row, part) from the ticket counter, in the
     order they start, so no program waits for a part that has not started while it holds an SM that part needs.
     PHASE 1 (publish) then PHASE 2 (combine and write the gradient) are the same work in two launches, for the
     Triton interpreter (which runs programs one after the other) and for GPUs with fewer SMs than parts; the
