@@ -277,9 +277,9 @@ def _cross_entropy_fwd_split_row_kernel(
     PHASE 0 does everything in one launch: a part publishes its statistics, then waits until the row's other parts
     have published theirs. All of a row's parts must then be able to run at once: the caller launches this only
     when ``N_PARTS`` is at most the device's number of SMs. That is conservative: five of these programs share an
-    H100 SM, so the 16 parts of an mT5 row need 4 SMs, which also holds for a process given a share of the GPU
-    (MPS) of at least that. Programs take their (row, part) from the ticket counter, in the
-    order they start, so no program waits for a part that has not started while it holds an SM that part needs.
+    H100 SM, so the 16 parts of an mT5 row need 4 SMs (also under MPS, for a process given at least that share).
+    Programs take their (row, part) from the ticket counter, in the order they start, so no program waits for a
+    part that has not started while it holds an SM that part needs.
     PHASE 1 (publish) then PHASE 2 (combine and write the gradient) are the same work in two launches, for the
     Triton interpreter (which runs programs one after the other) and for GPUs with fewer SMs than parts; the
     ticket counter is zeroed between them.
