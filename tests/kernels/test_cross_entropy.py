@@ -226,6 +226,38 @@ def test_bad_options_raise(kwargs, match):
         cross_entropy(torch.randn(2, 5, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE), **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("wide_rows", [False, True])
+def test_forward_with_gradient_into_another_buffer(monkeypatch, dtype, wide_rows):
+    """The fused linear + CE's kernel called directly: row losses, z terms, log-sum-exps and the gradient of the
+    mean loss, written into a buffer with its own row stride; the logits and the buffer's other columns untouched.
+    Both paths, at test size: rows read twice by one program, and rows split into parts (64, 64 and 22 columns)."""
+    for name in ("MAX_SINGLE_PASS_BLOCK", "MULTI_PASS_BLOCK"):
+        monkeypatch.setattr(ce_module, name, 64)
+    monkeypatch.setattr(ce_module, "WIDE_ROW_COLS", 100 if wide_rows else 10**6)
+    monkeypatch.setattr(ce_module, "SPLIT_ROW_PART_COLS", 64)
+    monkeypatch.setattr(ce_module, "SPLIT_ROW_BLOCK", 32)
+    logits64, labels = make_case(11, 150, dtype, seed=12)
+    labels[1], labels[2] = 0, 149
+    logits = logits64.to(dtype)
+    grad_storage = torch.full((11, 160), 7.0, dtype=dtype, device=DEVICE)
+    grad = grad_storage[:, :150]
+    count = (labels != IGNORE).sum()
+    row_loss, row_z, lse = (torch.empty(11, device=DEVICE) for _ in range(3))
+    ce_module.cross_entropy_forward(logits, labels, count, row_loss, row_z, grad=grad, lse=lse, ignore_index=IGNORE,
+                                    z_loss=1e-2, label_smoothing=0.1, divide_by_count=True)  # fmt: skip
+
+    truth = logits64.clone().requires_grad_()
+    rows, z_rows = dense_cross_entropy(truth, labels, z_loss=1e-2, label_smoothing=0.1, reduction="none")
+    (rows.sum() / count).backward()
+    valid = labels != IGNORE
+    want_lse = torch.where(valid, torch.logsumexp(logits64, -1), 0.0)
+    grad_tolerance = 1e-6 if dtype == torch.float32 else 1e-3  # the gradient is stored in the logits' dtype
+    assert rel_err(row_loss, rows) < 1e-6 and rel_err(row_z, z_rows) < 1e-6 and rel_err(lse, want_lse) < 1e-6
+    assert rel_err(grad, truth.grad) < grad_tolerance and not grad[~valid].any()
+    assert torch.equal(logits, logits64.to(dtype)) and (grad_storage[:, 150:] == 7.0).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("vocab", [32128, 250112])
 @pytest.mark.parametrize("z_loss, label_smoothing", [(0.0, 0.0), (1e-4, 0.1)])
