@@ -69,8 +69,9 @@ WIDE_ROW_COLS = 65536
 SPLIT_ROW_PART_COLS = 16384
 SPLIT_ROW_BLOCK = 8192
 SPLIT_ROW_WARPS = 8
-# Registers a thread may use: 48 lets five 8-warp programs share an SM (80, the compiler's choice, allows three).
-# 2048 x 250,112, same process: 0.783 ms at 48, 0.805 at 64 or uncapped (60), 0.832 at 40 (spills).
+# Registers a thread may use with 16-bit logits: 48 lets five 8-warp programs share an SM (80, the compiler's choice
+# with runtime part sizes, allows three). 2048 x 250,112 bf16, same process: 0.783 ms at 48, 0.805 at 64 or uncapped
+# (60), 0.832 at 40 (spills).
 SPLIT_ROW_MAX_REGISTERS = 48
 
 
@@ -542,6 +543,9 @@ def _split_row_forward(
     sync = torch.zeros(1 + n_rows, dtype=torch.int32, device=logits.device)
     part_stats = torch.empty((n_rows, n_parts, 4), dtype=torch.float32, device=logits.device)
     phases = (0,) if n_parts <= multiprocessor_count(logits.device) else (1, 2)
+    # The register cap was measured on 16-bit logits; float32 ones spill under it (6-12 bytes), so they get the
+    # compiler's choice.
+    launch_options = {"maxnreg": SPLIT_ROW_MAX_REGISTERS} if logits.element_size() == 2 else {}
     for phase in phases:
         if phase == 2:
             sync.zero_()
@@ -552,7 +556,7 @@ def _split_row_forward(
             dict(PHASE=phase, N_PARTS=n_parts, PARTS_POW2=next_power_of_2(n_parts), PART_COLS=SPLIT_ROW_PART_COLS,
                  BLOCK_SIZE=min(SPLIT_ROW_BLOCK, SPLIT_ROW_PART_COLS), **options),
             num_warps=SPLIT_ROW_WARPS,
-            maxnreg=SPLIT_ROW_MAX_REGISTERS,
+            **launch_options,
         )  # fmt: skip
 
 

@@ -281,6 +281,16 @@ def test_bf16_on_gpu_against_rule(vocab, chunk_size, vocab_chunk_size, z_loss, l
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("vocab", [65537, 250112])
+def test_wide_rows_in_other_dtypes_on_gpu(dtype, vocab):
+    """fp32 and fp16 through the split-row kernel; 65,537 columns leave a last part of one column."""
+    hidden64, weight64, labels = make_case(256, 64, vocab, dtype, seed=13)
+    labels[1] = vocab - 1
+    check_against_rule(hidden64, weight64, labels, dtype, torch.float16, z_loss=1e-4, label_smoothing=0.1)
+
+
+@pytest.mark.gpu
 def test_wide_rows_in_two_launches_on_gpu(monkeypatch):
     """The split-row kernel's fallback (publish, then finish) where a GPU has fewer SMs than a row has parts."""
     import fat5_kernels.cross_entropy as ce_module
