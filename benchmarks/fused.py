@@ -600,6 +600,9 @@ def _guarded(row: dict, error_key: str, measurement: Callable, *args):
         torch.cuda.empty_cache()
 
 
+_TABLE_HEADER = f"{'kernel':18s} {'impl':13s} {'shape':22s} {'mode':7s} {'ms':>8s} {'gpu_ms':>8s} {'peak_MiB':>9s} {'rel_err':>8s}"
+
+
 def _print_row(row: dict) -> None:
     head = f"{row['kernel']:18s} {row['impl']:13s} {row['shape']:22s} {row['mode']:7s}"
     if "error" in row:
@@ -701,8 +704,9 @@ def main(argv=None):
         with open(json_path, "w") as f:
             json.dump({"rows": kept + rows, "targets": targets(kept + rows)}, f, indent=1)
 
+    print(_TABLE_HEADER)  # round 1's rows are printed as they are measured
     rows = run_cases(cases, references, meta, args.rounds, save)
-    print(f"{'kernel':18s} {'impl':13s} {'shape':22s} {'mode':7s} {'ms':>8s} {'gpu_ms':>8s} {'peak_MiB':>9s} {'rel_err':>8s}")
+    print(f"medians of {args.rounds} rounds, kernel time last:\n{_TABLE_HEADER}")
     for row in rows:
         _print_row(row)
     with open(os.path.join(args.output_dir, "fused.md"), "w") as f:
