@@ -96,6 +96,6 @@ def test_flce_against_its_matmuls_is_judged_on_the_paired_ratio_where_measured()
     assert set(verdicts) == {"V=big", "V=small"}
     assert verdicts["V=big"]["ratio"] == pytest.approx(1.3) and verdicts["V=big"]["paired_ratio"] == 1.2
     assert verdicts["V=big"]["met"] and not verdicts["V=small"]["met"]
-    table = fused.markdown(rows, {}).split("## Fused linear + cross-entropy against its three matmuls")[1]
+    table = fused.markdown(rows).split("## Fused linear + cross-entropy against its three matmuls")[1]
     assert "| V=big | 13.000 | 10.000 | 1.300 | 12.000 | 10.000 | 1.200 | met |" in table
     assert "| V=small | 1.300 | 1.000 | 1.300 |" in table and "**not met**" in table
