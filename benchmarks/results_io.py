@@ -32,15 +32,16 @@ RESULT_KEYS = ("environment", "args", "rows")
 
 
 def git_commit(repo: str | os.PathLike = REPO_ROOT) -> str | None:
-    """Short hash of the checked-out commit, with ``-dirty`` when tracked files differ from it; None outside git."""
+    """Short hash of the checked-out commit, with ``-dirty`` when tracked files differ from it. Outside a git
+    checkout (a copy of the files on a GPU machine), the ``FAT5_COMMIT`` environment variable, else None."""
     try:
         described = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=repo, capture_output=True, text=True,
             timeout=30, check=True,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return None
-    return described.stdout.strip() or None
+        return os.environ.get("FAT5_COMMIT") or None
+    return described.stdout.strip() or os.environ.get("FAT5_COMMIT") or None
 
 
 def _version(module: str) -> str | None:

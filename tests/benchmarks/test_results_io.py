@@ -82,3 +82,11 @@ def test_results_folder_holds_one_current_result_per_script_in_the_one_shape():
     for script in SCRIPTS:
         result = results_io.read_results(RESULTS / f"{script}.json")
         assert result["rows"] and all(result["environment"][key] for key in ("gpu", "date", "commit")), script
+
+
+def test_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAT5_COMMIT", "1234abc")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git must not find the checkout above tmp_path
+    assert results_io.git_commit(tmp_path) == "1234abc"
+    monkeypatch.delenv("FAT5_COMMIT")
+    assert results_io.git_commit(tmp_path) is None
