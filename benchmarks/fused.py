@@ -39,8 +39,9 @@ Usage (GPU machine, repository root; Liger-Kernel is a benchmark-only dependency
 
 writes ``fused.json`` (rows with kernel, impl, shape, mode, ms, peak_MiB, rel_err and the run that measured them)
 and ``fused.md`` (tables and the targets section) through ``results_io``; ``fused.notes.md`` beside them says how
-to read them. Rows of kernels not run this time are kept from ``--merge`` (by default the existing ``fused.json`` in the output
-directory), so that each kernel family can be run on its own. ``--markdown-only`` rewrites fused.md from fused.json.
+to read them. Rows of kernels not run this time are kept from ``--merge`` (by default the existing ``fused.json``
+in the output directory), so that each kernel family can be run on its own. ``--markdown-only`` rewrites fused.md
+from fused.json.
 """
 
 from __future__ import annotations
