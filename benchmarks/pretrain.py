@@ -300,12 +300,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if rank == 0:
         print(json.dumps(env), flush=True)
 
-    generator = torch.Generator().manual_seed(rank)  # each rank its own data, as a data-parallel run sees
     vocab = FAT5_SMALL_SHAPE["vocab_size"]
     os.makedirs(args.output_dir, exist_ok=True)
     rows = []
     for variant in variants:
         batch = sizes[variant]
+        # the same batches for every variant of one batch size; each rank its own data, as a data-parallel run sees
+        generator = torch.Generator().manual_seed(rank)
         batches = [
             (
                 torch.randint(2, vocab, (batch, args.input_length), generator=generator).cuda(),
