@@ -16,14 +16,13 @@ are also timed replayed from CUDA graphs (``fwd_ms_graph`` / ``fwdbwd_ms_graph``
 time without the host's, which bounds eager calls at short lengths.
 Peak extra memory: max allocated during one forward+backward minus what was allocated before it.
 
-Writes benchmarks/results/attention.json and attention.md (or --out).
+Writes benchmarks/results/attention.json and attention.md (or --out) through ``results_io``.
 Usage: python benchmarks/attention.py [--impls fat5,nobias,...] [--seqs 512,1024] [--dims 64,128] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import math
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
 
 import triton  # noqa: E402
+from results_io import environment, read_results, write_results  # noqa: E402
 
 from fat5_kernels.attention import t5_flash_attention  # noqa: E402
 from fat5_kernels.attention_reference import t5_relative_position_bucket  # noqa: E402
@@ -255,7 +255,6 @@ def main():
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--name", default="attention")
     parser.add_argument("--profile", action="store_true", help="print per-kernel CUDA time and host time instead")
     parser.add_argument(
         "--repeats",
@@ -275,20 +274,11 @@ def main():
     args.flex_dims = [int(d) for d in args.flex_dims.split(",") if d]
     names = args.impls.split(",")
     dtype = torch.bfloat16
-    meta = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        tokens_per_batch=args.tokens, heads=args.heads, num_buckets=NUM_BUCKETS, max_distance=MAX_DISTANCE,
-    )  # fmt: skip
-    print(json.dumps(meta), flush=True)
+    env = environment()
+    print(json.dumps(env), flush=True)
     rows = []
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"{args.name}.json")
-    earlier = []
-    if args.keep_existing and os.path.exists(json_path):
-        with open(json_path) as f:
-            previous = json.load(f)
-        earlier = [dict(r, date=r.get("date", previous["meta"]["date"])) for r in previous["rows"]]
+    json_path = os.path.join(args.out, "attention.json")
+    earlier = read_results(json_path)["rows"] if args.keep_existing and os.path.exists(json_path) else []
     seqs = [int(s) for s in args.seqs.split(",") if s]
     long_seqs = [int(s) for s in args.long_seqs.split(",") if s]
     for D in [int(d) for d in args.dims.split(",")]:
@@ -308,8 +298,8 @@ def main():
                 for name in names:
                     if L in long_seqs and name not in ("fat5", "nobias"):
                         continue
-                    row = dict(impl=name, causal=causal, L=L, B=B, H=H, D=D, dtype="bf16", device=meta["device"])
-                    row["date"] = meta["date"]
+                    row = dict(impl=name, causal=causal, L=L, B=B, H=H, D=D, dtype="bf16")
+                    row.update(gpu=env["gpu"], date=env["date"], commit=env["commit"])  # rows of runs merged
                     reason = skip_reason(name, L, D, args)
                     if reason:
                         row["skipped"] = reason
@@ -343,43 +333,58 @@ def main():
                 for row in point_rows:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                write_results(json_path, meta, earlier, rows)  # partial results survive a timeout
+                save(env, args, merge_rows(earlier, rows))  # partial results survive a timeout
                 del q, k, v, table, do, reference
                 torch.cuda.empty_cache()
-    meta, rows = write_results(json_path, meta, earlier, rows)
-    markdown = render_markdown(meta, rows)
-    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
-        f.write(markdown)
-    print(markdown)
+    _, markdown_path = save(env, args, merge_rows(earlier, rows))
+    print(markdown_path.read_text())
 
 
 def point(row) -> tuple:
     return row["impl"], row["causal"], row["L"], row["D"]
 
 
-def write_results(path: str, meta: dict, earlier: list, rows: list) -> tuple[dict, list]:
-    """Write this run's rows, after the earlier rows of points it did not measure; meta lists every run kept."""
+def merge_rows(earlier: list, rows: list) -> list:
+    """This run's rows, after the earlier rows of points it did not measure (each row names its run)."""
     measured = {point(r) for r in rows}
-    merged = [r for r in earlier if point(r) not in measured] + rows
-    meta = dict(meta, runs=sorted({(r.get("date", meta["date"]), r["device"]) for r in merged}))
-    with open(path, "w") as f:
-        json.dump(dict(meta=meta, rows=merged), f, indent=1)
-    return meta, merged
+    return [r for r in earlier if point(r) not in measured] + rows
 
 
-def render_markdown(meta, rows):
-    lines = [
-        "# Attention with a learned T5 bias: fat5 kernel vs. the alternatives",
-        "",
-        f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-        f"runs: {'; '.join(f'{date} ({device})' for date, device in meta['runs'])}. "
-        f"bf16, {meta['tokens_per_batch']} tokens per batch (B = tokens / L), H = {meta['heads']}, "
-        f"{meta['num_buckets']} buckets, max distance {meta['max_distance']}, scale 1.0. "
-        "fwd / fwd+bwd TFLOP/s (fwd+bwd includes the bias-table gradient; nobias has no bias at all) and peak "
-        "extra MiB of one fwd+bwd; fat5 and nobias rows report the best of their alternating timed runs where "
-        "the JSON lists several (`fwd_ms_runs`). Generated by `benchmarks/attention.py`.",
-        "",
-    ]
+def runs(rows: list) -> list[tuple[str, str, str | None]]:
+    """The (date, GPU, commit) of every run whose rows are kept."""
+    return sorted({(r["date"], r["gpu"], r.get("commit")) for r in rows}, key=str)
+
+
+TITLE = "Attention with a learned T5 bias: fat5 kernel vs. the alternatives"
+
+
+def method(args: argparse.Namespace, rows: list) -> str:
+    """How the tables' numbers were taken; names every run when rows of earlier runs are kept."""
+    kept = runs(rows)
+    merged = (
+        f"Rows of {len(kept)} runs: " + "; ".join(f"{date} ({gpu}, commit {commit})" for date, gpu, commit in kept)
+        + ". "
+        if len(kept) > 1
+        else ""
+    )
+    return merged + (
+        f"bf16, {args.tokens} tokens per batch (B = tokens / L), H = {args.heads}, {NUM_BUCKETS} buckets, max "
+        f"distance {MAX_DISTANCE}, scale 1.0. fwd / fwd+bwd TFLOP/s (fwd+bwd includes the bias-table gradient; "
+        "nobias has no bias at all) and peak extra MiB of one fwd+bwd; fat5 and nobias rows report the best of "
+        "their alternating timed runs where the JSON lists several (`fwd_ms_runs`)."
+    )
+
+
+def save(env: dict, args: argparse.Namespace, rows: list):
+    """Write attention.json and attention.md; returns their paths."""
+    return write_results("attention", rows, env=env, args=args, title=TITLE, method=method(args, rows),
+                         body=render_markdown(rows), output_dir=args.out)  # fmt: skip
+
+
+def render_markdown(rows: list) -> str:
+    """Per (D, causal), every implementation's TFLOP/s and memory; the targets (fat5 over nobias of the same run),
+    skipped and failed points, and the errors against the fp32 reference."""
+    lines = []
     impls = [i for i in ["fat5", "nobias", "sdpa_bias", "eager", "flex"] if any(r["impl"] == i for r in rows)]
     by_key = {(r["impl"], r["causal"], r["L"], r["D"]): r for r in rows}
     for D in sorted({r["D"] for r in rows}):

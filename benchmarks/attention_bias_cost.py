@@ -11,16 +11,26 @@ Usage (GPU machine, repository root)::
 
     PYTHONPATH=$PWD/kernels:$PWD python benchmarks/attention_bias_cost.py --seqs 512,1024
 
-Prints one line per case; `benchmarks/results/attention_bias_cost.md` holds the runs and their reading.
+Prints one line per case and writes ``attention_bias_cost.json`` and ``.md`` through ``results_io``.
 """
+
+from __future__ import annotations
 
 import argparse
 
 import torch
 import torch.nn.functional as F
 import triton
+from results_io import RESULTS_DIR, Column, environment, write_results
 
 from fat5_kernels.attention import t5_flash_attention
+
+TITLE = "What the T5 bias costs the attention kernel (FAT5-small pretraining shape)"
+COLUMNS = [
+    Column("L", "L"), Column("causal", lambda r: int(r["causal"])), Column("case", "case"),
+    Column("fwd us", "fwd_us", ".0f"), Column("fwd+bwd us", "fwdbwd_us", ".0f"),
+    Column("fwd+bwd vs. sdpa", "fwdbwd_vs_sdpa", ".2f"),
+]  # fmt: skip
 
 
 def cases(q, k, v, table, causal: bool) -> dict:
@@ -45,23 +55,39 @@ def time_us(fn, grad_output: torch.Tensor, leaves: list[torch.Tensor]) -> tuple[
     return fwd * 1e3, fwdbwd * 1e3
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seqs", default="512,1024")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
-    args = parser.parse_args()
+    parser.add_argument("--output-dir", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    env = environment()
     torch.manual_seed(0)
     B, H, D = args.batch, args.heads, args.head_dim
+    rows = []
     for L in [int(s) for s in args.seqs.split(",")]:
         q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         do = torch.randn_like(q)
         for causal in (False, True):
             table = (torch.randn(H, 32, device="cuda") * 0.5).requires_grad_()
+            point = []
             for name, fn in cases(q, k, v, table, causal).items():
                 fwd, fwdbwd = time_us(fn, do, [q, k, v, table])
                 print(f"L={L} causal={int(causal)} {name:12s} fwd {fwd:7.1f} us  fwd+bwd {fwdbwd:7.1f} us", flush=True)
+                point.append(dict(L=L, causal=causal, case=name, B=B, H=H, D=D, fwd_us=fwd, fwdbwd_us=fwdbwd))
+            sdpa = next(r for r in point if r["case"] == "sdpa")
+            rows += [dict(r, fwdbwd_vs_sdpa=r["fwdbwd_us"] / sdpa["fwdbwd_us"]) for r in point]
+    method = (
+        f"q, k, v ({B}, {H}, L, {D}) bf16, 32 buckets, max distance 128, scale 1.0; kernel time only "
+        "(`triton.testing.do_bench`, median), autotuned; the four cases side by side in one process. t5+grad: the "
+        "training case (the bucket table needs a gradient); t5_nograd: the same table without gradient; "
+        "fat5_nobias: the kernel without bias; sdpa: PyTorch SDPA flash without bias, the ceiling."
+    )
+    write_results("attention_bias_cost", rows, env=env, args=args, title=TITLE, method=method, columns=COLUMNS,
+                  output_dir=args.output_dir)  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

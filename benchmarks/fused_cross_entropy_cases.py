@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -429,31 +427,29 @@ def main():
     parser.add_argument("--impls", default="fat5,torch,compile,liger,matmuls")
     parser.add_argument("--modes", default="fwd,fwdbwd")
     parser.add_argument("--variants", action="store_true", help="time the fat5 launch variants instead")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--out", default=os.environ.get("OUT", "."),
+                        help="where a standalone run writes (not benchmarks/results: fused.py's rows are the record)")  # fmt: skip
     args = parser.parse_args()
     torch.set_float32_matmul_precision("highest")
-    import triton
+    from results_io import environment, write_results
 
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d"))  # fmt: skip
-    print(meta, flush=True)
+    env = environment()
+    print(env, flush=True)
     if args.variants:
         cases = variant_cases()
     else:
         cases = build_cases(args.only.split(","), args.impls.split(","), args.modes.split(","))
     rows = []
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "fused_cross_entropy_variants.json" if args.variants else "fused_cross_entropy.json")
+    title = "Cross-entropy and fused linear + cross-entropy cases" + (": fat5 launch variants" if args.variants else "")
     for case in cases:
-        row = {**_run_case(case), **meta}
+        row = _run_case(case)
         rows.append(row)
         if "error" in row:
             print(f"{row['kernel']:5s} {row['impl']:10s} {row['shape']:38s} {row['mode']:7s} ERROR {row['error'][:90]}")
         else:
             print(f"{row['kernel']:5s} {row['impl']:10s} {row['shape']:38s} {row['mode']:7s} {row['ms']:9.3f} ms "
                   f"{row['peak_MiB']:9.1f} MiB {row.get('rel_err', float('nan')):9.2e}", flush=True)  # fmt: skip
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_results("fused_cross_entropy_cases", rows, env=env, args=args, title=title, output_dir=args.out)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ to torch's AdamW, in one process on one GPU.
 Per variant: wall time of a step (20 steps back to back, synchronized at the end: host issue and GPU work
 together, as in training), the host time to issue one step, and the summed GPU kernel time of one step
 (torch.profiler). The fused AdamWScale moves ``7 x 4 bytes`` per parameter (reads p, g, m, v; writes p, m, v) plus
-the norm's read of p: its bandwidth is reported against that. Writes ``optimizer.json`` and ``.md``. Usage (GPU
-machine, repository root)::
+the norm's read of p: its bandwidth is reported against that. Writes ``optimizer.json`` and ``.md`` through
+``results_io``. Usage (GPU machine, repository root)::
 
     PYTHONPATH=$PWD/kernels:$PWD python benchmarks/optimizer.py --output-dir benchmarks/results
 """
@@ -13,13 +13,12 @@ machine, repository root)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import time
 from collections.abc import Callable
 
 import torch
+from results_io import RESULTS_DIR, Column, environment, write_results
 
 from fat5_hf import FAT5Config, FAT5ForConditionalGeneration
 from fat5_hf.optim import AdamWScale
@@ -89,55 +88,47 @@ def measure(name: str, params: list[torch.Tensor], steps: int = 20) -> dict:
     )
 
 
-def to_markdown(env: dict, rows: list[dict]) -> str:
+TITLE = "Optimizer step: AdamWScale vs. torch AdamW (FAT5-small, float32)"
+
+
+def method(rows: list[dict]) -> str:
+    """How the table's numbers were taken."""
+    return (
+        f"{rows[0]['tensors']} tensors, {rows[0]['parameters'] / 1e6:.1f}M parameters. step ms: 20 steps back to "
+        "back (host and GPU); host ms: issuing one step on an idle GPU (median of 5); GPU ms: summed kernel time of "
+        "one step (torch.profiler); GB/s: 32 bytes per parameter (the fused update's reads and writes and the "
+        "norm's read) over the GPU time."
+    )
+
+
+def columns(rows: list[dict]) -> list[Column]:
+    """The table: each variant's times and its step time over torch's fused AdamW's."""
     base = next((r for r in rows if r["variant"] == "torch_adamw_fused"), None)
-    lines = [
-        "# Optimizer step: AdamWScale vs. torch AdamW (FAT5-small, float32)",
-        "",
-        f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. {rows[0]['tensors']} tensors, "
-        f"{rows[0]['parameters'] / 1e6:.1f}M parameters. step ms: 20 steps back to back (host and GPU); host ms: "
-        "issuing one step on an idle GPU (median of 5); GPU ms: summed kernel time of one step (torch.profiler); "
-        "GB/s: 32 bytes per parameter (the fused update's reads and writes and the norm's read) over the GPU time.",
-        "",
-        "| variant | step ms | vs. torch fused AdamW | host ms | GPU ms | kernels a step | GB/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        ratio = f"{r['step_ms'] / base['step_ms']:.2f}x" if base else ""
-        lines.append(
-            f"| {r['variant']} | {r['step_ms']:.2f} | {ratio} | {r['host_ms']:.2f} | {r['gpu_ms']:.2f} | "
-            f"{r['kernels_per_step']:.0f} | {r['GB_per_s']} |"
-        )
-    return "\n".join(lines) + "\n"
+    ratio = (lambda r: f"{r['step_ms'] / base['step_ms']:.2f}x") if base else (lambda r: None)
+    return [
+        Column("variant", "variant"), Column("step ms", "step_ms", ".2f"), Column("vs. torch fused AdamW", ratio),
+        Column("host ms", "host_ms", ".2f"), Column("GPU ms", "gpu_ms", ".2f"),
+        Column("kernels a step", "kernels_per_step", ".0f"), Column("GB/s", "GB_per_s"),
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    import triton
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     args = parser.parse_args(argv)
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    env = dict(
-        gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
+    env = environment()
     rows = []
     for name in names:
         rows.append(measure(name, model_parameters()))
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "optimizer.json"), "w") as f:
-        json.dump(dict(environment=env, rows=rows), f, indent=1)
-    with open(os.path.join(args.output_dir, "optimizer.md"), "w") as f:
-        f.write(to_markdown(env, rows))
+    write_results("optimizer", rows, env=env, args=args, title=TITLE, method=method(rows), columns=columns(rows),
+                  output_dir=args.output_dir)  # fmt: skip
     return rows
 
 

@@ -25,28 +25,33 @@ Usage (GPU machine, repository root)::
     export PYTHONPATH=$PWD/kernels:$PWD
     python benchmarks/pretrain.py --batch-size 32 --output-dir benchmarks/results
 
-writes ``pretrain.json`` and ``pretrain.md`` into ``--output-dir``. Scaling to several GPUs of one host::
+writes ``pretrain.json`` and ``pretrain.md`` into ``--output-dir`` (through ``results_io``). Each model at the
+largest batch it fits on an 80 GB GPU, in one process::
+
+    python benchmarks/pretrain.py --variants t5_compiled,fat5_bf16residual_cudagraphs --batch-size 64 \
+        --variant-batch-size fat5_bf16residual_cudagraphs=256 --steps 5 --warmup-steps 3
+
+Scaling to several GPUs of one host::
 
     torchrun --nproc_per_node 2 benchmarks/pretrain.py --batch-size 64 --variants t5_compiled,fat5_compiled
 
 measures each variant first on one GPU (rank 0 alone, the others wait), then on every GPU with
-``DistributedDataParallel`` (NCCL), the same batch per GPU, and writes ``pretrain_<N>gpus.{json,md}`` with the
-scaling efficiency ``tokens/s on N GPUs / (N * tokens/s on one)``.
+``DistributedDataParallel`` (NCCL), the same batch per GPU, and reports the scaling efficiency
+``tokens/s on N GPUs / (N * tokens/s on one)`` (the same two files: one current result per script).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import time
 import traceback
 
 import torch
 import torch.distributed as dist
+from results_io import RESULTS_DIR, Column, environment, write_results
 
 DEFAULT_VARIANTS = ("t5", "t5_compiled", "fat5", "fat5_compiled", "fat5_adamw_scale")
 VARIANTS = DEFAULT_VARIANTS + (
@@ -105,7 +110,7 @@ def measure(
     row = dict(
         variant=variant,
         gpus=gpus,
-        batch_size=args.batch_size,
+        batch_size=len(batches[0][0]),
         input_length=args.input_length,
         target_length=args.target_length,
     )
@@ -158,7 +163,7 @@ def measure(
             row["profile"] = profile_steps(train_step, batches, args, variant)
         row.update(
             step_ms=round(step_s * 1e3, 2),
-            tokens_per_s=round(gpus * args.batch_size * (args.input_length + args.target_length) / step_s),
+            tokens_per_s=round(gpus * row["batch_size"] * (args.input_length + args.target_length) / step_s),
             peak_memory_GiB=round(peak_bytes / 2**30, 2),
             reserved_memory_GiB=round(reserved_bytes / 2**30, 2),
             final_loss=round(float(loss), 4),
@@ -167,6 +172,7 @@ def measure(
         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
         traceback.print_exc(limit=4)
     model = optimizer = forward = train_step = None  # free the GPU memory before the next variant
+    torch._dynamo.reset()  # compiled graphs and CUDA-graph pools hold the variant's memory otherwise
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -189,81 +195,68 @@ def profile_steps(train_step, batches, args: argparse.Namespace, variant: str) -
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     kernel_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
     table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
-    with open(os.path.join(args.output_dir, f"pretrain_profile_{variant}.txt"), "w") as f:
-        f.write(
-            f"{variant}: wall {wall_ms:.1f} ms/step (profiled), host issue {host_ms:.1f} ms/step, "
-            f"summed kernel time {kernel_ms:.1f} ms/step\n{table}\n"
-        )
+    print(  # the run's log, not a results file: benchmarks/results holds one result per script
+        f"{variant}: wall {wall_ms:.1f} ms/step (profiled), host issue {host_ms:.1f} ms/step, "
+        f"summed kernel time {kernel_ms:.1f} ms/step\n{table}",
+        flush=True,
+    )
     return dict(wall_ms=round(wall_ms, 1), host_issue_ms=round(host_ms, 1), kernel_ms=round(kernel_ms, 1))
 
 
-def environment() -> dict:
-    import transformers
+TITLE = "Pretraining throughput: FAT5 vs. Hugging Face T5 (FAT5-small shape)"
 
-    try:
-        import triton
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return dict(
-        gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        triton=triton_version,
-        transformers=transformers.__version__,
-        python=platform.python_version(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+def method(env: dict, args: argparse.Namespace) -> str:
+    """How the table's numbers were taken, from the run's arguments."""
+    launcher = f"torchrun --nproc_per_node {env['gpus']} " if env["gpus"] > 1 else "python "
+    return (
+        "d_model 512, 8 heads, gated-GELU d_ff 2048, 12+12 layers, vocab 32,768; per GPU, batch (column) x "
+        f"({args.input_length} input + {args.target_length} target) tokens; bf16 autocast, fp32 weights; "
+        f"{args.warmup_steps} warm-up steps, {args.steps} timed steps; gradient clipping at 1.0; the variants one "
+        f"after the other in one process. Command: `{launcher}benchmarks/pretrain.py {' '.join(args.argv)}`.\n\n"
+        "vs. t5_compiled: tokens/s over compiled T5's on as many GPUs, each at its own batch size. Scaling: "
+        "tokens/s on N GPUs over N times the same variant's on one. Peak GiB: most memory allocated during the "
+        "timed steps; reserved GiB: most held by PyTorch's allocator, including CUDA-graph pools (the "
+        "`_cudagraphs` variants' replays allocate nothing, so only reserved counts their memory)."
     )
 
 
-def to_markdown(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
-    lines = [
-        "# Pretraining throughput: FAT5 vs. Hugging Face T5 (FAT5-small shape)",
-        "",
-        f"{env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
-        f"transformers {env['transformers']}, {env['date']}.",
-        "",
-        f"d_model 512, 8 heads, gated-GELU d_ff 2048, 12+12 layers, vocab 32,768; batch {args.batch_size} (per GPU) x "
-        f"({args.input_length} input + {args.target_length} target) tokens; bf16 autocast, fp32 weights; "
-        f"{args.warmup_steps} warm-up steps, {args.steps} timed steps; gradient clipping at 1.0. "
-        "Command: `"
-        + (f"torchrun --nproc_per_node {env['gpus']} " if env.get("gpus", 1) > 1 else "python ")
-        + "benchmarks/pretrain.py "
-        + " ".join(args.argv)
-        + "`.",
-        "",
-        "Peak GiB: most memory allocated during the timed steps; reserved GiB: most held by PyTorch's allocator, "
-        "including CUDA-graph pools (the `_cudagraphs` variants' replays allocate nothing, so only reserved counts "
-        "their memory).",
-        "",
-        "| variant | GPUs | optimizer | step ms | tokens/s | vs. t5_compiled | scaling | peak GiB | reserved GiB "
-        "| params (M) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def columns(rows: list[dict]) -> list[Column]:
+    """The table: each variant's step time and tokens/s, against compiled T5 and against itself on one GPU."""
     ok = [r for r in rows if "error" not in r]
-    for row in rows:
-        optimizer = "AdamWScale" if row["variant"] == "fat5_adamw_scale" else "AdamW (fused)"
-        if "error" in row:
-            lines.append(
-                f"| {row['variant']} | {row['gpus']} | {optimizer} | error: {row['error'][:120]} | | | | | | |"
-            )
-            continue
-        # compared with t5_compiled on as many GPUs; scaling against this variant's own one-GPU row
+
+    def versus_t5(row: dict) -> str | None:
         reference = next((r for r in ok if r["variant"] == "t5_compiled" and r["gpus"] == row["gpus"]), None)
+        return f"{row['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference and "error" not in row else None
+
+    def scaling(row: dict) -> str | None:
         single = next((r for r in ok if r["variant"] == row["variant"] and r["gpus"] == 1), None)
-        ratio = f"{row['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else "n/a"
-        scaling = (
-            ""
-            if row["gpus"] == 1 or single is None
-            else f"{row['tokens_per_s'] / (row['gpus'] * single['tokens_per_s']):.2f}"
-        )
-        reserved = f"{row['reserved_memory_GiB']:.1f}" if "reserved_memory_GiB" in row else "n/a"
-        lines.append(
-            f"| {row['variant']} | {row['gpus']} | {optimizer} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | "
-            f"{ratio} | {scaling} | {row['peak_memory_GiB']:.1f} | {reserved} | {row['parameters_M']} |"
-        )
-    return "\n".join(lines) + "\n"
+        if row["gpus"] == 1 or single is None or "error" in row:
+            return None
+        return f"{row['tokens_per_s'] / (row['gpus'] * single['tokens_per_s']):.2f}"
+
+    return [
+        Column("variant", "variant"), Column("GPUs", "gpus"), Column("batch", "batch_size"),
+        Column("optimizer", lambda r: "AdamWScale" if r["variant"] == "fat5_adamw_scale" else "AdamW (fused)"),
+        Column("step ms", lambda r: f"error: {r['error'][:120]}" if "error" in r else f"{r['step_ms']:.1f}"),
+        Column("tokens/s", "tokens_per_s", ","), Column("vs. t5_compiled", versus_t5), Column("scaling", scaling),
+        Column("peak GiB", "peak_memory_GiB", ".1f"), Column("reserved GiB", "reserved_memory_GiB", ".1f"),
+        Column("params (M)", "parameters_M"),
+    ]  # fmt: skip
+
+
+def batch_sizes(args: argparse.Namespace, variants: list[str]) -> dict[str, int]:
+    """Each variant's batch per GPU: ``--batch-size``, or its ``--variant-batch-size VARIANT=N``."""
+    sizes = dict.fromkeys(variants, args.batch_size)
+    for spec in args.variant_batch_size:
+        variant, _, size = spec.partition("=")
+        if variant not in sizes or not size.isdigit() or int(size) < 1:
+            raise SystemExit(
+                f"--variant-batch-size {spec!r}: expected VARIANT=N with N >= 1 and VARIANT one of the --variants "
+                f"{variants}"
+            )
+        sizes[variant] = int(size)
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -275,11 +268,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first (compilation happens there)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated subset of {VARIANTS}")
-    parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument(
+        "--variant-batch-size",
+        action="append",
+        default=[],
+        metavar="VARIANT=N",
+        help="another batch size for one variant (repeatable), to compare each model at the largest batch it fits",
+    )
+    parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also write per-kernel CUDA time of 3 steps per variant (torch.profiler)",
+        help="also print per-kernel CUDA time of 3 steps per variant (torch.profiler)",
     )
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
@@ -295,23 +295,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     torch.backends.cuda.matmul.allow_tf32 = True
-    env = environment()
-    env["gpus"] = world
+    sizes = batch_sizes(args, variants)
+    env = environment(gpus=world)
     if rank == 0:
         print(json.dumps(env), flush=True)
 
-    generator = torch.Generator().manual_seed(rank)  # each rank its own data, as a data-parallel run sees
     vocab = FAT5_SMALL_SHAPE["vocab_size"]
-    batches = [
-        (
-            torch.randint(2, vocab, (args.batch_size, args.input_length), generator=generator).cuda(),
-            torch.randint(2, vocab, (args.batch_size, args.target_length), generator=generator).cuda(),
-        )
-        for _ in range(4)
-    ]
     os.makedirs(args.output_dir, exist_ok=True)
     rows = []
     for variant in variants:
+        batch = sizes[variant]
+        # the same batches for every variant of one batch size; each rank its own data, as a data-parallel run sees
+        generator = torch.Generator().manual_seed(rank)
+        batches = [
+            (
+                torch.randint(2, vocab, (batch, args.input_length), generator=generator).cuda(),
+                torch.randint(2, vocab, (batch, args.target_length), generator=generator).cuda(),
+            )
+            for _ in range(4)
+        ]
         # one GPU (rank 0 alone; the others wait), then every GPU with DDP: a side-by-side scaling baseline
         for gpus in (1, world) if world > 1 else (1,):
             if gpus == 1 and rank != 0:
@@ -328,13 +330,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if rank != 0:
         return rows
 
-    stem = "pretrain" if world == 1 else f"pretrain_{world}gpus"
-    with open(os.path.join(args.output_dir, f"{stem}.json"), "w") as f:
-        json.dump(dict(environment=env, args={k: v for k, v in vars(args).items()}, results=rows), f, indent=1)
-    markdown = to_markdown(env, args, rows)
-    with open(os.path.join(args.output_dir, f"{stem}.md"), "w") as f:
-        f.write(markdown)
-    print(markdown)
+    _, markdown_path = write_results("pretrain", rows, env=env, args=args, title=TITLE, method=method(env, args),
+                                     columns=columns(rows), output_dir=args.output_dir)  # fmt: skip
+    print(markdown_path.read_text())
     return rows
 
 

@@ -7,7 +7,7 @@ and tokenizer (no network), with every batch padded to one shape (``--pad-to-mul
 compiled modes then compile once), or with each batch's UL2 denoisers drawn from one group of equal padded lengths
 (``--group-denoisers-by-length``: less padding, a few batch shapes). The recipe logs tokens/s over windows of ``--logging-steps`` steps; the first ``--skip-windows``
 (compilation, autotuning) are left out and the median of the others is reported, with the range.
-Writes ``pretrain_recipe.json`` and ``.md``. Usage (GPU machine, repository root)::
+Writes ``pretrain_recipe.json`` and ``.md`` through ``results_io``. Usage (GPU machine, repository root)::
 
     PYTHONPATH=$PWD/kernels:$PWD python benchmarks/pretrain_recipe.py --output-dir benchmarks/results
 """
@@ -15,13 +15,14 @@ Writes ``pretrain_recipe.json`` and ``.md``. Usage (GPU machine, repository root
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+
+from results_io import RESULTS_DIR, Column, environment, write_results
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(REPO_ROOT, "recipes", "data")
@@ -93,36 +94,36 @@ def summarize(mode: str, log_path: str, skip_windows: int) -> dict:
     )
 
 
-def to_markdown(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
-    base = next((r for r in rows if r["mode"] == "eager"), None)
+TITLE = "The pretraining recipe's throughput: eager, compiled, CUDA graphs"
+
+
+def method(args: argparse.Namespace) -> str:
+    """How the table's numbers were taken, from the run's arguments."""
     padding = f"padded to a multiple of {args.pad_to_multiple_of}" if args.pad_to_multiple_of else "default padding"
     if args.group_denoisers_by_length:
         padding += ", denoisers grouped by length"
-    lines = [
-        "# The pretraining recipe's throughput: eager, compiled, CUDA graphs",
-        "",
-        f"{env['gpu']}, torch {env['torch']}, transformers {env['transformers']}, {env['date']}. "
-        f"`accelerate launch recipes/pretrain.py --config {args.config or '(embedded default)'}`, one process, "
-        f"{args.mixed_precision}; batches {padding}; {args.steps} steps a mode. Tokens/s: real (unpadded) tokens "
-        f"over windows of {args.logging_steps} steps, median (range) of the windows after the first "
-        f"{args.skip_windows}.",
-        "",
-        "| mode | tokens/s | range | vs. eager | loss at the end | eval loss |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
-        eval_loss = "" if r["eval_loss"] is None else f"{r['eval_loss']:.3f}"
-        lines.append(
-            f"| {r['mode']} | {r['tokens_per_s']:,} | {r['tokens_per_s_min']:,}-{r['tokens_per_s_max']:,} | "
-            f"{ratio} | {r['final_loss']:.3f} | {eval_loss} |"
-        )
-    return "\n".join(lines) + "\n"
+    config = os.path.relpath(args.config, REPO_ROOT) if args.config else "(embedded default)"
+    return (
+        f"`accelerate launch recipes/pretrain.py --config {config}`, one process, {args.mixed_precision}; batches "
+        f"{padding}; {args.steps} steps a mode. Tokens/s: real (unpadded) tokens over windows of "
+        f"{args.logging_steps} steps, median (range) of the windows after the first {args.skip_windows}."
+    )
+
+
+def columns(rows: list[dict]) -> list[Column]:
+    """The table: each mode's tokens/s, its ratio to eager, and its losses."""
+    base = next((r for r in rows if r["mode"] == "eager"), None)
+    ratio = (lambda r: f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x") if base else (lambda r: None)
+    return [
+        Column("mode", "mode"), Column("tokens/s", "tokens_per_s", ","),
+        Column("range", lambda r: f"{r['tokens_per_s_min']:,}-{r['tokens_per_s_max']:,}"),
+        Column("vs. eager", ratio), Column("loss at the end", "final_loss", ".3f"),
+        Column("eval loss", "eval_loss", ".3f"),
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     import torch
-    import transformers
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=os.path.join(REPO_ROOT, "recipes", "configs", "pretrain-fat5-small.yaml"),
@@ -137,19 +138,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="each batch's UL2 denoisers from one group of equal lengths (less padding, a few shapes)")  # fmt: skip
     parser.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16", "fp16"])
     parser.add_argument("--override", action="append", default=[], help="extra recipe key=value (repeatable)")
-    parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown modes {unknown}; choose from {list(MODES)}")
     on_cpu = not torch.cuda.is_available() or "training.cpu=true" in [o.replace(" ", "").lower() for o in args.override]
-    env = dict(
-        gpu="CPU" if on_cpu else torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
+    env = environment(gpu="CPU", gpus=0) if on_cpu else environment(gpus=1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pretrain_recipe_") as scratch:
         for mode in modes:
@@ -159,11 +155,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 raise SystemExit(f"{mode}: the recipe failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
             rows.append(summarize(mode, os.path.join(run_dir, "train_log.jsonl"), args.skip_windows))
             print(json.dumps(rows[-1]), flush=True)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "pretrain_recipe.json"), "w") as f:
-        json.dump(dict(environment=env, args=vars(args), rows=rows), f, indent=1)
-    with open(os.path.join(args.output_dir, "pretrain_recipe.md"), "w") as f:
-        f.write(to_markdown(env, args, rows))
+    write_results("pretrain_recipe", rows, env=env, args=args, title=TITLE, method=method(args),
+                  columns=columns(rows), output_dir=args.output_dir)  # fmt: skip
     return rows
 
 

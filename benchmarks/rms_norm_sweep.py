@@ -3,8 +3,8 @@
 
 For each shape it times the forward (one kernel) and the backward (kernel plus the sum of the partial weight
 gradients); CUDA events, ``triton.testing.do_bench`` median; at the default configuration and at every (rows per
-tile, warps[, programs per SM, row-loop pipeline stages]) of the grid, in one process. Writes ``rms_norm_sweep.json`` and ``.md`` (default
-first, then the fastest eight). Usage (GPU machine, repository root)::
+tile, warps[, programs per SM, row-loop pipeline stages]) of the grid, in one process. Writes ``rms_norm_sweep.json`` and
+``.md`` through ``results_io`` (default first, then the fastest eight). Usage (GPU machine, repository root)::
 
     PYTHONPATH=$PWD/kernels python benchmarks/rms_norm_sweep.py --output-dir benchmarks/results
 """
@@ -12,13 +12,11 @@ first, then the fastest eight). Usage (GPU machine, repository root)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import os
 
 import torch
-import triton
+from results_io import RESULTS_DIR, Column, environment, write_results
 from triton.testing import do_bench
 
 import fat5_kernels.rms_norm as rms_norm_module
@@ -121,48 +119,36 @@ def _config_str(config: list) -> str:
     return "/".join(str(v) for v in (rows, warps, *backward))
 
 
-def to_markdown(env: dict, results: list[dict]) -> str:
-    lines = [
-        "# RMSNorm kernels: launch-configuration sweep",
-        "",
-        f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. GPU time of one call (the "
-        "backward includes the partial weight-gradient sum), median of `triton.testing.do_bench`; the default "
-        "configuration first (the better of two timings, before and after the grid), then the fastest eight. "
-        "Configs: rows per tile / warps (/ programs per SM / row-loop pipeline stages).",
-        "",
-        "| pass | rows x d | x / weight | default: us (GB/s) | fastest |",
-        "|---|---|---|---|---|",
-    ]
-    for r in results:
-        fastest = ", ".join(f"{_config_str(c['config'])}: {c['us']:.1f}" for c in r["configs"][:8])
-        default = r["default"]
-        lines.append(
-            f"| {r['pass_name']} | {r['rows']} x {r['d']} | {r['x_dtype']} / {r['weight_dtype']} | "
-            f"{_config_str(default['config'])}: {default['us']:.1f} ({default['GB_per_s']}) | {fastest} |"
-        )
-    return "\n".join(lines) + "\n"
+TITLE = "RMSNorm kernels: launch-configuration sweep"
+METHOD = (
+    "GPU time of one call (the backward includes the partial weight-gradient sum), median of "
+    "`triton.testing.do_bench`; the default configuration first (the better of two timings, before and after the "
+    "grid), then the fastest eight. Configs: rows per tile / warps (/ programs per SM / row-loop pipeline stages)."
+)
+COLUMNS = [
+    Column("pass", "pass_name"),
+    Column("rows x d", lambda r: f"{r['rows']} x {r['d']}"),
+    Column("x / weight", lambda r: f"{r['x_dtype']} / {r['weight_dtype']}"),
+    Column(
+        "default: us (GB/s)",
+        lambda r: f"{_config_str(r['default']['config'])}: {r['default']['us']:.1f} ({r['default']['GB_per_s']})",
+    ),
+    Column("fastest", lambda r: ", ".join(f"{_config_str(c['config'])}: {c['us']:.1f}" for c in r["configs"][:8])),
+]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
-    env = dict(
-        gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
+    env = environment()
     results = []
     for shape in SHAPES:
         for result in sweep_shape(*shape):
             results.append(result)
             print(json.dumps({k: v for k, v in result.items() if k != "configs"}), flush=True)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "rms_norm_sweep.json"), "w") as f:
-        json.dump(dict(environment=env, results=results), f, indent=1)
-    with open(os.path.join(args.output_dir, "rms_norm_sweep.md"), "w") as f:
-        f.write(to_markdown(env, results))
+    write_results("rms_norm_sweep", results, env=env, args=args, title=TITLE, method=METHOD, columns=COLUMNS,
+                  output_dir=args.output_dir)  # fmt: skip
     return results
 
 

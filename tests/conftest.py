@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need compiled kernels on a CUDA GPU; `interpreter` tests run the kernels on CPU tensors, which
-    only the Triton interpreter can. On a GPU machine run both kinds in two sessions: `pytest tests` (the
+    only the Triton interpreter can. On a GPU machine run both kinds in two runs: `pytest tests` (the
     interpreter ones are skipped) and `TRITON_INTERPRET=1 pytest -m interpreter tests`."""
     from fat5_kernels import triton_interpreter_enabled  # imports no triton; the variable is set above
 

@@ -441,7 +441,7 @@ def _dq_tile_loop(
 
 def _dq_configs() -> list:
     # (BLOCK_M queries per program, BLOCK_N keys per step, warps, stages); the first is the default. Kernel time
-    # (torch.profiler, bf16, D=64, H=8, B*L = 32k, T5 bias with its gradient), session 9, one H200 process:
+    # (torch.profiler, bf16, D=64, H=8, B*L = 32k, T5 bias with its gradient), one H200 process, 2026-11-26:
     # 64x32/4/3 won at L=512 (162 vs 197 us for 64x64/4/2, causal 139 vs 143) and at L=1024 (259 vs 321; causal
     # 201 vs 191 for 64x64/4/3); 128-row tiles, 32-row ones and 64x128 lost everywhere. On H100s at L=512: 164 us
     # autotuned to it, 198 with 64x64/4/2 (another process).

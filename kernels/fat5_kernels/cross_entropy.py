@@ -50,7 +50,7 @@ __all__ = ["CrossEntropyFunction", "cross_entropy", "cross_entropy_forward", "sc
 # the blocks the first pass read last, most likely still in L2). For 4096 rows of 32,768 bf16 logits in place
 # (H100) two reads by a 16-warp program took 0.202 ms, one read by a 32-warp program holding the whole row 0.229
 # (one program per SM), and one read with the row spread over programs whose last to finish writes its gradient
-# 0.240 (benchmarks/results/fused.notes.md, session 16).
+# 0.240 (2026-11-27; benchmarks/results/fused.notes.md).
 MAX_SINGLE_PASS_BLOCK = 16384
 MULTI_PASS_BLOCK = 16384
 # Loss-only forward (one read whatever V): block of the online log-sum-exp loop. Backward: block of its 2D grid.
@@ -63,8 +63,8 @@ BACKWARD_BLOCK = 4096
 # waits for the others (`_cross_entropy_fwd_split_row_kernel`). H100, bf16 in place, same process: 2048 x 250,112
 # 0.784 ms against 0.909 with one program a row (4096 x 131,072: 0.815 vs 0.850); parts of 8192 to 49,152
 # columns, blocks of 4096 to 16,384 and 4 to 16 warps were slower (0.79-1.55 ms). At 8192 x 32,128, where the
-# rows in flight fit in L2, parts of 16,384 lose (0.409 vs 0.373 ms), hence the threshold (fused.notes.md,
-# session 18).
+# rows in flight fit in L2, parts of 16,384 lose (0.409 vs 0.373 ms), hence the threshold (2026-11-27;
+# benchmarks/results/fused.notes.md).
 WIDE_ROW_COLS = 65536
 SPLIT_ROW_PART_COLS = 16384
 SPLIT_ROW_BLOCK = 8192

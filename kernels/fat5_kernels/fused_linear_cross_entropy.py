@@ -60,9 +60,9 @@ def default_chunk_size(
 
     Measured on an H100 (bf16, fwd+bwd; benchmarks/results/fused.md and fused.notes.md): the matmuls lose
     efficiency and the weight is re-read and its gradient re-written once per chunk, so small chunks are slow.
-    N=16384, d=768, V=250,112 (session 18): 189 ms with 64-row chunks (Liger-Kernel's choice, 421 MiB peak), 36.7
+    N=16384, d=768, V=250,112 (2026-11-27): 189 ms with 64-row chunks (Liger-Kernel's choice, 421 MiB peak), 36.7
     ms with 1024 rows (879 MiB), 34.2 ms with 2048 rows (1369 MiB), against 26.7 ms for the three bare matmuls.
-    V=32,128 (session 16): 7.7 ms with 512 rows (103 MiB); 4.61, 4.37, 4.31 and 4.24 ms with 2048, 4096, 8192 and
+    V=32,128 (2026-11-27): 7.7 ms with 512 rows (103 MiB); 4.61, 4.37, 4.31 and 4.24 ms with 2048, 4096, 8192 and
     16384 rows (197, 322, 573 and 1075 MiB); matmuls 3.48 ms. Beyond 8192 rows the gain is small for the memory.
     For the least memory, pass ``vocab_chunk_size``.
     """

@@ -232,15 +232,15 @@ def _backward_launch_config(n_cols: int, element_size: int) -> tuple[int, int, i
     tiles of 4096 elements over 4 warps beat the earlier 2048 over 8 by 8-16% (d=768 bf16 52.4 vs 60.9 us,
     d=1024 58.0 vs 65.4, d=512 fp32 86.6 vs 103.3). More programs per SM hide more latency but multiply the
     float32 partial weight gradients (programs x d x 4 bytes; Liger-Kernel keeps one per SM; eight per SM took
-    the in-place fwd+bwd 8 MiB above Liger's peak in `benchmarks/fused.py`, the issue's memory target).
+    the in-place fwd+bwd 8 MiB above Liger's peak in `benchmarks/fused.py`, over its memory target).
     Pipelining the row loop instead (3 stages: the next tiles' loads in flight, 64 KiB of shared memory in fp32,
     within the 99 KiB of sm_86) with one program per SM beat two unpipelined programs per SM at every shape
-    measured (H100, session 8, same process, us): d=768 bf16 49.3 vs 51.1, d=1024 bf16 54.9 vs 56.5, d=512 fp32
+    measured (H100, 2026-11-26, same process, us): d=768 bf16 49.3 vs 51.1, d=1024 bf16 54.9 vs 56.5, d=512 fp32
     82.9 vs 86.8, d=512 bf16 56.7 vs 64.7, with half the partial sums. (Two pipelined programs per SM lost badly
     at d=1024: 87.4.)
 
     Wider rows take one row a tile. Up to 16 KiB a row (the same shared memory), one pipelined program per SM over
-    8 warps against two unpipelined ones over 16 (H100, session 12, backward kernel, us): bf16 d=2048 97.9 vs 97.7,
+    8 warps against two unpipelined ones over 16 (H100, 2026-11-26, backward kernel, us): bf16 d=2048 97.9 vs 97.7,
     d=4096 152.5 vs 152.7, d=8192 293.2 vs 319.7, fp32 d=4096 288.5 vs 292.6; again half the partial sums, which
     brings the d=4096 fwd+bwd peak to Liger's. Wider rows keep two unpipelined programs per SM.
     """

@@ -1,48 +1,46 @@
 """The attention benchmark's results file: merging runs (one head_dim per GPU call) and the targets table."""
 
-import json
-import os
-import sys
+import argparse
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-
-import attention as bench  # noqa: E402
+import attention as bench
+import results_io
 
 
 def _row(impl, D, date, fwd, fwdbwd, mem=100.0, L=1024, causal=False):
-    return dict(impl=impl, causal=causal, L=L, B=16, H=12, D=D, dtype="bf16", device="GPU", date=date,
+    return dict(impl=impl, causal=causal, L=L, B=16, H=12, D=D, dtype="bf16", gpu="GPU", date=date, commit="c0",
                 fwd_ms=1.0, fwdbwd_ms=3.5, fwd_tflops=fwd, fwdbwd_tflops=fwdbwd, peak_extra_MiB=mem)  # fmt: skip
 
 
-def _meta(date):
-    return dict(device="GPU", torch="t", triton="tr", cuda="c", date=date, tokens_per_batch=16384, heads=12,
-                num_buckets=32, max_distance=128)  # fmt: skip
+def _env(date):
+    return dict(gpu="GPU", gpus=1, torch="t", cuda="c", triton="tr", transformers=None, python="3", date=date,
+                commit="c0")  # fmt: skip
+
+
+ARGS = argparse.Namespace(tokens=16384, heads=12, out="")
 
 
 def test_merge_keeps_unmeasured_points_and_replaces_measured_ones(tmp_path):
-    path = str(tmp_path / "attention.json")
+    args = argparse.Namespace(**{**vars(ARGS), "out": str(tmp_path)})
     first = [_row("fat5", 64, "run1", 100, 100), _row("nobias", 64, "run1", 200, 200),
              _row("fat5", 128, "run1", 100, 100), _row("nobias", 128, "run1", 100, 100)]  # fmt: skip
-    bench.write_results(path, _meta("run1"), [], first)
-    earlier = json.load(open(path))["rows"]
+    bench.save(_env("run1"), args, first)
+    earlier = results_io.read_results(tmp_path / "attention.json")["rows"]
     second = [_row("fat5", 128, "run2", 90, 90), _row("nobias", 128, "run2", 100, 100)]
-    meta, rows = bench.write_results(path, _meta("run2"), earlier, second)
+    rows = bench.merge_rows(earlier, second)
     assert {(r["D"], r["impl"], r["date"]) for r in rows} == {
         (64, "fat5", "run1"), (64, "nobias", "run1"), (128, "fat5", "run2"), (128, "nobias", "run2")
     }
-    assert [tuple(run) for run in meta["runs"]] == [("run1", "GPU"), ("run2", "GPU")]
-    assert json.load(open(path))["rows"] == rows
-    markdown = bench.render_markdown(meta, rows)
+    _, markdown_path = bench.save(_env("run2"), args, rows)
+    assert results_io.read_results(tmp_path / "attention.json")["rows"] == rows
+    markdown = markdown_path.read_text()
+    assert "Rows of 2 runs: run1 (GPU, commit c0); run2 (GPU, commit c0)." in markdown
     assert "| 64 | 0 | 1024 | 0.50 MISSED | 0.50 MISSED | 1.00 met |" in markdown
     assert "| 128 | 0 | 1024 | 0.90 met | 0.90 met | 1.00 met |" in markdown
 
 
 def test_targets_never_compare_rows_of_different_runs():
     rows = [_row("fat5", 64, "run2", 100, 100), _row("nobias", 64, "run1", 100, 100)]
-    meta = dict(_meta("run2"), runs=[("run1", "GPU"), ("run2", "GPU")])
-    markdown = bench.render_markdown(meta, rows)
-    assert "| 64 | 0 | 1024 |" not in markdown
-    assert "run1 (GPU); run2 (GPU)" in markdown
+    assert "| 64 | 0 | 1024 |" not in bench.render_markdown(rows)
 
 
 def test_best_of_runs_sets_times_and_rates():
@@ -65,6 +63,6 @@ def test_best_of_graph_runs_sets_graph_times_and_rates():
 def test_targets_table_shows_eager_and_graph_ratios():
     fat5 = dict(_row("fat5", 64, "run1", 50, 40), fwd_tflops_graph=90, fwdbwd_tflops_graph=170)
     nobias = dict(_row("nobias", 64, "run1", 100, 200), fwd_tflops_graph=100, fwdbwd_tflops_graph=200)
-    markdown = bench.render_markdown(dict(_meta("run1"), runs=[("run1", "GPU")]), [fat5, nobias])
+    markdown = bench.render_markdown([fat5, nobias])
     assert "| fwd ratio, graphs | fwd+bwd ratio, graphs | memory ratio (<= 1.1) |" in markdown
     assert "| 64 | 0 | 1024 | 0.50 MISSED | 0.20 MISSED | 0.90 met | 0.85 met | 1.00 met |" in markdown

@@ -96,6 +96,22 @@ def test_flce_against_its_matmuls_is_judged_on_the_paired_ratio_where_measured()
     assert set(verdicts) == {"V=big", "V=small"}
     assert verdicts["V=big"]["ratio"] == pytest.approx(1.3) and verdicts["V=big"]["paired_ratio"] == 1.2
     assert verdicts["V=big"]["met"] and not verdicts["V=small"]["met"]
-    table = fused.markdown(rows, {}).split("## Fused linear + cross-entropy against its three matmuls")[1]
+    table = fused.markdown(rows).split("## Fused linear + cross-entropy against its three matmuls")[1]
     assert "| V=big | 13.000 | 10.000 | 1.300 | 12.000 | 10.000 | 1.200 | met |" in table
     assert "| V=small | 1.300 | 1.000 | 1.300 |" in table and "**not met**" in table
+
+
+def test_markdown_only_rewrites_the_markdown_from_the_results_file(tmp_path):
+    import results_io
+
+    env = dict(gpu="GPU", gpus=1, torch="t", cuda="c", triton="tr", transformers=None, python="3", date="d",
+               commit="c0", liger_kernel="0.8")  # fmt: skip
+    run = dict(gpu="GPU", torch="t", triton="tr", liger_kernel="0.8", date="d", commit="c0")
+    rows = [dict(_flce_row("fat5", "V=big", 13.0), **run), dict(_flce_row("matmuls", "V=big", 10.0), **run)]
+    fused.save(env, {"kernels": "flce"}, rows, str(tmp_path))
+    (tmp_path / "fused.md").unlink()
+    fused.main(["--markdown-only", "--output-dir", str(tmp_path)])
+    markdown = (tmp_path / "fused.md").read_text()
+    assert "- flce: GPU, torch t, triton tr, liger-kernel 0.8, d, commit c0" in markdown
+    assert "| V=big | 13.000 | 10.000 | 1.300 |" in markdown
+    assert results_io.read_results(tmp_path / "fused.json")["rows"] == rows

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 
+import results_io
 import torch
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "optimizer.py")
@@ -26,12 +27,11 @@ def test_loop_variant_steps_on_cpu():
 
 
 def test_markdown_row_and_ratio():
-    env = dict(gpu="GPU", torch="2", triton="3", date="today")
     common = dict(tensors=282, parameters=146_833_408, kernels_per_step=15, GB_per_s=2500)
     rows = [
         dict(variant="adamw_scale_fused", step_ms=3.0, host_ms=2.0, gpu_ms=1.5, **common),
         dict(variant="torch_adamw_fused", step_ms=1.5, host_ms=0.8, gpu_ms=1.0, **common),
     ]
-    lines = benchmark.to_markdown(env, rows).splitlines()
-    assert "282 tensors, 146.8M parameters" in lines[2]
+    lines = results_io.markdown_table(rows, benchmark.columns(rows)).splitlines()
+    assert benchmark.method(rows).startswith("282 tensors, 146.8M parameters.")
     assert lines[-2] == "| adamw_scale_fused | 3.00 | 2.00x | 2.00 | 1.50 | 15 | 2500 |"

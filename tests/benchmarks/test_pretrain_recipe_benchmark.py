@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import results_io
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "pretrain_recipe.py")
 _spec = importlib.util.spec_from_file_location("pretrain_recipe_benchmark", _PATH)
@@ -46,13 +47,13 @@ def test_summary_skips_the_warm_up_windows_and_reports_the_median(tmp_path):
 
 
 def test_markdown_ratio_against_eager():
-    env = dict(gpu="GPU", torch="2", transformers="5", date="today")
     common = dict(steps=60, timed_windows=5, tokens_per_s_windows=[], final_loss=9.4, eval_loss=9.0)
     rows = [
         dict(mode="eager", tokens_per_s=300_000, tokens_per_s_min=270_000, tokens_per_s_max=350_000, **common),
         dict(mode="cudagraphs", tokens_per_s=416_000, tokens_per_s_min=415_000, tokens_per_s_max=418_000, **common),
     ]
-    lines = benchmark.to_markdown(env, _args(steps=60, logging_steps=10), rows).splitlines()
+    lines = results_io.markdown_table(rows, benchmark.columns(rows)).splitlines()
+    assert "60 steps a mode" in benchmark.method(_args(steps=60, logging_steps=10))
     assert lines[-1] == "| cudagraphs | 416,000 | 415,000-418,000 | 1.39x | 9.400 | 9.000 |"
 
 

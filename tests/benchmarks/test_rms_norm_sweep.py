@@ -4,6 +4,7 @@ import importlib.util
 import os
 
 import pytest
+import results_io
 
 pytest.importorskip("triton")
 
@@ -28,11 +29,10 @@ def test_grid_holds_launchable_configs_and_the_defaults(block_cols):
 
 
 def test_markdown_lists_default_then_fastest():
-    env = dict(gpu="GPU", torch="2", triton="3", date="today")
     result = dict(
         rows=16, d=768, x_dtype="bfloat16", weight_dtype="bfloat16", pass_name="backward",
         default=dict(config=[4, 1024, 4, 1, 3], us=50.0, us_runs=[50.0, 52.0], GB_per_s=1500),
         configs=[dict(config=[4, 1024, 2, 8, 1], us=47.5), dict(config=[1, 1024, 4, 8, 3], us=48.0)],
     )  # fmt: skip
-    line = sweep.to_markdown(env, [result]).splitlines()[-1]
+    line = results_io.markdown_table([result], sweep.COLUMNS).splitlines()[-1]
     assert line == "| backward | 16 x 768 | bfloat16 / bfloat16 | 4/4/1/3: 50.0 (1500) | 4/2/8/1: 47.5, 1/4/8/3: 48.0 |"
