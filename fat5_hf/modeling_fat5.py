@@ -1440,12 +1440,11 @@ def check_class_labels(labels: torch.Tensor, num_labels: int, name: str = "label
         raise ValueError(
             f"`{name}` must hold integer class ids for single-label classification, got dtype {labels.dtype}."
         )
-    kept = labels[labels != ignore_index]
-    if kept.numel() == 0:
-        return
-    min_id, max_id = torch.stack(torch.aminmax(kept)).tolist()
+    # ignored positions count as class 0 (always valid): one min/max read back, as in check_token_ids
+    class_ids = labels.masked_fill(labels == ignore_index, 0)
+    min_id, max_id = torch.stack(torch.aminmax(class_ids)).tolist()
     if min_id < 0 or max_id >= num_labels:
-        bad = sorted(set(kept[(kept < 0) | (kept >= num_labels)].tolist()))
+        bad = sorted(set(class_ids[(class_ids < 0) | (class_ids >= num_labels)].tolist()))
         raise ValueError(
             f"`{name}` holds class ids {bad[:10]}{' ...' if len(bad) > 10 else ''} outside the model's "
             f"config.num_labels={num_labels} classes (valid: 0..{num_labels - 1}, or {ignore_index} to ignore a "
@@ -1464,15 +1463,17 @@ def check_span_positions(start_positions: torch.Tensor, end_positions: torch.Ten
     Args:
         start_positions, end_positions (`torch.LongTensor` of shape `(batch_size,)`): token positions.
     """
-    if torch.compiler.is_compiling():
+    if start_positions.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if int(torch.minimum(start_positions.min(), end_positions.min())) >= 0:  # one read back for both
         return
     for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
-        if positions.numel() and int(positions.min()) < 0:
-            bad = sorted(set(positions[positions < 0].tolist()))
+        bad = sorted(set(positions[positions < 0].tolist()))
+        if bad:
             raise ValueError(
                 f"`{name}` holds negative positions {bad[:10]}; answer-span positions are token indices in "
                 "[0, sequence_length) (positions >= sequence_length are ignored by the loss). Mark unanswerable "
-                "examples with position 0, as SQuAD v2 preprocessing does, or drop them."
+                "examples with position 0, as transformers' question-answering examples do, or drop them."
             )
 
 
