@@ -21,14 +21,11 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 def _run_with_tools(tmp_path: Path, nvidia_smi: str | None, system: str = "Linux", **env: str) -> str:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("grep",):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
-    (bin_dir / "uname").write_text(f"#!/bin/sh\necho {system}\n")
-    if nvidia_smi is not None:
-        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{nvidia_smi}\n")
-    for script in bin_dir.iterdir():
-        if not script.is_symlink():
-            script.chmod(0o755)
+    (bin_dir / "grep").symlink_to(shutil.which("grep"))
+    fakes = {"uname": f"echo {system}"} | ({"nvidia-smi": nvidia_smi} if nvidia_smi is not None else {})
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
     env = {"PATH": str(bin_dir), "HOME": os.environ.get("HOME", "/tmp"), **env}
     result = subprocess.run(
         [shutil.which("bash"), str(TORCH_INDEX_URL)], env=env, capture_output=True, text=True, check=True
