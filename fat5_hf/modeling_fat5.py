@@ -1421,6 +1421,62 @@ class FAT5EncoderHeadModel(FAT5PreTrainedModel):
         return self.transformer(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
 
 
+def check_class_labels(labels: torch.Tensor, num_labels: int, name: str = "labels", ignore_index: int = -100) -> None:
+    """Raise a clear `ValueError` for class ids outside `[0, num_labels)` (``ignore_index`` allowed).
+
+    PyTorch's cross-entropy reports them as a bare ``IndexError: Target 7 is out of bounds`` on CPU and as a
+    device-side assert on GPU, naming neither the labels nor the model's ``num_labels``. One small device-to-host
+    copy, like `check_token_ids`; skipped under `torch.compile`.
+
+    Args:
+        labels (`torch.LongTensor` of any shape): class ids.
+        num_labels (`int`): the head's number of classes (`config.num_labels`).
+        name (`str`): the argument's name in the error message.
+        ignore_index (`int`): the value that marks positions the loss ignores (-100, as `CrossEntropyLoss`).
+    """
+    if labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if labels.dtype.is_floating_point:
+        raise ValueError(
+            f"`{name}` must hold integer class ids for single-label classification, got dtype {labels.dtype}."
+        )
+    # ignored positions count as class 0 (always valid): one min/max read back, as in check_token_ids
+    class_ids = labels.masked_fill(labels == ignore_index, 0)
+    min_id, max_id = torch.stack(torch.aminmax(class_ids)).tolist()
+    if min_id < 0 or max_id >= num_labels:
+        bad = sorted(set(class_ids[(class_ids < 0) | (class_ids >= num_labels)].tolist()))
+        raise ValueError(
+            f"`{name}` holds class ids {bad[:10]}{' ...' if len(bad) > 10 else ''} outside the model's "
+            f"config.num_labels={num_labels} classes (valid: 0..{num_labels - 1}, or {ignore_index} to ignore a "
+            f"position). Load the model with the dataset's number of classes, e.g. `from_pretrained(..., "
+            f"num_labels={max(max_id + 1, num_labels)})` (and `id2label`/`label2id`), or check the label column."
+        )
+
+
+def check_span_positions(start_positions: torch.Tensor, end_positions: torch.Tensor) -> None:
+    """Raise a clear `ValueError` for negative answer-span positions.
+
+    Positions at or past the sequence length are ignored by the loss (transformers' convention for answers cut off
+    by truncation), but the loss clamps negative ones to 0, the first token: a -100 meant as "no label" would train
+    on a wrong span without any error.
+
+    Args:
+        start_positions, end_positions (`torch.LongTensor` of shape `(batch_size,)`): token positions.
+    """
+    if start_positions.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if int(torch.minimum(start_positions.min(), end_positions.min())) >= 0:  # one read back for both
+        return
+    for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+        bad = sorted(set(positions[positions < 0].tolist()))
+        if bad:
+            raise ValueError(
+                f"`{name}` holds negative positions {bad[:10]}; answer-span positions are token indices in "
+                "[0, sequence_length) (positions >= sequence_length are ignored by the loss). Mark unanswerable "
+                "examples with position 0, as transformers' question-answering examples do, or drop them."
+            )
+
+
 class FAT5ForSequenceClassification(FAT5EncoderHeadModel):
     """Encoder-only sequence classification / regression (CamemBERT-style use of a T5 encoder).
 
@@ -1489,6 +1545,8 @@ class FAT5ForSequenceClassification(FAT5EncoderHeadModel):
                 else:
                     loss = loss_fct(logits, labels.to(logits.dtype))
             elif self.config.problem_type == "single_label_classification":
+                if self.config.check_token_ids:
+                    check_class_labels(labels, self.num_labels)
                 loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
             elif self.config.problem_type == "multi_label_classification":
                 loss = BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
@@ -1533,6 +1591,8 @@ class FAT5ForTokenClassification(FAT5EncoderHeadModel):
         loss = None
         if labels is not None:
             labels = labels.to(logits.device)
+            if self.config.check_token_ids:
+                check_class_labels(labels, self.num_labels)
             loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
         return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
@@ -1585,6 +1645,8 @@ class FAT5ForQuestionAnswering(FAT5EncoderHeadModel):
                 start_positions = start_positions.squeeze(-1)
             if end_positions.dim() > 1:
                 end_positions = end_positions.squeeze(-1)
+            if self.config.check_token_ids:
+                check_span_positions(start_positions, end_positions)
             # positions outside the model inputs do not count
             ignored_index = start_logits.size(1)
             start_positions = start_positions.to(start_logits.device).clamp(0, ignored_index)

@@ -118,7 +118,8 @@ def make_tokenize_function(tokenizer, text_column: str = "text") -> Callable[[di
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         if text_column not in batch:
             raise KeyError(f"Column {text_column!r} not found (columns: {sorted(batch)}); pass text_column=...")
-        return {"input_ids": tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]}
+        # verbose=False: whole documents are longer than model_max_length by design, packing cuts them into rows.
+        return {"input_ids": tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]}
 
     return tokenize
 

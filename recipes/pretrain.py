@@ -76,6 +76,55 @@ class RecipeError(RuntimeError):
     """A problem with the run's inputs or outputs that the user must fix; the message says how."""
 
 
+# ------------------------------------------------------------------------------------------------ console
+
+
+class _TiedWeightsStoredOnce(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving" warning from every checkpoint.
+
+    The shared tensors are the embedding that the encoder, the decoder and a tied LM head use: safetensors stores it
+    once, and loading the checkpoint into the model ties them again (the exact-resume tests check it bit for bit).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Removed shared tensor" in message and "while saving" in message)
+
+
+TIED_WEIGHTS_FILTER = _TiedWeightsStoredOnce()
+
+
+@contextlib.contextmanager
+def library_progress_bars_off():
+    """Hides the progress bars of ``datasets`` (generating, filtering, mapping the corpus) and ``transformers``
+    (writing the weights) inside the block, then restores them: brief steps whose bars would bury the recipe's own."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets_bars = not datasets.are_progress_bars_disabled()
+    transformers_bars = transformers_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_bars:
+            datasets.enable_progress_bars()
+        if transformers_bars:
+            transformers_logging.enable_progress_bar()
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters by removing its middle (both the start and the end of a UL2 input say
+    something: the mode token and the first spans, the prefix that an S-denoiser prediction continues)."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    head = (width - 3) // 2  # 3: the " … " between the two ends
+    tail = width - 3 - head
+    return f"{text[:head]} … {text[-tail:]}"
+
+
 # ------------------------------------------------------------------------------------------------ arguments
 
 
@@ -577,8 +626,14 @@ def evaluate(model, eval_batches: list[dict], accelerator, uses_cuda_graphs: boo
 
 
 @torch.no_grad()
-def generate_sample(model, tokenizer, eval_batches: list[dict], accelerator, max_new_tokens: int = 32) -> str:
-    """Greedy generation from the first evaluation input (runs on every process, as FSDP needs)."""
+def generate_sample(
+    model, tokenizer, eval_batches: list[dict], accelerator, max_new_tokens: int = 32
+) -> tuple[str, str]:
+    """Greedy generation from the first evaluation input (runs on every process, as FSDP needs).
+
+    Returns:
+        The decoded input and the decoded prediction (special tokens kept: the sentinels show which span is which).
+    """
     unwrapped = accelerator.unwrap_model(model)
     input_ids = eval_batches[0]["input_ids"][:1].to(accelerator.device)
     attention_mask = eval_batches[0]["attention_mask"][:1].to(accelerator.device)
@@ -589,7 +644,7 @@ def generate_sample(model, tokenizer, eval_batches: list[dict], accelerator, max
         )
     unwrapped.train()
     source = tokenizer.decode(input_ids[0][attention_mask[0].bool()])
-    return f"{source} -> {tokenizer.decode(generated[0], skip_special_tokens=False)}"
+    return source, tokenizer.decode(generated[0], skip_special_tokens=False)
 
 
 def save_checkpoint(accelerator, config: PretrainConfig, state: TrainState, output_dir: Path) -> Path:
@@ -698,10 +753,16 @@ def export_model(
     unwrapped = accelerator.unwrap_model(model)
     set_token_id_checks(unwrapped, True)  # users of the saved model get the clear errors by default
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
-    unwrapped.save_pretrained(
-        output_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process, save_function=accelerator.save
-    )
+    with library_progress_bars_off():
+        unwrapped.save_pretrained(
+            output_dir,
+            state_dict=state_dict,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+        )
     if accelerator.is_main_process:
+        # The length the model was trained on: the tokenizer then warns about (and truncation cuts) longer inputs.
+        tokenizer.model_max_length = config.data.max_input_length
         tokenizer.save_pretrained(output_dir)
         write_model_card(
             unwrapped, tokenizer, config, output_dir, state.step, state.tokens_seen, eval_loss,
@@ -775,7 +836,8 @@ def train(config: PretrainConfig) -> dict[str, Any]:
         # encoder and decoder must call that very module, not their own Embedding over the same weight, which
         # torch >= 2.13 refuses (a parameter in two units) and 2.11 leaves sharded in their forward.
         model.set_input_embeddings(model.get_input_embeddings())
-    train_stream, eval_batches = build_data(config, tokenizer, accelerator)
+    with library_progress_bars_off():
+        train_stream, eval_batches = build_data(config, tokenizer, accelerator)
     if config.data.prefetch_batches:
         train_stream = PrefetchingBatchStream(
             train_stream, config.data.prefetch_batches, pin_memory=accelerator.device.type == "cuda"
@@ -817,6 +879,7 @@ def train(config: PretrainConfig) -> dict[str, Any]:
                 parameter.grad = torch.zeros_like(parameter)
     state = TrainState(train_stream, accelerator.process_index, accelerator.num_processes)
     accelerator.register_for_checkpointing(scheduler, state)
+    logging.getLogger("accelerate.utils.other").addFilter(TIED_WEIGHTS_FILTER)
 
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
@@ -921,12 +984,16 @@ def train(config: PretrainConfig) -> dict[str, Any]:
 
             if eval_batches and (state.step % training.eval_steps == 0 or state.step == training.max_steps):
                 eval_loss = evaluate(model, eval_batches, accelerator, uses_cuda_graphs)
-                sample = generate_sample(model, tokenizer, eval_batches, accelerator)
+                source, prediction = generate_sample(model, tokenizer, eval_batches, accelerator)
+                sample = f"{source} -> {prediction}"
                 last_metrics["eval_loss"] = eval_loss
                 accelerator.log({"eval/loss": eval_loss, "eval/sample": sample}, step=state.step)
                 if accelerator.is_main_process:
                     append_log(output_dir, {"step": state.step, "eval_loss": eval_loss, "sample": sample})
-                    progress.write(f"step {state.step}: eval loss {eval_loss:.4f} | {sample[:200]}")
+                    # The input is shortened, never the prediction: what the model generates is the point.
+                    progress.write(
+                        f"step {state.step}: eval loss {eval_loss:.4f} | {shorten_middle(source, 100)} -> {prediction}"
+                    )
                 window_start = time.perf_counter()  # evaluation time is not training throughput
 
             if save_now:
@@ -952,7 +1019,10 @@ def train(config: PretrainConfig) -> dict[str, Any]:
         )
     else:
         export_model(accelerator, model, tokenizer, config, output_dir, state, last_metrics.get("eval_loss"))
-        accelerator.print(f"Saved the pretrained model and tokenizer to {output_dir}")
+        accelerator.print(
+            f"Saved the pretrained model and tokenizer to {output_dir} (checkpoints in {output_dir / CHECKPOINTS_DIR}, "
+            f"metrics in {output_dir / TRAIN_LOG_FILE} and {output_dir / 'logs'})"
+        )
     accelerator.end_training()
     return {
         "step": state.step,

@@ -18,6 +18,7 @@ belongs to one section only); values are parsed as YAML (``training.max_steps=10
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -204,6 +205,36 @@ def _section_fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+def _did_you_mean(name: str, candidates, prefix: str = "") -> str:
+    """``" (did you mean <prefix><closest>?)"`` for the candidate closest to a misspelt ``name``, else ``""``."""
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def model_config_fields() -> frozenset[str]:
+    """The keys ``model.config`` may hold: ``FAT5Config``'s fields, their aliases and ``tie_word_embeddings``.
+
+    ``PreTrainedConfig`` stores any keyword it is given, so a misspelt field would otherwise train silently with the
+    default value and be written into ``config.json`` under the misspelt name.
+    """
+    from fat5_hf import FAT5Config
+
+    fields = {f.name for f in dataclasses.fields(FAT5Config)}
+    # tie_word_embeddings is read by __post_init__ (T5 v1.1's untied head), the aliases are T5's attribute_map.
+    return frozenset(fields | {"tie_word_embeddings"} | set(FAT5Config.attribute_map))
+
+
+def check_model_config_keys(model_config: dict) -> None:
+    """Raises ConfigError naming the first key of ``model.config`` that is not a ``FAT5Config`` field."""
+    valid = model_config_fields()
+    for key in model_config:
+        if key not in valid:
+            raise ConfigError(
+                f"model.config.{key} is not a FAT5Config field{_did_you_mean(str(key), valid, 'model.config.')}; "
+                f"it would be stored in config.json and ignored. Valid fields: {sorted(valid)}"
+            )
+
+
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     """Validates (and lightly coerces) ``value`` against a field annotation; raises ConfigError."""
     if isinstance(annotation, str):  # `from __future__ import annotations`: resolve the string
@@ -263,7 +294,10 @@ def _apply(config: PretrainConfig, section: str, key: str, value: Any, source: s
     section_obj = getattr(config, section)
     fields = _section_fields(type(section_obj))
     if key not in fields:
-        raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys of {section!r}: {sorted(fields)}")
+        raise ConfigError(
+            f"{source}: unknown key {section}.{key}{_did_you_mean(key, fields, f'{section}.')}; "
+            f"valid keys of {section!r}: {sorted(fields)}"
+        )
     setattr(section_obj, key, _check_type(value, fields[key].type, f"{source}: {section}.{key}"))
 
 
@@ -315,7 +349,11 @@ def parse_override(config: PretrainConfig, override: str) -> None:
                 for name in _section_fields(PretrainConfig)
                 for key in _section_fields(type(getattr(config, name)))
             )
-            why = "is ambiguous, it exists in " + ", ".join(owners) if owners else "is not a known key"
+            # Matched on the bare keys: "max_stepz" is far from "training.max_steps" as a whole string.
+            by_key = {name.split(".", 1)[1]: name for name in valid}
+            close = difflib.get_close_matches(dotted, list(by_key), n=1)
+            suggestion = f" (did you mean {by_key[close[0]]}?)" if close else ""
+            why = "is ambiguous, it exists in " + ", ".join(owners) if owners else "is not a known key" + suggestion
             raise ConfigError(f"Override {override!r}: {dotted!r} {why}; valid keys: {valid}")
         section, key = owners[0], dotted
     _apply(config, section, key, value, f"override {override!r}")
@@ -378,6 +416,7 @@ def validate_config(config: PretrainConfig) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
+    check_model_config_keys(config.model.config)
     if d.prefetch_batches < 0:
         raise ConfigError(f"data.prefetch_batches must be >= 0, got {d.prefetch_batches}")
     if t.eval_batches < 0:

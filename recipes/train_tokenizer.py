@@ -15,6 +15,10 @@ and accents kept, every run of whitespace (newlines included, as T5) collapsed t
 marker before every word (SentencePiece's "Metaspace"). ``clean_up_tokenization_spaces`` is off so French spacing
 before ``! ? ; :`` survives decoding.
 
+``model_max_length`` is the encoder input length the model is trained for: the pretraining recipe's
+``data.max_input_length`` (``--config``, the embedded tiny run by default) or ``--model-max-length``. The tokenizer then
+warns when a text is longer (and ``truncation=True`` cuts there) instead of reporting an unbounded length.
+
 We train with the ``tokenizers`` library's Unigram trainer rather than the ``sentencepiece`` trainer: it reads any
 Python iterator (a streamed ``datasets`` dataset included) without writing a temporary text file, and it builds the
 fast tokenizer directly, so the special-token layout above is set explicitly instead of converted from a ``.model``.
@@ -24,7 +28,8 @@ Examples::
     python recipes/train_tokenizer.py --files recipes/data/fr_corpus_train.jsonl --vocab-size 2048 \\
         --output-dir recipes/data/tokenizer
     python recipes/train_tokenizer.py --dataset wikimedia/wikipedia --dataset-config 20231101.fr \\
-        --max-documents 500000 --vocab-size 32768 --output-dir tokenizer-fr-32k
+        --max-documents 500000 --vocab-size 32768 --output-dir tokenizer-fr-32k \\
+        --config recipes/configs/pretrain-fat5-small.yaml
 """
 
 from __future__ import annotations
@@ -146,6 +151,7 @@ def train_tokenizer(
     max_piece_length: int = 16,
     byte_fallback: bool = True,
     show_progress: bool = False,
+    model_max_length: int | None = None,
 ):
     """Train the tokenizer and wrap it as a ``transformers.PreTrainedTokenizerFast``.
 
@@ -158,6 +164,8 @@ def train_tokenizer(
         max_piece_length: longest learned piece, in characters.
         byte_fallback: encode unseen characters as UTF-8 byte pieces instead of ``<unk>``.
         show_progress: show the trainer's progress bars.
+        model_max_length: the model's input length, saved in ``tokenizer_config.json`` (``None``: unbounded, as
+            transformers' default of 1e30).
 
     Returns:
         A ``PreTrainedTokenizerFast`` with pad=0, eos=1, unk=2 and ``<extra_id_0>`` as its highest id.
@@ -218,6 +226,7 @@ def train_tokenizer(
         unk_token=UNK_TOKEN,
         additional_special_tokens=mode_tokens + sentinels,
         clean_up_tokenization_spaces=False,
+        **({"model_max_length": model_max_length} if model_max_length is not None else {}),
     )
     _check_layout(wrapped, mode_tokens, num_sentinels)
     return wrapped
@@ -322,6 +331,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--mode-tokens", nargs="*", default=list(DEFAULT_MODE_TOKENS), help="UL2 mode tokens")
     parser.add_argument("--max-piece-length", type=int, default=16, help="longest learned piece (characters)")
     parser.add_argument("--no-byte-fallback", action="store_true", help="map unseen characters to <unk>")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument(
+        "--config",
+        default=None,
+        help="pretraining config (YAML) whose data.max_input_length becomes the tokenizer's model_max_length "
+        "(default: the recipe's embedded tiny run)",
+    )
+    length.add_argument("--model-max-length", type=int, default=None, help="the model's input length, in tokens")
     parser.add_argument("--output-dir", required=True, help="where to save the tokenizer")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     args = parser.parse_args(argv)
@@ -329,7 +346,22 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--max-documents must be positive.")
     if args.num_sentinels < 0:
         parser.error("--num-sentinels must be >= 0.")
+    if args.model_max_length is not None and args.model_max_length < 1:
+        parser.error("--model-max-length must be positive.")
     return args
+
+
+def resolve_model_max_length(args: argparse.Namespace) -> int:
+    """``--model-max-length``, else ``data.max_input_length`` of the pretraining config ``--config`` (or defaults)."""
+    if args.model_max_length is not None:
+        return args.model_max_length
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pretrain_config import ConfigError, load_config
+
+    try:
+        return load_config(args.config).data.max_input_length
+    except ConfigError as err:
+        raise ValueError(f"--config: {err}") from err
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -344,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     # Fail before the (possibly long) training on everything that can be checked up front.
     _check_output_dir(Path(args.output_dir), args.overwrite)
+    model_max_length = resolve_model_max_length(args)
     if args.files:
         texts = iter_texts_from_files(args.files, args.text_column)
     else:
@@ -360,13 +393,15 @@ def _run(args: argparse.Namespace) -> int:
         max_piece_length=args.max_piece_length,
         byte_fallback=not args.no_byte_fallback,
         show_progress=sys.stderr.isatty(),
+        model_max_length=model_max_length,
     )
     output_dir = save_tokenizer(tokenizer, args.output_dir, overwrite=args.overwrite)
     print(
         f"Saved a tokenizer of {len(tokenizer)} tokens (requested {args.vocab_size}) to {output_dir}: "
         f"pad={tokenizer.pad_token_id} eos={tokenizer.eos_token_id} unk={tokenizer.unk_token_id}, "
         f"<extra_id_0>={tokenizer.convert_tokens_to_ids('<extra_id_0>') if args.num_sentinels else None}, "
-        f"mode tokens {dict(zip(args.mode_tokens, tokenizer.convert_tokens_to_ids(args.mode_tokens)))}."
+        f"mode tokens {dict(zip(args.mode_tokens, tokenizer.convert_tokens_to_ids(args.mode_tokens)))}, "
+        f"model_max_length={tokenizer.model_max_length}."
     )
     return 0
 

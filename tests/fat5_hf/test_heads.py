@@ -82,6 +82,37 @@ def test_question_answering_forward_loss_backward(tiny_fat5_config, make_batch):
     assert torch.isfinite(out.loss) and _grads_finite(model)
 
 
+@pytest.mark.parametrize(
+    "head, labels, message",
+    [
+        (FAT5ForSequenceClassification, torch.tensor([0, 7]), r"ids \[7\] outside the model's config.num_labels=3"),
+        (FAT5ForSequenceClassification, torch.tensor([-1, 1]), r"class ids \[-1\] .*valid: 0\.\.2, or -100"),
+        (FAT5ForTokenClassification, torch.tensor([[0, 1, 2, 3, 9, -100]] * 2), r"ids \[9\] .*num_labels=4 .*0\.\.3"),
+    ],
+)
+def test_classification_labels_outside_num_labels_name_the_field(tiny_fat5_config, make_batch, head, labels, message):
+    """Instead of PyTorch's bare `IndexError: Target 7 is out of bounds`: which labels, which range, which field."""
+    model = head(tiny_fat5_config(num_labels=3 if head is FAT5ForSequenceClassification else 4))
+    input_ids, attention_mask = make_batch(96, [6, 3])
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    # -100 (ignored positions) and in-range ids pass; the check can be switched off with the token-id checks
+    in_range = labels.clamp(-100, 2).masked_fill(labels < 0, -100)
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=in_range)
+    model.config.check_token_ids = False
+    with pytest.raises(IndexError):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def test_question_answering_refuses_negative_positions(tiny_fat5_config, make_batch):
+    """The loss clamps a negative position to 0, the first token: -100 as "no answer" would train silently."""
+    model = FAT5ForQuestionAnswering(tiny_fat5_config())
+    input_ids, attention_mask = make_batch(96, [6, 4])
+    with pytest.raises(ValueError, match=r"`end_positions` holds negative positions \[-100\]"):
+        model(input_ids=input_ids, attention_mask=attention_mask, start_positions=torch.tensor([1, 2]),
+              end_positions=torch.tensor([3, -100]))  # fmt: skip
+
+
 @pytest.mark.parametrize("head", [FAT5ForSequenceClassification, FAT5ForTokenClassification, FAT5ForQuestionAnswering])
 def test_heads_output_attentions_and_hidden_states(tiny_fat5_config, make_batch, head):
     model = head(tiny_fat5_config(num_labels=2, attn_implementation="eager")).eval()

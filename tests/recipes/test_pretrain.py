@@ -103,8 +103,10 @@ def test_overrides_parse_yaml_values_and_nested_keys():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("training.max_stepz=3", "valid keys of 'training'"),
-        ("max_stepz=3", "valid keys"),
+        ("training.max_stepz=3", r"did you mean training\.max_steps\?\); valid keys of 'training'"),
+        ("max_stepz=3", r"did you mean training\.max_steps\?\); valid keys"),
+        ("model.config.num_headz=2", r"model\.config\.num_headz is not a FAT5Config field \(did you mean model"),
+        ("model.config={d_modle: 64}", r"model\.config\.d_modle .*did you mean model\.config\.d_model\?"),
         ("optimizer.lr=1", "valid sections"),
         ("training.max_steps=ten", "expected an integer"),
         ("training.max_steps=0", "must be > 0"),
@@ -125,6 +127,19 @@ def test_unknown_yaml_key_lists_valid_keys(tmp_path):
     path.write_text(yaml.safe_dump({"training": {"max_steps": 3, "batch_size": 8}}))
     with pytest.raises(ConfigError, match="training.batch_size.*per_device_batch_size"):
         load_config(path)
+
+
+def test_misspelt_model_config_key_in_yaml_is_refused_before_writing(tmp_path, capsys):
+    """`PreTrainedConfig` keeps any keyword: a typo would train with the default and land in config.json."""
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump({"model": {"config": {"d_model": 64, "num_headz": 2}}}))
+    output_dir = tmp_path / "run"
+    assert pretrain.main(["--config", str(path), f"training.output_dir={output_dir}"]) == 2
+    assert "did you mean model.config.num_heads?" in capsys.readouterr().err
+    assert not output_dir.exists()
+    # Aliases (T5's attribute_map) and tie_word_embeddings are accepted.
+    config = load_config(None, ["model.config.hidden_size=64", "model.config.tie_word_embeddings=false"])
+    assert config.model.config["hidden_size"] == 64
 
 
 class _VocabOnly:

@@ -172,6 +172,21 @@ def test_shipped_tokenizer_is_reproduced_by_the_script(tmp_path):
         ["--files", str(DATA / "fr_corpus_train.jsonl"), "--vocab-size", "2048", "--output-dir", str(output)]
     )
     assert rc == 0
-    assert (output / "tokenizer.json").read_bytes() == (DATA / "tokenizer" / "tokenizer.json").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (output / name).read_bytes() == (DATA / "tokenizer" / name).read_bytes(), name
     shipped = AutoTokenizer.from_pretrained(DATA / "tokenizer")
     assert len(shipped) == 2048 and shipped.convert_tokens_to_ids("<extra_id_0>") == 2047
+    # the embedded tiny run's encoder length (data.max_input_length), not transformers' unbounded 1e30
+    assert shipped.model_max_length == 128
+
+
+def test_model_max_length_comes_from_the_pretraining_config(trained, small_jsonl, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    assert tokenizer.model_max_length == 128  # the recipe's default config
+    assert len(tokenizer("mot " * 1000, truncation=True)["input_ids"]) == 128
+    small = REPO / "recipes" / "configs" / "pretrain-fat5-small.yaml"
+    common = ["--files", str(small_jsonl), "--vocab-size", "600", "--num-sentinels", "20"]
+    assert train_tokenizer_script.main([*common, "--config", str(small), "--output-dir", str(tmp_path / "a")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "a").model_max_length == 512
+    assert train_tokenizer_script.main([*common, "--model-max-length", "1024", "--output-dir", str(tmp_path / "b")]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "b").model_max_length == 1024
