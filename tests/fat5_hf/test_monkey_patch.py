@@ -143,6 +143,7 @@ def test_patched_loss_matches_t5_loss():
 # ----------------------------------------------------------------------------------------------------------------
 # Whole models
 # ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.interpreter
 @needs_kernels
 @pytest.mark.parametrize("left", [False, True])
@@ -177,6 +178,7 @@ def test_patched_t5_trains_like_stock_on_padded_batches(left, monkeypatch):
         torch.testing.assert_close(actual_grads[name], grad, atol=1e-4 * scale, rtol=1e-3, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.interpreter
 @needs_kernels
 @pytest.mark.parametrize(
@@ -202,6 +204,7 @@ def test_patched_encoder_model_and_mt5_match_stock(cls, config_cls, variant):
         torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.interpreter
 @needs_kernels
 @pytest.mark.parametrize("num_beams", [1, 2])
@@ -234,6 +237,7 @@ def test_patched_model_saves_as_the_original_class(tmp_path):
     torch.testing.assert_close(patched(**batch).loss, stock(**batch).loss, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.interpreter
 @needs_kernels
 def test_patched_t5_trains_with_trainer(tmp_path):
