@@ -154,7 +154,12 @@ def test_patched_t5_trains_like_stock_on_padded_batches(left, monkeypatch):
     patched = copy.deepcopy(stock)
     report = apply_fat5_kernels(patched)
     # per stack: a norm per sublayer and a final one; the attention modules and the two stacks
-    assert report.patched == {"rms_norm": 2 * 2 + 1 + 2 * 3 + 1, "gated_mlp": 4, "attention": 6 + 2, "cross_entropy": 1}
+    assert report.patched == {
+        "rms_norm": 2 * 2 + 1 + 2 * 3 + 1,
+        "gated_mlp": 4,
+        "attention": 6 + 2,
+        "cross_entropy": 1,
+    }
     assert report.not_patched == {}
     varlen_calls = []
     for name in ("_triton_t5_flash_attention_varlen", "_triton_t5_flash_attention_varlen_qkvpacked"):
@@ -300,9 +305,10 @@ def test_class_patch_reaches_models_built_later():
         apply_fat5_kernels(model)
         assert "forward" not in vars(model.encoder.final_layer_norm)
     finally:
-        from fat5_hf.monkey_patch import _unpatched
         from transformers.models.mt5 import modeling_mt5
         from transformers.models.umt5 import modeling_umt5
+
+        from fat5_hf.monkey_patch import _unpatched
 
         for module in (modeling_t5, modeling_mt5, modeling_umt5):
             for value in vars(module).values():

@@ -72,7 +72,9 @@ def test_unpadded_layers_match_the_padded_computation(tiny_fat5_config, monkeypa
     model = FAT5ForConditionalGeneration(tiny_fat5_config(use_fused_cross_entropy=False)).train()
     input_ids, attention_mask = _padded([9, 4, 7], seed=1, left=case.startswith("left"))
     targets, target_mask = _padded([3, 6, 2], seed=2)
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=targets.masked_fill(target_mask == 0, -100))
+    batch = dict(
+        input_ids=input_ids, attention_mask=attention_mask, labels=targets.masked_fill(target_mask == 0, -100)
+    )
     if case.startswith("left"):
         batch["decoder_input_ids"] = model._shift_right(batch["labels"])
         batch["decoder_attention_mask"] = model._shift_right(target_mask).index_fill(1, torch.tensor([0]), 1)
