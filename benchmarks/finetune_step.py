@@ -147,7 +147,7 @@ def build_models(shape: dict, encoder_only: bool, device: str, dtype: torch.dtyp
 
     def make(provider: str) -> torch.nn.Module:
         model_name, attn_impl, _ = parse_provider(provider)
-        config = T5Config(**COMMON, **shape, attn_implementation=attn_impl or "sdpa")
+        config = T5Config(**{**COMMON, **shape}, attn_implementation=attn_impl or "sdpa")
         torch.manual_seed(seed)
         with torch.device(device):
             if model_name == "fat5":
@@ -218,6 +218,10 @@ def _shape(case: Case, args: argparse.Namespace) -> dict:
     return SHAPES[case.shape] if args.shape is None else args.shape
 
 
+def _vocab_size(case: Case, args: argparse.Namespace) -> int:
+    return _shape(case, args).get("vocab_size", COMMON["vocab_size"])
+
+
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -232,7 +236,7 @@ def run_train(case: Case, make_model, provider: str, args) -> dict:
     model = make_model(provider).train()
     forward = torch.compile(model) if compile_mode == "compile" else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device.startswith("cuda"))
-    batches = [make_batch(case, COMMON["vocab_size"], args.device, seed) for seed in range(args.batches)]
+    batches = [make_batch(case, _vocab_size(case, args), args.device, seed) for seed in range(args.batches)]
 
     def step(batch):
         with _autocast(args.device):
@@ -255,11 +259,11 @@ def run_train(case: Case, make_model, provider: str, args) -> dict:
         enc = batch["attention_mask"].sum(1).cpu()
         dec = (batch["labels"] != -100).sum(1).cpu()
         tokens += float(enc.sum() + dec.sum())
-        flops += training_flops(_shape(case, args), COMMON["vocab_size"], enc, dec)
+        flops += training_flops(_shape(case, args), _vocab_size(case, args), enc, dec)
     _synchronize(args.device)
     seconds = time.perf_counter() - start
     return dict(tokens_per_s=tokens / seconds, flops_per_s=flops / seconds, step_ms=1e3 * seconds / args.steps,
-                final_loss=float(loss))  # fmt: skip
+                final_loss=float(loss.detach()))  # fmt: skip
 
 
 def run_encoder(case: Case, make_model, provider: str, args) -> dict:
@@ -267,7 +271,7 @@ def run_encoder(case: Case, make_model, provider: str, args) -> dict:
     _, _, compile_mode = parse_provider(provider)
     model = make_model(provider).eval()
     forward = torch.compile(model) if compile_mode == "compile" else model
-    batch = make_batch(case, COMMON["vocab_size"], args.device, 0)
+    batch = make_batch(case, _vocab_size(case, args), args.device, 0)
     batch.pop("labels")
     with torch.no_grad():
         for _ in range(args.warmup_steps):
@@ -291,7 +295,7 @@ def run_generate(case: Case, make_model, provider: str, args) -> dict:
     """`generate()` of `case.dec_len` new tokens (bf16 weights); `+static_compile`: static cache, compiled step."""
     _, _, compile_mode = parse_provider(provider)
     model = make_model(provider).eval()
-    batch = make_batch(case, COMMON["vocab_size"], args.device, 0)
+    batch = make_batch(case, _vocab_size(case, args), args.device, 0)
     batch.pop("labels")
     kwargs = dict(max_new_tokens=case.dec_len, min_new_tokens=case.dec_len, do_sample=False,
                   num_beams=case.options.get("num_beams", 1))  # fmt: skip
@@ -334,7 +338,7 @@ def run_trainer(case: Case, make_model, provider: str, args) -> dict:
         model = get_peft_model(
             model, LoraConfig(r=16, lora_alpha=32, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
         )
-    batches = [make_batch(case, COMMON["vocab_size"], "cpu", seed) for seed in range(args.batches)]
+    batches = [make_batch(case, _vocab_size(case, args), "cpu", seed) for seed in range(args.batches)]
     rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(case.batch)]
 
     def collate(features):  # pad to the batch's longest row, as DataCollatorForSeq2Seq
