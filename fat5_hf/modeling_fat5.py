@@ -44,11 +44,12 @@ try:  # what transformers' output-capturing hooks collect during the current cal
 except ImportError:  # another transformers version: every hook on a block counts as reading its outputs
     _active_collector = None
 
-from . import kernel_ops, unpadding
+from . import kernel_ops
 from .configuration_fat5 import FAT5Config
 from .hub import add_auto_map, write_remote_code
 from .kernel_ops import FlashAttentionMask, PackedSequences, segment_ids_to_cu_seqlens
 from .position_encoding import T5RelativePositionBias
+from .unpadding import stack_attention
 
 logger = logging.get_logger(__name__)
 
@@ -962,7 +963,7 @@ class FAT5Stack(FAT5PreTrainedModel):
         elif use_flash:
             # Padding becomes varlen metadata once for all layers; the layers run on the real tokens only unless
             # something reads the blocks' hidden states (which must keep their padded shape).
-            kernel_attention = unpadding.stack_attention(
+            kernel_attention = stack_attention(
                 attention_mask,
                 encoder_attention_mask if has_cross_attention else None,
                 batch=inputs_embeds.shape[0],
