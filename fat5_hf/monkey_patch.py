@@ -60,6 +60,12 @@ _FAMILIES = {
 }
 
 COMPONENTS = ("rms_norm", "gated_mlp", "attention", "cross_entropy")
+_KERNEL_OF_COMPONENT = {
+    "rms_norm": "rms_norm",
+    "gated_mlp": "gated_activation",
+    "attention": "attention",
+    "cross_entropy": "cross_entropy",
+}
 
 
 @dataclass
@@ -360,10 +366,10 @@ def apply_fat5_kernels(
     for name in COMPONENTS:
         if name not in components:
             report.not_patched[name] = "switched off by the caller"
-    if not kernel_ops.kernel_available("attention"):
-        for name in components:
-            report.not_patched[name] = "triton or fat5_kernels is not importable: transformers' PyTorch code runs"
-        components = []
+    for name in list(components):
+        if not kernel_ops.kernel_available(_KERNEL_OF_COMPONENT[name]):
+            report.not_patched[name] = "triton or its fat5_kernels module is not importable: transformers' code runs"
+            components.remove(name)
     if model is None:
         _patch_classes(components, report)
     else:

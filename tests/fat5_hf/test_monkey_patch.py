@@ -315,3 +315,14 @@ def test_class_patch_reaches_models_built_later():
                 if isinstance(value, type) and hasattr(value.__dict__.get("forward"), "_fat5_original"):
                     value.forward = _unpatched(value.forward)
     assert modeling_t5.T5LayerNorm.forward is t5_forward
+
+
+def test_without_triton_nothing_is_patched_and_the_report_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(kernel_ops, "kernel_available", lambda name: False)
+    model = _t5()
+    with caplog.at_level(logging.WARNING):
+        report = apply_fat5_kernels(model)
+    assert report.patched == {}
+    assert set(report.not_patched) == {"rms_norm", "gated_mlp", "attention", "cross_entropy"}
+    assert "not importable" in caplog.text
+    assert not any("forward" in vars(module) for module in model.modules())
