@@ -110,3 +110,19 @@ def test_unpadded_layers_match_the_padded_computation(tiny_fat5_config, monkeypa
     for name, grad in expected_grads.items():
         scale = grad.abs().max().item()
         torch.testing.assert_close(actual_grads[name], grad, atol=1e-4 * scale, rtol=1e-3, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generation_on_the_kernels_gives_t5s_tokens(t5_pair, num_beams):
+    """The encoder runs unpadded on the kernels once, then the decoding steps (KV cache: PyTorch attention, fused
+    norms and feed-forward): greedy and beam search give HF T5's tokens on the same weights."""
+    if not kernel_ops.kernel_available("attention"):
+        pytest.skip("needs triton and fat5_kernels")
+    t5, fat5 = t5_pair("t5_v1_1")
+    input_ids, attention_mask = _padded([9, 4, 7], seed=1)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, num_beams=num_beams)
+    expected = t5.generate(**kwargs)
+    with kernel_ops.kernels_on_cpu():
+        assert torch.equal(fat5.generate(**kwargs), expected)
