@@ -89,3 +89,10 @@ def test_case_selection_and_flops():
     flops = benchmark.training_flops({**shape, "num_decoder_layers": 0}, 0, torch.tensor([1]), torch.tensor([0]))
     per_layer = 4 * 768 * 768 + 3 * 768 * 2048
     assert flops == 6 * 12 * per_layer + 3 * 4 * 768 * 12
+
+
+def test_providers_past_the_deadline_are_skipped_rows():
+    case = benchmark.Case("tiny_train", "train", "base", 8, 4, 2)
+    rows = benchmark.run_case(case, ("hf_t5:sdpa", "fat5"), _args(deadline=0.0))
+    assert [row["error"] for row in rows] == ["skipped: --max-minutes reached"] * 2
+    assert [row["model"] for row in rows] == ["hf_t5", "fat5"]
