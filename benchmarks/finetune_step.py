@@ -16,7 +16,8 @@ parameters x tokens plus attention) per second over the GPU's dense bf16 peak. G
 with ``error`` instead of numbers.
 
 Cases (``--cases``, comma-separated; ``--list`` prints them; the default plan is sized for about 8 minutes on one
-H100, and ``--max-minutes`` turns the providers not started by a deadline into ``skipped`` rows): ``train_base_<enc>_<dec>_<batch>_<full|mixed>``, ``train_large_512_114_32_<full|mixed>``, ``trainer_<full|lora>``,
+H100, and ``--max-minutes`` turns the providers not started by a deadline into ``skipped`` rows):
+``train_base_<enc>_<dec>_<batch>_<full|mixed>``, ``train_large_512_114_32_<full|mixed>``, ``trainer_<full|lora>``,
 ``xxl_encoder_b<1|8>``, ``generate_b<1|32>_<greedy|beam4>``.
 
 Usage (GPU machine, repository root)::
@@ -520,8 +521,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generate-warmup", type=int, default=1)
     parser.add_argument("--generate-repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="providers not started by then become 'skipped' rows (the results are still written)")  # fmt: skip
+    parser.add_argument(
+        "--max-minutes", type=float, default=None, help="providers not started by then become 'skipped' rows"
+    )
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     args.shape = None  # tests replace the model shape
