@@ -23,6 +23,7 @@ from .modeling_fat5 import (
     FAT5PreTrainedModel,
     FAT5Seq2SeqLMOutput,
 )
+from .monkey_patch import FAT5PatchReport, apply_fat5_kernels
 
 # Make `AutoConfig.for_model("fat5")`, `AutoModelForSeq2SeqLM.from_pretrained(<fat5 folder>)` etc. work once
 # `fat5_hf` is imported (the Hub export adds `auto_map` for `trust_remote_code` users instead).
@@ -43,6 +44,8 @@ __all__ = [
     "FAT5ForTokenClassification",
     "FAT5Model",
     "FAT5PreTrainedModel",
+    "FAT5PatchReport",
     "FAT5Seq2SeqLMOutput",
     "__version__",
+    "apply_fat5_kernels",
 ]

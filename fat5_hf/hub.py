@@ -30,6 +30,7 @@ MODEL_CODE_FILES = (
     "modeling_fat5.py",
     "position_encoding.py",
     "kernel_ops.py",
+    "unpadding.py",
     "hub.py",
 )
 

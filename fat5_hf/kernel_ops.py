@@ -337,12 +337,16 @@ class FlashAttentionMask:
         queries, keys (`PackedSequences`, *optional*): packed rows of several documents; each query attends only to
             the keys of its own document (the i-th query document to the i-th key document), through the kernel's
             varlen API. Both or neither.
+        unpadded (`bool`): the states are already in the varlen layout of `queries` / `keys`, viewed
+            `(1, total, ...)` (the stack runs its layers on the real tokens only, `fat5_hf.unpadding`): no gather
+            before the kernel and no scatter after it.
     """
 
     key_padding_mask: torch.Tensor | None
     causal: bool
     queries: PackedSequences | None = None
     keys: PackedSequences | None = None
+    unpadded: bool = False
 
 
 def can_use_flash_attention(
@@ -453,6 +457,11 @@ def flash_self_attention_qkvpacked(
     t5 = _t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance)
     if mask.queries is not None:
         packed = mask.queries
+        if mask.unpadded:
+            out = _triton_t5_flash_attention_varlen_qkvpacked(
+                qkv.flatten(0, 1), packed.cu_seqlens, packed.max_seqlen, **t5
+            )
+            return out.view(qkv.shape[0], qkv.shape[1], *out.shape[1:])
         rows = qkv.flatten(0, 1).index_select(0, packed.indices)
         out = _triton_t5_flash_attention_varlen_qkvpacked(rows, packed.cu_seqlens, packed.max_seqlen, **t5)
         return _scatter_documents(out, packed, *qkv.shape[:2])
@@ -476,7 +485,8 @@ def _packed_flash_attention(
     batch, heads, query_length, head_dim = query.shape
 
     def pack(states: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
-        return states.transpose(1, 2).reshape(-1, heads, head_dim).index_select(0, packed.indices)
+        rows = states.transpose(1, 2).reshape(-1, heads, head_dim)
+        return rows if mask.unpadded else rows.index_select(0, packed.indices)
 
     out = _triton_t5_flash_attention_varlen(
         pack(query, mask.queries),
@@ -488,6 +498,8 @@ def _packed_flash_attention(
         mask.keys.max_seqlen,
         **_t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance),
     )
+    if mask.unpadded:
+        return out.view(batch, query_length, heads, head_dim)
     return _scatter_documents(out, mask.queries, batch, query_length)
 
 

@@ -49,6 +49,7 @@ from .configuration_fat5 import FAT5Config
 from .hub import add_auto_map, write_remote_code
 from .kernel_ops import FlashAttentionMask, PackedSequences, segment_ids_to_cu_seqlens
 from .position_encoding import T5RelativePositionBias
+from .unpadding import stack_attention
 
 logger = logging.get_logger(__name__)
 
@@ -950,22 +951,30 @@ class FAT5Stack(FAT5PreTrainedModel):
         self._check_sequence_length(inputs_embeds.shape[1], cache)
 
         use_flash = self._use_flash_attention(inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs)
+        has_cross_attention = self.is_decoder and encoder_hidden_states is not None
+        block_outputs_observed = _block_hidden_states_observed(self.block)
         encoder_extended_attention_mask = None
+        kernel_attention = None
         if segment_ids is not None:
             attention_mask, encoder_extended_attention_mask = self._segment_masks(
                 segment_ids, encoder_segment_ids if encoder_hidden_states is not None else None, use_flash,
                 inputs_embeds.dtype,
             )  # fmt: skip
         elif use_flash:
-            attention_mask = FlashAttentionMask(
-                key_padding_mask=attention_mask.bool() if attention_mask is not None else None,
+            # Padding becomes varlen metadata once for all layers; the layers run on the real tokens only unless
+            # something reads the blocks' hidden states (which must keep their padded shape).
+            kernel_attention = stack_attention(
+                attention_mask,
+                encoder_attention_mask if has_cross_attention else None,
+                batch=inputs_embeds.shape[0],
+                length=inputs_embeds.shape[1],
+                encoder_length=encoder_hidden_states.shape[1] if has_cross_attention else None,
                 causal=self.is_decoder,
+                unpad_layers=not block_outputs_observed,
+                device=inputs_embeds.device,
             )
-            if self.is_decoder and encoder_hidden_states is not None:
-                encoder_extended_attention_mask = FlashAttentionMask(
-                    key_padding_mask=encoder_attention_mask.bool() if encoder_attention_mask is not None else None,
-                    causal=False,
-                )
+            attention_mask = kernel_attention.self_attention
+            encoder_extended_attention_mask = kernel_attention.cross_attention
         else:
             if self.is_decoder:
                 attention_mask = create_causal_mask(
@@ -992,12 +1001,16 @@ class FAT5Stack(FAT5PreTrainedModel):
         if residual_dtype is not None:
             inputs_embeds = inputs_embeds.to(residual_dtype)
         hidden_states = self.dropout(inputs_embeds)
+        if kernel_attention is not None and kernel_attention.unpadded:
+            hidden_states = kernel_attention.pack(hidden_states)
+            if has_cross_attention:
+                encoder_hidden_states = kernel_attention.pack(encoder_hidden_states, encoder=True)
 
         # Each block's last residual add goes into the next block's first norm (the last one into the final norm),
         # unless the blocks' hidden states are read (asked for, hooks) or the blocks are checkpointed (a pending
         # output passed by keyword would lose its gradient under reentrant checkpointing).
         checkpointing = self.training and torch.is_grad_enabled() and any(b.gradient_checkpointing for b in self.block)
-        defer_output_add = not (checkpointing or _block_hidden_states_observed(self.block))
+        defer_output_add = not (checkpointing or block_outputs_observed)
         pending_output = None
         for layer_module in self.block:
             block_outputs = layer_module(
@@ -1021,6 +1034,8 @@ class FAT5Stack(FAT5PreTrainedModel):
 
         hidden_states = _norm_after_pending_add(self.final_layer_norm, hidden_states, pending_output)[1]
         hidden_states = self.dropout(hidden_states)
+        if kernel_attention is not None and kernel_attention.unpadded:
+            hidden_states = kernel_attention.unpack(hidden_states, *inputs_embeds.shape[:2])
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
 
 

@@ -562,8 +562,8 @@ def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monk
 
         monkeypatch.setattr(kernel_ops, name, counting_kernel)
 
-    counting("_triton_t5_flash_attention")
-    counting("_triton_t5_flash_attention_qkvpacked")
+    for kernel in ("", "_qkvpacked", "_varlen", "_varlen_qkvpacked"):
+        counting(f"_triton_t5_flash_attention{kernel}")
     torch.manual_seed(0)
     config = tiny_fat5_config(use_fused_rms_norm=False, use_fused_glu=False, use_fused_cross_entropy=False)
     # training mode (dropout 0): no KV cache, so encoder and decoder both take the kernel path
@@ -578,7 +578,8 @@ def test_flash_attention_path_matches_pytorch(tiny_fat5_config, make_batch, monk
     with kernel_ops.kernels_on_cpu():
         actual = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         actual.loss.backward()
-    # 2 encoder and 2 decoder (causal) self-attentions on packed q/k/v, 2 cross-attentions on separate ones
+    # 2 encoder and 2 decoder (causal) self-attentions on packed q/k/v, 2 cross-attentions on separate ones (all
+    # varlen: the encoder rows are padded)
     assert sorted(calls) == [(False, False)] * 2 + [(True, False)] * 2 + [(True, True)] * 2
     # the kernel's exp2-based softmax is fp32-accurate, not bit-identical: compare relative to the values' scale
     scale = expected.logits.abs().max().item()
@@ -637,7 +638,7 @@ def test_kernel_path_packs_projections_and_matches_separate_ones(tiny_fat5_confi
     input_ids, attention_mask = make_batch(96, [9, 6])
     labels = _labels(96, [5, 3], make_batch)
     packed_calls = []
-    for name in ("_triton_t5_flash_attention_qkvpacked", "_triton_gated_activation_packed"):
+    for name in ("_triton_t5_flash_attention_varlen_qkvpacked", "_triton_gated_activation_packed"):
         kernel = getattr(kernel_ops, name)
         monkeypatch.setattr(
             kernel_ops, name, lambda *a, _k=kernel, _n=name, **kw: packed_calls.append(_n) or _k(*a, **kw)
@@ -653,7 +654,7 @@ def test_kernel_path_packs_projections_and_matches_separate_ones(tiny_fat5_confi
     packed_loss, packed_grads = loss_and_grads()
     layers = model.config.num_layers + model.config.num_decoder_layers
     assert sorted(packed_calls) == ["_triton_gated_activation_packed"] * layers + [
-        "_triton_t5_flash_attention_qkvpacked"
+        "_triton_t5_flash_attention_varlen_qkvpacked"  # the encoder rows are padded: varlen layout
     ] * layers
     packed_calls.clear()
     monkeypatch.setattr(modeling_fat5, "_fusable_projections", lambda *linears: False)

@@ -1,0 +1,448 @@
+# Copyright 2026 The fat5-hf contributors. Licensed under the Apache License, Version 2.0.
+"""The FAT5 kernels on stock Hugging Face T5-family models, without converting the checkpoint.
+
+`apply_fat5_kernels(model=None, ...)` works in Liger-Kernel's two phases:
+
+* it patches the `forward` of transformers' T5, mT5 and UMT5 classes, so models built or loaded afterwards run on the
+  kernels;
+* given an already loaded `model`, it also patches that model's modules in place.
+
+The model keeps its class, its parameters and its state dict keys, so it saves, loads and pushes as the original
+class. Each patched forward is transformers' maths on the PyTorch path (CPU tensors, or a call the kernel cannot
+serve: a KV cache, `output_attentions`, attention-probability dropout) and calls `fat5_hf.kernel_ops` otherwise:
+
+* `T5LayerNorm` -> the fused RMSNorm kernel;
+* `T5DenseGatedActDense` (gated-gelu / gated-silu: T5 v1.1, FLAN-T5, mT5, UMT5) -> one `[wi_0; wi_1]` matmul and the
+  fused gated activation;
+* `T5Stack` + `T5Attention` -> the flash-attention kernel with T5's relative bias computed in-kernel; padded batches
+  run unpadded (`fat5_hf.unpadding`);
+* the LM loss of `*ForConditionalGeneration` -> the cross-entropy kernel.
+
+What it could not patch (a non-gated feed-forward, UMT5's per-layer attention bias, an activation the kernel lacks)
+is logged as a warning and listed in the returned `FAT5PatchReport`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging
+
+from . import kernel_ops, unpadding
+from .kernel_ops import FlashAttentionMask
+from .modeling_fat5 import _block_hidden_states_observed, _fusable_projections, _fused_projection, _match_wo_dtype
+
+logger = logging.get_logger(__name__)
+
+# transformers' activation modules that the fused gated-activation kernel implements, by type.
+_KERNEL_ACTIVATIONS = {
+    "NewGELUActivation": "gelu_new",
+    "GELUTanh": "gelu_pytorch_tanh",
+    "PytorchGELUTanh": "gelu_pytorch_tanh",
+    "SiLUActivation": "silu",
+    "SiLU": "silu",
+}
+
+# model_type -> (transformers module, class-name prefix, whether its attention is T5's: one bias table in block 0)
+_FAMILIES = {
+    "t5": ("transformers.models.t5.modeling_t5", "T5", True),
+    "mt5": ("transformers.models.mt5.modeling_mt5", "MT5", True),
+    "umt5": ("transformers.models.umt5.modeling_umt5", "UMT5", False),
+}
+
+COMPONENTS = ("rms_norm", "gated_mlp", "attention", "cross_entropy")
+_KERNEL_OF_COMPONENT = {
+    "rms_norm": "rms_norm",
+    "gated_mlp": "gated_activation",
+    "attention": "attention",
+    "cross_entropy": "cross_entropy",
+}
+
+
+@dataclass
+class FAT5PatchReport:
+    """What `apply_fat5_kernels` patched.
+
+    Attributes:
+        patched (`dict[str, int]`): component -> number of modules (or classes, without a model) now on the kernels.
+        not_patched (`dict[str, str]`): component -> why it keeps transformers' PyTorch code.
+    """
+
+    patched: dict[str, int] = field(default_factory=dict)
+    not_patched: dict[str, str] = field(default_factory=dict)
+
+    def _count(self, component: str) -> None:
+        self.patched[component] = self.patched.get(component, 0) + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Patched forwards. Each is built around the original forward, which it calls where the kernel path does not apply.
+# ----------------------------------------------------------------------------------------------------------------
+def _rms_norm_forward(original: Callable) -> Callable:
+    def forward(self, hidden_states):
+        return kernel_ops.rms_norm(hidden_states, self.weight, self.variance_epsilon, use_kernel=True)
+
+    return forward
+
+
+def _gated_mlp_forward(original: Callable) -> Callable:
+    def forward(self, hidden_states):
+        act_name = _KERNEL_ACTIVATIONS.get(type(self.act).__name__)
+        if act_name is None:
+            return original(self, hidden_states)
+        if kernel_ops.can_use_packed_gated_activation(hidden_states, act_name, True) and _fusable_projections(
+            self.wi_0, self.wi_1
+        ):
+            hidden_states = kernel_ops.gated_activation_packed(
+                _fused_projection(hidden_states, self.wi_0, self.wi_1), act_name
+            )
+        else:
+            gate, up = self.wi_0(hidden_states), self.wi_1(hidden_states)
+            hidden_states = kernel_ops.gated_activation(gate, up, self.act, act_name, use_kernel=True)
+        hidden_states = self.dropout(hidden_states)
+        return self.wo(_match_wo_dtype(hidden_states, self.wo))
+
+    return forward
+
+
+def _attention_forward(original: Callable) -> Callable:
+    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None, **kwargs):
+        if not isinstance(mask, FlashAttentionMask):
+            return original(
+                self, hidden_states, mask=mask, key_value_states=key_value_states, position_bias=position_bias,
+                cache=cache, **kwargs,
+            )  # fmt: skip
+        # Kernel path (the patched stack passes a `FlashAttentionMask` only without a cache): block 0 returns its
+        # `(num_heads, num_buckets)` table as the position bias, which the stack hands to the other blocks.
+        is_cross_attention = key_value_states is not None
+        if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
+            position_bias = self.relative_attention_bias.weight.t().contiguous()
+        t5_bias = dict(
+            bidirectional=not self.is_decoder,
+            num_buckets=self.relative_attention_num_buckets,
+            max_distance=self.relative_attention_max_distance,
+        )
+        input_shape = hidden_states.shape[:-1]
+        if (
+            not is_cross_attention
+            and kernel_ops.can_use_qkv_packed_attention(mask)
+            and _fusable_projections(self.q, self.k, self.v)
+        ):
+            qkv = _fused_projection(hidden_states, self.q, self.k, self.v)
+            qkv = qkv.view(*input_shape, 3, self.n_heads, self.key_value_proj_dim)
+            attn_output = kernel_ops.flash_self_attention_qkvpacked(qkv, mask, position_bias, **t5_bias)
+            return self.o(attn_output.reshape(*input_shape, -1)), position_bias, None
+        current_states = key_value_states if is_cross_attention else hidden_states
+        query_states = self.q(hidden_states).view(*input_shape, -1, self.key_value_proj_dim).transpose(1, 2)
+        kv_shape = (*current_states.shape[:-1], -1, self.key_value_proj_dim)
+        key_states = self.k(current_states).view(kv_shape).transpose(1, 2)
+        value_states = self.v(current_states).view(kv_shape).transpose(1, 2)
+        bias_table = None if is_cross_attention else position_bias
+        attn_output = kernel_ops.flash_attention(query_states, key_states, value_states, mask, bias_table, **t5_bias)
+        return self.o(attn_output.reshape(*input_shape, -1).contiguous()), position_bias, None
+
+    return forward
+
+
+def _stack_can_use_kernels(
+    stack, inputs: torch.Tensor, attention_mask, encoder_attention_mask, cache, use_cache, kwargs
+) -> bool:
+    """Whether a patched stack's forward can run its attention on the kernel (else transformers' forward runs)."""
+    config = stack.config
+    if use_cache is None:
+        # transformers' stack would build a cache from `config.use_cache`; in training nothing reads it.
+        use_cache = config.use_cache and not stack.training
+    wants_outputs = any(
+        kwargs.get(name, getattr(config, name, False)) for name in ("output_attentions", "output_hidden_states")
+    )
+    attention_dropout = stack.block[0].layer[0].SelfAttention.dropout
+    return (
+        kernel_ops.can_use_flash_attention(
+            True, inputs, attention_mask, cache, wants_outputs, attention_dropout, stack.training
+        )
+        and not (stack.is_decoder and use_cache)
+        and (encoder_attention_mask is None or encoder_attention_mask.dim() == 2)
+    )
+
+
+def _stack_forward(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        inputs_embeds=None,
+        cache=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        cache = kwargs.pop("past_key_values", cache)
+        inputs = inputs_embeds if inputs_embeds is not None else input_ids
+        if inputs is None or not _stack_can_use_kernels(
+            self, inputs, attention_mask, encoder_attention_mask, cache, use_cache, kwargs
+        ):
+            return original(
+                self, input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask, inputs_embeds=inputs_embeds, cache=cache,
+                use_cache=use_cache, **kwargs,
+            )  # fmt: skip
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        has_cross_attention = self.is_decoder and encoder_hidden_states is not None
+        batch, length = inputs_embeds.shape[:2]
+        masks = unpadding.stack_attention(
+            attention_mask,
+            encoder_attention_mask if has_cross_attention else None,
+            batch=batch,
+            length=length,
+            encoder_length=encoder_hidden_states.shape[1] if has_cross_attention else None,
+            causal=self.is_decoder,
+            unpad_layers=not _block_hidden_states_observed(self.block),
+            device=inputs_embeds.device,
+        )
+        hidden_states = self.dropout(inputs_embeds)
+        if masks.unpadded:
+            hidden_states = masks.pack(hidden_states)
+            if has_cross_attention:
+                encoder_hidden_states = masks.pack(encoder_hidden_states, encoder=True)
+        position_bias = None
+        for block in self.block:
+            hidden_states, position_bias, _ = block(
+                hidden_states,
+                masks.self_attention,
+                position_bias,
+                encoder_hidden_states,
+                masks.cross_attention,
+                None,  # positional, as transformers' stack passes them, for gradient checkpointing
+            )
+        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
+        if masks.unpadded:
+            hidden_states = masks.unpack(hidden_states, batch, length)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states)
+
+    return forward
+
+
+def _lm_loss_forward(original: Callable) -> Callable:
+    signature = inspect.signature(original)
+    var_keyword = next(p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind_partial(self, *args, **kwargs).arguments
+        labels = arguments.get("labels")
+        if labels is None:
+            return original(self, *args, **kwargs)
+        # transformers' forward without labels (it would compute the loss in PyTorch), then the loss kernel.
+        arguments["labels"] = None
+        if arguments.get("decoder_input_ids") is None and arguments.get("decoder_inputs_embeds") is None:
+            arguments["decoder_input_ids"] = self._shift_right(labels)
+        extra = dict(arguments.pop(var_keyword, {}))
+        return_dict = arguments.pop("return_dict", extra.pop("return_dict", None))
+        arguments.pop("self")
+        outputs = original(self, **arguments, **extra, return_dict=True)
+        labels = labels.to(outputs.logits.device)
+        loss, _ = kernel_ops.cross_entropy(
+            outputs.logits.reshape(-1, outputs.logits.shape[-1]), labels.reshape(-1), use_kernel=True
+        )
+        outputs = type(outputs)(loss=loss, **outputs)  # rebuilt: `loss` first, as `to_tuple()` expects
+        use_return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return outputs if use_return_dict else outputs.to_tuple()
+
+    return forward
+
+
+# component -> (class-name suffixes it patches, forward factory)
+_PATCHES = {
+    "rms_norm": (("LayerNorm",), _rms_norm_forward),
+    "gated_mlp": (("DenseGatedActDense",), _gated_mlp_forward),
+    "attention": (("Attention", "Stack"), None),
+    "cross_entropy": (("ForConditionalGeneration",), _lm_loss_forward),
+}
+_ATTENTION_FACTORIES = {"Attention": _attention_forward, "Stack": _stack_forward}
+
+
+def _factory(component: str, suffix: str) -> Callable:
+    return _ATTENTION_FACTORIES[suffix] if component == "attention" else _PATCHES[component][1]
+
+
+def _unpatched(forward: Callable) -> Callable:
+    return getattr(forward, "_fat5_original", forward)
+
+
+def _patched(original: Callable, component: str, suffix: str) -> Callable:
+    forward = functools.wraps(original)(_factory(component, suffix)(original))
+    forward._fat5_original = original
+    return forward
+
+
+def _patch_class(cls: type, component: str, suffix: str) -> None:
+    """Patch `cls.forward` (once)."""
+    if not hasattr(cls.forward, "_fat5_original"):
+        cls.forward = _patched(cls.forward, component, suffix)
+
+
+def _patch_module(module: nn.Module, component: str, suffix: str) -> None:
+    """Bind the patched forward to this module only, and show it in its repr (Liger's `_bind_method_to_module`)."""
+    if hasattr(type(module).forward, "_fat5_original") or hasattr(vars(module).get("forward"), "_fat5_original"):
+        return
+    original = _unpatched(type(module).forward)
+    module.forward = types.MethodType(_patched(original, component, suffix), module)
+    name = type(module).__name__
+    module._get_name = types.MethodType(lambda self: f"{name}[fat5]", module)
+
+
+def _check_components(options: dict[str, bool]) -> list[str]:
+    for name, value in options.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"apply_fat5_kernels: `{name}` must be True or False, got {value!r}.")
+    return [name for name, value in options.items() if value]
+
+
+def _family_of(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type == "fat5":
+        raise TypeError(
+            "apply_fat5_kernels: this is a FAT5 model, which runs on the kernels already (config switches)."
+        )
+    if model_type not in _FAMILIES:
+        raise TypeError(
+            f"apply_fat5_kernels patches transformers' T5, mT5 and UMT5 models (model_type "
+            f"{sorted(_FAMILIES)}); got {type(model).__name__} with model_type={model_type!r}. Convert other "
+            "T5-like checkpoints with `fat5_hf.convert` instead."
+        )
+    return model_type
+
+
+def apply_fat5_kernels(
+    model: nn.Module | None = None,
+    *,
+    rms_norm: bool = True,
+    gated_mlp: bool = True,
+    attention: bool = True,
+    cross_entropy: bool = True,
+) -> FAT5PatchReport:
+    """Run transformers' T5, mT5 and UMT5 models on the FAT5 Triton kernels, in place.
+
+    Without `model`: patches the classes of transformers' `t5`, `mt5` and `umt5` modules, so every model of those
+    families (already built or built later) runs on the kernels. With `model`: patches only that model's modules,
+    which keep their classes and parameters (`save_pretrained` writes the original class and state dict keys).
+    The kernels run on CUDA tensors (on CPU tensors only inside `fat5_hf.kernel_ops.kernels_on_cpu()`, under the
+    Triton interpreter); elsewhere the patched forwards are transformers' own maths.
+
+    Args:
+        model (`PreTrainedModel`, *optional*): a loaded `T5ForConditionalGeneration`, `T5EncoderModel`, `T5Model`,
+            their mT5 / UMT5 counterparts, or a model containing them (e.g. a PEFT-wrapped one).
+        rms_norm (`bool`): `T5LayerNorm` on the fused RMSNorm kernel.
+        gated_mlp (`bool`): the gated feed-forward (gated-gelu, gated-silu) on one matmul and the fused activation.
+        attention (`bool`): the stacks' attention on the flash kernel (relative bias in-kernel, padded batches
+            unpadded). A call with a KV cache (generation steps), `output_attentions`, or attention-probability
+            dropout in training (`config.dropout_rate > 0`) keeps transformers' attention.
+        cross_entropy (`bool`): the LM loss of `*ForConditionalGeneration` on the cross-entropy kernel.
+
+    Returns:
+        `FAT5PatchReport`: what was patched and what was not (and why); the latter is also logged as a warning.
+
+    Raises:
+        TypeError: `model` is not a T5, mT5 or UMT5 model (or is a FAT5 model), or an option is not a bool.
+    """
+    components = _check_components(
+        dict(rms_norm=rms_norm, gated_mlp=gated_mlp, attention=attention, cross_entropy=cross_entropy)
+    )
+    report = FAT5PatchReport()
+    for name in COMPONENTS:
+        if name not in components:
+            report.not_patched[name] = "switched off by the caller"
+    for name in list(components):
+        if not kernel_ops.kernel_available(_KERNEL_OF_COMPONENT[name]):
+            report.not_patched[name] = "triton or its fat5_kernels module is not importable: transformers' code runs"
+            components.remove(name)
+    if model is None:
+        _patch_classes(components, report)
+    else:
+        _patch_model(model, components, report)
+    for name, reason in report.not_patched.items():
+        if reason != "switched off by the caller":
+            logger.warning(f"apply_fat5_kernels: {name} not patched: {reason}")
+    return report
+
+
+def _patch_classes(components: list[str], report: FAT5PatchReport) -> None:
+    for model_type, (module_name, prefix, t5_attention) in _FAMILIES.items():
+        module = importlib.import_module(module_name)
+        for component in components:
+            if component == "attention" and not t5_attention:
+                report.not_patched.setdefault(
+                    "attention", f"{model_type}: each layer has its own relative bias table (no kernel path)"
+                )
+                continue
+            for suffix in _PATCHES[component][0]:
+                _patch_class(getattr(module, f"{prefix}{suffix}"), component, suffix)
+                report._count(component)
+
+
+def _patch_model(model: nn.Module, components: list[str], report: FAT5PatchReport) -> None:
+    families = {_family_of(m) for m in model.modules() if isinstance(m, PreTrainedModel)}
+    if not families:
+        _family_of(model)  # raises, naming the model's type
+    for family in families:
+        module_name, prefix, t5_attention = _FAMILIES[family]
+        classes = vars(importlib.import_module(module_name))
+        for component in components:
+            if component == "attention" and not t5_attention:
+                report.not_patched["attention"] = (
+                    f"{family}: each layer has its own relative bias table (no kernel path)"
+                )
+                continue
+            for suffix in _PATCHES[component][0]:
+                wanted = classes[f"{prefix}{suffix}"]
+                for module in model.modules():
+                    if type(module) is wanted:
+                        _patch_module(module, component, suffix)
+                        report._count(component)
+    _report_unpatched_modules(model, components, report)
+
+
+def _report_unpatched_modules(model: nn.Module, components: list[str], report: FAT5PatchReport) -> None:
+    """The model's parts that the patched components do not reach."""
+    if "gated_mlp" in components:
+        if any(
+            type(m).__name__.endswith("DenseActDense") and "Gated" not in type(m).__name__ for m in model.modules()
+        ):
+            report.not_patched["gated_mlp"] = "the feed-forward is not gated (original T5's relu): no fused kernel"
+        activations = {
+            type(m.act).__name__ for m in model.modules() if type(m).__name__.endswith("DenseGatedActDense")
+        }
+        unsupported = sorted(a for a in activations if a not in _KERNEL_ACTIVATIONS)
+        if unsupported:
+            report.not_patched["gated_mlp"] = (
+                f"activation {', '.join(unsupported)} has no fused kernel (gelu_new, gelu_pytorch_tanh, silu do): "
+                "the feed-forward keeps transformers' code"
+            )
+    if "attention" in components and "attention" in report.patched:
+        for m in model.modules():
+            dropout = getattr(m, "dropout", 0.0)
+            if type(m).__name__.endswith("Attention") and isinstance(dropout, float) and dropout > 0:
+                report.not_patched["attention (training)"] = (
+                    f"attention-probability dropout {dropout} has no kernel: training forwards keep transformers' "
+                    "attention (evaluation and inference use the kernel). Load with `dropout_rate=0.0` to train on it."
+                )
+                break
+    if "cross_entropy" in components and "cross_entropy" not in report.patched:
+        report.not_patched["cross_entropy"] = "no *ForConditionalGeneration head in this model (no LM loss)"
+
+
+__all__ = ["COMPONENTS", "FAT5PatchReport", "apply_fat5_kernels"]

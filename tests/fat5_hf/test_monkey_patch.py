@@ -1,0 +1,328 @@
+"""`fat5_hf.apply_fat5_kernels` on stock transformers T5-family models.
+
+Each patched module is compared with the stock one: exactly on the PyTorch path (CPU tensors), and within fp32 kernel
+tolerance (the kernels' exp2 softmax and fused reductions are not bit-identical) under the Triton interpreter."""
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from transformers import (
+    MT5Config,
+    MT5ForConditionalGeneration,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+    Trainer,
+    TrainingArguments,
+    UMT5Config,
+    UMT5ForConditionalGeneration,
+)
+from transformers.models.t5 import modeling_t5
+
+from fat5_hf import apply_fat5_kernels, kernel_ops
+from fat5_hf.monkey_patch import FAT5PatchReport
+
+# A tiny T5 v1.1 / original T5 / mT5 layout (as tests/fat5_hf/conftest.py's), random weights.
+TINY = dict(
+    vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+    relative_attention_max_distance=16, dropout_rate=0.0, decoder_start_token_id=0,
+)  # fmt: skip
+T5_VARIANTS = {
+    "t5": dict(feed_forward_proj="relu"),
+    "t5_v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "mt5": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, d_kv=12, num_heads=3),
+}
+
+needs_kernels = pytest.mark.skipif(
+    not all(kernel_ops.kernel_available(k) for k in ("attention", "rms_norm", "gated_activation", "cross_entropy")),
+    reason="needs triton and fat5_kernels",
+)
+
+
+def _t5(variant="t5_v1_1", cls=T5ForConditionalGeneration, config_cls=T5Config, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = cls(config_cls(**{**TINY, **T5_VARIANTS[variant], **overrides}))
+    if hasattr(model, "lm_head") and not model.config.tie_word_embeddings:
+        model.lm_head.weight.data.normal_(0, model.config.d_model**-0.5)
+    return model
+
+
+def _padded(lengths, seed, left=False):
+    """Random ids >= 2 with right (or left) padding: `(input_ids, attention_mask)`."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        span = slice(max(lengths) - length, None) if left else slice(0, length)
+        ids[row, span] = torch.randint(2, 96, (length,), generator=gen)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def _batch(encoder_lengths=(9, 5, 7), decoder_lengths=(4, 6, 2), left=False):
+    input_ids, attention_mask = _padded(encoder_lengths, seed=1, left=left)
+    targets, target_mask = _padded(decoder_lengths, seed=5)
+    labels = targets.masked_fill(target_mask == 0, -100)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def _assert_close_to_scale(actual, expected, rtol=1e-4, msg=None):
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, atol=1e-5 * max(scale, 1e-3), rtol=rtol, msg=msg)
+
+
+def _loss_and_grads(model, batch, kernels: bool):
+    model.zero_grad(set_to_none=True)
+    context = kernel_ops.kernels_on_cpu() if kernels else torch.enable_grad()
+    with context:
+        out = model(**batch)
+        out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-module equivalence
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=[pytest.mark.interpreter, needs_kernels])])
+def test_patched_layer_norm_matches_t5_layer_norm(kernels):
+    torch.manual_seed(0)
+    stock = modeling_t5.T5LayerNorm(48, eps=1e-6)
+    stock.weight.data.uniform_(0.5, 1.5)
+    patched = copy.deepcopy(stock)
+    from fat5_hf.monkey_patch import _patch_module
+
+    _patch_module(patched, "rms_norm", "LayerNorm")
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    expected = stock(x)
+    with kernel_ops.kernels_on_cpu() if kernels else torch.enable_grad():
+        actual = patched(x)
+    if kernels:
+        _assert_close_to_scale(actual, expected)
+    else:
+        assert torch.equal(actual, expected)
+    assert "T5LayerNorm[fat5]" in repr(patched)
+
+
+@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=[pytest.mark.interpreter, needs_kernels])])
+@pytest.mark.parametrize("activation", ["gated-gelu", "gated-silu"])
+def test_patched_gated_mlp_matches_t5(kernels, activation):
+    from fat5_hf.monkey_patch import _patch_module
+
+    torch.manual_seed(0)
+    stock = modeling_t5.T5DenseGatedActDense(T5Config(**{**TINY, "feed_forward_proj": activation})).eval()
+    patched = copy.deepcopy(stock)
+    _patch_module(patched, "gated_mlp", "DenseGatedActDense")
+    x = torch.randn(2, 7, TINY["d_model"])
+    with torch.no_grad():
+        expected = stock(x)
+        with kernel_ops.kernels_on_cpu() if kernels else torch.no_grad():
+            actual = patched(x)
+    _assert_close_to_scale(actual, expected, rtol=1e-5)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_patched_loss_matches_t5_loss():
+    stock = _t5()
+    patched = copy.deepcopy(stock)
+    report = apply_fat5_kernels(patched, rms_norm=False, gated_mlp=False, attention=False)
+    assert report.patched == {"cross_entropy": 1}
+    batch = _batch()
+    with kernel_ops.kernels_on_cpu():
+        actual = patched(**batch)
+        as_tuple = patched(**batch, return_dict=False)
+    expected = stock(**batch)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-6, atol=1e-6)
+    assert torch.equal(actual.logits, expected.logits)
+    torch.testing.assert_close(as_tuple[0], expected.loss, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole models
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("left", [False, True])
+def test_patched_t5_trains_like_stock_on_padded_batches(left, monkeypatch):
+    """Loss, logits at the labelled positions and every gradient of a padded batch (right or left padding) match
+    the stock model; the attention runs unpadded on the varlen kernels and the feed-forward sees only real tokens."""
+    stock = _t5().train()
+    patched = copy.deepcopy(stock)
+    report = apply_fat5_kernels(patched)
+    # per stack: a norm per sublayer and a final one; the attention modules and the two stacks
+    assert report.patched == {
+        "rms_norm": 2 * 2 + 1 + 2 * 3 + 1,
+        "gated_mlp": 4,
+        "attention": 6 + 2,
+        "cross_entropy": 1,
+    }
+    assert report.not_patched == {}
+    varlen_calls = []
+    for name in ("_triton_t5_flash_attention_varlen", "_triton_t5_flash_attention_varlen_qkvpacked"):
+        kernel = getattr(kernel_ops, name)
+        monkeypatch.setattr(kernel_ops, name, lambda *a, _k=kernel, **kw: varlen_calls.append(1) or _k(*a, **kw))
+    ff_tokens = []
+    patched.encoder.block[1].layer[-1].DenseReluDense.wo.register_forward_hook(
+        lambda m, i, o: ff_tokens.append(i[0].shape[:-1])
+    )
+    batch = _batch(left=left)
+    expected, expected_grads = _loss_and_grads(stock, batch, kernels=False)
+    actual, actual_grads = _loss_and_grads(patched, batch, kernels=True)
+    assert len(varlen_calls) == 2 + 2 * 2  # encoder self, decoder self and cross
+    assert ff_tokens == [(1, 9 + 5 + 7)]  # packed real tokens only
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    labelled = batch["labels"] != -100
+    _assert_close_to_scale(actual.logits[labelled], expected.logits[labelled])
+    assert actual_grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(actual_grads[name], grad, atol=1e-4 * scale, rtol=1e-3, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize(
+    "cls, config_cls, variant",
+    [(T5EncoderModel, T5Config, "t5_v1_1"), (MT5ForConditionalGeneration, MT5Config, "mt5")],
+)
+def test_patched_encoder_model_and_mt5_match_stock(cls, config_cls, variant):
+    stock = _t5(variant, cls=cls, config_cls=config_cls).eval()
+    patched = copy.deepcopy(stock)
+    report = apply_fat5_kernels(patched)
+    assert report.patched["attention"] > 0 and report.patched["rms_norm"] > 0
+    batch = _batch()
+    if cls is T5EncoderModel:
+        batch.pop("labels")
+    with torch.no_grad():
+        expected = stock(**batch)
+        with kernel_ops.kernels_on_cpu():
+            actual = patched(**batch)
+    if cls is T5EncoderModel:
+        real = batch["attention_mask"].bool()
+        _assert_close_to_scale(actual.last_hidden_state[real], expected.last_hidden_state[real])
+    else:
+        torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_patched_t5_generates_what_stock_generates(num_beams):
+    stock = _t5().eval()
+    patched = copy.deepcopy(stock)
+    apply_fat5_kernels(patched)
+    batch = _batch()
+    batch.pop("labels")
+    kwargs = dict(max_new_tokens=6, num_beams=num_beams, do_sample=False)
+    expected = stock.generate(**batch, **kwargs)
+    with kernel_ops.kernels_on_cpu():
+        actual = patched.generate(**batch, **kwargs)
+    assert torch.equal(actual, expected)
+
+
+def test_patched_model_saves_as_the_original_class(tmp_path):
+    stock = _t5()
+    patched = copy.deepcopy(stock)
+    apply_fat5_kernels(patched)
+    assert type(patched) is T5ForConditionalGeneration
+    assert patched.state_dict().keys() == stock.state_dict().keys()
+    patched.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["T5ForConditionalGeneration"]
+    reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path)
+    for name, tensor in stock.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    # the CPU path of the patched model is transformers' maths
+    batch = _batch()
+    torch.testing.assert_close(patched(**batch).loss, stock(**batch).loss, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@needs_kernels
+def test_patched_t5_trains_with_trainer(tmp_path):
+    model = _t5()
+    apply_fat5_kernels(model)
+    batches = [_batch() for _ in range(2)]
+    rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(3)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=2, use_cpu=True, report_to=[],
+        learning_rate=1e-3, logging_steps=1, save_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with kernel_ops.kernels_on_cpu():
+        result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports and errors
+# ----------------------------------------------------------------------------------------------------------------
+@needs_kernels
+def test_report_names_what_was_not_patched(caplog):
+    relu_t5 = _t5("t5", dropout_rate=0.1)
+    with caplog.at_level(logging.WARNING):
+        report = apply_fat5_kernels(relu_t5, cross_entropy=False)
+    assert isinstance(report, FAT5PatchReport)
+    assert "not gated" in report.not_patched["gated_mlp"]
+    assert "dropout 0.1" in report.not_patched["attention (training)"]
+    assert report.not_patched["cross_entropy"] == "switched off by the caller"
+    assert "gated_mlp not patched" in caplog.text
+
+    umt5 = _t5("t5_v1_1", cls=UMT5ForConditionalGeneration, config_cls=UMT5Config)
+    report = apply_fat5_kernels(umt5)
+    assert "own relative bias" in report.not_patched["attention"]
+    assert report.patched["rms_norm"] > 0 and report.patched["gated_mlp"] > 0
+
+
+def test_bad_models_and_options_raise():
+    from fat5_hf import FAT5Config, FAT5ForConditionalGeneration
+
+    with pytest.raises(TypeError, match="model_type"):
+        apply_fat5_kernels(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="runs on the kernels already"):
+        apply_fat5_kernels(FAT5ForConditionalGeneration(FAT5Config(**TINY)))
+    with pytest.raises(TypeError, match="`attention` must be True or False"):
+        apply_fat5_kernels(_t5(), attention="yes")
+
+
+@needs_kernels
+def test_class_patch_reaches_models_built_later():
+    t5_forward = modeling_t5.T5LayerNorm.forward
+    try:
+        report = apply_fat5_kernels()
+        assert report.patched["attention"] == 2 * 2  # T5/MT5 Attention and Stack classes
+        model = _t5()
+        assert hasattr(type(model.encoder.final_layer_norm).forward, "_fat5_original")
+        # patching again, or patching the instance, changes nothing
+        apply_fat5_kernels(model)
+        assert "forward" not in vars(model.encoder.final_layer_norm)
+    finally:
+        from transformers.models.mt5 import modeling_mt5
+        from transformers.models.umt5 import modeling_umt5
+
+        from fat5_hf.monkey_patch import _unpatched
+
+        for module in (modeling_t5, modeling_mt5, modeling_umt5):
+            for value in vars(module).values():
+                if isinstance(value, type) and hasattr(value.__dict__.get("forward"), "_fat5_original"):
+                    value.forward = _unpatched(value.forward)
+    assert modeling_t5.T5LayerNorm.forward is t5_forward
+
+
+def test_without_triton_nothing_is_patched_and_the_report_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(kernel_ops, "kernel_available", lambda name: False)
+    model = _t5()
+    with caplog.at_level(logging.WARNING):
+        report = apply_fat5_kernels(model)
+    assert report.patched == {}
+    assert set(report.not_patched) == {"rms_norm", "gated_mlp", "attention", "cross_entropy"}
+    assert "not importable" in caplog.text
+    assert not any("forward" in vars(module) for module in model.modules())
