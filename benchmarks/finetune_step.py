@@ -31,17 +31,15 @@ writes ``finetune_step.json`` and ``finetune_step.md`` there.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import math
 import os
-import platform
-import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
 
+import results_io  # benchmarks/ is on the path: the script runs as python benchmarks/finetune_step.py
 import torch
 
 T5_V1_1_BASE = dict(d_model=768, d_kv=64, num_heads=12, d_ff=2048, num_layers=12, num_decoder_layers=12)
@@ -440,71 +438,23 @@ def add_speedups(rows: list[dict]) -> None:
         row["vs_best_hf"] = round(row["tokens_per_s"] / best, 3) if best and "error" not in row else None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Results: benchmarks/results/<script>.json + .md
-# ----------------------------------------------------------------------------------------------------------------
-def environment() -> dict:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    cuda = torch.cuda.is_available()
-    return dict(
-        gpu=torch.cuda.get_device_name() if cuda else None,
-        gpus=torch.cuda.device_count() if cuda else 0,
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        triton=triton_version,
-        transformers=transformers.__version__,
-        python=platform.python_version(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        commit=commit,
-    )
-
-
 MD_COLUMNS = ("case", "model", "attn_impl", "compile", "enc_len", "dec_len", "batch", "padding", "tokens_per_s",
               "vs_best_hf", "mfu", "peak_GiB", "error")  # fmt: skip
-
-
-def to_markdown(result: dict) -> str:
-    env = result["environment"]
-    lines = [
-        "# finetune_step",
-        "",
-        f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, transformers "
-        f"{env['transformers']}, Python {env['python']}, {env['date']}, commit {env['commit']}.",
-        "",
-        "Tokens/s: real tokens (training), new tokens (generation); `vs_best_hf`: over the fastest `hf_t5` row of the "
-        "case. See `benchmarks/finetune_step.py` for the set-up.",
-        "",
-        "| " + " | ".join(MD_COLUMNS) + " |",
-        "|" + "---|" * len(MD_COLUMNS),
-    ]
-    for row in result["rows"]:
-        lines.append("| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in MD_COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+METHOD = (
+    "Tokens/s: real tokens (training), new tokens (generation); `vs_best_hf`: over the fastest `hf_t5` row of the "
+    "case. Each model is built from the same weights in the same process; see `benchmarks/finetune_step.py` and "
+    "`benchmarks/README.md` for the set-up."
+)
 
 
 def write_results(output_dir: str, args: dict, rows: list[dict]) -> str:
     """Write `finetune_step.json` (`{"environment", "args", "rows"}`) and `finetune_step.md`; returns the JSON path."""
-    os.makedirs(output_dir, exist_ok=True)
-    result = dict(environment=environment(), args=args, rows=rows)
-    path = os.path.join(output_dir, "finetune_step.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(output_dir, "finetune_step.md"), "w") as f:
-        f.write(to_markdown(result))
-    return path
+    json_path, _ = results_io.write_results(
+        "finetune_step", rows, env=results_io.environment(), args=args, title="Finetuning step, generation and "
+        "encoder forward: FAT5 and patched stock T5 against Hugging Face T5", method=METHOD,
+        columns=[results_io.Column(name, name) for name in MD_COLUMNS], output_dir=output_dir,
+    )  # fmt: skip
+    return str(json_path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
