@@ -410,6 +410,11 @@ def _fsync_path(path: Path, directory: bool) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flushes a folder's entries (a rename or a new file in it); a no-op where folders cannot be opened (Windows)."""
+    _fsync_path(Path(path), directory=True)
+
+
 def fsync_tree(path: str | os.PathLike) -> None:
     """Flushes every file under ``path``, then every folder (their entries), bottom-up, then ``path`` itself.
 
