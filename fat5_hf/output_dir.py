@@ -75,13 +75,21 @@ def _process_start_ticks(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def _command_line() -> str:
+    try:  # the exact command, ``python -c`` code included, where Linux gives it
+        argv = Path("/proc/self/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        return shlex.join(arg.decode(errors="replace") for arg in argv)
+    except OSError:
+        return shlex.join([sys.executable, *sys.argv])
+
+
 def _this_process_record() -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "process_start_ticks": _process_start_ticks(os.getpid()),
         "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": _command_line(),
     }
 
 
