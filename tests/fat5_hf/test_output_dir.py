@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import torch
 
 from fat5_hf.output_dir import (
     LOCK_FILE,
+    LauncherWatch,
     OutputDirInUseError,
     OutputDirLock,
     OutputDirNotEmptyError,
@@ -40,14 +42,24 @@ def _env() -> dict[str, str]:
     return env
 
 
+# Loads fat5_hf/output_dir.py alone (no torch, no transformers: a subprocess that starts in a fraction of a second).
+LOAD_MODULE = f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("output_dir", {str(REPO_ROOT / "fat5_hf" / "output_dir.py")!r})
+od = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(od)
+"""
+
 # Holds the folder given as argv[1], prints "held", then sleeps until killed.
-HOLDER = """
+HOLDER = (
+    LOAD_MODULE
+    + """
 import sys, time
-from fat5_hf.output_dir import hold_output_dir
-lock = hold_output_dir(sys.argv[1], resume=True)
+lock = od.hold_output_dir(sys.argv[1], resume=True)
 print("held", flush=True)
 time.sleep(600)
 """
+)
 
 
 @pytest.fixture
@@ -140,33 +152,60 @@ def test_manifest_finds_truncated_missing_and_changed_files(tmp_path):
     assert list(file_manifest(tmp_path, exclude=["a.bin"])) == []
 
 
-def test_launcher_detection_and_check_between_steps():
+def _readline_within(process: subprocess.Popen, timeout: float = 60) -> str:
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    return process.stdout.readline().strip() if ready else "<nothing within the timeout>"
+
+
+def test_worker_gets_sigterm_when_its_launcher_is_killed(tmp_path):
+    """The launcher (a shell here, SIGKILLed) dies: Linux sends its worker the parent-death signal."""
     assert launched_by_launcher({"LOCAL_RANK": "0"}) and launched_by_launcher({"ACCELERATE_DYNAMO_BACKEND": "NO"})
     assert not launched_by_launcher({})
-    # A worker whose launcher (its parent, a shell here) is SIGKILLed receives SIGTERM from Linux.
-    script = textwrap.dedent(
-        """
-        import signal, sys, time
-        from fat5_hf.output_dir import stop_with_launcher
-        signal.signal(signal.SIGTERM, lambda *a: (print("stopped by SIGTERM", flush=True), sys.exit(0)))
-        watch = stop_with_launcher(force=True)
-        print("watching", flush=True)
-        for _ in range(600):
-            time.sleep(0.1)
-            watch.check()
-        print("never stopped", flush=True)
-        """
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        LOAD_MODULE
+        + textwrap.dedent(
+            """
+            import signal, sys, time
+            signal.signal(signal.SIGTERM, lambda *a: (print("stopped by SIGTERM", flush=True), sys.exit(0)))
+            watch = od.stop_with_launcher(force=True)
+            print("watching", flush=True)
+            time.sleep(60)
+            print("never stopped", flush=True)
+            """
+        )
     )
+    # `; sleep` keeps the shell alive as the worker's parent (it would exec a last command in its place).
     launcher = subprocess.Popen(
-        ["/bin/sh", "-c", f"\"{sys.executable}\" -c '{script}'; sleep 600"],
+        ["/bin/sh", "-c", f'"{sys.executable}" "{worker}"; sleep 60'],
         env=_env(),
         stdout=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
-    assert launcher.stdout.readline().strip() == "watching"
-    launcher.kill()
-    launcher.wait()
-    assert launcher.stdout.readline().strip() == "stopped by SIGTERM"
+    try:
+        assert _readline_within(launcher) == "watching"
+        launcher.kill()
+        launcher.wait()
+        assert _readline_within(launcher) == "stopped by SIGTERM"
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)  # the orphaned sleep
+
+
+def test_watch_between_steps_signals_when_the_launcher_is_gone():
+    """The fallback where no parent-death signal came: `check` sees another parent pid and signals this process."""
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        alive = LauncherWatch(os.getppid(), signal.SIGUSR1)
+        alive.check()
+        assert alive.launcher_alive() and received == []
+        gone = LauncherWatch(os.getppid() + 1_000_000, signal.SIGUSR1)  # not our parent: it has died
+        gone.check()
+        gone.check()
+        assert received == [signal.SIGUSR1]  # once
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 # ------------------------------------------------------------------------------------------ atomic export
@@ -175,13 +214,11 @@ def test_launcher_detection_and_check_between_steps():
 # itself at that point: "writing" (staged, not yet published) or "moving" (after the first entry was moved in).
 EXPORTER = """
 import os, signal, sys
-import torch
-from fat5_hf import FAT5Config, FAT5ForConditionalGeneration
 from fat5_hf import output_dir as od
+from tests.fat5_hf.test_output_dir import tiny_model
 
 final, seed, kill_at = sys.argv[1], int(sys.argv[2]), (sys.argv[3] if len(sys.argv) > 3 else None)
-torch.manual_seed(seed)
-model = FAT5ForConditionalGeneration(FAT5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4))
+model = tiny_model(seed)
 
 def write(folder):
     model.save_pretrained(folder)
@@ -199,9 +236,18 @@ od.publish_dir_atomically(final, write, keep=["checkpoints"])
 """
 
 
+def tiny_model(seed: int):
+    from fat5_hf import FAT5Config, FAT5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return FAT5ForConditionalGeneration(
+        FAT5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
+    )
+
+
 def _export(final_dir: Path, seed: int, kill_at: str | None = None) -> int:
     args = [sys.executable, "-c", EXPORTER, str(final_dir), str(seed)] + ([kill_at] if kill_at else [])
-    return subprocess.run(args, env=_env(), timeout=300).returncode
+    return subprocess.run(args, env=_env(), cwd=REPO_ROOT, timeout=300).returncode
 
 
 def _loaded_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -216,15 +262,18 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.mark.slow
 def test_export_killed_while_written_or_moved_leaves_a_folder_that_loads(tmp_path):
-    reference = tmp_path / "reference"
-    assert _export(reference / "one", 1) == 0 and _export(reference / "two", 2) == 0
-    first, second = _loaded_weights(reference / "one"), _loaded_weights(reference / "two")
+    first, second = tiny_model(1).state_dict(), tiny_model(2).state_dict()
     assert not _same(first, second)
 
     final_dir = tmp_path / "run"
     (final_dir / "checkpoints").mkdir(parents=True)
     (final_dir / "checkpoints" / "state.json").write_text("{}")
-    assert _export(final_dir, 1) == 0
+
+    def write_first(folder: Path) -> None:
+        tiny_model(1).save_pretrained(folder)
+        (folder / "only_in_export_1.txt").write_text("1")
+
+    publish_dir_atomically(final_dir, write_first, keep=["checkpoints"])
     assert _same(_loaded_weights(final_dir), first) and (final_dir / "only_in_export_1.txt").is_file()
 
     # Killed while the new export is written: the previous export is untouched and loads.
@@ -266,6 +315,7 @@ def test_publish_failure_leaves_the_previous_export(tmp_path):
     assert seen == ["run"] and list(final_dir.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_every_process_gets_the_main_process_answer(tmp_path):
     """Two gloo processes: rank 0 finds the folder held by a third process; rank 1 raises the same error."""
     output_dir = tmp_path / "run"
