@@ -190,7 +190,10 @@ class OutputDirLock:
         return f"OutputDirLock({str(self.output_dir)!r}, held={self.held})"
 
 
-def _lock(output_dir: Path) -> OutputDirLock:
+def lock_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:
+    """Takes the exclusive lock on ``output_dir`` (creating it) without looking at its contents; `hold_output_dir`
+    is the whole check a recipe needs. Raises `OutputDirInUseError` if a live run holds it."""
+    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     lock_path = output_dir / LOCK_FILE
     while True:
@@ -322,7 +325,7 @@ def hold_output_dir(
     error = None
     if is_main_process:
         try:
-            lock = _lock(output_dir)
+            lock = lock_output_dir(output_dir)
             try:
                 recover_interrupted_publish(output_dir)
                 contents = output_dir_contents(output_dir)

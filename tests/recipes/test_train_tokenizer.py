@@ -175,3 +175,26 @@ def test_shipped_tokenizer_is_reproduced_by_the_script(tmp_path):
     assert (output / "tokenizer.json").read_bytes() == (DATA / "tokenizer" / "tokenizer.json").read_bytes()
     shipped = AutoTokenizer.from_pretrained(DATA / "tokenizer")
     assert len(shipped) == 2048 and shipped.convert_tokens_to_ids("<extra_id_0>") == 2047
+
+
+def test_output_dir_held_by_a_running_recipe_is_refused(tmp_path, small_jsonl, capsys):
+    """A folder that another process holds (a pretraining run, say) is refused even with --overwrite, untouched."""
+    import subprocess
+
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "train_log.jsonl").write_text('{"step": 1}\n')
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fat5_hf.output_dir import hold_output_dir; "
+         "lock = hold_output_dir(sys.argv[1], resume=True); print('held', flush=True); time.sleep(600)", str(output)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["--files", str(small_jsonl), "--vocab-size", "600", "--output-dir", str(output), "--overwrite"]
+        assert train_tokenizer_script.main(args) == 2
+        assert f"in use by another run: pid {holder.pid}" in capsys.readouterr().err
+        assert sorted(p.name for p in output.iterdir() if p.name != ".fat5_hf_run.lock") == ["train_log.jsonl"]
+    finally:
+        holder.kill()
+        holder.wait()
