@@ -231,12 +231,25 @@ def lock_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:
         return OutputDirLock(output_dir, fd)
 
 
-def ensure_output_dir_free(output_dir: str | os.PathLike) -> None:
+def ensure_output_dir_free(output_dir: str | os.PathLike, *, is_main_process: bool = True) -> None:
     """Raises `OutputDirInUseError` if a live run holds ``output_dir``; creates and changes nothing.
 
-    For the early, read-only checks of a recipe, so that a second run stops before loading its data and model.
+    For the early, read-only checks of a recipe, so that a second run stops before loading its data and model. In a
+    launch of several processes every process calls it: the main one checks (the others could see the lock their
+    own main process has just taken), and all raise its error.
     """
-    output_dir = Path(output_dir)
+    error = None
+    if is_main_process:
+        try:
+            _refuse_if_held(Path(output_dir))
+        except OutputDirInUseError as err:
+            error = err
+    error = _share_outcome(error, is_main_process)
+    if error is not None:
+        raise error
+
+
+def _refuse_if_held(output_dir: Path) -> None:
     lock_path = output_dir / LOCK_FILE
     try:
         fd = os.open(lock_path, os.O_RDONLY)

@@ -205,7 +205,7 @@ def resolve_resume(config: PretrainConfig) -> Path | None:
     return path
 
 
-def check_output_dir(config: PretrainConfig, resuming: bool) -> Path:
+def check_output_dir(config: PretrainConfig, resuming: bool, is_main_process: bool = True) -> Path:
     """Read-only checks of the output folder, made before anything is loaded or written.
 
     A run that fails later on its inputs (data, tokenizer, model, lengths) must leave the folder as it was: a
@@ -215,7 +215,7 @@ def check_output_dir(config: PretrainConfig, resuming: bool) -> Path:
     output_dir = Path(config.training.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise RecipeError(f"training.output_dir={output_dir} exists and is not a folder; choose another path")
-    ensure_output_dir_free(output_dir)
+    ensure_output_dir_free(output_dir, is_main_process=is_main_process)
     if not resuming and output_dir_contents(output_dir) and not config.training.overwrite_output_dir:
         raise OutputDirNotEmptyError(
             f"training.output_dir={output_dir} is not empty; pass training.overwrite_output_dir=true to "
@@ -237,7 +237,7 @@ def hold_run_output_dir(config: PretrainConfig, resuming: bool, accelerator):
     """Takes the output folder for this run (`fat5_hf.output_dir.hold_output_dir`), once `check_output_dir` and the
     inputs have passed: locked until the run ends, created, and with ``training.overwrite_output_dir`` emptied of
     the earlier run (so that ``--resume latest`` and ``train_log.jsonl`` belong to this run)."""
-    output_dir = check_output_dir(config, resuming)
+    output_dir = Path(config.training.output_dir)
     try:
         return hold_output_dir(
             output_dir,
@@ -835,7 +835,7 @@ def _train(config: PretrainConfig, run_resources: contextlib.ExitStack) -> dict[
                 f"{saved_processes} processes."
             )
     # Every input is checked before the output folder is touched (see check_output_dir).
-    check_output_dir(config, resuming=resume_dir is not None)
+    check_output_dir(config, resuming=resume_dir is not None, is_main_process=accelerator.is_main_process)
 
     if not accelerator.is_main_process:
         import datasets
