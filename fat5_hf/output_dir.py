@@ -286,9 +286,8 @@ _SHARED_ERRORS = {cls.__name__: cls for cls in (OutputDirInUseError, OutputDirNo
 
 def _share_outcome(error: Exception | None, is_main_process: bool) -> Exception | None:
     """Gives every process the main process's outcome (over torch.distributed when a process group is up)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:  # never imported: no process group can be up
         return error
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return error

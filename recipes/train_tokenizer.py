@@ -287,7 +287,6 @@ def save_tokenizer(tokenizer, output_dir: str | os.PathLike, overwrite: bool = F
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, overwrite)
     with lock_output_dir(output_dir):
-        _check_output_dir(output_dir, overwrite)  # again, now that no other run can change it
         publish_dir_atomically(output_dir, tokenizer.save_pretrained)
     return output_dir
 

@@ -140,6 +140,7 @@ def test_killing_the_launcher_ends_its_workers(tmp_path):
         assert lock.held
 
 
+@pytest.mark.slow
 def test_resume_latest_falls_back_from_a_truncated_checkpoint(tmp_path, caplog):
     output_dir = tmp_path / "run"
     common = ["training.save_steps=2", "training.eval_steps=100", "training.save_total_limit=null"]

@@ -184,11 +184,14 @@ def test_output_dir_held_by_a_running_recipe_is_refused(tmp_path, small_jsonl, c
     output = tmp_path / "run"
     output.mkdir()
     (output / "train_log.jsonl").write_text('{"step": 1}\n')
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fat5_hf.output_dir import hold_output_dir; "
-         "lock = hold_output_dir(sys.argv[1], resume=True); print('held', flush=True); time.sleep(600)", str(output)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # fat5_hf/output_dir.py alone: the holder starts without importing torch and transformers.
+    holder_code = (
+        "import importlib.util, sys, time; "
+        f"spec = importlib.util.spec_from_file_location('od', {str(REPO / 'fat5_hf' / 'output_dir.py')!r}); "
+        "od = importlib.util.module_from_spec(spec); spec.loader.exec_module(od); "
+        "lock = od.hold_output_dir(sys.argv[1], resume=True); print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", holder_code, str(output)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         args = ["--files", str(small_jsonl), "--vocab-size", "600", "--output-dir", str(output), "--overwrite"]
