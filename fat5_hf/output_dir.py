@@ -109,6 +109,8 @@ def _record_is_live(record: dict[str, Any]) -> bool | None:
     if record.get("host") != socket.gethostname():
         return None
     pid = int(record["pid"])
+    if pid == os.getpid():  # a record of this process that its own OS lock did not stop: left by a lost handle
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -296,7 +298,7 @@ def _share_outcome(error: Exception | None, is_main_process: bool) -> Exception 
     if is_main_process or message[0] is None:
         return error
     name, text = message[0]
-    return _SHARED_ERRORS.get(name, RuntimeError)(text)
+    return _SHARED_ERRORS.get(name, RuntimeError)(f"{name}: {text}" if name not in _SHARED_ERRORS else text)
 
 
 def hold_output_dir(
@@ -354,7 +356,7 @@ def hold_output_dir(
             except BaseException:
                 lock.release()
                 raise
-        except (OutputDirInUseError, OutputDirNotEmptyError, OSError) as err:
+        except Exception as err:  # shared with the other processes, which would otherwise wait forever
             error = err
     error = _share_outcome(error, is_main_process)
     if wait_for_everyone is not None:
