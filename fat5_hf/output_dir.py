@@ -572,6 +572,7 @@ def publish_dir_atomically(
         keep: names of ``final_dir``'s entries that are not part of the export and stay (checkpoints, logs).
     """
     final_dir = Path(final_dir)
+    recover_interrupted_publish(final_dir)  # an earlier export cut short completes first, as its plan says
     existing = final_dir.is_dir()
     parent = final_dir if existing else final_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
