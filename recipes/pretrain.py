@@ -21,6 +21,7 @@ Output folder::
     output_dir/logs/                                              # tracker logs (TensorBoard, ...)
     output_dir/train_log.jsonl                                    # one JSON record per logged step / eval
     output_dir/recipe_config.yaml                                 # the resolved configuration
+    output_dir/.fat5_hf_run.lock                                  # while a run holds the folder: its host, pid, command
 
 Multi-GPU / multi-node: ``accelerate launch --config_file recipes/configs/accelerate-ddp.yaml`` (or
 ``accelerate-fsdp2.yaml``, ``accelerate-deepspeed-zero2.yaml``) with the same arguments.
@@ -64,12 +65,31 @@ from pretrain_data import (  # noqa: E402
     resolve_path,
 )
 
+from fat5_hf.output_dir import (  # noqa: E402
+    LOCK_FILE,
+    OutputDirInUseError,
+    OutputDirNotEmptyError,
+    ensure_output_dir_free,
+    file_manifest,
+    fsync_dir,
+    fsync_tree,
+    hold_output_dir,
+    output_dir_contents,
+    publish_dir_atomically,
+    stop_with_launcher,
+    verify_file_manifest,
+)
+
 logger = logging.getLogger("fat5_hf.recipes.pretrain")
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"
 RECIPE_STATE_FILE = "recipe_state.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
+RECIPE_CONFIG_FILE = "recipe_config.yaml"
+LOGS_DIR = "logs"
+# Entries of the output folder that belong to the run, not to the exported model (kept when the export is replaced).
+RUN_ENTRIES = (CHECKPOINTS_DIR, LOGS_DIR, TRAIN_LOG_FILE, RECIPE_CONFIG_FILE)
 
 
 class RecipeError(RuntimeError):
@@ -161,8 +181,24 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
+def checkpoint_problems(path: Path) -> list[str]:
+    """Why the checkpoint at ``path`` cannot be resumed from (unreadable state file, files missing, truncated or
+    changed since they were recorded); an empty list when it is intact."""
+    try:
+        saved = json.loads((path / RECIPE_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return [f"{RECIPE_STATE_FILE}: unreadable ({err})"]
+    # Checkpoints written before sizes and checksums were recorded cannot be checked further.
+    return verify_file_manifest(path, saved.get("files", {}))
+
+
 def resolve_resume(config: PretrainConfig) -> Path | None:
-    """The checkpoint folder to resume from, checked against this run's configuration."""
+    """The checkpoint folder to resume from, checked against this run's configuration.
+
+    ``--resume latest`` takes the newest intact checkpoint: one that is incomplete or corrupt (its files differ
+    from the sizes and checksums recorded in its state file) is skipped with a warning. A checkpoint named
+    explicitly must be intact.
+    """
     resume = config.training.resume
     if not resume:
         return None
@@ -174,7 +210,20 @@ def resolve_resume(config: PretrainConfig) -> Path | None:
                 f"--resume latest: no checkpoint in {output_dir / CHECKPOINTS_DIR}; start without --resume "
                 "or point training.output_dir at the run to continue"
             )
-        path = found[-1]
+        for path in reversed(found):
+            problems = checkpoint_problems(path)
+            if not problems:
+                break
+            logger.warning(
+                "Checkpoint %s is incomplete or corrupt (%s): falling back to the previous one",
+                path,
+                "; ".join(problems[:3]),
+            )
+        else:
+            raise RecipeError(
+                f"--resume latest: every checkpoint in {output_dir / CHECKPOINTS_DIR} is incomplete or corrupt "
+                "(see the warnings above); start a new run with training.overwrite_output_dir=true"
+            )
     else:
         path = Path(resume)
     state_file = path / RECIPE_STATE_FILE
@@ -182,6 +231,12 @@ def resolve_resume(config: PretrainConfig) -> Path | None:
         raise RecipeError(
             f"--resume {resume}: {path} is not a checkpoint of this recipe (no {RECIPE_STATE_FILE}); "
             f"checkpoints live in <output_dir>/{CHECKPOINTS_DIR}/{CHECKPOINT_PREFIX}<step>"
+        )
+    problems = checkpoint_problems(path)
+    if problems:
+        raise RecipeError(
+            f"--resume {resume}: the checkpoint {path} is incomplete or corrupt (" + "; ".join(problems[:5]) + "); "
+            "resume from an earlier checkpoint, or with --resume latest (the newest intact one)"
         )
     saved = json.loads(state_file.read_text(encoding="utf-8"))
     mismatches = resume_mismatches(saved["config"], config.to_dict())
@@ -199,7 +254,7 @@ def resolve_resume(config: PretrainConfig) -> Path | None:
     return path
 
 
-def check_output_dir(config: PretrainConfig, resuming: bool) -> Path:
+def check_output_dir(config: PretrainConfig, resuming: bool, is_main_process: bool = True) -> Path:
     """Read-only checks of the output folder, made before anything is loaded or written.
 
     A run that fails later on its inputs (data, tokenizer, model, lengths) must leave the folder as it was: a
@@ -209,8 +264,9 @@ def check_output_dir(config: PretrainConfig, resuming: bool) -> Path:
     output_dir = Path(config.training.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise RecipeError(f"training.output_dir={output_dir} exists and is not a folder; choose another path")
-    if not resuming and output_dir.is_dir() and any(output_dir.iterdir()) and not config.training.overwrite_output_dir:
-        raise RecipeError(
+    ensure_output_dir_free(output_dir, is_main_process=is_main_process)
+    if not resuming and output_dir_contents(output_dir) and not config.training.overwrite_output_dir:
+        raise OutputDirNotEmptyError(
             f"training.output_dir={output_dir} is not empty; pass training.overwrite_output_dir=true to "
             "replace the previous run there, --resume latest to continue it, or choose another folder"
         )
@@ -226,28 +282,25 @@ def check_output_dir(config: PretrainConfig, resuming: bool) -> Path:
     return output_dir
 
 
-def prepare_output_dir(config: PretrainConfig, resuming: bool, is_main_process: bool) -> Path:
-    """Creates the output folder (main process), once `check_output_dir` and the inputs have passed.
-
-    With ``training.overwrite_output_dir`` the checkpoints and log of an earlier run there are removed, so that
-    ``--resume latest`` and ``train_log.jsonl`` belong to this run.
-    """
-    output_dir = check_output_dir(config, resuming)
-    if not is_main_process:
-        return output_dir
-    if not resuming and output_dir.is_dir() and any(output_dir.iterdir()):
-        shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
-        (output_dir / TRAIN_LOG_FILE).unlink(missing_ok=True)
+def hold_run_output_dir(config: PretrainConfig, resuming: bool, accelerator):
+    """Takes the output folder for this run (`fat5_hf.output_dir.hold_output_dir`), once `check_output_dir` and the
+    inputs have passed: locked until the run ends, created, and with ``training.overwrite_output_dir`` emptied of
+    the earlier run (so that ``--resume latest`` and ``train_log.jsonl`` belong to this run)."""
+    output_dir = Path(config.training.output_dir)
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        return hold_output_dir(
+            output_dir,
+            overwrite_output_dir=config.training.overwrite_output_dir,
+            resume=resuming,
+            is_main_process=accelerator.is_main_process,
+            wait_for_everyone=accelerator.wait_for_everyone,
+            overwrite_hint="training.overwrite_output_dir=true",
+            resume_hint="--resume latest",
+        )
     except OSError as err:
         raise RecipeError(
             f"Cannot write to training.output_dir={output_dir}: {err}; choose a writable folder"
         ) from err
-    return output_dir
 
 
 def check_accelerate_setup(accelerator, config: PretrainConfig) -> None:
@@ -648,7 +701,8 @@ def generate_sample(
 
 
 def save_checkpoint(accelerator, config: PretrainConfig, state: TrainState, output_dir: Path) -> Path:
-    """Writes ``checkpoints/step_<N>`` atomically (a ``.tmp`` folder renamed once complete), prunes old ones."""
+    """Writes ``checkpoints/step_<N>`` atomically (a ``.tmp`` folder, flushed to disk, renamed once complete),
+    prunes old ones. The recipe state records each file's size and SHA-256 (checked by `checkpoint_problems`)."""
     root = output_dir / CHECKPOINTS_DIR
     final = root / f"{CHECKPOINT_PREFIX}{state.step:08d}"
     tmp = root / f"{final.name}.tmp"
@@ -657,13 +711,19 @@ def save_checkpoint(accelerator, config: PretrainConfig, state: TrainState, outp
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's files are written
     if accelerator.is_main_process:
-        recipe_state = {"step": state.step, "num_processes": accelerator.num_processes, "config": config.to_dict()}
+        recipe_state = {
+            "step": state.step,
+            "num_processes": accelerator.num_processes,
+            "config": config.to_dict(),
+            "files": file_manifest(tmp),
+        }
         (tmp / RECIPE_STATE_FILE).write_text(json.dumps(recipe_state, indent=1), encoding="utf-8")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_dir(root)  # the rename itself
         limit = config.training.save_total_limit
         if limit is not None:
             for old in checkpoint_dirs(output_dir)[:-limit]:
@@ -748,26 +808,27 @@ def export_model(
 ) -> None:
     """The one place where the final model leaves the run: ``save_pretrained``, tokenizer, model card, optional push.
 
-    ``from_pretrained(output_dir)`` then loads it (``AutoModelForSeq2SeqLM`` once ``fat5_hf`` is imported).
+    ``from_pretrained(output_dir)`` then loads it (``AutoModelForSeq2SeqLM`` once ``fat5_hf`` is imported). The export
+    is published atomically beside the run's own files (`publish_dir_atomically`): a crash while exporting leaves
+    the previous export (a resumed run's) or none, never new files beside old weights.
     """
     unwrapped = accelerator.unwrap_model(model)
     set_token_id_checks(unwrapped, True)  # users of the saved model get the clear errors by default
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
-    with library_progress_bars_off():
-        unwrapped.save_pretrained(
-            output_dir,
-            state_dict=state_dict,
-            is_main_process=accelerator.is_main_process,
-            save_function=accelerator.save,
-        )
     if accelerator.is_main_process:
-        # The length the model was trained on: the tokenizer then warns about (and truncation cuts) longer inputs.
-        tokenizer.model_max_length = config.data.max_input_length
-        tokenizer.save_pretrained(output_dir)
-        write_model_card(
-            unwrapped, tokenizer, config, output_dir, state.step, state.tokens_seen, eval_loss,
-            accelerator.num_processes,
-        )  # fmt: skip
+
+        def write_export(folder: Path) -> None:
+            with library_progress_bars_off():
+                unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
+            # The length the model was trained on: the tokenizer then warns about (and truncation cuts) longer inputs.
+            tokenizer.model_max_length = config.data.max_input_length
+            tokenizer.save_pretrained(folder)
+            write_model_card(
+                unwrapped, tokenizer, config, folder, state.step, state.tokens_seen, eval_loss,
+                accelerator.num_processes,
+            )  # fmt: skip
+
+        publish_dir_atomically(output_dir, write_export, keep=RUN_ENTRIES)
         if config.training.push_to_hub:
             from huggingface_hub import HfApi
 
@@ -776,7 +837,7 @@ def export_model(
             api.upload_folder(
                 repo_id=config.training.hub_model_id,
                 folder_path=str(output_dir),
-                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "logs/*", TRAIN_LOG_FILE],
+                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", f"{LOGS_DIR}/*", TRAIN_LOG_FILE, LOCK_FILE],
                 commit_message=f"FAT5 pretrained {config.training.max_steps} steps with fat5-hf's recipe",
             )
     accelerator.wait_for_everyone()
@@ -786,7 +847,15 @@ def export_model(
 
 
 def train(config: PretrainConfig) -> dict[str, Any]:
-    """Runs (or resumes) the pretraining described by ``config``; returns a summary of the run."""
+    """Runs (or resumes) the pretraining described by ``config``; returns a summary of the run.
+
+    The output folder is held (locked) from the moment the inputs have passed their checks until the run ends.
+    """
+    with contextlib.ExitStack() as run_resources:
+        return _train(config, run_resources)
+
+
+def _train(config: PretrainConfig, run_resources: contextlib.ExitStack) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
@@ -794,13 +863,15 @@ def train(config: PretrainConfig) -> dict[str, Any]:
     from fat5_hf.optim import build_optimizer, build_scheduler
 
     training, optim, log_cfg = config.training, config.optim, config.logging
+    # Killing the launcher (torchrun, accelerate launch) stops this process: SIGTERM, a checkpoint, exit.
+    launcher = stop_with_launcher(signal.SIGTERM)
     resume_dir = resolve_resume(config)
     output_dir = Path(training.output_dir)
     accelerator = Accelerator(
         mixed_precision=training.mixed_precision,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         log_with=log_cfg.log_with or None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_DIR)),
         cpu=training.cpu,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -822,7 +893,7 @@ def train(config: PretrainConfig) -> dict[str, Any]:
                 f"{saved_processes} processes."
             )
     # Every input is checked before the output folder is touched (see check_output_dir).
-    check_output_dir(config, resuming=resume_dir is not None)
+    check_output_dir(config, resuming=resume_dir is not None, is_main_process=accelerator.is_main_process)
 
     if not accelerator.is_main_process:
         import datasets
@@ -858,10 +929,9 @@ def train(config: PretrainConfig) -> dict[str, Any]:
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optim: {err}") from err
-    prepare_output_dir(config, resuming=resume_dir is not None, is_main_process=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    run_resources.enter_context(hold_run_output_dir(config, resume_dir is not None, accelerator))
     if accelerator.is_main_process:
-        (output_dir / "recipe_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        (output_dir / RECIPE_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     model, optimizer = accelerator.prepare(model, optimizer)
     if config.model.torch_compile:
         # Compiled here rather than through Accelerator(dynamo_backend=...): Accelerate keeps the state of its
@@ -946,6 +1016,8 @@ def train(config: PretrainConfig) -> dict[str, Any]:
 
             # Agreed by all processes before logging: a checkpoint flushes the logging window first, so that
             # the counters it saves (tokens seen) are complete.
+            if launcher is not None:
+                launcher.check()  # a dead launcher sends SIGTERM, as its parent-death signal would have
             stop = stopper.should_stop()
             paused = training.stop_at_step is not None and state.step >= training.stop_at_step
             save_now = state.step % training.save_steps == 0 or stop or paused
@@ -1051,7 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False))
             return 0
         train(config)
-    except (ConfigError, DataError, RecipeError) as err:
+    except (ConfigError, DataError, RecipeError, OutputDirInUseError, OutputDirNotEmptyError) as err:
         print(f"pretrain.py: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -38,13 +38,19 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from fat5_hf.output_dir import (
+    OutputDirInUseError,
+    ensure_output_dir_free,
+    lock_output_dir,
+    output_dir_contents,
+    publish_dir_atomically,
+)
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
 DEFAULT_MODE_TOKENS = ("[R]", "[S]", "[X]")
@@ -282,32 +288,23 @@ def _check_layout(tokenizer, mode_tokens: Sequence[str], num_sentinels: int) -> 
 
 
 def save_tokenizer(tokenizer, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Save atomically: write to a temporary folder beside ``output_dir``, then move it into place.
+    """Save atomically (`fat5_hf.output_dir.publish_dir_atomically`: written aside, then published), holding the
+    folder's lock meanwhile, so that a folder a running recipe holds is refused rather than overwritten.
 
-    Refuses a non-empty ``output_dir`` unless ``overwrite``; on any error nothing at ``output_dir`` is touched.
+    Refuses a non-empty ``output_dir`` unless ``overwrite``; an error while saving leaves the previous contents.
     """
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        tokenizer.save_pretrained(staging)
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp creates 0700; give the folder the usual permissions
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    with lock_output_dir(output_dir):
+        publish_dir_atomically(output_dir, tokenizer.save_pretrained)
     return output_dir
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"--output-dir {str(output_dir)!r} exists and is not a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+    ensure_output_dir_free(output_dir)
+    if output_dir_contents(output_dir) and not overwrite:
         raise FileExistsError(
             f"--output-dir {str(output_dir)!r} exists and is not empty; pass --overwrite to replace it."
         )
@@ -368,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         return _run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, TypeError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, TypeError, OutputDirInUseError) as err:
         print(f"train_tokenizer.py: error: {err}", file=sys.stderr)
         return 2
 

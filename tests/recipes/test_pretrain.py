@@ -754,7 +754,7 @@ def test_output_dir_is_never_overwritten_silently(tmp_path):
     output_dir = tmp_path / "run"
     output_dir.mkdir()
     (output_dir / "precious.txt").write_text("keep me")
-    with pytest.raises(pretrain.RecipeError, match="not empty.*overwrite_output_dir"):
+    with pytest.raises(pretrain.OutputDirNotEmptyError, match="not empty.*overwrite_output_dir"):
         pretrain.train(tiny_config(output_dir))
     assert sorted(p.name for p in output_dir.iterdir()) == ["precious.txt"]
 
