@@ -71,6 +71,7 @@ noise density, mean span length, documents per row, merged-document rate and pad
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import logging
 import math
@@ -789,6 +790,7 @@ def denoiser_statistics(
     """
     from .packing import UL2RowPacker
 
+    collator = copy.copy(collator)  # its counters and random state stay the caller's
     documents = [list(d) for d in documents if len(d)]
     if not documents:
         raise ValueError("denoiser_statistics needs at least one non-empty document.")
@@ -799,7 +801,6 @@ def denoiser_statistics(
         stream = (documents[i % len(documents)] for i in range(10**12))
         rows = [packer.pack_row(index, stream) for _ in range(rows_per_denoiser)]
         seen, merged = collator.documents_seen, collator.documents_merged
-        state = collator.state_dict()
         collator.load_state_dict({"seed": seed, "epoch": 0})
         content = noise = spans = positions = inputs_real = targets_real = 0
         for start in range(0, len(rows), batch_size):
@@ -840,7 +841,6 @@ def denoiser_statistics(
             "target_fill": targets_real / (len(rows) * collator.max_target_length),
             "padding": 1.0 - real / positions,
         })
-        collator.load_state_dict(state)
     return statistics
 
 
