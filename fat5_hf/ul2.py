@@ -305,12 +305,25 @@ def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Gener
     return np.diff(np.concatenate(([0], cuts, [num_items])))
 
 
-def _t5_noise_mask(num_tokens: int, num_noise: int, num_spans: int, rng: np.random.Generator) -> np.ndarray:
-    """T5's ``random_spans_noise_mask`` layout for given counts: bool (num_tokens,), non-noise first, noise last."""
+def _t5_noise_spans(
+    num_tokens: int, num_noise: int, num_spans: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """T5's ``random_spans_noise_mask`` layout as ``(noise span starts, noise span lengths)``, int64 (num_spans,).
+
+    Non-noise and noise spans alternate, non-noise first, lengths uniformly random segmentations.
+    """
     noise_lengths = _random_segmentation(num_noise, num_spans, rng)
     nonnoise_lengths = _random_segmentation(num_tokens - num_noise, num_spans, rng)
-    span_lengths = np.stack([nonnoise_lengths, noise_lengths], axis=1).reshape(-1)
-    return np.repeat(np.tile(np.array([False, True]), num_spans), span_lengths)
+    starts = np.cumsum(nonnoise_lengths) + np.cumsum(noise_lengths) - noise_lengths
+    return starts, noise_lengths
+
+
+def _spans_to_mask(num_tokens: int, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Bool (num_tokens,) mask, True on the non-overlapping spans ``[start, start + length)``."""
+    edges = np.zeros(num_tokens + 1, dtype=np.int64)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, starts + lengths, -1)
+    return np.cumsum(edges[:-1]) > 0
 
 
 def _sentinel_ids_from_tokenizer(tokenizer) -> np.ndarray:
@@ -610,27 +623,31 @@ class DataCollatorForUL2:
         if num_noise == 0:
             return np.zeros(total, dtype=bool), documents
         num_spans = _draw_num_spans(total, num_noise, denoiser.mean_span_length, rng)
-        starts = np.unique(np.cumsum(lengths)[:-1])
-        starts = starts[(starts > 0) & (starts < total)]  # first token of documents 2.. (empty ones add none)
+        document_starts = np.unique(np.cumsum(lengths)[:-1])
+        document_starts = document_starts[(document_starts > 0) & (document_starts < total)]  # documents 2..
         best_mask, best_crossings = None, None
-        for _ in range(_MAX_LAYOUT_DRAWS):
+        # No layout keeps the documents apart when the shortest possible longest span fills the longest document.
+        draws = _MAX_LAYOUT_DRAWS if math.ceil(num_noise / num_spans) < int(lengths.max()) else 0
+        for _ in range(draws):
+            starts, span_lengths = _t5_noise_spans(total, num_noise, num_spans, rng)
             # T5's random_roll: a random rotation, so that the row need not end with noise (else a last document
-            # shorter than the last span would always start inside it). A span wrapped around the row's start is
+            # shorter than the last span would always start inside it). A span wrapped around the row's end is
             # not a layout T5 makes: the row starts with non-noise.
-            mask = np.roll(_t5_noise_mask(total, num_noise, num_spans, rng), int(rng.integers(total)))
-            if mask[0]:
+            starts = (starts + int(rng.integers(total))) % total
+            if np.any(starts == 0) or np.any(starts + span_lengths > total):
                 continue
-            crossings = starts[mask[starts]]
-            if len(crossings) == 0:
-                return mask, documents
-            if best_crossings is None or len(crossings) < len(best_crossings):
-                best_mask, best_crossings = mask, crossings
+            # Document starts inside a span (or on its first token): s <= start < s + length.
+            inside = np.searchsorted(document_starts, starts + span_lengths) - np.searchsorted(document_starts, starts)
+            num_crossings = int(inside.sum())
+            if num_crossings == 0:
+                return _spans_to_mask(total, starts, span_lengths), documents
+            if best_crossings is None or num_crossings < best_crossings:
+                best_mask, best_crossings = _spans_to_mask(total, starts, span_lengths), num_crossings
         if best_mask is None:
-            best_mask = _t5_noise_mask(total, num_noise, num_spans, rng)
-            best_crossings = starts[best_mask[starts]]
+            best_mask = _spans_to_mask(total, *_t5_noise_spans(total, num_noise, num_spans, rng))
         # Last resort: the document a span starts in absorbs the next one (their eos becomes content).
         merged_mask, documents = best_mask.tolist(), list(documents)
-        for position in sorted(best_crossings.tolist(), reverse=True):
+        for position in sorted(document_starts[best_mask[document_starts]].tolist(), reverse=True):
             index = int(np.searchsorted(np.cumsum([len(d) for d in documents]), position, side="right"))
             merged_mask.insert(position, True)  # the separating eos is part of the span now
             self._merge(documents, index - 1)
