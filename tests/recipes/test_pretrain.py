@@ -617,7 +617,7 @@ def test_streamed_dataset_resumes_exactly(tmp_path, monkeypatch):
     pretrain.train(tiny_config(straight, *common))
     pretrain.train(tiny_config(resumed, *common, "training.stop_at_step=3"))
     state = torch.load(pretrain.checkpoint_dirs(resumed)[-1] / "custom_checkpoint_1.pkl", weights_only=False)
-    assert "stream" in state["data_streams"][0]["rows"]  # the datasets stream position is what was saved
+    assert "stream" in state["data_streams"][0]["documents"]  # the datasets stream position is what was saved
     pretrain.train(tiny_config(resumed, *common, "training.resume=latest"))
     assert train_losses(straight) == train_losses(resumed)
     assert any("eval_loss" in r for r in read_log(straight))
@@ -965,14 +965,13 @@ def test_parse_override_rejects_non_mapping_nested_key():
 def test_segment_ids_keep_attention_within_documents():
     """data.collator_kwargs={return_segment_ids: true}: packed rows carry their documents' segment ids, which the
     model uses to keep attention (and each target's cross-attention) within its document."""
-    from pretrain_data import load_local_documents, pack_documents
+    from pretrain_data import DocumentStream, UL2BatchStream, load_local_documents, tokenize_documents
 
     config = load_config(None, ["data.collator_kwargs={return_segment_ids: true}"])
     tokenizer = pretrain.load_tokenizer(config)
     collator = pretrain.build_collator(config, tokenizer, seed=0)
-    documents = load_local_documents(config.data.train_files)
-    rows = [row for row, _ in zip(pack_documents(documents, tokenizer, collator.chunk_length), range(64))]
-    batch = collator(rows[:8])
+    documents = tokenize_documents(load_local_documents(config.data.train_files), tokenizer)
+    batch = next(UL2BatchStream(DocumentStream(documents, seed=0), collator, batch_size=8))
     assert batch["encoder_segment_ids"].amax() > 1  # several documents in a row: the case that matters
     model = pretrain.build_model(config, tokenizer).eval()
     with torch.no_grad():
