@@ -96,8 +96,8 @@ logger = logging.getLogger(__name__)
 
 # Rejection draws of a row's span layout before merging the documents a span crosses (see the module docstring).
 # A draw keeps a boundary apart with probability about 1 - corruption_rate, so a row of 4 documents at 50% needs
-# about 8 draws.
-_MAX_LAYOUT_DRAWS = 100
+# about 8 draws (about 20 us each).
+_MAX_LAYOUT_DRAWS = 256
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,9 @@ def _num_noise_tokens(num_tokens: int, corruption_rate: float) -> int:
     """T5's ``random_spans_noise_mask`` count: at least one noise and one non-noise token (0 below 2 tokens)."""
     if num_tokens < 2:
         return 0
-    return min(max(_round_half_even(num_tokens * corruption_rate), 1), num_tokens - 1)
+    # In float32 as T5's mask (to_float(length) * noise_density): 30 * 0.15 is 4.5000002 there, 4.5 in float64.
+    noise = _round_half_even(np.float32(num_tokens) * np.float32(corruption_rate))
+    return min(max(noise, 1), num_tokens - 1)
 
 
 def _span_count_bounds(num_tokens: int, num_noise: int, mean_span_length: float) -> tuple[float, int, int]:
@@ -306,15 +308,22 @@ def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Gener
 
 
 def _t5_noise_spans(
-    num_tokens: int, num_noise: int, num_spans: int, rng: np.random.Generator
+    num_tokens: int, num_noise: int, num_spans: int, rng: np.random.Generator, random_roll: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """T5's ``random_spans_noise_mask`` layout as ``(noise span starts, noise span lengths)``, int64 (num_spans,).
 
-    Non-noise and noise spans alternate, non-noise first, lengths uniformly random segmentations.
+    Non-noise and noise spans alternate, non-noise first, lengths uniformly random segmentations. With
+    ``random_roll``, rotated as T5's ``random_roll`` does, conditioned on the first token staying non-noise (a span
+    wrapped around the end would be two): the rotation brings a uniformly drawn non-noise token to the front.
     """
     noise_lengths = _random_segmentation(num_noise, num_spans, rng)
     nonnoise_lengths = _random_segmentation(num_tokens - num_noise, num_spans, rng)
     starts = np.cumsum(nonnoise_lengths) + np.cumsum(noise_lengths) - noise_lengths
+    if random_roll:
+        # The k-th non-noise token sits after the noise spans that end before it.
+        k = int(rng.integers(num_tokens - num_noise))
+        front = k + int(noise_lengths[: np.searchsorted(np.cumsum(nonnoise_lengths), k, side="right")].sum())
+        starts = (starts - front) % num_tokens
     return starts, noise_lengths
 
 
@@ -629,13 +638,9 @@ class DataCollatorForUL2:
         # No layout keeps the documents apart when the shortest possible longest span fills the longest document.
         draws = _MAX_LAYOUT_DRAWS if math.ceil(num_noise / num_spans) < int(lengths.max()) else 0
         for _ in range(draws):
-            starts, span_lengths = _t5_noise_spans(total, num_noise, num_spans, rng)
-            # T5's random_roll: a random rotation, so that the row need not end with noise (else a last document
-            # shorter than the last span would always start inside it). A span wrapped around the row's end is
-            # not a layout T5 makes: the row starts with non-noise.
-            starts = (starts + int(rng.integers(total))) % total
-            if np.any(starts == 0) or np.any(starts + span_lengths > total):
-                continue
+            # Rolled (T5's random_roll) so that the row need not end with noise: a last document shorter than the
+            # last span would otherwise always start inside it.
+            starts, span_lengths = _t5_noise_spans(total, num_noise, num_spans, rng, random_roll=True)
             # Document starts inside a span (or on its first token): s <= start < s + length.
             inside = np.searchsorted(document_starts, starts + span_lengths) - np.searchsorted(document_starts, starts)
             num_crossings = int(inside.sum())

@@ -258,7 +258,9 @@ def test_evaluation_batches_mix_the_denoisers():
     assert pretrain.build_collator(config, tokenizer, seed=0).group_denoisers_by_length
     assert not pretrain.build_collator(config, tokenizer, seed=0, evaluation=True).group_denoisers_by_length
     assert config.data.collator_kwargs == {"group_denoisers_by_length": True}  # the config is left as it was
-    accelerator = SimpleNamespace(process_index=0, num_processes=1, main_process_first=contextlib.nullcontext)
+    accelerator = SimpleNamespace(
+        process_index=0, num_processes=1, is_main_process=True, main_process_first=contextlib.nullcontext
+    )
     _, eval_batches = pretrain.build_data(config, tokenizer, accelerator)
     _, mixed_eval_batches = pretrain.build_data(load_config(), tokenizer, accelerator)
     assert len(eval_batches) == len(mixed_eval_batches) > 0
