@@ -188,7 +188,7 @@ class UL2RowPacker:
                 tokens, self.pending = self.pending, []
             else:
                 try:
-                    tokens = [int(t) for t in next(documents)]
+                    tokens = list(next(documents))
                 except StopIteration:
                     if row_ids:
                         break
