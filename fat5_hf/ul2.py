@@ -73,6 +73,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -368,8 +369,6 @@ def _mode_token_id(tokenizer, mode_token: str) -> int:
             "the model's embeddings, train a tokenizer with recipes/train_tokenizer.py, or use mode_token=''."
         )
     return int(token_id)
-
-
 
 
 class DataCollatorForUL2:
@@ -820,7 +819,7 @@ def denoiser_statistics(
     statistics = []
     for index, denoiser in enumerate(collator.denoisers):
         packer = UL2RowPacker(collator)
-        stream = (documents[i % len(documents)] for i in range(10**12))
+        stream = itertools.cycle(documents)
         rows = [packer.pack_row(index, stream) for _ in range(rows_per_denoiser)]
         seen, merged = collator.documents_seen, collator.documents_merged
         collator.load_state_dict({"seed": seed, "epoch": 0})
