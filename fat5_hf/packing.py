@@ -1,10 +1,11 @@
 """Document packing: turn tokenized documents into fixed-length rows for pretraining.
 
 Documents are joined into one token stream, each followed by eos, and the stream is cut into rows of
-``chunk_length`` tokens (use `DataCollatorForUL2.chunk_length` so the UL2 collator never has to truncate). Each row
-also gets ``document_ids``: one int per token, the index (within the row, from 0) of the document the token comes
-from, so the collator can denoise documents separately and a model can keep attention inside a document. A document
-that crosses a row boundary continues in the next row as that row's first document.
+``chunk_length`` tokens (`DataCollatorForUL2.chunk_length` fits every UL2 denoiser one document at a time;
+`UL2RowPacker` below packs rows for UL2 without merging). Each row also gets ``document_ids``: one int per token,
+the index (within the row, from 0) of the document the token comes from, so the collator can keep documents apart
+and a model can keep attention inside a document. A document that crosses a row boundary continues in the next row
+as that row's first document.
 
     >>> pack_batch({"input_ids": [[5, 6, 7], [8, 9]]}, chunk_length=4, eos_token_id=1)
     {'input_ids': [[5, 6, 7, 1], [8, 9, 1]], 'document_ids': [[0, 0, 0, 0], [0, 0, 0]]}
