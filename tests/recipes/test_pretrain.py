@@ -384,7 +384,8 @@ def test_saved_model_loads_for_finetuning(short_run):
     train_state = torch.load(checkpoints[-1] / "custom_checkpoint_1.pkl", weights_only=False)
     assert train_state["step"] == 40 and train_state["samples_seen"] == 160
     (stream,) = train_state["data_streams"]
-    assert stream["rows"]["epoch"] >= 0 and "cursor" in stream["rows"] and "seed" in stream["collator"]
+    assert stream["documents"]["epoch"] >= 0 and "cursor" in stream["documents"] and "seed" in stream["collator"]
+    assert "pending" in stream["packer"] and stream["batches_drawn"] > 0
     # The export carries the model code and an auto_map: loadable with trust_remote_code where fat5-hf is absent.
     exported = json.loads((output_dir / "config.json").read_text())
     assert exported["auto_map"]["AutoModelForSeq2SeqLM"].startswith("modeling_fat5.")
