@@ -4,7 +4,6 @@ every denoiser, realized noise density and mean span within 10% of each denoiser
 denoiser, UL2's random prefix split, and literal special-token strings kept as text."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,8 +123,8 @@ def mask_from_outputs(collator, document_inputs, document_targets):
 
 
 def test_noise_counts_are_t5s_rounded_half_to_even(tokenizer):
-    """Single documents of every length: the noise-token count is exactly T5's (float32, half to even; half up
-    would give 5 for 30 * 0.15 in float64's 4.5 and 3 for 5 * 0.5)."""
+    """Single documents of every length: the noise-token count is exactly T5's, computed in float32 and rounded half
+    to even (rounding half up gives 3 for 5 * 0.5; float64 gives 4 for 30 * 0.15, float32's 4.5000002 gives 5)."""
     for rate in (0.15, 0.5):
         collator = fat5_small_collator(tokenizer, [DenoiserSpec("X", "[X]", 3.0, rate, 1.0)])
         rng = np.random.default_rng(0)
@@ -246,28 +245,30 @@ def test_random_prefix_split_is_uniform_and_fixed_split_kept(tokenizer):
         DenoiserSpec("S", "[S]", 1.0, 0.5, 1.0, prefix_lm=True, prefix_split="uniform")
 
 
-def test_literal_special_token_strings_stay_text(tokenizer):
-    """A document that contains the text ``[X]`` or ``<extra_id_0>`` keeps it as text: no mode token or sentinel id
-    comes from the text, and an R3 row then holds each sentinel once."""
-    sys.path.insert(0, str(REPO / "recipes"))
+def test_literal_special_token_strings_stay_text(tokenizer, monkeypatch):
+    """A document that contains the text ``[X]`` or ``<extra_id_0>`` keeps it as text (the library's and the
+    recipe's tokenization): no mode token or sentinel id comes from the text, and an R3 row then holds each sentinel
+    once."""
+    monkeypatch.syspath_prepend(str(REPO / "recipes"))
     import datasets
     from pretrain_data import tokenize_documents
 
+    collator = fat5_small_collator(tokenizer, DENOISERS[:1])
+    sentinel_ids = set(collator.sentinel_ids.tolist())
     text = "Le mode [X] et la sentinelle <extra_id_0> puis [R] [S] restent du texte. " * 8
-    special = {tokenizer.convert_tokens_to_ids(t) for t in ("[R]", "[S]", "[X]", "<extra_id_0>")}
+    mode_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("[R]", "[S]", "[X]")}
     # Without split_special_tokens the tokenizer would turn them into special ids: the case that matters.
-    assert special <= set(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert mode_ids | {int(collator.sentinel_ids[0])} <= set(tokenizer(text, add_special_tokens=False)["input_ids"])
     library_ids = make_tokenize_function(tokenizer)({"text": [text]})["input_ids"][0]
     recipe_ids = tokenize_documents(datasets.Dataset.from_dict({"text": [text]}), tokenizer)[0]["input_ids"]
-    assert library_ids == recipe_ids and not special & set(library_ids)
-    assert not set(collator_ids := fat5_small_collator(tokenizer).sentinel_ids.tolist()) & set(library_ids)
-    assert tokenizer.decode(library_ids).count("<extra_id_0>") == 8 and "[X]" in tokenizer.decode(library_ids)
+    assert library_ids == recipe_ids and not (mode_ids | sentinel_ids) & set(library_ids)
+    decoded = tokenizer.decode(library_ids)
+    assert decoded.count("<extra_id_0>") == 8 and decoded.count("[X]") == 8
 
-    collator = fat5_small_collator(tokenizer, DENOISERS[:1])
     batch = collator(list(pack_token_sequences_for_ul2([library_ids] * 4, collator, seed=0)))
     for row in range(batch["input_ids"].shape[0]):
         inputs = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
-        used = [t for t in inputs if t in set(collator_ids)]
+        used = [t for t in inputs if t in sentinel_ids]
         assert len(used) == len(set(used)) > 0  # <extra_id_0> once, as the first span's sentinel
 
 
