@@ -189,7 +189,7 @@ def _num_noise_tokens(num_tokens: int, corruption_rate: float) -> int:
     """T5's ``random_spans_noise_mask`` count: at least one noise and one non-noise token (0 below 2 tokens)."""
     if num_tokens < 2:
         return 0
-    # In float32 as T5's mask (to_float(length) * noise_density): 30 * 0.15 is 4.5000002 there, 4.5 in float64.
+    # In float32 as T5's mask (to_float(length) * noise_density): 190 * 0.15 is 28.500002 there, 28.5 in float64.
     noise = _round_half_even(np.float32(num_tokens) * np.float32(corruption_rate))
     return min(max(noise, 1), num_tokens - 1)
 

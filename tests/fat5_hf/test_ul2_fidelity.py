@@ -124,11 +124,11 @@ def mask_from_outputs(collator, document_inputs, document_targets):
 
 def test_noise_counts_are_t5s_rounded_half_to_even(tokenizer):
     """Single documents of every length: the noise-token count is exactly T5's, computed in float32 and rounded half
-    to even (rounding half up gives 3 for 5 * 0.5; float64 gives 4 for 30 * 0.15, float32's 4.5000002 gives 5)."""
+    to even (rounding half up gives 3 for 5 * 0.5; float64 gives 28 for 190 * 0.15, float32's 28.500002 gives 29)."""
     for rate in (0.15, 0.5):
         collator = fat5_small_collator(tokenizer, [DenoiserSpec("X", "[X]", 3.0, rate, 1.0)])
         rng = np.random.default_rng(0)
-        rows = [{"input_ids": rng.integers(300, 1500, size=n).tolist()} for n in range(2, 120)]
+        rows = [{"input_ids": rng.integers(300, 1500, size=n).tolist()} for n in [*range(2, 120), 190, 350]]
         batch = collator(rows)
         for row, example in enumerate(rows):
             ((inputs, targets),) = split_documents(collator, batch, row)
