@@ -1,10 +1,11 @@
 """Document packing: turn tokenized documents into fixed-length rows for pretraining.
 
 Documents are joined into one token stream, each followed by eos, and the stream is cut into rows of
-``chunk_length`` tokens (use `DataCollatorForUL2.chunk_length` so the UL2 collator never has to truncate). Each row
-also gets ``document_ids``: one int per token, the index (within the row, from 0) of the document the token comes
-from, so the collator can denoise documents separately and a model can keep attention inside a document. A document
-that crosses a row boundary continues in the next row as that row's first document.
+``chunk_length`` tokens (`DataCollatorForUL2.chunk_length` fits every UL2 denoiser one document at a time;
+`UL2RowPacker` below packs rows for UL2 without merging). Each row also gets ``document_ids``: one int per token,
+the index (within the row, from 0) of the document the token comes from, so the collator can keep documents apart
+and a model can keep attention inside a document. A document that crosses a row boundary continues in the next row
+as that row's first document.
 
     >>> pack_batch({"input_ids": [[5, 6, 7], [8, 9]]}, chunk_length=4, eos_token_id=1)
     {'input_ids': [[5, 6, 7, 1], [8, 9, 1]], 'document_ids': [[0, 0, 0, 0], [0, 0, 0]]}
@@ -12,6 +13,14 @@ that crosses a row boundary continues in the next row as that row's first docume
 `pack_batch` is a ``datasets.Dataset.map(batched=True)`` function (rows never span two map batches, so a large
 ``batch_size`` wastes less); `pack_dataset` applies it to a ``datasets.Dataset`` / ``IterableDataset``, and
 `pack_token_sequences` packs any iterable of token lists lazily (a plain Python stream).
+
+`UL2RowPacker` packs rows for the UL2 collator, each sized for the denoiser drawn for it: a row holds as many
+documents as that denoiser fits with every document's mode token, sentinels and eos counted
+(`fat5_hf.ul2.DataCollatorForUL2.row_fits`), so multi-document rows keep their documents apart and fill the lengths;
+`pack_token_sequences_for_ul2` is its lazy stream.
+
+Raw text is tokenized with ``split_special_tokens=True`` (`make_tokenize_function`): a document that contains the
+text ``[X]`` or ``<extra_id_0>`` keeps it as text, never as a mode token or a sentinel.
 
 `segment_ids_to_cu_seqlens` turns the collator's ``encoder_segment_ids`` / ``decoder_segment_ids`` into the
 ``(indices, cu_seqlens, max_seqlen)`` triple of variable-length ("varlen") attention kernels, one sequence per
@@ -23,13 +32,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from .kernel_ops import segment_ids_to_cu_seqlens  # the model's attention reads it; re-exported for data code
 
 __all__ = [
+    "UL2RowPacker",
     "make_tokenize_function",
     "pack_batch",
     "pack_dataset",
     "pack_token_sequences",
+    "pack_token_sequences_for_ul2",
     "segment_ids_to_cu_seqlens",
 ]
 
@@ -110,18 +123,126 @@ def pack_batch(
 
 
 def make_tokenize_function(tokenizer, text_column: str = "text") -> Callable[[dict[str, list]], dict[str, list]]:
-    """A ``datasets.map(batched=True)`` function tokenizing ``text_column`` without special tokens.
+    """A ``datasets.map(batched=True)`` function tokenizing raw text of ``text_column``.
 
-    Packing adds the eos separators, so documents are tokenized with ``add_special_tokens=False``.
+    Packing adds the eos separators, so documents are tokenized with ``add_special_tokens=False``; and with
+    ``split_special_tokens=True``, so that special-token strings written in the text (``[X]``, ``<extra_id_0>``,
+    ``</s>``) are tokenized as text rather than becoming mode, sentinel or eos ids.
     """
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         if text_column not in batch:
             raise KeyError(f"Column {text_column!r} not found (columns: {sorted(batch)}); pass text_column=...")
         # verbose=False: whole documents are longer than model_max_length by design, packing cuts them into rows.
-        return {"input_ids": tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]}
+        # split_special_tokens=True: a literal "[X]" or "<extra_id_0>" in raw text stays text.
+        encoded = tokenizer(batch[text_column], add_special_tokens=False, split_special_tokens=True, verbose=False)
+        return {"input_ids": encoded["input_ids"]}
 
     return tokenize
+
+
+class UL2RowPacker:
+    """Packs documents into rows for `fat5_hf.ul2.DataCollatorForUL2`, each row sized for its own denoiser.
+
+    A row for denoiser ``d`` takes whole documents while ``collator.row_fits`` holds (every document's mode token,
+    sentinels and eos counted), then the longest prefix of the next document that still fits; the rest of that
+    document opens the next row. So no row ever needs merging, and each denoiser's inputs or targets (whichever
+    binds) are as full as its documents allow.
+
+    Args:
+        collator: the `fat5_hf.ul2.DataCollatorForUL2` the rows are for.
+
+    ``state_dict`` holds the rest of the document cut at the end of the last row, for exact resumption.
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.eos_token_id = int(collator.eos_token_id)
+        self.pending: list[int] = []
+
+    def state_dict(self) -> dict[str, list[int]]:
+        return {"pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict[str, list[int]]) -> None:
+        self.pending = [int(t) for t in state["pending"]]
+
+    def _longest_prefix(self, lengths: list[int], content: int, denoiser_index: int) -> int:
+        """The most content tokens of the next document that fit after ``lengths`` (lengths grow with n)."""
+        low, high = 0, content
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.collator.row_fits([*lengths, middle], denoiser_index):
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def pack_row(self, denoiser_index: int, documents: Iterator[Sequence[int]]) -> dict[str, Any]:
+        """One row for ``denoiser_index``, drawing documents (token lists, eos appended if missing) as needed.
+
+        Returns ``{"input_ids": list[int], "document_ids": list[int], "denoiser": int}``; raises ``StopIteration``
+        when ``documents`` is exhausted and nothing is left to pack (a last row may be shorter).
+        """
+        row_ids: list[int] = []
+        row_documents: list[int] = []
+        lengths: list[int] = []
+        while True:
+            if self.pending:
+                tokens, self.pending = self.pending, []
+            else:
+                try:
+                    tokens = list(next(documents))
+                except StopIteration:
+                    if row_ids:
+                        break
+                    raise
+                if not tokens:
+                    continue
+                if tokens[-1] != self.eos_token_id:
+                    tokens.append(self.eos_token_id)
+            content = len(tokens) - (tokens[-1] == self.eos_token_id)
+            take = len(tokens)
+            if not self.collator.row_fits([*lengths, content], denoiser_index):
+                take = self._longest_prefix(lengths, content, denoiser_index)
+                if take == 0:
+                    if not row_ids:
+                        raise ValueError(
+                            f"Not even one token fits denoiser {denoiser_index} of the collator; raise the lengths."
+                        )
+                    self.pending = tokens
+                    break
+            row_ids.extend(tokens[:take])
+            row_documents.extend([len(lengths)] * take)
+            lengths.append(min(take, content))
+            if take < len(tokens):
+                self.pending = tokens[take:]
+                break
+        return {"input_ids": row_ids, "document_ids": row_documents, "denoiser": int(denoiser_index)}
+
+
+def pack_token_sequences_for_ul2(
+    sequences: Iterable[Sequence[int]], collator, seed: int = 0, batch_size: int = 1
+) -> Iterator[dict[str, Any]]:
+    """Lazily pack token sequences into rows for ``collator``, drawing each row's denoiser first.
+
+    Args:
+        sequences: tokenized documents (lists of int ids).
+        collator: the `fat5_hf.ul2.DataCollatorForUL2` the rows are for.
+        seed: seeds the denoiser draws.
+        batch_size: rows drawn together (one group per batch with ``collator.group_denoisers_by_length``; use the
+            DataLoader's batch size then).
+
+    Yields:
+        ``{"input_ids", "document_ids", "denoiser"}`` rows (see `UL2RowPacker`).
+    """
+    packer, documents = UL2RowPacker(collator), iter(sequences)
+    rng = np.random.default_rng(seed)
+    while True:
+        for denoiser_index in collator.draw_denoisers(batch_size, rng):
+            try:
+                yield packer.pack_row(int(denoiser_index), documents)
+            except StopIteration:
+                return
 
 
 def pack_dataset(

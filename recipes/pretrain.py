@@ -55,14 +55,15 @@ from pretrain_config import (  # noqa: E402
 )
 from pretrain_data import (  # noqa: E402
     DataError,
-    PackedRowStream,
+    DocumentStream,
     PrefetchingBatchStream,
     UL2BatchStream,
     count_tokens,
     load_local_documents,
     load_streamed_documents,
-    pack_documents,
+    log_denoiser_statistics,
     resolve_path,
+    tokenize_documents,
 )
 
 from fat5_hf.output_dir import (  # noqa: E402
@@ -476,7 +477,6 @@ def build_data(config: PretrainConfig, tokenizer, accelerator) -> tuple[UL2Batch
     """The training batch stream of this process and its fixed evaluation batches."""
     data, training = config.data, config.training
     collator = build_collator(config, tokenizer, seed=training.seed + accelerator.process_index)
-    chunk_length = collator.chunk_length
     holdout = 0 if (data.eval_files or data.eval_split) else data.eval_holdout_documents
     with accelerator.main_process_first():  # the first process fills the datasets cache, the others reuse it
         try:
@@ -491,7 +491,7 @@ def build_data(config: PretrainConfig, tokenizer, accelerator) -> tuple[UL2Batch
                     )
                 elif holdout:
                     eval_documents, documents = documents.take(holdout), documents.skip(holdout)
-                train_rows = pack_documents(documents, tokenizer, chunk_length)
+                train_documents = tokenize_documents(documents, tokenizer)
             else:
                 documents = load_local_documents(data.train_files, data.text_column)
                 eval_documents = load_local_documents(data.eval_files, data.text_column) if data.eval_files else None
@@ -503,8 +503,8 @@ def build_data(config: PretrainConfig, tokenizer, accelerator) -> tuple[UL2Batch
                         )
                     eval_documents = documents.select(range(holdout))
                     documents = documents.select(range(holdout, len(documents)))
-                train_rows = pack_documents(documents, tokenizer, chunk_length)
-            eval_rows = pack_documents(eval_documents, tokenizer, chunk_length) if eval_documents is not None else None
+                train_documents = tokenize_documents(documents, tokenizer)
+            eval_documents = tokenize_documents(eval_documents, tokenizer) if eval_documents is not None else None
         except DataError:
             if accelerator.is_main_process and accelerator.num_processes > 1:
                 # The other processes wait for this one to go first: release them, so that each meets the same
@@ -512,9 +512,11 @@ def build_data(config: PretrainConfig, tokenizer, accelerator) -> tuple[UL2Batch
                 # collective times out where no agent watches).
                 accelerator.wait_for_everyone()
             raise
+    if accelerator.is_main_process:
+        log_denoiser_statistics(collator, train_documents, logger.info)
     train_stream = UL2BatchStream(
-        PackedRowStream(
-            train_rows,
+        DocumentStream(
+            train_documents,
             seed=training.seed,
             process_index=accelerator.process_index,
             num_processes=accelerator.num_processes,
@@ -525,11 +527,11 @@ def build_data(config: PretrainConfig, tokenizer, accelerator) -> tuple[UL2Batch
         training.per_device_batch_size,
     )
     eval_batches = []
-    if eval_rows is not None and training.eval_batches:
-        # Fixed batches, the same at every evaluation: unshuffled rows, a collator with its own seed.
+    if eval_documents is not None and training.eval_batches:
+        # Fixed batches, the same at every evaluation: unshuffled documents, a collator with its own seed.
         eval_stream = UL2BatchStream(
-            PackedRowStream(
-                eval_rows,
+            DocumentStream(
+                eval_documents,
                 seed=0,
                 process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes,
@@ -548,7 +550,7 @@ def build_data(config: PretrainConfig, tokenizer, accelerator) -> tuple[UL2Batch
 class TrainState:
     """The loop's own state, saved by ``accelerator.save_state`` through ``register_for_checkpointing``.
 
-    Holds the step, the samples and tokens seen, and every process's data stream position (packed-row
+    Holds the step, the samples and tokens seen, and every process's data stream position (document
     cursor and UL2 collator counter): ``state_dict`` gathers them from all processes (it is called on each
     one, the main process writes the file) and ``load_state_dict`` gives each process its own.
     """

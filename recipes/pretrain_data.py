@@ -1,17 +1,20 @@
-"""The pretraining data stream: documents -> tokens -> packed rows -> UL2 batches, resumable exactly.
+"""The pretraining data stream: documents -> tokens -> UL2 rows -> UL2 batches, resumable exactly.
 
-Documents are tokenized and packed into rows of ``collator.chunk_length`` tokens with per-token document
-ids by `fat5_hf.packing.pack_dataset`; each process reads its own share of the rows and collates them with
-`fat5_hf.ul2.DataCollatorForUL2`. Nothing goes through a ``DataLoader`` or Accelerate's dataloader
-sharding: the stream's whole position (epoch, next row, or the ``datasets`` stream state) and the
-collator's counter form a small dict saved in every checkpoint, and restoring it replays the very same
-batches.
+Documents are tokenized once (``split_special_tokens=True``: special-token strings in the text stay text) by
+`fat5_hf.packing.make_tokenize_function`; each process reads its own share of the documents, and `UL2BatchStream`
+draws each batch's denoisers first, then packs each row for its denoiser with `fat5_hf.packing.UL2RowPacker` (as
+many documents as the denoiser fits, each document's mode token, sentinels and eos counted) and collates the rows
+with `fat5_hf.ul2.DataCollatorForUL2`. Nothing goes through a ``DataLoader`` or Accelerate's dataloader sharding:
+the stream's whole position (epoch, next document or the ``datasets`` stream state, the rest of a document cut at
+the end of a row, the batches drawn) forms a small dict saved in every checkpoint, and restoring it replays the
+very same batches.
 
 Sources:
 - local files (``.txt``: one document per line; ``.json``/``.jsonl``/``.csv``/``.parquet``: a text
-  column), read with ``datasets`` into a memory-mapped table and packed once (cached by ``datasets``);
-  each epoch visits the rows in a new seeded random order, row ``i`` going to process ``i % num_processes``.
-- a Hub dataset, streamed (``datasets.load_dataset(..., streaming=True)``), packed on the fly, split between
+  column), read with ``datasets`` into a memory-mapped table and tokenized once (cached by ``datasets``);
+  each epoch visits the documents in a new seeded random order, document ``i`` going to process
+  ``i % num_processes``.
+- a Hub dataset, streamed (``datasets.load_dataset(..., streaming=True)``), tokenized on the fly, split between
   processes with ``split_dataset_by_node`` and shuffled with a buffer; its position is
   ``IterableDataset.state_dict()``. ``datasets`` restores a stream's position but not the content of its
   shuffle buffer, so a resumed *shuffled* stream sees the same documents in a slightly different order;
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fat5_hf.packing import pack_dataset
+from fat5_hf.packing import UL2RowPacker, make_tokenize_function
 
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -98,21 +101,21 @@ def load_streamed_documents(name: str, config_name: str | None, split: str, text
     return stream.rename_column(text_column, "text") if text_column != "text" else stream
 
 
-class PackedRowStream:
-    """This process's share of an endless, resumable sequence of packed rows.
+class DocumentStream:
+    """This process's share of an endless, resumable sequence of tokenized documents.
 
     Args:
-        rows: a ``datasets.Dataset`` (map-style) or ``datasets.IterableDataset`` (streamed) of packed rows
-            (``input_ids``, ``document_ids``), e.g. from `fat5_hf.packing.pack_dataset`.
+        documents: a ``datasets.Dataset`` (map-style) or ``datasets.IterableDataset`` (streamed) with an
+            ``input_ids`` column (token lists), e.g. from `tokenize_documents`.
         seed: seeds each epoch's order (map-style) or the shuffle buffer (streamed).
-        process_index, num_processes: which share of the rows this process reads.
-        shuffle: visit rows in a random order, a new one each epoch.
+        process_index, num_processes: which share of the documents this process reads.
+        shuffle: visit documents in a random order, a new one each epoch.
         shuffle_buffer_size: size of the shuffle buffer of a streamed dataset.
     """
 
     def __init__(
         self,
-        rows,
+        documents,
         seed: int,
         process_index: int = 0,
         num_processes: int = 1,
@@ -123,89 +126,101 @@ class PackedRowStream:
 
         self.seed, self.shuffle = seed, shuffle
         self.process_index, self.num_processes = process_index, num_processes
-        self.streamed = isinstance(rows, datasets.IterableDataset)
+        self.streamed = isinstance(documents, datasets.IterableDataset)
         if self.streamed:
             from datasets.distributed import split_dataset_by_node
 
-            rows = split_dataset_by_node(rows, rank=process_index, world_size=num_processes)
+            documents = split_dataset_by_node(documents, rank=process_index, world_size=num_processes)
             if shuffle:
-                rows = rows.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+                documents = documents.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
             self._iterator = None
-        elif len(rows) < num_processes:
-            raise DataError(
-                f"The data packs into {len(rows)} rows, fewer than the {num_processes} processes; add data"
-            )
-        self.rows = rows
+        elif len(documents) < num_processes:
+            raise DataError(f"The data holds {len(documents)} documents, fewer than the {num_processes} processes; add data")
+        self.documents = documents
         self.epoch = 0
-        self.cursor = 0  # rows of this epoch's share already read (map-style)
+        self.cursor = 0  # documents of this epoch's share already read (map-style)
         self._share: np.ndarray | None = None
 
     def state_dict(self) -> dict[str, Any]:
         if self.streamed:
-            return {"epoch": self.epoch, "stream": self.rows.state_dict()}
+            return {"epoch": self.epoch, "stream": self.documents.state_dict()}
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         if self.streamed:
-            self.rows.set_epoch(self.epoch)
-            self.rows.load_state_dict(state["stream"])
+            self.documents.set_epoch(self.epoch)
+            self.documents.load_state_dict(state["stream"])
             self._iterator = None
         else:
             self.cursor, self._share = int(state["cursor"]), None
 
     def _epoch_share(self) -> np.ndarray:
         if self._share is None:
-            order = np.arange(len(self.rows))
+            order = np.arange(len(self.documents))
             if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
+                order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.documents))
             self._share = order[self.process_index :: self.num_processes]
         return self._share
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, list[int]]:
+    def __next__(self) -> list[int]:
         if self.streamed:
             for _ in range(2):
                 if self._iterator is None:
-                    self.rows.set_epoch(self.epoch)
-                    self._iterator = iter(self.rows)
+                    self.documents.set_epoch(self.epoch)
+                    self._iterator = iter(self.documents)
                 try:
-                    return next(self._iterator)
+                    return next(self._iterator)["input_ids"]
                 except StopIteration:  # end of the stream: start the next epoch
                     self.epoch += 1
                     self._iterator = None
-            raise DataError("The streamed dataset yields no rows for this process; check the dataset and split")
+            raise DataError("The streamed dataset yields no documents for this process; check the dataset and split")
         share = self._epoch_share()
         if self.cursor >= len(share):
             self.epoch, self.cursor, self._share = self.epoch + 1, 0, None
             share = self._epoch_share()
-        row = self.rows[int(share[self.cursor])]
+        document = self.documents[int(share[self.cursor])]
         self.cursor += 1
-        return {"input_ids": row["input_ids"], "document_ids": row["document_ids"]}
+        return document["input_ids"]
 
 
 class UL2BatchStream:
-    """Batches of ``batch_size`` packed rows passed through the UL2 collator; ``state_dict`` covers both."""
+    """Batches of ``batch_size`` rows, each packed for the denoiser drawn for it and passed through the UL2
+    collator; ``state_dict`` covers the documents, the packer, the denoiser draws and the collator."""
 
-    def __init__(self, rows: PackedRowStream, collator, batch_size: int):
-        self.rows, self.collator, self.batch_size = rows, collator, batch_size
+    def __init__(self, documents: DocumentStream, collator, batch_size: int):
+        self.documents, self.collator, self.batch_size = documents, collator, batch_size
+        self.packer = UL2RowPacker(collator)
+        self.batches_drawn = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows.state_dict(), "collator": self.collator.state_dict()}
+        return {
+            "documents": self.documents.state_dict(),
+            "packer": self.packer.state_dict(),
+            "batches_drawn": self.batches_drawn,
+            "collator": self.collator.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rows.load_state_dict(state["rows"])
+        self.documents.load_state_dict(state["documents"])
+        self.packer.load_state_dict(state["packer"])
+        self.batches_drawn = int(state["batches_drawn"])
         self.collator.load_state_dict(state["collator"])
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = [next(self.rows) for _ in range(self.batch_size)]
+        # The denoisers come first (each row is packed for its own); their draw is keyed on the batch number.
+        rng = np.random.default_rng([self.collator.seed, self.batches_drawn])
+        denoiser_indices = self.collator.draw_denoisers(self.batch_size, rng)
+        rows = [self.packer.pack_row(int(index), self.documents) for index in denoiser_indices]
+        self.batches_drawn += 1
         # The collator's noise is keyed on (seed, epoch, rows): a row met again in a later epoch is denoised anew.
-        self.collator.set_epoch(self.rows.epoch)
+        self.collator.set_epoch(self.documents.epoch)
         return self.collator(rows)
 
 
@@ -318,9 +333,24 @@ class PrefetchingBatchStream:
         return batch
 
 
-def pack_documents(documents, tokenizer, chunk_length: int):
-    """Tokenizes and packs documents (a ``datasets`` dataset with a ``text`` column) into rows."""
-    return pack_dataset(documents, chunk_length=chunk_length, eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer)
+def tokenize_documents(documents, tokenizer):
+    """Tokenizes documents (a ``datasets`` dataset with a ``text`` column) into an ``input_ids`` column, special-token
+    strings in the text kept as text (``split_special_tokens=True``)."""
+    import datasets
+
+    map_kwargs = {} if isinstance(documents, datasets.IterableDataset) else {"desc": "Tokenizing"}
+    return documents.map(
+        make_tokenize_function(tokenizer), batched=True, batch_size=1000, remove_columns=["text"], **map_kwargs
+    )
+
+
+def log_denoiser_statistics(collator, documents, log, num_documents: int = 256) -> None:
+    """Logs what each denoiser realizes on the first ``num_documents`` tokenized documents (`--stats` figures)."""
+    from fat5_hf.ul2 import denoiser_statistics, format_statistics
+
+    sample = [row["input_ids"] for row, _ in zip(documents, range(num_documents))]
+    statistics = denoiser_statistics(collator, sample, rows_per_denoiser=32, batch_size=32)
+    log("UL2 denoisers on the first %d training documents:\n%s", len(sample), format_statistics(statistics))
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -10,6 +10,11 @@ The result is a Hugging Face fast tokenizer (``tokenizer.json`` + config) loadab
 * the UL2 mode tokens (``[R]``, ``[S]``, ``[X]`` by default) and the sentinels, ``<extra_id_0>`` with the HIGHEST id
   (``<extra_id_k>`` = ``vocab_size - 1 - k``), all registered as special tokens: never split, never ``<unk>``.
 
+The pretraining data path tokenizes raw documents with ``split_special_tokens=True``
+(`fat5_hf.packing.make_tokenize_function`), so that the text ``[X]`` or ``<extra_id_0>`` written in a document stays
+text; called as usual (``tokenizer("[S] ...")``), the tokenizer maps those strings to their special ids, as fine-tuning
+prompts expect.
+
 Normalization is French-friendly and T5-like: NFKC (composes accents, turns non-breaking spaces into spaces), case
 and accents kept, every run of whitespace (newlines included, as T5) collapsed to one space, ``▁`` word-boundary
 marker before every word (SentencePiece's "Metaspace"). ``clean_up_tokenization_spaces`` is off so French spacing

@@ -273,7 +273,9 @@ def test_evaluation_batches_mix_the_denoisers():
     assert pretrain.build_collator(config, tokenizer, seed=0).group_denoisers_by_length
     assert not pretrain.build_collator(config, tokenizer, seed=0, evaluation=True).group_denoisers_by_length
     assert config.data.collator_kwargs == {"group_denoisers_by_length": True}  # the config is left as it was
-    accelerator = SimpleNamespace(process_index=0, num_processes=1, main_process_first=contextlib.nullcontext)
+    accelerator = SimpleNamespace(
+        process_index=0, num_processes=1, is_main_process=True, main_process_first=contextlib.nullcontext
+    )
     _, eval_batches = pretrain.build_data(config, tokenizer, accelerator)
     _, mixed_eval_batches = pretrain.build_data(load_config(), tokenizer, accelerator)
     assert len(eval_batches) == len(mixed_eval_batches) > 0
@@ -397,7 +399,8 @@ def test_saved_model_loads_for_finetuning(short_run):
     train_state = torch.load(checkpoints[-1] / "custom_checkpoint_1.pkl", weights_only=False)
     assert train_state["step"] == 40 and train_state["samples_seen"] == 160
     (stream,) = train_state["data_streams"]
-    assert stream["rows"]["epoch"] >= 0 and "cursor" in stream["rows"] and "seed" in stream["collator"]
+    assert stream["documents"]["epoch"] >= 0 and "cursor" in stream["documents"] and "seed" in stream["collator"]
+    assert "pending" in stream["packer"] and stream["batches_drawn"] > 0
     # The export carries the model code and an auto_map: loadable with trust_remote_code where fat5-hf is absent.
     exported = json.loads((output_dir / "config.json").read_text())
     assert exported["auto_map"]["AutoModelForSeq2SeqLM"].startswith("modeling_fat5.")
@@ -632,7 +635,7 @@ def test_streamed_dataset_resumes_exactly(tmp_path, monkeypatch):
     pretrain.train(tiny_config(straight, *common))
     pretrain.train(tiny_config(resumed, *common, "training.stop_at_step=3"))
     state = torch.load(pretrain.checkpoint_dirs(resumed)[-1] / "custom_checkpoint_1.pkl", weights_only=False)
-    assert "stream" in state["data_streams"][0]["rows"]  # the datasets stream position is what was saved
+    assert "stream" in state["data_streams"][0]["documents"]  # the datasets stream position is what was saved
     pretrain.train(tiny_config(resumed, *common, "training.resume=latest"))
     assert train_losses(straight) == train_losses(resumed)
     assert any("eval_loss" in r for r in read_log(straight))
@@ -980,14 +983,13 @@ def test_parse_override_rejects_non_mapping_nested_key():
 def test_segment_ids_keep_attention_within_documents():
     """data.collator_kwargs={return_segment_ids: true}: packed rows carry their documents' segment ids, which the
     model uses to keep attention (and each target's cross-attention) within its document."""
-    from pretrain_data import load_local_documents, pack_documents
+    from pretrain_data import DocumentStream, UL2BatchStream, load_local_documents, tokenize_documents
 
     config = load_config(None, ["data.collator_kwargs={return_segment_ids: true}"])
     tokenizer = pretrain.load_tokenizer(config)
     collator = pretrain.build_collator(config, tokenizer, seed=0)
-    documents = load_local_documents(config.data.train_files)
-    rows = [row for row, _ in zip(pack_documents(documents, tokenizer, collator.chunk_length), range(64))]
-    batch = collator(rows[:8])
+    documents = tokenize_documents(load_local_documents(config.data.train_files), tokenizer)
+    batch = next(UL2BatchStream(DocumentStream(documents, seed=0), collator, batch_size=8))
     assert batch["encoder_segment_ids"].amax() > 1  # several documents in a row: the case that matters
     model = pretrain.build_model(config, tokenizer).eval()
     with torch.no_grad():
