@@ -75,6 +75,7 @@ def apply_task_defaults(spec: TaskSpec, data_args: DataTrainingArguments, traini
     A ``Seq2SeqTrainingArguments`` field counts as unset when it equals the dataclass default; data options when None.
     """
     defaults = {f.name: f.default for f in fields(type(training_args))}
+    stride_given = data_args.doc_stride is not None
     for key, value in spec.hyperparameters.items():
         if hasattr(data_args, key):
             if getattr(data_args, key) is None:
@@ -85,12 +86,14 @@ def apply_task_defaults(spec: TaskSpec, data_args: DataTrainingArguments, traini
         data_args.max_seq_length = DEFAULT_MAX_SEQ_LENGTH
     if data_args.max_target_length is None:
         data_args.max_target_length = DEFAULT_MAX_TARGET_LENGTH
-    if data_args.doc_stride is None:
-        data_args.doc_stride = min(DEFAULT_DOC_STRIDE, data_args.max_seq_length // 4)
-    if data_args.doc_stride >= data_args.max_seq_length:
-        raise FinetuneConfigError(
-            f"--doc_stride {data_args.doc_stride} must be smaller than --max_seq_length {data_args.max_seq_length}"
-        )
+    if spec.task_type == "question-answering":
+        if not stride_given:  # a task default shrinks with a shorter --max_seq_length
+            data_args.doc_stride = min(data_args.doc_stride or DEFAULT_DOC_STRIDE, data_args.max_seq_length // 4)
+        elif data_args.doc_stride >= data_args.max_seq_length // 2:
+            raise FinetuneConfigError(
+                f"--doc_stride {data_args.doc_stride} must be less than half of --max_seq_length "
+                f"{data_args.max_seq_length} (each window holds the question too)"
+            )
     # Generation is how text-to-text tasks are scored; classification heads have nothing to generate.
     training_args.predict_with_generate = spec.task_type == "text2text"
     if spec.task_type == "text2text" and training_args.generation_max_length is None:
@@ -314,7 +317,9 @@ class TaskEvaluator:
 
     def has_references(self) -> bool:
         spec = self.spec
-        column = spec.label_column_name or spec.target_column or "answers"
+        # extractive QA examples carry SQuAD-form "answers" (added in preprocessing); generative QA the raw column
+        answers = "answers" if spec.task_type == "question-answering" else spec.answer_column
+        column = spec.label_column_name or spec.target_column or answers
         return column in self.examples.column_names
 
     def __call__(self, eval_prediction) -> dict[str, float]:
@@ -323,6 +328,30 @@ class TaskEvaluator:
 
 
 # ------------------------------------------------------------------------------------------------- run
+
+
+def _trainer_class():
+    from transformers import EvalPrediction, Seq2SeqTrainer
+
+    class FinetuneTrainer(Seq2SeqTrainer):
+        """``Seq2SeqTrainer`` that also scores splits without label tensors: extractive QA's evaluation windows carry
+        no span positions (the answers are matched as text after post-processing, as ``run_qa.py``'s trainer does),
+        so the stock loop would skip ``compute_metrics``."""
+
+        def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+            output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+            evaluator = self.compute_metrics
+            if (
+                isinstance(evaluator, TaskEvaluator)
+                and output.label_ids is None
+                and output.predictions is not None
+                and evaluator.has_references()
+            ):
+                metrics = evaluator(EvalPrediction(predictions=output.predictions, label_ids=None))
+                output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
+            return output
+
+    return FinetuneTrainer
 
 
 def _collator(spec: TaskSpec, tokenizer, model, training_args):
@@ -361,7 +390,7 @@ def train_and_evaluate(
     Raises:
         FinetuneConfigError, FinetuneDataError: bad input, before any training and before the output folder is touched.
     """
-    from transformers import Seq2SeqTrainer, set_seed
+    from transformers import set_seed
 
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         raise FinetuneConfigError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
@@ -389,7 +418,7 @@ def train_and_evaluate(
         for role in ("validation", "test")
         if role in features
     }
-    trainer = Seq2SeqTrainer(
+    trainer = _trainer_class()(
         model=model,
         args=training_args,
         train_dataset=features.get("train"),

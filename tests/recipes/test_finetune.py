@@ -157,8 +157,8 @@ def test_token_classification(base_model, tmp_path):
 @pytest.mark.slow
 def test_extractive_qa_with_stride_and_unanswerable(base_model, tmp_path):
     out = tmp_path / "qa"
-    # 40-token windows with a 12-token stride: every context spans several windows.
-    args = finetune_args(base_model, out, "french-qa", "--max_seq_length", "40", "--doc_stride", "12")
+    # 56-token windows (question included) with an 8-token stride: every context spans several windows.
+    args = finetune_args(base_model, out, "french-qa", "--max_seq_length", "56", "--doc_stride", "8")
     assert finetune.main(args) == 0
     assert_loss_falls(out)
     test_results = results(out, "test")
