@@ -246,9 +246,10 @@ def test_lora_text2text_with_gradient_checkpointing_keeps_embeddings_tied(base_m
 
     out = tmp_path / "lora-sum"
     args = finetune_args(
-        base_model, out, "orange-sum", "--lora", "--merge_lora", "--gradient_checkpointing",
-        "--learning_rate", "1e-2", "--max_target_length", "24", "--generation_max_length", "24",
-        "--do_predict", "false",
+        base_model, out, "orange-sum", "--lora", "--merge_lora", "--learning_rate", "1e-2",
+        # reentrant checkpointing is where frozen embeddings break the backward pass
+        "--gradient_checkpointing", "--gradient_checkpointing_kwargs", '{"use_reentrant": true}',
+        "--max_target_length", "24", "--do_eval", "false", "--do_predict", "false",
     )  # fmt: skip
     assert finetune.main(args) == 0  # no "element 0 of tensors does not require grad"
     assert_loss_falls(out)
