@@ -1,8 +1,8 @@
 """ROUGE-1/2/L/Lsum F-measures for French text, computed with rouge-score and a tokenizer that keeps accents.
 
 rouge-score's default tokenizer lower-cases, then replaces every character outside ``[a-z0-9]`` with a space: French
-accented words are cut into pieces or vanish ("été" gives nothing, "événement" gives "v nement"), so ROUGE on
-French compares mangled text. This module gives rouge-score a tokenizer that lower-cases and keeps the Unicode
+accented words are cut into pieces ("été" gives "t", "très" gives "tr" and "s", "événement" gives "v" and "nement"), so
+ROUGE on French compares mangled text and counts spurious one-letter matches. This module gives rouge-score a tokenizer that lower-cases and keeps the Unicode
 letters and digits (``\\w+`` runs), without stemming (rouge-score's Porter stemmer is English).
 """
 
