@@ -351,11 +351,22 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
 def test_yaml_config_and_list_tasks(capsys, tmp_path):
     import yaml
 
+    from fat5_hf.finetuning import TASKS
+
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"task": "french-qa", "output_dir": str(tmp_path / "o"), "do_train": True,
                                       "lora": True, "lora_r": 4}))  # fmt: skip
     model_args, data_args, lora_args, training_args = finetune.parse_args([str(config)])
     assert data_args.task == "french-qa" and lora_args.lora_r == 4 and training_args.do_train
+    shipped_configs = sorted((RECIPES / "configs").glob("finetune-*.yaml"))
+    assert shipped_configs
+    for shipped in shipped_configs:
+        values = yaml.safe_load(shipped.read_text())
+        values.pop("bf16")  # TrainingArguments refuses bf16 on a machine without a GPU
+        copy = tmp_path / shipped.name
+        copy.write_text(yaml.safe_dump(values))
+        model_args, data_args, lora_args, training_args = finetune.parse_args([str(copy)])
+        assert data_args.task in TASKS and training_args.do_train, shipped
     assert finetune.main(["--list_tasks"]) == 0
     table = capsys.readouterr().out
     assert all(f"`{name}`" in table for name in ("allocine", "xnli-fr", "pawsx-fr", "french-ner", "french-qa"))
