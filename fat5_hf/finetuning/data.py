@@ -194,7 +194,8 @@ def select_samples(raw, data_args: DataTrainingArguments):
 def _label_feature_names(feature) -> list[str] | None:
     import datasets
 
-    while isinstance(feature, (datasets.Sequence, datasets.List, list)):
+    sequence_types = tuple(t for t in (datasets.Sequence, getattr(datasets, "List", None), list) if t is not None)
+    while isinstance(feature, sequence_types):
         feature = feature.feature if not isinstance(feature, list) else feature[0]
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
@@ -221,8 +222,6 @@ def check_labels(spec: TaskSpec, raw, label_names: list[str]) -> None:
     """Refuses labels outside ``label_names``: ids out of range or names not in the list, named with their split."""
     column = spec.label_column_name
     for role, dataset in raw.items():
-        if role == "test" and column not in dataset.column_names:
-            continue
         bad = collections.Counter()
         for value in dataset[column]:
             for label in value if isinstance(value, list) else [value]:

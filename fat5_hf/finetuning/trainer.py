@@ -172,11 +172,11 @@ def load_model(model_args: ModelArguments, spec: TaskSpec, label_names: list[str
     auto_class = getattr(transformers, _AUTO_CLASSES[spec.task_type])
     path = model_args.model_name_or_path
     if path is None:
-        vocab_size = math.ceil(len(tokenizer) / 128) * 128
-        config = FAT5Config(vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)  # fmt: skip
-        for key, value in overrides.items():
-            setattr(config, key, value)
+        # the constructor, not attributes set afterwards: it derives fields (the gated activation from
+        # feed_forward_proj...)
+        ids = dict(vocab_size=math.ceil(len(tokenizer) / 128) * 128, pad_token_id=tokenizer.pad_token_id,
+                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)  # fmt: skip
+        config = FAT5Config(**{**ids, **overrides})
         logger.warning("No --model_name_or_path: finetuning a randomly initialized FAT5 (%s)", config.to_diff_dict())
         return auto_class.from_config(config)
     config = transformers.AutoConfig.from_pretrained(
@@ -194,8 +194,7 @@ def load_model(model_args: ModelArguments, spec: TaskSpec, label_names: list[str
             f"({', '.join(config.architectures or ['no architectures'])}): its decoder was not saved. Finetune the "
             "seq2seq checkpoint it came from, or pick an encoder task type"
         )
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config.update(overrides)  # as from_pretrained(..., **kwargs) does
     return auto_class.from_pretrained(
         path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
         trust_remote_code=model_args.trust_remote_code,
@@ -228,11 +227,11 @@ class TaskEvaluator:
         spec, kind = self.spec, self.spec.task_type
         if kind == "sequence-classification":
             logits = predictions[0] if isinstance(predictions, tuple) else predictions
-            ids = np.argmax(logits, axis=-1)
-            refs = label_ids if label_ids is not None else [None] * len(ids)
+            ids = np.argmax(logits, axis=-1).tolist()
+            refs = label_ids.tolist() if label_ids is not None else [None] * len(ids)
             return [
                 {"index": i, "prediction": self.label_names[p], "reference": None if r is None else self.label_names[r]}
-                for i, (p, r) in enumerate(zip(ids.tolist(), refs if refs is None else list(refs)))
+                for i, (p, r) in enumerate(zip(ids, refs))
             ]
         if kind == "token-classification":
             logits = predictions[0] if isinstance(predictions, tuple) else predictions
