@@ -62,7 +62,9 @@ def make_batch(model_kind: str, batch_size: int, input_length: int, target_lengt
     attention_mask[::2, input_length * 3 // 4 :] = 0  # half the rows padded by a quarter
     batch = dict(input_ids=input_ids, attention_mask=attention_mask)
     if model_kind == "seq2seq":
-        batch["labels"] = torch.randint(2, MODEL_CONFIG["vocab_size"], (batch_size, target_length), generator=generator)
+        batch["labels"] = torch.randint(
+            2, MODEL_CONFIG["vocab_size"], (batch_size, target_length), generator=generator
+        )
     else:
         batch["labels"] = torch.randint(0, 3, (batch_size,), generator=generator)
     return {k: v.to(device) for k, v in batch.items()}
@@ -107,7 +109,8 @@ def measure(model_kind: str, mode: str, batch: dict, steps: int) -> dict:
 
     model.eval()
     row = dict(
-        model=model_kind, mode=mode, train_ms=train_ms, peak_GB=peak_gb, forward_ms=timed(lambda: forward(model), steps),
+        model=model_kind, mode=mode, train_ms=train_ms, peak_GB=peak_gb,
+        forward_ms=timed(lambda: forward(model), steps),
         trainable_parameters=sum(p.numel() for p in params),
         parameters=sum(p.numel() for p in model.parameters()),
     )  # fmt: skip
@@ -123,7 +126,9 @@ def environment() -> dict:
     import triton
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return dict(

@@ -203,7 +203,9 @@ def write_finetuning_model_card(
         )
         for r in results
     ]
-    hub_base_model = base_model if base_model and not Path(base_model).exists() and base_model.count("/") == 1 else None
+    hub_base_model = (
+        base_model if base_model and not Path(base_model).exists() and base_model.count("/") == 1 else None
+    )
     card_data = ModelCardData(
         language="fr",
         license=license,

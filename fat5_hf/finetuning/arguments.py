@@ -25,9 +25,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "FAT5 checkpoint (local folder or Hub id) to finetune: a pretrained or converted seq2seq model, or "
-            "an encoder-head checkpoint of the same task type. Without it, a randomly initialized FAT5 is built from "
-            "--tokenizer_name and --config_overrides."
+            "help": "FAT5 checkpoint (local folder or Hub id) to finetune: a pretrained or converted seq2seq model, "
+            "or an encoder-head checkpoint of the same task type. Without it, a randomly initialized FAT5 is built "
+            "from --tokenizer_name and --config_overrides."
         },
     )
     tokenizer_name: str | None = field(
@@ -80,7 +80,11 @@ class DataTrainingArguments:
     )
     label_column_name: str | None = field(default=None, metadata={"help": "label / tags column"})
     label_list: str | None = field(
-        default=None, metadata={"help": "comma-separated label names in id order (default: read from the data; --label_names is the Trainer's own option)"}
+        default=None,
+        metadata={
+            "help": "comma-separated label names in id order (default: read from the data; --label_names is the "
+            "Trainer's own option)"
+        },
     )
     question_column: str | None = field(default=None, metadata={"help": "QA: question column"})
     context_column: str | None = field(default=None, metadata={"help": "QA: context column"})
@@ -128,8 +132,9 @@ class DataTrainingArguments:
                 "pass --task NAME (a registry task) or --task_type TYPE with --train_file / --validation_file / "
                 "--test_file or --dataset_name"
             )
-        if self.task is None and not (self.dataset_name or self.dataset_path or self.train_file or self.validation_file
-                                      or self.test_file):
+        if self.task is None and not (
+            self.dataset_name or self.dataset_path or self.train_file or self.validation_file or self.test_file
+        ):
             raise FinetuneConfigError(
                 f"--task_type {self.task_type} without --task needs data: --train_file / --validation_file / "
                 "--test_file, --dataset_path or --dataset_name"

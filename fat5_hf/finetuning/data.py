@@ -79,7 +79,9 @@ def _default_metric(data_args: DataTrainingArguments) -> str:
 
 
 def _default_main_metric(data_args: DataTrainingArguments) -> str:
-    return {"seqeval": "overall_f1", "squad_fr": "f1", "rouge_fr": "rougeL"}.get(_default_metric(data_args), "accuracy")
+    return {"seqeval": "overall_f1", "squad_fr": "f1", "rouge_fr": "rougeL"}.get(
+        _default_metric(data_args), "accuracy"
+    )
 
 
 def _check_task_columns(spec: TaskSpec) -> None:
@@ -125,11 +127,13 @@ def _template_fields(template: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def load_raw_datasets(spec: TaskSpec, data_args: DataTrainingArguments, cache_dir: str | None = None, roles=SPLIT_ROLES):
+def load_raw_datasets(
+    spec: TaskSpec, data_args: DataTrainingArguments, cache_dir: str | None = None, roles=SPLIT_ROLES
+):
     """Loads the splits named in ``roles`` with ``datasets.load_dataset`` and checks their columns.
 
-    Source, first found: ``--train_file`` / ``--validation_file`` / ``--test_file``; ``--dataset_path`` (a local copy of
-    the task's dataset, same columns); the task's Hub id and config.
+    Source, first found: ``--train_file`` / ``--validation_file`` / ``--test_file``; ``--dataset_path`` (a local copy
+    of the task's dataset, same columns); the task's Hub id and config.
 
     Returns:
         ``datasets.DatasetDict`` keyed by role (``train``, ``validation``, ``test``), with the roles asked for.
@@ -215,7 +219,9 @@ def resolve_label_names(spec: TaskSpec, raw) -> list[str] | None:
     for dataset in raw.values():
         for value in dataset[spec.label_column_name]:
             values.update(value if isinstance(value, list) else [value])
-    return sorted(str(v) for v in values) if any(isinstance(v, str) for v in values) else [str(v) for v in sorted(values)]
+    return (
+        sorted(str(v) for v in values) if any(isinstance(v, str) for v in values) else [str(v) for v in sorted(values)]
+    )
 
 
 def check_labels(spec: TaskSpec, raw, label_names: list[str]) -> None:

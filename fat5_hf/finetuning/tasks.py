@@ -1,8 +1,8 @@
 """The French task registry: one table naming, per task, its Hub dataset, columns, labels, metric and defaults.
 
-``get_task("allocine")`` returns a `TaskSpec`; ``recipes/finetune.py --task allocine`` finetunes on it. Every entry loads
-with ``datasets.load_dataset(dataset_name, dataset_config)``; ``--dataset_path`` points the same loading code at a local
-copy with the same columns (the tests' fixtures in ``recipes/data/finetune/<task>/``). A task without an entry is
+``get_task("allocine")`` returns a `TaskSpec`; ``recipes/finetune.py --task allocine`` finetunes on it. Every entry
+loads with ``datasets.load_dataset(dataset_name, dataset_config)``; ``--dataset_path`` points the same loading code at a
+local copy with the same columns (the tests' fixtures in ``recipes/data/finetune/<task>/``). A task without an entry is
 described on the command line (``--task_type`` and the column options), which builds a `TaskSpec` the same way.
 
 Task types, and the head each one trains:
@@ -71,7 +71,9 @@ class TaskSpec:
     task_type: str
     dataset_name: str | None = None
     dataset_config: str | None = None
-    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"})
+    splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
+    )
     text_column_names: tuple[str, ...] = ()
     label_column_name: str | None = None
     label_names: tuple[str, ...] | None = None
@@ -90,7 +92,9 @@ class TaskSpec:
 
     def __post_init__(self):
         if self.task_type not in TASK_TYPES:
-            raise ValueError(f"task {self.name!r}: task_type={self.task_type!r}; expected one of {', '.join(TASK_TYPES)}")
+            raise ValueError(
+                f"task {self.name!r}: task_type={self.task_type!r}; expected one of {', '.join(TASK_TYPES)}"
+            )
 
     @property
     def is_classification(self) -> bool:

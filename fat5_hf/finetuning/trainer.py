@@ -125,6 +125,18 @@ def prepare_output_dir(training_args, overwrite_output_dir: bool) -> Path:
     return output_dir
 
 
+def check_output_dir_is_not_an_input(output_dir, inputs: list[str | None]) -> None:
+    """Refuses an output folder that is, or holds, one of the run's inputs (the checkpoint, the tokenizer, the data):
+    ``--overwrite_output_dir`` would delete them."""
+    out = Path(output_dir).resolve()
+    for path in filter(None, inputs):
+        source = Path(path).resolve()
+        if source.exists() and (source == out or out in source.parents):
+            raise FinetuneConfigError(
+                f"--output_dir {output_dir} holds an input of this run ({path}); write the results to another folder"
+            )
+
+
 def _parse_overrides(text: str | None) -> dict[str, Any]:
     import yaml
 
@@ -230,7 +242,11 @@ class TaskEvaluator:
             ids = np.argmax(logits, axis=-1).tolist()
             refs = label_ids.tolist() if label_ids is not None else [None] * len(ids)
             return [
-                {"index": i, "prediction": self.label_names[p], "reference": None if r is None else self.label_names[r]}
+                {
+                    "index": i,
+                    "prediction": self.label_names[p],
+                    "reference": None if r is None else self.label_names[r],
+                }
                 for i, (p, r) in enumerate(zip(ids, refs))
             ]
         if kind == "token-classification":
@@ -408,7 +424,14 @@ def train_and_evaluate(
     if lora_args.lora:
         model = apply_lora(model, spec.task_type, lora_args, training_args.gradient_checkpointing)
     trainable, total = trainable_parameters(model)
-    logger.info("Task %s (%s): %s of %s parameters trainable", spec.name, spec.task_type, f"{trainable:,}", f"{total:,}")
+    logger.info(
+        "Task %s (%s): %s of %s parameters trainable", spec.name, spec.task_type, f"{trainable:,}", f"{total:,}"
+    )
+    check_output_dir_is_not_an_input(
+        training_args.output_dir,
+        [model_args.model_name_or_path, model_args.tokenizer_name, data_args.dataset_path, data_args.train_file,
+         data_args.validation_file, data_args.test_file],
+    )  # fmt: skip
     output_dir = prepare_output_dir(training_args, data_args.overwrite_output_dir)
 
     features, examples = preprocess(spec, raw, tokenizer, data_args, label_names, training_args)
@@ -485,16 +508,22 @@ def write_card(output_dir: Path, trainer, spec: TaskSpec, model_args, data_args,
         value = summary.get(phase, {}).get(f"{phase}_{spec.main_metric}")
         if value is not None:
             results.append(
-                TaskResult(task_name=spec.name, task_type=spec.task_type, dataset_name=spec.dataset_name if from_hub else spec.name,
-                           dataset_config=spec.dataset_config, dataset_split=spec.splits.get(split, split),
-                           metric_type=spec.main_metric, metric_value=value)  # fmt: skip
+                TaskResult(
+                    task_name=spec.name,
+                    task_type=spec.task_type,
+                    dataset_name=spec.dataset_name if from_hub else spec.name,
+                    dataset_config=spec.dataset_config,
+                    dataset_split=spec.splits.get(split, split),
+                    metric_type=spec.main_metric,
+                    metric_value=value,
+                )  # fmt: skip
             )
     args = trainer.args
     training = {
         "task": f"{spec.name} ({spec.task_type}): {spec.description or 'custom data'}",
-        "data": data_args.dataset_path or spec.dataset_name or ", ".join(
-            p for p in (data_args.train_file, data_args.validation_file) if p
-        ),
+        "data": data_args.dataset_path
+        or spec.dataset_name
+        or ", ".join(p for p in (data_args.train_file, data_args.validation_file) if p),
         "training examples": summary.get("train", {}).get("train_samples"),
         "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
         "learning rate": args.learning_rate,

@@ -67,8 +67,8 @@ def test_each_fixture_loads_through_the_registry_code(name):
 
 
 def test_text2text_recasts_classification_and_qa_not_ner():
-    assert resolve_task(DataTrainingArguments(task="allocine", task_type="text2text")).label_words == ("négatif",
-                                                                                                        "positif")  # fmt: skip
+    recast = resolve_task(DataTrainingArguments(task="allocine", task_type="text2text"))
+    assert recast.task_type == "text2text" and recast.label_words == ("négatif", "positif")
     qa = resolve_task(DataTrainingArguments(task="french-qa", task_type="text2text"))
     assert qa.task_type == "text2text" and qa.metric == "squad_fr"
     with pytest.raises(FinetuneConfigError, match="no text-to-text form"):
@@ -89,9 +89,7 @@ def test_ner_labels_go_to_the_first_piece_or_to_all_pieces(tokenizer):
 
     spec = get_task("french-ner")
     words = ["Émile", "Zola", "habite", "Aix-en-Provence", "."]
-    raw = datasets.DatasetDict(
-        {"train": datasets.Dataset.from_list([{"tokens": words, "ner_tags": [1, 1, 0, 3, 0]}])}
-    )
+    raw = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"tokens": words, "ner_tags": [1, 1, 0, 3, 0]}])})
     encoding = tokenizer(words, is_split_into_words=True)
     word_ids = encoding.word_ids()
     assert word_ids.count(3) > 1, "the test needs a word cut into several pieces"

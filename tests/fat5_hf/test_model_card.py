@@ -32,7 +32,9 @@ def test_finetuning_card_metadata_model_index_and_sections(tmp_path):
 
     model = FAT5ForSequenceClassification(FAT5Config(num_labels=2, **TINY))
     results = [
-        TaskResult("allocine", "sequence-classification", "tblard/allocine", "accuracy", 0.91234, dataset_split="test"),
+        TaskResult(
+            "allocine", "sequence-classification", "tblard/allocine", "accuracy", 0.91234, dataset_split="test"
+        ),
         TaskResult("xnli-fr", "sequence-classification", "facebook/xnli", "accuracy", 0.75, dataset_config="fr"),
     ]
     write_finetuning_model_card(
@@ -60,7 +62,9 @@ def test_finetuning_card_metadata_model_index_and_sections(tmp_path):
                     "## How to load", "## Citation"):  # fmt: skip
         assert section in card.text
     assert "| allocine | tblard/allocine | test | accuracy | 0.9123 |" in card.text
-    assert "AutoModelForSequenceClassification.from_pretrained(\"org/fat5-allocine\", trust_remote_code=True)" in card.text
+    assert (
+        'AutoModelForSequenceClassification.from_pretrained("org/fat5-allocine", trust_remote_code=True)' in card.text
+    )
     assert "merged into the weights" in card.text and "| learning rate | 0.0001 |" in card.text
 
 

@@ -164,14 +164,19 @@ def test_extractive_qa_with_stride_and_unanswerable(base_model, tmp_path):
     test_results = results(out, "test")
     assert {"test_exact_match", "test_f1", "test_HasAns_f1", "test_NoAns_f1"} <= set(test_results)
     records = predictions(out)
-    contexts = [json.loads(line)["context"] for line in (FIXTURES / "french-qa" / "test.jsonl").read_text().splitlines()]
+    contexts = [
+        json.loads(line)["context"] for line in (FIXTURES / "french-qa" / "test.jsonl").read_text().splitlines()
+    ]
     assert all(r["prediction"] in contexts[int(r["id"])] for r in records)  # spans of the context, or ""
 
 
 @pytest.mark.slow
 def test_generative_qa(base_model, tmp_path):
     out = tmp_path / "gqa"
-    args = finetune_args(base_model, out, "french-qa", "--task_type", "text2text", "--max_target_length", "16")
+    args = finetune_args(
+        base_model, out, "french-qa", "--task_type", "text2text", "--max_target_length", "16",
+        "--generation_max_length", "16",
+    )  # fmt: skip
     assert finetune.main(args) == 0
     assert_loss_falls(out)
     assert {"eval_exact_match", "eval_f1"} <= set(results(out, "eval"))
@@ -337,6 +342,13 @@ def test_non_empty_output_dir_is_refused_and_kept(capsys, base_model, tmp_path):
     run_and_fail(capsys, finetune_args(base_model, out, "allocine"), f"--output_dir {out} is not empty",
                  "--overwrite_output_dir")  # fmt: skip
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "earlier results"
+
+
+def test_output_dir_holding_an_input_is_refused(capsys, base_model, tmp_path):
+    before = sorted(p.name for p in base_model.iterdir())
+    argv = finetune_args(base_model, base_model, "allocine", "--overwrite_output_dir")
+    run_and_fail(capsys, argv, "holds an input of this run")
+    assert sorted(p.name for p in base_model.iterdir()) == before
 
 
 def test_bad_arguments_exit_2(capsys, tmp_path):

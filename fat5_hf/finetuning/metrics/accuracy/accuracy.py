@@ -19,7 +19,8 @@ Example:
     {'accuracy': 0.6666666666666666, 'macro_f1': 0.6666666666666666}
 """
 
-_CITATION = """@article{scikit-learn, title={Scikit-learn: Machine Learning in {P}ython}, author={Pedregosa, F. and others},
+_CITATION = """@article{scikit-learn, title={Scikit-learn: Machine Learning in {P}ython},
+author={Pedregosa, F. and others},
 journal={Journal of Machine Learning Research}, volume={12}, pages={2825--2830}, year={2011}}"""
 
 
@@ -30,7 +31,9 @@ class Accuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
             reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"],
         )
 

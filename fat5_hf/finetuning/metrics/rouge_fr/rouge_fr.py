@@ -2,8 +2,8 @@
 
 rouge-score's default tokenizer lower-cases, then replaces every character outside ``[a-z0-9]`` with a space: French
 accented words are cut into pieces ("été" gives "t", "très" gives "tr" and "s", "événement" gives "v" and "nement"), so
-ROUGE on French compares mangled text and counts spurious one-letter matches. This module gives rouge-score a tokenizer that lower-cases and keeps the Unicode
-letters and digits (``\\w+`` runs), without stemming (rouge-score's Porter stemmer is English).
+ROUGE on French compares mangled text and counts spurious one-letter matches. This module gives rouge-score a
+tokenizer that lower-cases and keeps the Unicode letters and digits (``\\w+`` runs), without stemming (rouge-score's Porter stemmer is English).
 """
 
 import re

@@ -1,4 +1,5 @@
-"""Entity-level precision, recall and F1 of tag sequences, computed with seqeval (offline twin of the Hub's ``seqeval``).
+"""Entity-level precision, recall and F1 of tag sequences, computed with seqeval (offline twin of the Hub's
+``seqeval``).
 
 Tags are ``B-X`` / ``I-X`` (IOB2, CoNLL) or bare entity types (``PER``, ``LOC``: the IO scheme of datasets such as
 frenchNER_4entities). seqeval reads the first letter of a tag as its B/I prefix, so a bare ``PER`` would become an
