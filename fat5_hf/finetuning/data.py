@@ -324,22 +324,20 @@ def preprocess(spec: TaskSpec, raw, tokenizer, data_args: DataTrainingArguments,
         with training_args.main_process_first(desc=desc):
             if spec.task_type == "sequence-classification":
                 fn = _classification_fn(spec, tokenizer, max_length, label_to_id, has_labels)
-                remove = dataset.column_names
             elif spec.task_type == "token-classification":
                 fn = _token_classification_fn(spec, tokenizer, max_length, label_to_id, has_labels,
                                               data_args.label_all_tokens)  # fmt: skip
-                remove = dataset.column_names
             elif spec.task_type == "question-answering":
-                with_ids = _with_example_ids(spec, dataset)
-                examples[role] = with_ids
-                dataset = with_ids
+                dataset = examples[role] = _with_example_ids(spec, dataset)
                 fn = _qa_fn(spec, tokenizer, max_length, data_args.doc_stride, training=role == "train")
-                remove = dataset.column_names
             else:
                 fn = _text2text_fn(spec, tokenizer, max_length, data_args.max_target_length, label_names, has_labels)
-                remove = dataset.column_names
             features[role] = dataset.map(
-                fn, batched=True, remove_columns=remove, num_proc=data_args.preprocessing_num_workers, desc=desc
+                fn,
+                batched=True,
+                remove_columns=dataset.column_names,
+                num_proc=data_args.preprocessing_num_workers,
+                desc=desc,
             )
     return features, examples
 

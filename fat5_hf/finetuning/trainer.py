@@ -189,7 +189,10 @@ def load_model(model_args: ModelArguments, spec: TaskSpec, label_names: list[str
         ids = dict(vocab_size=math.ceil(len(tokenizer) / 128) * 128, pad_token_id=tokenizer.pad_token_id,
                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)  # fmt: skip
         config = FAT5Config(**{**ids, **overrides})
-        logger.warning("No --model_name_or_path: finetuning a randomly initialized FAT5 (%s)", config.to_diff_dict())
+        logger.warning(
+            "No --model_name_or_path: finetuning a randomly initialized FAT5 (d_model %d, %d + %d layers, vocabulary %d)",
+            config.d_model, config.num_layers, config.num_decoder_layers, config.vocab_size,
+        )  # fmt: skip
         return auto_class.from_config(config)
     config = transformers.AutoConfig.from_pretrained(
         path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
@@ -478,13 +481,13 @@ def train_and_evaluate(
                 for record in evaluator.records(output.predictions, output.label_ids):
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     if training_args.do_train:
-        save_model(trainer, model, tokenizer, output_dir, lora_args)
+        save_model(trainer, tokenizer, output_dir, lora_args)
         if trainer.is_world_process_zero():
             write_card(output_dir, trainer, spec, model_args, data_args, lora_args, summary)
     return summary
 
 
-def save_model(trainer, model, tokenizer, output_dir: Path, lora_args: LoraArguments) -> None:
+def save_model(trainer, tokenizer, output_dir: Path, lora_args: LoraArguments) -> None:
     """Full finetuning: the model with its custom code. LoRA: the adapters (and trained heads); with
     ``--merge_lora`` the merged model in ``output_dir`` and the adapters in ``output_dir/lora_adapter``."""
     if lora_args.lora and lora_args.merge_lora:
@@ -516,7 +519,7 @@ def write_card(output_dir: Path, trainer, spec: TaskSpec, model_args, data_args,
                     dataset_split=spec.splits.get(split, split),
                     metric_type=spec.main_metric,
                     metric_value=value,
-                )  # fmt: skip
+                )
             )
     args = trainer.args
     training = {
