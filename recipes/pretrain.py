@@ -81,6 +81,8 @@ from fat5_hf.output_dir import (  # noqa: E402
     verify_file_manifest,
 )
 
+from fat5_hf.model_card import write_pretraining_model_card  # noqa: E402
+
 logger = logging.getLogger("fat5_hf.recipes.pretrain")
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -734,77 +736,6 @@ def save_checkpoint(accelerator, config: PretrainConfig, state: TrainState, outp
     return final
 
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "fat5_pretrained.md"
-
-
-def write_model_card(
-    model, tokenizer, config: PretrainConfig, output_dir: Path, steps: int, tokens_seen: int, eval_loss, num_processes
-) -> None:
-    """``README.md`` of the exported model: Hub metadata and what the run did (``model_cards/fat5_pretrained.md``)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    data, model_config = config.data, model.config
-    if data.dataset_name:
-        data_text = f"`{data.dataset_name}`" + (f" ({data.dataset_config})" if data.dataset_config else "")
-        datasets = [data.dataset_name]
-    else:
-        data_text = "local files: " + ", ".join(f"`{Path(f).name}`" for f in data.train_files)
-        datasets = None
-    denoisers = data.denoisers
-    objective = (
-        {
-            "ul2": "UL2 mixture of denoisers (R: span corruption, X: extreme corruption, S: sequential prefix-LM)",
-            "t5": "T5 span corruption",
-        }.get(denoisers, f"custom denoisers {denoisers}")
-        if isinstance(denoisers, str)
-        else f"denoisers {denoisers}"
-    )
-    model_id = config.training.hub_model_id or output_dir.name
-    card_data = ModelCardData(
-        language="fr",
-        license=config.training.hub_license,
-        library_name="transformers",
-        pipeline_tag="text2text-generation",
-        tags=["fat5", "t5", "ul2", "text2text-generation", "custom_code"],
-        datasets=datasets,
-        model_name=model_id,
-    )
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(MODEL_CARD_TEMPLATE),
-        model_id=model_id,
-        parameters=f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M",
-        num_layers=model_config.num_layers,
-        num_decoder_layers=model_config.num_decoder_layers,
-        d_model=model_config.d_model,
-        d_ff=model_config.d_ff,
-        num_heads=model_config.num_heads,
-        d_kv=model_config.d_kv,
-        feed_forward_proj=model_config.feed_forward_proj,
-        position_encoding_type=model_config.position_encoding_type,
-        num_buckets=model_config.relative_attention_num_buckets,
-        max_distance=model_config.relative_attention_max_distance,
-        vocab_size=model_config.vocab_size,
-        tokenizer_size=len(tokenizer),
-        objective=objective,
-        max_input_length=data.max_input_length,
-        max_target_length=data.max_target_length or data.max_input_length,
-        data=data_text,
-        steps=steps,
-        tokens_seen=f"{tokens_seen:,}",
-        batch_size=config.training.per_device_batch_size,
-        gradient_accumulation_steps=config.training.gradient_accumulation_steps,
-        num_processes=num_processes,
-        mixed_precision=config.training.mixed_precision or "fp32",
-        optimizer=config.optim.name,
-        lr=config.optim.lr,
-        scheduler=config.optim.scheduler,
-        warmup_steps=config.optim.warmup_steps,
-        eval_loss=f"{eval_loss:.4f}" if eval_loss is not None else "not evaluated",
-    )
-    card.save(output_dir / "README.md")
-
-
 def export_model(
     accelerator, model, tokenizer, config: PretrainConfig, output_dir: Path, state, eval_loss: float | None
 ) -> None:
@@ -825,7 +756,7 @@ def export_model(
             # The length the model was trained on: the tokenizer then warns about (and truncation cuts) longer inputs.
             tokenizer.model_max_length = config.data.max_input_length
             tokenizer.save_pretrained(folder)
-            write_model_card(
+            write_pretraining_model_card(
                 unwrapped, tokenizer, config, folder, state.step, state.tokens_seen, eval_loss,
                 accelerator.num_processes,
             )  # fmt: skip

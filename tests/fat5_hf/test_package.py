@@ -57,6 +57,7 @@ def test_wheel_ships_fat5_hf_and_fat5_kernels_only(installed_wheel):
     # `kernels` is Hugging Face's kernels library, which transformers probes for: fat5-hf must not provide it
     assert top_level == {"fat5_hf", "fat5_kernels"}
     assert "fat5_kernels/attention.py" in names and "fat5_hf/modeling_fat5.py" in names
+    assert "fat5_hf/finetuning/trainer.py" in names and "fat5_hf/finetuning/metrics/rouge_fr/rouge_fr.py" in names
     (metadata_name,) = [name for name in names if name.endswith(".dist-info/METADATA")]
     requires = [line for line in zipfile.ZipFile(wheel).read(metadata_name).decode().splitlines()
                 if line.startswith("Requires-Dist:")]
