@@ -66,6 +66,7 @@ from pretrain_data import (  # noqa: E402
     tokenize_documents,
 )
 
+from fat5_hf.model_card import write_pretraining_model_card  # noqa: E402
 from fat5_hf.output_dir import (  # noqa: E402
     LOCK_FILE,
     OutputDirInUseError,
@@ -80,8 +81,6 @@ from fat5_hf.output_dir import (  # noqa: E402
     stop_with_launcher,
     verify_file_manifest,
 )
-
-from fat5_hf.model_card import write_pretraining_model_card  # noqa: E402
 
 logger = logging.getLogger("fat5_hf.recipes.pretrain")
 
