@@ -20,13 +20,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..output_dir import (
+    OutputDirInUseError,
+    OutputDirLock,
+    OutputDirNotEmptyError,
+    hold_output_dir,
+    stop_with_launcher,
+)
 from .arguments import (
     DataTrainingArguments,
     FinetuneConfigError,
@@ -100,29 +106,33 @@ def apply_task_defaults(spec: TaskSpec, data_args: DataTrainingArguments, traini
         training_args.generation_max_length = data_args.max_target_length
 
 
-def prepare_output_dir(training_args, overwrite_output_dir: bool) -> Path:
+def prepare_output_dir(training_args, overwrite_output_dir: bool) -> OutputDirLock:
     """The one place where the output folder is checked and made ready, after every input check has passed.
 
-    A non-empty folder is refused unless ``overwrite_output_dir`` (then its contents are removed) or
-    ``resume_from_checkpoint`` (a run continues there).
+    Takes the folder's run lock (`fat5_hf.output_dir.hold_output_dir`), to be held for the whole run: another live
+    run on the folder is refused, whatever the flags. A non-empty folder is refused unless ``overwrite_output_dir``
+    (then its contents are removed) or ``resume_from_checkpoint`` (a run continues there).
+
+    Returns:
+        The held lock (``.output_dir`` is the folder); release it, or use it as a context manager, when the run ends.
 
     Raises:
-        FinetuneConfigError: the folder is not empty, or is a file.
+        FinetuneConfigError: the folder is a file, is held by another run, or is not empty without either flag.
     """
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FinetuneConfigError(f"--output_dir {output_dir} is a file; choose a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not training_args.resume_from_checkpoint:
-        if not overwrite_output_dir:
-            raise FinetuneConfigError(
-                f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to replace its contents, or "
-                "choose another folder"
-            )
-        if training_args.process_index == 0:
-            for child in output_dir.iterdir():
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
+    try:
+        return hold_output_dir(
+            output_dir,
+            overwrite_output_dir=overwrite_output_dir,
+            resume=bool(training_args.resume_from_checkpoint),
+            is_main_process=training_args.process_index == 0,
+            overwrite_hint="--overwrite_output_dir",
+            resume_hint="--resume_from_checkpoint",
+        )
+    except (OutputDirInUseError, OutputDirNotEmptyError) as err:
+        raise FinetuneConfigError(f"--output_dir {err}") from err
 
 
 def check_output_dir_is_not_an_input(output_dir, inputs: list[str | None]) -> None:
@@ -435,8 +445,30 @@ def train_and_evaluate(
         [model_args.model_name_or_path, model_args.tokenizer_name, data_args.dataset_path, data_args.train_file,
          data_args.validation_file, data_args.test_file],
     )  # fmt: skip
-    output_dir = prepare_output_dir(training_args, data_args.overwrite_output_dir)
+    with prepare_output_dir(training_args, data_args.overwrite_output_dir) as output_lock:
+        return _train_evaluate_predict(
+            spec, raw, tokenizer, model, label_names, trainable, total, output_lock.output_dir,
+            model_args, data_args, lora_args, training_args,
+        )  # fmt: skip
 
+
+def _launcher_watch_callback(watch):
+    """A ``TrainerCallback`` that checks between steps that the launcher is alive (where the parent-death signal
+    was missed); transformers is imported lazily, as in `_trainer_class`."""
+    from transformers import TrainerCallback
+
+    class LauncherWatchCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            watch.check()
+
+    return LauncherWatchCallback()
+
+
+def _train_evaluate_predict(
+    spec: TaskSpec, raw, tokenizer, model, label_names, trainable: int, total: int, output_dir: Path,
+    model_args, data_args, lora_args, training_args,
+) -> dict[str, Any]:
+    """`train_and_evaluate`'s phases, run while the output folder's lock is held."""
     features, examples = preprocess(spec, raw, tokenizer, data_args, label_names, training_args)
     evaluators = {
         role: TaskEvaluator(spec, tokenizer, label_names, data_args, examples[role], features[role])
@@ -452,6 +484,9 @@ def train_and_evaluate(
         data_collator=_collator(spec, tokenizer, model, training_args),
         compute_metrics=evaluators.get("validation"),
     )
+    launcher = stop_with_launcher()  # killing torchrun / accelerate launch ends this worker
+    if launcher is not None:
+        trainer.add_callback(_launcher_watch_callback(launcher))
     summary: dict[str, Any] = {"task": spec.name, "task_type": spec.task_type, "output_dir": str(output_dir),
                                "trainable_parameters": trainable, "total_parameters": total}  # fmt: skip
     if training_args.do_train:
