@@ -238,8 +238,8 @@ def get_task(name: str) -> TaskSpec:
 def registry_table() -> str:
     """The registry as a Markdown table (README, ``finetune.py --list_tasks``)."""
     lines = [
-        "| task | type | dataset (config) | columns | labels | metric |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| task | type | dataset (config) | columns | labels | metric | defaults |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for spec in TASKS.values():
         dataset = f"`{spec.dataset_name}`" + (f" ({spec.dataset_config})" if spec.dataset_config else "")
@@ -248,8 +248,9 @@ def registry_table() -> str:
         else:
             columns = [*spec.text_column_names, spec.label_column_name or spec.target_column]
         labels = ", ".join(spec.label_names) if spec.label_names else "-"
+        defaults = ", ".join(f"{key}={value}" for key, value in spec.hyperparameters.items()) or "-"
         lines.append(
             f"| `{spec.name}` | {spec.task_type} | {dataset} | {', '.join(f'`{c}`' for c in columns)} | {labels} | "
-            f"{spec.metric} ({spec.main_metric}) |"
+            f"{spec.metric} ({spec.main_metric}) | {defaults} |"
         )
     return "\n".join(lines)
