@@ -83,9 +83,9 @@ LOADER = textwrap.dedent(
 )
 
 
-def save_tiny_model(folder):
+def save_tiny_model(folder, config: FAT5Config | None = None):
     torch.manual_seed(0)
-    model = FAT5ForConditionalGeneration(FAT5Config(**TINY)).eval()
+    model = FAT5ForConditionalGeneration(config or FAT5Config(**TINY)).eval()
     model.save_pretrained(folder)
     input_ids = torch.randint(2, TINY["vocab_size"], (2, 9))
     decoder_input_ids = torch.randint(2, TINY["vocab_size"], (2, 4))
