@@ -204,4 +204,4 @@ def test_modeling_files_import_only_same_folder_modules():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 assert node.module.split(".")[0] in {"torch", "transformers", "huggingface_hub", "__future__",
                                                      "collections", "dataclasses", "fat5_kernels", "math",
-                                                     "contextlib", "threading", "copy"}, (name, node.module)
+                                                     "contextlib", "threading", "copy", "typing"}, (name, node.module)
