@@ -1015,6 +1015,11 @@ class FAT5Stack(FAT5PreTrainedModel):
         encoder_segment_ids = kwargs.pop("encoder_segment_ids", None)
         kwargs.pop("decoder_segment_ids", None)
         if segment_ids is not None:
+            if self.config.position_encoding_type == "fire":
+                raise ValueError(
+                    f"{own_name}: FIRE's bias depends on each query's position in its document, which packed rows "
+                    "do not give it; pass one document per row (no segment ids) with position_encoding_type='fire'."
+                )
             segment_ids = self._checked_segment_ids(segment_ids, inputs_embeds, attention_mask, own_name)
             if self.is_decoder and encoder_hidden_states is not None:
                 if encoder_segment_ids is None:

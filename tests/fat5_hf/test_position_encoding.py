@@ -204,3 +204,26 @@ def test_each_encoding_saves_loads_with_remote_code_and_generates(tmp_path, enco
 
     save_tiny_model(tmp_path / "model", FAT5Config(**TINY, position_encoding_type=encoding))
     run_loader(tmp_path / "model", "fat5_hf,fat5_kernels,triton", tmp_path)
+
+
+@pytest.mark.parametrize("encoding", ["alibi", "rope", "none"])
+def test_packed_documents_get_their_own_logits(tiny_fat5_config, encoding):
+    # ALiBi's and RoPE's scores depend on distances only: a document packed after another reads as if alone
+    from test_packed_documents import _documents, _packed_batch
+
+    model = _model(tiny_fat5_config, encoding, use_triton_attention=False)
+    documents = _documents(model.config.vocab_size)
+    with torch.no_grad():
+        packed = model(**_packed_batch(documents)).logits
+        inputs, targets = documents[0][1]  # the second document of row 0, packed after 5 input and 4 target tokens
+        alone = model(input_ids=inputs[None], labels=targets[None]).logits[0]
+    scale = alone.abs().max().item()
+    torch.testing.assert_close(packed[0, 4 : 4 + len(targets)], alone, atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_fire_refuses_packed_documents(tiny_fat5_config):
+    from test_packed_documents import _documents, _packed_batch
+
+    model = _model(tiny_fat5_config, "fire")
+    with pytest.raises(ValueError, match="encoder_segment_ids: FIRE's bias depends on each query's position"):
+        model(**_packed_batch(_documents(model.config.vocab_size)))
