@@ -24,8 +24,7 @@ if _installed < tuple(int(part) for part in MIN_TRANSFORMERS_VERSION.split("."))
 
 from transformers import PreTrainedConfig  # noqa: E402  (after the version check: older releases lack it)
 
-# The position encodings of the self-attention (`position_encoding.build_position_encoding` builds them). Spelled out
-# here rather than imported: this file is loaded on its own by transformers' remote-code checks.
+# The position encodings of the self-attention (`position_encoding.build_position_encoding` builds them).
 POSITION_ENCODINGS = ("t5", "alibi", "rope", "fire", "none")
 RESIDUAL_DTYPES = (None, "float32", "bfloat16", "float16")
 

@@ -359,13 +359,16 @@ class FAT5Attention(nn.Module):
         """The position-encoding module this layer owns (first self-attention layer of a stack), else None."""
         return getattr(self, "relative_attention_bias", None) or getattr(self, "rotary_emb", None)
 
-    def _kernel_position_encoding(self) -> torch.Tensor | ALiBiSlopes | RotaryAngles | None:
-        """What the kernel path shares across the stack: T5's table, ALiBi's slopes or RoPE's angles."""
-        encoding = self.position_encoding
+    def _kernel_position_encoding(self, length: int) -> torch.Tensor | ALiBiSlopes | RotaryAngles | None:
+        """What the kernel path shares across the stack for sequences of `length`: T5's table, ALiBi's slopes or
+        RoPE's angles (None without an encoding)."""
+        encoding, device = self.position_encoding, self.q.weight.device
         if isinstance(encoding, T5RelativePositionBias):
             return encoding.kernel_table()
         if isinstance(encoding, ALiBiPositionBias):
-            return ALiBiSlopes(encoding.kernel_slopes(self.q.weight.device))
+            return ALiBiSlopes(encoding.kernel_slopes(device))
+        if isinstance(encoding, RotaryPositionEmbedding):
+            return RotaryAngles(*encoding.cos_sin(length, device=device))
         return None
 
     def compute_bias(
@@ -405,12 +408,12 @@ class FAT5Attention(nn.Module):
         if isinstance(mask, FlashAttentionMask):
             # Kernel path (no cache by construction): the bias is computed in-kernel from the shared table or slopes.
             if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
-                position_bias = self._kernel_position_encoding()
+                position_bias = self._kernel_position_encoding(input_shape[1])
             bias_table, slopes = _kernel_bias(None if is_cross_attention else position_bias)
+            rotary = position_bias if not is_cross_attention and isinstance(position_bias, RotaryAngles) else None
             if (
                 not is_cross_attention
-                and not isinstance(self.position_encoding, RotaryPositionEmbedding)
-                and not isinstance(position_bias, RotaryAngles)
+                and rotary is None  # RoPE rotates q and k apart from v: separate projections
                 and kernel_ops.can_use_qkv_packed_attention(mask)
                 and _fusable_projections(self.q, self.k, self.v)
             ):
@@ -430,11 +433,9 @@ class FAT5Attention(nn.Module):
             kv_shape = (*current_states.shape[:-1], -1, self.key_value_proj_dim)
             key_states = self.k(current_states).view(kv_shape)
             value_states = self.v(current_states).view(kv_shape).transpose(1, 2)
-            if not is_cross_attention and isinstance(self.position_encoding, RotaryPositionEmbedding):
-                position_bias = RotaryAngles(*self.rotary_emb.cos_sin(input_shape[1], device=query_states.device))
-            if not is_cross_attention and isinstance(position_bias, RotaryAngles):
+            if rotary is not None:  # one pre-pass over q and k, (B, L, H, D) as projected
                 query_states, key_states = kernel_ops.rotary_embedding(
-                    query_states, key_states, position_bias.cos, position_bias.sin, self.config.use_triton_attention
+                    query_states, key_states, rotary.cos, rotary.sin, self.config.use_triton_attention
                 )
             attn_output = kernel_ops.flash_attention(
                 query_states.transpose(1, 2),
@@ -462,7 +463,7 @@ class FAT5Attention(nn.Module):
         else:
             curr_cache = cache
 
-        if not is_cross_attention and isinstance(self.position_encoding, RotaryPositionEmbedding):
+        if position_bias is None and isinstance(self.position_encoding, RotaryPositionEmbedding):
             # the new tokens sit after the cached ones; cached keys were rotated when they were new
             position_bias = RotaryAngles(
                 *self.rotary_emb.cos_sin(input_shape[1], past_seen_tokens, device=query_states.device)

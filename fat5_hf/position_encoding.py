@@ -20,6 +20,8 @@ from torch import nn
 from fat5_kernels.attention_reference import t5_relative_position_bucket
 from fat5_kernels.rope_reference import rotate_half_reference
 
+from .configuration_fat5 import POSITION_ENCODINGS
+
 # One bucket function for the model and the kernels' reference (bit-identical to transformers' T5); the import is
 # flattened to a same-folder one in Hub exports.
 relative_position_bucket = t5_relative_position_bucket
@@ -298,9 +300,6 @@ class FIREPositionBias(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Choosing one
 # ----------------------------------------------------------------------------------------------------------------
-POSITION_ENCODINGS = ("t5", "alibi", "rope", "fire", "none")
-
-
 def build_position_encoding(config, bidirectional: bool) -> nn.Module | None:
     """The position-encoding module that the first self-attention layer of a stack owns (shared by the stack).
 

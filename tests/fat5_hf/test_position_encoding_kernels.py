@@ -71,3 +71,44 @@ def test_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, 
     for name, grad in grads.items():
         scale = expected_grads[name].abs().max().item()
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-4 * scale, rtol=1e-3, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("encoding", ["t5", "alibi", "rope", "fire", "none"])
+def test_bf16_kernel_path_is_as_accurate_as_bf16_pytorch(encoding):
+    """Under bf16 autocast at a real length, the kernel path's loss and gradients are within twice the error of the
+    PyTorch path's (both against the fp32 PyTorch path)."""
+    from fat5_hf import FAT5Config
+
+    config = FAT5Config(
+        vocab_size=512, d_model=256, d_kv=64, num_heads=4, d_ff=512, num_layers=2, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, dropout_rate=0.0, position_encoding_type=encoding, fire_threshold=256.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    models = {}
+    for use_kernels in (False, True):
+        torch.manual_seed(0)
+        models[use_kernels] = FAT5ForConditionalGeneration(
+            FAT5Config(**{**config.to_dict(), "use_triton_attention": use_kernels})
+        ).cuda().train()  # fmt: skip
+    models[True].load_state_dict(models[False].state_dict())
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(2, 512, (4, 1024), generator=gen).cuda()
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 700:] = 0
+    labels = torch.randint(2, 512, (4, 256), generator=gen).cuda()
+
+    def loss_and_grads(model, autocast):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        return loss.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+    loss32, grads32 = loss_and_grads(models[False], autocast=False)
+    loss_ref, grads_ref = loss_and_grads(models[False], autocast=True)
+    loss_kernel, grads_kernel = loss_and_grads(models[True], autocast=True)
+    assert (loss_kernel - loss32).abs() <= 2 * (loss_ref - loss32).abs() + 1e-3
+    reference_error = (grads_ref - grads32).norm() / grads32.norm()
+    kernel_error = (grads_kernel - grads32).norm() / grads32.norm()
+    assert kernel_error <= 2 * reference_error + 1e-3, (kernel_error, reference_error)
