@@ -33,15 +33,15 @@ def test_merge_keeps_unmeasured_points_and_replaces_measured_ones(tmp_path):
     assert [tuple(run) for run in meta["runs"]] == [("run1", "GPU"), ("run2", "GPU")]
     assert json.load(open(path))["rows"] == rows
     markdown = bench.render_markdown(meta, rows)
-    assert "| 64 | 0 | 1024 | 0.50 MISSED | 0.50 MISSED | 1.00 met |" in markdown
-    assert "| 128 | 0 | 1024 | 0.90 met | 0.90 met | 1.00 met |" in markdown
+    assert "| fat5 | 64 | 0 | 1024 | 0.50 MISSED | 0.50 MISSED | 1.00 met |" in markdown
+    assert "| fat5 | 128 | 0 | 1024 | 0.90 met | 0.90 met | 1.00 met |" in markdown
 
 
 def test_targets_never_compare_rows_of_different_runs():
     rows = [_row("fat5", 64, "run2", 100, 100), _row("nobias", 64, "run1", 100, 100)]
     meta = dict(_meta("run2"), runs=[("run1", "GPU"), ("run2", "GPU")])
     markdown = bench.render_markdown(meta, rows)
-    assert "| 64 | 0 | 1024 |" not in markdown
+    assert "| fat5 | 64 | 0 | 1024 |" not in markdown
     assert "run1 (GPU); run2 (GPU)" in markdown
 
 
@@ -67,4 +67,12 @@ def test_targets_table_shows_eager_and_graph_ratios():
     nobias = dict(_row("nobias", 64, "run1", 100, 200), fwd_tflops_graph=100, fwdbwd_tflops_graph=200)
     markdown = bench.render_markdown(dict(_meta("run1"), runs=[("run1", "GPU")]), [fat5, nobias])
     assert "| fwd ratio, graphs | fwd+bwd ratio, graphs | memory ratio (<= 1.1) |" in markdown
-    assert "| 64 | 0 | 1024 | 0.50 MISSED | 0.20 MISSED | 0.90 met | 0.85 met | 1.00 met |" in markdown
+    assert "| fat5 | 64 | 0 | 1024 | 0.50 MISSED | 0.20 MISSED | 0.90 met | 0.85 met | 1.00 met |" in markdown
+
+
+def test_targets_table_has_a_row_per_position_encoding_kernel():
+    rows = [_row("fat5", 64, "run1", 90, 90), _row("fat5_alibi", 64, "run1", 95, 85),
+            _row("fat5_rope", 64, "run1", 80, 70), _row("nobias", 64, "run1", 100, 100)]  # fmt: skip
+    markdown = bench.render_markdown(dict(_meta("run1"), runs=[("run1", "GPU")]), rows)
+    assert "| fat5_alibi | 64 | 0 | 1024 | 0.95 met | 0.85 met | 1.00 met |" in markdown
+    assert "| fat5_rope | 64 | 0 | 1024 | 0.80 MISSED | 0.70 MISSED | 1.00 met |" in markdown
