@@ -276,7 +276,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impls", default="fat5,nobias,sdpa_bias,eager,flex")
     parser.add_argument("--seqs", default="512,1024,2048,4096,8192,16384")
-    parser.add_argument("--long-seqs", default="32768", help="extra lengths run for fat5 and nobias only")
+    parser.add_argument("--long-seqs", default="32768", help="extra lengths run for the fat5 kernels and nobias only")
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--flex-dims", default="64")
     parser.add_argument("--causal", default="0,1")
@@ -289,7 +289,7 @@ def main():
         "--repeats",
         type=int,
         default=2,
-        help="timed runs of fat5 and nobias per point, alternating; each row reports its best run and keeps all",
+        help="timed runs of the fat5 kernels and nobias per point, alternating; each row reports its best run and keeps all",
     )
     parser.add_argument(
         "--keep-existing",
