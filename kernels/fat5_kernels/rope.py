@@ -86,7 +86,7 @@ def _rope_kernel(
 ):
     """One program per token ``(b, l)``: ``q[b, l]`` and ``k[b, l]`` rotated by angle ``SIN_SIGN * theta_l``
     (``SIN_SIGN = -1``: the backward's inverse rotation). The outputs are contiguous (B, L, H, D)."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # offsets of large batches pass 2**31 elements
     b = token // seq_len
     position = token % seq_len
     half_cols = tl.arange(0, BLOCK_HALF)[None, :]
