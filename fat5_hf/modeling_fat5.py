@@ -357,7 +357,8 @@ class FAT5Attention(nn.Module):
     @property
     def position_encoding(self) -> nn.Module | None:
         """The position-encoding module this layer owns (first self-attention layer of a stack), else None."""
-        return getattr(self, "relative_attention_bias", None) or getattr(self, "rotary_emb", None)
+        encoding = getattr(self, "relative_attention_bias", None)
+        return encoding if encoding is not None else getattr(self, "rotary_emb", None)
 
     def _kernel_position_encoding(self, length: int) -> torch.Tensor | ALiBiSlopes | RotaryAngles | None:
         """What the kernel path shares across the stack for sequences of `length`: T5's table, ALiBi's slopes or
