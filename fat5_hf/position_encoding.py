@@ -246,7 +246,7 @@ class FIREPositionBias(nn.Module):
     interpolation": queries past `L` see their distances shrink into the range seen in training). In the encoder
     (bidirectional) the MLP input carries the sign of `j - i`, so keys before and after a query differ; in the
     decoder only `j <= i` is read, which is the paper's causal form. `c` and `L` enter through their absolute
-    values, which keeps `psi` defined whatever the optimizer does to them.
+    values, and `max(L, i)` through at least 1, which keeps the ratio defined whatever the optimizer does to them.
 
     Parameters (state-dict keys under `...SelfAttention.relative_attention_bias.`): `mlp.0.weight` `(width, 1)`,
     `mlp.0.bias` `(width,)`, `mlp.2.weight` `(num_heads, width)`, `mlp.2.bias` `(num_heads,)`, `distance_scale`
@@ -273,7 +273,9 @@ class FIREPositionBias(nn.Module):
         c = self.distance_scale.float().abs()
         distance = (key_position - query_position).float()
         magnitude = torch.log1p(c * distance.abs())
-        normalizer = torch.log1p(c * torch.maximum(query_position.float(), self.threshold.float().abs()))
+        # at least one position: a threshold trained to 0 must not divide the first query's distances by 0
+        reach = torch.maximum(query_position.float(), self.threshold.float().abs()).clamp_min(1.0)
+        normalizer = torch.log1p(c * reach)
         normalized = magnitude / normalizer
         return torch.where(distance < 0, -normalized, normalized) if self.bidirectional else normalized
 
