@@ -12,10 +12,9 @@ import torch
 
 pytest.importorskip("triton")
 
+from fat5_hf.position_encoding import RotaryPositionEmbedding  # noqa: E402
 from fat5_kernels.rope import rope  # noqa: E402
 from fat5_kernels.rope_reference import rope_reference  # noqa: E402
-
-from fat5_hf.position_encoding import RotaryPositionEmbedding  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCES = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
