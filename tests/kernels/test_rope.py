@@ -74,3 +74,12 @@ def test_rope_kernel_bad_inputs_are_named():
 def test_rope_kernel_matches_reference_on_gpu(dtype):
     _check(*_case(4, 1024, 12, 64, 1.0, dtype, layout="projection"))
     _check(*_case(2, 512, 16, 128, 0.25, dtype))
+
+
+@pytest.mark.interpreter
+def test_rope_custom_op_registration():
+    # the fake (torch.compile's tracing), the schema and the autograd formula of the op that torch.compile sees
+    from fat5_kernels.rope import _rope_op
+
+    q, k, cos, sin = _case(1, 3, 2, 8, 0.5, torch.float32)
+    torch.library.opcheck(_rope_op, (q.requires_grad_(), k.requires_grad_(), cos, sin, False))
