@@ -284,7 +284,8 @@ def eager_attention_forward(
         attn_weights = attn_weights + position_bias
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    # a float32 bias (ALiBi's, FIRE's) over half-precision scores promotes them: back to the values' dtype
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1).to(value.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value)
     attn_output = attn_output.transpose(1, 2).contiguous()

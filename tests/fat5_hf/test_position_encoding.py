@@ -227,3 +227,16 @@ def test_fire_refuses_packed_documents(tiny_fat5_config):
     model = _model(tiny_fat5_config, "fire")
     with pytest.raises(ValueError, match="encoder_segment_ids: FIRE's bias depends on each query's position"):
         model(**_packed_batch(_documents(model.config.vocab_size)))
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_bfloat16_model_runs_each_encoding(tiny_fat5_config, attn_implementation, encoding):
+    # ALiBi's and FIRE's float32 biases over bf16 scores must not leave float32 weights facing bf16 values
+    config = tiny_fat5_config(position_encoding_type=encoding, attn_implementation=attn_implementation)
+    model = FAT5ForConditionalGeneration(config).to(torch.bfloat16).eval()
+    input_ids = torch.randint(2, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = model(input_ids=input_ids, decoder_input_ids=input_ids, output_attentions=attn_implementation == "eager")
+    assert outputs.logits.dtype == torch.bfloat16 and torch.isfinite(outputs.logits).all()
+    assert model.generate(input_ids, max_new_tokens=3, do_sample=False).shape == (2, 4)
