@@ -927,7 +927,7 @@ class FAT5Stack(FAT5PreTrainedModel):
 
     def _use_flash_attention(self, inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs) -> bool:
         if self.config.position_encoding_type == "fire":
-            return False  # FIRE's bias is not evaluated in the kernel yet: the PyTorch path serves it
+            return False  # the attention kernel does not evaluate FIRE's MLP (yet): the PyTorch path serves it
         output_attentions = kwargs.get("output_attentions")
         if output_attentions is None:
             output_attentions = self.config.output_attentions

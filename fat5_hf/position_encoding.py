@@ -248,6 +248,10 @@ class FIREPositionBias(nn.Module):
     decoder only `j <= i` is read, which is the paper's causal form. `c` and `L` enter through their absolute
     values, and `max(L, i)` through at least 1, which keeps the ratio defined whatever the optimizer does to them.
 
+    The bias is evaluated through the MLP's exact piecewise-linear form (`piecewise_linear_table`: `width`
+    breakpoints, a slope and an intercept per head and segment), so it costs the memory of the `(1, H, M, N)`
+    bias the PyTorch attention adds, never an `(M, N, width)` activation; `mlp_bias` is the plain evaluation.
+
     Parameters (state-dict keys under `...SelfAttention.relative_attention_bias.`): `mlp.0.weight` `(width, 1)`,
     `mlp.0.bias` `(width,)`, `mlp.2.weight` `(num_heads, width)`, `mlp.2.bias` `(num_heads,)`, `distance_scale`
     `()` (`c`), `threshold` `()` (`L`).
@@ -279,6 +283,32 @@ class FIREPositionBias(nn.Module):
         normalized = magnitude / normalizer
         return torch.where(distance < 0, -normalized, normalized) if self.bidirectional else normalized
 
+    def piecewise_linear_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """FIRE's MLP as the exact piecewise-linear function it is: `(breakpoints, slopes, intercepts)`.
+
+        A ReLU MLP of one input is linear between the `width` points where a hidden unit switches on or off:
+        `f_h(x) = slopes[h, k] * x + intercepts[h, k]` for `x` in segment `k = (breakpoints[k-1], breakpoints[k]]`
+        (`torch.bucketize(x, breakpoints)`), which holds exactly. Returns float32 `breakpoints` `(width,)`, sorted
+        (`inf` for units whose input weight is 0: they never switch), and `slopes`, `intercepts` `(num_heads,
+        width + 1)`, differentiable in the MLP's parameters (which units are on in a segment is piecewise constant).
+        """
+        w1, b1 = self.mlp[0].weight[:, 0].float(), self.mlp[0].bias.float()
+        w2, b2 = self.mlp[2].weight.float(), self.mlp[2].bias.float()
+        with torch.no_grad():
+            switch = torch.where(w1 != 0, -b1 / torch.where(w1 != 0, w1, 1.0), float("inf"))
+            breakpoints = switch.sort().values
+            inf = torch.full((1,), float("inf"), device=w1.device)
+            low, high = torch.cat((-inf, breakpoints)), torch.cat((breakpoints, inf))
+            # a point inside each segment (empty ones included: any value serves them)
+            inside = torch.where(
+                torch.isfinite(low) & torch.isfinite(high), (low + high) / 2,
+                torch.where(torch.isfinite(high), high - 1, torch.where(torch.isfinite(low), low + 1, 0.0)),
+            )  # fmt: skip
+            active = (w1[:, None] * inside[None, :] + b1[:, None] > 0).float()  # (width, width + 1)
+        slopes = w2 @ (w1[:, None] * active)
+        intercepts = w2 @ (b1[:, None] * active) + b2[:, None]
+        return breakpoints, slopes, intercepts
+
     def forward(
         self,
         query_length: int,
@@ -286,17 +316,37 @@ class FIREPositionBias(nn.Module):
         past_seen_tokens: int | torch.Tensor = 0,
         device: torch.device | None = None,
     ) -> torch.Tensor:
-        """The bias `(1, num_heads, query_length, key_length)` (arguments as `T5RelativePositionBias`).
+        """The bias `(1, num_heads, query_length, key_length)` (arguments as `T5RelativePositionBias`), in the MLP's
+        dtype.
 
-        Evaluated per `(query, key)` pair, so it holds an `(M, N, width)` activation: this is the reference.
+        Evaluated through `piecewise_linear_table`: the MLP's value at every `(query, key)` pair without an
+        `(M, N, width)` activation (memory of a few `(M, N)` tensors, as T5's materialized bias). `mlp_bias` is the
+        plain MLP, the reference.
         """
+        normalized = self._normalized_distances(query_length, key_length, past_seen_tokens, device)  # (M, N)
+        breakpoints, slopes, intercepts = self.piecewise_linear_table()
+        segment = torch.bucketize(normalized.detach(), breakpoints)  # (M, N)
+        bias = slopes[:, segment] * normalized + intercepts[:, segment]  # (H, M, N)
+        return bias.to(self.mlp[0].weight.dtype).unsqueeze(0)
+
+    def mlp_bias(
+        self,
+        query_length: int,
+        key_length: int,
+        past_seen_tokens: int | torch.Tensor = 0,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """`forward` computed plainly: the MLP applied to every `(query, key)` pair (an `(M, N, width)` activation)."""
+        normalized = self._normalized_distances(query_length, key_length, past_seen_tokens, device)
+        values = self.mlp(normalized.to(self.mlp[0].weight.dtype)[..., None])  # (M, N, H)
+        return values.permute(2, 0, 1).unsqueeze(0)
+
+    def _normalized_distances(self, query_length, key_length, past_seen_tokens, device) -> torch.Tensor:
         if device is None:
             device = self.threshold.device
         query_position = torch.arange(query_length, dtype=torch.long, device=device)[:, None] + past_seen_tokens
         key_position = torch.arange(key_length, dtype=torch.long, device=device)[None, :]
-        normalized = self.normalized_distance(query_position, key_position)  # (M, N)
-        values = self.mlp(normalized.to(self.mlp[0].weight.dtype)[..., None])  # (M, N, H)
-        return values.permute(2, 0, 1).unsqueeze(0)
+        return self.normalized_distance(query_position, key_position)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -97,6 +97,30 @@ def test_fire_parameters_all_get_gradients():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_fire_table_equals_the_plain_mlp_values_and_gradients(bidirectional):
+    # the bias is evaluated through the MLP's exact piecewise-linear table (no (M, N, width) activation)
+    torch.manual_seed(0)
+    fire = FIREPositionBias(num_heads=3, width=16, threshold=5.0, bidirectional=bidirectional)
+    with torch.no_grad():
+        for parameter in fire.parameters():
+            parameter.normal_()
+        fire.distance_scale.fill_(0.8)
+        fire.threshold.fill_(5.0)
+        fire.mlp[0].weight[3] = 0.0  # a unit that never switches
+    upstream = torch.randn(1, 3, 9, 12)
+    results = []
+    for evaluate in (fire, fire.mlp_bias):
+        fire.zero_grad()
+        bias = evaluate(9, 12, past_seen_tokens=3)
+        (bias * upstream).sum().backward()
+        results.append((bias.detach(), {name: p.grad.clone() for name, p in fire.named_parameters()}))
+    (table_bias, table_grads), (mlp_bias, mlp_grads) = results
+    torch.testing.assert_close(table_bias, mlp_bias, atol=1e-5, rtol=1e-5)
+    for name, grad in mlp_grads.items():
+        torch.testing.assert_close(table_grads[name], grad, atol=1e-5 * grad.abs().max().item(), rtol=1e-4, msg=name)
+
+
 # ---- the config -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_every_encoding_is_accepted(encoding):
