@@ -59,7 +59,7 @@ LOADER = textwrap.dedent(
     # PyTorch path (what gave the outputs above on CPU) when it is not.
     kernel_ops = sys.modules[type(model).__module__].kernel_ops
     assert kernel_ops.__name__.startswith("transformers_modules"), kernel_ops.__name__
-    kernels = ("rms_norm", "gated_activation", "cross_entropy", "fused_linear_cross_entropy", "attention")
+    kernels = ("rms_norm", "gated_activation", "cross_entropy", "fused_linear_cross_entropy", "attention", "rope")
     if "triton" in blocked:
         assert not any(kernel_ops.kernel_available(name) for name in kernels)
     elif not torch.cuda.is_available():  # kernels under the Triton interpreter (TRITON_INTERPRET=1 from conftest)
