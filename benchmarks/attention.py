@@ -6,6 +6,8 @@ Implementations, measured side by side for every (causal, L, D):
   sdpa_bias  - torch SDPA with the materialized bias as attn_mask
   flex       - torch FlexAttention (compiled), T5 bucket in score_mod
   nobias     - torch SDPA flash without any bias: the ceiling
+  fat5_alibi - the same kernel with ALiBi slopes instead of a table (position_encoding_type="alibi")
+  fat5_rope  - the RoPE pre-pass kernel on q and k, then the kernel without bias (position_encoding_type="rope")
 
 16,384 tokens per batch (B = 16384 / L), H = 12, bf16, T5 buckets (32, max distance 128; the causal rows use
 the decoder's unidirectional buckets), softmax scale 1.0. Forward+backward includes the table gradient
@@ -40,6 +42,7 @@ from results_io import environment, read_results, write_results  # noqa: E402
 
 from fat5_kernels.attention import t5_flash_attention  # noqa: E402
 from fat5_kernels.attention_reference import t5_relative_position_bucket  # noqa: E402
+from fat5_kernels.rope import rope  # noqa: E402
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
 DEVICE = "cuda"
@@ -81,6 +84,25 @@ def impl_fat5(q, k, v, table, causal):
     )  # fmt: skip
 
 
+def impl_fat5_alibi(q, k, v, table, causal):
+    slopes = torch.exp2(-8.0 / q.shape[1] * torch.arange(1, q.shape[1] + 1, device=DEVICE, dtype=torch.float32))
+    return t5_flash_attention(q, k, v, alibi_slopes=slopes, causal=causal)
+
+
+@functools.lru_cache(maxsize=8)
+def _rope_angles(L: int, D: int):
+    angles = torch.arange(L, device=DEVICE, dtype=torch.float32)[:, None] * 10000.0 ** (
+        -torch.arange(D // 2, device=DEVICE, dtype=torch.float32) * 2 / D
+    )
+    return angles.cos(), angles.sin()
+
+
+def impl_fat5_rope(q, k, v, table, causal):
+    # the model's layout: q and k rotated as (B, L, H, D), attended as (B, H, L, D) views
+    q_rot, k_rot = rope(q.transpose(1, 2), k.transpose(1, 2), *_rope_angles(q.shape[2], q.shape[3]))
+    return t5_flash_attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2), v, causal=causal)
+
+
 def _flex_bucket(rel, bidirectional):
     # T5 buckets with ops FlexAttention's score_mod can trace (same maths as t5_relative_position_bucket)
     nb = NUM_BUCKETS
@@ -119,7 +141,13 @@ def impl_flex(q, k, v, table, causal):
     return _flex_cache["fn"](q, k, v, score_mod=score_mod, block_mask=_flex_cache[key], scale=1.0)
 
 
-IMPLS = dict(fat5=impl_fat5, eager=impl_eager, sdpa_bias=impl_sdpa_bias, flex=impl_flex, nobias=impl_nobias)
+IMPLS = dict(
+    fat5=impl_fat5, eager=impl_eager, sdpa_bias=impl_sdpa_bias, flex=impl_flex, nobias=impl_nobias,
+    fat5_alibi=impl_fat5_alibi, fat5_rope=impl_fat5_rope,
+)  # fmt: skip
+# The kernels measured against the no-bias ceiling (the targets table); fat5 computes T5's bias, the others another
+# function than the fp32 T5 reference (no error columns).
+TARGET_IMPLS = ("fat5", "fat5_alibi", "fat5_rope")
 
 
 def flops(B, H, L, D, causal, mode):
@@ -248,7 +276,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impls", default="fat5,nobias,sdpa_bias,eager,flex")
     parser.add_argument("--seqs", default="512,1024,2048,4096,8192,16384")
-    parser.add_argument("--long-seqs", default="32768", help="extra lengths run for fat5 and nobias only")
+    parser.add_argument("--long-seqs", default="32768", help="extra lengths run for the fat5 kernels and nobias only")
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--flex-dims", default="64")
     parser.add_argument("--causal", default="0,1")
@@ -260,7 +288,7 @@ def main():
         "--repeats",
         type=int,
         default=2,
-        help="timed runs of fat5 and nobias per point, alternating; each row reports its best run and keeps all",
+        help="timed runs of the fat5 kernels and nobias per point, alternating; each row reports its best run and keeps all",
     )
     parser.add_argument(
         "--keep-existing",
@@ -296,7 +324,7 @@ def main():
                 reference = fp32_reference(q, k, v, table, do, causal) if L <= REFERENCE_MAX_L else None
                 point_rows = []
                 for name in names:
-                    if L in long_seqs and name not in ("fat5", "nobias"):
+                    if L in long_seqs and name not in (*TARGET_IMPLS, "nobias"):
                         continue
                     row = dict(impl=name, causal=causal, L=L, B=B, H=H, D=D, dtype="bf16")
                     row.update(gpu=env["gpu"], date=env["date"], commit=env["commit"])  # rows of runs merged
@@ -305,7 +333,8 @@ def main():
                         row["skipped"] = reason
                     else:
                         try:
-                            ref = reference if name != "nobias" else None  # nobias computes another function
+                            # nobias, ALiBi and RoPE compute other functions than the T5 reference
+                            ref = reference if name not in ("nobias", "fat5_alibi", "fat5_rope") else None
                             row.update(measure(name, IMPLS[name], q, k, v, table, do, causal, ref))
                             set_best_times(row, B, H, L, D, causal)
                         except Exception as err:  # OOM or unsupported: record it and go on
@@ -316,7 +345,7 @@ def main():
                     point_rows.append(row)
                 # The target ratios: time fat5 and the ceiling again, alternating, and keep each one's best run;
                 # from CUDA graphs too (GPU time without the host's).
-                timed = [r for r in point_rows if r["impl"] in ("fat5", "nobias") and "fwd_ms" in r]
+                timed = [r for r in point_rows if r["impl"] in (*TARGET_IMPLS, "nobias") and "fwd_ms" in r]
                 for repeat in range(args.repeats):
                     for row in timed:
                         for suffix, timer in (("", timings), ("_graph", graph_timings)):
@@ -382,10 +411,10 @@ def save(env: dict, args: argparse.Namespace, rows: list):
 
 
 def render_markdown(rows: list) -> str:
-    """Per (D, causal), every implementation's TFLOP/s and memory; the targets (fat5 over nobias of the same run),
+    """Per (D, causal), every implementation's TFLOP/s and memory; the targets (each fat5 kernel over nobias of the same run),
     skipped and failed points, and the errors against the fp32 reference."""
     lines = []
-    impls = [i for i in ["fat5", "nobias", "sdpa_bias", "eager", "flex"] if any(r["impl"] == i for r in rows)]
+    impls = [i for i in [*TARGET_IMPLS, "nobias", "sdpa_bias", "eager", "flex"] if any(r["impl"] == i for r in rows)]
     by_key = {(r["impl"], r["causal"], r["L"], r["D"]): r for r in rows}
     for D in sorted({r["D"] for r in rows}):
         for causal in sorted({r["causal"] for r in rows}):
@@ -407,7 +436,7 @@ def render_markdown(rows: list) -> str:
                 lines.append(f"| {L} | " + " | ".join(cells) + " |")
             lines.append("")
     graphs = any("fwd_tflops_graph" in r for r in rows)
-    lines += ["## Targets (fat5 against nobias of the same run)", ""]
+    lines += ["## Targets (each fat5 kernel against nobias of the same run)", ""]
     if graphs:
         lines += [
             "Eager: wall clock of eager calls (`triton.testing.do_bench`), host time included. Graphs: the same "
@@ -415,18 +444,18 @@ def render_markdown(rows: list) -> str:
             "runs them. Where the two differ, the eager fat5 call is bound by the host (Python and launches).",
             "",
         ]
-    header = "| D | causal | L | fwd ratio (>= 0.85) | fwd+bwd ratio (>= 0.80 at L >= 1024) |"
+    header = "| impl | D | causal | L | fwd ratio (>= 0.85) | fwd+bwd ratio (>= 0.80 at L >= 1024) |"
     if graphs:
         header += " fwd ratio, graphs | fwd+bwd ratio, graphs |"
     lines += [header + " memory ratio (<= 1.1) |", "|---" * header.count("|") + "|"]
     mark = lambda ok: "met" if ok else "MISSED"
     for r in rows:
-        if r["impl"] != "fat5" or "fwd_ms" not in r:
+        if r["impl"] not in TARGET_IMPLS or "fwd_ms" not in r:
             continue
         base = by_key.get(("nobias", r["causal"], r["L"], r["D"]))
         if not base or "fwd_ms" not in base or base.get("date") != r.get("date"):
             continue
-        cells = [str(r["D"]), str(int(r["causal"])), str(r["L"])]
+        cells = [r["impl"], str(r["D"]), str(int(r["causal"])), str(r["L"])]
         for suffix in ("", "_graph") if graphs else ("",):
             if f"fwd_tflops{suffix}" not in r or f"fwd_tflops{suffix}" not in base:
                 cells += ["–", "–"]

@@ -24,9 +24,8 @@ if _installed < tuple(int(part) for part in MIN_TRANSFORMERS_VERSION.split("."))
 
 from transformers import PreTrainedConfig  # noqa: E402  (after the version check: older releases lack it)
 
-# Position encodings FAT5 knows about. Only "t5" (learned relative buckets) is implemented; the others are planned.
-IMPLEMENTED_POSITION_ENCODINGS = ("t5",)
-PLANNED_POSITION_ENCODINGS = ("alibi", "rope", "fire")
+# The position encodings of the self-attention (`position_encoding.build_position_encoding` builds them).
+POSITION_ENCODINGS = ("t5", "alibi", "rope", "fire", "none")
 RESIDUAL_DTYPES = (None, "float32", "bfloat16", "float16")
 
 
@@ -56,8 +55,18 @@ class FAT5Config(PreTrainedConfig):
             `"gated-silu"`, `"gelu"`...
         classifier_dropout (`float`, *optional*, defaults to 0.0): Dropout of the classification heads.
         decoder_start_token_id (`int`, *optional*, defaults to 0): First decoder input (T5 uses the pad token).
-        position_encoding_type (`str`, *optional*, defaults to `"t5"`): Position encoding. Only `"t5"` (T5's learned
-            relative-position buckets) is implemented; `"alibi"`, `"rope"` and `"fire"` are planned.
+        position_encoding_type (`str`, *optional*, defaults to `"t5"`): Position encoding of the encoder's and the
+            decoder's self-attention (cross-attention has none): `"t5"` (T5's learned relative-position buckets,
+            the only one a T5 checkpoint has), `"alibi"` (fixed per-head linear distance penalties, symmetric in
+            the encoder, causal in the decoder), `"rope"` (rotary embeddings of queries and keys), `"fire"` (a
+            learned MLP over the log distance, normalized by the query position) or `"none"`.
+        rope_base (`float`, *optional*, defaults to 10000.0): RoPE's base: channel pair `c` turns at
+            `rope_base ** (-2c / rotary_dim)` radians per position.
+        rope_fraction (`float`, *optional*, defaults to 1.0): Fraction of each head's `d_kv` channels that RoPE
+            rotates (partial rotary, e.g. 0.25 in GPT-NeoX); `d_kv * rope_fraction` must round to an even number.
+        fire_mlp_width (`int`, *optional*, defaults to 32): Hidden width of FIRE's MLP (1 -> width -> num_heads).
+        fire_threshold (`float`, *optional*, defaults to 512.0): Initial value of FIRE's learned interpolation
+            threshold `L`: queries past position `L` have their distances normalized by their own position.
         use_triton_attention (`bool`, *optional*, defaults to `True`): Use the Triton flash-attention kernel with the
             relative bias computed in-kernel when it can serve the call (CUDA tensors, triton installed, no
             `output_attentions`, no KV cache, no attention-probability dropout, 2D padding mask).
@@ -143,6 +152,10 @@ class FAT5Config(PreTrainedConfig):
 
     # FAT5's own fields.
     position_encoding_type: str = "t5"
+    rope_base: float | int = 10000.0
+    rope_fraction: float | int = 1.0
+    fire_mlp_width: int = 32
+    fire_threshold: float | int = 512.0
     use_triton_attention: bool = True
     use_fused_rms_norm: bool = True
     use_fused_cross_entropy: bool = True
@@ -246,16 +259,7 @@ class FAT5Config(PreTrainedConfig):
                 f"key of transformers' ACT2FN; use one of {sorted(ACT2FN)}."
             )
 
-        if self.position_encoding_type in PLANNED_POSITION_ENCODINGS:
-            raise ValueError(
-                f"`position_encoding_type={self.position_encoding_type!r}` is planned but not implemented yet; "
-                f"use one of {list(IMPLEMENTED_POSITION_ENCODINGS)}."
-            )
-        if self.position_encoding_type not in IMPLEMENTED_POSITION_ENCODINGS:
-            raise ValueError(
-                f"`position_encoding_type` must be one of {list(IMPLEMENTED_POSITION_ENCODINGS)} (planned: "
-                f"{list(PLANNED_POSITION_ENCODINGS)}), got {self.position_encoding_type!r}."
-            )
+        self._check_position_encoding()
 
         if self.residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(
@@ -273,6 +277,28 @@ class FAT5Config(PreTrainedConfig):
                 raise ValueError(
                     f"`{name}` must be None (the default) or a positive number of "
                     f"{'token rows' if name == 'loss_chunk_size' else 'vocabulary columns'}, got {value!r}."
+                )
+
+    def _check_position_encoding(self) -> None:
+        if self.position_encoding_type not in POSITION_ENCODINGS:
+            raise ValueError(
+                f"`position_encoding_type` must be one of {list(POSITION_ENCODINGS)}, got "
+                f"{self.position_encoding_type!r}."
+            )
+        for name in ("rope_base", "rope_fraction", "fire_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+                raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+        if isinstance(self.fire_mlp_width, bool) or not isinstance(self.fire_mlp_width, int) or self.fire_mlp_width < 1:
+            raise ValueError(f"`fire_mlp_width` must be a positive integer, got {self.fire_mlp_width!r}.")
+        if self.position_encoding_type == "rope":
+            rotated = self.d_kv * self.rope_fraction
+            if self.rope_fraction > 1 or round(rotated) % 2 or round(rotated) == 0:
+                even = max(2, 2 * round(rotated / 2))
+                raise ValueError(
+                    f"RoPE rotates channel pairs: `d_kv` ({self.d_kv}) x `rope_fraction` ({self.rope_fraction}) = "
+                    f"{rotated:g} channels, which must round to an even number in [2, d_kv]. Use e.g. "
+                    f"rope_fraction={min(even, self.d_kv - self.d_kv % 2) / self.d_kv:g}."
                 )
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fat5_kernels.rms_norm_reference import rms_norm_reference
+from fat5_kernels.rope_reference import rope_reference
 
 try:
     from fat5_kernels.rms_norm import rms_norm as _triton_rms_norm
@@ -45,6 +46,11 @@ try:
     )
 except ImportError:
     _triton_fused_linear_cross_entropy = None
+
+try:
+    from fat5_kernels.rope import rope as _triton_rope
+except ImportError:
+    _triton_rope = None
 
 try:
     from fat5_kernels.attention import t5_flash_attention as _triton_t5_flash_attention
@@ -84,13 +90,14 @@ def _device_ok(tensor: torch.Tensor) -> bool:
 
 def kernel_available(name: str) -> bool:
     """Whether the kernel `name` ("rms_norm", "gated_activation", "cross_entropy", "fused_linear_cross_entropy",
-    "attention") could be imported."""
+    "attention", "rope") could be imported."""
     return {
         "rms_norm": _triton_rms_norm,
         "gated_activation": _triton_gated_activation,
         "cross_entropy": _triton_cross_entropy,
         "fused_linear_cross_entropy": _triton_fused_linear_cross_entropy,
         "attention": _triton_t5_flash_attention,
+        "rope": _triton_rope,
     }[name] is not None
 
 
@@ -387,6 +394,7 @@ def flash_attention(
     bidirectional: bool,
     num_buckets: int,
     max_distance: int,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """T5 attention (scale 1.0, relative bias from `bias_table` computed in-kernel) with the Triton kernel;
     unpadded fp16/bf16 cross-attention (no bias, no mask) goes to PyTorch's SDPA, whose flash kernel is faster there.
@@ -395,6 +403,7 @@ def flash_attention(
         query (`(B, H, M, D)`), key, value (`(B, H, N, D)`): projected heads.
         mask (`FlashAttentionMask`): padding mask and causality.
         bias_table (`(H, num_buckets)`, *optional*): the learned T5 table (None for cross-attention).
+        alibi_slopes (float32 `(H,)`, *optional*): ALiBi's slopes instead of a table (bias `-slope * |d|`).
 
     Returns:
         `torch.Tensor` of shape `(B, M, H, D)` (the layout transformers' attention functions return).
@@ -402,25 +411,31 @@ def flash_attention(
     if mask.queries is not None:
         return _packed_flash_attention(
             query, key, value, mask, bias_table, bidirectional=bidirectional, num_buckets=num_buckets,
-            max_distance=max_distance,
+            max_distance=max_distance, alibi_slopes=alibi_slopes,
         )  # fmt: skip
     no_mask = mask.key_padding_mask is None and not mask.causal
-    if bias_table is None and no_mask and query.dtype in _SDPA_FLASH_DTYPES:
+    if bias_table is None and alibi_slopes is None and no_mask and query.dtype in _SDPA_FLASH_DTYPES:
         # Cross-attention without padding: nothing for our kernel to do that SDPA's flash kernel does not do faster
         # (H100, B=64, H=8, L=512, D=64, bf16: 0.44 ms against 0.56 ms per forward+backward).
         return nn.functional.scaled_dot_product_attention(query, key, value, scale=1.0).transpose(1, 2)
-    t5 = _t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance)
+    t5 = _t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance, alibi_slopes)
     out = _triton_t5_flash_attention(query, key, value, key_padding_mask=_key_padding_mask(mask, query), **t5)
     return out.transpose(1, 2)
 
 
 def _t5_kernel_kwargs(
-    mask: FlashAttentionMask, bias_table: torch.Tensor | None, bidirectional: bool, num_buckets: int, max_distance: int
+    mask: FlashAttentionMask,
+    bias_table: torch.Tensor | None,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> dict:
-    """The keywords every kernel call of the model shares: T5's bias, its causality, and T5's unscaled scores."""
+    """The keywords every kernel call of the model shares: the bias (T5's table or ALiBi's slopes), causality, and
+    T5's unscaled scores."""
     return dict(
         bias_table=bias_table, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance,
-        causal=mask.causal, softmax_scale=1.0,
+        alibi_slopes=alibi_slopes, causal=mask.causal, softmax_scale=1.0,
     )  # fmt: skip
 
 
@@ -450,11 +465,12 @@ def flash_self_attention_qkvpacked(
     bidirectional: bool,
     num_buckets: int,
     max_distance: int,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`flash_attention` for self-attention on the packed output of one projection by the concatenated
     `[q; k; v]` weights, viewed `(B, L, 3, H, D)`. The kernel writes the gradient of `qkv` as one tensor, so the
     projection's backward is one matmul (three, and two adds, with separate q, k, v). Returns `(B, L, H, D)`."""
-    t5 = _t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance)
+    t5 = _t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance, alibi_slopes)
     if mask.queries is not None:
         packed = mask.queries
         if mask.unpadded:
@@ -478,6 +494,7 @@ def _packed_flash_attention(
     bidirectional: bool,
     num_buckets: int,
     max_distance: int,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`flash_attention` over packed documents: gathers the real tokens into the varlen layout, runs the kernel
     (each document a sequence: its own positions, so T5's relative bias is the same as for the document alone),
@@ -496,11 +513,30 @@ def _packed_flash_attention(
         mask.keys.cu_seqlens,
         mask.queries.max_seqlen,
         mask.keys.max_seqlen,
-        **_t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance),
+        **_t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance, alibi_slopes),
     )
     if mask.unpadded:
         return out.view(batch, query_length, heads, head_dim)
     return _scatter_documents(out, mask.queries, batch, query_length)
+
+
+def rotary_embedding(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_kernel: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE of queries and keys (values are never rotated): the Triton pre-pass kernel when it can run, else the
+    PyTorch reference.
+
+    Args:
+        query (`(B, L, H, D)`), key (`(B, L, H, D)`): projected heads (views of the projections are fine).
+        cos, sin (float32 `(L, rotary_dim // 2)`): angles of positions `0..L-1`.
+        use_kernel (`bool`): the config switch (`use_triton_attention`).
+
+    Returns:
+        `(query, key)` rotated, `(B, L, H, D)` each, in their dtypes.
+    """
+    if use_kernel and _triton_rope is not None and _device_ok(query):
+        return _triton_rope(query, key, cos, sin)
+    return rope_reference(query, key, cos, sin)
 
 
 __all__ = [
@@ -521,4 +557,5 @@ __all__ = [
     "kernel_available",
     "kernels_on_cpu",
     "rms_norm",
+    "rotary_embedding",
 ]

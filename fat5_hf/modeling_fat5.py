@@ -48,7 +48,16 @@ from . import kernel_ops
 from .configuration_fat5 import FAT5Config
 from .hub import add_auto_map, write_remote_code
 from .kernel_ops import FlashAttentionMask, PackedSequences, segment_ids_to_cu_seqlens
-from .position_encoding import T5RelativePositionBias
+from .position_encoding import (
+    ALiBiPositionBias,
+    ALiBiSlopes,
+    FIREPositionBias,
+    RotaryAngles,
+    RotaryPositionEmbedding,
+    T5RelativePositionBias,
+    apply_rotary,
+    build_position_encoding,
+)
 from .unpadding import stack_attention
 
 logger = logging.get_logger(__name__)
@@ -276,15 +285,30 @@ def eager_attention_forward(
         attn_weights = attn_weights + position_bias
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    # a float32 bias (ALiBi's, FIRE's) over half-precision scores promotes them: back to the values' dtype
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1).to(value.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value)
     attn_output = attn_output.transpose(1, 2).contiguous()
     return attn_output, attn_weights
 
 
+def _kernel_bias(shared) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`(bias_table, alibi_slopes)` for the attention kernel from what the first layer shared."""
+    if isinstance(shared, ALiBiSlopes):
+        return None, shared.slopes
+    if isinstance(shared, torch.Tensor):
+        return shared, None
+    return None, None
+
+
 class FAT5Attention(nn.Module):
-    """T5 multi-head attention (no score scaling, relative position bias, optional KV cache).
+    """T5 multi-head attention (no score scaling, a position encoding in self-attention, optional KV cache).
+
+    The first self-attention layer of a stack owns the position encoding (`config.position_encoding_type`, built by
+    `position_encoding.build_position_encoding`) and returns what the other layers reuse as `position_bias`: a
+    materialized bias for T5's buckets, ALiBi and FIRE on the PyTorch path, `RotaryAngles` for RoPE (queries and
+    keys are rotated, before the KV cache), and on the kernel path T5's table or `ALiBiSlopes`.
 
     Three backends, picked per call:
 
@@ -323,18 +347,38 @@ class FAT5Attention(nn.Module):
         self.o = nn.Linear(self.inner_dim, self.d_model, bias=False)
 
         if self.has_relative_attention_bias:
-            self.relative_attention_bias = T5RelativePositionBias(
-                num_buckets=self.relative_attention_num_buckets,
-                num_heads=self.n_heads,
-                max_distance=self.relative_attention_max_distance,
-                bidirectional=not self.is_decoder,
-            )
+            # T5's table and FIRE's MLP keep T5's name `relative_attention_bias` (state-dict keys), RoPE takes
+            # transformers' `rotary_emb`; "none" has no module.
+            encoding = build_position_encoding(config, bidirectional=not self.is_decoder)
+            if isinstance(encoding, RotaryPositionEmbedding):
+                self.rotary_emb = encoding
+            elif encoding is not None:
+                self.relative_attention_bias = encoding
         self.gradient_checkpointing = False
+
+    @property
+    def position_encoding(self) -> nn.Module | None:
+        """The position-encoding module this layer owns (first self-attention layer of a stack), else None."""
+        encoding = getattr(self, "relative_attention_bias", None)
+        return encoding if encoding is not None else getattr(self, "rotary_emb", None)
+
+    def _kernel_position_encoding(self, length: int) -> torch.Tensor | ALiBiSlopes | RotaryAngles | None:
+        """What the kernel path shares across the stack for sequences of `length`: T5's table, ALiBi's slopes or
+        RoPE's angles (None without an encoding)."""
+        encoding, device = self.position_encoding, self.q.weight.device
+        if isinstance(encoding, T5RelativePositionBias):
+            return encoding.kernel_table()
+        if isinstance(encoding, ALiBiPositionBias):
+            return ALiBiSlopes(encoding.kernel_slopes(device))
+        if isinstance(encoding, RotaryPositionEmbedding):
+            return RotaryAngles(*encoding.cos_sin(length, device=device))
+        return None
 
     def compute_bias(
         self, query_length: int, key_length: int, device: torch.device | None = None, past_seen_tokens=0
     ) -> torch.Tensor:
-        """Materialized relative position bias `(1, num_heads, query_length, key_length)` (as T5's `compute_bias`)."""
+        """Materialized position bias `(1, num_heads, query_length, key_length)` (as T5's `compute_bias`) of T5's
+        buckets, ALiBi or FIRE."""
         return self.relative_attention_bias(query_length, key_length, past_seen_tokens=past_seen_tokens, device=device)
 
     def forward(
@@ -365,11 +409,14 @@ class FAT5Attention(nn.Module):
         is_cross_attention = key_value_states is not None
 
         if isinstance(mask, FlashAttentionMask):
-            # Kernel path (no cache by construction): the bias is computed in-kernel from the shared table.
+            # Kernel path (no cache by construction): the bias is computed in-kernel from the shared table or slopes.
             if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
-                position_bias = self.relative_attention_bias.kernel_table()
+                position_bias = self._kernel_position_encoding(input_shape[1])
+            bias_table, slopes = _kernel_bias(None if is_cross_attention else position_bias)
+            rotary = position_bias if not is_cross_attention and isinstance(position_bias, RotaryAngles) else None
             if (
                 not is_cross_attention
+                and rotary is None  # RoPE rotates q and k apart from v: separate projections
                 and kernel_ops.can_use_qkv_packed_attention(mask)
                 and _fusable_projections(self.q, self.k, self.v)
             ):
@@ -377,26 +424,32 @@ class FAT5Attention(nn.Module):
                 attn_output = kernel_ops.flash_self_attention_qkvpacked(
                     qkv.view(*input_shape, 3, self.n_heads, self.key_value_proj_dim),
                     mask,
-                    position_bias,
+                    bias_table,
                     bidirectional=not self.is_decoder,
                     num_buckets=self.relative_attention_num_buckets,
                     max_distance=self.relative_attention_max_distance,
+                    alibi_slopes=slopes,
                 )
                 return self.o(attn_output.reshape(*input_shape, -1)), position_bias, None
-            query_states = self.q(hidden_states).view(hidden_shape).transpose(1, 2)
+            query_states = self.q(hidden_states).view(hidden_shape)
             current_states = key_value_states if is_cross_attention else hidden_states
             kv_shape = (*current_states.shape[:-1], -1, self.key_value_proj_dim)
-            key_states = self.k(current_states).view(kv_shape).transpose(1, 2)
+            key_states = self.k(current_states).view(kv_shape)
             value_states = self.v(current_states).view(kv_shape).transpose(1, 2)
+            if rotary is not None:  # one pre-pass over q and k, (B, L, H, D) as projected
+                query_states, key_states = kernel_ops.rotary_embedding(
+                    query_states, key_states, rotary.cos, rotary.sin, self.config.use_triton_attention
+                )
             attn_output = kernel_ops.flash_attention(
-                query_states,
-                key_states,
+                query_states.transpose(1, 2),
+                key_states.transpose(1, 2),
                 value_states,
                 mask,
-                None if is_cross_attention else position_bias,
+                bias_table,
                 bidirectional=not self.is_decoder,
                 num_buckets=self.relative_attention_num_buckets,
                 max_distance=self.relative_attention_max_distance,
+                alibi_slopes=slopes,
             )
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()
             return self.o(attn_output), position_bias, None
@@ -413,6 +466,15 @@ class FAT5Attention(nn.Module):
         else:
             curr_cache = cache
 
+        if position_bias is None and isinstance(self.position_encoding, RotaryPositionEmbedding):
+            # the new tokens sit after the cached ones; cached keys were rotated when they were new
+            position_bias = RotaryAngles(
+                *self.rotary_emb.cos_sin(input_shape[1], past_seen_tokens, device=query_states.device)
+            )
+        rotary = position_bias if not is_cross_attention and isinstance(position_bias, RotaryAngles) else None
+        if rotary is not None:
+            query_states = apply_rotary(query_states, *rotary)
+
         current_states = key_value_states if is_cross_attention else hidden_states
         if is_cross_attention and cache is not None and is_updated:
             # cross-attention keys/values are computed once, at the first generation step
@@ -422,6 +484,8 @@ class FAT5Attention(nn.Module):
             kv_shape = (*current_states.shape[:-1], -1, self.key_value_proj_dim)
             key_states = self.k(current_states).view(kv_shape).transpose(1, 2)
             value_states = self.v(current_states).view(kv_shape).transpose(1, 2)
+            if rotary is not None:
+                key_states = apply_rotary(key_states, *rotary)  # never the values
             if cache is not None:
                 key_states, value_states = curr_cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
                 if is_cross_attention and isinstance(cache, EncoderDecoderCache):
@@ -429,7 +493,7 @@ class FAT5Attention(nn.Module):
 
         if position_bias is None:
             key_length = key_states.shape[-2]
-            if not self.has_relative_attention_bias:
+            if self.position_encoding is None:
                 position_bias = torch.zeros(
                     (1, self.n_heads, input_shape[1], key_length), device=query_states.device, dtype=query_states.dtype
                 )
@@ -451,7 +515,7 @@ class FAT5Attention(nn.Module):
             mask,
             dropout=0.0 if not self.training else self.dropout,
             scaling=self.scaling,
-            position_bias=position_bias,
+            position_bias=None if rotary is not None else position_bias,
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
@@ -704,6 +768,24 @@ class FAT5PreTrainedModel(PreTrainedModel):
         if kwargs.get("is_main_process", True):
             write_remote_code(save_directory)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint that lacks the learned parameters of its position
+        encoding (FIRE's MLP, or T5's table), which would otherwise be silently left at their random initialisation
+        (e.g. a T5 checkpoint loaded with `position_encoding_type="fire"`)."""
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = [key for key in loading_info["missing_keys"] if ".relative_attention_bias." in key]
+        if missing:
+            kind = model.config.position_encoding_type
+            raise ValueError(
+                f"The checkpoint has no weights for the position encoding position_encoding_type={kind!r}: missing "
+                f"{sorted(missing)}. It was trained with another encoding (a T5 checkpoint has only 't5'); load it "
+                f"with the encoding it was trained with, or build a fresh model with `{cls.__name__}(config)` and "
+                "train it."
+            )
+        return (model, loading_info) if wants_loading_info else model
+
     @property
     def dummy_inputs(self):
         input_ids = torch.tensor(DUMMY_INPUTS)
@@ -745,8 +827,16 @@ class FAT5PreTrainedModel(PreTrainedModel):
             init.normal_(module.k.weight, mean=0.0, std=factor * (d_model**-0.5))
             init.normal_(module.v.weight, mean=0.0, std=factor * (d_model**-0.5))
             init.normal_(module.o.weight, mean=0.0, std=factor * ((n_heads * d_kv) ** -0.5))
-            if module.has_relative_attention_bias:
+            if isinstance(module.position_encoding, T5RelativePositionBias):
                 init.normal_(module.relative_attention_bias.weight, mean=0.0, std=factor * (d_model**-0.5))
+        elif isinstance(module, FIREPositionBias):
+            # FIRE's paper: c = 1 and the threshold L at its configured start; the MLP's input lies in about [-1, 1]
+            init.normal_(module.mlp[0].weight, mean=0.0, std=factor * 1.0)
+            init.zeros_(module.mlp[0].bias)
+            init.normal_(module.mlp[2].weight, mean=0.0, std=factor * module.width**-0.5)
+            init.zeros_(module.mlp[2].bias)
+            init.constant_(module.distance_scale, 1.0)
+            init.constant_(module.threshold, module.initial_threshold)
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers 5 treats any model defined outside its package as "custom code" and then only initializes
@@ -798,7 +888,8 @@ class FAT5Stack(FAT5PreTrainedModel):
     def _check_sequence_length(self, seq_length: int, cache: Cache | None) -> None:
         """Raise a clear `ValueError` when the input is longer than the position encoding can serve (its
         `max_positions`; T5's relative buckets have no limit), instead of failing somewhere inside attention."""
-        max_positions = self.block[0].layer[0].SelfAttention.relative_attention_bias.max_positions
+        encoding = self.block[0].layer[0].SelfAttention.position_encoding
+        max_positions = getattr(encoding, "max_positions", None)
         if max_positions is None:
             return
         past_length = int(cache.get_seq_length()) if cache is not None else 0
@@ -836,6 +927,8 @@ class FAT5Stack(FAT5PreTrainedModel):
         return None
 
     def _use_flash_attention(self, inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs) -> bool:
+        if self.config.position_encoding_type == "fire":
+            return False  # the attention kernel does not evaluate FIRE's MLP (yet): the PyTorch path serves it
         output_attentions = kwargs.get("output_attentions")
         if output_attentions is None:
             output_attentions = self.config.output_attentions
@@ -926,6 +1019,11 @@ class FAT5Stack(FAT5PreTrainedModel):
         encoder_segment_ids = kwargs.pop("encoder_segment_ids", None)
         kwargs.pop("decoder_segment_ids", None)
         if segment_ids is not None:
+            if self.config.position_encoding_type == "fire":
+                raise ValueError(
+                    f"{own_name}: FIRE's bias depends on each query's position in its document, which packed rows "
+                    "do not give it; pass one document per row (no segment ids) with position_encoding_type='fire'."
+                )
             segment_ids = self._checked_segment_ids(segment_ids, inputs_embeds, attention_mask, own_name)
             if self.is_decoder and encoder_hidden_states is not None:
                 if encoder_segment_ids is None:

@@ -1,17 +1,26 @@
 # Copyright 2026 The fat5-hf contributors. Licensed under the Apache License, Version 2.0.
-"""T5's learned relative-position bias: the bucket function and the module that holds the bias table.
+"""Position encodings of FAT5's self-attention: T5's buckets, ALiBi, RoPE and FIRE (or none).
 
-The maths is exactly transformers' `T5Attention._relative_position_bucket` / `compute_bias` (from Mesh
+Each is a module owned by the first self-attention layer of a stack and shared by all its layers, as T5's bias
+table is (`build_position_encoding` picks it from the config). Their `forward` is the plain PyTorch computation, the
+reference the Triton kernels are tested against; cross-attention has no position encoding.
+
+T5's maths is exactly transformers' `T5Attention._relative_position_bucket` / `compute_bias` (from Mesh
 TensorFlow), so that a FAT5 model reproduces T5 bit for bit on the PyTorch path. The Triton attention kernel computes
 the same buckets in-kernel from `j - i` and reads the same table.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from fat5_kernels.attention_reference import t5_relative_position_bucket
+from fat5_kernels.rope_reference import rotate_half_reference
+
+from .configuration_fat5 import POSITION_ENCODINGS
 
 # One bucket function for the model and the kernels' reference (bit-identical to transformers' T5); the import is
 # flattened to a same-folder one in Hub exports.
@@ -87,4 +96,301 @@ class T5RelativePositionBias(nn.Module):
         return self.weight.t().contiguous()
 
 
-__all__ = ["relative_position_bucket", "T5RelativePositionBias"]
+class RotaryAngles(NamedTuple):
+    """What the first layer of a RoPE stack shares with the others instead of a bias: float32 `(L, rotary_dim // 2)`
+    cosines and sines of the query positions."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+class ALiBiSlopes(NamedTuple):
+    """What the first layer of an ALiBi stack shares with the others on the kernel path: float32 `(H,)` slopes."""
+
+    slopes: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ALiBi
+# ----------------------------------------------------------------------------------------------------------------
+def alibi_slopes(num_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al., 2022, "Train Short, Test Long"), float32 `(num_heads,)`.
+
+    A power of two `n` of heads gets the geometric sequence `2**(-8 k / n)`, `k = 1..n`; any other count takes
+    the `2**floor(log2 n)` sequence and the odd-indexed terms of the `2 * 2**floor(log2 n)` one, as the reference
+    implementation does. Built with device ops only (no host-to-device copy, so also under CUDA-graph capture).
+    """
+    closest = 1 << (num_heads.bit_length() - 1)
+    slopes = torch.exp2(-8.0 / closest * torch.arange(1, closest + 1, dtype=torch.float32, device=device))
+    if closest == num_heads:
+        return slopes
+    extra = torch.exp2(-4.0 / closest * torch.arange(1, 2 * (num_heads - closest), 2, dtype=torch.float32, device=device))
+    return torch.cat((slopes, extra))
+
+
+class ALiBiPositionBias(nn.Module):
+    """ALiBi: a fixed bias `-slope_h * |key_position - query_position|` per head, no parameters.
+
+    The encoder's is symmetric (both directions penalized alike, as in bidirectional ALiBi); the decoder's
+    self-attention is causal, so only `d <= 0` is ever read and the bias is ALiBi's original `-slope * (i - j)`.
+    The Triton kernel computes it from the slopes (`kernel_slopes`); the PyTorch path materializes it.
+    """
+
+    max_positions: int | None = None
+
+    def __init__(self, num_heads: int, bidirectional: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.bidirectional = bidirectional
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, bidirectional={self.bidirectional}"
+
+    def kernel_slopes(self, device: torch.device) -> torch.Tensor:
+        """The float32 `(num_heads,)` slopes the attention kernel takes as `alibi_slopes`."""
+        return alibi_slopes(self.num_heads, device)
+
+    def forward(
+        self,
+        query_length: int,
+        key_length: int,
+        past_seen_tokens: int | torch.Tensor = 0,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """The float32 bias `(1, num_heads, query_length, key_length)` (arguments as `T5RelativePositionBias`)."""
+        distance = _distance(query_length, key_length, past_seen_tokens, device)
+        return (-alibi_slopes(self.num_heads, device)[:, None, None] * distance.abs()).unsqueeze(0)
+
+
+def _distance(query_length: int, key_length: int, past_seen_tokens: int | torch.Tensor, device) -> torch.Tensor:
+    """float32 `(query_length, key_length)` distances `key_position - query_position`, the queries at positions
+    `past_seen_tokens + arange(query_length)`."""
+    query_position = torch.arange(query_length, dtype=torch.long, device=device)[:, None] + past_seen_tokens
+    key_position = torch.arange(key_length, dtype=torch.long, device=device)[None, :]
+    return (key_position - query_position).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RoPE
+# ----------------------------------------------------------------------------------------------------------------
+class RotaryPositionEmbedding(nn.Module):
+    """RoPE (Su et al., 2021, "RoFormer"): queries and keys (never values) rotated by their absolute position.
+
+    The first `rotary_dim = round(head_dim * fraction)` channels of each head are rotated in the GPT-NeoX
+    ("rotate half") pairing: channel `c < rotary_dim / 2` pairs with `c + rotary_dim / 2`, at frequency
+    `base ** (-2c / rotary_dim)`; the other channels pass unchanged (partial rotary, as GPT-J/NeoX). The
+    frequencies are recomputed per call (no buffer to initialize or save). The model applies it with
+    `apply_rotary` (PyTorch) or the `fat5_kernels.rope` pre-pass kernel.
+    """
+
+    max_positions: int | None = None
+
+    def __init__(self, head_dim: int, fraction: float = 1.0, base: float = 10000.0):
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dimension(head_dim, fraction)
+        self.base = float(base)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base}"
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, sin)`, float32 `(*positions.shape, rotary_dim // 2)`, of integer `positions`."""
+        half = self.rotary_dim // 2
+        inv_freq = self.base ** (-torch.arange(half, dtype=torch.float32, device=positions.device) * 2 / self.rotary_dim)
+        angles = positions.float()[..., None] * inv_freq
+        return angles.cos(), angles.sin()
+
+    def cos_sin(
+        self, query_length: int, past_seen_tokens: int | torch.Tensor = 0, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, sin)` `(query_length, rotary_dim // 2)` of positions `past_seen_tokens + arange(query_length)`."""
+        return self(torch.arange(query_length, dtype=torch.long, device=device) + past_seen_tokens)
+
+
+def rotary_dimension(head_dim: int, fraction: float) -> int:
+    """The number of channels RoPE rotates, `round(head_dim * fraction)`; a ValueError unless even and positive."""
+    rotary_dim = round(head_dim * fraction)
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(
+            f"RoPE rotates channel pairs: `rope_fraction` ({fraction}) x `d_kv` ({head_dim}) = {head_dim * fraction:g} "
+            f"must round to an even number of channels in (0, {head_dim}]; e.g. rope_fraction="
+            f"{max(2, 2 * round(head_dim * fraction / 2)) / head_dim:g}."
+        )
+    return rotary_dim
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `2 * cos.shape[-1]` channels of `x` (the PyTorch path; `fat5_kernels.rope` on the kernel's).
+
+    Args:
+        x: `(B, H, L, D)` queries or keys, any float dtype.
+        cos, sin: float32 `(L, rotary_dim // 2)`, from `RotaryPositionEmbedding.cos_sin`.
+
+    Returns:
+        `(B, H, L, D)` in `x`'s dtype; computed in float32.
+    """
+    return rotate_half_reference(x, cos, sin)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FIRE
+# ----------------------------------------------------------------------------------------------------------------
+class FIREPositionBias(nn.Module):
+    """FIRE (Li et al., 2024, "Functional Interpolation for Relative Positions Improves Long Context
+    Transformers"): a learned function of the distance, normalized by the query position.
+
+        b_h(i, j) = f_h( psi(|j - i|) / psi(max(L, i)) ),   psi(x) = log(c x + 1)
+
+    with `f` an MLP `1 -> width -> num_heads` (ReLU), `c` and the threshold `L` learned ("progressive
+    interpolation": queries past `L` see their distances shrink into the range seen in training). In the encoder
+    (bidirectional) the MLP input carries the sign of `j - i`, so keys before and after a query differ; in the
+    decoder only `j <= i` is read, which is the paper's causal form. `c` and `L` enter through their absolute
+    values, and `max(L, i)` through at least 1, which keeps the ratio defined whatever the optimizer does to them.
+
+    The bias is evaluated through the MLP's exact piecewise-linear form (`piecewise_linear_table`: `width`
+    breakpoints, a slope and an intercept per head and segment), so it costs the memory of the `(1, H, M, N)`
+    bias the PyTorch attention adds, never an `(M, N, width)` activation; `mlp_bias` is the plain evaluation.
+
+    Parameters (state-dict keys under `...SelfAttention.relative_attention_bias.`): `mlp.0.weight` `(width, 1)`,
+    `mlp.0.bias` `(width,)`, `mlp.2.weight` `(num_heads, width)`, `mlp.2.bias` `(num_heads,)`, `distance_scale`
+    `()` (`c`), `threshold` `()` (`L`).
+    """
+
+    max_positions: int | None = None
+
+    def __init__(self, num_heads: int, width: int, threshold: float, bidirectional: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.width = width
+        self.bidirectional = bidirectional
+        self.initial_threshold = float(threshold)  # `_init_weights` sets `threshold` to it
+        self.mlp = nn.Sequential(nn.Linear(1, width), nn.ReLU(), nn.Linear(width, num_heads))
+        self.distance_scale = nn.Parameter(torch.empty(()))
+        self.threshold = nn.Parameter(torch.empty(()))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, width={self.width}, bidirectional={self.bidirectional}"
+
+    def normalized_distance(self, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
+        """The MLP input `sign * psi(|j - i|) / psi(max(L, i))` (float32), broadcasting the integer positions."""
+        c = self.distance_scale.float().abs()
+        distance = (key_position - query_position).float()
+        magnitude = torch.log1p(c * distance.abs())
+        # at least one position: a threshold trained to 0 must not divide the first query's distances by 0
+        reach = torch.maximum(query_position.float(), self.threshold.float().abs()).clamp_min(1.0)
+        normalizer = torch.log1p(c * reach)
+        normalized = magnitude / normalizer
+        return torch.where(distance < 0, -normalized, normalized) if self.bidirectional else normalized
+
+    def piecewise_linear_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """FIRE's MLP as the exact piecewise-linear function it is: `(breakpoints, slopes, intercepts)`.
+
+        A ReLU MLP of one input is linear between the `width` points where a hidden unit switches on or off:
+        `f_h(x) = slopes[h, k] * x + intercepts[h, k]` for `x` in segment `k = (breakpoints[k-1], breakpoints[k]]`
+        (`torch.bucketize(x, breakpoints)`), which holds exactly. Returns float32 `breakpoints` `(width,)`, sorted
+        (`inf` for units whose input weight is 0: they never switch), and `slopes`, `intercepts` `(num_heads,
+        width + 1)`, differentiable in the MLP's parameters (which units are on in a segment is piecewise constant).
+        """
+        w1, b1 = self.mlp[0].weight[:, 0].float(), self.mlp[0].bias.float()
+        w2, b2 = self.mlp[2].weight.float(), self.mlp[2].bias.float()
+        with torch.no_grad():
+            switch = torch.where(w1 != 0, -b1 / torch.where(w1 != 0, w1, 1.0), float("inf"))
+            breakpoints = switch.sort().values
+            inf = torch.full((1,), float("inf"), device=w1.device)
+            low, high = torch.cat((-inf, breakpoints)), torch.cat((breakpoints, inf))
+            # a point inside each segment (empty ones included: any value serves them)
+            inside = torch.where(
+                torch.isfinite(low) & torch.isfinite(high), (low + high) / 2,
+                torch.where(torch.isfinite(high), high - 1, torch.where(torch.isfinite(low), low + 1, 0.0)),
+            )  # fmt: skip
+            active = (w1[:, None] * inside[None, :] + b1[:, None] > 0).float()  # (width, width + 1)
+        slopes = w2 @ (w1[:, None] * active)
+        intercepts = w2 @ (b1[:, None] * active) + b2[:, None]
+        return breakpoints, slopes, intercepts
+
+    def forward(
+        self,
+        query_length: int,
+        key_length: int,
+        past_seen_tokens: int | torch.Tensor = 0,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """The bias `(1, num_heads, query_length, key_length)` (arguments as `T5RelativePositionBias`), in the MLP's
+        dtype.
+
+        Evaluated through `piecewise_linear_table`: the MLP's value at every `(query, key)` pair without an
+        `(M, N, width)` activation (memory of a few `(M, N)` tensors, as T5's materialized bias). `mlp_bias` is the
+        plain MLP, the reference.
+        """
+        normalized = self._normalized_distances(query_length, key_length, past_seen_tokens, device)  # (M, N)
+        breakpoints, slopes, intercepts = self.piecewise_linear_table()
+        segment = torch.bucketize(normalized.detach(), breakpoints)  # (M, N)
+        bias = slopes[:, segment] * normalized + intercepts[:, segment]  # (H, M, N)
+        return bias.to(self.mlp[0].weight.dtype).unsqueeze(0)
+
+    def mlp_bias(
+        self,
+        query_length: int,
+        key_length: int,
+        past_seen_tokens: int | torch.Tensor = 0,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """`forward` computed plainly: the MLP applied to every `(query, key)` pair (an `(M, N, width)` activation)."""
+        normalized = self._normalized_distances(query_length, key_length, past_seen_tokens, device)
+        values = self.mlp(normalized.to(self.mlp[0].weight.dtype)[..., None])  # (M, N, H)
+        return values.permute(2, 0, 1).unsqueeze(0)
+
+    def _normalized_distances(self, query_length, key_length, past_seen_tokens, device) -> torch.Tensor:
+        if device is None:
+            device = self.threshold.device
+        query_position = torch.arange(query_length, dtype=torch.long, device=device)[:, None] + past_seen_tokens
+        key_position = torch.arange(key_length, dtype=torch.long, device=device)[None, :]
+        return self.normalized_distance(query_position, key_position)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing one
+# ----------------------------------------------------------------------------------------------------------------
+def build_position_encoding(config, bidirectional: bool) -> nn.Module | None:
+    """The position-encoding module that the first self-attention layer of a stack owns (shared by the stack).
+
+    Args:
+        config: a `FAT5Config` (`position_encoding_type` and its options).
+        bidirectional: True for the encoder, False for the decoder's (causal) self-attention.
+
+    Returns:
+        `T5RelativePositionBias`, `ALiBiPositionBias`, `FIREPositionBias`, `RotaryPositionEmbedding`, or None for
+        `"none"`.
+    """
+    kind = config.position_encoding_type
+    if kind == "t5":
+        return T5RelativePositionBias(
+            config.relative_attention_num_buckets, config.num_heads, config.relative_attention_max_distance,
+            bidirectional,
+        )  # fmt: skip
+    if kind == "alibi":
+        return ALiBiPositionBias(config.num_heads, bidirectional)
+    if kind == "fire":
+        return FIREPositionBias(config.num_heads, config.fire_mlp_width, config.fire_threshold, bidirectional)
+    if kind == "rope":
+        return RotaryPositionEmbedding(config.d_kv, config.rope_fraction, config.rope_base)
+    if kind == "none":
+        return None
+    raise ValueError(f"`position_encoding_type` must be one of {list(POSITION_ENCODINGS)}, got {kind!r}.")
+
+
+__all__ = [
+    "POSITION_ENCODINGS",
+    "ALiBiPositionBias",
+    "ALiBiSlopes",
+    "RotaryAngles",
+    "FIREPositionBias",
+    "RotaryPositionEmbedding",
+    "T5RelativePositionBias",
+    "alibi_slopes",
+    "apply_rotary",
+    "build_position_encoding",
+    "relative_position_bucket",
+    "rotary_dimension",
+]

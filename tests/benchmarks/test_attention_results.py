@@ -34,13 +34,13 @@ def test_merge_keeps_unmeasured_points_and_replaces_measured_ones(tmp_path):
     assert results_io.read_results(tmp_path / "attention.json")["rows"] == rows
     markdown = markdown_path.read_text()
     assert "Rows of 2 runs: run1 (GPU, commit c0); run2 (GPU, commit c0)." in markdown
-    assert "| 64 | 0 | 1024 | 0.50 MISSED | 0.50 MISSED | 1.00 met |" in markdown
-    assert "| 128 | 0 | 1024 | 0.90 met | 0.90 met | 1.00 met |" in markdown
+    assert "| fat5 | 64 | 0 | 1024 | 0.50 MISSED | 0.50 MISSED | 1.00 met |" in markdown
+    assert "| fat5 | 128 | 0 | 1024 | 0.90 met | 0.90 met | 1.00 met |" in markdown
 
 
 def test_targets_never_compare_rows_of_different_runs():
     rows = [_row("fat5", 64, "run2", 100, 100), _row("nobias", 64, "run1", 100, 100)]
-    assert "| 64 | 0 | 1024 |" not in bench.render_markdown(rows)
+    assert "| fat5 | 64 | 0 | 1024 |" not in bench.render_markdown(rows)
 
 
 def test_best_of_runs_sets_times_and_rates():
@@ -65,4 +65,12 @@ def test_targets_table_shows_eager_and_graph_ratios():
     nobias = dict(_row("nobias", 64, "run1", 100, 200), fwd_tflops_graph=100, fwdbwd_tflops_graph=200)
     markdown = bench.render_markdown([fat5, nobias])
     assert "| fwd ratio, graphs | fwd+bwd ratio, graphs | memory ratio (<= 1.1) |" in markdown
-    assert "| 64 | 0 | 1024 | 0.50 MISSED | 0.20 MISSED | 0.90 met | 0.85 met | 1.00 met |" in markdown
+    assert "| fat5 | 64 | 0 | 1024 | 0.50 MISSED | 0.20 MISSED | 0.90 met | 0.85 met | 1.00 met |" in markdown
+
+
+def test_targets_table_has_a_row_per_position_encoding_kernel():
+    rows = [_row("fat5", 64, "run1", 90, 90), _row("fat5_alibi", 64, "run1", 95, 85),
+            _row("fat5_rope", 64, "run1", 80, 70), _row("nobias", 64, "run1", 100, 100)]  # fmt: skip
+    markdown = bench.render_markdown(rows)
+    assert "| fat5_alibi | 64 | 0 | 1024 | 0.95 met | 0.85 met | 1.00 met |" in markdown
+    assert "| fat5_rope | 64 | 0 | 1024 | 0.80 MISSED | 0.70 MISSED | 1.00 met |" in markdown

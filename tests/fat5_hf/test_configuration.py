@@ -106,10 +106,7 @@ def test_fat5_fields_defaults():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(position_encoding_type="rope"), "planned but not implemented"),
-        (dict(position_encoding_type="alibi"), "planned but not implemented"),
-        (dict(position_encoding_type="fire"), "planned but not implemented"),
-        (dict(position_encoding_type="sinusoidal"), r"position_encoding_type` must be one of \['t5'\]"),
+        (dict(position_encoding_type="sinusoidal"), r"position_encoding_type` must be one of \['t5', 'alibi'"),
         (dict(feed_forward_proj="gated-gelu-x"), "feed_forward_proj"),
         (dict(feed_forward_proj="relu-gated"), "feed_forward_proj"),
         (dict(feed_forward_proj="gated-nonsense"), "not a key of transformers' ACT2FN"),
@@ -207,4 +204,4 @@ def test_modeling_files_import_only_same_folder_modules():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 assert node.module.split(".")[0] in {"torch", "transformers", "huggingface_hub", "__future__",
                                                      "collections", "dataclasses", "fat5_kernels", "math",
-                                                     "contextlib", "threading", "copy"}, (name, node.module)
+                                                     "contextlib", "threading", "copy", "typing"}, (name, node.module)

@@ -59,7 +59,7 @@ LOADER = textwrap.dedent(
     # PyTorch path (what gave the outputs above on CPU) when it is not.
     kernel_ops = sys.modules[type(model).__module__].kernel_ops
     assert kernel_ops.__name__.startswith("transformers_modules"), kernel_ops.__name__
-    kernels = ("rms_norm", "gated_activation", "cross_entropy", "fused_linear_cross_entropy", "attention")
+    kernels = ("rms_norm", "gated_activation", "cross_entropy", "fused_linear_cross_entropy", "attention", "rope")
     if "triton" in blocked:
         assert not any(kernel_ops.kernel_available(name) for name in kernels)
     elif not torch.cuda.is_available():  # kernels under the Triton interpreter (TRITON_INTERPRET=1 from conftest)
@@ -83,9 +83,9 @@ LOADER = textwrap.dedent(
 )
 
 
-def save_tiny_model(folder):
+def save_tiny_model(folder, config: FAT5Config | None = None):
     torch.manual_seed(0)
-    model = FAT5ForConditionalGeneration(FAT5Config(**TINY)).eval()
+    model = FAT5ForConditionalGeneration(config or FAT5Config(**TINY)).eval()
     model.save_pretrained(folder)
     input_ids = torch.randint(2, TINY["vocab_size"], (2, 9))
     decoder_input_ids = torch.randint(2, TINY["vocab_size"], (2, 4))

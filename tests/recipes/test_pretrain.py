@@ -470,6 +470,25 @@ def test_untied_lm_head_trains_and_exports_untied(tmp_path):
     assert torch.equal(model.lm_head.weight, weights["lm_head.weight"]) and not model.config.scale_decoder_outputs
 
 
+def test_position_encoding_is_a_model_config_field(tmp_path):
+    """`model.config.position_encoding_type=rope` (with its options) trains and exports a RoPE model."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    import fat5_hf  # noqa: F401
+
+    output_dir = tmp_path / "run"
+    pretrain.train(
+        tiny_config(output_dir, "model.config.position_encoding_type=rope", "model.config.rope_fraction=0.5",
+                    "training.max_steps=2", "optim.warmup_steps=1", "training.save_steps=100",
+                    "training.eval_steps=100")
+    )  # fmt: skip
+    model = AutoModelForSeq2SeqLM.from_pretrained(output_dir)
+    assert model.config.position_encoding_type == "rope" and model.config.rope_fraction == 0.5
+    assert model.encoder.block[0].layer[0].SelfAttention.rotary_emb.rotary_dim == 8
+    with pytest.raises(ConfigError, match=r"must be one of \['t5', 'alibi', 'rope', 'fire', 'none'\]"):
+        pretrain.train(tiny_config(tmp_path / "bad", "model.config.position_encoding_type=rotary"))
+
+
 def test_gradient_accumulation_clipping_and_optimizer_steps(tmp_path, monkeypatch):
     """4 micro-batches per step: one optimizer step, one schedule step and one clipping per update, and the
     clipped gradient norm is at most training.max_grad_norm."""
