@@ -20,13 +20,11 @@ Writes ``finetune_lora.json`` and ``.md``. Usage (GPU machine, repository root):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
 import time
 
+import results_io  # benchmarks/ is on the path: the script runs as python benchmarks/finetune_lora.py
 import torch
 
 from fat5_hf import FAT5Config, FAT5ForConditionalGeneration, FAT5ForSequenceClassification
@@ -121,35 +119,13 @@ def measure(model_kind: str, mode: str, batch: dict, steps: int) -> dict:
     return row
 
 
-def environment() -> dict:
-    import transformers
-    import triton
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return dict(
-        gpu=torch.cuda.get_device_name(),
-        gpus=torch.cuda.device_count(),
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        triton=triton.__version__,
-        transformers=transformers.__version__,
-        python=platform.python_version(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        commit=commit,
-    )
+TITLE = "LoRA vs. full finetuning: FAT5-small on one GPU (bf16 autocast, Triton kernels on)"
 
 
-def to_markdown(env: dict, args: dict, rows: list[dict]) -> str:
+def to_markdown(args: dict, rows: list[dict]) -> str:
+    """The set-up in one paragraph and a row per (model, mode), LoRA's train time as a ratio of full finetuning's."""
     lines = [
-        "# LoRA vs. full finetuning: FAT5-small on one GPU (bf16 autocast, Triton kernels on)",
-        "",
-        f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
-        f"{env['date']}, commit {env['commit']}. Batch {args['batch_size']} x {args['input_length']} input tokens "
+        f"Batch {args['batch_size']} x {args['input_length']} input tokens "
         f"(seq2seq targets: {args['target_length']}); LoRA r=8 on q, k, v, o, wi_0, wi_1, wo. train ms: forward + "
         "backward + fused AdamW, median of synchronized steps; forward ms: inference forward; merged: after "
         "merge_and_unload.",
@@ -176,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--target-length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
-    env = environment()
+    env = results_io.environment()
     rows = []
     for model_kind in ("seq2seq", "classifier"):
         batch = make_batch(model_kind, args.batch_size, args.input_length, args.target_length)
@@ -186,11 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.cuda.empty_cache()
     run_args = dict(batch_size=args.batch_size, input_length=args.input_length, target_length=args.target_length,
                     steps=args.steps, lora=LORA)  # fmt: skip
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "finetune_lora.json"), "w") as f:
-        json.dump(dict(environment=env, args=run_args, rows=rows), f, indent=1)
-    with open(os.path.join(args.output_dir, "finetune_lora.md"), "w") as f:
-        f.write(to_markdown(env, run_args, rows))
+    results_io.write_results("finetune_lora", rows, env=env, args=run_args, title=TITLE,
+                             body=to_markdown(run_args, rows), output_dir=args.output_dir)  # fmt: skip
     return rows
 
 

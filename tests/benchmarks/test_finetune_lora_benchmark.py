@@ -22,12 +22,11 @@ def test_lora_model_wraps_every_projection_and_trains_the_head(monkeypatch):
 
 
 def test_markdown_rows_and_ratio():
-    env = dict(gpu="GPU", torch="2", triton="3", transformers="5", date="today", commit="abc")
     args = dict(batch_size=32, input_length=512, target_length=128)
     common = dict(model="seq2seq", parameters=77e6, peak_GB=10.0, forward_ms=5.0)
     rows = [
         dict(mode="full", train_ms=100.0, trainable_parameters=77e6, **common),
         dict(mode="lora", train_ms=80.0, trainable_parameters=2e6, merged_forward_ms=4.0, **common),
     ]
-    lines = benchmark.to_markdown(env, args, rows).splitlines()
+    lines = benchmark.to_markdown(args, rows).splitlines()
     assert lines[-1] == "| seq2seq | lora | 2.00M of 77.0M | 80.00 | 0.80x | 10.00 | 5.00 | 4.00 |"

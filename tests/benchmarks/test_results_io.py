@@ -8,7 +8,11 @@ import pytest
 import results_io
 
 RESULTS = Path(results_io.__file__).parent / "results"
-SCRIPTS = sorted(p.stem for p in RESULTS.parent.glob("*.py") if p.stem not in ("results_io", "fused_cross_entropy_cases"))
+ALL_SCRIPTS = sorted(p.stem for p in RESULTS.parent.glob("*.py") if p.stem not in ("results_io", "fused_cross_entropy_cases"))
+# Benchmarks written but not yet run on a GPU: they have no result yet (benchmarks/README.md says so); each leaves
+# this set with its first committed run.
+AWAITING_FIRST_RUN = {"finetune_lora", "finetune_step", "length_generalization"}
+SCRIPTS = [script for script in ALL_SCRIPTS if script not in AWAITING_FIRST_RUN]
 
 
 def _env(**overrides):
@@ -79,6 +83,7 @@ def test_results_folder_holds_one_current_result_per_script_in_the_one_shape():
     notes = {name for name in names if name.endswith(".notes.md")}
     assert {name.removesuffix(".notes.md") for name in notes} <= set(SCRIPTS)
     assert names == expected | notes, sorted(names - expected - notes)  # nothing else: older runs live in git
+    assert AWAITING_FIRST_RUN <= set(ALL_SCRIPTS), sorted(AWAITING_FIRST_RUN - set(ALL_SCRIPTS))
     for script in SCRIPTS:
         result = results_io.read_results(RESULTS / f"{script}.json")
         assert result["rows"] and all(result["environment"][key] for key in ("gpu", "date", "commit")), script
