@@ -394,12 +394,19 @@ def train_and_evaluate(
     data_args: DataTrainingArguments,
     lora_args: LoraArguments,
     training_args,
+    *,
+    model_loader=None,
+    save_model_and_card: bool = True,
 ) -> dict[str, Any]:
     """Finetunes, evaluates and predicts as the ``do_*`` flags of ``training_args`` say; saves everything.
 
     Args:
         model_args, data_args, lora_args: the recipe's argument dataclasses.
         training_args: ``Seq2SeqTrainingArguments`` (``output_dir``, ``do_train``...).
+        model_loader: ``(model_args, spec, label_names, tokenizer) -> model`` replacing `load_model` (the evaluation
+            recipe loads baselines that are not FAT5 with it).
+        save_model_and_card: save the trained model, its tokenizer and a model card (metrics and predictions are
+            always written).
 
     Returns:
         ``{"train": {...}, "eval": {...}, "test": {...}, "task": name, "output_dir": str, "trainable_parameters": n}``
@@ -423,7 +430,7 @@ def train_and_evaluate(
     if label_names is not None:
         check_labels(spec, raw, label_names)
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, spec, label_names, tokenizer)
+    model = (model_loader or load_model)(model_args, spec, label_names, tokenizer)
     if lora_args.lora:
         model = apply_lora(model, spec.task_type, lora_args, training_args.gradient_checkpointing)
     trainable, total = trainable_parameters(model)
@@ -480,7 +487,7 @@ def train_and_evaluate(
             with open(output_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
                 for record in evaluator.records(output.predictions, output.label_ids):
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    if training_args.do_train:
+    if training_args.do_train and save_model_and_card:
         save_model(trainer, tokenizer, output_dir, lora_args)
         if trainer.is_world_process_zero():
             write_card(output_dir, trainer, spec, model_args, data_args, lora_args, summary)
