@@ -32,6 +32,10 @@ import logging
 import sys
 from pathlib import Path
 
+# This file has the name of the `evaluate` library that the task metrics load: keep its folder off the import path
+# (python puts a script's folder first) so that `import evaluate` finds the library.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DATA = REPO_ROOT / "recipes" / "data" / "finetune"
 SHIPPED_TOKENIZER = REPO_ROOT / "recipes" / "data" / "tokenizer"
@@ -99,8 +103,8 @@ def embedded_default_args() -> list[str]:
         "--output_dir", str(EMBEDDED_OUTPUT),
         "--overwrite_output_dir", "true",
         "--max_seq_length", "128",
-        "--max_train_samples", "64", "--max_predict_samples", "16",
-        "--max_steps", "24",
+        "--max_train_samples", "48", "--max_predict_samples", "16",
+        "--max_steps", "16",
         "--learning_rate", "1e-3",
         "--per_device_train_batch_size", "16",
         "--per_device_eval_batch_size", "16",

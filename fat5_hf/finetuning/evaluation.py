@@ -403,8 +403,8 @@ def _row(entry: ModelEntry, path: str, spec: TaskSpec, task_type: str, seed: int
         "task": spec.name,
         "task_type": task_type,
         "seed": seed,
-        "metric": run_spec.main_metric,
-        "score": metrics.get(run_spec.main_metric),
+        "metric": run_spec.main_metric,  # "score" is its value in [0, 1]; "metrics" holds them all as computed
+        "score": _unit_score(run_spec, metrics.get(run_spec.main_metric)),
         "split": phase,
         "metrics": metrics,
         "train_runtime_s": runtime,
@@ -415,6 +415,11 @@ def _row(entry: ModelEntry, path: str, spec: TaskSpec, task_type: str, seed: int
         "trainable_parameters": summary.get("trainable_parameters"),
         **{k: env[k] for k in ("device", "torch", "cuda", "triton", "transformers", "python", "date", "commit")},
     }
+
+
+def _unit_score(spec: TaskSpec, value):
+    """The main metric in [0, 1] (the SQuAD metric reports percentages; the others fractions)."""
+    return None if value is None else value / 100 if spec.metric == "squad_fr" else value
 
 
 def _format_seconds(seconds: float) -> str:
