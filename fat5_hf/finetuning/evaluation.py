@@ -51,10 +51,11 @@ SUITES: dict[str, tuple[str, ...]] = {
 # Prefix of a T5 checkpoint to convert to FAT5 before finetuning (``--baselines fat5:google/flan-t5-small``).
 AS_FAT5_PREFIX = "fat5:"
 
-_HEAD_AUTO_CLASSES = {
-    "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-    "token-classification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
-    "question-answering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+# Head task type -> (transformers' model_type -> class mapping of its Auto class, the suffix of its class names).
+_HEADS = {
+    "sequence-classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "ForSequenceClassification"),
+    "token-classification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "ForTokenClassification"),
+    "question-answering": ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "ForQuestionAnswering"),
 }
 
 # Training arguments that change what a row measures: two runs differing here are two configurations.
@@ -225,9 +226,12 @@ def run_task_type(config, spec: TaskSpec, seq2seq_task_types: str = "text2text")
                 "it has no decoder to generate text"
             )
         return "text2text"
+    mapping, suffix = _HEADS[spec.task_type]
+    if any(arch.endswith(suffix) for arch in getattr(config, "architectures", None) or ()):
+        return spec.task_type  # finetuned with this task's head already (evaluated with --do_train false)
     if is_seq2seq and seq2seq_task_types == "text2text" and spec.text2text_template is not None:
         return "text2text"
-    if model_type != "fat5" and model_type not in getattr(modeling_auto, _HEAD_AUTO_CLASSES[spec.task_type]):
+    if model_type != "fat5" and model_type not in getattr(modeling_auto, mapping):
         reason = "" if spec.text2text_template is not None else " and the task has no text-to-text form"
         raise FinetuneConfigError(
             f"transformers has no {spec.task_type} head for {model_type!r} models{reason}"
@@ -349,7 +353,7 @@ def _write_json(path: Path, data) -> None:
 
 
 def environment() -> dict[str, Any]:
-    """Device and versions recorded with each row (the benchmarks' fields)."""
+    """GPU and versions (the benchmarks' ``environment`` fields), also recorded in each row."""
     import torch
     import transformers
 
@@ -368,7 +372,6 @@ def environment() -> dict[str, Any]:
     return dict(
         gpu=torch.cuda.get_device_name() if cuda else None,
         gpus=torch.cuda.device_count(),
-        device=torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
         torch=torch.__version__,
         cuda=torch.version.cuda,
         triton=triton_version,
@@ -413,7 +416,8 @@ def _row(entry: ModelEntry, path: str, spec: TaskSpec, task_type: str, seed: int
         "train_tokens_per_second": tokens / runtime if tokens and runtime else None,
         "peak_memory_mb": peak_memory_mb,
         "trainable_parameters": summary.get("trainable_parameters"),
-        **{k: env[k] for k in ("device", "torch", "cuda", "triton", "transformers", "python", "date", "commit")},
+        "device": env["gpu"] or f"CPU ({platform.machine()})",
+        **{k: env[k] for k in ("torch", "cuda", "triton", "transformers", "python", "date", "commit")},
     }
 
 
@@ -474,8 +478,8 @@ def run_suite(args: EvaluationArguments, lora_args: LoraArguments, training_args
                 continue
             plan += [(entry, spec, task_type, seed) for seed in args.seed_values]
 
-    rows = prepare_evaluation_dir(output_dir, evaluation_settings(args, lora_args, training_args),
-                                  args.overwrite_output_dir)  # fmt: skip
+    settings = evaluation_settings(args, lora_args, training_args)
+    rows = prepare_evaluation_dir(output_dir, settings, args.overwrite_output_dir)
     done = {row_key(r) for r in rows}
     todo = [p for p in plan if (p[0].name, p[1].name, p[3]) not in done]
     if len(todo) < len(plan):
@@ -514,11 +518,20 @@ def run_suite(args: EvaluationArguments, lora_args: LoraArguments, training_args
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         row = _row(entry, paths[entry.name], spec, task_type, seed, summary, run_dir, peak, env)
         rows.append(row)
-        _write_json(output_dir / RESULTS_JSON, {"rows": rows})
-        print(f"    {spec.name} {row['metric']}={_score_text(row['score'])} train {row['train_runtime_s']:.1f}s")
-    _write_json(output_dir / RESULTS_JSON, {"rows": rows})
+        _write_results(output_dir, env, settings, entries, specs, args, rows)
+        took = f" (trained in {row['train_runtime_s']:.1f} s)" if row["train_runtime_s"] else ""
+        print(f"    {entry.name} on {spec.name}: {row['metric']} {_score_text(row['score'])}{took}", flush=True)
+    _write_results(output_dir, env, settings, entries, specs, args, rows)
     table = write_reports(rows, output_dir)
     return {"rows": rows, "skipped": skipped, "table": table, "output_dir": str(output_dir)}
+
+
+def _write_results(output_dir: Path, env, settings, entries, specs, args, rows) -> None:
+    """``results.json`` in the benchmarks' shape: ``{"environment", "args", "rows"}`` (rows keep their own
+    environment: a resumed evaluation may have run on another machine)."""
+    run_args = {"models": {e.name: e.path for e in entries}, "tasks": [s.name for s in specs],
+                "seeds": args.seed_values, **settings}  # fmt: skip
+    _write_json(output_dir / RESULTS_JSON, {"environment": env, "args": run_args, "rows": rows})
 
 
 def _score_text(score) -> str:
@@ -572,6 +585,11 @@ def suite_average(agg: Aggregate) -> tuple[dict[str, float], list[str]]:
     return {m: sum(agg.score[m, t][0] for t in common) / len(common) for m in agg.models} if common else {}, common
 
 
+def _is_best(value: float, best: float, agg: Aggregate) -> bool:
+    """Bold in a comparison (ties included: equal to the best at the precision shown)."""
+    return len(agg.models) > 1 and round(100 * value, 2) == round(100 * best, 2)
+
+
 def results_table(rows: list[dict]) -> str:
     """Markdown: test scores (x100, mean ± std over seeds) per task and the suite average, models as columns, the
     best of each row in bold; then the finetuning time and training tokens per second."""
@@ -589,13 +607,12 @@ def results_table(rows: list[dict]) -> str:
                 continue
             mean, std, n = agg.score[model, task]
             text = f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if n > 1 else "")
-            cells.append(f"**{text}**" if mean == best and len(agg.models) > 1 else text)
+            cells.append(f"**{text}**" if _is_best(mean, best, agg) else text)
         lines.append(f"| {task} ({agg.metric[task]}) | " + " | ".join(cells) + " |")
     averages, common = suite_average(agg)
     if averages:
         best = max(averages.values())
-        cells = [f"**{100 * v:.2f}**" if v == best and len(agg.models) > 1 else f"{100 * v:.2f}"
-                 for v in averages.values()]  # fmt: skip
+        cells = [f"**{100 * v:.2f}**" if _is_best(v, best, agg) else f"{100 * v:.2f}" for v in averages.values()]
         label = "average" if len(common) == len(agg.tasks) else f"average ({len(common)} tasks all models ran)"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Finetuning time (seconds, mean over seeds) and training input tokens per second\n",

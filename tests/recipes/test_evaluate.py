@@ -191,5 +191,9 @@ def test_task_types_per_model_and_encoders_skip_generation():
     assert run_task_type(t5, get_task("french-qa")) == "text2text"
     assert run_task_type(t5, get_task("french-ner")) == "token-classification"
     assert run_task_type(bert, get_task("french-qa")) == "question-answering"
+    # a checkpoint finetuned with a task head (evaluated with --do_train false) keeps its head
+    assert run_task_type(T5Config(architectures=["T5ForSequenceClassification"]), get_task("allocine")) == (
+        "sequence-classification"
+    )
     with pytest.raises(FinetuneConfigError, match="encoder-only: it has no decoder"):
         run_task_type(bert, get_task("orange-sum"))
