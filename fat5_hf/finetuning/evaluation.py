@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import json
 import logging
 import os
@@ -479,18 +480,23 @@ def run_suite(args: EvaluationArguments, lora_args: LoraArguments, training_args
             plan += [(entry, spec, task_type, seed) for seed in args.seed_values]
 
     settings = evaluation_settings(args, lora_args, training_args)
-    rows = prepare_evaluation_dir(output_dir, settings, args.overwrite_output_dir)
+    # With several processes (accelerate launch) each one runs every finetuning data-parallel; the main process
+    # prepares the folder and converts the checkpoints first (the others then find the same settings and resume),
+    # and only it writes the results.
+    is_main = training_args.process_index == 0
+    with training_args.main_process_first(desc="evaluation output folder"):
+        rows = prepare_evaluation_dir(output_dir, settings, args.overwrite_output_dir)
+        paths = resolve_checkpoints(entries, output_dir / "converted")
     done = {row_key(r) for r in rows}
     todo = [p for p in plan if (p[0].name, p[1].name, p[3]) not in done]
+    say = functools.partial(print, flush=True) if is_main else logger.info
     if len(todo) < len(plan):
-        print(f"evaluate: {len(plan) - len(todo)} of {len(plan)} runs already in {output_dir / RESULTS_JSON}, skipped")
-    paths = resolve_checkpoints(entries, output_dir / "converted")
+        say(f"evaluate: {len(plan) - len(todo)} of {len(plan)} runs already in {output_dir / RESULTS_JSON}, skipped")
     env = environment()
     durations: list[float] = []
     for index, (entry, spec, task_type, seed) in enumerate(todo):
         eta = _format_seconds(sum(durations) / len(durations) * (len(todo) - index)) if durations else "?"
-        print(f"[{index + 1}/{len(todo)}] model={entry.name} task={spec.name} ({task_type}) seed={seed} ETA {eta}",
-              flush=True)  # fmt: skip
+        say(f"[{index + 1}/{len(todo)}] model={entry.name} task={spec.name} ({task_type}) seed={seed} ETA {eta}")
         run_dir = output_dir / RUNS_DIR / entry.name.replace("/", "--").replace(" ", "_") / spec.name / f"seed-{seed}"
         run_args = copy.deepcopy(training_args)
         run_args.output_dir, run_args.seed, run_args.push_to_hub = str(run_dir), seed, False
@@ -518,11 +524,14 @@ def run_suite(args: EvaluationArguments, lora_args: LoraArguments, training_args
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         row = _row(entry, paths[entry.name], spec, task_type, seed, summary, run_dir, peak, env)
         rows.append(row)
-        _write_results(output_dir, env, settings, entries, specs, args, rows)
+        if is_main:
+            _write_results(output_dir, env, settings, entries, specs, args, rows)
         took = f" (trained in {row['train_runtime_s']:.1f} s)" if row["train_runtime_s"] else ""
-        print(f"    {entry.name} on {spec.name}: {row['metric']} {_score_text(row['score'])}{took}", flush=True)
-    _write_results(output_dir, env, settings, entries, specs, args, rows)
-    table = write_reports(rows, output_dir)
+        say(f"    {entry.name} on {spec.name}: {row['metric']} {_score_text(row['score'])}{took}")
+    table = results_table(rows)
+    if is_main:
+        _write_results(output_dir, env, settings, entries, specs, args, rows)
+        write_reports(rows, output_dir)
     return {"rows": rows, "skipped": skipped, "table": table, "output_dir": str(output_dir)}
 
 

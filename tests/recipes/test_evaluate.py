@@ -197,3 +197,14 @@ def test_task_types_per_model_and_encoders_skip_generation():
     )
     with pytest.raises(FinetuneConfigError, match="encoder-only: it has no decoder"):
         run_task_type(bert, get_task("orange-sum"))
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_only(suite_run, models, tmp_path):
+    output_dir = tmp_path / "lora"
+    args = suite_args(models, output_dir, "--baselines", "", "--lora", "--lora_r", "2", tasks="allocine")
+    assert evaluate_recipe.main(args) == 0
+    (row,) = rows(output_dir)
+    full = next(r for r in rows(suite_run) if (r["model"], r["task"]) == ("FAT5", "allocine"))
+    assert 0 < row["trainable_parameters"] < full["trainable_parameters"] / 5
+    assert json.loads((output_dir / "evaluation_config.json").read_text())["lora"]["lora_r"] == 2
