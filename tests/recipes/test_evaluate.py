@@ -208,3 +208,24 @@ def test_lora_trains_adapters_only(suite_run, models, tmp_path):
     full = next(r for r in rows(suite_run) if (r["model"], r["task"]) == ("FAT5", "allocine"))
     assert 0 < row["trainable_parameters"] < full["trainable_parameters"] / 5
     assert json.loads((output_dir / "evaluation_config.json").read_text())["lora"]["lora_r"] == 2
+
+
+def test_embedded_default_builds_its_models_and_parses(tmp_path, monkeypatch, capsys):
+    """The no-argument run's setup (the run itself takes minutes: see the README): with no quickstart model, a tiny
+    FAT5 is saved and converted to a Hugging Face T5 with the same weights, then the arguments parse."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
+
+    monkeypatch.chdir(tmp_path)
+    args, lora_args, training_args = evaluate_recipe.parse_args([])
+    assert "no pretrained model in outputs/fat5-tiny-pretrain" in capsys.readouterr().out
+    assert args.task_names == ("allocine", "french-ner", "french-qa", "orange-sum")
+    assert (training_args.do_train, training_args.do_predict, training_args.max_steps) == (True, True, 16)
+    assert not lora_args.lora and training_args.report_to == []
+    fat5_dir = tmp_path / "outputs/fat5-tiny-evaluate-models/fat5-tiny"
+    t5_dir = fat5_dir.with_name("fat5-tiny-as-t5")
+    fat5 = AutoModelForSeq2SeqLM.from_pretrained(fat5_dir).eval()
+    t5 = T5ForConditionalGeneration.from_pretrained(t5_dir).eval()
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(fat5(input_ids=ids, labels=ids).logits, t5(input_ids=ids, labels=ids).logits)
