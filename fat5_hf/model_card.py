@@ -270,7 +270,7 @@ def write_evaluation_model_card(
     datasets: list[str] | None = None,
     license: str = "apache-2.0",
 ):
-    """Writes ``output_dir/README.md`` for a model scored by ``recipes/evaluate.py`` (template ``fat5_evaluated.md``).
+    """Writes ``output_dir/README.md`` for a model scored by ``recipes/evaluate_models.py`` (template ``fat5_evaluated.md``).
 
     Args:
         output_dir: the folder to push (the model before finetuning, saved with its custom code).

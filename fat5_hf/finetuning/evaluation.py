@@ -1,6 +1,6 @@
 """The evaluation suite: finetune and test several models side by side on the French tasks, then aggregate.
 
-``recipes/evaluate.py`` is a command line over `run_suite`. For each model, task and seed it calls the finetuning
+``recipes/evaluate_models.py`` is a command line over `run_suite`. For each model, task and seed it calls the finetuning
 recipe's `train_and_evaluate` (same registry, data loading, metrics and training code) with the task's registry
 hyperparameters, and records one row: the test score, the training time, training tokens per second, peak GPU memory,
 device and versions. Rows go to ``results.json`` as they finish, so a run that stops resumes where it was; the

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Finetune and test models side by side on French tasks: scores, finetuning time, tables, a plot, a model card.
 
-    python recipes/evaluate.py                                   # the embedded tiny suite: CPU, shipped data, minutes
-    python recipes/evaluate.py --model_name_or_path my-user/fat5-base-fr \\
+    python recipes/evaluate_models.py                            # the embedded tiny suite: CPU, shipped data, minutes
+    python recipes/evaluate_models.py --model_name_or_path my-user/fat5-base-fr \\
         --baselines camembert-base,google/mt5-base,fat5:google/flan-t5-base --suite french --seeds 1,2,3 \\
         --output_dir outputs/eval-fat5-base
-    python recipes/evaluate.py --model_name_or_path outputs/allocine --tasks allocine --do_train false ...
-    python recipes/evaluate.py recipes/configs/evaluate.yaml                       # every argument from one file
+    python recipes/evaluate_models.py --model_name_or_path outputs/allocine --tasks allocine --do_train false ...
+    python recipes/evaluate_models.py recipes/configs/evaluate.yaml                       # every argument from one file
 
 For each model, task and seed the finetuning recipe's ``train_and_evaluate`` finetunes a copy of the model with the
 task's registry hyperparameters (``python recipes/finetune.py --list_tasks``; training flags given here override them)
@@ -23,7 +23,10 @@ Output folder::
     output_dir/runs/<model>/<task>/seed-<n>/  # each run's metrics and predictions (and model, with --save_models)
     output_dir/hub/                    # with --push_to_hub: the model, its code, tokenizer, card and results pushed
 
-Multi-GPU: ``accelerate launch recipes/evaluate.py ...`` runs each finetuning data-parallel.
+Multi-GPU: ``accelerate launch recipes/evaluate_models.py ...`` runs each finetuning data-parallel.
+
+(Not ``evaluate.py``: a script of that name in ``recipes/`` would shadow the ``evaluate`` library, which the task
+metrics import, for every recipe run from this folder.)
 """
 
 from __future__ import annotations
@@ -31,10 +34,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-
-# This file has the name of the `evaluate` library that the task metrics load: keep its folder off the import path
-# (python puts a script's folder first) so that `import evaluate` finds the library.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DATA = REPO_ROOT / "recipes" / "data" / "finetune"
@@ -61,11 +60,11 @@ def embedded_models() -> tuple[Path, Path]:
 
     if (PRETRAINED_TINY / "config.json").is_file():
         fat5 = PRETRAINED_TINY
-        print(f"evaluate.py: evaluating the pretraining quickstart's model in {PRETRAINED_TINY}")
+        print(f"evaluate_models.py: evaluating the pretraining quickstart's model in {PRETRAINED_TINY}")
     else:
         fat5 = EMBEDDED_MODELS / "fat5-tiny"
         print(
-            f"evaluate.py: no pretrained model in {PRETRAINED_TINY} (run `python recipes/pretrain.py` first to "
+            f"evaluate_models.py: no pretrained model in {PRETRAINED_TINY} (run `python recipes/pretrain.py` first to "
             f"evaluate it); evaluating a randomly initialized tiny FAT5 saved in {fat5}"
         )
         if not (fat5 / "config.json").is_file():
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             print(f"pushed {hub_dir} to https://huggingface.co/{training_args.hub_model_id}")
     except (EvaluationConfigError, FinetuneConfigError, FinetuneDataError, UnknownTaskError, HubPushError) as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        print(f"evaluate_models.py: error: {err}", file=sys.stderr)
         return 2
     return 0
 

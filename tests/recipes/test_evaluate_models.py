@@ -1,4 +1,4 @@
-"""Tests of the evaluation recipe (recipes/evaluate.py) on CPU: a tiny FAT5 against the same weights as a Hugging Face
+"""Tests of the evaluation recipe (recipes/evaluate_models.py) on CPU: a tiny FAT5 against the same weights as a Hugging Face
 T5, on two shipped fixtures (classification as text-to-text, NER with token-classification heads).
 
 Covered: the suite end to end (JSON rows, Markdown table with the models as columns, the plot); equal weights give
@@ -10,19 +10,18 @@ its custom code, the tokenizer, a card that parses back and the results (to a st
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = REPO_ROOT / "recipes" / "data" / "finetune"
+RECIPES = REPO_ROOT / "recipes"
+FIXTURES = RECIPES / "data" / "finetune"
+sys.path.insert(0, str(RECIPES))
 
-# Imported under another name: `evaluate` is the metrics library's name.
-_spec = importlib.util.spec_from_file_location("evaluate_recipe", REPO_ROOT / "recipes" / "evaluate.py")
-evaluate_recipe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_recipe)
+import evaluate_models as evaluate_recipe  # noqa: E402
 
 TINY = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=1, num_decoder_layers=1)
 
