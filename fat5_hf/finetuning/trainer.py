@@ -419,6 +419,12 @@ def train_and_evaluate(
 
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         raise FinetuneConfigError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
+    push_to_hub = training_args.push_to_hub
+    if push_to_hub:
+        if not (training_args.do_train and save_model_and_card and training_args.hub_model_id):
+            raise FinetuneConfigError("--push_to_hub pushes the trained model: it needs --do_train and --hub_model_id")
+        # Pushed once at the end with fat5_hf.hub_push (the Trainer's own push would replace the FAT5 model card).
+        training_args.push_to_hub = False
     spec = resolve_task(data_args)
     apply_task_defaults(spec, data_args, training_args)
     set_seed(training_args.seed)
@@ -491,6 +497,14 @@ def train_and_evaluate(
         save_model(trainer, tokenizer, output_dir, lora_args)
         if trainer.is_world_process_zero():
             write_card(output_dir, trainer, spec, model_args, data_args, lora_args, summary)
+    if push_to_hub and trainer.is_world_process_zero():
+        from fat5_hf.hub_push import push_folder_to_hub
+
+        push_folder_to_hub(
+            output_dir, training_args.hub_model_id, private=training_args.hub_private_repo,
+            commit_message=f"FAT5 finetuned on {spec.name} with fat5-hf's recipe",
+            ignore_patterns=["checkpoint-*", "checkpoint-*/*", "runs/*"],
+        )  # fmt: skip
     return summary
 
 
