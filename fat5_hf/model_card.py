@@ -15,6 +15,7 @@ from typing import Any
 MODEL_CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"
 PRETRAINED_TEMPLATE = MODEL_CARDS_DIR / "fat5_pretrained.md"
 FINETUNED_TEMPLATE = MODEL_CARDS_DIR / "fat5_finetuned.md"
+EVALUATED_TEMPLATE = MODEL_CARDS_DIR / "fat5_evaluated.md"
 
 CITATION = """@software{fat5_hf,
   title = {fat5-hf: fast T5-family encoder-decoders for Hugging Face Transformers},
@@ -252,9 +253,6 @@ def write_finetuning_model_card(
     )
     card.save(output_dir / "README.md")
     return card
-
-
-EVALUATED_TEMPLATE = MODEL_CARDS_DIR / "fat5_evaluated.md"
 
 
 def write_evaluation_model_card(

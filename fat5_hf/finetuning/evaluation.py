@@ -117,7 +117,10 @@ class EvaluationArguments:
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "replace an --output_dir that holds another configuration's results (refused otherwise)"},
+        metadata={
+            "help": "replace an --output_dir that holds another configuration's results (refused otherwise; the same "
+            "configuration is resumed: delete the folder to start over)"
+        },
     )
     hub_private: bool = field(default=False, metadata={"help": "with --push_to_hub: create a private repository"})
 
@@ -302,11 +305,14 @@ def _jsonable(value):
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
-def prepare_evaluation_dir(output_dir: str | Path, settings: dict[str, Any], overwrite_output_dir: bool) -> list[dict]:
+def prepare_evaluation_dir(
+    output_dir: str | Path, settings: dict[str, Any], overwrite_output_dir: bool, models: dict[str, str] | None = None
+) -> list[dict]:
     """The one place where the evaluation's output folder is checked and made ready; returns the rows to keep.
 
     - empty or absent: created, with ``evaluation_config.json`` holding ``settings``;
-    - holding an evaluation with the same settings: resumed (its ``results.json`` rows are returned and skipped);
+    - holding an evaluation with the same settings, where each model name of ``models`` (name -> checkpoint) still
+      names the same checkpoint: resumed (its ``results.json`` rows are returned and skipped);
     - holding anything else (another evaluation's results, other files): refused unless ``overwrite_output_dir``,
       which then empties it.
 
@@ -320,15 +326,19 @@ def prepare_evaluation_dir(output_dir: str | Path, settings: dict[str, Any], ove
     if output_dir.is_dir() and any(output_dir.iterdir()):
         config_file = output_dir / CONFIG_JSON
         previous = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
-        if previous == settings:
-            results_file = output_dir / RESULTS_JSON
-            if results_file.is_file():
-                rows = json.loads(results_file.read_text(encoding="utf-8"))["rows"]
+        results_file = output_dir / RESULTS_JSON
+        if previous == settings and results_file.is_file():
+            rows = json.loads(results_file.read_text(encoding="utf-8"))["rows"]
+        moved = sorted({f"{r['model']} ({r['model_name_or_path']}, now {models[r['model']]})" for r in rows
+                        if r["model"] in (models or {}) and r["model_name_or_path"] != models[r["model"]]})  # fmt: skip
+        if previous == settings and not moved:
             logger.warning("Resuming the evaluation in %s: %d finished row(s) are kept", output_dir, len(rows))
             return rows
         if not overwrite_output_dir:
             if previous is None:
                 what = "files that are not an evaluation's results"
+            elif moved:
+                what = f"results of models now named for other checkpoints: {', '.join(moved)}"
             else:
                 differing = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
                 what = f"the results of another configuration (different {', '.join(differing)})"
@@ -336,6 +346,7 @@ def prepare_evaluation_dir(output_dir: str | Path, settings: dict[str, Any], ove
                 f"--output_dir {output_dir} holds {what}; pass --overwrite_output_dir to replace them, or choose "
                 "another folder"
             )
+        rows = []
         for child in output_dir.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -485,7 +496,8 @@ def run_suite(args: EvaluationArguments, lora_args: LoraArguments, training_args
     # and only it writes the results.
     is_main = training_args.process_index == 0
     with training_args.main_process_first(desc="evaluation output folder"):
-        rows = prepare_evaluation_dir(output_dir, settings, args.overwrite_output_dir)
+        rows = prepare_evaluation_dir(output_dir, settings, args.overwrite_output_dir,
+                                      models={e.name: e.path for e in entries})  # fmt: skip
         paths = resolve_checkpoints(entries, output_dir / "converted")
     done = {row_key(r) for r in rows}
     todo = [p for p in plan if (p[0].name, p[1].name, p[3]) not in done]

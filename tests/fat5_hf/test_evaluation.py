@@ -82,6 +82,11 @@ def test_output_dir_rule(tmp_path):
     with pytest.raises(EvaluationConfigError, match=r"another configuration \(different training\)"):
         prepare_evaluation_dir(out, other, False)
     assert json.loads((out / "results.json").read_text())["rows"] == ROWS[:2]  # nothing lost
+    rows = [{**ROWS[0], "model_name_or_path": "a"}]
+    (out / "results.json").write_text(json.dumps({"rows": rows}))
+    assert prepare_evaluation_dir(out, settings, False, models={"FAT5": "a", "T5": "t"}) == rows
+    with pytest.raises(EvaluationConfigError, match=r"models now named for other checkpoints: FAT5 \(a, now b\)"):
+        prepare_evaluation_dir(out, settings, False, models={"FAT5": "b"})
     assert prepare_evaluation_dir(out, other, True) == []
     assert sorted(p.name for p in out.iterdir()) == [CONFIG_JSON]
     (tmp_path / "file").write_text("x")
