@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import DataTrainingArguments, FinetuneConfigError, LoraArguments, ModelArguments
-from .tasks import TASKS, TaskSpec, UnknownTaskError, get_task
+from .tasks import TASKS, TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +134,12 @@ class EvaluationArguments:
                 f"unknown suite {self.suite!r}; known suites: "
                 + "; ".join(f"{name} ({', '.join(tasks)})" for name, tasks in SUITES.items())
             )
-        for name in self.task_names:
-            try:
-                get_task(name)
-            except UnknownTaskError as err:
-                raise EvaluationConfigError(str(err)) from None
+        unknown = [name for name in self.task_names if name not in TASKS]
+        if unknown:
+            raise EvaluationConfigError(
+                f"unknown task {', '.join(map(repr, unknown))}; known tasks: {', '.join(TASKS)} (or --suite: "
+                f"{', '.join(SUITES)})"
+            )
         self.seed_values  # noqa: B018 (checks them)
         if self.seq2seq_task_types not in ("text2text", "native"):
             raise EvaluationConfigError(

@@ -161,7 +161,7 @@ def test_another_configuration_is_refused_then_overwritten(models, tmp_path, cap
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--tasks", "allocine,sentiment"], "unknown task 'sentiment'; known tasks: allocine"),
+        (["--tasks", "allocine,sentiment"], "unknown task 'sentiment'; known tasks: allocine, xnli-fr"),
         (["--suite", "english"], "unknown suite 'english'; known suites: french ("),
         (["--seeds", "1,two"], "'two' is not an integer"),
         (["--suite", "french"], "either --tasks"),
@@ -228,3 +228,27 @@ def test_embedded_default_builds_its_models_and_parses(tmp_path, monkeypatch, ca
     ids = torch.tensor([[5, 6, 7, 1]])
     with torch.no_grad():
         torch.testing.assert_close(fat5(input_ids=ids, labels=ids).logits, t5(input_ids=ids, labels=ids).logits)
+
+
+@pytest.mark.slow
+def test_encoder_baseline_runs_its_head_and_skips_generation(models, tmp_path, capsys):
+    """A BERT-like encoder (from a config, with the shipped tokenizer) runs classification with
+    AutoModelForSequenceClassification and is skipped, with the reason, on summarization; the suite goes on."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    encoder = tmp_path / "bert-tiny"
+    tokenizer = AutoTokenizer.from_pretrained(RECIPES / "data" / "tokenizer")
+    BertModel(BertConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, pad_token_id=tokenizer.pad_token_id)).save_pretrained(encoder)  # fmt: skip
+    tokenizer.save_pretrained(encoder)
+    output_dir = tmp_path / "out"
+    args = suite_args(models, output_dir, "--baselines", f"BERT={encoder}", "--max_train_samples", "8",
+                      "--max_predict_samples", "4", "--max_steps", "1", tasks="allocine,orange-sum")  # fmt: skip
+    assert evaluate_recipe.main(args) == 0
+    out = capsys.readouterr().out
+    assert "skipped BERT on orange-sum: orange-sum is a generation task" in out and "encoder-only" in out
+    got = {(r["model"], r["task"]): r["task_type"] for r in rows(output_dir)}
+    assert got == {("FAT5", "allocine"): "text2text", ("FAT5", "orange-sum"): "text2text",
+                   ("BERT", "allocine"): "sequence-classification"}  # fmt: skip
+    assert "| orange-sum (rougeL) |" in (output_dir / "results.md").read_text()
+    assert "| average (1 tasks all models ran) |" in (output_dir / "results.md").read_text()
