@@ -480,16 +480,19 @@ def run_suite(args: EvaluationArguments, lora_args: LoraArguments, training_args
                 f"{AS_FAT5_PREFIX}{entry.path}: only T5 / mT5 / FLAN-T5 checkpoints convert to FAT5, this one is "
                 f"{configs[entry.name].model_type!r}"
             )
-    plan, skipped = [], []
+    task_types, skipped = {}, []
     for entry in entries:
         for spec in specs:
             try:
-                task_type = run_task_type(configs[entry.name], spec, args.seq2seq_task_types)
+                task_types[entry.name, spec.name] = run_task_type(configs[entry.name], spec, args.seq2seq_task_types)
             except FinetuneConfigError as err:
                 logger.warning("Skipping %s on %s: %s", entry.name, spec.name, err)
                 skipped.append((entry.name, spec.name, str(err)))
-                continue
-            plan += [(entry, spec, task_type, seed) for seed in args.seed_values]
+    # The models take turns on each task and seed: a machine whose load drifts over the hours of a suite weighs on
+    # every model's training time alike.
+    plan = [(entry, spec, task_types[entry.name, spec.name], seed)
+            for spec in specs for seed in args.seed_values for entry in entries
+            if (entry.name, spec.name) in task_types]  # fmt: skip
 
     settings = evaluation_settings(args, lora_args, training_args)
     # With several processes (accelerate launch) each one runs every finetuning data-parallel; the main process
