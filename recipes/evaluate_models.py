@@ -103,7 +103,7 @@ def embedded_default_args() -> list[str]:
         "--overwrite_output_dir", "true",
         "--max_seq_length", "128",
         "--max_train_samples", "48", "--max_predict_samples", "16",
-        "--max_steps", "16",
+        "--max_steps", "32",
         "--learning_rate", "1e-3",
         "--per_device_train_batch_size", "16",
         "--per_device_eval_batch_size", "16",

@@ -219,7 +219,7 @@ def test_embedded_default_builds_its_models_and_parses(tmp_path, monkeypatch, ca
     args, lora_args, training_args = evaluate_recipe.parse_args([])
     assert "no pretrained model in outputs/fat5-tiny-pretrain" in capsys.readouterr().out
     assert args.task_names == ("allocine", "french-ner", "french-qa", "orange-sum")
-    assert (training_args.do_train, training_args.do_predict, training_args.max_steps) == (True, True, 16)
+    assert (training_args.do_train, training_args.do_predict, training_args.max_steps) == (True, True, 32)
     assert not lora_args.lora and training_args.report_to == []
     fat5_dir = tmp_path / "outputs/fat5-tiny-evaluate-models/fat5-tiny"
     t5_dir = fat5_dir.with_name("fat5-tiny-as-t5")
