@@ -252,3 +252,20 @@ def test_encoder_baseline_runs_its_head_and_skips_generation(models, tmp_path, c
                    ("BERT", "allocine"): "sequence-classification"}  # fmt: skip
     assert "| orange-sum (rougeL) |" in (output_dir / "results.md").read_text()
     assert "| average (1 tasks all models ran) |" in (output_dir / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_finetuned_model_is_evaluated_alone_with_the_same_score(models, tmp_path):
+    """--save_models keeps each finetuned model; --do_train false then scores it alone, with its own head."""
+    trained = tmp_path / "trained"
+    args = suite_args(models, trained, "--baselines", "", "--save_models", tasks="french-ner")
+    assert evaluate_recipe.main(args) == 0
+    (row,) = rows(trained)
+    finetuned = trained / "runs" / "FAT5" / "french-ner" / "seed-0"
+    assert (finetuned / "model.safetensors").is_file() and (finetuned / "README.md").is_file()
+    alone = tmp_path / "alone"
+    args = suite_args((finetuned, models[1]), alone, "--baselines", "", "--do_train", "false", tasks="french-ner")
+    assert evaluate_recipe.main(args) == 0
+    (again,) = rows(alone)
+    assert again["task_type"] == "token-classification" and again["train_runtime_s"] is None
+    assert again["score"] == pytest.approx(row["score"])
