@@ -15,6 +15,7 @@ from typing import Any
 MODEL_CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"
 PRETRAINED_TEMPLATE = MODEL_CARDS_DIR / "fat5_pretrained.md"
 FINETUNED_TEMPLATE = MODEL_CARDS_DIR / "fat5_finetuned.md"
+EVALUATED_TEMPLATE = MODEL_CARDS_DIR / "fat5_evaluated.md"
 
 CITATION = """@software{fat5_hf,
   title = {fat5-hf: fast T5-family encoder-decoders for Hugging Face Transformers},
@@ -76,6 +77,30 @@ def _architecture(model, tokenizer) -> dict[str, Any]:
         vocab_size=config.vocab_size,
         tokenizer_size=len(tokenizer),
     )
+
+
+def _eval_results(results: list[TaskResult]) -> list:
+    """The ``model-index`` entries of ``results``."""
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type=_TASK_TYPE_LOADING[r.task_type][0],
+            dataset_type=r.dataset_name,
+            dataset_name=r.task_name,
+            dataset_config=r.dataset_config,
+            dataset_split=r.dataset_split,
+            metric_type=r.metric_type,
+            metric_name=r.metric_name or r.metric_type,
+            metric_value=round(float(r.metric_value), 4),
+        )
+        for r in results
+    ]
+
+
+def _hub_base_model(base_model: str | None) -> str | None:
+    """``base_model`` when it is a Hub id (a local path goes only into the card's text)."""
+    return base_model if base_model and not Path(base_model).exists() and base_model.count("/") == 1 else None
 
 
 def write_pretraining_model_card(
@@ -184,28 +209,14 @@ def write_finetuning_model_card(
     Returns:
         The ``huggingface_hub.ModelCard`` written.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     if task_type not in _TASK_TYPE_LOADING:
         raise ValueError(f"task_type={task_type!r}; expected one of {', '.join(_TASK_TYPE_LOADING)}")
     pipeline_tag, auto_class = _TASK_TYPE_LOADING[task_type]
     output_dir = Path(output_dir)
-    eval_results = [
-        EvalResult(
-            task_type=_TASK_TYPE_LOADING[r.task_type][0],
-            dataset_type=r.dataset_name,
-            dataset_name=r.task_name,
-            dataset_config=r.dataset_config,
-            dataset_split=r.dataset_split,
-            metric_type=r.metric_type,
-            metric_name=r.metric_name or r.metric_type,
-            metric_value=round(float(r.metric_value), 4),
-        )
-        for r in results
-    ]
-    hub_base_model = (
-        base_model if base_model and not Path(base_model).exists() and base_model.count("/") == 1 else None
-    )
+    eval_results = _eval_results(results)
+    hub_base_model = _hub_base_model(base_model)
     card_data = ModelCardData(
         language="fr",
         license=license,
@@ -241,4 +252,63 @@ def write_finetuning_model_card(
         citation=CITATION,
     )
     card.save(output_dir / "README.md")
+    return card
+
+
+def write_evaluation_model_card(
+    output_dir: str | Path,
+    *,
+    model,
+    tokenizer,
+    model_id: str,
+    base_model: str | None,
+    results: list[TaskResult],
+    comparison: str,
+    training: dict[str, Any],
+    datasets: list[str] | None = None,
+    license: str = "apache-2.0",
+):
+    """Writes ``output_dir/README.md`` for a model scored by ``recipes/evaluate_models.py`` (template ``fat5_evaluated.md``).
+
+    Args:
+        output_dir: the folder to push (the model before finetuning, saved with its custom code).
+        model, tokenizer: that model and its tokenizer (architecture table).
+        model_id: the model's name (Hub id when pushed).
+        base_model: where the model came from (a Hub id also goes into the ``base_model`` metadata).
+        results: one `TaskResult` per task: the mean score of the finetuned copies (``model-index``).
+        comparison: the evaluation's Markdown tables (this model and the baselines side by side).
+        training: the finetuning settings shared by the tasks, shown as a table.
+        datasets: Hub ids of the tasks' datasets (metadata).
+        license: licence of the weights (metadata).
+
+    Returns:
+        The ``huggingface_hub.ModelCard`` written.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    eval_results = _eval_results(results)
+    hub_base_model = _hub_base_model(base_model)
+    card_data = ModelCardData(
+        language="fr",
+        license=license,
+        library_name="transformers",
+        pipeline_tag="text2text-generation",
+        tags=["fat5", "t5", "text2text-generation", "custom_code", "french-evaluation"],
+        datasets=datasets or None,
+        base_model=hub_base_model,
+        metrics=sorted({r.metric_type for r in results}) or None,
+        model_name=model_id,
+        eval_results=eval_results or None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=_template(EVALUATED_TEMPLATE),
+        model_id=model_id,
+        base_model=base_model,
+        comparison=comparison,
+        training=training,
+        **_architecture(model, tokenizer),
+        citation=CITATION,
+    )
+    card.save(Path(output_dir) / "README.md")
     return card

@@ -404,12 +404,19 @@ def train_and_evaluate(
     data_args: DataTrainingArguments,
     lora_args: LoraArguments,
     training_args,
+    *,
+    model_loader=None,
+    save_model_and_card: bool = True,
 ) -> dict[str, Any]:
     """Finetunes, evaluates and predicts as the ``do_*`` flags of ``training_args`` say; saves everything.
 
     Args:
         model_args, data_args, lora_args: the recipe's argument dataclasses.
         training_args: ``Seq2SeqTrainingArguments`` (``output_dir``, ``do_train``...).
+        model_loader: ``(model_args, spec, label_names, tokenizer) -> model`` replacing `load_model` (the evaluation
+            recipe loads baselines that are not FAT5 with it).
+        save_model_and_card: save the trained model, its tokenizer and a model card (metrics and predictions are
+            always written).
 
     Returns:
         ``{"train": {...}, "eval": {...}, "test": {...}, "task": name, "output_dir": str, "trainable_parameters": n}``
@@ -422,6 +429,12 @@ def train_and_evaluate(
 
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         raise FinetuneConfigError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
+    push_to_hub = training_args.push_to_hub
+    if push_to_hub:
+        if not (training_args.do_train and save_model_and_card and training_args.hub_model_id):
+            raise FinetuneConfigError("--push_to_hub pushes the trained model: it needs --do_train and --hub_model_id")
+        # Pushed once at the end with fat5_hf.hub_push (the Trainer's own push would replace the FAT5 model card).
+        training_args.push_to_hub = False
     spec = resolve_task(data_args)
     apply_task_defaults(spec, data_args, training_args)
     set_seed(training_args.seed)
@@ -433,7 +446,7 @@ def train_and_evaluate(
     if label_names is not None:
         check_labels(spec, raw, label_names)
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, spec, label_names, tokenizer)
+    model = (model_loader or load_model)(model_args, spec, label_names, tokenizer)
     if lora_args.lora:
         model = apply_lora(model, spec.task_type, lora_args, training_args.gradient_checkpointing)
     trainable, total = trainable_parameters(model)
@@ -515,10 +528,18 @@ def _train_evaluate_predict(
             with open(output_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
                 for record in evaluator.records(output.predictions, output.label_ids):
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    if training_args.do_train:
+    if training_args.do_train and save_model_and_card:
         save_model(trainer, tokenizer, output_dir, lora_args)
         if trainer.is_world_process_zero():
             write_card(output_dir, trainer, spec, model_args, data_args, lora_args, summary)
+    if push_to_hub and trainer.is_world_process_zero():
+        from fat5_hf.hub_push import push_folder_to_hub
+
+        push_folder_to_hub(
+            output_dir, training_args.hub_model_id, private=training_args.hub_private_repo,
+            commit_message=f"FAT5 finetuned on {spec.name} with fat5-hf's recipe",
+            ignore_patterns=["checkpoint-*", "checkpoint-*/*", "runs/*"],
+        )  # fmt: skip
     return summary
 
 
