@@ -31,7 +31,8 @@ def push_folder_to_hub(
         repo_id: ``"user/name"`` or ``"org/name"`` on the Hub.
         private: visibility of a repository created here (an existing repository keeps its own).
         commit_message: the Hub commit's title.
-        ignore_patterns: glob patterns of files not to upload (checkpoints, logs).
+        ignore_patterns: glob patterns of files not to upload (checkpoints, logs); the recipes' run lock
+            (`fat5_hf.output_dir.LOCK_FILE`) is never uploaded.
         token: a Hub token; default, the one ``huggingface-cli login`` saved or ``HF_TOKEN``.
 
     Returns:
@@ -41,6 +42,8 @@ def push_folder_to_hub(
         HubPushError: no ``repo_id``, or the folder is missing, not a saved model, or has no model card.
     """
     from huggingface_hub import HfApi
+
+    from .output_dir import LOCK_FILE
 
     if not repo_id:
         raise HubPushError("--push_to_hub needs --hub_model_id (e.g. my-user/fat5-small-fr)")
@@ -55,5 +58,5 @@ def push_folder_to_hub(
         folder_path=str(folder),
         repo_type="model",
         commit_message=commit_message,
-        ignore_patterns=ignore_patterns,
+        ignore_patterns=[*(ignore_patterns or []), LOCK_FILE],  # the run's lock is not part of the model
     )

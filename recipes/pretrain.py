@@ -66,9 +66,9 @@ from pretrain_data import (  # noqa: E402
     tokenize_documents,
 )
 
+from fat5_hf.hub_push import push_folder_to_hub  # noqa: E402
 from fat5_hf.model_card import write_pretraining_model_card  # noqa: E402
 from fat5_hf.output_dir import (  # noqa: E402
-    LOCK_FILE,
     OutputDirInUseError,
     OutputDirNotEmptyError,
     ensure_output_dir_free,
@@ -762,16 +762,11 @@ def export_model(
 
         publish_dir_atomically(output_dir, write_export, keep=RUN_ENTRIES)
         if config.training.push_to_hub:
-            from huggingface_hub import HfApi
-
-            api = HfApi()
-            api.create_repo(config.training.hub_model_id, private=config.training.hub_private, exist_ok=True)
-            api.upload_folder(
-                repo_id=config.training.hub_model_id,
-                folder_path=str(output_dir),
-                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", f"{LOGS_DIR}/*", TRAIN_LOG_FILE, LOCK_FILE],
+            push_folder_to_hub(
+                output_dir, config.training.hub_model_id, private=config.training.hub_private,
                 commit_message=f"FAT5 pretrained {config.training.max_steps} steps with fat5-hf's recipe",
-            )
+                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", f"{LOGS_DIR}/*", TRAIN_LOG_FILE],
+            )  # fmt: skip
     accelerator.wait_for_everyone()
 
 

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..output_dir import OutputDirInUseError, hold_output_dir, output_dir_contents
 from .arguments import DataTrainingArguments, FinetuneConfigError, LoraArguments, ModelArguments
 from .tasks import TASKS, TaskSpec, get_task
 
@@ -324,7 +325,8 @@ def prepare_evaluation_dir(
     if output_dir.exists() and not output_dir.is_dir():
         raise EvaluationConfigError(f"--output_dir {output_dir} is a file; choose a folder")
     rows: list[dict] = []
-    if output_dir.is_dir() and any(output_dir.iterdir()):
+    contents = output_dir_contents(output_dir)  # the run's lock file is not the evaluation's
+    if contents:
         config_file = output_dir / CONFIG_JSON
         previous = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
         results_file = output_dir / RESULTS_JSON
@@ -348,7 +350,7 @@ def prepare_evaluation_dir(
                 "another folder"
             )
         rows = []
-        for child in output_dir.iterdir():
+        for child in contents:
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json(output_dir / CONFIG_JSON, settings)
@@ -499,56 +501,63 @@ def run_suite(args: EvaluationArguments, lora_args: LoraArguments, training_args
     # prepares the folder and converts the checkpoints first (the others then find the same settings and resume),
     # and only it writes the results.
     is_main = training_args.process_index == 0
-    with training_args.main_process_first(desc="evaluation output folder"):
-        rows = prepare_evaluation_dir(output_dir, settings, args.overwrite_output_dir,
-                                      models={e.name: e.path for e in entries})  # fmt: skip
-        paths = resolve_checkpoints(entries, output_dir / "converted")
-    done = {row_key(r) for r in rows}
-    todo = [p for p in plan if (p[0].name, p[1].name, p[3]) not in done]
-    say = functools.partial(print, flush=True) if is_main else logger.info
-    if len(todo) < len(plan):
-        say(f"evaluate: {len(plan) - len(todo)} of {len(plan)} runs already in {output_dir / RESULTS_JSON}, skipped")
-    env = environment()
-    durations: list[float] = []
-    for index, (entry, spec, task_type, seed) in enumerate(todo):
-        eta = _format_seconds(sum(durations) / len(durations) * (len(todo) - index)) if durations else "?"
-        say(f"[{index + 1}/{len(todo)}] model={entry.name} task={spec.name} ({task_type}) seed={seed} ETA {eta}")
-        run_dir = output_dir / RUNS_DIR / entry.name.replace("/", "--").replace(" ", "_") / spec.name / f"seed-{seed}"
-        run_args = copy.deepcopy(training_args)
-        run_args.output_dir, run_args.seed, run_args.push_to_hub = str(run_dir), seed, False
-        if run_args.include_num_input_tokens_seen == "no":
-            run_args.include_num_input_tokens_seen = "non_padding"
-        model_args = ModelArguments(model_name_or_path=paths[entry.name])
-        data_args = DataTrainingArguments(
-            task=spec.name, task_type=task_type if task_type != spec.task_type else None,
-            dataset_path=str(Path(args.dataset_dir) / spec.name) if args.dataset_dir else None,
-            max_seq_length=args.max_seq_length, max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples, max_predict_samples=args.max_predict_samples,
-            overwrite_output_dir=True,  # a run folder left by an interrupted run has no row: it starts again
-        )  # fmt: skip
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        try:
-            summary = train_and_evaluate(model_args, data_args, lora_args, run_args, model_loader=load_any_model,
-                                         save_model_and_card=args.save_models)  # fmt: skip
-        except FinetuneConfigError as err:
-            logger.warning("Skipping %s on %s: %s", entry.name, spec.name, err)
-            skipped.append((entry.name, spec.name, str(err)))
-            continue
-        durations.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-        row = _row(entry, paths[entry.name], spec, task_type, seed, summary, run_dir, peak, env)
-        rows.append(row)
+    # The evaluation's own rule decides what an existing folder may hold (prepare_evaluation_dir); the lock only
+    # keeps a second run out of it while this one lasts.
+    try:
+        lock = hold_output_dir(output_dir, resume=True, is_main_process=is_main)
+    except OutputDirInUseError as err:
+        raise EvaluationConfigError(f"--output_dir {err}") from err
+    with lock:
+        with training_args.main_process_first(desc="evaluation output folder"):
+            rows = prepare_evaluation_dir(output_dir, settings, args.overwrite_output_dir,
+                                          models={e.name: e.path for e in entries})  # fmt: skip
+            paths = resolve_checkpoints(entries, output_dir / "converted")
+        done = {row_key(r) for r in rows}
+        todo = [p for p in plan if (p[0].name, p[1].name, p[3]) not in done]
+        say = functools.partial(print, flush=True) if is_main else logger.info
+        if len(todo) < len(plan):
+            say(f"evaluate: {len(plan) - len(todo)} of {len(plan)} runs already in {output_dir / RESULTS_JSON}, skipped")
+        env = environment()
+        durations: list[float] = []
+        for index, (entry, spec, task_type, seed) in enumerate(todo):
+            eta = _format_seconds(sum(durations) / len(durations) * (len(todo) - index)) if durations else "?"
+            say(f"[{index + 1}/{len(todo)}] model={entry.name} task={spec.name} ({task_type}) seed={seed} ETA {eta}")
+            run_dir = output_dir / RUNS_DIR / entry.name.replace("/", "--").replace(" ", "_") / spec.name / f"seed-{seed}"
+            run_args = copy.deepcopy(training_args)
+            run_args.output_dir, run_args.seed, run_args.push_to_hub = str(run_dir), seed, False
+            if run_args.include_num_input_tokens_seen == "no":
+                run_args.include_num_input_tokens_seen = "non_padding"
+            model_args = ModelArguments(model_name_or_path=paths[entry.name])
+            data_args = DataTrainingArguments(
+                task=spec.name, task_type=task_type if task_type != spec.task_type else None,
+                dataset_path=str(Path(args.dataset_dir) / spec.name) if args.dataset_dir else None,
+                max_seq_length=args.max_seq_length, max_train_samples=args.max_train_samples,
+                max_eval_samples=args.max_eval_samples, max_predict_samples=args.max_predict_samples,
+                overwrite_output_dir=True,  # a run folder left by an interrupted run has no row: it starts again
+            )  # fmt: skip
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            try:
+                summary = train_and_evaluate(model_args, data_args, lora_args, run_args, model_loader=load_any_model,
+                                             save_model_and_card=args.save_models)  # fmt: skip
+            except FinetuneConfigError as err:
+                logger.warning("Skipping %s on %s: %s", entry.name, spec.name, err)
+                skipped.append((entry.name, spec.name, str(err)))
+                continue
+            durations.append(time.perf_counter() - start)
+            peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+            row = _row(entry, paths[entry.name], spec, task_type, seed, summary, run_dir, peak, env)
+            rows.append(row)
+            if is_main:
+                _write_results(output_dir, env, settings, entries, specs, args, rows)
+            took = f" (trained in {row['train_runtime_s']:.1f} s)" if row["train_runtime_s"] else ""
+            say(f"    {entry.name} on {spec.name}: {row['metric']} {_score_text(row['score'])}{took}")
+        table = results_table(rows)
         if is_main:
             _write_results(output_dir, env, settings, entries, specs, args, rows)
-        took = f" (trained in {row['train_runtime_s']:.1f} s)" if row["train_runtime_s"] else ""
-        say(f"    {entry.name} on {spec.name}: {row['metric']} {_score_text(row['score'])}{took}")
-    table = results_table(rows)
-    if is_main:
-        _write_results(output_dir, env, settings, entries, specs, args, rows)
-        write_reports(rows, output_dir)
-    return {"rows": rows, "skipped": skipped, "table": table, "output_dir": str(output_dir)}
+            write_reports(rows, output_dir)
+        return {"rows": rows, "skipped": skipped, "table": table, "output_dir": str(output_dir)}
 
 
 def _write_results(output_dir: Path, env, settings, entries, specs, args, rows) -> None:

@@ -461,7 +461,8 @@ def train_and_evaluate(
     with prepare_output_dir(training_args, data_args.overwrite_output_dir) as output_lock:
         return _train_evaluate_predict(
             spec, raw, tokenizer, model, label_names, trainable, total, output_lock.output_dir,
-            model_args, data_args, lora_args, training_args,
+            model_args, data_args, lora_args, training_args, save_model_and_card=save_model_and_card,
+            push_to_hub=push_to_hub,
         )  # fmt: skip
 
 
@@ -479,7 +480,7 @@ def _launcher_watch_callback(watch):
 
 def _train_evaluate_predict(
     spec: TaskSpec, raw, tokenizer, model, label_names, trainable: int, total: int, output_dir: Path,
-    model_args, data_args, lora_args, training_args,
+    model_args, data_args, lora_args, training_args, *, save_model_and_card: bool, push_to_hub: bool,
 ) -> dict[str, Any]:
     """`train_and_evaluate`'s phases, run while the output folder's lock is held."""
     features, examples = preprocess(spec, raw, tokenizer, data_args, label_names, training_args)

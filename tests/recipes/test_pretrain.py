@@ -577,6 +577,9 @@ def test_push_to_hub_uploads_the_export_only(tmp_path, monkeypatch):
     calls = []
 
     class FakeHfApi:
+        def __init__(self, **kwargs):
+            pass
+
         def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
             calls.append(("create_repo", repo_id, private, exist_ok))
 
