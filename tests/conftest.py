@@ -38,3 +38,34 @@ def pytest_collection_modifyitems(config, items):
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def hold_folder_in_another_process():
+    """``hold(folder)`` starts a separate process that holds ``folder`` as a recipe's run does
+    (`fat5_hf.output_dir.hold_output_dir`, resume mode: nothing is cleared) and returns it once the lock is taken;
+    the process is killed at the end of the test. Only fat5_hf/output_dir.py is loaded there, so it starts fast."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    module = Path(__file__).resolve().parents[1] / "fat5_hf" / "output_dir.py"
+    code = (
+        "import importlib.util, sys, time; "
+        f"spec = importlib.util.spec_from_file_location('output_dir', {str(module)!r}); "
+        "od = importlib.util.module_from_spec(spec); spec.loader.exec_module(od); "
+        "lock = od.hold_output_dir(sys.argv[1], resume=True); print('held', flush=True); time.sleep(600)"
+    )
+    holders = []
+
+    def hold(folder) -> subprocess.Popen:
+        holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+        holders.append(holder)
+        if holder.stdout.readline().strip() != "held":
+            raise RuntimeError(f"the holder process could not take the lock of {folder}")
+        return holder
+
+    yield hold
+    for holder in holders:
+        holder.kill()
+        holder.wait()

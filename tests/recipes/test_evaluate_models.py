@@ -158,26 +158,15 @@ def test_another_configuration_is_refused_then_overwritten(models, tmp_path, cap
     assert (output_dir / "results.json").read_text() == before
 
 
-def test_a_folder_held_by_another_run_is_refused_and_kept(models, tmp_path, capsys):
-    import subprocess
-
+def test_a_folder_held_by_another_run_is_refused_and_kept(models, tmp_path, capsys, hold_folder_in_another_process):
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("the other run's")
-    holder_code = (
-        "import sys, time; from fat5_hf.output_dir import hold_output_dir; "
-        "lock = hold_output_dir(sys.argv[1], resume=True); print('held', flush=True); time.sleep(600)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", holder_code, str(output_dir)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        args = suite_args(models, output_dir, "--tasks", "allocine", "--baselines", "", "--overwrite_output_dir")
-        assert evaluate_recipe.main(args) == 2
-        assert f"in use by another run: pid {holder.pid}" in capsys.readouterr().err
-        assert sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(".")) == ["notes.txt"]
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = hold_folder_in_another_process(output_dir)
+    args = suite_args(models, output_dir, "--tasks", "allocine", "--baselines", "", "--overwrite_output_dir")
+    assert evaluate_recipe.main(args) == 2
+    assert f"in use by another run: pid {holder.pid}" in capsys.readouterr().err
+    assert sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(".")) == ["notes.txt"]
 
 
 @pytest.mark.parametrize(

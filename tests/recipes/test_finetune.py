@@ -344,28 +344,18 @@ def test_non_empty_output_dir_is_refused_and_kept(capsys, base_model, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "earlier results"
 
 
-def test_output_dir_held_by_another_run_is_refused_even_with_overwrite(capsys, base_model, tmp_path):
+def test_output_dir_held_by_another_run_is_refused_even_with_overwrite(
+    capsys, base_model, tmp_path, hold_folder_in_another_process
+):
     """A live process holding the folder (another recipe's run) wins: the finetuning run refuses and deletes nothing."""
-    import subprocess
-    import sys
-
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("the other run's file")
-    holder_code = (
-        "import sys, time; from fat5_hf.output_dir import hold_output_dir; "
-        "lock = hold_output_dir(sys.argv[1], resume=True); print('held', flush=True); time.sleep(600)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", holder_code, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        run_and_fail(capsys, finetune_args(base_model, out, "allocine", "--overwrite_output_dir"),
-                     f"in use by another run: pid {holder.pid}")  # fmt: skip
-        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["keep.txt"]
-        assert (out / "keep.txt").read_text() == "the other run's file"
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = hold_folder_in_another_process(out)
+    run_and_fail(capsys, finetune_args(base_model, out, "allocine", "--overwrite_output_dir"),
+                 f"in use by another run: pid {holder.pid}")  # fmt: skip
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "the other run's file"
 
 
 def test_output_dir_holding_an_input_is_refused(capsys, base_model, tmp_path):

@@ -192,27 +192,13 @@ def test_model_max_length_comes_from_the_pretraining_config(trained, small_jsonl
     assert AutoTokenizer.from_pretrained(tmp_path / "b").model_max_length == 1024
 
 
-def test_output_dir_held_by_a_running_recipe_is_refused(tmp_path, small_jsonl, capsys):
+def test_output_dir_held_by_a_running_recipe_is_refused(tmp_path, small_jsonl, capsys, hold_folder_in_another_process):
     """A folder that another process holds (a pretraining run, say) is refused even with --overwrite, untouched."""
-    import subprocess
-
     output = tmp_path / "run"
     output.mkdir()
     (output / "train_log.jsonl").write_text('{"step": 1}\n')
-    # fat5_hf/output_dir.py alone: the holder starts without importing torch and transformers.
-    holder_code = (
-        "import importlib.util, sys, time; "
-        f"spec = importlib.util.spec_from_file_location('od', {str(REPO / 'fat5_hf' / 'output_dir.py')!r}); "
-        "od = importlib.util.module_from_spec(spec); spec.loader.exec_module(od); "
-        "lock = od.hold_output_dir(sys.argv[1], resume=True); print('held', flush=True); time.sleep(600)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", holder_code, str(output)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        args = ["--files", str(small_jsonl), "--vocab-size", "600", "--output-dir", str(output), "--overwrite"]
-        assert train_tokenizer_script.main(args) == 2
-        assert f"in use by another run: pid {holder.pid}" in capsys.readouterr().err
-        assert sorted(p.name for p in output.iterdir() if p.name != ".fat5_hf_run.lock") == ["train_log.jsonl"]
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = hold_folder_in_another_process(output)
+    args = ["--files", str(small_jsonl), "--vocab-size", "600", "--output-dir", str(output), "--overwrite"]
+    assert train_tokenizer_script.main(args) == 2
+    assert f"in use by another run: pid {holder.pid}" in capsys.readouterr().err
+    assert sorted(p.name for p in output.iterdir() if p.name != ".fat5_hf_run.lock") == ["train_log.jsonl"]
