@@ -34,8 +34,9 @@ def test_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, 
     if not (kernel_ops.kernel_available("attention") and kernel_ops.kernel_available("rope")):
         pytest.skip("fat5_kernels has no attention or rope kernel here")
     calls = []
-    for name in ("_triton_t5_flash_attention", "_triton_t5_flash_attention_qkvpacked", "_triton_rope"):
-        _record(monkeypatch, name, calls)
+    for name in ("_triton_t5_flash_attention", "_triton_t5_flash_attention_qkvpacked",
+                 "_triton_t5_flash_attention_varlen", "_triton_t5_flash_attention_varlen_qkvpacked", "_triton_rope"):
+        _record(monkeypatch, name, calls)  # fmt: skip
     torch.manual_seed(0)
     config = tiny_fat5_config(
         position_encoding_type=encoding, use_fused_rms_norm=False, use_fused_glu=False, use_fused_cross_entropy=False,
@@ -56,9 +57,10 @@ def test_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, 
     with kernel_ops.kernels_on_cpu():
         logits, grads = loss_and_grads()
     self_attention = [call for call in calls if call[0] != "_triton_rope" and call[1:] != (False, False)]
+    # The encoder's batch is padded: every attention of both stacks runs unpadded (the varlen kernels).
     if encoding == "alibi":  # 2 + 2 self-attentions with the slopes (packed q/k/v), never T5's table
-        assert sorted(set(calls)) == [("_triton_t5_flash_attention", False, False),
-                                      ("_triton_t5_flash_attention_qkvpacked", True, False)]  # fmt: skip
+        assert sorted(set(calls)) == [("_triton_t5_flash_attention_varlen", False, False),
+                                      ("_triton_t5_flash_attention_varlen_qkvpacked", True, False)]  # fmt: skip
         assert len(self_attention) == 4
     elif encoding == "rope":  # one rotation per self-attention, then the kernel without bias
         assert [call[0] for call in calls].count("_triton_rope") == 4 and self_attention == []

