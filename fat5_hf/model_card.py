@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODEL_CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"
+# An installed wheel ships the templates as fat5_hf/model_cards/; a source checkout has them in model_cards/.
+_INSTALLED_TEMPLATES = Path(__file__).resolve().parent / "model_cards"
+MODEL_CARDS_DIR = _INSTALLED_TEMPLATES if _INSTALLED_TEMPLATES.is_dir() else Path(__file__).resolve().parents[1] / "model_cards"
 PRETRAINED_TEMPLATE = MODEL_CARDS_DIR / "fat5_pretrained.md"
 FINETUNED_TEMPLATE = MODEL_CARDS_DIR / "fat5_finetuned.md"
 EVALUATED_TEMPLATE = MODEL_CARDS_DIR / "fat5_evaluated.md"
@@ -54,8 +56,8 @@ class TaskResult:
 def _template(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(
-            f"model card template {path} is missing; it ships in fat5-hf's source tree (model_cards/): install "
-            "fat5-hf from a clone (pip install -e .)"
+            f"model card template {path} is missing: fat5-hf ships it in model_cards/ (fat5_hf/model_cards/ once "
+            "installed); reinstall fat5-hf"
         )
     return str(path)
 

@@ -38,6 +38,7 @@ def installed_wheel(tmp_path_factory):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "fat5_hf", source / "fat5_hf", ignore=ignore)
     shutil.copytree(REPO / "kernels", source / "kernels", ignore=ignore)
+    shutil.copytree(REPO / "model_cards", source / "model_cards", ignore=ignore)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(work / "dist")],
                    check=True, cwd=work, timeout=300, capture_output=True)
@@ -58,6 +59,7 @@ def test_wheel_ships_fat5_hf_and_fat5_kernels_only(installed_wheel):
     assert top_level == {"fat5_hf", "fat5_kernels"}
     assert "fat5_kernels/attention.py" in names and "fat5_hf/modeling_fat5.py" in names
     assert "fat5_hf/finetuning/trainer.py" in names and "fat5_hf/finetuning/metrics/rouge_fr/rouge_fr.py" in names
+    assert {f"fat5_hf/model_cards/fat5_{kind}.md" for kind in ("pretrained", "finetuned", "evaluated")} <= set(names)
     (metadata_name,) = [name for name in names if name.endswith(".dist-info/METADATA")]
     requires = [line for line in zipfile.ZipFile(wheel).read(metadata_name).decode().splitlines()
                 if line.startswith("Requires-Dist:")]
