@@ -50,23 +50,17 @@ def _t5(variant="t5_v1_1", cls=T5ForConditionalGeneration, config_cls=T5Config, 
     return model
 
 
-def _padded(lengths, seed, left=False):
-    """Random ids >= 2 with right (or left) padding: `(input_ids, attention_mask)`."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        span = slice(max(lengths) - length, None) if left else slice(0, length)
-        ids[row, span] = torch.randint(2, 96, (length,), generator=gen)
-        mask[row, span] = 1
-    return ids, mask
+@pytest.fixture
+def t5_batch(make_batch):
+    """``t5_batch(encoder_lengths, decoder_lengths, left)``: padded ids (vocabulary 96) and labels, -100 at padding."""
 
+    def build(encoder_lengths=(9, 5, 7), decoder_lengths=(4, 6, 2), left=False):
+        input_ids, attention_mask = make_batch(96, list(encoder_lengths), seed=1, left=left)
+        targets, target_mask = make_batch(96, list(decoder_lengths), seed=5)
+        labels = targets.masked_fill(target_mask == 0, -100)
+        return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
-def _batch(encoder_lengths=(9, 5, 7), decoder_lengths=(4, 6, 2), left=False):
-    input_ids, attention_mask = _padded(encoder_lengths, seed=1, left=left)
-    targets, target_mask = _padded(decoder_lengths, seed=5)
-    labels = targets.masked_fill(target_mask == 0, -100)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    return build
 
 
 def _assert_close_to_scale(actual, expected, rtol=1e-4, msg=None):
@@ -125,12 +119,12 @@ def test_patched_gated_mlp_matches_t5(kernels, activation):
 
 @pytest.mark.interpreter
 @needs_kernels
-def test_patched_loss_matches_t5_loss():
+def test_patched_loss_matches_t5_loss(t5_batch):
     stock = _t5()
     patched = copy.deepcopy(stock)
     report = apply_fat5_kernels(patched, rms_norm=False, gated_mlp=False, attention=False)
     assert report.patched == {"cross_entropy": 1}
-    batch = _batch()
+    batch = t5_batch()
     with kernel_ops.kernels_on_cpu():
         actual = patched(**batch)
         as_tuple = patched(**batch, return_dict=False)
@@ -147,7 +141,7 @@ def test_patched_loss_matches_t5_loss():
 @pytest.mark.interpreter
 @needs_kernels
 @pytest.mark.parametrize("left", [False, True])
-def test_patched_t5_trains_like_stock_on_padded_batches(left, monkeypatch):
+def test_patched_t5_trains_like_stock_on_padded_batches(left, monkeypatch, t5_batch):
     """Loss, logits at the labelled positions and every gradient of a padded batch (right or left padding) match
     the stock model; the attention runs unpadded on the varlen kernels and the feed-forward sees only real tokens."""
     stock = _t5().train()
@@ -169,7 +163,7 @@ def test_patched_t5_trains_like_stock_on_padded_batches(left, monkeypatch):
     patched.encoder.block[1].layer[-1].DenseReluDense.wo.register_forward_hook(
         lambda m, i, o: ff_tokens.append(i[0].shape[:-1])
     )
-    batch = _batch(left=left)
+    batch = t5_batch(left=left)
     expected, expected_grads = _loss_and_grads(stock, batch, kernels=False)
     actual, actual_grads = _loss_and_grads(patched, batch, kernels=True)
     assert len(varlen_calls) == 2 + 2 * 2  # encoder self, decoder self and cross
@@ -190,12 +184,12 @@ def test_patched_t5_trains_like_stock_on_padded_batches(left, monkeypatch):
     "cls, config_cls, variant",
     [(T5EncoderModel, T5Config, "t5_v1_1"), (MT5ForConditionalGeneration, MT5Config, "mt5")],
 )
-def test_patched_encoder_model_and_mt5_match_stock(cls, config_cls, variant):
+def test_patched_encoder_model_and_mt5_match_stock(cls, config_cls, variant, t5_batch):
     stock = _t5(variant, cls=cls, config_cls=config_cls).eval()
     patched = copy.deepcopy(stock)
     report = apply_fat5_kernels(patched)
     assert report.patched["attention"] > 0 and report.patched["rms_norm"] > 0
-    batch = _batch()
+    batch = t5_batch()
     if cls is T5EncoderModel:
         batch.pop("labels")
     with torch.no_grad():
@@ -213,11 +207,11 @@ def test_patched_encoder_model_and_mt5_match_stock(cls, config_cls, variant):
 @pytest.mark.interpreter
 @needs_kernels
 @pytest.mark.parametrize("num_beams", [1, 2])
-def test_patched_t5_generates_what_stock_generates(num_beams):
+def test_patched_t5_generates_what_stock_generates(num_beams, t5_batch):
     stock = _t5().eval()
     patched = copy.deepcopy(stock)
     apply_fat5_kernels(patched)
-    batch = _batch()
+    batch = t5_batch()
     batch.pop("labels")
     kwargs = dict(max_new_tokens=6, num_beams=num_beams, do_sample=False)
     expected = stock.generate(**batch, **kwargs)
@@ -226,7 +220,7 @@ def test_patched_t5_generates_what_stock_generates(num_beams):
     assert torch.equal(actual, expected)
 
 
-def test_patched_model_saves_as_the_original_class(tmp_path):
+def test_patched_model_saves_as_the_original_class(tmp_path, t5_batch):
     stock = _t5()
     patched = copy.deepcopy(stock)
     apply_fat5_kernels(patched)
@@ -238,17 +232,17 @@ def test_patched_model_saves_as_the_original_class(tmp_path):
     for name, tensor in stock.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
     # the CPU path of the patched model is transformers' maths
-    batch = _batch()
+    batch = t5_batch()
     torch.testing.assert_close(patched(**batch).loss, stock(**batch).loss, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.interpreter
 @needs_kernels
-def test_patched_t5_trains_with_trainer(tmp_path):
+def test_patched_t5_trains_with_trainer(tmp_path, t5_batch):
     model = _t5()
     apply_fat5_kernels(model)
-    batches = [_batch() for _ in range(2)]
+    batches = [t5_batch() for _ in range(2)]
     rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(3)]
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=2, use_cpu=True, report_to=[],

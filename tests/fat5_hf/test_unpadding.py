@@ -50,28 +50,17 @@ def test_decoder_without_padding_attends_to_the_packed_encoder():
     assert torch.equal(masks.unpack(packed, 2, 4), states)
 
 
-def _padded(lengths, seed, left=False):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        span = slice(max(lengths) - length, None) if left else slice(0, length)
-        ids[row, span] = torch.randint(2, 96, (length,), generator=gen)
-        mask[row, span] = 1
-    return ids, mask
-
-
 @pytest.mark.slow
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", ["right", "left_encoder_and_decoder_mask", "hidden_states_observed"])
-def test_unpadded_layers_match_the_padded_computation(tiny_fat5_config, monkeypatch, case):
+def test_unpadded_layers_match_the_padded_computation(tiny_fat5_config, make_batch, monkeypatch, case):
     if not kernel_ops.kernel_available("attention"):
         pytest.skip("needs triton and fat5_kernels")
     torch.manual_seed(0)
     # logits returned (not fused into the loss) so that they can be compared
     model = FAT5ForConditionalGeneration(tiny_fat5_config(use_fused_cross_entropy=False)).train()
-    input_ids, attention_mask = _padded([9, 4, 7], seed=1, left=case.startswith("left"))
-    targets, target_mask = _padded([3, 6, 2], seed=2)
+    input_ids, attention_mask = make_batch(96, [9, 4, 7], seed=1, left=case.startswith("left"))
+    targets, target_mask = make_batch(96, [3, 6, 2], seed=2)
     batch = dict(
         input_ids=input_ids, attention_mask=attention_mask, labels=targets.masked_fill(target_mask == 0, -100)
     )
@@ -115,13 +104,13 @@ def test_unpadded_layers_match_the_padded_computation(tiny_fat5_config, monkeypa
 @pytest.mark.slow
 @pytest.mark.interpreter
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_generation_on_the_kernels_gives_t5s_tokens(t5_pair, num_beams):
+def test_generation_on_the_kernels_gives_t5s_tokens(t5_pair, make_batch, num_beams):
     """The encoder runs unpadded on the kernels once, then the decoding steps (KV cache: PyTorch attention, fused
     norms and feed-forward): greedy and beam search give HF T5's tokens on the same weights."""
     if not kernel_ops.kernel_available("attention"):
         pytest.skip("needs triton and fat5_kernels")
     t5, fat5 = t5_pair("t5_v1_1")
-    input_ids, attention_mask = _padded([9, 4, 7], seed=1)
+    input_ids, attention_mask = make_batch(96, [9, 4, 7], seed=1)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, num_beams=num_beams)
     expected = t5.generate(**kwargs)
     with kernel_ops.kernels_on_cpu():

@@ -37,7 +37,7 @@ class UnicodeWordTokenizer(tokenizers.Tokenizer):
     """Lower-cased runs of Unicode letters and digits (``_`` excluded): "L'été 2024" -> ["l", "été", "2024"]."""
 
     def tokenize(self, text):
-        return [w for w in _WORD.findall(text.lower().replace("_", " "))]
+        return _WORD.findall(text.lower().replace("_", " "))
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
