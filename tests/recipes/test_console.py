@@ -48,7 +48,10 @@ def quickstart(tmp_path_factory):
     root = tmp_path_factory.mktemp("quickstart")
     env = _env(root / "hf_home")
     setup = subprocess.run(
-        [sys.executable, str(REPO_ROOT / ".ci" / "accelerate_default_config.py")], env=env, capture_output=True, text=True
+        [sys.executable, str(REPO_ROOT / ".ci" / "accelerate_default_config.py")],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert setup.returncode == 0, setup.stderr
     output_dir = root / "run"
@@ -86,7 +89,9 @@ def test_quickstart_console_shows_progress_predictions_and_paths(quickstart):
 
 
 def test_only_the_tied_weights_warning_is_dropped():
-    keep = logging.LogRecord("accelerate.utils.other", logging.WARNING, __file__, 1, "Detected kernel version", (), None)
+    keep = logging.LogRecord(
+        "accelerate.utils.other", logging.WARNING, __file__, 1, "Detected kernel version", (), None
+    )
     drop = logging.LogRecord(
         "accelerate.utils.other", logging.WARNING, __file__, 1,
         "[RANK 0] Removed shared tensor {'lm_head.weight'} while saving. This should be OK, but check ...", (), None,
@@ -126,10 +131,10 @@ def _load_tokenizer_without_fat5(folder: Path, hf_home: Path, **kwargs) -> str:
 def test_exported_tokenizer_loads_where_fat5_is_absent(quickstart, tmp_path):
     """As the model card says: no prompt, and the model's input length (data.max_input_length=64) as its maximum."""
     output_dir, _, _ = quickstart
-    console = _load_tokenizer_without_fat5(output_dir, tmp_path / "hf_home", trust_remote_code=True)
+    console = _load_tokenizer_without_fat5(output_dir, tmp_path / "hf_home", trust_remote_code=False)
     assert "Do you wish to run the custom code" not in console and "loaded TokenizersBackend 64 1" in console, console
     card = (output_dir / "README.md").read_text()
-    assert 'AutoTokenizer.from_pretrained("run", trust_remote_code=True)' in card
+    assert 'AutoTokenizer.from_pretrained("run", trust_remote_code=False)' in card
 
 
 @pytest.mark.slow
@@ -137,7 +142,7 @@ def test_exported_tokenizer_loads_where_fat5_is_absent(quickstart, tmp_path):
     strict=True,
     reason="transformers 5.24's AutoTokenizer loads config.json with AutoConfig first, which asks whether to run "
     "the custom code of any folder whose auto_map names a config class (FAT5's must, for AutoModel*); passing "
-    "trust_remote_code (True or False) avoids the question. If this passes, drop it from the model card.",
+    "trust_remote_code=False avoids the question. If this passes, drop the flag from the model cards.",
 )
 def test_exported_tokenizer_loads_with_plain_auto_tokenizer(quickstart, tmp_path):
     output_dir, _, _ = quickstart

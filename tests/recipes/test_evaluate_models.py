@@ -135,7 +135,10 @@ def test_push_uploads_model_code_tokenizer_card_and_results(suite_run, models, m
     assert {r.dataset_name: r.metric_type for r in card.data.eval_results} == {
         "allocine": "accuracy", "french-ner": "overall_f1",
     }  # fmt: skip
-    assert "| task (metric) | FAT5 | T5 |" in card.text and 'AutoTokenizer.from_pretrained("me/fat5-tiny-eval")' in card.text
+    assert (
+        "| task (metric) | FAT5 | T5 |" in card.text
+        and 'AutoTokenizer.from_pretrained("me/fat5-tiny-eval", trust_remote_code=False)' in card.text
+    )
     # the card's loading example: the tokenizer loads with plain AutoTokenizer, no custom code
     assert "auto_map" not in json.loads((hub_dir / "tokenizer_config.json").read_text())
     assert len(AutoTokenizer.from_pretrained(hub_dir)) == len(AutoTokenizer.from_pretrained(models[0]))
