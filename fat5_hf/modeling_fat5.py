@@ -1264,6 +1264,68 @@ class FAT5Seq2SeqLMOutput(Seq2SeqLMOutput):
     z_loss: torch.FloatTensor | None = None
 
 
+def lm_head_and_loss(
+    sequence_output: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor | None,
+    *,
+    training: bool,
+    use_kernel: bool,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    check_labels: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The LM head and its loss, as `FAT5ForConditionalGeneration` computes them (also used by the stock T5-family
+    models that `fat5_hf.apply_fat5_kernels` patches).
+
+    In training with labels, when `kernel_ops.can_fuse_linear_cross_entropy` allows it, the projection and the loss
+    run as one fused kernel and the `(batch, target_length, vocab)` logits are never materialized (returned as
+    None). Otherwise `lm_head` computes the logits and, with labels, `kernel_ops.cross_entropy` the loss (its kernel
+    when `use_kernel` and possible, else PyTorch).
+
+    Args:
+        sequence_output (`torch.Tensor` of shape `(batch, target_length, d_model)`): decoder output, already
+            rescaled where the model rescales it.
+        lm_head (`nn.Module`): the `(vocab, d_model)` projection.
+        labels (`torch.LongTensor` of shape `(batch, target_length)`, *optional*): ids or -100.
+        training (`bool`): the model's mode (eval keeps the logits).
+        use_kernel (`bool`): the loss kernels' switch.
+        z_loss, label_smoothing, chunk_size, vocab_chunk_size, check_labels: as in
+            `kernel_ops.fused_linear_cross_entropy`.
+
+    Returns:
+        `(logits, loss, z_loss_term)`: logits `(batch, target_length, vocab)` or None when fused; the loss (mean over
+        labels != -100, fp32) and its z term, both None without labels.
+    """
+    fused = labels is not None and training
+    if fused and kernel_ops.can_fuse_linear_cross_entropy(sequence_output, lm_head, use_kernel):
+        loss, z_loss_term = kernel_ops.fused_linear_cross_entropy(
+            sequence_output.reshape(-1, sequence_output.size(-1)),
+            lm_head.weight,
+            labels.to(sequence_output.device).reshape(-1),
+            z_loss=z_loss,
+            label_smoothing=label_smoothing,
+            chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+            check_labels=check_labels,
+        )
+        return None, loss, z_loss_term
+    lm_logits = lm_head(sequence_output)
+    if labels is None:
+        return lm_logits, None, None
+    loss, z_loss_term = kernel_ops.cross_entropy(
+        lm_logits.view(-1, lm_logits.size(-1)),
+        labels.to(lm_logits.device).view(-1),  # model parallelism
+        z_loss=z_loss,
+        label_smoothing=label_smoothing,
+        use_kernel=use_kernel,
+        check_labels=check_labels,
+    )
+    return lm_logits, loss, z_loss_term
+
+
 class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
     """FAT5 with a language-modeling head (as `T5ForConditionalGeneration`), for training and `generate()`.
 
@@ -1394,40 +1456,23 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
             # original T5 (tied embeddings) rescales before the projection; v1.1 does not
             sequence_output = sequence_output * (self.model_dim**-0.5)
 
-        loss = ce_loss = z_loss_term = lm_logits = None
-        use_fused_loss = self.config.use_fused_cross_entropy
-        if (
-            labels is not None
-            and self.training
-            and kernel_ops.can_fuse_linear_cross_entropy(sequence_output, self.lm_head, use_fused_loss)
-        ):
-            labels = labels.to(sequence_output.device)
-            loss, z_loss_term = kernel_ops.fused_linear_cross_entropy(
-                sequence_output.reshape(-1, sequence_output.size(-1)),
-                self.lm_head.weight,
-                labels.reshape(-1),
-                z_loss=self.config.z_loss,
-                label_smoothing=self.config.label_smoothing,
-                chunk_size=self.config.loss_chunk_size,
-                vocab_chunk_size=self.config.loss_vocab_chunk_size,
-                check_labels=False,  # checked at the top of forward
-            )
-        else:
-            lm_logits = self.lm_head(sequence_output)
-            if labels is not None:
-                labels = labels.to(lm_logits.device)  # model parallelism
-                loss, z_loss_term = kernel_ops.cross_entropy(
-                    lm_logits.view(-1, lm_logits.size(-1)),
-                    labels.view(-1),
-                    z_loss=self.config.z_loss,
-                    label_smoothing=self.config.label_smoothing,
-                    use_kernel=use_fused_loss,
-                    check_labels=False,  # checked at the top of forward
-                )
+        ce_loss = None
+        lm_logits, loss, z_loss_term = lm_head_and_loss(
+            sequence_output,
+            self.lm_head,
+            labels,
+            training=self.training,
+            use_kernel=self.config.use_fused_cross_entropy,
+            z_loss=self.config.z_loss,
+            label_smoothing=self.config.label_smoothing,
+            chunk_size=self.config.loss_chunk_size,
+            vocab_chunk_size=self.config.loss_vocab_chunk_size,
+            check_labels=False,  # checked at the top of forward
+        )
         if loss is not None:
             if num_items_in_batch is not None:
                 # The kernels and the reference return means over this call's labels: rescale to sum / total.
-                scale = (labels != -100).sum() / num_items_in_batch
+                scale = (labels.to(loss.device) != -100).sum() / num_items_in_batch
                 loss, z_loss_term = loss * scale, z_loss_term * scale
             z_loss_term = z_loss_term.detach()
             # No subtraction without z-loss: Inductor (torch 2.13, CPU) folds the constant zero and returns a

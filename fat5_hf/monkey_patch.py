@@ -16,7 +16,9 @@ serve: a KV cache, `output_attentions`, attention-probability dropout) and calls
   fused gated activation;
 * `T5Stack` + `T5Attention` -> the flash-attention kernel with T5's relative bias computed in-kernel; padded batches
   run unpadded (`fat5_hf.unpadding`);
-* the LM loss of `*ForConditionalGeneration` -> the cross-entropy kernel.
+* the LM head and loss of `*ForConditionalGeneration` in training -> the fused linear + cross-entropy kernel, which
+  never materializes the `(tokens, vocab)` logits (`fused_linear_cross_entropy`, the default, as Liger-Kernel's
+  option of that name), or the cross-entropy kernel on the logits (`cross_entropy`).
 
 What it could not patch (a non-gated feed-forward, UMT5's per-layer attention bias, an activation the kernel lacks)
 is logged as a warning and listed in the returned `FAT5PatchReport`.
@@ -33,13 +35,20 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
 from . import kernel_ops, unpadding
 from .kernel_ops import FlashAttentionMask
-from .modeling_fat5 import _block_hidden_states_observed, _fusable_projections, _fused_projection, _match_wo_dtype
+from .modeling_fat5 import (
+    _as_encoder_output,
+    _block_hidden_states_observed,
+    _fusable_projections,
+    _fused_projection,
+    _match_wo_dtype,
+    lm_head_and_loss,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -59,12 +68,19 @@ _FAMILIES = {
     "umt5": ("transformers.models.umt5.modeling_umt5", "UMT5", False),
 }
 
-COMPONENTS = ("rms_norm", "gated_mlp", "attention", "cross_entropy")
+# Whether `*ForConditionalGeneration.forward` rescales the decoder output by `d_model**-0.5` before the LM head when
+# `config.scale_decoder_outputs` (transformers 5: T5 and UMT5 do, for the original T5's tied embeddings; MT5 never).
+_RESCALES_DECODER_OUTPUT = {"t5": True, "mt5": False, "umt5": True}
+
+COMPONENTS = ("rms_norm", "gated_mlp", "attention", "cross_entropy", "fused_linear_cross_entropy")
+# The two LM-loss components: alternatives, at most one of them on.
+_LOSS_COMPONENTS = ("cross_entropy", "fused_linear_cross_entropy")
 _KERNEL_OF_COMPONENT = {
     "rms_norm": "rms_norm",
     "gated_mlp": "gated_activation",
     "attention": "attention",
     "cross_entropy": "cross_entropy",
+    "fused_linear_cross_entropy": "fused_linear_cross_entropy",
 }
 
 
@@ -265,12 +281,91 @@ def _lm_loss_forward(original: Callable) -> Callable:
     return forward
 
 
+def _fused_lm_loss_forward(original: Callable) -> Callable:
+    signature = inspect.signature(original)
+    var_keyword = next(p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind_partial(self, *args, **kwargs).arguments
+        extra = dict(arguments.pop(var_keyword, {}))
+        labels = arguments.get("labels")
+        if (
+            labels is None
+            or not self.training
+            or arguments.get("cache") is not None
+            or extra.get("past_key_values") is not None
+            or not kernel_ops.can_fuse_linear_cross_entropy(self.lm_head.weight, self.lm_head, True)
+        ):
+            return original(self, *args, **kwargs)
+        return_dict = extra.pop("return_dict", None)
+        arguments.pop("self")
+        outputs = _seq2seq_lm_fused_loss(self, **arguments, **extra)
+        use_return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return outputs if use_return_dict else outputs.to_tuple()
+
+    return forward
+
+
+def _seq2seq_lm_fused_loss(
+    model: PreTrainedModel,
+    labels: torch.Tensor,
+    input_ids=None,
+    attention_mask=None,
+    decoder_input_ids=None,
+    decoder_attention_mask=None,
+    encoder_outputs=None,
+    cache=None,
+    inputs_embeds=None,
+    decoder_inputs_embeds=None,
+    use_cache=None,
+    **kwargs,
+) -> Seq2SeqLMOutput:
+    """transformers' `T5ForConditionalGeneration.forward` (5.24; MT5's and UMT5's are the same but for the rescale),
+    with the LM head and loss on the fused kernel: `logits` is None. The loss is the stock one, the mean over labels
+    != -100 of this call (0 rather than NaN when there are none); like the stock model, it ignores a
+    `num_items_in_batch` that `Trainer` passes."""
+    if encoder_outputs is None:
+        encoder_outputs = model.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
+    encoder_outputs = _as_encoder_output(encoder_outputs)
+    if decoder_input_ids is None and decoder_inputs_embeds is None:
+        decoder_input_ids = model._shift_right(labels)
+    decoder_outputs = model.decoder(
+        input_ids=decoder_input_ids,
+        attention_mask=decoder_attention_mask,
+        inputs_embeds=decoder_inputs_embeds,
+        cache=cache,
+        encoder_hidden_states=encoder_outputs.last_hidden_state,
+        encoder_attention_mask=attention_mask,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    sequence_output = decoder_outputs[0]
+    if _RESCALES_DECODER_OUTPUT[model.config.model_type] and model.config.scale_decoder_outputs:
+        sequence_output = sequence_output * (model.model_dim**-0.5)
+    _, loss, _ = lm_head_and_loss(sequence_output, model.lm_head, labels, training=True, use_kernel=True)
+    return Seq2SeqLMOutput(
+        loss=loss,
+        logits=None,
+        cache=decoder_outputs.cache,
+        decoder_hidden_states=decoder_outputs.hidden_states,
+        decoder_attentions=decoder_outputs.attentions,
+        cross_attentions=decoder_outputs.cross_attentions,
+        encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+        encoder_hidden_states=encoder_outputs.hidden_states,
+        encoder_attentions=encoder_outputs.attentions,
+    )
+
+
 # component -> (class-name suffixes it patches, forward factory)
 _PATCHES = {
     "rms_norm": (("LayerNorm",), _rms_norm_forward),
     "gated_mlp": (("DenseGatedActDense",), _gated_mlp_forward),
     "attention": (("Attention", "Stack"), None),
     "cross_entropy": (("ForConditionalGeneration",), _lm_loss_forward),
+    "fused_linear_cross_entropy": (("ForConditionalGeneration",), _fused_lm_loss_forward),
 }
 _ATTENTION_FACTORIES = {"Attention": _attention_forward, "Stack": _stack_forward}
 
@@ -333,7 +428,8 @@ def apply_fat5_kernels(
     rms_norm: bool = True,
     gated_mlp: bool = True,
     attention: bool = True,
-    cross_entropy: bool = True,
+    cross_entropy: bool = False,
+    fused_linear_cross_entropy: bool = True,
 ) -> FAT5PatchReport:
     """Run transformers' T5, mT5 and UMT5 models on the FAT5 Triton kernels, in place.
 
@@ -351,20 +447,36 @@ def apply_fat5_kernels(
         attention (`bool`): the stacks' attention on the flash kernel (relative bias in-kernel, padded batches
             unpadded). A call with a KV cache (generation steps), `output_attentions`, or attention-probability
             dropout in training (`config.dropout_rate > 0`) keeps transformers' attention.
-        cross_entropy (`bool`): the LM loss of `*ForConditionalGeneration` on the cross-entropy kernel.
+        cross_entropy (`bool`): the LM loss of `*ForConditionalGeneration` on the cross-entropy kernel, over the
+            logits that transformers' LM head computes (kept in the output).
+        fused_linear_cross_entropy (`bool`): in training with `labels` (and the kernels usable: CUDA tensors, a plain
+            bias-free `nn.Linear` head), the LM head and the loss of `*ForConditionalGeneration` as one fused kernel
+            that never materializes the `(batch, target_length, vocab)` logits: the output's `logits` is then None,
+            as with Liger-Kernel's option of that name. In eval mode, without labels, in generation, or on the
+            PyTorch path, transformers' forward runs and returns the logits. The default; exclusive with
+            `cross_entropy`.
 
     Returns:
-        `FAT5PatchReport`: what was patched and what was not (and why); the latter is also logged as a warning.
+        `FAT5PatchReport`: what was patched and what was not (and why); the latter is also logged as a warning. The
+        loss component left off when the other one is on is not listed.
 
     Raises:
         TypeError: `model` is not a T5, mT5 or UMT5 model (or is a FAT5 model), or an option is not a bool.
+        ValueError: both `cross_entropy` and `fused_linear_cross_entropy` are True.
     """
     components = _check_components(
-        dict(rms_norm=rms_norm, gated_mlp=gated_mlp, attention=attention, cross_entropy=cross_entropy)
-    )
+        dict(rms_norm=rms_norm, gated_mlp=gated_mlp, attention=attention, cross_entropy=cross_entropy,
+             fused_linear_cross_entropy=fused_linear_cross_entropy)
+    )  # fmt: skip
+    if cross_entropy and fused_linear_cross_entropy:
+        raise ValueError(
+            "apply_fat5_kernels: the LM loss runs on one kernel: pass either cross_entropy=True or "
+            "fused_linear_cross_entropy=True (the default), not both."
+        )
     report = FAT5PatchReport()
+    loss_on = any(name in components for name in _LOSS_COMPONENTS)
     for name in COMPONENTS:
-        if name not in components:
+        if name not in components and not (loss_on and name in _LOSS_COMPONENTS):
             report.not_patched[name] = "switched off by the caller"
     for name in list(components):
         if not kernel_ops.kernel_available(_KERNEL_OF_COMPONENT[name]):
@@ -441,8 +553,9 @@ def _report_unpatched_modules(model: nn.Module, components: list[str], report: F
                     "attention (evaluation and inference use the kernel). Load with `dropout_rate=0.0` to train on it."
                 )
                 break
-    if "cross_entropy" in components and "cross_entropy" not in report.patched:
-        report.not_patched["cross_entropy"] = "no *ForConditionalGeneration head in this model (no LM loss)"
+    for name in _LOSS_COMPONENTS:
+        if name in components and name not in report.patched:
+            report.not_patched[name] = "no *ForConditionalGeneration head in this model (no LM loss)"
 
 
 __all__ = ["COMPONENTS", "FAT5PatchReport", "apply_fat5_kernels"]
