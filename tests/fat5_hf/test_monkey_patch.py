@@ -36,8 +36,9 @@ T5_VARIANTS = {
     "mt5": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, d_kv=12, num_heads=3),
 }
 
+KERNELS = ("attention", "rms_norm", "gated_activation", "cross_entropy", "fused_linear_cross_entropy")
 needs_kernels = pytest.mark.skipif(
-    not all(kernel_ops.kernel_available(k) for k in ("attention", "rms_norm", "gated_activation", "cross_entropy")),
+    not all(kernel_ops.kernel_available(k) for k in KERNELS),
     reason="needs triton and fat5_kernels",
 )
 
@@ -66,6 +67,13 @@ def t5_batch(make_batch):
 def _assert_close_to_scale(actual, expected, rtol=1e-4, msg=None):
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual, expected, atol=1e-5 * max(scale, 1e-3), rtol=rtol, msg=msg)
+
+
+def _count_calls(monkeypatch, kernel_name: str) -> list:
+    """Record each call of `kernel_ops.<kernel_name>` (a list of 1s) while the test runs."""
+    calls, kernel = [], getattr(kernel_ops, kernel_name)
+    monkeypatch.setattr(kernel_ops, kernel_name, lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    return calls
 
 
 def _loss_and_grads(model, batch, kernels: bool):
@@ -122,7 +130,9 @@ def test_patched_gated_mlp_matches_t5(kernels, activation):
 def test_patched_loss_matches_t5_loss(t5_batch):
     stock = _t5()
     patched = copy.deepcopy(stock)
-    report = apply_fat5_kernels(patched, rms_norm=False, gated_mlp=False, attention=False)
+    report = apply_fat5_kernels(
+        patched, rms_norm=False, gated_mlp=False, attention=False, cross_entropy=True, fused_linear_cross_entropy=False
+    )
     assert report.patched == {"cross_entropy": 1}
     batch = t5_batch()
     with kernel_ops.kernels_on_cpu():
@@ -135,6 +145,128 @@ def test_patched_loss_matches_t5_loss(t5_batch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Fused LM head + loss
+# ----------------------------------------------------------------------------------------------------------------
+def _lm_model(family):
+    """A tiny gated model of `family`; "t5_untied" is T5 v1.1's layout with an `lm_head` of its own (what loading
+    a v1.1 checkpoint gives) and no decoder-output rescale, "t5_tied" the original T5's rescale and shared head."""
+    if family == "mt5":
+        return _t5("mt5", cls=MT5ForConditionalGeneration, config_cls=MT5Config)
+    if family == "umt5":
+        return _t5("t5_v1_1", cls=UMT5ForConditionalGeneration, config_cls=UMT5Config, tie_word_embeddings=True)
+    model = _t5("t5_v1_1", tie_word_embeddings=family == "t5_tied")
+    if family == "t5_untied":
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * TINY["d_model"] ** -0.5)
+    return model
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("family", ["t5_tied", "t5_untied", "mt5", "umt5"])
+def test_fused_loss_and_every_gradient_match_stock(family, t5_batch, monkeypatch):
+    """In training with labels, the patched model's loss and the gradient of every parameter (the head's, the
+    embeddings', the stacks') equal the stock model's, with rows of ignored labels, and the logits are never
+    computed: one fused kernel call, no LM head forward."""
+    stock = _lm_model(family).train()
+    assert stock.config.model_type in ("t5", "mt5", "umt5")
+    if family == "t5_tied":
+        assert stock.config.scale_decoder_outputs and stock.lm_head.weight is stock.shared.weight
+    if family == "t5_untied":
+        assert not stock.config.scale_decoder_outputs and stock.lm_head.weight is not stock.shared.weight
+    patched = copy.deepcopy(stock)
+    report = apply_fat5_kernels(patched, rms_norm=False, gated_mlp=False, attention=False)
+    assert report.patched == {"fused_linear_cross_entropy": 1}
+    assert "cross_entropy" not in report.not_patched
+    fused_calls = _count_calls(monkeypatch, "_triton_fused_linear_cross_entropy")
+    ce_calls = _count_calls(monkeypatch, "_triton_cross_entropy")
+    head_calls = []
+    patched.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+    batch = t5_batch()
+    batch["labels"][1] = -100  # a whole row ignored, on top of the padding
+    expected, expected_grads = _loss_and_grads(stock, batch, kernels=False)
+    actual, actual_grads = _loss_and_grads(patched, batch, kernels=True)
+    assert (fused_calls, ce_calls, head_calls) == ([1], [], [])
+    assert actual.logits is None and expected.logits is not None
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(actual.encoder_last_hidden_state, expected.encoder_last_hidden_state)
+    assert actual_grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        _assert_close_to_scale(actual_grads[name], grad, msg=name)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_fused_loss_keeps_transformers_forward_where_logits_are_needed(t5_batch, monkeypatch):
+    """Eval mode, training without labels, a head the kernel cannot take (not a plain `nn.Linear`) and the PyTorch
+    path (CPU tensors outside `kernels_on_cpu`) run transformers' forward: logits and loss as stock."""
+    stock = _lm_model("t5_tied")
+    patched = copy.deepcopy(stock)
+    apply_fat5_kernels(patched, rms_norm=False, gated_mlp=False, attention=False)
+    fused_calls = _count_calls(monkeypatch, "_triton_fused_linear_cross_entropy")
+    batch = t5_batch()
+    for training in (False, True):
+        stock.train(training), patched.train(training)
+        inputs = batch if not training else {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {**inputs, "decoder_input_ids": stock._shift_right(batch["labels"])}
+        expected = stock(**inputs)
+        with kernel_ops.kernels_on_cpu():
+            actual = patched(**inputs)
+        assert torch.equal(actual.logits, expected.logits)
+        if not training:
+            assert torch.equal(actual.loss, expected.loss)
+    patched.train()
+    assert torch.equal(patched(**batch).logits, stock.train()(**batch).logits)  # PyTorch path
+
+    class WrappedHead(torch.nn.Linear):  # as an adapter-wrapped head: not `nn.Linear` itself
+        pass
+
+    head = WrappedHead(TINY["d_model"], TINY["vocab_size"], bias=False)
+    head.weight = patched.lm_head.weight
+    patched.lm_head = head
+    with kernel_ops.kernels_on_cpu():
+        assert patched(**batch).logits is not None
+    assert fused_calls == []
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_fused_loss_takes_transformers_call_forms(t5_batch):
+    """`return_dict=False`, positional arguments, precomputed `encoder_outputs` (a tuple) and explicit
+    `decoder_input_ids`: the same loss as the stock model, through the fused kernel."""
+    stock = _lm_model("t5_tied").train()
+    patched = copy.deepcopy(stock)
+    apply_fat5_kernels(patched, rms_norm=False, gated_mlp=False, attention=False)
+    batch = t5_batch()
+    expected = stock(**batch)
+    encoder_outputs = (stock.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0],)
+    decoder_input_ids = stock._shift_right(batch["labels"])
+    with kernel_ops.kernels_on_cpu():
+        as_tuple = patched(**batch, return_dict=False)
+        positional = patched(batch["input_ids"], batch["attention_mask"], decoder_input_ids, labels=batch["labels"])
+        precomputed = patched(
+            attention_mask=batch["attention_mask"], encoder_outputs=encoder_outputs, labels=batch["labels"]
+        )
+    assert isinstance(as_tuple, tuple)
+    for loss in (as_tuple[0], positional.loss, precomputed.loss):
+        torch.testing.assert_close(loss, expected.loss, rtol=1e-6, atol=1e-6)
+    assert positional.logits is None and precomputed.logits is None
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_fused_loss_of_only_ignored_labels_is_zero(t5_batch):
+    # The stock loss is NaN there (0 / 0); the kernel's is 0 with zero gradients, as FAT5's model.
+    patched = _lm_model("t5_tied").train()
+    apply_fat5_kernels(patched, rms_norm=False, gated_mlp=False, attention=False)
+    batch = t5_batch()
+    batch["labels"].fill_(-100)
+    batch["decoder_input_ids"] = torch.zeros_like(batch["labels"])
+    out, grads = _loss_and_grads(patched, batch, kernels=True)
+    assert out.loss.item() == 0.0
+    assert all(not grad.any() for grad in grads.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Whole models
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
@@ -142,8 +274,9 @@ def test_patched_loss_matches_t5_loss(t5_batch):
 @needs_kernels
 @pytest.mark.parametrize("left", [False, True])
 def test_patched_t5_trains_like_stock_on_padded_batches(left, monkeypatch, t5_batch):
-    """Loss, logits at the labelled positions and every gradient of a padded batch (right or left padding) match
-    the stock model; the attention runs unpadded on the varlen kernels and the feed-forward sees only real tokens."""
+    """Loss, encoder states at the real tokens and every gradient of a padded batch (right or left padding) match
+    the stock model; the attention runs unpadded on the varlen kernels, the feed-forward sees only real tokens and
+    the LM head and loss are the fused kernel (no logits)."""
     stock = _t5().train()
     patched = copy.deepcopy(stock)
     report = apply_fat5_kernels(patched)
@@ -152,7 +285,7 @@ def test_patched_t5_trains_like_stock_on_padded_batches(left, monkeypatch, t5_ba
         "rms_norm": 2 * 2 + 1 + 2 * 3 + 1,
         "gated_mlp": 4,
         "attention": 6 + 2,
-        "cross_entropy": 1,
+        "fused_linear_cross_entropy": 1,
     }
     assert report.not_patched == {}
     varlen_calls = []
@@ -169,8 +302,9 @@ def test_patched_t5_trains_like_stock_on_padded_batches(left, monkeypatch, t5_ba
     assert len(varlen_calls) == 2 + 2 * 2  # encoder self, decoder self and cross
     assert ff_tokens == [(1, 9 + 5 + 7)]  # packed real tokens only
     torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-5)
-    labelled = batch["labels"] != -100
-    _assert_close_to_scale(actual.logits[labelled], expected.logits[labelled])
+    assert actual.logits is None
+    real = batch["attention_mask"].bool()
+    _assert_close_to_scale(actual.encoder_last_hidden_state[real], expected.encoder_last_hidden_state[real])
     assert actual_grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
         scale = grad.abs().max().item()
@@ -239,7 +373,8 @@ def test_patched_model_saves_as_the_original_class(tmp_path, t5_batch):
 @pytest.mark.slow
 @pytest.mark.interpreter
 @needs_kernels
-def test_patched_t5_trains_with_trainer(tmp_path, t5_batch):
+def test_patched_t5_trains_with_trainer(tmp_path, t5_batch, monkeypatch):
+    fused_calls = _count_calls(monkeypatch, "_triton_fused_linear_cross_entropy")
     model = _t5()
     apply_fat5_kernels(model)
     batches = [t5_batch() for _ in range(2)]
@@ -253,6 +388,7 @@ def test_patched_t5_trains_with_trainer(tmp_path, t5_batch):
     with kernel_ops.kernels_on_cpu():
         result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
+    assert fused_calls == [1, 1]  # each step's loss on the fused LM head + loss kernel
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
@@ -263,11 +399,12 @@ def test_patched_t5_trains_with_trainer(tmp_path, t5_batch):
 def test_report_names_what_was_not_patched(caplog):
     relu_t5 = _t5("t5", dropout_rate=0.1)
     with caplog.at_level(logging.WARNING):
-        report = apply_fat5_kernels(relu_t5, cross_entropy=False)
+        report = apply_fat5_kernels(relu_t5, fused_linear_cross_entropy=False)
     assert isinstance(report, FAT5PatchReport)
     assert "not gated" in report.not_patched["gated_mlp"]
     assert "dropout 0.1" in report.not_patched["attention (training)"]
     assert report.not_patched["cross_entropy"] == "switched off by the caller"
+    assert report.not_patched["fused_linear_cross_entropy"] == "switched off by the caller"
     assert "gated_mlp not patched" in caplog.text
 
     umt5 = _t5("t5_v1_1", cls=UMT5ForConditionalGeneration, config_cls=UMT5Config)
@@ -285,6 +422,8 @@ def test_bad_models_and_options_raise():
         apply_fat5_kernels(FAT5ForConditionalGeneration(FAT5Config(**TINY)))
     with pytest.raises(TypeError, match="`attention` must be True or False"):
         apply_fat5_kernels(_t5(), attention="yes")
+    with pytest.raises(ValueError, match="either cross_entropy=True or fused_linear_cross_entropy=True"):
+        apply_fat5_kernels(_t5(), cross_entropy=True)
 
 
 @needs_kernels
@@ -293,6 +432,7 @@ def test_class_patch_reaches_models_built_later():
     try:
         report = apply_fat5_kernels()
         assert report.patched["attention"] == 2 * 2  # T5/MT5 Attention and Stack classes
+        assert report.patched["fused_linear_cross_entropy"] == 3  # T5, MT5, UMT5ForConditionalGeneration
         model = _t5()
         assert hasattr(type(model.encoder.final_layer_norm).forward, "_fat5_original")
         # patching again, or patching the instance, changes nothing
@@ -317,6 +457,7 @@ def test_without_triton_nothing_is_patched_and_the_report_says_why(monkeypatch, 
     with caplog.at_level(logging.WARNING):
         report = apply_fat5_kernels(model)
     assert report.patched == {}
-    assert set(report.not_patched) == {"rms_norm", "gated_mlp", "attention", "cross_entropy"}
+    # the loss left off by default (cross_entropy, the fused loss's alternative) is not listed
+    assert set(report.not_patched) == {"rms_norm", "gated_mlp", "attention", "fused_linear_cross_entropy"}
     assert "not importable" in caplog.text
     assert not any("forward" in vars(module) for module in model.modules())
