@@ -47,6 +47,7 @@ from .modeling_fat5 import (
     _fusable_projections,
     _fused_projection,
     _match_wo_dtype,
+    check_token_ids,
     lm_head_and_loss,
 )
 
@@ -325,6 +326,8 @@ def _seq2seq_lm_fused_loss(
     with the LM head and loss on the fused kernel: `logits` is None. The loss is the stock one, the mean over labels
     != -100 of this call (0 rather than NaN when there are none); like the stock model, it ignores a
     `num_items_in_batch` that `Trainer` passes."""
+    # Checked once, before `_shift_right` turns a bad label into a bad decoder input; skipped under torch.compile.
+    check_token_ids(labels, model.lm_head.weight.shape[0], "labels", ignore_index=-100)
     if encoder_outputs is None:
         encoder_outputs = model.encoder(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
@@ -345,7 +348,9 @@ def _seq2seq_lm_fused_loss(
     sequence_output = decoder_outputs[0]
     if _RESCALES_DECODER_OUTPUT[model.config.model_type] and model.config.scale_decoder_outputs:
         sequence_output = sequence_output * (model.model_dim**-0.5)
-    _, loss, _ = lm_head_and_loss(sequence_output, model.lm_head, labels, training=True, use_kernel=True)
+    _, loss, _ = lm_head_and_loss(
+        sequence_output, model.lm_head, labels, training=True, use_kernel=True, check_labels=False
+    )
     return Seq2SeqLMOutput(
         loss=loss,
         logits=None,

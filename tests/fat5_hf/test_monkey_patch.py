@@ -266,6 +266,37 @@ def test_fused_loss_of_only_ignored_labels_is_zero(t5_batch):
     assert all(not grad.any() for grad in grads.values())
 
 
+@pytest.mark.interpreter
+@needs_kernels
+def test_fused_loss_names_a_bad_label(t5_batch):
+    patched = _lm_model("t5_tied").train()
+    apply_fat5_kernels(patched, rms_norm=False, gated_mlp=False, attention=False)
+    batch = t5_batch()
+    batch["labels"][0, 0] = TINY["vocab_size"]
+    with kernel_ops.kernels_on_cpu(), pytest.raises(ValueError, match=r"`labels` holds ids in \[\d+, 96\]"):
+        patched(**batch)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@needs_kernels
+def test_compiled_patched_training_step_is_one_graph_with_the_fused_loss(t5_batch):
+    """`torch.compile(fullgraph=True)` of the fully patched model in training (what `Trainer(torch_compile=True)`
+    does): no graph break (the label check is skipped there), no logits, and the eager step's loss and gradients."""
+    model = _lm_model("t5_tied").train()
+    apply_fat5_kernels(model)
+    batch = t5_batch()
+    torch._dynamo.reset()
+    compiled, compiled_grads = _loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"), batch, True)
+    compiled_grads = {name.removeprefix("_orig_mod."): grad for name, grad in compiled_grads.items()}
+    eager, eager_grads = _loss_and_grads(model, batch, kernels=True)
+    assert compiled.logits is None and eager.logits is None
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-6, atol=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        _assert_close_to_scale(compiled_grads[name], grad, msg=name)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Whole models
 # ----------------------------------------------------------------------------------------------------------------
