@@ -375,6 +375,44 @@ def test_fused_training_loss_takes_the_configs_chunk_sizes(tiny_fat5_config, mak
 
 
 @pytest.mark.interpreter
+def test_training_loss_is_fused_in_every_call_form(tiny_fat5_config, make_batch, monkeypatch):
+    """Training with labels on the kernel path takes the fused LM head + loss (no logits) whatever the call form:
+    `return_dict=False`, gradient checkpointing, a PEFT-wrapped model (LoRA on q/v: the head stays a plain
+    `nn.Linear`) and `Trainer`'s `num_items_in_batch`; eval mode and calls without labels keep the logits. (The
+    compiled step: `test_compiled_training_step_with_every_kernel_is_one_graph`.)"""
+    if not kernel_ops.kernel_available("fused_linear_cross_entropy"):
+        pytest.skip("fat5_kernels has no fused_linear_cross_entropy kernel here")
+    peft = pytest.importorskip("peft")
+    calls, kernel = [], kernel_ops._triton_fused_linear_cross_entropy
+    monkeypatch.setattr(
+        kernel_ops, "_triton_fused_linear_cross_entropy", lambda *a, **kw: calls.append(1) or kernel(*a, **kw)
+    )
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(tiny_fat5_config(use_triton_attention=False)).train()
+    input_ids, attention_mask = make_batch(96, [6, 4])
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=_labels(96, [5, 3], make_batch))
+    with kernel_ops.kernels_on_cpu():
+        loss = model(**batch).loss
+        as_tuple = model(**batch, return_dict=False)
+        model.activation_checkpointing_enable()
+        checkpointed = model(**batch)
+        model.activation_checkpointing_disable()
+        summed = model(**batch, num_items_in_batch=torch.tensor(16))
+        lora_config = peft.LoraConfig(r=4, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+        lora = peft.get_peft_model(model, lora_config)(**batch)
+        assert calls == [1] * 5
+        assert checkpointed.logits is None and summed.logits is None and lora.logits is None
+        assert len(as_tuple) == len(model(**batch).to_tuple())  # the tuple has no logits either
+        torch.testing.assert_close(summed.loss, loss * 8 / 16)  # 8 labelled tokens of 16 in the whole batch
+        for other in (as_tuple[0], checkpointed.loss, lora.loss):
+            torch.testing.assert_close(other, loss)
+        assert model.eval()(**batch).logits is not None
+        no_labels = {k: v for k, v in batch.items() if k != "labels"}
+        assert model.train()(**no_labels, decoder_input_ids=model._shift_right(batch["labels"])).logits is not None
+    assert calls == [1] * 6
+
+
+@pytest.mark.interpreter
 def test_block_norms_store_the_autocast_dtype_for_their_linears():
     # Under autocast a block's norm feeds only nn.Linear layers, which cast to the autocast dtype: the kernel
     # stores that dtype directly, with the values of T5's fp32 output cast. The stacks' final norms keep fp32.
@@ -692,9 +730,10 @@ def test_compiled_training_step_with_every_kernel_is_one_graph(tiny_fat5_config,
     def loss_and_grads(forward):
         model.zero_grad(set_to_none=True)
         with kernel_ops.kernels_on_cpu():
-            loss = forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-            loss.backward()
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+            out = forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            out.loss.backward()
+        assert (out.logits is None) == fused_loss  # the fused LM head + loss, compiled or not
+        return out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
     torch._dynamo.reset()
     got_loss, got_grads = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
