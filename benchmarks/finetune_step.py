@@ -4,7 +4,9 @@ Every provider of a case runs in the same process, one after the other, on the s
 
 - ``hf_t5``: transformers' ``T5ForConditionalGeneration`` (``T5EncoderModel`` for the encoder cases) with
   ``attn_implementation`` ``eager`` or ``sdpa``, each also under ``torch.compile`` (``+compile``);
-- ``hf_t5_patched``: the same stock model after ``fat5_hf.apply_fat5_kernels(model)`` (sdpa where it falls back);
+- ``hf_t5_patched``: the same stock model after ``fat5_hf.apply_fat5_kernels(model)`` (sdpa where it falls back),
+  whose training loss is the fused LM head + cross-entropy kernel (no logits) by default; ``hf_t5_patched_ce``: the
+  same with ``cross_entropy=True, fused_linear_cross_entropy=False`` (the cross-entropy kernel on the logits);
 - ``fat5``: ``FAT5ForConditionalGeneration`` / ``FAT5EncoderModel`` loaded with the T5 weights (state dicts match).
 
 Training steps run under bf16 autocast over fp32 weights with fused AdamW. ``padding="mixed"`` batches draw each
@@ -12,8 +14,9 @@ row's input and target lengths from a long-tailed (log-normal) distribution, pad
 (``DataCollatorForSeq2Seq``'s layout: labels padded with -100, no decoder mask) and count only real tokens in
 ``tokens_per_s``; ``padding="full"`` rows have the full lengths. ``mfu``: model FLOPs of the real tokens (6 x
 parameters x tokens plus attention) per second over the GPU's dense bf16 peak. Generation counts new tokens
-(``min_new_tokens = max_new_tokens``) and has no MFU. A failing configuration (out of memory, no compile) is a row
-with ``error`` instead of numbers.
+(``min_new_tokens = max_new_tokens``) and has no MFU. Training rows say in ``lm_loss`` which loss ran, as seen in the
+step's output: ``fused`` (the fused LM head + loss kernel: the output has no logits) or ``logits`` (an LM head, then a
+loss on its logits). A failing configuration (out of memory, no compile) is a row with ``error`` instead of numbers.
 
 Cases (``--cases``, comma-separated; ``--list`` prints them; the default plan is sized for about 8 minutes on one
 H100, and ``--max-minutes`` turns the providers not started by a deadline into ``skipped`` rows):
@@ -57,8 +60,9 @@ COMMON = dict(
 SHAPES = {"base": T5_V1_1_BASE, "large": T5_V1_1_LARGE, "xxl": T5_V1_1_XXL}
 
 ALL_HF = ("hf_t5:eager", "hf_t5:sdpa", "hf_t5:eager+compile", "hf_t5:sdpa+compile")
-TRAIN_PROVIDERS = (*ALL_HF, "hf_t5_patched:sdpa", "fat5")
-LONG_PROVIDERS = ("hf_t5:sdpa", "hf_t5:eager+compile", "hf_t5_patched:sdpa", "fat5")
+TRAIN_PROVIDERS = (*ALL_HF, "hf_t5_patched:sdpa", "hf_t5_patched_ce:sdpa", "fat5")
+LONG_PROVIDERS = ("hf_t5:sdpa", "hf_t5:eager+compile", "hf_t5_patched:sdpa", "hf_t5_patched_ce:sdpa", "fat5")
+PATCHED = ("hf_t5_patched", "hf_t5_patched_ce")
 # H100 / H200 SXM dense bf16 peak (989.4 TFLOP/s); other GPUs: no MFU.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
@@ -128,8 +132,10 @@ def parse_provider(provider: str) -> tuple[str, str | None, str | None]:
     """`"hf_t5:sdpa+compile"` -> `("hf_t5", "sdpa", "compile")`; `"fat5"` -> `("fat5", None, None)`."""
     name, _, compile_mode = provider.partition("+")
     model, _, attn_impl = name.partition(":")
-    if model not in ("hf_t5", "hf_t5_patched", "fat5"):
-        raise ValueError(f"unknown provider {provider!r}: hf_t5:<eager|sdpa>[+compile], hf_t5_patched:sdpa, fat5")
+    if model not in ("hf_t5", *PATCHED, "fat5"):
+        raise ValueError(
+            f"unknown provider {provider!r}: hf_t5:<eager|sdpa>[+compile], hf_t5_patched[_ce]:sdpa[+compile], fat5"
+        )
     return model, attn_impl or None, compile_mode or None
 
 
@@ -160,7 +166,9 @@ def build_models(shape: dict, encoder_only: bool, device: str, dtype: torch.dtyp
         else:
             reference["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if model_name == "hf_t5_patched":
-            apply_fat5_kernels(model)
+            apply_fat5_kernels(model)  # the fused LM head + loss by default
+        elif model_name == "hf_t5_patched_ce":
+            apply_fat5_kernels(model, cross_entropy=True, fused_linear_cross_entropy=False)
         return model
 
     return make
@@ -239,11 +247,11 @@ def run_train(case: Case, make_model, provider: str, args) -> dict:
 
     def step(batch):
         with _autocast(args.device):
-            loss = forward(**batch).loss
-        loss.backward()
+            outputs = forward(**batch)
+        outputs.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return outputs
 
     for i in range(max(args.warmup_steps, len(batches))):  # every batch shape seen (compiled) before timing
         step(batches[i % len(batches)])
@@ -254,7 +262,7 @@ def run_train(case: Case, make_model, provider: str, args) -> dict:
     flops = tokens = 0.0
     for i in range(args.steps):
         batch = batches[i % len(batches)]
-        loss = step(batch)
+        outputs = step(batch)
         enc = batch["attention_mask"].sum(1).cpu()
         dec = (batch["labels"] != -100).sum(1).cpu()
         tokens += float(enc.sum() + dec.sum())
@@ -262,7 +270,12 @@ def run_train(case: Case, make_model, provider: str, args) -> dict:
     _synchronize(args.device)
     seconds = time.perf_counter() - start
     return dict(tokens_per_s=tokens / seconds, flops_per_s=flops / seconds, step_ms=1e3 * seconds / args.steps,
-                final_loss=float(loss.detach()))  # fmt: skip
+                final_loss=float(outputs.loss.detach()), lm_loss=lm_loss_kind(outputs))  # fmt: skip
+
+
+def lm_loss_kind(outputs) -> str:
+    """Which LM loss a training step ran: "fused" (LM head and loss in one kernel: no logits) or "logits"."""
+    return "fused" if outputs.logits is None else "logits"
 
 
 def run_encoder(case: Case, make_model, provider: str, args) -> dict:
@@ -347,6 +360,14 @@ def run_trainer(case: Case, make_model, provider: str, args) -> dict:
                     attention_mask=torch.stack([f["attention_mask"][:enc] for f in features]),
                     labels=torch.stack([f["labels"][:dec] for f in features]))  # fmt: skip
 
+    lm_losses = set()
+
+    class LossRecordingTrainer(Trainer):  # notes which LM loss each step ran
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            lm_losses.add(lm_loss_kind(outputs))
+            return (loss, outputs) if return_outputs else loss
+
     class Timer(TrainerCallback):
         tokens = 0.0
         start = None
@@ -365,15 +386,19 @@ def run_trainer(case: Case, make_model, provider: str, args) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         targs = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=case.batch, max_steps=total_steps, bf16=True,
+            use_cpu=args.device == "cpu",
             torch_compile=compile_mode == "compile", optim="adamw_torch_fused", learning_rate=1e-4, report_to=[],
             save_strategy="no", logging_steps=total_steps, dataloader_drop_last=True, remove_unused_columns=False,
         )  # fmt: skip
         timer = Timer()
-        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[timer])
+        trainer = LossRecordingTrainer(
+            model=model, args=targs, train_dataset=rows, data_collator=collate, callbacks=[timer]
+        )
         trainer.train()
     # the sampler shuffles: count the timed steps' tokens as the mean row's
     tokens = args.steps * case.batch * sum(real_tokens) / len(real_tokens)
-    return dict(tokens_per_s=tokens / timer.seconds, step_ms=1e3 * timer.seconds / args.steps)
+    return dict(tokens_per_s=tokens / timer.seconds, step_ms=1e3 * timer.seconds / args.steps,
+                lm_loss="+".join(sorted(lm_losses)))  # fmt: skip
 
 
 RUNNERS = {"train": run_train, "encoder": run_encoder, "generate": run_generate, "trainer": run_trainer}
@@ -438,8 +463,8 @@ def add_speedups(rows: list[dict]) -> None:
         row["vs_best_hf"] = round(row["tokens_per_s"] / best, 3) if best and "error" not in row else None
 
 
-MD_COLUMNS = ("case", "model", "attn_impl", "compile", "enc_len", "dec_len", "batch", "padding", "tokens_per_s",
-              "vs_best_hf", "mfu", "peak_GiB", "error")  # fmt: skip
+MD_COLUMNS = ("case", "model", "attn_impl", "compile", "lm_loss", "enc_len", "dec_len", "batch", "padding",
+              "tokens_per_s", "vs_best_hf", "mfu", "peak_GiB", "error")  # fmt: skip
 METHOD = (
     "Tokens/s: real tokens (training), new tokens (generation); `vs_best_hf`: over the fastest `hf_t5` row of the "
     "case. Each model is built from the same weights in the same process; see `benchmarks/finetune_step.py` and "

@@ -39,11 +39,46 @@ def test_training_rows_count_real_tokens_and_share_weights():
     losses = [row["final_loss"] for row in rows]
     assert max(losses) - min(losses) < 2e-3 * max(losses), losses
     assert [row["vs_best_hf"] is not None for row in rows] == [True] * 4
+    assert {row["lm_loss"] for row in rows} == {"logits"}  # CPU tensors: no loss kernel
     # padded batches: fewer real tokens than rows x lengths, labels -100 on padding
     batch = benchmark.make_batch(benchmark.Case("padded", "train", "base", 64, 40, 8, "mixed"), 96, "cpu", seed=0)
     real = batch["attention_mask"].sum(1)
     assert real.max() == batch["input_ids"].shape[1] and real.min() < real.max()
     assert (batch["labels"] == -100).any()
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_patched_rows_say_which_loss_ran(monkeypatch):
+    """On the kernel path, the patched stock model (by default) and FAT5 train on the fused LM head + loss, the
+    `hf_t5_patched_ce` provider on the cross-entropy kernel over logits; all three reach the same loss."""
+    import contextlib
+
+    from fat5_hf import kernel_ops
+
+    # fp32: the Triton interpreter computes bf16 arithmetic wrongly; only the loss kernels: interpreted, the others
+    # would make the test slow
+    monkeypatch.setattr(benchmark, "_autocast", lambda device: contextlib.nullcontext())
+    for kernel in ("_triton_t5_flash_attention", "_triton_rms_norm", "_triton_gated_activation",
+                   "_triton_gated_activation_packed"):  # fmt: skip
+        monkeypatch.setattr(kernel_ops, kernel, None)
+    case = benchmark.Case("tiny_train", "train", "base", 12, 6, 2, "mixed")
+    with kernel_ops.kernels_on_cpu():
+        rows = benchmark.run_case(
+            case, ("hf_t5_patched:sdpa", "hf_t5_patched_ce:sdpa", "fat5"), _args(steps=1, batches=1)
+        )
+    assert [row.get("error") for row in rows] == [None] * 3
+    assert [row["lm_loss"] for row in rows] == ["fused", "logits", "fused"]
+    losses = [row["final_loss"] for row in rows]
+    assert max(losses) - min(losses) < 1e-4 * max(losses), losses
+
+
+@pytest.mark.slow
+def test_trainer_rows_say_which_loss_ran():
+    case = benchmark.Case("tiny_trainer", "trainer", "base", 16, 6, 2, "mixed", options={"lora": False})
+    rows = benchmark.run_case(case, ("hf_t5:sdpa",), _args())
+    assert "error" not in rows[0], rows
+    assert rows[0]["lm_loss"] == "logits" and rows[0]["tokens_per_s"] > 0
 
 
 @pytest.mark.slow
