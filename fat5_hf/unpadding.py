@@ -139,8 +139,10 @@ def stack_attention(
     """
     has_cross = encoder_length is not None
     if torch.compiler.is_compiling():
-        # The varlen layout's sizes depend on the data (a graph break, and a recompile per batch shape): a compiled
-        # stack keeps the padded layout, one graph for every batch of its shape.
+        # The varlen layout's sizes depend on the data. Computing it eagerly behind a graph break works but costs
+        # `fullgraph=True` and CUDA-graph replays, and recompiles: the token count turns dynamic after one, but the
+        # varlen kernels read `max_seqlen` as a Python int (one graph per distinct longest row). A compiled stack
+        # keeps the padded layout, one graph for every batch of its shape.
         own = encoder = "padded"
     else:
         own = _layout_of_mask(attention_mask)
