@@ -263,7 +263,9 @@ def _lm_loss_forward(original: Callable) -> Callable:
         labels = arguments.get("labels")
         if labels is None:
             return original(self, *args, **kwargs)
-        # transformers' forward without labels (it would compute the loss in PyTorch), then the loss kernel.
+        # transformers' forward without labels (it would compute the loss in PyTorch), then the loss kernel. The
+        # labels are checked first, before `_shift_right` turns a bad label into a bad decoder input.
+        check_token_ids(labels, self.config.vocab_size, "labels", ignore_index=-100)
         arguments["labels"] = None
         if arguments.get("decoder_input_ids") is None and arguments.get("decoder_inputs_embeds") is None:
             arguments["decoder_input_ids"] = self._shift_right(labels)
@@ -273,8 +275,9 @@ def _lm_loss_forward(original: Callable) -> Callable:
         outputs = original(self, **arguments, **extra, return_dict=True)
         labels = labels.to(outputs.logits.device)
         loss, _ = kernel_ops.cross_entropy(
-            outputs.logits.reshape(-1, outputs.logits.shape[-1]), labels.reshape(-1), use_kernel=True
-        )
+            outputs.logits.reshape(-1, outputs.logits.shape[-1]), labels.reshape(-1), use_kernel=True,
+            check_labels=False,
+        )  # fmt: skip
         outputs = type(outputs)(loss=loss, **outputs)  # rebuilt: `loss` first, as `to_tuple()` expects
         use_return_dict = return_dict if return_dict is not None else self.config.return_dict
         return outputs if use_return_dict else outputs.to_tuple()
@@ -327,7 +330,7 @@ def _seq2seq_lm_fused_loss(
     != -100 of this call (0 rather than NaN when there are none); like the stock model, it ignores a
     `num_items_in_batch` that `Trainer` passes."""
     # Checked once, before `_shift_right` turns a bad label into a bad decoder input; skipped under torch.compile.
-    check_token_ids(labels, model.lm_head.weight.shape[0], "labels", ignore_index=-100)
+    check_token_ids(labels, model.config.vocab_size, "labels", ignore_index=-100)
     if encoder_outputs is None:
         encoder_outputs = model.encoder(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs

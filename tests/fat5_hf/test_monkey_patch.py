@@ -268,9 +268,13 @@ def test_fused_loss_of_only_ignored_labels_is_zero(t5_batch):
 
 @pytest.mark.interpreter
 @needs_kernels
-def test_fused_loss_names_a_bad_label(t5_batch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_patched_loss_names_a_bad_label(t5_batch, fused):
     patched = _lm_model("t5_tied").train()
-    apply_fat5_kernels(patched, rms_norm=False, gated_mlp=False, attention=False)
+    apply_fat5_kernels(
+        patched, rms_norm=False, gated_mlp=False, attention=False, cross_entropy=not fused,
+        fused_linear_cross_entropy=fused,
+    )  # fmt: skip
     batch = t5_batch()
     batch["labels"][0, 0] = TINY["vocab_size"]
     with kernel_ops.kernels_on_cpu(), pytest.raises(ValueError, match=r"`labels` holds ids in \[\d+, 96\]"):
