@@ -564,6 +564,13 @@ def _report_unpatched_modules(model: nn.Module, components: list[str], report: F
     for name in _LOSS_COMPONENTS:
         if name in components and name not in report.patched:
             report.not_patched[name] = "no *ForConditionalGeneration head in this model (no LM loss)"
+    if "fused_linear_cross_entropy" in report.patched:
+        heads = [m.lm_head for m in model.modules() if type(m).__name__.endswith("ForConditionalGeneration")]
+        if any(type(head) is not nn.Linear or head.bias is not None for head in heads):
+            report.not_patched["fused_linear_cross_entropy"] = (
+                "the LM head is not a plain bias-free nn.Linear (an adapter or wrapper on `lm_head`?): transformers' "
+                "head and loss run"
+            )
 
 
 __all__ = ["COMPONENTS", "FAT5PatchReport", "apply_fat5_kernels"]

@@ -226,6 +226,8 @@ def test_fused_loss_keeps_transformers_forward_where_logits_are_needed(t5_batch,
     with kernel_ops.kernels_on_cpu():
         assert patched(**batch).logits is not None
     assert fused_calls == []
+    report = apply_fat5_kernels(copy.deepcopy(patched))
+    assert "not a plain bias-free nn.Linear" in report.not_patched["fused_linear_cross_entropy"]
 
 
 @pytest.mark.interpreter
