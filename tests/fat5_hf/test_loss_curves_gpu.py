@@ -97,6 +97,6 @@ def test_patched_stock_t5_follows_the_stock_loss_curve(padded):
     stock = T5ForConditionalGeneration(T5Config(**SHAPE, attn_implementation="sdpa"))
     patched = copy.deepcopy(stock)
     report = apply_fat5_kernels(patched)
-    assert set(report.patched) == {"rms_norm", "gated_mlp", "attention", "cross_entropy"}
+    assert set(report.patched) == {"rms_norm", "gated_mlp", "attention", "fused_linear_cross_entropy"}
     batches = _batches(padded, "cuda")
     _assert_same_curve(_loss_curve(patched, batches), _loss_curve(stock, batches))
