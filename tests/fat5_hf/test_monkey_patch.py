@@ -256,6 +256,33 @@ def test_fused_loss_takes_transformers_call_forms(t5_batch):
 
 @pytest.mark.interpreter
 @needs_kernels
+def test_fused_loss_under_peft_lora(t5_batch, monkeypatch):
+    """A LoRA-wrapped model (peft, q and v) patched through its wrapper trains on the fused loss: the head stays a
+    plain `nn.Linear`, frozen (no weight gradient asked of the kernel); the adapters get the stock gradients."""
+    peft = pytest.importorskip("peft")
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    stock = _lm_model("t5_tied").train()
+    stock_lora = peft.get_peft_model(stock, lora_config)
+    patched_lora = copy.deepcopy(stock_lora)
+    for model in (stock_lora, patched_lora):  # B = 0 at init: give the adapters a gradient path through A too
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(0))
+    report = apply_fat5_kernels(patched_lora, rms_norm=False, gated_mlp=False, attention=False)
+    assert report.patched == {"fused_linear_cross_entropy": 1}
+    fused_calls = _count_calls(monkeypatch, "_triton_fused_linear_cross_entropy")
+    batch = t5_batch()
+    expected, expected_grads = _loss_and_grads(stock_lora, batch, kernels=False)
+    actual, actual_grads = _loss_and_grads(patched_lora, batch, kernels=True)
+    assert fused_calls == [1] and actual.logits is None
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-6, atol=1e-6)
+    assert actual_grads.keys() == expected_grads.keys() and all("lora_" in name for name in actual_grads)
+    for name, grad in expected_grads.items():
+        _assert_close_to_scale(actual_grads[name], grad, msg=name)
+
+
+@pytest.mark.interpreter
+@needs_kernels
 def test_fused_loss_of_only_ignored_labels_is_zero(t5_batch):
     # The stock loss is NaN there (0 / 0); the kernel's is 0 with zero gradients, as FAT5's model.
     patched = _lm_model("t5_tied").train()
