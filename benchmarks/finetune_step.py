@@ -251,7 +251,7 @@ def run_train(case: Case, make_model, provider: str, args) -> dict:
         outputs.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return outputs
+        return outputs.loss.detach(), lm_loss_kind(outputs)  # not the outputs: their logits would stay in memory
 
     for i in range(max(args.warmup_steps, len(batches))):  # every batch shape seen (compiled) before timing
         step(batches[i % len(batches)])
@@ -262,7 +262,7 @@ def run_train(case: Case, make_model, provider: str, args) -> dict:
     flops = tokens = 0.0
     for i in range(args.steps):
         batch = batches[i % len(batches)]
-        outputs = step(batch)
+        loss, lm_loss = step(batch)
         enc = batch["attention_mask"].sum(1).cpu()
         dec = (batch["labels"] != -100).sum(1).cpu()
         tokens += float(enc.sum() + dec.sum())
@@ -270,7 +270,7 @@ def run_train(case: Case, make_model, provider: str, args) -> dict:
     _synchronize(args.device)
     seconds = time.perf_counter() - start
     return dict(tokens_per_s=tokens / seconds, flops_per_s=flops / seconds, step_ms=1e3 * seconds / args.steps,
-                final_loss=float(outputs.loss.detach()), lm_loss=lm_loss_kind(outputs))  # fmt: skip
+                final_loss=float(loss), lm_loss=lm_loss)  # fmt: skip
 
 
 def lm_loss_kind(outputs) -> str:
