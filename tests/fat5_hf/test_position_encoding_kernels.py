@@ -1,5 +1,6 @@
 """The model's kernel path for each position encoding (Triton interpreter, fp32) against its PyTorch path: ALiBi
-through the attention kernel's slopes, RoPE through the pre-pass kernel, values and gradients of every parameter."""
+through the attention kernel's slopes, RoPE through the pre-pass kernel, FIRE through its per-distance table (within
+its threshold), values and gradients of every parameter."""
 
 from __future__ import annotations
 
@@ -17,30 +18,51 @@ def _labels(lengths, vocab_size=96, seed=3):
     return labels
 
 
+_KERNELS = (
+    "_triton_t5_flash_attention", "_triton_t5_flash_attention_qkvpacked", "_triton_t5_flash_attention_varlen",
+    "_triton_t5_flash_attention_varlen_qkvpacked", "_triton_rope",
+)  # fmt: skip
+
+
 def _record(monkeypatch, name, calls):
+    """Record `(kernel, bias)` of each call of `kernel_ops.<name>`; bias is "alibi", "t5", "distance" or None."""
     kernel = getattr(kernel_ops, name)
 
     def recording(*args, **kwargs):
-        calls.append((name, kwargs.get("alibi_slopes") is not None, kwargs.get("bias_table") is not None))
+        bias = next((kind for kind in ("alibi_slopes", "bias_table", "distance_bias") if kwargs.get(kind) is not None), None)
+        calls.append((name, {"alibi_slopes": "alibi", "bias_table": "t5", "distance_bias": "distance"}.get(bias)))
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(kernel_ops, name, recording)
+
+
+def _kernels_importable():
+    if not (kernel_ops.kernel_available("attention") and kernel_ops.kernel_available("rope")):
+        pytest.skip("fat5_kernels has no attention or rope kernel here")
+
+
+def _assert_same_logits_and_grads(actual, expected):
+    (logits, grads), (expected_logits, expected_grads) = actual, expected
+    scale = expected_logits.abs().max().item()
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5 * scale, rtol=1e-4)
+    for name, grad in grads.items():
+        # a floor for gradients that are zero up to rounding (FIRE's output bias adds a constant to each head's row)
+        scale = max(expected_grads[name].abs().max().item(), 1e-2)
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-4 * scale, rtol=1e-3, msg=name)
 
 
 @pytest.mark.slow
 @pytest.mark.interpreter
 @pytest.mark.parametrize("encoding", ["alibi", "rope", "fire", "none"])
 def test_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, encoding):
-    if not (kernel_ops.kernel_available("attention") and kernel_ops.kernel_available("rope")):
-        pytest.skip("fat5_kernels has no attention or rope kernel here")
+    _kernels_importable()
     calls = []
-    for name in ("_triton_t5_flash_attention", "_triton_t5_flash_attention_qkvpacked",
-                 "_triton_t5_flash_attention_varlen", "_triton_t5_flash_attention_varlen_qkvpacked", "_triton_rope"):
-        _record(monkeypatch, name, calls)  # fmt: skip
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
     torch.manual_seed(0)
     config = tiny_fat5_config(
         position_encoding_type=encoding, use_fused_rms_norm=False, use_fused_glu=False, use_fused_cross_entropy=False,
-        rope_fraction=0.5, fire_threshold=4.0,
+        rope_fraction=0.5, fire_threshold=5.0,
     )  # fmt: skip
     model = FAT5ForConditionalGeneration(config).train()  # no KV cache: both stacks can take the kernel path
     input_ids, attention_mask = make_batch(96, [9, 6])
@@ -56,23 +78,22 @@ def test_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, 
     assert calls == []
     with kernel_ops.kernels_on_cpu():
         logits, grads = loss_and_grads()
-    self_attention = [call for call in calls if call[0] != "_triton_rope" and call[1:] != (False, False)]
+    self_attention = [call for call in calls if call[0] != "_triton_rope" and call[1] is not None]
     # The encoder's batch is padded: every attention of both stacks runs unpadded (the varlen kernels).
     if encoding == "alibi":  # 2 + 2 self-attentions with the slopes (packed q/k/v), never T5's table
-        assert sorted(set(calls)) == [("_triton_t5_flash_attention_varlen", False, False),
-                                      ("_triton_t5_flash_attention_varlen_qkvpacked", True, False)]  # fmt: skip
+        assert sorted(set(calls)) == [("_triton_t5_flash_attention_varlen", None),
+                                      ("_triton_t5_flash_attention_varlen_qkvpacked", "alibi")]  # fmt: skip
         assert len(self_attention) == 4
     elif encoding == "rope":  # one rotation per self-attention, then the kernel without bias
         assert [call[0] for call in calls].count("_triton_rope") == 4 and self_attention == []
-    elif encoding == "fire":  # FIRE is served by the PyTorch path
-        assert calls == []
+    elif encoding == "fire":
+        # The encoder's 9 positions pass FIRE's threshold of 5: its stack takes the PyTorch path. The decoder's 5
+        # (positions 0..4) are below it: its self-attentions read FIRE's per-distance table, with cross-attention.
+        assert self_attention == [("_triton_t5_flash_attention_varlen_qkvpacked", "distance")] * 2
+        assert len(calls) == 4
     else:
         assert self_attention == [] and len(calls) == 6
-    scale = expected_logits.abs().max().item()
-    torch.testing.assert_close(logits, expected_logits, atol=1e-5 * scale, rtol=1e-4)
-    for name, grad in grads.items():
-        scale = expected_grads[name].abs().max().item()
-        torch.testing.assert_close(grad, expected_grads[name], atol=1e-4 * scale, rtol=1e-3, msg=name)
+    _assert_same_logits_and_grads((logits, grads), (expected_logits, expected_grads))
 
 
 @pytest.mark.gpu
