@@ -96,16 +96,161 @@ def test_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, 
     _assert_same_logits_and_grads((logits, grads), (expected_logits, expected_grads))
 
 
+# ---- FIRE ------------------------------------------------------------------------------------------------------
+_FIRE_PARAMETERS = ("distance_scale", "threshold", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
+
+
+def _fire_module(bidirectional: bool, threshold: float):
+    from fat5_hf.position_encoding import FIREPositionBias
+
+    torch.manual_seed(0)
+    fire = FIREPositionBias(num_heads=3, width=8, threshold=threshold, bidirectional=bidirectional)
+    with torch.no_grad():
+        for parameter in fire.parameters():
+            parameter.normal_()
+        fire.distance_scale.fill_(0.9)
+        fire.threshold.fill_(threshold)
+    return fire
+
+
+def _materialized_attention(q, k, v, bias, lengths, causal):
+    """softmax(q k^T + bias) v over (B, H, L, D), keys past each row's length masked (and later ones if causal)."""
+    length = q.shape[2]
+    allowed = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-1, -2) + bias).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_fire_table_in_the_kernel_equals_the_materialized_bias(bidirectional, padded):
+    """Encoder (bidirectional) and decoder (causal) attention with FIRE's per-distance table in the kernel (padded rows
+    through the varlen kernel) against the materialized FIRE bias: values and gradients of q, k, v and of every FIRE
+    parameter, fp32."""
+    from fat5_kernels.attention import t5_flash_attention, t5_flash_attention_varlen
+
+    fire = _fire_module(bidirectional, threshold=13.0)
+    lengths = [13, 8] if padded else [13, 13]
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 13, 8, generator=gen).requires_grad_() for _ in range(3))
+    real = torch.arange(13)[None, :] < torch.tensor(lengths)[:, None]  # (B, L) real tokens
+    dout = torch.randn(2, 3, 13, 8, generator=gen) * real[:, None, :, None]  # no gradient from padding rows
+
+    def kernel(q, k, v):
+        table, causal = fire.kernel_table(13), not bidirectional
+        if not padded:
+            return t5_flash_attention(q, k, v, distance_bias=table, bidirectional=bidirectional, causal=causal)
+        rows = [t.transpose(1, 2)[real] for t in (q, k, v)]  # (total, H, D)
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        out = t5_flash_attention_varlen(
+            *rows, cu_seqlens, cu_seqlens, 13, 13, distance_bias=table, bidirectional=bidirectional, causal=causal
+        )
+        return out.new_zeros(2, 13, 3, 8).index_put((real,), out).transpose(1, 2)
+
+    def reference(q, k, v):
+        return _materialized_attention(q, k, v, fire(13, 13), lengths, causal=not bidirectional)
+
+    results = []
+    for attention in (kernel, reference):
+        out = attention(q, k, v)
+        tensors = [q, k, v, *(fire.get_parameter(name) for name in _FIRE_PARAMETERS)]
+        results.append((out.detach() * real[:, None, :, None], torch.autograd.grad(out, tensors, dout)))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for name, grad, expected_grad in zip(("q", "k", "v", *_FIRE_PARAMETERS), grads, expected_grads):
+        assert name == "mlp.2.bias" or expected_grad.abs().sum() > 0, name  # a head-wide constant: no gradient
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.parametrize("padded", [False, True])
+def test_fire_model_on_the_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, padded):
+    """Both stacks below FIRE's threshold: every self-attention reads FIRE's table in the kernel (the padded encoder
+    batch through the varlen kernels), and the logits and the gradients of every parameter, FIRE's of both stacks
+    included, are the PyTorch path's."""
+    _kernels_importable()
+    calls = []
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
+    config = tiny_fat5_config(
+        position_encoding_type="fire", fire_threshold=16.0, use_fused_rms_norm=False, use_fused_glu=False,
+        use_fused_cross_entropy=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(config).train()
+    input_ids, attention_mask = make_batch(96, [9, 6] if padded else [9, 9])
+    labels = _labels([5, 3])
+
+    def loss_and_grads():
+        model.zero_grad()
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, labels=labels)
+        outputs.loss.backward()
+        return outputs.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected = loss_and_grads()
+    with kernel_ops.kernels_on_cpu():
+        actual = loss_and_grads()
+    # 2 + 2 self-attentions on packed q/k/v; with a padded encoder batch both stacks run unpadded (varlen)
+    kernel = "_triton_t5_flash_attention_varlen_qkvpacked" if padded else "_triton_t5_flash_attention_qkvpacked"
+    assert [name for name, bias in calls if bias == "distance"] == [kernel] * 4
+    for stack in ("encoder", "decoder"):
+        for name in _FIRE_PARAMETERS:
+            key = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.{name}"
+            assert name == "mlp.2.bias" or expected[1][key].abs().sum() > 0, key
+    _assert_same_logits_and_grads(actual, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_fire_generation_with_the_kernels_equals_uncached_and_pytorch(tiny_fat5_config, make_batch, monkeypatch):
+    """Greedy decoding past FIRE's threshold: with the KV cache (the decoder on the PyTorch path, as any cached
+    decoding), without it (the decoder's kernel table while its positions are below the threshold, the PyTorch path
+    after), and with the kernels off, the same tokens and scores."""
+    _kernels_importable()
+    calls = []
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
+    config = tiny_fat5_config(position_encoding_type="fire", fire_threshold=6.0, use_fused_rms_norm=False,
+                              use_fused_glu=False, use_fused_cross_entropy=False, eos_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(config).eval()
+    input_ids, attention_mask = make_batch(96, [6, 4])
+
+    def generate(use_cache):
+        return model.generate(
+            input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False, use_cache=use_cache,
+            output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+
+    expected = generate(use_cache=True)
+    assert calls == []
+    with kernel_ops.kernels_on_cpu():
+        cached, uncached = generate(use_cache=True), generate(use_cache=False)
+    # The encoder (positions 0..5) reads the table in both runs; uncached, steps 1..6 run decoder positions 0..5,
+    # below the threshold of 6, in the kernel (2 layers each), and steps 7 and 8 the PyTorch path.
+    assert [bias for _, bias in calls].count("distance") == 2 + 2 + 2 * 6
+    assert expected.sequences.shape == (2, 9)
+    for result in (cached, uncached):
+        assert torch.equal(result.sequences, expected.sequences)
+        for scores, expected_scores in zip(result.scores, expected.scores):
+            torch.testing.assert_close(scores, expected_scores, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("encoding", ["t5", "alibi", "rope", "fire", "none"])
-def test_bf16_kernel_path_is_as_accurate_as_bf16_pytorch(encoding):
+def test_bf16_kernel_path_is_as_accurate_as_bf16_pytorch(monkeypatch, encoding):
     """Under bf16 autocast at a real length, the kernel path's loss and gradients are within twice the error of the
-    PyTorch path's (both against the fp32 PyTorch path)."""
+    PyTorch path's (both against the fp32 PyTorch path), those of the position encoding's parameters too. FIRE's
+    threshold covers the 1024 positions: both stacks read its per-distance table in the kernel."""
     from fat5_hf import FAT5Config
 
     config = FAT5Config(
         vocab_size=512, d_model=256, d_kv=64, num_heads=4, d_ff=512, num_layers=2, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, dropout_rate=0.0, position_encoding_type=encoding, fire_threshold=256.0,
+        tie_word_embeddings=False, dropout_rate=0.0, position_encoding_type=encoding, fire_threshold=1024.0,
     )  # fmt: skip
     torch.manual_seed(0)
     models = {}
@@ -126,12 +271,25 @@ def test_bf16_kernel_path_is_as_accurate_as_bf16_pytorch(encoding):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
-        return loss.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        grads = {name: p.grad.float().flatten() for name, p in model.named_parameters() if p.grad is not None}
+        encoding_grads = [grad for name, grad in grads.items() if "relative_attention_bias" in name]
+        return loss.float(), torch.cat(list(grads.values())), torch.cat(encoding_grads) if encoding_grads else None
 
-    loss32, grads32 = loss_and_grads(models[False], autocast=False)
-    loss_ref, grads_ref = loss_and_grads(models[False], autocast=True)
-    loss_kernel, grads_kernel = loss_and_grads(models[True], autocast=True)
+    calls = []
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
+    loss32, grads32, encoding32 = loss_and_grads(models[False], autocast=False)
+    loss_ref, grads_ref, encoding_ref = loss_and_grads(models[False], autocast=True)
+    assert calls == []
+    loss_kernel, grads_kernel, encoding_kernel = loss_and_grads(models[True], autocast=True)
+    if encoding == "fire":
+        assert [bias for _, bias in calls].count("distance") == 4  # 2 + 2 self-attentions
     assert (loss_kernel - loss32).abs() <= 2 * (loss_ref - loss32).abs() + 1e-3
-    reference_error = (grads_ref - grads32).norm() / grads32.norm()
-    kernel_error = (grads_kernel - grads32).norm() / grads32.norm()
-    assert kernel_error <= 2 * reference_error + 1e-3, (kernel_error, reference_error)
+    for name, exact, reference, kernel in (
+        ("all", grads32, grads_ref, grads_kernel), ("encoding", encoding32, encoding_ref, encoding_kernel)
+    ):
+        if exact is None:  # no learned encoding
+            continue
+        reference_error = (reference - exact).norm() / exact.norm()
+        kernel_error = (kernel - exact).norm() / exact.norm()
+        assert kernel_error <= 2 * reference_error + 1e-3, (name, kernel_error, reference_error)
