@@ -262,9 +262,9 @@ class FIREPositionBias(nn.Module):
     On the attention kernel's path: while every query position `i` is below the threshold (`i < max(|L|, 1)`,
     `is_distance_only`), the normalizer is the same for all queries and the bias is a function of the signed
     distance alone; `kernel_table` evaluates it once per distance, `(H, 2R + 1)`, and the kernel reads it as a
-    per-distance table (no `L x L` tensor), its gradient flowing back to every FIRE parameter by autograd. Queries
-    past the threshold (inference or training on sequences longer than `|L| + 1`) take the PyTorch path, which
-    materializes the `(1, H, M, N)` bias.
+    per-distance table (no `L x L` tensor), its gradient flowing back to every FIRE parameter by autograd. A call
+    with a query at or past the threshold (inference or training on sequences longer than the threshold) takes the
+    PyTorch path, which materializes the `(1, H, M, N)` bias.
 
     Parameters (state-dict keys under `...SelfAttention.relative_attention_bias.`): `mlp.0.weight` `(width, 1)`,
     `mlp.0.bias` `(width,)`, `mlp.2.weight` `(num_heads, width)`, `mlp.2.bias` `(num_heads,)`, `distance_scale`
@@ -304,7 +304,8 @@ class FIREPositionBias(nn.Module):
         between `i` and `L`).
 
         Reads the learned threshold from its device: one synchronization, which the model does once per stack
-        forward, not per layer. Under `torch.compile` the read is a graph break (the value decides the path).
+        forward, not per layer. Under `torch.compile` the read is a graph break at each stack's entry (the value
+        decides the path; `fullgraph=True` raises there): compile a FIRE model without `fullgraph`.
         """
         if num_positions <= 1:
             return True

@@ -659,8 +659,8 @@ def t5_flash_attention(
         distance_bias: (H, 2R + 1) bias of every distance ``d`` in ``[-R, R]`` at column ``d + R``, any float dtype
             (gets a gradient); distances beyond ``+-R`` read the edge columns, and with ``bidirectional=False``
             distances ``d > 0`` read column ``R`` (``d = 0``), as T5's causal buckets. Exact for any bias that is a
-            function of the distance alone when ``R >= max(M, N) - 1`` (FIRE within its threshold). The backward
-            tracks one segment per column: its cost grows with R (use it at the lengths it was benchmarked at).
+            function of the distance alone when ``R >= max(M, N) - 1`` (FIRE below its threshold). The backward
+            sums every band tile over every column, so its cost grows with R (benchmarks/attention.py, fat5_fire).
         alibi_slopes: (H,) float32 ALiBi slopes, bias ``-slope * |d|``; no gradient. Exclusive with the tables.
         causal: mask keys after the query (bottom-right aligned when M != N).
         key_padding_mask: (B, N) bool, True = attend.

@@ -70,7 +70,8 @@ SEGMENT_BOUND = 1 << 29
 
 @dataclass(frozen=True)
 class RelativeBiasLayout:
-    """How T5 buckets tile the distance axis, for one (bidirectional, num_buckets, max_distance).
+    """How T5 buckets tile the distance axis, for one (bidirectional, num_buckets, max_distance), or the columns of a
+    per-distance table (`distance_table_layout`).
 
     Attributes:
         radius: ``R``, the smallest radius such that every distance ``|d| >= R`` has the bucket of ``sign(d) * R``.
@@ -86,7 +87,7 @@ class RelativeBiasLayout:
             head, ``S[c] = sum of dS over band elements with d <= cuts[c]`` followed by the far-left and
             far-right sums; ``S @ cut_sums_to_bucket`` is the table gradient (segment ``s`` is
             ``S[s] - S[s-1]``; the far-left sum belongs to segment 0, the far-right one to the last). None for
-            a per-distance table (`cut_sums_to_segment_grad` does the differencing).
+            a per-distance table (the attention wrapper differences the sums itself).
     """
 
     radius: int
