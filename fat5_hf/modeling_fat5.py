@@ -294,13 +294,15 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def _kernel_bias(shared) -> tuple[torch.Tensor | DistanceBias | None, torch.Tensor | None]:
-    """`(bias_table, alibi_slopes)` for the attention kernel from what the first layer shared (the table is T5's,
-    or FIRE's `DistanceBias`)."""
+def _kernel_bias(shared, per_distance: bool) -> tuple[torch.Tensor | DistanceBias | None, torch.Tensor | None]:
+    """`(bias_table, alibi_slopes)` for the attention kernel from what the first layer shared: T5's table, or with
+    `per_distance` FIRE's table of every distance, marked `DistanceBias` for the kernel. The layers share FIRE's
+    table as a plain tensor, as T5's, so that reentrant gradient checkpointing sees it as an input of each block
+    (its gradient reaches FIRE's parameters through every layer)."""
     if isinstance(shared, ALiBiSlopes):
         return None, shared.slopes
-    if isinstance(shared, (torch.Tensor, DistanceBias)):
-        return shared, None
+    if isinstance(shared, torch.Tensor):
+        return (DistanceBias(shared) if per_distance else shared), None
     return None, None
 
 
@@ -311,7 +313,7 @@ class FAT5Attention(nn.Module):
     `position_encoding.build_position_encoding`) and returns what the other layers reuse as `position_bias`: a
     materialized bias for T5's buckets, ALiBi and FIRE on the PyTorch path, `RotaryAngles` for RoPE (queries and
     keys are rotated, before the KV cache), and on the kernel path T5's table, `ALiBiSlopes` or FIRE's per-distance
-    `DistanceBias`.
+    table (`FIREPositionBias.kernel_table`).
 
     Three backends, picked per call:
 
@@ -367,7 +369,7 @@ class FAT5Attention(nn.Module):
 
     def _kernel_position_encoding(
         self, length: int, mask: FlashAttentionMask
-    ) -> torch.Tensor | ALiBiSlopes | DistanceBias | RotaryAngles | None:
+    ) -> torch.Tensor | ALiBiSlopes | RotaryAngles | None:
         """What the kernel path shares across the stack for sequences of `length`: T5's table, ALiBi's slopes, FIRE's
         per-distance table or RoPE's angles (None without an encoding)."""
         encoding, device = self.position_encoding, self.q.weight.device
@@ -376,7 +378,7 @@ class FAT5Attention(nn.Module):
         if isinstance(encoding, FIREPositionBias):
             # the stack took the kernel path only with every query below FIRE's threshold (`is_distance_only`); in
             # the varlen layout the states are one row of all the sequences: the longest sequence sizes the table
-            return DistanceBias(encoding.kernel_table(length if mask.queries is None else mask.queries.max_seqlen))
+            return encoding.kernel_table(length if mask.queries is None else mask.queries.max_seqlen)
         if isinstance(encoding, ALiBiPositionBias):
             return ALiBiSlopes(encoding.kernel_slopes(device))
         if isinstance(encoding, RotaryPositionEmbedding):
@@ -421,7 +423,9 @@ class FAT5Attention(nn.Module):
             # Kernel path (no cache by construction): the bias is computed in-kernel from the shared table or slopes.
             if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
                 position_bias = self._kernel_position_encoding(input_shape[1], mask)
-            bias_table, slopes = _kernel_bias(None if is_cross_attention else position_bias)
+            bias_table, slopes = _kernel_bias(
+                None if is_cross_attention else position_bias, self.config.position_encoding_type == "fire"
+            )
             rotary = position_bias if not is_cross_attention and isinstance(position_bias, RotaryAngles) else None
             if (
                 not is_cross_attention

@@ -111,8 +111,9 @@ class ALiBiSlopes(NamedTuple):
 
 
 class DistanceBias(NamedTuple):
-    """What the first layer of a FIRE stack shares with the others on the kernel path: `(H, 2R + 1)` the bias of
-    every signed distance `d` in `[-R, R]` at column `d + R` (`FIREPositionBias.kernel_table`), with the gradient."""
+    """FIRE's table on the kernel path, as the attention layers hand it to `kernel_ops` (which reads it as the kernel's
+    `distance_bias`): `(H, 2R + 1)` the bias of every signed distance `d` in `[-R, R]` at column `d + R`
+    (`FIREPositionBias.kernel_table`), with the gradient."""
 
     table: torch.Tensor
 

@@ -206,6 +206,36 @@ def test_fire_model_on_the_kernel_path_matches_pytorch(tiny_fat5_config, make_ba
 
 @pytest.mark.slow
 @pytest.mark.interpreter
+def test_fire_table_reaches_fire_through_reentrant_checkpointed_layers(tiny_fat5_config, make_batch):
+    """Reentrant gradient checkpointing sees only tensor arguments as a block's inputs: FIRE's table, shared by the
+    layers as T5's is, must get its gradient from every checkpointed layer."""
+    _kernels_importable()
+    config = tiny_fat5_config(
+        position_encoding_type="fire", fire_threshold=16.0, use_fused_rms_norm=False, use_fused_glu=False,
+        use_fused_cross_entropy=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(config).train()
+    input_ids, attention_mask = make_batch(96, [9, 6])
+    labels = _labels([5, 3])
+
+    def grads():
+        model.zero_grad()
+        with kernel_ops.kernels_on_cpu():
+            model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected = grads()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    assert model.encoder.block[1].gradient_checkpointing
+    for name, grad in grads().items():
+        # the floor: FIRE's output bias has a gradient that is zero up to rounding
+        scale = max(expected[name].abs().max().item(), 1e-2)
+        torch.testing.assert_close(grad, expected[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_fire_generation_with_the_kernels_equals_uncached_and_pytorch(tiny_fat5_config, make_batch, monkeypatch):
     """Greedy decoding past FIRE's threshold: with the KV cache (the decoder on the PyTorch path, as any cached
     decoding), without it (the decoder's kernel table while its positions are below the threshold, the PyTorch path
