@@ -561,6 +561,25 @@ def test_distance_table_varlen_and_packed_match_reference():
     torch.testing.assert_close(packed, out, atol=1e-6, rtol=1e-6)
 
 
+def test_distance_table_custom_op_and_compile():
+    """A per-distance table travels through the same custom op (as the bias table, ``max_distance=0``): opcheck, and
+    torch.compile(fullgraph=True) gives the eager values and gradients."""
+    q, k, v, _, dout = _inputs(1, 2, 20, 24, 16, torch.float32)
+    table = torch.randn(2, 2 * 31 + 1, generator=torch.Generator().manual_seed(3)).to(DEVICE).requires_grad_()
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), table, None, None, None, None, 20, 24, True,
+            63, 0, False, 1.0)  # fmt: skip
+    torch.library.opcheck(torch.ops.fat5.t5_flash_attention_fwd.default, args)
+
+    def f(q, k, v, table):
+        return (t5_flash_attention(q, k, v, distance_bias=table) * dout).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    expected = torch.autograd.grad(f(q, k, v, table), (q, k, v, table))
+    got = torch.autograd.grad(compiled(q, k, v, table), (q, k, v, table))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+
+
 def test_distance_table_bad_inputs():
     q, k, v, table, _ = _inputs(1, 2, 16, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="2R \\+ 1"):
