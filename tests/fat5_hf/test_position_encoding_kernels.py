@@ -100,19 +100,6 @@ def test_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, 
 _FIRE_PARAMETERS = ("distance_scale", "threshold", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
 
 
-def _fire_module(bidirectional: bool, threshold: float):
-    from fat5_hf.position_encoding import FIREPositionBias
-
-    torch.manual_seed(0)
-    fire = FIREPositionBias(num_heads=3, width=8, threshold=threshold, bidirectional=bidirectional)
-    with torch.no_grad():
-        for parameter in fire.parameters():
-            parameter.normal_()
-        fire.distance_scale.fill_(0.9)
-        fire.threshold.fill_(threshold)
-    return fire
-
-
 def _materialized_attention(q, k, v, bias, lengths, causal):
     """softmax(q k^T + bias) v over (B, H, L, D), keys past each row's length masked (and later ones if causal)."""
     length = q.shape[2]
@@ -130,9 +117,11 @@ def test_fire_table_in_the_kernel_equals_the_materialized_bias(bidirectional, pa
     """Encoder (bidirectional) and decoder (causal) attention with FIRE's per-distance table in the kernel (padded rows
     through the varlen kernel) against the materialized FIRE bias: values and gradients of q, k, v and of every FIRE
     parameter, fp32."""
+    from test_position_encoding import _random_fire
+
     from fat5_kernels.attention import t5_flash_attention, t5_flash_attention_varlen
 
-    fire = _fire_module(bidirectional, threshold=13.0)
+    fire = _random_fire(bidirectional, threshold=13.0)
     lengths = [13, 8] if padded else [13, 13]
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 13, 8, generator=gen).requires_grad_() for _ in range(3))
