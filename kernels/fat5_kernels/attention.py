@@ -21,8 +21,8 @@ distance in ``[-R, R]`` (FIRE's exact table; each distance is its own bucket), w
 slopes (no gradient); or none (cross-attention). A table is never materialized as an (L, L) bias: the kernels read
 a per-distance vector, padded to cover every distance of the call and saturated beyond ``R``, the distance where
 the buckets stop changing (at most ``max(max_distance, num_buckets)`` for T5's, the table's radius for a
-per-distance one). The table gradient is reduced per (key block, head) from partial sums, then over programs in a fixed order: it is
-deterministic with or without ``deterministic=True`` (the partial-sum reduction costs less than atomics would,
+per-distance one). The table gradient is reduced per (key block, head) from partial sums, then over programs in a
+fixed order: it is deterministic with or without ``deterministic=True`` (the partial-sum reduction costs less than atomics would,
 so there is no atomic variant).
 
 Conventions: ``d = key_position - query_position``; with ``M != N`` queries are aligned to the end of the
@@ -66,8 +66,8 @@ MAX_HEAD_DIM = 256
 _PADDED_DISTANCE_BUCKETS: dict = {}
 
 # `max_distance` of the ops for a per-distance table (`distance_bias`), which travels as the bias table with
-# `num_buckets = 2R + 1`: T5's buckets never have it (they need max_distance > num_buckets // 4 >= 1), and the ops'
-# schema stays that of T5's table.
+# `num_buckets = 2R + 1`: T5's buckets never have it (their max_distance exceeds their exact range, at least 1), and
+# the ops' schema stays that of T5's table.
 PER_DISTANCE = 0
 
 
