@@ -22,8 +22,8 @@ slopes (no gradient); or none (cross-attention). A table is never materialized a
 a per-distance vector, padded to cover every distance of the call and saturated beyond ``R``, the distance where
 the buckets stop changing (at most ``max(max_distance, num_buckets)`` for T5's, the table's radius for a
 per-distance one). The table gradient is reduced per (key block, head) from partial sums, then over programs in a
-fixed order: it is deterministic with or without ``deterministic=True`` (the partial-sum reduction costs less than atomics would,
-so there is no atomic variant).
+fixed order: it is deterministic with or without ``deterministic=True`` (the partial-sum reduction costs less than
+atomics would, so there is no atomic variant).
 
 Conventions: ``d = key_position - query_position``; with ``M != N`` queries are aligned to the end of the
 keys (query ``i`` at position ``i + N - M``, as in FlashAttention >= 2.1 and HF T5 with a KV cache); the
