@@ -65,6 +65,11 @@ except ImportError:
     _triton_t5_flash_attention = _triton_t5_flash_attention_varlen = None
     _triton_t5_flash_attention_qkvpacked = _triton_t5_flash_attention_varlen_qkvpacked = None
 
+try:
+    from fat5_kernels.attention import distance_table_has_gradient as _distance_table_has_gradient
+except ImportError:
+    _distance_table_has_gradient = None
+
 
 # transformers' activation names of the gated MLPs the fused kernel implements, and the kernel's names for them.
 FUSED_GLU_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu"}
@@ -426,6 +431,12 @@ def flash_attention(
     return out.transpose(1, 2)
 
 
+def can_differentiate_distance_table(radius: int, bidirectional: bool) -> bool:
+    """Whether the attention kernel's backward returns the gradient of a per-distance table (FIRE's) of this radius
+    (`fat5_kernels.attention.distance_table_has_gradient`)."""
+    return _distance_table_has_gradient is not None and _distance_table_has_gradient(radius, bidirectional)
+
+
 def _t5_kernel_kwargs(
     mask: FlashAttentionMask,
     bias_table: torch.Tensor | DistanceBias | None,
@@ -550,6 +561,7 @@ __all__ = [
     "FlashAttentionMask",
     "PackedSequences",
     "segment_ids_to_cu_seqlens",
+    "can_differentiate_distance_table",
     "can_fuse_linear_cross_entropy",
     "can_use_flash_attention",
     "can_use_packed_gated_activation",

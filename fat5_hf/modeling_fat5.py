@@ -956,10 +956,15 @@ class FAT5Stack(FAT5PreTrainedModel):
         )
         if use_flash and self.config.position_encoding_type == "fire":
             # The kernel reads FIRE's per-distance table, exact while every query (cached tokens included) is below
-            # the learned threshold: one read of it per stack forward; queries past it take the PyTorch path.
-            past_length = int(cache.get_seq_length()) if cache is not None else 0
+            # the learned threshold: one read of it per stack forward; queries past it take the PyTorch path, and so
+            # do sequences too long for the kernel's table gradient when one is needed.
+            length = (int(cache.get_seq_length()) if cache is not None else 0) + inputs_embeds.shape[1]
             encoding = self.block[0].layer[0].SelfAttention.position_encoding
-            return encoding.is_distance_only(past_length + inputs_embeds.shape[1])
+            if torch.is_grad_enabled() and not kernel_ops.can_differentiate_distance_table(
+                encoding.table_radius(length), encoding.bidirectional
+            ):
+                return False
+            return encoding.is_distance_only(length)
         return use_flash
 
     @staticmethod

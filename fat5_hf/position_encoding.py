@@ -263,9 +263,10 @@ class FIREPositionBias(nn.Module):
     On the attention kernel's path: while every query position `i` is below the threshold (`i < max(|L|, 1)`,
     `is_distance_only`), the normalizer is the same for all queries and the bias is a function of the signed
     distance alone; `kernel_table` evaluates it once per distance, `(H, 2R + 1)`, and the kernel reads it as a
-    per-distance table (no `L x L` tensor), its gradient flowing back to every FIRE parameter by autograd. A call
-    with a query at or past the threshold (inference or training on sequences longer than the threshold) takes the
-    PyTorch path, which materializes the `(1, H, M, N)` bias.
+    per-distance table (no `L x L` tensor), its gradient flowing back to every FIRE parameter by autograd (the kernel
+    differentiates tables for sequences up to 4096 tokens bidirectional, 8192 causal; longer training calls take the
+    PyTorch path). A call with a query at or past the threshold (inference or training on sequences longer than the
+    threshold) takes the PyTorch path, which materializes the `(1, H, M, N)` bias.
 
     Parameters (state-dict keys under `...SelfAttention.relative_attention_bias.`): `mlp.0.weight` `(width, 1)`,
     `mlp.0.bias` `(width,)`, `mlp.2.weight` `(num_heads, width)`, `mlp.2.bias` `(num_heads,)`, `distance_scale`
@@ -315,6 +316,12 @@ class FIREPositionBias(nn.Module):
             threshold = threshold.full_tensor()
         return num_positions - 1 < max(abs(float(threshold)), 1.0)
 
+    @staticmethod
+    def table_radius(max_length: int) -> int:
+        """The radius `R` of `kernel_table` for sequences up to `max_length`: the smallest `2**k - 1 >= max_length - 1`
+        (at least 1), rounded up so that few table sizes (kernel specializations) occur."""
+        return max(1 << max(0, int(max_length) - 1).bit_length(), 2) - 1
+
     def kernel_table(self, max_length: int) -> torch.Tensor:
         """FIRE's bias of every signed distance, for the attention kernel's per-distance table (`distance_bias`).
 
@@ -323,13 +330,13 @@ class FIREPositionBias(nn.Module):
         `threshold` and the MLP's parameters.
 
         Args:
-            max_length (`int`): the longest sequence of the call (queries and keys); the radius is `R = 2**k - 1
-                >= max_length - 1`, rounded up so that few table sizes (kernel specializations) occur.
+            max_length (`int`): the longest sequence of the call (queries and keys), which sets the radius
+                (`table_radius`).
 
         Returns:
             `torch.Tensor` of shape `(num_heads, 2R + 1)`, in the MLP's dtype (the dtype `forward`'s bias has).
         """
-        radius = max(1 << max(0, int(max_length) - 1).bit_length(), 2) - 1
+        radius = self.table_radius(max_length)
         device = self.threshold.device
         distance = torch.arange(-radius, radius + 1, dtype=torch.long, device=device)
         # a query at position 0: below the threshold, the normalizer psi(max(|L|, 1)) is that of any such query

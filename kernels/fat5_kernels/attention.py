@@ -50,8 +50,10 @@ from .attention_reference import (
 from .triton_utils import outside_cuda_graph_pools, triton_interpreter_enabled
 
 __all__ = [
+    "MAX_TABLE_SEGMENTS",
     "T5FlashAttentionFunction",
     "T5FlashAttentionQKVPackedFunction",
+    "distance_table_has_gradient",
     "t5_flash_attention",
     "t5_flash_attention_qkvpacked",
     "t5_flash_attention_varlen",
@@ -69,6 +71,19 @@ _PADDED_DISTANCE_BUCKETS: dict = {}
 # `num_buckets = 2R + 1`: T5's buckets never have it (their max_distance exceeds their exact range, at least 1), and
 # the ops' schema stays that of T5's table.
 PER_DISTANCE = 0
+
+
+# The backward holds a (BLOCK_N, segments) tile per band tile for a table that needs a gradient: Triton caps a tile
+# at 2**20 elements and BLOCK_N reaches 128, so a per-distance table gets a gradient for at most 8192 segments.
+MAX_TABLE_SEGMENTS = 8192
+
+
+def distance_table_has_gradient(radius: int, bidirectional: bool) -> bool:
+    """Whether the backward can return the gradient of a per-distance table of radius ``radius`` (``2R + 1``
+    segments bidirectional, ``R + 1`` causal, padded to a power of two, at most `MAX_TABLE_SEGMENTS`). The forward
+    serves any radius."""
+    segments = 2 * radius + 1 if bidirectional else radius + 1
+    return 1 << (segments - 1).bit_length() <= MAX_TABLE_SEGMENTS
 
 
 def _bias_layout(bidirectional: bool, num_buckets: int, max_distance: int, device: torch.device):
@@ -581,7 +596,11 @@ def _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional,
 
 
 def _table_arguments(
-    bias_table: torch.Tensor | None, distance_bias: torch.Tensor | None, num_buckets: int, max_distance: int
+    bias_table: torch.Tensor | None,
+    distance_bias: torch.Tensor | None,
+    num_buckets: int,
+    max_distance: int,
+    bidirectional: bool,
 ) -> tuple[torch.Tensor | None, int, int]:
     """``(table, num_buckets, max_distance)`` for the ops: a per-distance table travels as the bias table with
     ``num_buckets = 2R + 1`` and ``max_distance = PER_DISTANCE``."""
@@ -595,6 +614,12 @@ def _table_arguments(
         raise ValueError(
             "distance_bias must be a (num_heads, 2R + 1) tensor, the bias of distance d in [-R, R] at column d + R "
             f"(R >= 1), got {tuple(getattr(distance_bias, 'shape', ()))}."
+        )
+    radius = distance_bias.shape[1] // 2
+    if torch.is_grad_enabled() and distance_bias.requires_grad and not distance_table_has_gradient(radius, bidirectional):
+        raise ValueError(
+            f"distance_bias of radius {radius} needs a gradient over more than {MAX_TABLE_SEGMENTS} distances, more "
+            "than the backward kernel serves; use a smaller radius, or attention with a materialized bias."
         )
     return distance_bias, distance_bias.shape[1], PER_DISTANCE
 
@@ -680,7 +705,9 @@ def t5_flash_attention(
         raise ValueError(
             f"k and v must be (batch={batch}, heads={num_heads}, N, head_dim) like q, got {tuple(k.shape)}, {tuple(v.shape)}."
         )
-    bias_table, num_buckets, max_distance = _table_arguments(bias_table, distance_bias, num_buckets, max_distance)
+    bias_table, num_buckets, max_distance = _table_arguments(
+        bias_table, distance_bias, num_buckets, max_distance, bidirectional
+    )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
     key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, k.shape[2], q.device)
     out, lse = _attention(
@@ -729,7 +756,9 @@ def t5_flash_attention_varlen(
     num_heads = q.shape[1]
     if k.shape[1] != num_heads or v.shape != k.shape:
         raise ValueError(f"k and v must be (total_k, heads={num_heads}, head_dim), got {tuple(k.shape)}, {tuple(v.shape)}.")
-    bias_table, num_buckets, max_distance = _table_arguments(bias_table, distance_bias, num_buckets, max_distance)
+    bias_table, num_buckets, max_distance = _table_arguments(
+        bias_table, distance_bias, num_buckets, max_distance, bidirectional
+    )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
     _check_varlen_args(q.device, ("cu_seqlens_q", cu_seqlens_q, max_seqlen_q), ("cu_seqlens_k", cu_seqlens_k, max_seqlen_k))
     out, lse = _attention(
@@ -769,7 +798,9 @@ def t5_flash_attention_qkvpacked(
     _check_qkv_packed(qkv, 2, "(batch, length, 3, heads, head_dim)")
     q, k, v = _qkv_views(qkv, is_varlen=False)
     batch, num_heads, length = q.shape[:3]
-    bias_table, num_buckets, max_distance = _table_arguments(bias_table, distance_bias, num_buckets, max_distance)
+    bias_table, num_buckets, max_distance = _table_arguments(
+        bias_table, distance_bias, num_buckets, max_distance, bidirectional
+    )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
     key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, length, q.device)
     out, lse = _attention_qkvpacked(
@@ -803,7 +834,9 @@ def t5_flash_attention_varlen_qkvpacked(
     """
     _check_qkv_packed(qkv, 1, "(total_tokens, 3, heads, head_dim)")
     q, k, v = _qkv_views(qkv, is_varlen=True)
-    bias_table, num_buckets, max_distance = _table_arguments(bias_table, distance_bias, num_buckets, max_distance)
+    bias_table, num_buckets, max_distance = _table_arguments(
+        bias_table, distance_bias, num_buckets, max_distance, bidirectional
+    )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, q.shape[1])
     _check_varlen_args(q.device, ("cu_seqlens", cu_seqlens, max_seqlen))
     out, lse = _attention_qkvpacked(

@@ -193,6 +193,32 @@ def test_fire_model_on_the_kernel_path_matches_pytorch(tiny_fat5_config, make_ba
     _assert_same_logits_and_grads(actual, expected)
 
 
+@pytest.mark.interpreter
+def test_fire_takes_pytorch_attention_past_the_kernels_table_gradient(tiny_fat5_config, make_batch, monkeypatch):
+    """A FIRE table too wide for the kernel's table gradient (here: more than 16 segments) sends a training stack to
+    the PyTorch path; forward-only calls keep the kernel."""
+    _kernels_importable()
+    import fat5_kernels.attention
+
+    monkeypatch.setattr(fat5_kernels.attention, "MAX_TABLE_SEGMENTS", 16)
+    calls = []
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
+    config = tiny_fat5_config(position_encoding_type="fire", fire_threshold=16.0, use_fused_rms_norm=False,
+                              use_fused_glu=False, use_fused_cross_entropy=False)  # fmt: skip
+    model = FAT5ForConditionalGeneration(config).train()
+    input_ids, attention_mask = make_batch(96, [9, 6])
+    labels = _labels([5, 3])
+    with kernel_ops.kernels_on_cpu():
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        # encoder: 9 positions, R = 15, 31 segments: PyTorch; decoder: 5 positions, R = 7, causal: 8 segments
+        assert [bias for _, bias in calls].count("distance") == 2
+        calls.clear()
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        assert [bias for _, bias in calls].count("distance") == 4
+
+
 @pytest.mark.slow
 @pytest.mark.interpreter
 def test_fire_table_reaches_fire_through_reentrant_checkpointed_layers(tiny_fat5_config, make_batch):

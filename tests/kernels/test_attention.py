@@ -580,6 +580,23 @@ def test_distance_table_custom_op_and_compile():
         torch.testing.assert_close(g, e)
 
 
+def test_distance_table_gradient_capacity():
+    """The backward differentiates up to MAX_TABLE_SEGMENTS segments (2R + 1 bidirectional, R + 1 causal, padded to a
+    power of two); a larger table that needs a gradient is refused before launch, and serves forward-only calls."""
+    from fat5_kernels.attention import MAX_TABLE_SEGMENTS, distance_table_has_gradient
+
+    assert MAX_TABLE_SEGMENTS == 8192
+    assert distance_table_has_gradient(4095, True) and not distance_table_has_gradient(4096, True)
+    assert distance_table_has_gradient(8191, False) and not distance_table_has_gradient(8192, False)
+    q, k, v, _, _ = _inputs(1, 2, 16, 16, 16, torch.float32)
+    table = torch.zeros(2, 2 * 4096 + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="radius 4096 needs a gradient"):
+        t5_flash_attention(q, k, v, distance_bias=table.requires_grad_())
+    with torch.no_grad():
+        out = t5_flash_attention(q, k, v, distance_bias=table)
+    torch.testing.assert_close(out, t5_attention_reference(q, k, v), atol=1e-5, rtol=1e-5)  # a zero bias
+
+
 def test_distance_table_bad_inputs():
     q, k, v, table, _ = _inputs(1, 2, 16, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="2R \\+ 1"):
