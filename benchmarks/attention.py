@@ -8,6 +8,8 @@ Implementations, measured side by side for every (causal, L, D):
   nobias     - torch SDPA flash without any bias: the ceiling
   fat5_alibi - the same kernel with ALiBi slopes instead of a table (position_encoding_type="alibi")
   fat5_rope  - the RoPE pre-pass kernel on q and k, then the kernel without bias (position_encoding_type="rope")
+  fat5_fire  - FIRE's per-distance table (H, 2R + 1) built from its MLP, read by the kernel, its gradient back to
+               FIRE's parameters (position_encoding_type="fire", threshold = L); up to --fire-max-l
 
 16,384 tokens per batch (B = 16384 / L), H = 12, bf16, T5 buckets (32, max distance 128; the causal rows use
 the decoder's unidirectional buckets), softmax scale 1.0. Forward+backward includes the table gradient
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # fat5_hf (FIRE's module)
 
 import triton  # noqa: E402
 from results_io import environment, read_results, write_results  # noqa: E402
@@ -103,6 +106,28 @@ def impl_fat5_rope(q, k, v, table, causal):
     return t5_flash_attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2), v, causal=causal)
 
 
+@functools.lru_cache(maxsize=8)
+def _fire(H: int, L: int, causal: bool):
+    """FIRE as the model builds it (MLP width 32, c = 1), its threshold at L: every query is below it."""
+    from fat5_hf.position_encoding import FIREPositionBias
+
+    fire = FIREPositionBias(num_heads=H, width=32, threshold=float(L), bidirectional=not causal).to(DEVICE)
+    with torch.no_grad():
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+        for parameter in fire.mlp.parameters():
+            parameter.copy_(torch.randn(parameter.shape, device=DEVICE, generator=gen) * 0.5)
+        fire.distance_scale.fill_(1.0)
+        fire.threshold.fill_(float(L))
+    return fire
+
+
+def impl_fat5_fire(q, k, v, table, causal):
+    # the model's kernel path: the table is built once per stack forward, from FIRE's parameters (with autograd)
+    fire = _fire(q.shape[1], q.shape[2], causal)
+    distance_bias = fire.kernel_table(max(q.shape[2], k.shape[2]))
+    return t5_flash_attention(q, k, v, distance_bias=distance_bias, bidirectional=not causal, causal=causal)
+
+
 def _flex_bucket(rel, bidirectional):
     # T5 buckets with ops FlexAttention's score_mod can trace (same maths as t5_relative_position_bucket)
     nb = NUM_BUCKETS
@@ -143,11 +168,11 @@ def impl_flex(q, k, v, table, causal):
 
 IMPLS = dict(
     fat5=impl_fat5, eager=impl_eager, sdpa_bias=impl_sdpa_bias, flex=impl_flex, nobias=impl_nobias,
-    fat5_alibi=impl_fat5_alibi, fat5_rope=impl_fat5_rope,
+    fat5_alibi=impl_fat5_alibi, fat5_rope=impl_fat5_rope, fat5_fire=impl_fat5_fire,
 )  # fmt: skip
 # The kernels measured against the no-bias ceiling (the targets table); fat5 computes T5's bias, the others another
 # function than the fp32 T5 reference (no error columns).
-TARGET_IMPLS = ("fat5", "fat5_alibi", "fat5_rope")
+TARGET_IMPLS = ("fat5", "fat5_alibi", "fat5_rope", "fat5_fire")
 
 
 def flops(B, H, L, D, causal, mode):
@@ -160,6 +185,11 @@ def skip_reason(name, L, D, args):
         return f"materialized (L, L) bias: skipped above L={MATERIALIZED_MAX_L} (seconds per step, tens of GB)"
     if name == "flex" and (L > FLEX_MAX_L or (args.flex_dims and D not in args.flex_dims)):
         return f"FlexAttention compiles per shape: measured only for D in --flex-dims and L <= {FLEX_MAX_L}"
+    if name == "fat5_fire" and L > args.fire_max_l:
+        return (
+            f"FIRE's table has a segment per distance, and the backward sums each band tile over every segment: "
+            f"measured up to L={args.fire_max_l} (--fire-max-l)"
+        )
     return None
 
 
@@ -279,6 +309,7 @@ def main():
     parser.add_argument("--long-seqs", default="32768", help="extra lengths run for the fat5 kernels and nobias only")
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--flex-dims", default="64")
+    parser.add_argument("--fire-max-l", type=int, default=2048, help="longest L of the fat5_fire case")
     parser.add_argument("--causal", default="0,1")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--heads", type=int, default=12)
@@ -333,8 +364,8 @@ def main():
                         row["skipped"] = reason
                     else:
                         try:
-                            # nobias, ALiBi and RoPE compute other functions than the T5 reference
-                            ref = reference if name not in ("nobias", "fat5_alibi", "fat5_rope") else None
+                            # nobias, ALiBi, RoPE and FIRE compute other functions than the T5 reference
+                            ref = reference if name not in ("nobias", "fat5_alibi", "fat5_rope", "fat5_fire") else None
                             row.update(measure(name, IMPLS[name], q, k, v, table, do, causal, ref))
                             set_best_times(row, B, H, L, D, causal)
                         except Exception as err:  # OOM or unsupported: record it and go on

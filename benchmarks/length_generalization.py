@@ -15,7 +15,8 @@ encoding). A window of length L gives an encoder input of about 0.9 L and target
 
 The default (5 encodings x 400 steps of a 4+4-layer d=256 gated-GELU model with tied embeddings, at length 512,
 batch 32, AdamW 2e-3, bf16 autocast, eval up to 8192) is sized to finish within about 5 minutes on one H100; `--steps`, `--d-model`, `--num-layers`, `--batch-size` and the lengths
-scale it up. FIRE runs on the PyTorch attention path (its bias is not evaluated in the kernel).
+scale it up. FIRE trains on the attention kernel (its per-distance table, exact while every position is below its learned
+threshold, which starts at the training length) and is evaluated past it on the PyTorch attention path.
 
 Writes benchmarks/results/length_generalization.json, .md and .png (or --output-dir).
 Usage: python benchmarks/length_generalization.py [--encodings t5,rope] [--steps 400] [--eval-lengths 512,1024]

@@ -66,7 +66,12 @@ class FAT5Config(PreTrainedConfig):
             rotates (partial rotary, e.g. 0.25 in GPT-NeoX); `d_kv * rope_fraction` must round to an even number.
         fire_mlp_width (`int`, *optional*, defaults to 32): Hidden width of FIRE's MLP (1 -> width -> num_heads).
         fire_threshold (`float`, *optional*, defaults to 512.0): Initial value of FIRE's learned interpolation
-            threshold `L`: queries past position `L` have their distances normalized by their own position.
+            threshold `L`: queries past position `L` have their distances normalized by their own position. While
+            every query of a call is below the (learned) threshold, FIRE's bias depends on the distance alone and the
+            Triton attention kernel reads it as an exact per-distance table (with gradients, for sequences up to
+            4096 tokens in the encoder and 8192 in the decoder); a call with a query at or past it (inference or
+            training on sequences longer than the threshold) takes the PyTorch attention path, which materializes
+            the `(1, H, M, N)` bias.
         use_triton_attention (`bool`, *optional*, defaults to `True`): Use the Triton flash-attention kernel with the
             relative bias computed in-kernel when it can serve the call (CUDA tensors, triton installed, no
             `output_attentions`, no KV cache, no attention-probability dropout, 2D padding mask).

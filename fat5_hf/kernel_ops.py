@@ -24,6 +24,8 @@ from torch import nn
 from fat5_kernels.rms_norm_reference import rms_norm_reference
 from fat5_kernels.rope_reference import rope_reference
 
+from .position_encoding import DistanceBias
+
 try:
     from fat5_kernels.rms_norm import rms_norm as _triton_rms_norm
 except ImportError:  # triton or the kernel module is missing: PyTorch path
@@ -62,6 +64,11 @@ try:
 except ImportError:
     _triton_t5_flash_attention = _triton_t5_flash_attention_varlen = None
     _triton_t5_flash_attention_qkvpacked = _triton_t5_flash_attention_varlen_qkvpacked = None
+
+try:
+    from fat5_kernels.attention import distance_table_has_gradient as _distance_table_has_gradient
+except ImportError:
+    _distance_table_has_gradient = None
 
 
 # transformers' activation names of the gated MLPs the fused kernel implements, and the kernel's names for them.
@@ -389,7 +396,7 @@ def flash_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: FlashAttentionMask,
-    bias_table: torch.Tensor | None,
+    bias_table: torch.Tensor | DistanceBias | None,
     *,
     bidirectional: bool,
     num_buckets: int,
@@ -402,7 +409,8 @@ def flash_attention(
     Args:
         query (`(B, H, M, D)`), key, value (`(B, H, N, D)`): projected heads.
         mask (`FlashAttentionMask`): padding mask and causality.
-        bias_table (`(H, num_buckets)`, *optional*): the learned T5 table (None for cross-attention).
+        bias_table (`(H, num_buckets)` or `DistanceBias`, *optional*): the learned T5 table, or FIRE's table of
+            every distance (`(H, 2R + 1)`, read as the kernel's `distance_bias`); None for cross-attention.
         alibi_slopes (float32 `(H,)`, *optional*): ALiBi's slopes instead of a table (bias `-slope * |d|`).
 
     Returns:
@@ -423,16 +431,26 @@ def flash_attention(
     return out.transpose(1, 2)
 
 
+def can_differentiate_distance_table(radius: int, bidirectional: bool) -> bool:
+    """Whether the attention kernel's backward returns the gradient of a per-distance table (FIRE's) of this radius
+    (`fat5_kernels.attention.distance_table_has_gradient`)."""
+    return _distance_table_has_gradient is not None and _distance_table_has_gradient(radius, bidirectional)
+
+
 def _t5_kernel_kwargs(
     mask: FlashAttentionMask,
-    bias_table: torch.Tensor | None,
+    bias_table: torch.Tensor | DistanceBias | None,
     bidirectional: bool,
     num_buckets: int,
     max_distance: int,
     alibi_slopes: torch.Tensor | None = None,
 ) -> dict:
-    """The keywords every kernel call of the model shares: the bias (T5's table or ALiBi's slopes), causality, and
-    T5's unscaled scores."""
+    """The keywords every kernel call of the model shares: the bias (T5's table, FIRE's per-distance table or
+    ALiBi's slopes), causality, and T5's unscaled scores."""
+    if isinstance(bias_table, DistanceBias):
+        return dict(
+            distance_bias=bias_table.table, bidirectional=bidirectional, causal=mask.causal, softmax_scale=1.0
+        )
     return dict(
         bias_table=bias_table, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance,
         alibi_slopes=alibi_slopes, causal=mask.causal, softmax_scale=1.0,
@@ -460,7 +478,7 @@ def can_use_qkv_packed_attention(mask: FlashAttentionMask) -> bool:
 def flash_self_attention_qkvpacked(
     qkv: torch.Tensor,
     mask: FlashAttentionMask,
-    bias_table: torch.Tensor | None,
+    bias_table: torch.Tensor | DistanceBias | None,
     *,
     bidirectional: bool,
     num_buckets: int,
@@ -489,7 +507,7 @@ def _packed_flash_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: FlashAttentionMask,
-    bias_table: torch.Tensor | None,
+    bias_table: torch.Tensor | DistanceBias | None,
     *,
     bidirectional: bool,
     num_buckets: int,
@@ -543,6 +561,7 @@ __all__ = [
     "FlashAttentionMask",
     "PackedSequences",
     "segment_ids_to_cu_seqlens",
+    "can_differentiate_distance_table",
     "can_fuse_linear_cross_entropy",
     "can_use_flash_attention",
     "can_use_packed_gated_activation",

@@ -51,6 +51,7 @@ from .kernel_ops import FlashAttentionMask, PackedSequences, segment_ids_to_cu_s
 from .position_encoding import (
     ALiBiPositionBias,
     ALiBiSlopes,
+    DistanceBias,
     FIREPositionBias,
     RotaryAngles,
     RotaryPositionEmbedding,
@@ -293,12 +294,15 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def _kernel_bias(shared) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """`(bias_table, alibi_slopes)` for the attention kernel from what the first layer shared."""
+def _kernel_bias(shared, per_distance: bool) -> tuple[torch.Tensor | DistanceBias | None, torch.Tensor | None]:
+    """`(bias_table, alibi_slopes)` for the attention kernel from what the first layer shared: T5's table, or with
+    `per_distance` FIRE's table of every distance, marked `DistanceBias` for the kernel. The layers share FIRE's
+    table as a plain tensor, as T5's, so that reentrant gradient checkpointing sees it as an input of each block
+    (its gradient reaches FIRE's parameters through every layer)."""
     if isinstance(shared, ALiBiSlopes):
         return None, shared.slopes
     if isinstance(shared, torch.Tensor):
-        return shared, None
+        return (DistanceBias(shared) if per_distance else shared), None
     return None, None
 
 
@@ -308,7 +312,8 @@ class FAT5Attention(nn.Module):
     The first self-attention layer of a stack owns the position encoding (`config.position_encoding_type`, built by
     `position_encoding.build_position_encoding`) and returns what the other layers reuse as `position_bias`: a
     materialized bias for T5's buckets, ALiBi and FIRE on the PyTorch path, `RotaryAngles` for RoPE (queries and
-    keys are rotated, before the KV cache), and on the kernel path T5's table or `ALiBiSlopes`.
+    keys are rotated, before the KV cache), and on the kernel path T5's table, `ALiBiSlopes` or FIRE's per-distance
+    table (`FIREPositionBias.kernel_table`).
 
     Three backends, picked per call:
 
@@ -362,12 +367,18 @@ class FAT5Attention(nn.Module):
         encoding = getattr(self, "relative_attention_bias", None)
         return encoding if encoding is not None else getattr(self, "rotary_emb", None)
 
-    def _kernel_position_encoding(self, length: int) -> torch.Tensor | ALiBiSlopes | RotaryAngles | None:
-        """What the kernel path shares across the stack for sequences of `length`: T5's table, ALiBi's slopes or
-        RoPE's angles (None without an encoding)."""
+    def _kernel_position_encoding(
+        self, length: int, mask: FlashAttentionMask
+    ) -> torch.Tensor | ALiBiSlopes | RotaryAngles | None:
+        """What the kernel path shares across the stack for sequences of `length`: T5's table, ALiBi's slopes, FIRE's
+        per-distance table or RoPE's angles (None without an encoding)."""
         encoding, device = self.position_encoding, self.q.weight.device
         if isinstance(encoding, T5RelativePositionBias):
             return encoding.kernel_table()
+        if isinstance(encoding, FIREPositionBias):
+            # the stack took the kernel path only with every query below FIRE's threshold (`is_distance_only`); in
+            # the varlen layout the states are one row of all the sequences: the longest sequence sizes the table
+            return encoding.kernel_table(length if mask.queries is None else mask.queries.max_seqlen)
         if isinstance(encoding, ALiBiPositionBias):
             return ALiBiSlopes(encoding.kernel_slopes(device))
         if isinstance(encoding, RotaryPositionEmbedding):
@@ -411,8 +422,10 @@ class FAT5Attention(nn.Module):
         if isinstance(mask, FlashAttentionMask):
             # Kernel path (no cache by construction): the bias is computed in-kernel from the shared table or slopes.
             if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
-                position_bias = self._kernel_position_encoding(input_shape[1])
-            bias_table, slopes = _kernel_bias(None if is_cross_attention else position_bias)
+                position_bias = self._kernel_position_encoding(input_shape[1], mask)
+            bias_table, slopes = _kernel_bias(
+                None if is_cross_attention else position_bias, self.config.position_encoding_type == "fire"
+            )
             rotary = position_bias if not is_cross_attention and isinstance(position_bias, RotaryAngles) else None
             if (
                 not is_cross_attention
@@ -927,14 +940,12 @@ class FAT5Stack(FAT5PreTrainedModel):
         return None
 
     def _use_flash_attention(self, inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs) -> bool:
-        if self.config.position_encoding_type == "fire":
-            return False  # the attention kernel does not evaluate FIRE's MLP (yet): the PyTorch path serves it
         output_attentions = kwargs.get("output_attentions")
         if output_attentions is None:
             output_attentions = self.config.output_attentions
         if encoder_attention_mask is not None and encoder_attention_mask.dim() != 2:
             return False
-        return kernel_ops.can_use_flash_attention(
+        use_flash = kernel_ops.can_use_flash_attention(
             self.config.use_triton_attention,
             inputs_embeds,
             attention_mask,
@@ -943,6 +954,18 @@ class FAT5Stack(FAT5PreTrainedModel):
             self.config.dropout_rate,
             self.training,
         )
+        if use_flash and self.config.position_encoding_type == "fire":
+            # The kernel reads FIRE's per-distance table, exact while every query (cached tokens included) is below
+            # the learned threshold: one read of it per stack forward; queries past it take the PyTorch path, and so
+            # do sequences too long for the kernel's table gradient when one is needed.
+            length = (int(cache.get_seq_length()) if cache is not None else 0) + inputs_embeds.shape[1]
+            encoding = self.block[0].layer[0].SelfAttention.position_encoding
+            if torch.is_grad_enabled() and not kernel_ops.can_differentiate_distance_table(
+                encoding.table_radius(length), encoding.bidirectional
+            ):
+                return False
+            return encoding.is_distance_only(length)
+        return use_flash
 
     @staticmethod
     def _checked_segment_ids(segment_ids, states, attention_mask, name: str) -> torch.Tensor:

@@ -110,6 +110,14 @@ class ALiBiSlopes(NamedTuple):
     slopes: torch.Tensor
 
 
+class DistanceBias(NamedTuple):
+    """FIRE's table on the kernel path, as the attention layers hand it to `kernel_ops` (which reads it as the kernel's
+    `distance_bias`): `(H, 2R + 1)` the bias of every signed distance `d` in `[-R, R]` at column `d + R`
+    (`FIREPositionBias.kernel_table`), with the gradient."""
+
+    table: torch.Tensor
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # ALiBi
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,6 +260,14 @@ class FIREPositionBias(nn.Module):
     breakpoints, a slope and an intercept per head and segment), so it costs the memory of the `(1, H, M, N)`
     bias the PyTorch attention adds, never an `(M, N, width)` activation; `mlp_bias` is the plain evaluation.
 
+    On the attention kernel's path: while every query position `i` is below the threshold (`i < max(|L|, 1)`,
+    `is_distance_only`), the normalizer is the same for all queries and the bias is a function of the signed
+    distance alone; `kernel_table` evaluates it once per distance, `(H, 2R + 1)`, and the kernel reads it as a
+    per-distance table (no `L x L` tensor), its gradient flowing back to every FIRE parameter by autograd (the kernel
+    differentiates tables for sequences up to 4096 tokens bidirectional, 8192 causal; longer training calls take the
+    PyTorch path). A call with a query at or past the threshold (inference or training on sequences longer than the
+    threshold) takes the PyTorch path, which materializes the `(1, H, M, N)` bias.
+
     Parameters (state-dict keys under `...SelfAttention.relative_attention_bias.`): `mlp.0.weight` `(width, 1)`,
     `mlp.0.bias` `(width,)`, `mlp.2.weight` `(num_heads, width)`, `mlp.2.bias` `(num_heads,)`, `distance_scale`
     `()` (`c`), `threshold` `()` (`L`).
@@ -282,6 +298,50 @@ class FIREPositionBias(nn.Module):
         normalizer = torch.log1p(c * reach)
         normalized = magnitude / normalizer
         return torch.where(distance < 0, -normalized, normalized) if self.bidirectional else normalized
+
+    def is_distance_only(self, num_positions: int) -> bool:
+        """Whether queries at positions `0 .. num_positions - 1` (cached tokens included) are all below the
+        threshold, `i < max(|L|, 1)`: there the bias is a function of the distance alone and `kernel_table` is
+        exact, gradients included (strictly below: at `i == |L|`, `forward`'s `maximum` splits the gradient
+        between `i` and `L`).
+
+        Reads the learned threshold from its device: one synchronization, which the model does once per stack
+        forward, not per layer. Under `torch.compile` the read is a graph break at each stack's entry (the value
+        decides the path; `fullgraph=True` raises there): compile a FIRE model without `fullgraph`.
+        """
+        if num_positions <= 1:
+            return True
+        threshold = self.threshold.detach()
+        if hasattr(threshold, "full_tensor"):  # a sharded (DTensor) parameter outside its module's forward
+            threshold = threshold.full_tensor()
+        return num_positions - 1 < max(abs(float(threshold)), 1.0)
+
+    @staticmethod
+    def table_radius(max_length: int) -> int:
+        """The radius `R` of `kernel_table` for sequences up to `max_length`: the smallest `2**k - 1 >= max_length - 1`
+        (at least 1), rounded up so that few table sizes (kernel specializations) occur."""
+        return max(1 << max(0, int(max_length) - 1).bit_length(), 2) - 1
+
+    def kernel_table(self, max_length: int) -> torch.Tensor:
+        """FIRE's bias of every signed distance, for the attention kernel's per-distance table (`distance_bias`).
+
+        Exact for queries below the threshold (`is_distance_only`): column `d + R` holds `b_h(i, i + d)` for any
+        such query `i`, computed with the same operations as `forward`, and differentiable in `distance_scale`,
+        `threshold` and the MLP's parameters.
+
+        Args:
+            max_length (`int`): the longest sequence of the call (queries and keys), which sets the radius
+                (`table_radius`).
+
+        Returns:
+            `torch.Tensor` of shape `(num_heads, 2R + 1)`, in the MLP's dtype (the dtype `forward`'s bias has).
+        """
+        radius = self.table_radius(max_length)
+        device = self.threshold.device
+        distance = torch.arange(-radius, radius + 1, dtype=torch.long, device=device)
+        # a query at position 0: below the threshold, the normalizer psi(max(|L|, 1)) is that of any such query
+        normalized = self.normalized_distance(torch.zeros((), dtype=torch.long, device=device), distance)
+        return self._piecewise_linear_bias(normalized).to(self.mlp[0].weight.dtype)
 
     def piecewise_linear_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """FIRE's MLP as the exact piecewise-linear function it is: `(breakpoints, slopes, intercepts)`.
@@ -324,10 +384,13 @@ class FIREPositionBias(nn.Module):
         plain MLP, the reference.
         """
         normalized = self._normalized_distances(query_length, key_length, past_seen_tokens, device)  # (M, N)
+        return self._piecewise_linear_bias(normalized).to(self.mlp[0].weight.dtype).unsqueeze(0)
+
+    def _piecewise_linear_bias(self, normalized: torch.Tensor) -> torch.Tensor:
+        """float32 `(num_heads, *normalized.shape)`: the MLP at the float32 inputs `normalized`."""
         breakpoints, slopes, intercepts = self.piecewise_linear_table()
-        segment = torch.bucketize(normalized.detach(), breakpoints)  # (M, N)
-        bias = slopes[:, segment] * normalized + intercepts[:, segment]  # (H, M, N)
-        return bias.to(self.mlp[0].weight.dtype).unsqueeze(0)
+        segment = torch.bucketize(normalized.detach(), breakpoints)
+        return slopes[:, segment] * normalized + intercepts[:, segment]
 
     def mlp_bias(
         self,
@@ -384,6 +447,7 @@ __all__ = [
     "POSITION_ENCODINGS",
     "ALiBiPositionBias",
     "ALiBiSlopes",
+    "DistanceBias",
     "RotaryAngles",
     "FIREPositionBias",
     "RotaryPositionEmbedding",

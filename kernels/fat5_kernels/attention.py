@@ -16,12 +16,14 @@ one opaque op and does not break the graph around it. Eager calls go through `T5
 custom-op dispatch cost.
 
 Bias modes: a T5 bucket table (H, num_buckets) in the bidirectional (encoder) or causal (decoder) bucket
-mode, which gets a gradient; ALiBi slopes (no gradient); or none (cross-attention). The T5 bias is never
-materialized: the kernels read a per-distance vector, padded to cover every distance of the call and saturated
-beyond ``R``, the distance where the buckets stop changing (at most ``max(max_distance, num_buckets)``). The
-table gradient is reduced per (key block, head) from partial sums, then over programs in a fixed order: it is
-deterministic with or without ``deterministic=True`` (the partial-sum reduction costs less than atomics would,
-so there is no atomic variant).
+mode, which gets a gradient; a per-distance table ``distance_bias`` (H, 2R + 1), the bias of every signed
+distance in ``[-R, R]`` (FIRE's exact table; each distance is its own bucket), which gets a gradient too; ALiBi
+slopes (no gradient); or none (cross-attention). A table is never materialized as an (L, L) bias: the kernels read
+a per-distance vector, padded to cover every distance of the call and saturated beyond ``R``, the distance where
+the buckets stop changing (at most ``max(max_distance, num_buckets)`` for T5's, the table's radius for a
+per-distance one). The table gradient is reduced per (key block, head) from partial sums, then over programs in a
+fixed order: it is deterministic with or without ``deterministic=True`` (the partial-sum reduction costs less than
+atomics would, so there is no atomic variant).
 
 Conventions: ``d = key_position - query_position``; with ``M != N`` queries are aligned to the end of the
 keys (query ``i`` at position ``i + N - M``, as in FlashAttention >= 2.1 and HF T5 with a KV cache); the
@@ -39,12 +41,19 @@ import torch
 
 from .attention_bwd import bias_sums_to_table_grad, t5_attention_backward
 from .attention_fwd import distance_bias_vector, t5_attention_forward
-from .attention_reference import check_bucket_parameters, relative_bias_layout, t5_relative_position_bucket
+from .attention_reference import (
+    check_bucket_parameters,
+    distance_table_layout,
+    relative_bias_layout,
+    t5_relative_position_bucket,
+)
 from .triton_utils import outside_cuda_graph_pools, triton_interpreter_enabled
 
 __all__ = [
+    "MAX_TABLE_SEGMENTS",
     "T5FlashAttentionFunction",
     "T5FlashAttentionQKVPackedFunction",
+    "distance_table_has_gradient",
     "t5_flash_attention",
     "t5_flash_attention_qkvpacked",
     "t5_flash_attention_varlen",
@@ -57,6 +66,31 @@ MAX_HEAD_DIM = 256
 
 
 _PADDED_DISTANCE_BUCKETS: dict = {}
+
+# `max_distance` of the ops for a per-distance table (`distance_bias`), which travels as the bias table with
+# `num_buckets = 2R + 1`: T5's buckets never have it (their max_distance exceeds their exact range, at least 1), and
+# the ops' schema stays that of T5's table.
+PER_DISTANCE = 0
+
+
+# The backward holds a (BLOCK_N, segments) tile per band tile for a table that needs a gradient: Triton caps a tile
+# at 2**20 elements and BLOCK_N reaches 128, so a per-distance table gets a gradient for at most 8192 segments.
+MAX_TABLE_SEGMENTS = 8192
+
+
+def distance_table_has_gradient(radius: int, bidirectional: bool) -> bool:
+    """Whether the backward can return the gradient of a per-distance table of radius ``radius`` (``2R + 1``
+    segments bidirectional, ``R + 1`` causal, padded to a power of two, at most `MAX_TABLE_SEGMENTS`). The forward
+    serves any radius."""
+    segments = 2 * radius + 1 if bidirectional else radius + 1
+    return 1 << (segments - 1).bit_length() <= MAX_TABLE_SEGMENTS
+
+
+def _bias_layout(bidirectional: bool, num_buckets: int, max_distance: int, device: torch.device):
+    """The layout of the bias table: T5's buckets, or one bucket per distance when ``max_distance == PER_DISTANCE``."""
+    if max_distance == PER_DISTANCE:
+        return distance_table_layout((num_buckets - 1) // 2, bidirectional, device)
+    return relative_bias_layout(bidirectional, num_buckets, max_distance, device)
 
 
 def _distance_bias(
@@ -72,7 +106,7 @@ def _distance_bias(
     covering every distance of sequences up to ``max_seqlen`` plus a tile, so that the kernels index it without
     clamping. Pairs let a kernel read two adjacent columns of a tile with one load. One small gather, O(L + buckets)
     memory. Returns ``(vector, layout, C)``; the vector is None with ``gather=False`` (layout and C only)."""
-    layout = relative_bias_layout(bidirectional, num_buckets, max_distance, bias_table.device)
+    layout = _bias_layout(bidirectional, num_buckets, max_distance, bias_table.device)
     pad = 1 << max(8, (max_seqlen + 256 - 1).bit_length())  # >= max_seqlen + largest BLOCK_M + BLOCK_N; few sizes
     key = (id(layout), pad)  # layouts are cached for the process: their ids are stable
     index = _PADDED_DISTANCE_BUCKETS.get(key)
@@ -231,9 +265,30 @@ def _backward_impl(
     )  # fmt: skip
     if bias_partials is None:
         dtable = q.new_empty((0,), dtype=torch.float32)
+    elif layout.cut_sums_to_bucket is None:
+        dtable = _per_distance_table_grad(bias_partials, layout.num_segments, num_buckets, bias_table.dtype)
     else:
         dtable = bias_sums_to_table_grad(bias_partials, layout.cut_sums_to_bucket, bias_table.dtype)
     return dq, dk, dv, dtable
+
+
+def _per_distance_table_grad(
+    bias_partials: torch.Tensor, num_segments: int, num_columns: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Gradient ``(H, 2R + 1)`` of a per-distance table from the backward's per-program sums ``(H, C + 2, P)``.
+
+    Deterministic: the programs are summed by one reduction (no atomics), then segment ``s`` is
+    ``S[s] - S[s - 1]`` (``S[s]``: dS summed over band elements with ``d <= cuts[s]``; ``S[num_segments - 1]``, a
+    padding cut, is the whole band) plus the far-left sum for the first segment and the far-right one for the last.
+    Segment ``s`` is column ``s``; the causal layout's columns past its last segment (``d > 0``) get zero. The same
+    differencing as `bias_sums_to_table_grad` without its (C + 2, num_buckets) matrix, which is O(R^2) here.
+    """
+    sums = bias_partials.sum(dim=-1)
+    at_most_cut = sums[:, :num_segments]
+    grad = torch.diff(at_most_cut, dim=1, prepend=torch.zeros_like(at_most_cut[:, :1]))
+    grad[:, 0] += sums[:, -2]
+    grad[:, num_segments - 1] += sums[:, -1]
+    return torch.nn.functional.pad(grad, (0, num_columns - num_segments)).to(dtype)
 
 
 def _fake_table_grad(bias_table: torch.Tensor | None, bias_table_needs_grad: bool, like: torch.Tensor) -> torch.Tensor:
@@ -515,14 +570,21 @@ def _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional,
     if bias_table is not None:
         if not bias_table.is_floating_point():
             raise TypeError(f"bias_table must be a floating tensor, got {bias_table.dtype}.")
-        if tuple(bias_table.shape) != (num_heads, num_buckets):
+        if max_distance == PER_DISTANCE:
+            if bias_table.shape[0] != num_heads:
+                raise ValueError(
+                    f"distance_bias has shape {tuple(bias_table.shape)} but q has {num_heads} heads; pass "
+                    f"(num_heads, 2R + 1)."
+                )
+        elif tuple(bias_table.shape) != (num_heads, num_buckets):
             raise ValueError(
                 f"bias_table has shape {tuple(bias_table.shape)} but (num_heads, num_buckets) = "
                 f"({num_heads}, {num_buckets}); pass the (heads, buckets) weight (nn.Embedding(buckets, heads).weight.T)."
             )
         if bias_table.device != q.device:
             raise ValueError(f"bias_table is on {bias_table.device}, q on {q.device}.")
-        check_bucket_parameters(bidirectional, num_buckets, max_distance)
+        if max_distance != PER_DISTANCE:
+            check_bucket_parameters(bidirectional, num_buckets, max_distance)
     if alibi_slopes is not None:
         if alibi_slopes.dtype != torch.float32 or tuple(alibi_slopes.shape) != (num_heads,):
             raise ValueError(
@@ -531,6 +593,35 @@ def _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional,
             )
         if alibi_slopes.device != q.device:
             raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}.")
+
+
+def _table_arguments(
+    bias_table: torch.Tensor | None,
+    distance_bias: torch.Tensor | None,
+    num_buckets: int,
+    max_distance: int,
+    bidirectional: bool,
+) -> tuple[torch.Tensor | None, int, int]:
+    """``(table, num_buckets, max_distance)`` for the ops: a per-distance table travels as the bias table with
+    ``num_buckets = 2R + 1`` and ``max_distance = PER_DISTANCE``."""
+    if distance_bias is None:
+        return bias_table, num_buckets, max_distance
+    if bias_table is not None:
+        raise ValueError("Pass either bias_table (T5 buckets) or distance_bias (a column per distance), not both.")
+    if not isinstance(distance_bias, torch.Tensor) or distance_bias.dim() != 2 or distance_bias.shape[1] % 2 == 0 or (
+        distance_bias.shape[1] < 3
+    ):
+        raise ValueError(
+            "distance_bias must be a (num_heads, 2R + 1) tensor, the bias of distance d in [-R, R] at column d + R "
+            f"(R >= 1), got {tuple(getattr(distance_bias, 'shape', ()))}."
+        )
+    radius = distance_bias.shape[1] // 2
+    if torch.is_grad_enabled() and distance_bias.requires_grad and not distance_table_has_gradient(radius, bidirectional):
+        raise ValueError(
+            f"distance_bias of radius {radius} needs a gradient over more than {MAX_TABLE_SEGMENTS} distances, more "
+            "than the backward kernel serves; use a smaller radius, or attention with a materialized bias."
+        )
+    return distance_bias, distance_bias.shape[1], PER_DISTANCE
 
 
 def _key_padding_mask_bytes(
@@ -574,6 +665,7 @@ def t5_flash_attention(
     bidirectional: bool = True,
     num_buckets: int = 32,
     max_distance: int = 128,
+    distance_bias: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
@@ -589,7 +681,12 @@ def t5_flash_attention(
         bias_table: (H, num_buckets) learned T5 bias (gets a gradient), added after the scale.
         bidirectional: T5 bucket mode: True for the encoder, False (decoder self-attention, with ``causal``).
         num_buckets, max_distance: T5's bucket parameters.
-        alibi_slopes: (H,) float32 ALiBi slopes, bias ``-slope * |d|``; no gradient. Exclusive with ``bias_table``.
+        distance_bias: (H, 2R + 1) bias of every distance ``d`` in ``[-R, R]`` at column ``d + R``, any float dtype
+            (gets a gradient); distances beyond ``+-R`` read the edge columns, and with ``bidirectional=False``
+            distances ``d > 0`` read column ``R`` (``d = 0``), as T5's causal buckets. Exact for any bias that is a
+            function of the distance alone when ``R >= max(M, N) - 1`` (FIRE below its threshold). The backward
+            sums every band tile over every column, so its cost grows with R (benchmarks/attention.py, fat5_fire).
+        alibi_slopes: (H,) float32 ALiBi slopes, bias ``-slope * |d|``; no gradient. Exclusive with the tables.
         causal: mask keys after the query (bottom-right aligned when M != N).
         key_padding_mask: (B, N) bool, True = attend.
         softmax_scale: multiplies ``q @ k^T``; T5 uses 1.0.
@@ -608,6 +705,9 @@ def t5_flash_attention(
         raise ValueError(
             f"k and v must be (batch={batch}, heads={num_heads}, N, head_dim) like q, got {tuple(k.shape)}, {tuple(v.shape)}."
         )
+    bias_table, num_buckets, max_distance = _table_arguments(
+        bias_table, distance_bias, num_buckets, max_distance, bidirectional
+    )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
     key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, k.shape[2], q.device)
     out, lse = _attention(
@@ -630,6 +730,7 @@ def t5_flash_attention_varlen(
     bidirectional: bool = True,
     num_buckets: int = 32,
     max_distance: int = 128,
+    distance_bias: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     causal: bool = False,
     softmax_scale: float = 1.0,
@@ -655,6 +756,9 @@ def t5_flash_attention_varlen(
     num_heads = q.shape[1]
     if k.shape[1] != num_heads or v.shape != k.shape:
         raise ValueError(f"k and v must be (total_k, heads={num_heads}, head_dim), got {tuple(k.shape)}, {tuple(v.shape)}.")
+    bias_table, num_buckets, max_distance = _table_arguments(
+        bias_table, distance_bias, num_buckets, max_distance, bidirectional
+    )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
     _check_varlen_args(q.device, ("cu_seqlens_q", cu_seqlens_q, max_seqlen_q), ("cu_seqlens_k", cu_seqlens_k, max_seqlen_k))
     out, lse = _attention(
@@ -671,6 +775,7 @@ def t5_flash_attention_qkvpacked(
     bidirectional: bool = True,
     num_buckets: int = 32,
     max_distance: int = 128,
+    distance_bias: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
@@ -693,6 +798,9 @@ def t5_flash_attention_qkvpacked(
     _check_qkv_packed(qkv, 2, "(batch, length, 3, heads, head_dim)")
     q, k, v = _qkv_views(qkv, is_varlen=False)
     batch, num_heads, length = q.shape[:3]
+    bias_table, num_buckets, max_distance = _table_arguments(
+        bias_table, distance_bias, num_buckets, max_distance, bidirectional
+    )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
     key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, length, q.device)
     out, lse = _attention_qkvpacked(
@@ -712,6 +820,7 @@ def t5_flash_attention_varlen_qkvpacked(
     bidirectional: bool = True,
     num_buckets: int = 32,
     max_distance: int = 128,
+    distance_bias: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     causal: bool = False,
     softmax_scale: float = 1.0,
@@ -725,6 +834,9 @@ def t5_flash_attention_varlen_qkvpacked(
     """
     _check_qkv_packed(qkv, 1, "(total_tokens, 3, heads, head_dim)")
     q, k, v = _qkv_views(qkv, is_varlen=True)
+    bias_table, num_buckets, max_distance = _table_arguments(
+        bias_table, distance_bias, num_buckets, max_distance, bidirectional
+    )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, q.shape[1])
     _check_varlen_args(q.device, ("cu_seqlens", cu_seqlens, max_seqlen))
     out, lse = _attention_qkvpacked(

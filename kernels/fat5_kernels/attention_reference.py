@@ -4,6 +4,7 @@
   ``T5Attention._relative_position_bucket``.
 * `relative_bias_layout`: the small per-call tables the Triton kernels use instead of an (L, L) bias:
   the bucket of every clamped distance, and the distance segments over which the bucket is constant.
+  `distance_table_layout` is the same description for a table with one column per signed distance (FIRE's).
 * `t5_attention_reference` / `t5_attention_varlen_reference`: materialized references with the same
   keywords as the kernels (used by the model's CPU path and by the tests).
 
@@ -27,6 +28,7 @@ from .triton_utils import outside_cuda_graph_pools
 
 __all__ = [
     "RelativeBiasLayout",
+    "distance_table_layout",
     "relative_bias_layout",
     "t5_attention_reference",
     "t5_attention_varlen_reference",
@@ -68,7 +70,8 @@ SEGMENT_BOUND = 1 << 29
 
 @dataclass(frozen=True)
 class RelativeBiasLayout:
-    """How T5 buckets tile the distance axis, for one (bidirectional, num_buckets, max_distance).
+    """How T5 buckets tile the distance axis, for one (bidirectional, num_buckets, max_distance), or the columns of a
+    per-distance table (`distance_table_layout`).
 
     Attributes:
         radius: ``R``, the smallest radius such that every distance ``|d| >= R`` has the bucket of ``sign(d) * R``.
@@ -78,19 +81,21 @@ class RelativeBiasLayout:
             (``cuts[-1] = -inf``, padding = +inf), on which the bucket is constant.
         num_segments: number of real segments (``num_cuts + 1``).
         segment_bucket_onehot: float32 (num_cuts_padded, num_buckets), one-hot bucket of each segment
-            (rows past ``num_segments`` are zero).
+            (rows past ``num_segments`` are zero); None for a per-distance table, whose segment ``s`` is bucket
+            ``s`` (an O(R^2) matrix would be the identity).
         cut_sums_to_bucket: float32 (num_cuts_padded + 2, num_buckets). The backward kernel returns, per
             head, ``S[c] = sum of dS over band elements with d <= cuts[c]`` followed by the far-left and
             far-right sums; ``S @ cut_sums_to_bucket`` is the table gradient (segment ``s`` is
-            ``S[s] - S[s-1]``; the far-left sum belongs to segment 0, the far-right one to the last).
+            ``S[s] - S[s-1]``; the far-left sum belongs to segment 0, the far-right one to the last). None for
+            a per-distance table (the attention wrapper differences the sums itself).
     """
 
     radius: int
     distance_bucket: torch.Tensor
     cuts: torch.Tensor
     num_segments: int
-    segment_bucket_onehot: torch.Tensor
-    cut_sums_to_bucket: torch.Tensor
+    segment_bucket_onehot: torch.Tensor | None
+    cut_sums_to_bucket: torch.Tensor | None
 
 
 def _next_power_of_2(x: int) -> int:
@@ -134,12 +139,9 @@ def _relative_bias_layout_cpu(bidirectional: bool, num_buckets: int, max_distanc
     right = int(right_changes[-1]) + 1 if right_changes.numel() else 0  # every d >= right is saturated
     radius = max(left, right, 1)
     inner = wide_bucket[center - radius : center + radius + 1]
-    cut_positions = torch.nonzero(inner[1:] != inner[:-1]).flatten()  # index of c in [0, 2R)
-    cuts = (cut_positions - radius).tolist()
-    num_segments = len(cuts) + 1
-    padded = _next_power_of_2(num_segments)
-    cuts_padded = torch.full((padded,), SEGMENT_BOUND, dtype=torch.int32)
-    cuts_padded[: len(cuts)] = torch.tensor(cuts, dtype=torch.int32)
+    cuts_padded, num_segments = _segment_cuts(inner, radius)
+    padded = cuts_padded.numel()
+    cuts = cuts_padded[: num_segments - 1].tolist()
     # bucket of each segment: read at its last distance (cut), the last segment at +radius
     seg_last = [c + radius for c in cuts] + [2 * radius]
     onehot = torch.zeros(padded, num_buckets, dtype=torch.float32)
@@ -150,6 +152,48 @@ def _relative_bias_layout_cpu(bidirectional: bool, num_buckets: int, max_distanc
     to_bucket[padded] = onehot[0]
     to_bucket[padded + 1] = onehot[num_segments - 1]
     return RelativeBiasLayout(radius, inner.clone(), cuts_padded, num_segments, onehot, to_bucket)
+
+
+def _segment_cuts(distance_bucket: torch.Tensor, radius: int) -> tuple[torch.Tensor, int]:
+    """``(cuts, num_segments)`` of a layout whose distance ``d`` in ``[-R, R]`` has bucket ``distance_bucket[d + R]``:
+    the distances ``c`` where ``bucket(c) != bucket(c + 1)``, int32, padded to a power of two (at least one pad)
+    with ``SEGMENT_BOUND``."""
+    cut_positions = torch.nonzero(distance_bucket[1:] != distance_bucket[:-1]).flatten()  # index of c in [0, 2R)
+    num_segments = cut_positions.numel() + 1
+    cuts_padded = torch.full((_next_power_of_2(num_segments),), SEGMENT_BOUND, dtype=torch.int32)
+    cuts_padded[: num_segments - 1] = (cut_positions - radius).to(torch.int32)
+    return cuts_padded, num_segments
+
+
+@functools.lru_cache(maxsize=64)
+def _distance_table_layout_cpu(radius: int, bidirectional: bool) -> RelativeBiasLayout:
+    distance = torch.arange(-radius, radius + 1)
+    # causal: positive distances (masked) read the column of d = 0, as T5's causal buckets do
+    distance_bucket = (distance if bidirectional else distance.clamp(max=0)) + radius
+    cuts, num_segments = _segment_cuts(distance_bucket, radius)
+    return RelativeBiasLayout(radius, distance_bucket, cuts, num_segments, None, None)
+
+
+def distance_table_layout(radius: int, bidirectional: bool, device: torch.device | str = "cpu") -> RelativeBiasLayout:
+    """`RelativeBiasLayout` of a per-distance table ``(H, 2R + 1)``: distance ``d`` in ``[-R, R]`` is its own bucket
+    ``d + R`` (distances beyond ``+-R`` read the edge columns), so the kernels' bucket gradient is the gradient of
+    every distance's bias. With ``bidirectional=False`` (causal attention), distances ``d > 0`` read column ``R``
+    (``d = 0``) and their columns get no gradient, which halves the segments the backward tracks. Cached."""
+    if radius < 1:
+        raise ValueError(f"A per-distance table needs a radius >= 1 (a (H, 2R + 1) table, R >= 1), got R={radius}.")
+    device = torch.device(device)
+    key = ("distance", int(radius), bool(bidirectional), device)
+    layout = _LAYOUT_CACHE.get(key)
+    if layout is None:
+        cpu = _distance_table_layout_cpu(int(radius), bool(bidirectional))
+        layout = outside_cuda_graph_pools(
+            lambda: RelativeBiasLayout(
+                cpu.radius, cpu.distance_bucket.to(device), cpu.cuts.to(device), cpu.num_segments, None, None
+            ),
+            device,
+        )
+        _LAYOUT_CACHE[key] = layout
+    return layout
 
 
 _LAYOUT_CACHE: dict = {}
@@ -188,6 +232,7 @@ def t5_attention_reference(
     bidirectional: bool = True,
     num_buckets: int = 32,
     max_distance: int = 128,
+    distance_bias: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
@@ -200,6 +245,8 @@ def t5_attention_reference(
     Args:
         q: (B, H, M, D); k, v: (B, H, N, D).
         bias_table: (H, num_buckets) learned T5 bias, added to the raw scores (after ``softmax_scale``).
+        distance_bias: (H, 2R + 1) bias of distance ``d`` at column ``d + R`` (clamped to ``[-R, R]``, and to
+            ``d <= 0`` with ``bidirectional=False``), as `distance_table_layout` reads it.
         alibi_slopes: (H,) ALiBi slopes: bias ``-slope * |d|``.
         key_padding_mask: (B, N) bool, True = attend.
         compute_dtype: dtype of every operation (float32 by default; float16/bfloat16 give the
@@ -218,6 +265,10 @@ def t5_attention_reference(
     if bias_table is not None:
         buckets = t5_relative_position_bucket(distance, bidirectional, num_buckets, max_distance)
         scores = scores + bias_table.to(compute_dtype)[:, buckets].unsqueeze(0)
+    if distance_bias is not None:
+        radius = (distance_bias.shape[1] - 1) // 2
+        columns = distance.clamp(-radius, radius if bidirectional else 0) + radius
+        scores = scores + distance_bias.to(compute_dtype)[:, columns].unsqueeze(0)
     if alibi_slopes is not None:
         scores = scores - alibi_slopes.to(compute_dtype)[None, :, None, None] * distance.abs().to(compute_dtype)
     allowed = torch.ones(q.shape[0], 1, M, N, dtype=torch.bool, device=q.device)

@@ -121,6 +121,50 @@ def test_fire_table_equals_the_plain_mlp_values_and_gradients(bidirectional):
         torch.testing.assert_close(table_grads[name], grad, atol=1e-5 * grad.abs().max().item(), rtol=1e-4, msg=name)
 
 
+def _random_fire(bidirectional: bool, threshold: float, seed: int = 0) -> FIREPositionBias:
+    torch.manual_seed(seed)
+    fire = FIREPositionBias(num_heads=3, width=16, threshold=threshold, bidirectional=bidirectional)
+    with torch.no_grad():
+        for parameter in fire.parameters():
+            parameter.normal_()
+        fire.distance_scale.fill_(0.8)
+        fire.threshold.fill_(threshold)
+    return fire
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_fire_kernel_table_is_the_bias_of_each_distance_below_the_threshold(bidirectional):
+    """Column `d + R` of the kernel's table is the bias of every (query, key) pair at distance `d` whose query is
+    below the threshold, values and gradients of every FIRE parameter; `R = 2**k - 1 >= length - 1`."""
+    fire = _random_fire(bidirectional, threshold=9.5)
+    table = fire.kernel_table(10)
+    radius = 15
+    assert table.shape == (3, 2 * radius + 1) and table.dtype == torch.float32
+    bias = fire(10, 10)[0]  # queries 0..9, all below 9.5
+    query, key = torch.meshgrid(torch.arange(10), torch.arange(10), indexing="ij")
+    spread = table[:, key - query + radius]
+    torch.testing.assert_close(spread, bias, atol=1e-6, rtol=1e-6)
+    upstream = torch.randn(3, 10, 10)
+    grads = []
+    for values in (spread, bias):
+        grads.append(torch.autograd.grad((values * upstream).sum(), list(fire.parameters()), retain_graph=True))
+    for (name, _), from_table, from_forward in zip(fire.named_parameters(), *grads):
+        assert from_forward.abs().sum() > 0 or name == "mlp.2.bias", name
+        torch.testing.assert_close(from_table, from_forward, atol=1e-6, rtol=1e-5, msg=name)
+    # past the threshold the normalizer grows with the query: the table no longer describes the bias
+    assert not torch.allclose(fire.kernel_table(12)[:, radius - 11], fire(12, 12)[0, :, 11, 0])  # query 11, key 0
+    assert [fire.kernel_table(n).shape[1] for n in (1, 2, 3, 64, 65)] == [3, 3, 7, 127, 255]
+
+
+@pytest.mark.parametrize(
+    "threshold,num_positions,expected",
+    [(9.5, 10, True), (9.0, 10, False), (-9.5, 10, True), (0.2, 1, True), (0.2, 2, False), (1.5, 2, True)],
+)
+def test_fire_is_distance_only_strictly_below_the_threshold(threshold, num_positions, expected):
+    # positions 0 .. num_positions - 1 against max(|L|, 1); at a tie the PyTorch path's maximum splits the gradient
+    assert _random_fire(True, threshold).is_distance_only(num_positions) is expected
+
+
 # ---- the config -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_every_encoding_is_accepted(encoding):

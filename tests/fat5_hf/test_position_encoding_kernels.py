@@ -1,5 +1,6 @@
 """The model's kernel path for each position encoding (Triton interpreter, fp32) against its PyTorch path: ALiBi
-through the attention kernel's slopes, RoPE through the pre-pass kernel, values and gradients of every parameter."""
+through the attention kernel's slopes, RoPE through the pre-pass kernel, FIRE through its per-distance table (within
+its threshold), values and gradients of every parameter."""
 
 from __future__ import annotations
 
@@ -17,30 +18,51 @@ def _labels(lengths, vocab_size=96, seed=3):
     return labels
 
 
+_KERNELS = (
+    "_triton_t5_flash_attention", "_triton_t5_flash_attention_qkvpacked", "_triton_t5_flash_attention_varlen",
+    "_triton_t5_flash_attention_varlen_qkvpacked", "_triton_rope",
+)  # fmt: skip
+
+
 def _record(monkeypatch, name, calls):
+    """Record `(kernel, bias)` of each call of `kernel_ops.<name>`; bias is "alibi", "t5", "distance" or None."""
     kernel = getattr(kernel_ops, name)
 
     def recording(*args, **kwargs):
-        calls.append((name, kwargs.get("alibi_slopes") is not None, kwargs.get("bias_table") is not None))
+        bias = next((kind for kind in ("alibi_slopes", "bias_table", "distance_bias") if kwargs.get(kind) is not None), None)
+        calls.append((name, {"alibi_slopes": "alibi", "bias_table": "t5", "distance_bias": "distance"}.get(bias)))
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(kernel_ops, name, recording)
+
+
+def _kernels_importable():
+    if not (kernel_ops.kernel_available("attention") and kernel_ops.kernel_available("rope")):
+        pytest.skip("fat5_kernels has no attention or rope kernel here")
+
+
+def _assert_same_logits_and_grads(actual, expected):
+    (logits, grads), (expected_logits, expected_grads) = actual, expected
+    scale = expected_logits.abs().max().item()
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5 * scale, rtol=1e-4)
+    for name, grad in grads.items():
+        # a floor for gradients that are zero up to rounding (FIRE's output bias adds a constant to each head's row)
+        scale = max(expected_grads[name].abs().max().item(), 1e-2)
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-4 * scale, rtol=1e-3, msg=name)
 
 
 @pytest.mark.slow
 @pytest.mark.interpreter
 @pytest.mark.parametrize("encoding", ["alibi", "rope", "fire", "none"])
 def test_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, encoding):
-    if not (kernel_ops.kernel_available("attention") and kernel_ops.kernel_available("rope")):
-        pytest.skip("fat5_kernels has no attention or rope kernel here")
+    _kernels_importable()
     calls = []
-    for name in ("_triton_t5_flash_attention", "_triton_t5_flash_attention_qkvpacked",
-                 "_triton_t5_flash_attention_varlen", "_triton_t5_flash_attention_varlen_qkvpacked", "_triton_rope"):
-        _record(monkeypatch, name, calls)  # fmt: skip
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
     torch.manual_seed(0)
     config = tiny_fat5_config(
         position_encoding_type=encoding, use_fused_rms_norm=False, use_fused_glu=False, use_fused_cross_entropy=False,
-        rope_fraction=0.5, fire_threshold=4.0,
+        rope_fraction=0.5, fire_threshold=5.0,
     )  # fmt: skip
     model = FAT5ForConditionalGeneration(config).train()  # no KV cache: both stacks can take the kernel path
     input_ids, attention_mask = make_batch(96, [9, 6])
@@ -56,35 +78,224 @@ def test_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, 
     assert calls == []
     with kernel_ops.kernels_on_cpu():
         logits, grads = loss_and_grads()
-    self_attention = [call for call in calls if call[0] != "_triton_rope" and call[1:] != (False, False)]
+    self_attention = [call for call in calls if call[0] != "_triton_rope" and call[1] is not None]
     # The encoder's batch is padded: every attention of both stacks runs unpadded (the varlen kernels).
     if encoding == "alibi":  # 2 + 2 self-attentions with the slopes (packed q/k/v), never T5's table
-        assert sorted(set(calls)) == [("_triton_t5_flash_attention_varlen", False, False),
-                                      ("_triton_t5_flash_attention_varlen_qkvpacked", True, False)]  # fmt: skip
+        assert sorted(set(calls)) == [("_triton_t5_flash_attention_varlen", None),
+                                      ("_triton_t5_flash_attention_varlen_qkvpacked", "alibi")]  # fmt: skip
         assert len(self_attention) == 4
     elif encoding == "rope":  # one rotation per self-attention, then the kernel without bias
         assert [call[0] for call in calls].count("_triton_rope") == 4 and self_attention == []
-    elif encoding == "fire":  # FIRE is served by the PyTorch path
-        assert calls == []
+    elif encoding == "fire":
+        # The encoder's 9 positions pass FIRE's threshold of 5: its stack takes the PyTorch path. The decoder's 5
+        # (positions 0..4) are below it: its self-attentions read FIRE's per-distance table, with cross-attention.
+        assert self_attention == [("_triton_t5_flash_attention_varlen_qkvpacked", "distance")] * 2
+        assert len(calls) == 4
     else:
         assert self_attention == [] and len(calls) == 6
-    scale = expected_logits.abs().max().item()
-    torch.testing.assert_close(logits, expected_logits, atol=1e-5 * scale, rtol=1e-4)
-    for name, grad in grads.items():
-        scale = expected_grads[name].abs().max().item()
-        torch.testing.assert_close(grad, expected_grads[name], atol=1e-4 * scale, rtol=1e-3, msg=name)
+    _assert_same_logits_and_grads((logits, grads), (expected_logits, expected_grads))
+
+
+# ---- FIRE ------------------------------------------------------------------------------------------------------
+_FIRE_PARAMETERS = ("distance_scale", "threshold", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
+
+
+def _materialized_attention(q, k, v, bias, lengths, causal):
+    """softmax(q k^T + bias) v over (B, H, L, D), keys past each row's length masked (and later ones if causal)."""
+    length = q.shape[2]
+    allowed = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-1, -2) + bias).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_fire_table_in_the_kernel_equals_the_materialized_bias(bidirectional, padded):
+    """Encoder (bidirectional) and decoder (causal) attention with FIRE's per-distance table in the kernel (padded rows
+    through the varlen kernel) against the materialized FIRE bias: values and gradients of q, k, v and of every FIRE
+    parameter, fp32."""
+    from test_position_encoding import _random_fire
+
+    from fat5_kernels.attention import t5_flash_attention, t5_flash_attention_varlen
+
+    fire = _random_fire(bidirectional, threshold=13.0)
+    lengths = [13, 8] if padded else [13, 13]
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 13, 8, generator=gen).requires_grad_() for _ in range(3))
+    real = torch.arange(13)[None, :] < torch.tensor(lengths)[:, None]  # (B, L) real tokens
+    dout = torch.randn(2, 3, 13, 8, generator=gen) * real[:, None, :, None]  # no gradient from padding rows
+
+    def kernel(q, k, v):
+        table, causal = fire.kernel_table(13), not bidirectional
+        if not padded:
+            return t5_flash_attention(q, k, v, distance_bias=table, bidirectional=bidirectional, causal=causal)
+        rows = [t.transpose(1, 2)[real] for t in (q, k, v)]  # (total, H, D)
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        out = t5_flash_attention_varlen(
+            *rows, cu_seqlens, cu_seqlens, 13, 13, distance_bias=table, bidirectional=bidirectional, causal=causal
+        )
+        return out.new_zeros(2, 13, 3, 8).index_put((real,), out).transpose(1, 2)
+
+    def reference(q, k, v):
+        return _materialized_attention(q, k, v, fire(13, 13), lengths, causal=not bidirectional)
+
+    results = []
+    for attention in (kernel, reference):
+        out = attention(q, k, v)
+        tensors = [q, k, v, *(fire.get_parameter(name) for name in _FIRE_PARAMETERS)]
+        results.append((out.detach() * real[:, None, :, None], torch.autograd.grad(out, tensors, dout)))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for name, grad, expected_grad in zip(("q", "k", "v", *_FIRE_PARAMETERS), grads, expected_grads):
+        assert name == "mlp.2.bias" or expected_grad.abs().sum() > 0, name  # a head-wide constant: no gradient
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.parametrize("padded", [False, True])
+def test_fire_model_on_the_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, padded):
+    """Both stacks below FIRE's threshold: every self-attention reads FIRE's table in the kernel (the padded encoder
+    batch through the varlen kernels), and the logits and the gradients of every parameter, FIRE's of both stacks
+    included, are the PyTorch path's."""
+    _kernels_importable()
+    calls = []
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
+    config = tiny_fat5_config(
+        position_encoding_type="fire", fire_threshold=16.0, use_fused_rms_norm=False, use_fused_glu=False,
+        use_fused_cross_entropy=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(config).train()
+    input_ids, attention_mask = make_batch(96, [9, 6] if padded else [9, 9])
+    labels = _labels([5, 3])
+
+    def loss_and_grads():
+        model.zero_grad()
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, labels=labels)
+        outputs.loss.backward()
+        return outputs.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected = loss_and_grads()
+    with kernel_ops.kernels_on_cpu():
+        actual = loss_and_grads()
+    # 2 + 2 self-attentions on packed q/k/v; with a padded encoder batch both stacks run unpadded (varlen)
+    kernel = "_triton_t5_flash_attention_varlen_qkvpacked" if padded else "_triton_t5_flash_attention_qkvpacked"
+    assert [name for name, bias in calls if bias == "distance"] == [kernel] * 4
+    for stack in ("encoder", "decoder"):
+        for name in _FIRE_PARAMETERS:
+            key = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.{name}"
+            assert name == "mlp.2.bias" or expected[1][key].abs().sum() > 0, key
+    _assert_same_logits_and_grads(actual, expected)
+
+
+@pytest.mark.interpreter
+def test_fire_takes_pytorch_attention_past_the_kernels_table_gradient(tiny_fat5_config, make_batch, monkeypatch):
+    """A FIRE table too wide for the kernel's table gradient (here: more than 16 segments) sends a training stack to
+    the PyTorch path; forward-only calls keep the kernel."""
+    _kernels_importable()
+    import fat5_kernels.attention
+
+    monkeypatch.setattr(fat5_kernels.attention, "MAX_TABLE_SEGMENTS", 16)
+    calls = []
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
+    config = tiny_fat5_config(position_encoding_type="fire", fire_threshold=16.0, use_fused_rms_norm=False,
+                              use_fused_glu=False, use_fused_cross_entropy=False)  # fmt: skip
+    model = FAT5ForConditionalGeneration(config).train()
+    input_ids, attention_mask = make_batch(96, [9, 6])
+    labels = _labels([5, 3])
+    with kernel_ops.kernels_on_cpu():
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        # encoder: 9 positions, R = 15, 31 segments: PyTorch; decoder: 5 positions, R = 7, causal: 8 segments
+        assert [bias for _, bias in calls].count("distance") == 2
+        calls.clear()
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        assert [bias for _, bias in calls].count("distance") == 4
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_fire_table_reaches_fire_through_reentrant_checkpointed_layers(tiny_fat5_config, make_batch):
+    """Reentrant gradient checkpointing sees only tensor arguments as a block's inputs: FIRE's table, shared by the
+    layers as T5's is, must get its gradient from every checkpointed layer."""
+    _kernels_importable()
+    config = tiny_fat5_config(
+        position_encoding_type="fire", fire_threshold=16.0, use_fused_rms_norm=False, use_fused_glu=False,
+        use_fused_cross_entropy=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(config).train()
+    input_ids, attention_mask = make_batch(96, [9, 6])
+    labels = _labels([5, 3])
+
+    def grads():
+        model.zero_grad()
+        with kernel_ops.kernels_on_cpu():
+            model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected = grads()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    assert model.encoder.block[1].gradient_checkpointing
+    for name, grad in grads().items():
+        # the floor: FIRE's output bias has a gradient that is zero up to rounding
+        scale = max(expected[name].abs().max().item(), 1e-2)
+        torch.testing.assert_close(grad, expected[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_fire_generation_with_the_kernels_equals_uncached_and_pytorch(tiny_fat5_config, make_batch, monkeypatch):
+    """Greedy decoding past FIRE's threshold: with the KV cache (the decoder on the PyTorch path, as any cached
+    decoding), without it (the decoder's kernel table while its positions are below the threshold, the PyTorch path
+    after), and with the kernels off, the same tokens and scores."""
+    _kernels_importable()
+    calls = []
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
+    config = tiny_fat5_config(position_encoding_type="fire", fire_threshold=6.0, use_fused_rms_norm=False,
+                              use_fused_glu=False, use_fused_cross_entropy=False, eos_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(config).eval()
+    input_ids, attention_mask = make_batch(96, [6, 4])
+
+    def generate(use_cache):
+        return model.generate(
+            input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False, use_cache=use_cache,
+            output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+
+    expected = generate(use_cache=True)
+    assert calls == []
+    with kernel_ops.kernels_on_cpu():
+        cached, uncached = generate(use_cache=True), generate(use_cache=False)
+    # The encoder (positions 0..5) reads the table in both runs; uncached, steps 1..6 run decoder positions 0..5,
+    # below the threshold of 6, in the kernel (2 layers each), and steps 7 and 8 the PyTorch path.
+    assert [bias for _, bias in calls].count("distance") == 2 + 2 + 2 * 6
+    assert expected.sequences.shape == (2, 9)
+    for result in (cached, uncached):
+        assert torch.equal(result.sequences, expected.sequences)
+        for scores, expected_scores in zip(result.scores, expected.scores):
+            torch.testing.assert_close(scores, expected_scores, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("encoding", ["t5", "alibi", "rope", "fire", "none"])
-def test_bf16_kernel_path_is_as_accurate_as_bf16_pytorch(encoding):
+def test_bf16_kernel_path_is_as_accurate_as_bf16_pytorch(monkeypatch, encoding):
     """Under bf16 autocast at a real length, the kernel path's loss and gradients are within twice the error of the
-    PyTorch path's (both against the fp32 PyTorch path)."""
+    PyTorch path's (both against the fp32 PyTorch path), those of the position encoding's parameters too. FIRE's
+    threshold covers the 1024 positions: both stacks read its per-distance table in the kernel."""
     from fat5_hf import FAT5Config
 
     config = FAT5Config(
         vocab_size=512, d_model=256, d_kv=64, num_heads=4, d_ff=512, num_layers=2, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, dropout_rate=0.0, position_encoding_type=encoding, fire_threshold=256.0,
+        tie_word_embeddings=False, dropout_rate=0.0, position_encoding_type=encoding, fire_threshold=1024.0,
     )  # fmt: skip
     torch.manual_seed(0)
     models = {}
@@ -105,12 +316,25 @@ def test_bf16_kernel_path_is_as_accurate_as_bf16_pytorch(encoding):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
-        return loss.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        grads = {name: p.grad.float().flatten() for name, p in model.named_parameters() if p.grad is not None}
+        encoding_grads = [grad for name, grad in grads.items() if "relative_attention_bias" in name]
+        return loss.float(), torch.cat(list(grads.values())), torch.cat(encoding_grads) if encoding_grads else None
 
-    loss32, grads32 = loss_and_grads(models[False], autocast=False)
-    loss_ref, grads_ref = loss_and_grads(models[False], autocast=True)
-    loss_kernel, grads_kernel = loss_and_grads(models[True], autocast=True)
+    calls = []
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
+    loss32, grads32, encoding32 = loss_and_grads(models[False], autocast=False)
+    loss_ref, grads_ref, encoding_ref = loss_and_grads(models[False], autocast=True)
+    assert calls == []
+    loss_kernel, grads_kernel, encoding_kernel = loss_and_grads(models[True], autocast=True)
+    if encoding == "fire":
+        assert [bias for _, bias in calls].count("distance") == 4  # 2 + 2 self-attentions
     assert (loss_kernel - loss32).abs() <= 2 * (loss_ref - loss32).abs() + 1e-3
-    reference_error = (grads_ref - grads32).norm() / grads32.norm()
-    kernel_error = (grads_kernel - grads32).norm() / grads32.norm()
-    assert kernel_error <= 2 * reference_error + 1e-3, (kernel_error, reference_error)
+    for name, exact, reference, kernel in (
+        ("all", grads32, grads_ref, grads_kernel), ("encoding", encoding32, encoding_ref, encoding_kernel)
+    ):
+        if exact is None:  # no learned encoding
+            continue
+        reference_error = (reference - exact).norm() / exact.norm()
+        kernel_error = (kernel - exact).norm() / exact.norm()
+        assert kernel_error <= 2 * reference_error + 1e-3, (name, kernel_error, reference_error)

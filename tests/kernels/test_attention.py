@@ -495,6 +495,118 @@ def test_varlen_equals_padded_batch():
         torch.testing.assert_close(packed[rows], dense[0].transpose(0, 1), atol=1e-6, rtol=1e-6)
 
 
+# ----------------------------------------------------------------------------------------------- per-distance table
+
+
+def _distance_fns(radius, causal, bidirectional):
+    """Kernel and reference with a per-distance table (H, 2 radius + 1) as their last argument."""
+
+    def kernel_fn(q, k, v, table):
+        return t5_flash_attention(q, k, v, distance_bias=table, bidirectional=bidirectional, causal=causal)
+
+    def reference_fn(q, k, v, table, compute_dtype):
+        return t5_attention_reference(
+            q, k, v, distance_bias=table, bidirectional=bidirectional, causal=causal, compute_dtype=compute_dtype
+        )
+
+    return kernel_fn, reference_fn
+
+
+@pytest.mark.parametrize(
+    "causal,bidirectional,seqlen_q,seqlen_k,radius",
+    [
+        (False, True, 70, 70, 127),  # every distance its own column (FIRE's table)
+        (True, False, 70, 70, 127),
+        (False, True, 40, 75, 74),  # M != N, the radius just covering the longest distance
+        (False, True, 70, 70, 20),  # distances past the radius read the edge columns
+    ],
+)
+def test_distance_table_matches_reference(causal, bidirectional, seqlen_q, seqlen_k, radius):
+    q, k, v, _, dout = _inputs(1, 2, seqlen_q, seqlen_k, 32, CPU_DTYPE if DEVICE == "cpu" else torch.bfloat16)
+    table = torch.randn(2, 2 * radius + 1, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    low = CPU_DTYPE if DEVICE == "cpu" else torch.bfloat16
+    _check_against_reference(*_distance_fns(radius, causal, bidirectional), (q, k, v, table), dout, "qkvt", low)
+
+
+@pytest.mark.parametrize("causal,bidirectional", [(False, True), (True, False)])
+def test_distance_table_of_t5_buckets_equals_bucket_table(causal, bidirectional):
+    """T5's buckets spread over a per-distance table give T5's output, and the per-distance gradient gathered back
+    to the buckets gives T5's table gradient (fp32, to rounding): every distance lands in its own column."""
+    q, k, v, table, dout = _inputs(1, 2, 70, 70, 16, torch.float32, seed=2)
+    radius = 69
+    buckets = t5_relative_position_bucket(torch.arange(-radius, radius + 1), bidirectional, 8, 12).to(DEVICE)
+    kw = dict(bidirectional=bidirectional, causal=causal)
+    out, grads = _grads(
+        lambda q, k, v, t: t5_flash_attention(q, k, v, bias_table=t, num_buckets=8, max_distance=12, **kw),
+        (q, k, v, table), dout,
+    )  # fmt: skip
+    spread, spread_grads = _grads(
+        lambda q, k, v, t: t5_flash_attention(q, k, v, distance_bias=t[:, buckets], **kw), (q, k, v, table), dout
+    )
+    torch.testing.assert_close(spread, out, atol=1e-6, rtol=1e-6)
+    for name, g, r in zip("qkvt", spread_grads, grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=f"d{name}")
+
+
+def test_distance_table_varlen_and_packed_match_reference():
+    """The varlen and packed q/k/v APIs take the per-distance table too (sequences restart at position 0)."""
+    lengths = [37, 1, 70]
+    q, k, v, _, dout, cu_q, cu_k = _packed(lengths, lengths, 2, 16, torch.float32, seed=6)
+    table = torch.randn(2, 2 * 69 + 1, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    kw = dict(distance_bias=table, bidirectional=False, causal=True)
+    out = t5_flash_attention_varlen(q, k, v, cu_q, cu_k, 70, 70, **kw)
+    ref = t5_attention_varlen_reference(q, k, v, cu_q, cu_k, **kw)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    packed = t5_flash_attention_varlen_qkvpacked(torch.stack((q, k, v), dim=1), cu_q, 70, **kw)
+    torch.testing.assert_close(packed, out, atol=1e-6, rtol=1e-6)
+
+
+def test_distance_table_custom_op_and_compile():
+    """A per-distance table travels through the same custom op (as the bias table, ``max_distance=0``): opcheck, and
+    torch.compile(fullgraph=True) gives the eager values and gradients."""
+    q, k, v, _, dout = _inputs(1, 2, 20, 24, 16, torch.float32)
+    table = torch.randn(2, 2 * 31 + 1, generator=torch.Generator().manual_seed(3)).to(DEVICE).requires_grad_()
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), table, None, None, None, None, 20, 24, True,
+            63, 0, False, 1.0)  # fmt: skip
+    torch.library.opcheck(torch.ops.fat5.t5_flash_attention_fwd.default, args)
+
+    def f(q, k, v, table):
+        return (t5_flash_attention(q, k, v, distance_bias=table) * dout).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    expected = torch.autograd.grad(f(q, k, v, table), (q, k, v, table))
+    got = torch.autograd.grad(compiled(q, k, v, table), (q, k, v, table))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+
+
+def test_distance_table_gradient_capacity():
+    """The backward differentiates up to MAX_TABLE_SEGMENTS segments (2R + 1 bidirectional, R + 1 causal, padded to a
+    power of two); a larger table that needs a gradient is refused before launch, and serves forward-only calls."""
+    from fat5_kernels.attention import MAX_TABLE_SEGMENTS, distance_table_has_gradient
+
+    assert MAX_TABLE_SEGMENTS == 8192
+    assert distance_table_has_gradient(4095, True) and not distance_table_has_gradient(4096, True)
+    assert distance_table_has_gradient(8191, False) and not distance_table_has_gradient(8192, False)
+    q, k, v, _, _ = _inputs(1, 2, 16, 16, 16, torch.float32)
+    table = torch.zeros(2, 2 * 4096 + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="radius 4096 needs a gradient"):
+        t5_flash_attention(q, k, v, distance_bias=table.requires_grad_())
+    with torch.no_grad():
+        out = t5_flash_attention(q, k, v, distance_bias=table)
+    torch.testing.assert_close(out, t5_attention_reference(q, k, v), atol=1e-5, rtol=1e-5)  # a zero bias
+
+
+def test_distance_table_bad_inputs():
+    q, k, v, table, _ = _inputs(1, 2, 16, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="2R \\+ 1"):
+        t5_flash_attention(q, k, v, distance_bias=torch.zeros(2, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="either bias_table"):
+        t5_flash_attention(q, k, v, bias_table=table, distance_bias=torch.zeros(2, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="2 heads"):
+        t5_flash_attention(q, k, v, distance_bias=torch.zeros(3, 9, device=DEVICE))
+
+
 # ----------------------------------------------------------------------------------------------- API
 
 
