@@ -1,0 +1,145 @@
+"""`generate()` with the cached steps on the attention kernel (Triton interpreter, fp32): the decoder's self-attention
+over a DynamicCache or a StaticCache (the new positions' bias in-kernel, a static cache's length read on the device)
+and cross-attention over the cached encoder keys give the tokens of the PyTorch path and of HF T5, and the steps
+really run the kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, EncoderDecoderCache, StaticCache
+
+from fat5_hf import FAT5ForConditionalGeneration, kernel_ops
+
+pytestmark = pytest.mark.interpreter
+
+if not kernel_ops.kernel_available("attention"):
+    pytest.skip("needs triton and fat5_kernels", allow_module_level=True)
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """The model's calls into the Triton attention with one query a row (decoding steps), as
+    `(static-cache offset given, a T5 bias table given)`."""
+    calls = []
+    original = kernel_ops.flash_attention
+
+    def counting(query, *args, **kwargs):
+        if query.shape[2] == 1:
+            calls.append((kwargs.get("query_offset") is not None, args[3] is not None))  # key, value, mask, table
+        return original(query, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_ops, "flash_attention", counting)
+    return calls
+
+
+def _generate(model, input_ids, attention_mask, **kwargs):
+    return model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, **kwargs
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_greedy_and_beam_search_on_the_kernel_match_t5(t5_pair, make_batch, decode_calls, cache_implementation):
+    t5, fat5 = t5_pair("t5_v1_1")
+    input_ids, attention_mask = make_batch(96, [7, 4])
+    for kwargs in (dict(num_beams=1), dict(num_beams=2)):
+        expected = _generate(t5, input_ids, attention_mask, **kwargs)
+        kwargs["cache_implementation"] = cache_implementation
+        assert torch.equal(_generate(fat5, input_ids, attention_mask, **kwargs), expected)
+        decode_calls.clear()
+        with kernel_ops.kernels_on_cpu():
+            assert torch.equal(_generate(fat5, input_ids, attention_mask, **kwargs), expected), kwargs
+        # every step: each decoder layer's self-attention (with the T5 table) and cross-attention on the kernel
+        steps, layers = 5, fat5.config.num_decoder_layers
+        static = cache_implementation == "static"
+        assert sorted(decode_calls) == sorted([(static, True)] * steps * layers + [(False, False)] * steps * layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoding", ["rope", "alibi"])
+def test_rope_and_alibi_decoding_on_the_kernel_match_pytorch(tiny_fat5_config, make_batch, decode_calls, encoding):
+    """RoPE rotates the new queries and keys at their positions after the cache; ALiBi's slopes go to the kernel."""
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(
+        tiny_fat5_config(position_encoding_type=encoding, rope_fraction=0.5, initializer_factor=0.5)
+    ).eval()
+    input_ids, attention_mask = make_batch(96, [6, 3])
+    for cache_implementation in (None, "static"):
+        expected = _generate(model, input_ids, attention_mask, cache_implementation=cache_implementation)
+        with kernel_ops.kernels_on_cpu():
+            tokens = _generate(model, input_ids, attention_mask, cache_implementation=cache_implementation)
+        assert torch.equal(tokens, expected), cache_implementation
+    assert len(decode_calls) == 2 * 5 * model.config.num_decoder_layers * 2
+
+
+@pytest.mark.slow
+def test_switch_keeps_cached_steps_on_pytorch(tiny_fat5_config, make_batch, decode_calls):
+    model = FAT5ForConditionalGeneration(tiny_fat5_config(use_triton_attention_with_cache=False)).eval()
+    input_ids, attention_mask = make_batch(96, [6, 3])
+    with kernel_ops.kernels_on_cpu():
+        for cache_implementation in (None, "static"):
+            _generate(model, input_ids, attention_mask, cache_implementation=cache_implementation)
+    assert decode_calls == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_chunked_steps_with_a_decoder_mask_match_pytorch(tiny_fat5_config, make_batch, static):
+    """Several new tokens a step (M > 1) after a cached prefix, with a 2D decoder mask over the tokens so far (a
+    static cache has more slots: the kernel path pads the mask), against the PyTorch path."""
+    torch.manual_seed(0)
+    config = tiny_fat5_config(initializer_factor=0.5)
+    model = FAT5ForConditionalGeneration(config).eval()
+    input_ids, attention_mask = make_batch(96, [7, 5])
+    decoder_input_ids, _ = make_batch(96, [9, 9], seed=4)
+    decoder_mask = torch.ones_like(decoder_input_ids)
+    decoder_mask[1, 2] = 0
+
+    def chunks():
+        self_cache = StaticCache(config=config, max_cache_len=16) if static else DynamicCache(config=config)
+        cache = EncoderDecoderCache(self_cache, DynamicCache(config=config))
+        logits = []
+        for start, end in ((0, 3), (3, 4), (4, 9)):
+            out = model(
+                input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids[:, start:end],
+                decoder_attention_mask=decoder_mask[:, :end], cache=cache, use_cache=True,
+            )  # fmt: skip
+            logits.append(out.logits)
+        return torch.cat(logits, dim=1)
+
+    with torch.no_grad():
+        expected = chunks()
+        with kernel_ops.kernels_on_cpu():
+            logits = chunks()
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_static_step_on_the_kernel_is_one_graph_with_t5_tokens(t5_pair, make_batch, monkeypatch):
+    """transformers compiles the decoding step (`cache_implementation="static"`): one graph serves every step, and
+    each step runs the kernel with the static offset (counted where the custom op runs, outside the graph: a
+    counter in traced code would itself be guarded on)."""
+    from test_static_cache_generation import _compiled_graphs_and_tokens
+
+    from fat5_kernels import attention
+
+    offsets = []
+    kvcache_forward = attention._kvcache_forward
+
+    def recording(q, k_cache, v_cache, query_offset, *args):
+        offsets.append(None if query_offset is None else int(query_offset.reshape(-1)[0]))
+        return kvcache_forward(q, k_cache, v_cache, query_offset, *args)
+
+    monkeypatch.setattr(attention, "_kvcache_forward", recording)
+    t5, fat5 = t5_pair("t5_v1_1")
+    input_ids, attention_mask = make_batch(96, [9, 6])
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask)
+    expected = t5.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with kernel_ops.kernels_on_cpu():
+        graphs, tokens = _compiled_graphs_and_tokens(fat5, batch, 5)
+    assert torch.equal(tokens, expected)
+    assert graphs == 1  # no recompilation as the cache fills: the offset is read on the device
+    layers = fat5.config.num_decoder_layers
+    assert sorted(offsets) == sorted(list(range(5)) * layers)  # each layer at each position, prefill included
