@@ -11,8 +11,6 @@ from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 
 from fat5_hf import FAT5ForConditionalGeneration, kernel_ops
 
-pytestmark = pytest.mark.interpreter
-
 if not kernel_ops.kernel_available("attention"):
     pytest.skip("needs triton and fat5_kernels", allow_module_level=True)
 
@@ -33,6 +31,25 @@ def decode_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def decode_launches(monkeypatch):
+    """The attention kernel's launches with one query a row, as the query offsets they got (None: aligned to the end
+    of the keys). Counted in the launcher, which the custom ops call when they run: a counter in code that
+    `torch.compile` traces would itself be guarded on (a recompilation a step)."""
+    from fat5_kernels import attention
+
+    offsets = []
+    launch = attention.t5_attention_forward
+
+    def recording(q, *args, query_offset=None, cu_seqlens_q=None, **kwargs):
+        if cu_seqlens_q is None and q.shape[2] == 1:
+            offsets.append(None if query_offset is None else int(query_offset.reshape(-1)[0]))
+        return launch(q, *args, query_offset=query_offset, cu_seqlens_q=cu_seqlens_q, **kwargs)
+
+    monkeypatch.setattr(attention, "t5_attention_forward", recording)
+    return offsets
+
+
 def _generate(model, input_ids, attention_mask, **kwargs):
     return model.generate(
         input_ids, attention_mask=attention_mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, **kwargs
@@ -40,6 +57,7 @@ def _generate(model, input_ids, attention_mask, **kwargs):
 
 
 @pytest.mark.slow
+@pytest.mark.interpreter
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_greedy_and_beam_search_on_the_kernel_match_t5(t5_pair, make_batch, decode_calls, cache_implementation):
     t5, fat5 = t5_pair("t5_v1_1")
@@ -58,6 +76,7 @@ def test_greedy_and_beam_search_on_the_kernel_match_t5(t5_pair, make_batch, deco
 
 
 @pytest.mark.slow
+@pytest.mark.interpreter
 @pytest.mark.parametrize("encoding", ["rope", "alibi"])
 def test_rope_and_alibi_decoding_on_the_kernel_match_pytorch(tiny_fat5_config, make_batch, decode_calls, encoding):
     """RoPE rotates the new queries and keys at their positions after the cache; ALiBi's slopes go to the kernel."""
@@ -75,6 +94,7 @@ def test_rope_and_alibi_decoding_on_the_kernel_match_pytorch(tiny_fat5_config, m
 
 
 @pytest.mark.slow
+@pytest.mark.interpreter
 def test_switch_keeps_cached_steps_on_pytorch(tiny_fat5_config, make_batch, decode_calls):
     model = FAT5ForConditionalGeneration(tiny_fat5_config(use_triton_attention_with_cache=False)).eval()
     input_ids, attention_mask = make_batch(96, [6, 3])
@@ -85,6 +105,7 @@ def test_switch_keeps_cached_steps_on_pytorch(tiny_fat5_config, make_batch, deco
 
 
 @pytest.mark.slow
+@pytest.mark.interpreter
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_chunked_steps_with_a_decoder_mask_match_pytorch(tiny_fat5_config, make_batch, static):
     """Several new tokens a step (M > 1) after a cached prefix, with a 2D decoder mask over the tokens so far (a
@@ -117,22 +138,12 @@ def test_chunked_steps_with_a_decoder_mask_match_pytorch(tiny_fat5_config, make_
 
 
 @pytest.mark.slow
-def test_compiled_static_step_on_the_kernel_is_one_graph_with_t5_tokens(t5_pair, make_batch, monkeypatch):
+@pytest.mark.interpreter
+def test_compiled_static_step_on_the_kernel_is_one_graph_with_t5_tokens(t5_pair, make_batch, decode_launches):
     """transformers compiles the decoding step (`cache_implementation="static"`): one graph serves every step, and
-    each step runs the kernel with the static offset (counted where the custom op runs, outside the graph: a
-    counter in traced code would itself be guarded on)."""
+    each step runs the kernel with the static cache's length as the offset."""
     from test_static_cache_generation import _compiled_graphs_and_tokens
 
-    from fat5_kernels import attention
-
-    offsets = []
-    kvcache_forward = attention._kvcache_forward
-
-    def recording(q, k_cache, v_cache, query_offset, *args):
-        offsets.append(None if query_offset is None else int(query_offset.reshape(-1)[0]))
-        return kvcache_forward(q, k_cache, v_cache, query_offset, *args)
-
-    monkeypatch.setattr(attention, "_kvcache_forward", recording)
     t5, fat5 = t5_pair("t5_v1_1")
     input_ids, attention_mask = make_batch(96, [9, 6])
     batch = dict(input_ids=input_ids, attention_mask=attention_mask)
@@ -142,4 +153,21 @@ def test_compiled_static_step_on_the_kernel_is_one_graph_with_t5_tokens(t5_pair,
     assert torch.equal(tokens, expected)
     assert graphs == 1  # no recompilation as the cache fills: the offset is read on the device
     layers = fat5.config.num_decoder_layers
-    assert sorted(offsets) == sorted(list(range(5)) * layers)  # each layer at each position, prefill included
+    # each layer's self-attention at each position (the prefill included), and its cross-attention
+    assert sorted(decode_launches, key=str) == sorted(list(range(5)) * layers + [None] * 5 * layers, key=str)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_gpu_generation_on_the_kernel_matches_t5(t5_pair, make_batch, decode_launches, cache_implementation):
+    """The compiled kernels on CUDA (fp32: exact products, the same tokens as HF T5), with transformers' own
+    compiled step (inductor) for the static cache."""
+    t5, fat5 = t5_pair("t5_v1_1", "sdpa")
+    t5, fat5 = t5.cuda(), fat5.cuda()
+    input_ids, attention_mask = (t.cuda() for t in make_batch(96, [37, 20, 9]))
+    for kwargs in (dict(num_beams=1), dict(num_beams=3)):
+        expected = _generate(t5, input_ids, attention_mask, **kwargs)
+        decode_launches.clear()
+        tokens = _generate(fat5, input_ids, attention_mask, cache_implementation=cache_implementation, **kwargs)
+        assert torch.equal(tokens, expected), kwargs
+        assert len(decode_launches) == 2 * 5 * fat5.config.num_decoder_layers  # self- and cross-attention

@@ -137,3 +137,22 @@ def test_custom_op_opcheck_and_one_compiled_graph_as_the_cache_fills():
         offset.fill_(past)
         assert torch.equal(compiled(q, k, v, offset), step(q, k, v, offset))
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("new,past", [(1, 0), (1, 300), (1, 511), (16, 200)])
+def test_gpu_decoding_shapes(dtype, new, past):
+    """T5's 32 causal buckets over a 512-slot static cache, D = 64, within twice the low-precision reference's
+    error (the rule of test_attention.py)."""
+    from test_attention import assert_within_reference_error
+
+    slots = 512
+    q, k, v = _cache(4, 8, new, slots, 64, filled=[past + new] * 4, dtype=dtype)
+    table = torch.randn(8, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE) * 0.5
+    kwargs = dict(causal=True, bias_table=table, bidirectional=False, num_buckets=32, max_distance=128)
+    offset = torch.tensor(past, device=DEVICE)
+    out = t5_flash_attention_with_kvcache(q, k, v, query_offset=offset, **kwargs)
+    ref = t5_attention_reference(q, k, v, query_offset=offset, **kwargs)
+    low = t5_attention_reference(q, k, v, query_offset=offset, compute_dtype=dtype, **kwargs)
+    assert_within_reference_error(out, ref, low, "out")
