@@ -313,7 +313,8 @@ class FAT5Attention(nn.Module):
     Three backends, picked per call:
 
     * the Triton kernel when the stack passes a `FlashAttentionMask` (the bias is computed in-kernel from the
-      `(num_heads, num_buckets)` table that the first layer returns as `position_bias`);
+      `(num_heads, num_buckets)` table that the first layer returns as `position_bias`), also for the cached steps
+      of `generate()` (`_kernel_forward_with_cache`);
     * otherwise transformers' attention interface selected by `config._attn_implementation` ("eager" or "sdpa",
       the bias materialized as `(1, H, M, N)` and added to the scores / folded into SDPA's float mask).
     """

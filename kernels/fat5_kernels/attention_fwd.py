@@ -213,7 +213,9 @@ def _key_ranges(first_row, seqlen_q, seqlen_k, band_radius, IS_CAUSAL: tl.conste
 
 
 @triton.jit
-def _key_ranges_at(first_query, seqlen_k, band_radius, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_ranges_at(
+    first_query, seqlen_k, band_radius, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """Split the keys seen by the queries at key positions ``[first_query, first_query + BLOCK_M)`` into loop ranges.
 
     Returns ``far_left_end, band_unmasked_end, band_end, full_end, key_end`` (multiples of BLOCK_N except

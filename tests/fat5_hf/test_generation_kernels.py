@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, StaticCache
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from fat5_hf import FAT5ForConditionalGeneration, kernel_ops
 
@@ -54,6 +55,18 @@ def _generate(model, input_ids, attention_mask, **kwargs):
     return model.generate(
         input_ids, attention_mask=attention_mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, **kwargs
     )
+
+
+def test_caches_the_kernel_reads(tiny_fat5_config):
+    config = tiny_fat5_config()
+    dynamic = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+    static = EncoderDecoderCache(StaticCache(config=config, max_cache_len=8), DynamicCache())
+    assert kernel_ops.kernel_can_read_cache(dynamic) and kernel_ops.kernel_can_read_cache(DynamicCache())
+    with torch.no_grad():
+        assert kernel_ops.kernel_can_read_cache(static)
+    assert not kernel_ops.kernel_can_read_cache(static)  # the offset kernel has no backward
+    assert not kernel_ops.kernel_can_read_cache(Cache(layers=[DynamicSlidingWindowLayer(sliding_window=4)]))
+    assert not kernel_ops.kernel_can_read_cache(((torch.zeros(1), torch.zeros(1)),))  # a legacy tuple
 
 
 @pytest.mark.slow
