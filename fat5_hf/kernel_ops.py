@@ -392,7 +392,9 @@ def kernel_can_read_cache(cache: object) -> bool:
     `(batch, heads, slots, head_dim)` tensors. A static layer's queries sit at a device-side offset, which only the
     forward kernel reads: with gradients enabled, static layers take the PyTorch path. Sliding-window, quantized
     and other layers always do."""
-    caches = (cache.self_attention_cache, cache.cross_attention_cache) if isinstance(cache, EncoderDecoderCache) else (cache,)
+    caches = (cache,)
+    if isinstance(cache, EncoderDecoderCache):
+        caches = (cache.self_attention_cache, cache.cross_attention_cache)
     if _triton_t5_flash_attention_with_kvcache is None or not all(isinstance(c, Cache) for c in caches):
         return False
     layer_types = {type(layer) for c in caches for layer in c.layers}

@@ -828,7 +828,8 @@ def t5_flash_attention_with_kvcache(
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D (batch, heads, length, head_dim) tensor, got {getattr(t, 'shape', t)}.")
+            shape = getattr(t, "shape", t)
+            raise ValueError(f"{name} must be a 4-D (batch, heads, length, head_dim) tensor, got {shape}.")
     batch, num_heads = q.shape[:2]
     if k_cache.shape[:2] != (batch, num_heads) or v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -845,7 +846,8 @@ def t5_flash_attention_with_kvcache(
         )
     if query_offset is not None:
         if not isinstance(query_offset, torch.Tensor) or query_offset.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"query_offset must be an int32 or int64 tensor, got {getattr(query_offset, 'dtype', query_offset)}.")
+            dtype = getattr(query_offset, "dtype", query_offset)
+            raise TypeError(f"query_offset must be an int32 or int64 tensor, got {dtype}.")
         if query_offset.numel() not in (1, batch) or query_offset.dim() > 1:
             raise ValueError(
                 f"query_offset must hold one offset, or one per batch row (batch={batch}): shape (), (1,) or "

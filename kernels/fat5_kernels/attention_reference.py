@@ -232,7 +232,8 @@ def t5_attention_reference(
         buckets = t5_relative_position_bucket(distance, bidirectional, num_buckets, max_distance)
         scores = scores + bias_table.to(compute_dtype)[:, buckets].transpose(0, 1)
     if alibi_slopes is not None:
-        scores = scores - alibi_slopes.to(compute_dtype)[None, :, None, None] * distance.abs().to(compute_dtype)[:, None]
+        slopes = alibi_slopes.to(compute_dtype)[None, :, None, None]
+        scores = scores - slopes * distance.abs().to(compute_dtype)[:, None]
     allowed = torch.ones(q.shape[0], 1, M, N, dtype=torch.bool, device=q.device)
     allowed = allowed & (key_pos < past + M)[:, None]  # every key when there is no offset
     if causal:

@@ -51,9 +51,13 @@ def decode_launches(monkeypatch):
     return offsets
 
 
+NEW_TOKENS = 4
+
+
 def _generate(model, input_ids, attention_mask, **kwargs):
+    torch.manual_seed(123)  # sampling: the same draws on every path
     return model.generate(
-        input_ids, attention_mask=attention_mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, **kwargs
+        input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **{"do_sample": False, **kwargs}
     )
 
 
@@ -72,10 +76,13 @@ def test_caches_the_kernel_reads(tiny_fat5_config):
 @pytest.mark.slow
 @pytest.mark.interpreter
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
-def test_greedy_and_beam_search_on_the_kernel_match_t5(t5_pair, make_batch, decode_calls, cache_implementation):
+def test_greedy_beam_and_sampling_on_the_kernel_match_t5(t5_pair, make_batch, decode_calls, cache_implementation):
     t5, fat5 = t5_pair("t5_v1_1")
     input_ids, attention_mask = make_batch(96, [7, 4])
-    for kwargs in (dict(num_beams=1), dict(num_beams=2)):
+    searches = [dict(num_beams=1), dict(num_beams=2)]
+    if cache_implementation is None:  # sampling draws from the same logits whatever the cache
+        searches.append(dict(do_sample=True, top_k=20))
+    for kwargs in searches:
         expected = _generate(t5, input_ids, attention_mask, **kwargs)
         kwargs["cache_implementation"] = cache_implementation
         assert torch.equal(_generate(fat5, input_ids, attention_mask, **kwargs), expected)
@@ -83,7 +90,7 @@ def test_greedy_and_beam_search_on_the_kernel_match_t5(t5_pair, make_batch, deco
         with kernel_ops.kernels_on_cpu():
             assert torch.equal(_generate(fat5, input_ids, attention_mask, **kwargs), expected), kwargs
         # every step: each decoder layer's self-attention (with the T5 table) and cross-attention on the kernel
-        steps, layers = 5, fat5.config.num_decoder_layers
+        steps, layers = NEW_TOKENS, fat5.config.num_decoder_layers
         static = cache_implementation == "static"
         assert sorted(decode_calls) == sorted([(static, True)] * steps * layers + [(False, False)] * steps * layers)
 
@@ -103,7 +110,7 @@ def test_rope_and_alibi_decoding_on_the_kernel_match_pytorch(tiny_fat5_config, m
         with kernel_ops.kernels_on_cpu():
             tokens = _generate(model, input_ids, attention_mask, cache_implementation=cache_implementation)
         assert torch.equal(tokens, expected), cache_implementation
-    assert len(decode_calls) == 2 * 5 * model.config.num_decoder_layers * 2
+    assert len(decode_calls) == 2 * NEW_TOKENS * model.config.num_decoder_layers * 2
 
 
 @pytest.mark.slow
@@ -183,4 +190,4 @@ def test_gpu_generation_on_the_kernel_matches_t5(t5_pair, make_batch, decode_lau
         decode_launches.clear()
         tokens = _generate(fat5, input_ids, attention_mask, cache_implementation=cache_implementation, **kwargs)
         assert torch.equal(tokens, expected), kwargs
-        assert len(decode_launches) == 2 * 5 * fat5.config.num_decoder_layers  # self- and cross-attention
+        assert len(decode_launches) == 2 * NEW_TOKENS * fat5.config.num_decoder_layers  # self- and cross-attention

@@ -62,7 +62,7 @@ def test_offset_matches_reference_and_the_filled_cache(bias, causal, new, past):
 
 
 def test_one_offset_per_row_with_key_padding():
-    """A (B,) int32 offset gives each row its own filled length; a key padding mask (left-padded rows) still applies."""
+    """A (B,) int32 offset gives each row its own filled length; a key padding mask (left padding) still applies."""
     pasts = [0, 9, 33]
     q, k, v = _cache(3, 2, 1, 40, 16, filled=[p + 1 for p in pasts])
     mask = torch.ones(3, 40, dtype=torch.bool, device=DEVICE)
@@ -70,7 +70,8 @@ def test_one_offset_per_row_with_key_padding():
     kwargs = dict(causal=True, key_padding_mask=mask, **_bias("t5", 2, bidirectional=False))
     offsets = torch.tensor(pasts, dtype=torch.int32, device=DEVICE)
     out = t5_flash_attention_with_kvcache(q, k, v, query_offset=offsets, **kwargs)
-    torch.testing.assert_close(out, t5_attention_reference(q, k, v, query_offset=offsets, **kwargs), atol=2e-6, rtol=1e-5)
+    ref = t5_attention_reference(q, k, v, query_offset=offsets, **kwargs)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
     for row in range(len(pasts)):
         alone = t5_flash_attention_with_kvcache(
             q[row : row + 1], k[row : row + 1], v[row : row + 1], query_offset=offsets[row],
@@ -95,7 +96,8 @@ def test_offset_out_of_range_is_clamped_without_reading_out_of_bounds():
     q, k, v = _cache(1, 2, 2, 24, 8, filled=[24])
     kwargs = dict(causal=True, **_bias("t5", 2, bidirectional=False))
     clamped = t5_flash_attention_with_kvcache(q, k, v, query_offset=torch.tensor(10_000, device=DEVICE), **kwargs)
-    assert torch.equal(clamped, t5_flash_attention_with_kvcache(q, k, v, query_offset=torch.tensor(22, device=DEVICE), **kwargs))
+    last = t5_flash_attention_with_kvcache(q, k, v, query_offset=torch.tensor(22, device=DEVICE), **kwargs)
+    assert torch.equal(clamped, last)
 
 
 def test_bad_inputs_raise():
