@@ -56,8 +56,9 @@ NEW_TOKENS = 4
 
 def _generate(model, input_ids, attention_mask, **kwargs):
     torch.manual_seed(123)  # sampling: the same draws on every path
+    kwargs = {"do_sample": False, **kwargs}
     return model.generate(
-        input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **{"do_sample": False, **kwargs}
+        input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **kwargs
     )
 
 
