@@ -1538,14 +1538,18 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
         """`generate()`'s hook that turns the decoder's 2D mask into the 4D mask of a compilable (static) cache.
 
         When the decoder attends on the kernel, which masks the future and a static cache's unfilled slots from the
-        cache's length itself, the 2D mask (usually None: no decoder mask) is kept as it is, so the stack stays on
-        the kernel path; otherwise transformers' `create_masks_for_generate` builds the 4D mask.
+        cache's length itself, the 2D mask (usually None: no decoder mask) is kept, so the stack stays on the kernel
+        path; it is padded to the static cache's slots, so that a compiled step sees one shape at every step.
+        Otherwise transformers' `create_masks_for_generate` builds the 4D mask.
         """
         decodes_on_kernel = config.position_encoding_type != "fire" and kernel_ops.can_use_flash_attention(
             config.use_triton_attention, inputs_embeds, attention_mask, cache, False, 0.0, False,
             cache_on_kernel=config.use_triton_attention_with_cache,
         )  # fmt: skip
         if decodes_on_kernel:
+            slots = cache.get_max_length() if cache is not None else -1  # -1: a dynamic cache
+            if attention_mask is not None and slots > attention_mask.shape[1]:
+                attention_mask = nn.functional.pad(attention_mask, (0, slots - attention_mask.shape[1]))
             return attention_mask
         return create_masks_for_generate(
             config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs

@@ -160,6 +160,27 @@ def test_chunked_steps_with_a_decoder_mask_match_pytorch(tiny_fat5_config, make_
 
 @pytest.mark.slow
 @pytest.mark.interpreter
+def test_decoder_prompt_with_its_mask_on_the_kernel(tiny_fat5_config, make_batch, decode_calls):
+    """`generate()` continuing decoder prompts with a decoder mask (a left-padded row): with a static cache the 2D
+    mask is padded to the cache's slots (one shape for every step) instead of becoming transformers' 4D mask."""
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(tiny_fat5_config(initializer_factor=0.5)).eval()
+    input_ids, attention_mask = make_batch(96, [7, 4])
+    prompt = dict(decoder_input_ids=torch.tensor([[0, 5, 9], [0, 0, 7]]),
+                  decoder_attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]))  # fmt: skip
+    for cache_implementation in (None, "static"):
+        expected = _generate(model, input_ids, attention_mask, cache_implementation=cache_implementation, **prompt)
+        decode_calls.clear()
+        with kernel_ops.kernels_on_cpu():
+            tokens = _generate(model, input_ids, attention_mask, cache_implementation=cache_implementation, **prompt)
+        assert torch.equal(tokens, expected), cache_implementation
+        static = cache_implementation == "static"
+        # the prompt's step has 3 queries; the NEW_TOKENS - 1 steps after it one each
+        assert decode_calls.count((static, True)) == (NEW_TOKENS - 1) * model.config.num_decoder_layers
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
 def test_compiled_static_step_on_the_kernel_is_one_graph_with_t5_tokens(t5_pair, make_batch, decode_launches):
     """transformers compiles the decoding step (`cache_implementation="static"`): one graph serves every step, and
     each step runs the kernel with the static cache's length as the offset."""
