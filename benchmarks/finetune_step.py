@@ -16,8 +16,7 @@ row's input and target lengths from a long-tailed (log-normal) distribution, pad
 parameters x tokens plus attention) per second over the GPU's dense bf16 peak. Generation counts new tokens
 (``min_new_tokens = max_new_tokens``) and has no MFU; its rows say which attention ran the decoding steps
 (``decode_attention``: ``triton`` when the attention kernel ran with one query a row, else the PyTorch attention
-implementation). A failing configuration (out of memory, no compile) is a row
-with ``error`` instead of numbers.
+implementation). A failing configuration (out of memory, no compile) is a row with ``error`` instead of numbers.
 
 Cases (``--cases``, comma-separated; ``--list`` prints them; the default plan is sized for about 8 minutes on one
 H100, and ``--max-minutes`` turns the providers not started by a deadline into ``skipped`` rows):
