@@ -7,16 +7,20 @@ Every provider of a case runs in the same process, one after the other, on the s
 - ``hf_t5_patched``: the same stock model after ``fat5_hf.apply_fat5_kernels(model)`` (sdpa where it falls back),
   whose training loss is the fused LM head + cross-entropy kernel (no logits) by default; ``hf_t5_patched_ce``: the
   same with ``cross_entropy=True, fused_linear_cross_entropy=False`` (the cross-entropy kernel on the logits);
-- ``fat5``: ``FAT5ForConditionalGeneration`` / ``FAT5EncoderModel`` loaded with the T5 weights (state dicts match).
+- ``fat5``: ``FAT5ForConditionalGeneration`` / ``FAT5EncoderModel`` loaded with the T5 weights (state dicts match);
+  ``fat5:sdpa_decode`` keeps the attention of its cached generation steps on SDPA
+  (``use_triton_attention_with_cache=False``), to compare with the kernel there.
 
 Training steps run under bf16 autocast over fp32 weights with fused AdamW. ``padding="mixed"`` batches draw each
 row's input and target lengths from a long-tailed (log-normal) distribution, pad to the batch's longest row
 (``DataCollatorForSeq2Seq``'s layout: labels padded with -100, no decoder mask) and count only real tokens in
 ``tokens_per_s``; ``padding="full"`` rows have the full lengths. ``mfu``: model FLOPs of the real tokens (6 x
 parameters x tokens plus attention) per second over the GPU's dense bf16 peak. Generation counts new tokens
-(``min_new_tokens = max_new_tokens``) and has no MFU. Training rows say in ``lm_loss`` which loss ran, as seen in the
-step's output: ``fused`` (the fused LM head + loss kernel: the output has no logits) or ``logits`` (an LM head, then a
-loss on its logits). A failing configuration (out of memory, no compile) is a row with ``error`` instead of numbers.
+(``min_new_tokens = max_new_tokens``) and has no MFU; its rows say which attention ran the decoding steps
+(``decode_attention``: ``triton`` when the attention kernel ran with one query a row, else the PyTorch attention
+implementation). Training rows say in ``lm_loss`` which loss ran, as seen in the step's output: ``fused`` (the fused
+LM head + loss kernel: the output has no logits) or ``logits`` (an LM head, then a loss on its logits). A failing
+configuration (out of memory, no compile) is a row with ``error`` instead of numbers.
 
 Cases (``--cases``, comma-separated; ``--list`` prints them; the default plan is sized for about 8 minutes on one
 H100, and ``--max-minutes`` turns the providers not started by a deadline into ``skipped`` rows):
@@ -34,6 +38,7 @@ writes ``finetune_step.json`` and ``finetune_step.md`` there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -106,7 +111,8 @@ def _cases() -> dict[str, Case]:
         for search in ("greedy", "beam4"):
             name = f"generate_b{batch}_{search}"
             providers = ("hf_t5:eager", "hf_t5:sdpa", "hf_t5:sdpa+static_compile", "hf_t5_patched:sdpa",
-                         "hf_t5_patched:sdpa+static_compile", "fat5", "fat5+static_compile")  # fmt: skip
+                         "hf_t5_patched:sdpa+static_compile", "fat5", "fat5+static_compile", "fat5:sdpa_decode",
+                         "fat5:sdpa_decode+static_compile")  # fmt: skip
             cases[name] = Case(name, "generate", "base", 512, 128, batch, "full", providers,
                                {"num_beams": 4 if search == "beam4" else 1})  # fmt: skip
     return cases
@@ -152,12 +158,16 @@ def build_models(shape: dict, encoder_only: bool, device: str, dtype: torch.dtyp
 
     def make(provider: str) -> torch.nn.Module:
         model_name, attn_impl, _ = parse_provider(provider)
-        config = T5Config(**{**COMMON, **shape}, attn_implementation=attn_impl or "sdpa")
+        decode_on_sdpa = attn_impl == "sdpa_decode"
+        if decode_on_sdpa and model_name != "fat5":
+            raise ValueError(f"{provider!r}: sdpa_decode is a fat5 provider (fat5:sdpa_decode)")
+        config = T5Config(**{**COMMON, **shape}, attn_implementation="sdpa" if decode_on_sdpa else attn_impl or "sdpa")
         torch.manual_seed(seed)
         with torch.device(device):
             if model_name == "fat5":
                 derived = ("model_type", "transformers_version", "architectures", "dense_act_fn", "is_gated_act")
-                model = fat5_class(FAT5Config(**{k: v for k, v in config.to_dict().items() if k not in derived}))
+                fields = {k: v for k, v in config.to_dict().items() if k not in derived}
+                model = fat5_class(FAT5Config(**fields, use_triton_attention_with_cache=not decode_on_sdpa))
             else:
                 model = hf_class(config)
         model = model.to(dtype)
@@ -322,8 +332,9 @@ def run_generate(case: Case, make_model, provider: str, args) -> dict:
     elif compile_mode is not None:
         raise ValueError(f"generation providers take +static_compile, not +{compile_mode}")
     with torch.no_grad():
-        for _ in range(args.generate_warmup):
-            model.generate(**batch, **kwargs)
+        with decode_kernel_launches() as launches:  # the first run, which also compiles
+            for _ in range(max(args.generate_warmup, 1)):
+                model.generate(**batch, **kwargs)
         _synchronize(args.device)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -333,7 +344,35 @@ def run_generate(case: Case, make_model, provider: str, args) -> dict:
         _synchronize(args.device)
     seconds = (time.perf_counter() - start) / args.generate_repeats
     new_tokens = case.batch * (out.shape[1] - 1)
-    return dict(tokens_per_s=new_tokens / seconds, step_ms=1e3 * seconds)
+    decode_attention = "triton" if launches["n"] else model.config._attn_implementation
+    return dict(tokens_per_s=new_tokens / seconds, step_ms=1e3 * seconds, decode_attention=decode_attention)
+
+
+@contextlib.contextmanager
+def decode_kernel_launches():
+    """Count the attention kernel's launches with one query a row (decoding steps) in the block, as ``{"n": count}``.
+
+    Counted in the launcher that the kernel's custom ops call when they run, below `torch.compile`'s graph: a
+    counter in traced code would add a guard to it (and a recompilation a step).
+    """
+    launches = {"n": 0}
+    try:
+        from fat5_kernels import attention
+    except ImportError:  # no triton: nothing to count
+        yield launches
+        return
+    launch = attention.t5_attention_forward
+
+    def counting(q, *args, cu_seqlens_q=None, **kwargs):
+        if cu_seqlens_q is None and q.shape[2] == 1:
+            launches["n"] += 1
+        return launch(q, *args, cu_seqlens_q=cu_seqlens_q, **kwargs)
+
+    attention.t5_attention_forward = counting
+    try:
+        yield launches
+    finally:
+        attention.t5_attention_forward = launch
 
 
 def run_trainer(case: Case, make_model, provider: str, args) -> dict:
@@ -464,7 +503,7 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 MD_COLUMNS = ("case", "model", "attn_impl", "compile", "lm_loss", "enc_len", "dec_len", "batch", "padding",
-              "tokens_per_s", "vs_best_hf", "mfu", "peak_GiB", "error")  # fmt: skip
+              "tokens_per_s", "vs_best_hf", "mfu", "peak_GiB", "decode_attention", "error")  # fmt: skip
 METHOD = (
     "Tokens/s: real tokens (training), new tokens (generation); `vs_best_hf`: over the fastest `hf_t5` row of the "
     "case. Each model is built from the same weights in the same process; see `benchmarks/finetune_step.py` and "

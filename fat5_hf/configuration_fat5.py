@@ -71,10 +71,17 @@ class FAT5Config(PreTrainedConfig):
             Triton attention kernel reads it as an exact per-distance table (with gradients, for sequences up to
             4096 tokens in the encoder and 8192 in the decoder); a call with a query at or past it (inference or
             training on sequences longer than the threshold) takes the PyTorch attention path, which materializes
-            the `(1, H, M, N)` bias.
+            the `(1, H, M, N)` bias. Cached decoding follows the same rule with a `DynamicCache`; with a static
+            cache FIRE's decoder keeps the PyTorch attention.
         use_triton_attention (`bool`, *optional*, defaults to `True`): Use the Triton flash-attention kernel with the
             relative bias computed in-kernel when it can serve the call (CUDA tensors, triton installed, no
-            `output_attentions`, no KV cache, no attention-probability dropout, 2D padding mask).
+            `output_attentions`, no attention-probability dropout, 2D padding mask; a KV cache as
+            `use_triton_attention_with_cache` says).
+        use_triton_attention_with_cache (`bool`, *optional*, defaults to `True`): With `use_triton_attention`, also
+            run the cached steps of `generate()` on the kernel: the decoder's self-attention over a `DynamicCache`
+            or `StaticCache` (the new positions' bias computed in-kernel, a static cache's length read on the
+            device) and cross-attention over the cached encoder keys. `False` keeps those steps on the PyTorch
+            attention (`attn_implementation`), e.g. to compare their speed.
         use_fused_rms_norm (`bool`, *optional*, defaults to `True`): Use the fused Triton RMSNorm on CUDA.
         use_fused_glu (`bool`, *optional*, defaults to `True`): Use the fused gated activation (`gated-gelu`,
             `gated-silu`) on CUDA.
@@ -162,6 +169,7 @@ class FAT5Config(PreTrainedConfig):
     fire_mlp_width: int = 32
     fire_threshold: float | int = 512.0
     use_triton_attention: bool = True
+    use_triton_attention_with_cache: bool = True
     use_fused_rms_norm: bool = True
     use_fused_cross_entropy: bool = True
     use_fused_glu: bool = True
@@ -230,8 +238,8 @@ class FAT5Config(PreTrainedConfig):
                 "below that get exact buckets and the rest are bucketed logarithmically up to the max distance. T5 "
                 "uses 32 buckets and a max distance of 128."
             )
-        for name in ("use_triton_attention", "use_fused_rms_norm", "use_fused_cross_entropy", "use_fused_glu",
-                     "check_token_ids"):
+        for name in ("use_triton_attention", "use_triton_attention_with_cache", "use_fused_rms_norm",
+                     "use_fused_cross_entropy", "use_fused_glu", "check_token_ids"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` must be True or False, got {value!r}.")

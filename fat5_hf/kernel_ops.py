@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache, StaticLayer
 
 from fat5_kernels.rms_norm_reference import rms_norm_reference
 from fat5_kernels.rope_reference import rope_reference
@@ -61,9 +62,11 @@ try:
     from fat5_kernels.attention import (
         t5_flash_attention_varlen_qkvpacked as _triton_t5_flash_attention_varlen_qkvpacked,
     )
+    from fat5_kernels.attention import t5_flash_attention_with_kvcache as _triton_t5_flash_attention_with_kvcache
 except ImportError:
     _triton_t5_flash_attention = _triton_t5_flash_attention_varlen = None
     _triton_t5_flash_attention_qkvpacked = _triton_t5_flash_attention_varlen_qkvpacked = None
+    _triton_t5_flash_attention_with_kvcache = None
 
 try:
     from fat5_kernels.attention import distance_table_has_gradient as _distance_table_has_gradient
@@ -371,21 +374,41 @@ def can_use_flash_attention(
     output_attentions: bool,
     attention_dropout: float,
     training: bool,
+    cache_on_kernel: bool = False,
 ) -> bool:
     """Whether a whole stack can run its attention with the Triton kernel.
 
-    The kernel has no attention-probability dropout, returns no attention weights, does not read a KV cache and
-    takes only a 2D key-padding mask; any of those needs the PyTorch path.
+    The kernel has no attention-probability dropout, returns no attention weights and takes only a 2D key-padding
+    mask; it reads a KV cache only with `cache_on_kernel` (the config's `use_triton_attention_with_cache`) and only
+    the caches `kernel_can_read_cache` accepts. Anything else needs the PyTorch path.
     """
     return (
         use_kernel
         and _triton_t5_flash_attention is not None
         and _device_ok(hidden_states)
-        and cache is None
+        and (cache is None or (cache_on_kernel and kernel_can_read_cache(cache)))
         and not output_attentions
         and not (training and attention_dropout > 0)
         and (attention_mask is None or attention_mask.dim() == 2)
     )
+
+
+def kernel_can_read_cache(cache: object) -> bool:
+    """Whether the attention kernel can serve the cached steps of `cache` (alone or inside an `EncoderDecoderCache`):
+    transformers' full-attention `DynamicCache` and `StaticCache` layers, whose keys and values are plain
+    `(batch, heads, slots, head_dim)` tensors. A static layer's queries sit at a device-side offset, which only the
+    forward kernel reads: with gradients enabled, static layers take the PyTorch path. Sliding-window, quantized
+    and other layers always do."""
+    caches = (cache,)
+    if isinstance(cache, EncoderDecoderCache):
+        caches = (cache.self_attention_cache, cache.cross_attention_cache)
+    if _triton_t5_flash_attention_with_kvcache is None or not all(isinstance(c, Cache) for c in caches):
+        return False
+    layer_types = {type(layer) for c in caches for layer in c.layers}
+    layer_types.update(c.layer_class_to_replicate for c in caches if c.layer_class_to_replicate is not None)
+    if StaticLayer in layer_types and torch.is_grad_enabled():
+        return False
+    return layer_types <= {DynamicLayer, StaticLayer}
 
 
 _SDPA_FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -402,6 +425,7 @@ def flash_attention(
     num_buckets: int,
     max_distance: int,
     alibi_slopes: torch.Tensor | None = None,
+    query_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """T5 attention (scale 1.0, relative bias from `bias_table` computed in-kernel) with the Triton kernel;
     unpadded fp16/bf16 cross-attention (no bias, no mask) goes to PyTorch's SDPA, whose flash kernel is faster there.
@@ -412,10 +436,25 @@ def flash_attention(
         bias_table (`(H, num_buckets)` or `DistanceBias`, *optional*): the learned T5 table, or FIRE's table of
             every distance (`(H, 2R + 1)`, read as the kernel's `distance_bias`); None for cross-attention.
         alibi_slopes (float32 `(H,)`, *optional*): ALiBi's slopes instead of a table (bias `-slope * |d|`).
+        query_offset (integer tensor of shape `()` or `(1,)`, *optional*): a static KV cache's length before this
+            step: the queries sit at positions `query_offset + i` and the keys (all its slots) from
+            `query_offset + M` on are unfilled (forward only; `t5_flash_attention_with_kvcache`). A padding mask
+            shorter than the slots covers the filled ones. Without it, the queries are aligned to the end of the
+            keys (the whole sequence, or a dynamic cache's new tokens).
 
     Returns:
         `torch.Tensor` of shape `(B, M, H, D)` (the layout transformers' attention functions return).
     """
+    if query_offset is not None:
+        t5 = _t5_kernel_kwargs(mask, bias_table, bidirectional, num_buckets, max_distance, alibi_slopes)
+        key_padding_mask = _key_padding_mask(mask, query)
+        if key_padding_mask is not None and key_padding_mask.shape[1] < key.shape[2]:
+            # transformers' 2D masks cover the tokens so far; the other slots are unfilled (never read)
+            key_padding_mask = nn.functional.pad(key_padding_mask, (0, key.shape[2] - key_padding_mask.shape[1]))
+        out = _triton_t5_flash_attention_with_kvcache(
+            query, key, value, query_offset=query_offset, key_padding_mask=key_padding_mask, **t5
+        )
+        return out.transpose(1, 2)
     if mask.queries is not None:
         return _packed_flash_attention(
             query, key, value, mask, bias_table, bidirectional=bidirectional, num_buckets=num_buckets,
@@ -574,6 +613,7 @@ __all__ = [
     "gated_activation",
     "gated_activation_packed",
     "kernel_available",
+    "kernel_can_read_cache",
     "kernels_on_cpu",
     "rms_norm",
     "rotary_embedding",

@@ -21,7 +21,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask, create_masks_for_generate
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -318,7 +318,8 @@ class FAT5Attention(nn.Module):
     Three backends, picked per call:
 
     * the Triton kernel when the stack passes a `FlashAttentionMask` (the bias is computed in-kernel from the
-      `(num_heads, num_buckets)` table that the first layer returns as `position_bias`);
+      `(num_heads, num_buckets)` table that the first layer returns as `position_bias`), also for the cached steps
+      of `generate()` (`_kernel_forward_with_cache`);
     * otherwise transformers' attention interface selected by `config._attn_implementation` ("eager" or "sdpa",
       the bias materialized as `(1, H, M, N)` and added to the scores / folded into SDPA's float mask).
     """
@@ -368,22 +369,103 @@ class FAT5Attention(nn.Module):
         return encoding if encoding is not None else getattr(self, "rotary_emb", None)
 
     def _kernel_position_encoding(
-        self, length: int, mask: FlashAttentionMask
+        self, length: int, mask: FlashAttentionMask, past_seen_tokens: int | torch.Tensor = 0
     ) -> torch.Tensor | ALiBiSlopes | RotaryAngles | None:
-        """What the kernel path shares across the stack for sequences of `length`: T5's table, ALiBi's slopes, FIRE's
-        per-distance table or RoPE's angles (None without an encoding)."""
+        """What the kernel path shares across the stack for `length` new tokens after `past_seen_tokens` cached
+        ones: T5's table, ALiBi's slopes, FIRE's per-distance table or RoPE's angles of the new positions (None
+        without an encoding)."""
         encoding, device = self.position_encoding, self.q.weight.device
         if isinstance(encoding, T5RelativePositionBias):
             return encoding.kernel_table()
         if isinstance(encoding, FIREPositionBias):
             # the stack took the kernel path only with every query below FIRE's threshold (`is_distance_only`); in
-            # the varlen layout the states are one row of all the sequences: the longest sequence sizes the table
-            return encoding.kernel_table(length if mask.queries is None else mask.queries.max_seqlen)
+            # the varlen layout the states are one row of all the sequences: the longest sequence sizes the table;
+            # a cached step's queries reach back over the cache
+            span = length if mask.queries is None else mask.queries.max_seqlen
+            return encoding.kernel_table(span + int(past_seen_tokens))
         if isinstance(encoding, ALiBiPositionBias):
             return ALiBiSlopes(encoding.kernel_slopes(device))
         if isinstance(encoding, RotaryPositionEmbedding):
-            return RotaryAngles(*encoding.cos_sin(length, device=device))
+            return RotaryAngles(*encoding.cos_sin(length, past_seen_tokens, device=device))
         return None
+
+    def _layer_cache(self, cache: Cache | None, is_cross_attention: bool) -> tuple[Cache | None, bool]:
+        """`(this attention's cache, whether it already holds the cross-attention keys and values)`."""
+        if isinstance(cache, EncoderDecoderCache):
+            curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
+            return curr_cache, bool(cache.is_updated.get(self.layer_idx))
+        return cache, False
+
+    def _past_seen_tokens(self, cache: Cache | None) -> int | torch.Tensor:
+        """Tokens already in the self-attention cache: an int, or a static cache's device tensor (a copy: the cache
+        update increments it in place, and the value is used after it)."""
+        past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        return past_seen_tokens.clone() if isinstance(past_seen_tokens, torch.Tensor) else past_seen_tokens
+
+    def _kernel_forward_with_cache(
+        self,
+        hidden_states: torch.Tensor,
+        mask: FlashAttentionMask,
+        key_value_states: torch.Tensor | None,
+        position_bias,
+        cache: Cache,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor | ALiBiSlopes | RotaryAngles | None, None]:
+        """The kernel path of a cached step (`generate()`): self-attention of the new tokens over the cache (the
+        bias of their positions computed in-kernel; a static cache's length passed as a device tensor, so that a
+        compiled step serves every position with one graph), or cross-attention over the encoder keys and values
+        (projected and cached at the first step)."""
+        input_shape = hidden_states.shape[:-1]
+        is_cross_attention = key_value_states is not None
+        curr_cache, is_updated = self._layer_cache(cache, is_cross_attention)
+        past_seen_tokens = 0 if is_cross_attention else self._past_seen_tokens(curr_cache)
+        if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
+            position_bias = self._kernel_position_encoding(input_shape[1], mask, past_seen_tokens)
+        bias_table, slopes = _kernel_bias(
+            None if is_cross_attention else position_bias, self.config.position_encoding_type == "fire"
+        )
+        rotary = position_bias if not is_cross_attention and isinstance(position_bias, RotaryAngles) else None
+
+        query_states = self.q(hidden_states).view(*input_shape, -1, self.key_value_proj_dim)
+        if is_cross_attention and is_updated:
+            key_states = curr_cache.layers[self.layer_idx].keys
+            value_states = curr_cache.layers[self.layer_idx].values
+        else:
+            current_states = key_value_states if is_cross_attention else hidden_states
+            kv_shape = (*current_states.shape[:-1], -1, self.key_value_proj_dim)
+            key_states = self.k(current_states).view(kv_shape)
+            value_states = self.v(current_states).view(kv_shape)
+            if rotary is not None:  # the new positions; cached keys were rotated when they were new
+                query_states, key_states = kernel_ops.rotary_embedding(
+                    query_states, key_states, rotary.cos, rotary.sin, self.config.use_triton_attention
+                )
+            key_states, value_states = curr_cache.update(
+                key_states.transpose(1, 2), value_states.transpose(1, 2), self.layer_idx, kwargs=kwargs
+            )
+            if is_cross_attention and isinstance(cache, EncoderDecoderCache):
+                cache.is_updated[self.layer_idx] = True
+
+        query_offset = None
+        if not is_cross_attention and (
+            isinstance(past_seen_tokens, torch.Tensor) or key_states.shape[-2] != past_seen_tokens + input_shape[1]
+        ):
+            # a static cache: more slots than tokens; the kernel reads where the new tokens sit from the device
+            if not isinstance(past_seen_tokens, torch.Tensor):
+                past_seen_tokens = torch.full((), past_seen_tokens, dtype=torch.long, device=query_states.device)
+            query_offset = past_seen_tokens
+        attn_output = kernel_ops.flash_attention(
+            query_states.transpose(1, 2),
+            key_states,
+            value_states,
+            mask,
+            bias_table,
+            bidirectional=not self.is_decoder,
+            num_buckets=self.relative_attention_num_buckets,
+            max_distance=self.relative_attention_max_distance,
+            alibi_slopes=slopes,
+            query_offset=query_offset,
+        )
+        return self.o(attn_output.reshape(*input_shape, -1)), position_bias, None
 
     def compute_bias(
         self, query_length: int, key_length: int, device: torch.device | None = None, past_seen_tokens=0
@@ -410,7 +492,7 @@ class FAT5Attention(nn.Module):
                 cross-attention.
             position_bias: `(1 or B, H, M, N)` materialized bias (PyTorch backends) or the `(H, num_buckets)` table
                 (kernel backend); computed here by the first layer when None.
-            cache (`Cache`, *optional*): KV cache (PyTorch backends only).
+            cache (`Cache`, *optional*): KV cache (a generation step).
 
         Returns:
             `(attn_output (B, M, d_model), position_bias, attn_weights or None)`.
@@ -419,8 +501,10 @@ class FAT5Attention(nn.Module):
         hidden_shape = (*input_shape, -1, self.key_value_proj_dim)
         is_cross_attention = key_value_states is not None
 
+        if isinstance(mask, FlashAttentionMask) and cache is not None:
+            return self._kernel_forward_with_cache(hidden_states, mask, key_value_states, position_bias, cache, kwargs)
         if isinstance(mask, FlashAttentionMask):
-            # Kernel path (no cache by construction): the bias is computed in-kernel from the shared table or slopes.
+            # Kernel path: the bias is computed in-kernel from the shared table or slopes.
             if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
                 position_bias = self._kernel_position_encoding(input_shape[1], mask)
             bias_table, slopes = _kernel_bias(
@@ -468,16 +552,8 @@ class FAT5Attention(nn.Module):
             return self.o(attn_output), position_bias, None
 
         query_states = self.q(hidden_states).view(hidden_shape).transpose(1, 2)
-        past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        # Clone for StaticCache: the value is read before the update and used after it.
-        past_seen_tokens = past_seen_tokens.clone() if isinstance(past_seen_tokens, torch.Tensor) else past_seen_tokens
-
-        is_updated = False
-        if isinstance(cache, EncoderDecoderCache):
-            is_updated = cache.is_updated.get(self.layer_idx)
-            curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
-        else:
-            curr_cache = cache
+        past_seen_tokens = self._past_seen_tokens(cache)
+        curr_cache, is_updated = self._layer_cache(cache, is_cross_attention)
 
         if position_bias is None and isinstance(self.position_encoding, RotaryPositionEmbedding):
             # the new tokens sit after the cached ones; cached keys were rotated when they were new
@@ -953,6 +1029,7 @@ class FAT5Stack(FAT5PreTrainedModel):
             bool(output_attentions),
             self.config.dropout_rate,
             self.training,
+            cache_on_kernel=self.config.use_triton_attention_with_cache,
         )
         if use_flash and self.config.position_encoding_type == "fire":
             # The kernel reads FIRE's per-distance table, exact while every query (cached tokens included) is below
@@ -1081,6 +1158,11 @@ class FAT5Stack(FAT5PreTrainedModel):
                 segment_ids, encoder_segment_ids if encoder_hidden_states is not None else None, use_flash,
                 inputs_embeds.dtype,
             )  # fmt: skip
+        elif use_flash and cache is not None:
+            # A cached step: the keys come from the cache, in the padded (batch, key) layout.
+            attention_mask = FlashAttentionMask(_bool_mask(attention_mask), causal=True)
+            if has_cross_attention:
+                encoder_extended_attention_mask = FlashAttentionMask(_bool_mask(encoder_attention_mask), causal=False)
         elif use_flash:
             # Padding becomes varlen metadata once for all layers; the layers run on the real tokens only unless
             # something reads the blocks' hidden states (which must keep their padded shape).
@@ -1158,6 +1240,10 @@ class FAT5Stack(FAT5PreTrainedModel):
         if kernel_attention is not None and kernel_attention.unpadded:
             hidden_states = kernel_attention.unpack(hidden_states, *inputs_embeds.shape[:2])
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
+
+
+def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return mask.bool() if mask is not None else None
 
 
 def _as_encoder_output(encoder_outputs) -> BaseModelOutput:
@@ -1518,6 +1604,27 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
         return self._shift_right(labels)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, **kwargs):
+        """`generate()`'s hook that turns the decoder's 2D mask into the 4D mask of a compilable (static) cache.
+
+        When the decoder attends on the kernel, which masks the future and a static cache's unfilled slots from the
+        cache's length itself, the 2D mask (usually None: no decoder mask) is kept, so the stack stays on the kernel
+        path; it is padded to the static cache's slots, so that a compiled step sees one shape at every step.
+        Otherwise transformers' `create_masks_for_generate` builds the 4D mask.
+        """
+        decodes_on_kernel = config.position_encoding_type != "fire" and kernel_ops.can_use_flash_attention(
+            config.use_triton_attention, inputs_embeds, attention_mask, cache, False, 0.0, False,
+            cache_on_kernel=config.use_triton_attention_with_cache,
+        )  # fmt: skip
+        if decodes_on_kernel:
+            slots = cache.get_max_length() if cache is not None else -1  # -1: a dynamic cache
+            if attention_mask is not None and slots > attention_mask.shape[1]:
+                attention_mask = nn.functional.pad(attention_mask, (0, slots - attention_mask.shape[1]))
+            return attention_mask
+        return create_masks_for_generate(
+            config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs
+        )
 
 
 class FAT5EncoderModel(FAT5PreTrainedModel):

@@ -6,7 +6,9 @@ Public API (what the model calls):
 * `t5_flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)` over
   packed (total, H, D) tensors, as FlashAttention's varlen API: padding and packing cost only real tokens;
 * `t5_flash_attention_qkvpacked(qkv, ...)` and `t5_flash_attention_varlen_qkvpacked(qkv, cu_seqlens, ...)`:
-  self-attention on one (..., 3, H, D) tensor, whose gradient comes back packed (one projection matmul).
+  self-attention on one (..., 3, H, D) tensor, whose gradient comes back packed (one projection matmul);
+* `t5_flash_attention_with_kvcache(q, k_cache, v_cache, query_offset=...)`: a generation step over a KV cache,
+  the queries' position read from a device tensor (forward only; ``fat5::t5_flash_attention_kvcache_fwd``).
 
 Under ``torch.compile`` they run ``torch.library`` custom ops, ``fat5::t5_flash_attention_fwd`` and
 ``fat5::t5_flash_attention_bwd`` (``..._qkvpacked_fwd`` / ``_bwd`` for the packed ones); each forward op carries
@@ -58,6 +60,7 @@ __all__ = [
     "t5_flash_attention_qkvpacked",
     "t5_flash_attention_varlen",
     "t5_flash_attention_varlen_qkvpacked",
+    "t5_flash_attention_with_kvcache",
     "t5_relative_position_bucket",
 ]
 
@@ -844,3 +847,136 @@ def t5_flash_attention_varlen_qkvpacked(
         max_distance, causal, float(softmax_scale),
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+# ---- decoding with a KV cache: forward only, the queries placed by a device-side offset (a static cache's length).
+def _kvcache_forward(
+    q, k_cache, v_cache, query_offset, bias_table, alibi_slopes, key_padding_mask, bidirectional, num_buckets,
+    max_distance, causal, softmax_scale,
+) -> torch.Tensor:  # fmt: skip
+    dist_bias, radius, dist_center = None, 0, 0
+    if bias_table is not None:
+        dist_bias, layout, dist_center = _distance_bias(
+            bias_table, bidirectional, num_buckets, max_distance, max(q.shape[2], k_cache.shape[2])
+        )
+        radius = layout.radius
+    out, _ = t5_attention_forward(
+        q, k_cache, v_cache,
+        dist_bias=dist_bias, radius=radius, dist_center=dist_center, alibi_slopes=alibi_slopes,
+        key_padding_mask=key_padding_mask, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=q.shape[2],
+        max_seqlen_k=k_cache.shape[2], causal=causal, softmax_scale=softmax_scale, query_offset=query_offset,
+    )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("fat5::t5_flash_attention_kvcache_fwd", mutates_args=())
+def _t5_flash_attention_kvcache_fwd(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_offset: torch.Tensor | None,
+    bias_table: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+    causal: bool,
+    softmax_scale: float,
+) -> torch.Tensor:
+    return _kvcache_forward(
+        q, k_cache, v_cache, query_offset, bias_table, alibi_slopes, key_padding_mask, bidirectional, num_buckets,
+        max_distance, causal, softmax_scale,
+    )  # fmt: skip
+
+
+@_t5_flash_attention_kvcache_fwd.register_fake
+def _(q, k_cache, v_cache, query_offset, bias_table, alibi_slopes, key_padding_mask, bidirectional, num_buckets,
+      max_distance, causal, softmax_scale):  # fmt: skip
+    return torch.empty_like(q)
+
+
+def t5_flash_attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    query_offset: torch.Tensor | None = None,
+    bias_table: torch.Tensor | None = None,
+    distance_bias: torch.Tensor | None = None,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    alibi_slopes: torch.Tensor | None = None,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float = 1.0,
+) -> torch.Tensor:
+    """`t5_flash_attention` of new queries over a KV cache (a generation step), forward only.
+
+    As FlashAttention's ``flash_attn_with_kvcache``, the position of the queries comes from a device tensor that the
+    kernel reads, so that a compiled decoding step neither recompiles nor syncs with the host as the cache fills:
+    query ``i`` sits at position ``past + i`` (T5 bias and ALiBi of the distance ``j - (past + i)``, causal mask
+    ``j <= past + i``), and the cache slots from ``past + M`` on are unfilled: they are never read, whatever they
+    hold. Without ``query_offset`` the queries are aligned to the end of the keys (a cache holding exactly the
+    ``N`` keys so far, as transformers' ``DynamicCache``), as in `t5_flash_attention`.
+
+    Args:
+        q: (B, H, M, D) float16, bfloat16 or float32: the new tokens' queries (M = 1 in a decoding step).
+        k_cache, v_cache: (B, H, N, D), q's dtype and device, contiguous last dimension: keys and values of the
+            cached and new tokens (the new ones already written at positions ``past .. past + M - 1``).
+        query_offset: integer tensor ``past`` of shape (), (1,) or (B,) on q's device (e.g. transformers'
+            ``StaticLayer.cumulative_length`` before the update): the number of tokens cached before these
+            queries. Values outside ``[0, N - M]`` are clamped into it (the result is then meaningless, but no
+            read goes out of bounds).
+        key_padding_mask: (B, N) bool, True = attend (a shorter mask is not padded here: pass all N columns).
+        Other keywords as `t5_flash_attention`.
+
+    Returns:
+        (B, H, M, D) in q's dtype.
+
+    Raises:
+        NotImplementedError: when a gradient would be needed (no backward kernel with an offset): call it under
+            ``torch.no_grad()`` / ``torch.inference_mode()``, or use `t5_flash_attention` for training.
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = getattr(t, "shape", t)
+            raise ValueError(f"{name} must be a 4-D (batch, heads, length, head_dim) tensor, got {shape}.")
+    batch, num_heads = q.shape[:2]
+    if k_cache.shape[:2] != (batch, num_heads) or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must be (batch={batch}, heads={num_heads}, N, head_dim) like q, got "
+            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}."
+        )
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k_cache, v_cache, bias_table, distance_bias, alibi_slopes)
+    ):
+        raise NotImplementedError(
+            "t5_flash_attention_with_kvcache is forward only (generation): run it under torch.no_grad() or "
+            "torch.inference_mode(), or use t5_flash_attention (queries aligned to the end of the keys) for gradients."
+        )
+    bias_table, num_buckets, max_distance = _table_arguments(
+        bias_table, distance_bias, num_buckets, max_distance, bidirectional
+    )
+    _check_common(q, k_cache, v_cache, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
+    if query_offset is not None:
+        if not isinstance(query_offset, torch.Tensor) or query_offset.dtype not in (torch.int32, torch.int64):
+            dtype = getattr(query_offset, "dtype", query_offset)
+            raise TypeError(f"query_offset must be an int32 or int64 tensor, got {dtype}.")
+        if query_offset.numel() not in (1, batch) or query_offset.dim() > 1:
+            raise ValueError(
+                f"query_offset must hold one offset, or one per batch row (batch={batch}): shape (), (1,) or "
+                f"({batch},), got {tuple(query_offset.shape)}."
+            )
+        if query_offset.device != q.device:
+            raise ValueError(f"query_offset is on {query_offset.device}, q on {q.device}.")
+        query_offset = query_offset.reshape(-1).contiguous()
+    key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, k_cache.shape[2], q.device)
+    inputs = (
+        q, k_cache, v_cache, query_offset, bias_table, alibi_slopes, key_padding_mask, bidirectional, num_buckets,
+        max_distance, causal, float(softmax_scale),
+    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        return _t5_flash_attention_kvcache_fwd(*inputs)
+    return _kvcache_forward(*inputs)  # eager: the implementation without the custom-op dispatch

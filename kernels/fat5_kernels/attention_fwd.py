@@ -207,7 +207,16 @@ def _mask2d(rows_ok, cols_ok, EVEN_HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _key_ranges(first_row, seqlen_q, seqlen_k, band_radius, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Split the keys seen by query rows ``[first_row, first_row + BLOCK_M)`` into loop ranges.
+    """`_key_ranges_at` of query rows ``[first_row, first_row + BLOCK_M)`` aligned to the end of the keys (row i
+    at key position i + N - M)."""
+    return _key_ranges_at(first_row + seqlen_k - seqlen_q, seqlen_k, band_radius, IS_CAUSAL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _key_ranges_at(
+    first_query, seqlen_k, band_radius, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Split the keys seen by the queries at key positions ``[first_query, first_query + BLOCK_M)`` into loop ranges.
 
     Returns ``far_left_end, band_unmasked_end, band_end, full_end, key_end`` (multiples of BLOCK_N except
     ``key_end``): ``[0, far_left_end)`` has every distance ``<= -band_radius`` (all keys valid, no mask),
@@ -216,8 +225,6 @@ def _key_ranges(first_row, seqlen_q, seqlen_k, band_radius, IS_CAUSAL: tl.conste
     sequences most tiles are band tiles), ``[band_end, full_end)`` has every distance ``>= band_radius`` and
     full tiles, ``[full_end, key_end)`` is the partial last tile (masked).
     """
-    # queries are aligned to the end of the keys: row i sits at key position i + N - M
-    first_query = first_row + seqlen_k - seqlen_q
     last_query = first_query + BLOCK_M - 1
     key_end = seqlen_k
     if IS_CAUSAL:
@@ -394,7 +401,7 @@ def _fwd_narrow_head_configs() -> list:
 
 @triton.autotune(
     configs=tuning_configs(_fwd_configs(), _fwd_wide_head_configs(), _fwd_narrow_head_configs()),
-    key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "SEQLEN_KEY"],
+    key=["HEAD_DIM_PAD", "BIAS_KIND", "IS_CAUSAL", "IS_VARLEN", "HAS_KEY_MASK", "HAS_QUERY_OFFSET", "SEQLEN_KEY"],
     prune_configs_by={"early_config_prune": by_head_dim},
 )
 @triton.jit
@@ -409,6 +416,7 @@ def _t5_attn_fwd_kernel(
     KeyMask,
     CuSeqlensQ,
     CuSeqlensK,
+    QueryOffset,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -424,6 +432,7 @@ def _t5_attn_fwd_kernel(
     stride_lb,
     stride_lh,
     stride_maskb,
+    stride_offsetb,
     num_heads,
     seqlen_q,
     seqlen_k,
@@ -436,6 +445,7 @@ def _t5_attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    HAS_QUERY_OFFSET: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     EVEN_HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -457,11 +467,19 @@ def _t5_attn_fwd_kernel(
         k_start = 0
     if start_m * BLOCK_M >= seqlen_q:
         return
+    # queries are aligned to the end of the keys (position i + N - M), as with a dynamic KV cache
+    query_shift = seqlen_k - seqlen_q
+    if HAS_QUERY_OFFSET:
+        # A static KV cache: query i sits at position past + i (past read here, so that a compiled decoding step
+        # neither recompiles nor syncs as the cache fills), and the slots from past + M on are unfilled: the key
+        # length becomes past + M, so they are never read. past is clamped to [0, N - M] (no read out of bounds).
+        past = tl.load(QueryOffset + off_b * stride_offsetb).to(tl.int32)
+        query_shift = tl.minimum(tl.maximum(past, 0), tl.maximum(seqlen_k - seqlen_q, 0))
+        seqlen_k = tl.minimum(seqlen_k, query_shift + seqlen_q)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    # queries are aligned to the end of the keys (position i + N - M), as with a KV cache
-    query_pos = offs_m + (seqlen_k - seqlen_q)
+    query_pos = offs_m + query_shift
 
     b64 = off_b.to(tl.int64)
     q_ptrs = Q + b64 * stride_qb + off_h * stride_qh + (q_start + offs_m)[:, None].to(tl.int64) * stride_qm
@@ -486,8 +504,8 @@ def _t5_attn_fwd_kernel(
     else:
         band_radius = 1
 
-    far_left_end, band_unmasked_end, band_end, full_end, key_end = _key_ranges(
-        start_m * BLOCK_M, seqlen_q, seqlen_k, band_radius, IS_CAUSAL, BLOCK_M, BLOCK_N
+    far_left_end, band_unmasked_end, band_end, full_end, key_end = _key_ranges_at(
+        start_m * BLOCK_M + query_shift, seqlen_k, band_radius, IS_CAUSAL, BLOCK_M, BLOCK_N
     )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -596,6 +614,7 @@ def t5_attention_forward(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
+    query_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on validated inputs.
 
@@ -604,6 +623,9 @@ def t5_attention_forward(
     lse float32 (H, total_q). ``dist_bias`` is float32 (H, 2*dist_center+1, 2): pairs (bias of distance ``d``, bias
     of ``d + 1``) times log2(e) at ``d + dist_center`` (saturated beyond +-radius); it must cover every distance
     the inputs have (``dist_center >= max(M, N) + 256``): the kernels index it without clamping.
+    ``query_offset`` (dense layout only): integer (1,) or (B,) tensor ``past`` on q's device, read by the kernel:
+    query ``i`` sits at position ``past + i`` and the keys from ``past + M`` on are unfilled static-cache slots,
+    never read (``past`` is clamped to ``[0, N - M]``). Without it, queries are aligned to the end of the keys.
     """
     is_varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]
@@ -635,6 +657,7 @@ def t5_attention_forward(
     grid = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_heads)
     seqlen_key = seqlen_autotune_key(max(max_seqlen_q, max_seqlen_k))
     has_key_mask = key_padding_mask is not None
+    has_query_offset = query_offset is not None
     args = (
         q, k, v, out, lse,
         dist_bias if dist_bias is not None else dummy,
@@ -642,13 +665,16 @@ def t5_attention_forward(
         key_padding_mask if has_key_mask else dummy,
         cu_seqlens_q if is_varlen else dummy,
         cu_seqlens_k if is_varlen else dummy,
+        query_offset if has_query_offset else dummy,
         *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
         key_padding_mask.stride(0) if has_key_mask else 0,
+        query_offset.stride(0) if has_query_offset and query_offset.numel() > 1 else 0,  # one offset for all rows: 0
         num_heads, max_seqlen_q, max_seqlen_k, head_dim, softmax_scale * LOG2E, radius, dist_center, seqlen_key,
     )  # fmt: skip
     kwargs = dict(
         PREFETCH_BIAS=prefetch_band_bias(),
         BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=has_key_mask, IS_VARLEN=is_varlen,
+        HAS_QUERY_OFFSET=has_query_offset,
         HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad, DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
     key = ("fwd", q.device, q.dtype, seqlen_key, *kwargs.values())

@@ -12,6 +12,8 @@ Conventions shared with the kernels:
 * distance ``d = key_position - query_position``; when ``M != N`` the queries are aligned to the END of
   the keys (query ``i`` sits at key position ``i + N - M``), as in FlashAttention >= 2.1 and as HF T5's
   position bias is sliced when decoding with a KV cache. This applies to the bias, ALiBi and the causal mask.
+  With a ``query_offset`` ``past`` (a static KV cache), query ``i`` sits at position ``past + i`` instead and
+  the keys from ``past + M`` on are unfilled cache slots, never read.
 * masked logits are ``-inf``; a query row whose keys are all masked gets an all-zero output (and zero
   gradients), never NaN.
 """
@@ -239,8 +241,10 @@ def t5_attention_reference(
     softmax_scale: float = 1.0,
     deterministic: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    query_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Materialized attention with the same keywords as `t5_flash_attention`; differentiable.
+    """Materialized attention with the same keywords as `t5_flash_attention` (and `t5_flash_attention_with_kvcache`'s
+    ``query_offset``); differentiable.
 
     Args:
         q: (B, H, M, D); k, v: (B, H, N, D).
@@ -252,6 +256,8 @@ def t5_attention_reference(
         compute_dtype: dtype of every operation (float32 by default; float16/bfloat16 give the
             "same reference in low precision" the tests compare against).
         deterministic: accepted for signature parity, unused.
+        query_offset: integer (1,) or (B,) ``past``: query ``i`` at position ``past + i``; keys at positions
+            ``>= past + M`` are unfilled cache slots, never read (whatever they hold, NaN included).
 
     Returns:
         (B, H, M, D) in ``compute_dtype``.
@@ -259,21 +265,30 @@ def t5_attention_reference(
     del deterministic
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
     M, N = q.shape[-2], k.shape[-2]
+    key_pos = torch.arange(N, device=q.device)
+    if query_offset is None:
+        past = torch.full((1, 1, 1), N - M, device=q.device)
+    else:
+        past = query_offset.reshape(-1, 1, 1).to(device=q.device, dtype=torch.long)
+        filled = (key_pos < past[:, 0] + M)[:, None, :, None]  # (B or 1, 1, N, 1)
+        kc, vc = kc.masked_fill(~filled, 0.0), vc.masked_fill(~filled, 0.0)
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * softmax_scale
-    query_pos = torch.arange(M, device=q.device) + (N - M)
-    distance = torch.arange(N, device=q.device)[None, :] - query_pos[:, None]  # (M, N)
+    query_pos = torch.arange(M, device=q.device)[None, :, None] + past  # (B or 1, M, 1)
+    distance = key_pos - query_pos  # (B or 1, M, N)
     if bias_table is not None:
         buckets = t5_relative_position_bucket(distance, bidirectional, num_buckets, max_distance)
-        scores = scores + bias_table.to(compute_dtype)[:, buckets].unsqueeze(0)
+        scores = scores + bias_table.to(compute_dtype)[:, buckets].transpose(0, 1)
     if distance_bias is not None:
         radius = (distance_bias.shape[1] - 1) // 2
         columns = distance.clamp(-radius, radius if bidirectional else 0) + radius
-        scores = scores + distance_bias.to(compute_dtype)[:, columns].unsqueeze(0)
+        scores = scores + distance_bias.to(compute_dtype)[:, columns].transpose(0, 1)
     if alibi_slopes is not None:
-        scores = scores - alibi_slopes.to(compute_dtype)[None, :, None, None] * distance.abs().to(compute_dtype)
+        slopes = alibi_slopes.to(compute_dtype)[None, :, None, None]
+        scores = scores - slopes * distance.abs().to(compute_dtype)[:, None]
     allowed = torch.ones(q.shape[0], 1, M, N, dtype=torch.bool, device=q.device)
+    allowed = allowed & (key_pos < past + M)[:, None]  # every key when there is no offset
     if causal:
-        allowed = allowed & (distance <= 0)
+        allowed = allowed & (distance <= 0)[:, None]
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :].to(torch.bool)
     row_empty = ~allowed.any(-1, keepdim=True)  # rows with no key at all -> output 0

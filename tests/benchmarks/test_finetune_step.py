@@ -87,6 +87,13 @@ def test_generation_and_encoder_rows():
     rows = benchmark.run_case(generate, ("hf_t5:sdpa", "hf_t5_patched:sdpa", "fat5+static_compile"), _args())
     assert all("error" not in row for row in rows), rows
     assert {row["num_beams"] for row in rows} == {2}
+    assert {row["decode_attention"] for row in rows} == {"sdpa"}  # the kernels run on CUDA tensors only
+    from fat5_hf import kernel_ops
+
+    if kernel_ops.kernel_available("attention"):
+        with kernel_ops.kernels_on_cpu():
+            rows = benchmark.run_case(generate, ("fat5", "fat5:sdpa_decode"), _args())
+        assert [row["decode_attention"] for row in rows] == ["triton", "sdpa"], rows
     encoder = benchmark.Case("tiny_encoder", "encoder", "xxl", 16, 0, 2)
     rows = benchmark.run_case(encoder, ("hf_t5:sdpa", "fat5"), _args())
     assert all("error" not in row and row["tokens_per_s"] > 0 for row in rows), rows

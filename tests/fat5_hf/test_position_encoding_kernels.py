@@ -252,12 +252,13 @@ def test_fire_table_reaches_fire_through_reentrant_checkpointed_layers(tiny_fat5
 @pytest.mark.slow
 @pytest.mark.interpreter
 def test_fire_generation_with_the_kernels_equals_uncached_and_pytorch(tiny_fat5_config, make_batch, monkeypatch):
-    """Greedy decoding past FIRE's threshold: with the KV cache (the decoder on the PyTorch path, as any cached
-    decoding), without it (the decoder's kernel table while its positions are below the threshold, the PyTorch path
-    after), and with the kernels off, the same tokens and scores."""
+    """Greedy decoding past FIRE's threshold, with a dynamic or a static KV cache or without a cache: the encoder
+    reads FIRE's table in the kernel; so do the decoder's steps below the threshold, with a dynamic cache or none,
+    and those past it take the PyTorch path (with a static cache, whose compiled step needs one mask form, every
+    step does); the same tokens and scores as with the kernels off."""
     _kernels_importable()
     calls = []
-    for name in _KERNELS:
+    for name in (*_KERNELS, "_triton_t5_flash_attention_with_kvcache"):
         _record(monkeypatch, name, calls)
     config = tiny_fat5_config(position_encoding_type="fire", fire_threshold=6.0, use_fused_rms_norm=False,
                               use_fused_glu=False, use_fused_cross_entropy=False, eos_token_id=None)  # fmt: skip
@@ -265,24 +266,29 @@ def test_fire_generation_with_the_kernels_equals_uncached_and_pytorch(tiny_fat5_
     model = FAT5ForConditionalGeneration(config).eval()
     input_ids, attention_mask = make_batch(96, [6, 4])
 
-    def generate(use_cache):
+    def generate(**kwargs):
         return model.generate(
-            input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False, use_cache=use_cache,
-            output_scores=True, return_dict_in_generate=True,
+            input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False, output_scores=True,
+            return_dict_in_generate=True, **kwargs,
         )  # fmt: skip
 
     expected = generate(use_cache=True)
     assert calls == []
-    with kernel_ops.kernels_on_cpu():
-        cached, uncached = generate(use_cache=True), generate(use_cache=False)
-    # The encoder (positions 0..5) reads the table in both runs; uncached, steps 1..6 run decoder positions 0..5,
-    # below the threshold of 6, in the kernel (2 layers each), and steps 7 and 8 the PyTorch path.
-    assert [bias for _, bias in calls].count("distance") == 2 + 2 + 2 * 6
-    assert expected.sequences.shape == (2, 9)
-    for result in (cached, uncached):
-        assert torch.equal(result.sequences, expected.sequences)
+    # the encoder (2 layers) reads the table once; steps 1..6 run decoder positions 0..5, below the threshold of 6,
+    # in the kernel (2 layers each), and steps 7 and 8 the PyTorch path
+    for kwargs, table_reads in (
+        (dict(use_cache=True), 2 + 2 * 6),
+        (dict(use_cache=False), 2 + 2 * 6),
+        (dict(use_cache=True, cache_implementation="static"), 2),
+    ):
+        calls.clear()
+        with kernel_ops.kernels_on_cpu():
+            result = generate(**kwargs)
+        assert [bias for _, bias in calls].count("distance") == table_reads, kwargs
+        assert torch.equal(result.sequences, expected.sequences), kwargs
         for scores, expected_scores in zip(result.scores, expected.scores):
             torch.testing.assert_close(scores, expected_scores, atol=1e-4, rtol=1e-4)
+    assert expected.sequences.shape == (2, 9)
 
 
 @pytest.mark.gpu
