@@ -118,6 +118,18 @@ class DistanceBias(NamedTuple):
     table: torch.Tensor
 
 
+class FIREKernelBias(NamedTuple):
+    """FIRE's compact parameters on the kernel path past its threshold, as the attention layers hand them to
+    `kernel_ops` (which passes them as the kernel's `fire_bias`, evaluated per element; forward only):
+    `FIREPositionBias.kernel_fire_bias`."""
+
+    distance_scale: torch.Tensor
+    threshold: torch.Tensor
+    breakpoints: torch.Tensor
+    slopes: torch.Tensor
+    intercepts: torch.Tensor
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # ALiBi
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,8 +277,10 @@ class FIREPositionBias(nn.Module):
     distance alone; `kernel_table` evaluates it once per distance, `(H, 2R + 1)`, and the kernel reads it as a
     per-distance table (no `L x L` tensor), its gradient flowing back to every FIRE parameter by autograd (the kernel
     differentiates tables for sequences up to 4096 tokens bidirectional, 8192 causal; longer training calls take the
-    PyTorch path). A call with a query at or past the threshold (inference or training on sequences longer than the
-    threshold) takes the PyTorch path, which materializes the `(1, H, M, N)` bias.
+    PyTorch path). A call with a query at or past the threshold (sequences longer than the threshold) that needs no
+    gradient (evaluation, generation) reads `kernel_fire_bias`, FIRE's compact parameters, from which the kernel
+    evaluates the bias per element (no `L x L` tensor either); training past the threshold takes the PyTorch path,
+    which materializes the `(1, H, M, N)` bias.
 
     Parameters (state-dict keys under `...SelfAttention.relative_attention_bias.`): `mlp.0.weight` `(width, 1)`,
     `mlp.0.bias` `(width,)`, `mlp.2.weight` `(num_heads, width)`, `mlp.2.bias` `(num_heads,)`, `distance_scale`
@@ -342,6 +356,16 @@ class FIREPositionBias(nn.Module):
         # a query at position 0: below the threshold, the normalizer psi(max(|L|, 1)) is that of any such query
         normalized = self.normalized_distance(torch.zeros((), dtype=torch.long, device=device), distance)
         return self._piecewise_linear_bias(normalized).to(self.mlp[0].weight.dtype)
+
+    def kernel_fire_bias(self) -> FIREKernelBias:
+        """FIRE's compact parameters for the attention kernel's in-kernel FIRE bias (`fire_bias`, forward only),
+        exact at every query position, past the threshold included: `(distance_scale (), threshold (), breakpoints
+        (width,), slopes (num_heads, width + 1), intercepts (num_heads, width + 1))`, float32, detached (the kernel
+        returns no gradient for them)."""
+        breakpoints, slopes, intercepts = (t.detach() for t in self.piecewise_linear_table())
+        return FIREKernelBias(
+            self.distance_scale.detach().float(), self.threshold.detach().float(), breakpoints, slopes, intercepts
+        )
 
     def piecewise_linear_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """FIRE's MLP as the exact piecewise-linear function it is: `(breakpoints, slopes, intercepts)`.
@@ -448,6 +472,7 @@ __all__ = [
     "ALiBiPositionBias",
     "ALiBiSlopes",
     "DistanceBias",
+    "FIREKernelBias",
     "RotaryAngles",
     "FIREPositionBias",
     "RotaryPositionEmbedding",

@@ -20,7 +20,8 @@ custom-op dispatch cost.
 Bias modes: a T5 bucket table (H, num_buckets) in the bidirectional (encoder) or causal (decoder) bucket
 mode, which gets a gradient; a per-distance table ``distance_bias`` (H, 2R + 1), the bias of every signed
 distance in ``[-R, R]`` (FIRE's exact table; each distance is its own bucket), which gets a gradient too; ALiBi
-slopes (no gradient); or none (cross-attention). A table is never materialized as an (L, L) bias: the kernels read
+slopes (no gradient); FIRE's compact parameters ``fire_bias`` (`FIREBias`), evaluated per element from each
+query's position as well as the distance (FIRE past its threshold; forward only); or none (cross-attention). A table is never materialized as an (L, L) bias: the kernels read
 a per-distance vector, padded to cover every distance of the call and saturated beyond ``R``, the distance where
 the buckets stop changing (at most ``max(max_distance, num_buckets)`` for T5's, the table's radius for a
 per-distance one). The table gradient is reduced per (key block, head) from partial sums, then over programs in a
@@ -42,8 +43,9 @@ import weakref
 import torch
 
 from .attention_bwd import bias_sums_to_table_grad, t5_attention_backward
-from .attention_fwd import distance_bias_vector, t5_attention_forward
+from .attention_fwd import LOG2E, distance_bias_vector, t5_attention_forward
 from .attention_reference import (
+    FIREBias,
     check_bucket_parameters,
     distance_table_layout,
     relative_bias_layout,
@@ -52,6 +54,8 @@ from .attention_reference import (
 from .triton_utils import outside_cuda_graph_pools, triton_interpreter_enabled
 
 __all__ = [
+    "FIREBias",
+    "MAX_FIRE_WIDTH",
     "MAX_TABLE_SEGMENTS",
     "T5FlashAttentionFunction",
     "T5FlashAttentionQKVPackedFunction",
@@ -66,6 +70,9 @@ __all__ = [
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# FIRE's breakpoints are compared one by one in an unrolled loop (`_fire_tile_bias`): its width sets compile time
+# and the work per score
+MAX_FIRE_WIDTH = 64
 
 
 _PADDED_DISTANCE_BUCKETS: dict = {}
@@ -670,6 +677,7 @@ def t5_flash_attention(
     max_distance: int = 128,
     distance_bias: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    fire_bias: FIREBias | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     softmax_scale: float = 1.0,
@@ -690,6 +698,9 @@ def t5_flash_attention(
             function of the distance alone when ``R >= max(M, N) - 1`` (FIRE below its threshold). The backward
             sums every band tile over every column, so its cost grows with R (benchmarks/attention.py, fat5_fire).
         alibi_slopes: (H,) float32 ALiBi slopes, bias ``-slope * |d|``; no gradient. Exclusive with the tables.
+        fire_bias: FIRE's compact parameters (`FIREBias`), its bias evaluated per element from the query's position
+            and the distance (exact past FIRE's threshold; ``bidirectional`` signs the distance); forward only
+            (raises NotImplementedError when a gradient would be needed). Exclusive with the other biases.
         causal: mask keys after the query (bottom-right aligned when M != N).
         key_padding_mask: (B, N) bool, True = attend.
         softmax_scale: multiplies ``q @ k^T``; T5 uses 1.0.
@@ -713,6 +724,15 @@ def t5_flash_attention(
     )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
     key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, k.shape[2], q.device)
+    if fire_bias is not None:
+        fire_params, width = _fire_parameters(
+            fire_bias, num_heads, bidirectional, q.device, bias_table is not None or alibi_slopes is not None, (q, k, v)
+        )
+        out, lse = _fire_attention(
+            q, k, v, fire_params, key_padding_mask, None, None, None, q.shape[2], k.shape[2], width, causal,
+            float(softmax_scale),
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
     out, lse = _attention(
         q, k, v, bias_table, alibi_slopes, key_padding_mask, None, None, q.shape[2], k.shape[2],
         bidirectional, num_buckets, max_distance, causal, float(softmax_scale),
@@ -735,6 +755,7 @@ def t5_flash_attention_varlen(
     max_distance: int = 128,
     distance_bias: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    fire_bias: FIREBias | None = None,
     causal: bool = False,
     softmax_scale: float = 1.0,
     deterministic: bool = True,
@@ -764,6 +785,15 @@ def t5_flash_attention_varlen(
     )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
     _check_varlen_args(q.device, ("cu_seqlens_q", cu_seqlens_q, max_seqlen_q), ("cu_seqlens_k", cu_seqlens_k, max_seqlen_k))
+    if fire_bias is not None:
+        fire_params, width = _fire_parameters(
+            fire_bias, num_heads, bidirectional, q.device, bias_table is not None or alibi_slopes is not None, (q, k, v)
+        )
+        out, lse = _fire_attention(
+            q, k, v, fire_params, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), None,
+            int(max_seqlen_q), int(max_seqlen_k), width, causal, float(softmax_scale),
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
     out, lse = _attention(
         q, k, v, bias_table, alibi_slopes, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
         int(max_seqlen_q), int(max_seqlen_k), bidirectional, num_buckets, max_distance, causal, float(softmax_scale),
@@ -780,6 +810,7 @@ def t5_flash_attention_qkvpacked(
     max_distance: int = 128,
     distance_bias: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    fire_bias: FIREBias | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     softmax_scale: float = 1.0,
@@ -806,6 +837,16 @@ def t5_flash_attention_qkvpacked(
     )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
     key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, length, q.device)
+    if fire_bias is not None:
+        fire_params, width = _fire_parameters(
+            fire_bias, num_heads, bidirectional, q.device, bias_table is not None or alibi_slopes is not None, (qkv,)
+        )
+        out, lse = _fire_attention(
+            q, k, v, fire_params, key_padding_mask, None, None, None, length, length, width, causal,
+            float(softmax_scale),
+        )  # fmt: skip
+        out = out.transpose(1, 2)
+        return (out, lse) if return_lse else out
     out, lse = _attention_qkvpacked(
         qkv, bias_table, alibi_slopes, key_padding_mask, None, length, bidirectional, num_buckets, max_distance,
         causal, float(softmax_scale),
@@ -825,6 +866,7 @@ def t5_flash_attention_varlen_qkvpacked(
     max_distance: int = 128,
     distance_bias: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    fire_bias: FIREBias | None = None,
     causal: bool = False,
     softmax_scale: float = 1.0,
     return_lse: bool = False,
@@ -842,11 +884,124 @@ def t5_flash_attention_varlen_qkvpacked(
     )
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, q.shape[1])
     _check_varlen_args(q.device, ("cu_seqlens", cu_seqlens, max_seqlen))
+    if fire_bias is not None:
+        fire_params, width = _fire_parameters(
+            fire_bias, q.shape[1], bidirectional, q.device, bias_table is not None or alibi_slopes is not None, (qkv,)
+        )
+        cu_seqlens = cu_seqlens.contiguous()
+        out, lse = _fire_attention(
+            q, k, v, fire_params, None, cu_seqlens, cu_seqlens, None, int(max_seqlen), int(max_seqlen), width, causal,
+            float(softmax_scale),
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
     out, lse = _attention_qkvpacked(
         qkv, bias_table, alibi_slopes, None, cu_seqlens.contiguous(), int(max_seqlen), bidirectional, num_buckets,
         max_distance, causal, float(softmax_scale),
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+# ---- FIRE past its threshold: forward only, the bias evaluated per element from FIRE's compact parameters.
+def _fire_parameters(
+    fire_bias: FIREBias | tuple,
+    num_heads: int,
+    bidirectional: bool,
+    device: torch.device,
+    other_bias: bool,
+    inputs: tuple,
+) -> tuple[torch.Tensor, int]:
+    """Check ``fire_bias`` and pack it as the kernel reads it (`attention_fwd._fire_tile_bias`): float32
+    ``[|c|, |L|, sign of x before the query (-1 bidirectional, else 1), breakpoints (W,), per head: slopes (W + 1,) then intercepts (W + 1,), times log2(e)]``.
+    Returns ``(packed, W)``. ``inputs``: every tensor of the call, none of which may need a gradient."""
+    if other_bias:
+        raise ValueError("Pass one bias: fire_bias, or bias_table / distance_bias / alibi_slopes, not several.")
+    if not isinstance(fire_bias, tuple) or len(fire_bias) != 5 or not all(isinstance(t, torch.Tensor) for t in fire_bias):
+        raise TypeError(
+            "fire_bias must be a FIREBias(distance_scale, threshold, breakpoints, slopes, intercepts) of tensors "
+            "(FIREPositionBias.kernel_fire_bias() gives it)."
+        )
+    fire_bias = FIREBias(*fire_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *fire_bias)):
+        raise NotImplementedError(
+            "attention with fire_bias is forward only (FIRE past its threshold: evaluation, generation): run it under "
+            "torch.no_grad() / torch.inference_mode(), or train with FIRE's per-distance table (distance_bias, "
+            "queries below the threshold) or a materialized bias."
+        )
+    width = fire_bias.breakpoints.numel()
+    if fire_bias.distance_scale.numel() != 1 or fire_bias.threshold.numel() != 1 or fire_bias.breakpoints.dim() != 1:
+        raise ValueError(
+            "fire_bias: distance_scale and threshold must hold one value and breakpoints be 1-D (width,), got "
+            f"{[tuple(t.shape) for t in fire_bias[:3]]}."
+        )
+    for name in ("slopes", "intercepts"):
+        if tuple(getattr(fire_bias, name).shape) != (num_heads, width + 1):
+            raise ValueError(
+                f"fire_bias.{name} must be (num_heads, width + 1) = ({num_heads}, {width + 1}), got "
+                f"{tuple(getattr(fire_bias, name).shape)}."
+            )
+    if width > MAX_FIRE_WIDTH:
+        raise ValueError(f"fire_bias has {width} breakpoints; the kernel serves at most {MAX_FIRE_WIDTH} (FIRE's MLP width).")
+    if any(t.device != device for t in fire_bias):
+        raise ValueError(f"fire_bias's tensors must be on q's device {device}, got {[str(t.device) for t in fire_bias]}.")
+    if not all(t.is_floating_point() for t in fire_bias):
+        raise TypeError(f"fire_bias's tensors must be floating point, got {[t.dtype for t in fire_bias]}.")
+    header = torch.stack(
+        (fire_bias.distance_scale.reshape(()).float().abs(), fire_bias.threshold.reshape(()).float().abs(),
+         torch.full((), -1.0 if bidirectional else 1.0, device=device))
+    )  # fmt: skip
+    lines = torch.stack((fire_bias.slopes.float(), fire_bias.intercepts.float()), dim=1) * LOG2E  # (H, 2, W + 1)
+    return torch.cat((header, fire_bias.breakpoints.float(), lines.flatten())).contiguous(), width
+
+
+def _fire_forward(
+    q, k, v, fire_params, key_padding_mask, cu_seqlens_q, cu_seqlens_k, query_offset, max_seqlen_q, max_seqlen_k,
+    fire_width, causal, softmax_scale,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    if cu_seqlens_q is not None:
+        _check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
+        _check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
+    return t5_attention_forward(
+        q, k, v,
+        dist_bias=None, radius=0, dist_center=0, alibi_slopes=None, key_padding_mask=key_padding_mask,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        causal=causal, softmax_scale=softmax_scale, query_offset=query_offset, fire_params=fire_params,
+        fire_width=fire_width,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("fat5::t5_flash_attention_fire_fwd", mutates_args=())
+def _t5_flash_attention_fire_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fire_params: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    query_offset: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    fire_width: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fire_forward(
+        q, k, v, fire_params, key_padding_mask, cu_seqlens_q, cu_seqlens_k, query_offset, max_seqlen_q,
+        max_seqlen_k, fire_width, causal, softmax_scale,
+    )  # fmt: skip
+
+
+@_t5_flash_attention_fire_fwd.register_fake
+def _(q, k, v, fire_params, key_padding_mask, cu_seqlens_q, cu_seqlens_k, query_offset, max_seqlen_q, max_seqlen_k,
+      fire_width, causal, softmax_scale):  # fmt: skip
+    return _fake_forward_outputs(q, cu_seqlens_q is not None)
+
+
+def _fire_attention(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of `_fire_forward`: the custom op under ``torch.compile``, the implementation when eager."""
+    if torch.compiler.is_compiling():
+        return _t5_flash_attention_fire_fwd(*inputs)
+    return _fire_forward(*inputs)
 
 
 # ---- decoding with a KV cache: forward only, the queries placed by a device-side offset (a static cache's length).
@@ -908,6 +1063,7 @@ def t5_flash_attention_with_kvcache(
     num_buckets: int = 32,
     max_distance: int = 128,
     alibi_slopes: torch.Tensor | None = None,
+    fire_bias: FIREBias | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     softmax_scale: float = 1.0,
@@ -973,6 +1129,15 @@ def t5_flash_attention_with_kvcache(
             raise ValueError(f"query_offset is on {query_offset.device}, q on {q.device}.")
         query_offset = query_offset.reshape(-1).contiguous()
     key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, k_cache.shape[2], q.device)
+    if fire_bias is not None:
+        fire_params, width = _fire_parameters(
+            fire_bias, num_heads, bidirectional, q.device, bias_table is not None or alibi_slopes is not None,
+            (q, k_cache, v_cache),
+        )
+        return _fire_attention(
+            q, k_cache, v_cache, fire_params, key_padding_mask, None, None, query_offset, q.shape[2],
+            k_cache.shape[2], width, causal, float(softmax_scale),
+        )[0]  # fmt: skip
     inputs = (
         q, k_cache, v_cache, query_offset, bias_table, alibi_slopes, key_padding_mask, bidirectional, num_buckets,
         max_distance, causal, float(softmax_scale),

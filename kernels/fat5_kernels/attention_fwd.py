@@ -11,6 +11,9 @@ The key axis of a query block is split into three ranges by the distance ``d = k
 ``R`` is the bucket layout's radius, the distance where T5's buckets saturate (91 for 32 bidirectional buckets
 and max_distance 128, 113 for 32 causal ones); without a T5 bias the band is the diagonal tile(s). So the bias
 costs O(L + buckets) memory and nothing but a scalar add on most tiles.
+
+FIRE past its threshold (``BIAS_KIND == 3``, forward only) depends on the query's position as well as the distance:
+every tile is a band tile and evaluates FIRE per element from its compact parameters (`_fire_tile_bias`).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ LN2 = 0.6931471805599453
 BIAS_NONE = 0
 BIAS_T5 = 1
 BIAS_ALIBI = 2
+BIAS_FIRE = 3  # FIRE evaluated per element from its piecewise-linear form (forward only)
 
 # regions of the key/query loops (the REGION constexpr; kernels pass the literal values)
 REGION_FAR_LEFT = 0  # every d <= -R
@@ -168,6 +172,8 @@ def _tile_bias(
             scores = scores + band_bias
     elif BIAS_KIND == 2:
         scores = scores - alibi_slope_log2 * tl.abs(distance).to(tl.float32)
+    elif BIAS_KIND == 3:
+        scores = scores + band_bias
     return scores
 
 
@@ -183,6 +189,42 @@ def _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND: tl.constexpr, REGIO
     else:
         bias = 0.0
     return bias
+
+
+@triton.jit
+def _log1p(x):
+    """``log(1 + x)`` for ``x >= 0``, accurate for small ``x`` (``log(u) * x / (u - 1)``, ``u = 1 + x`` rounded)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _fire_normalizer(fire_ptr, query_pos):
+    """``log1p(c * max(L, i, 1))`` of every query row (float32 ``(rows,)``); ``c``, ``L`` non-negative."""
+    c = tl.load(fire_ptr)
+    reach = tl.maximum(tl.maximum(query_pos.to(tl.float32), tl.load(fire_ptr + 1)), 1.0)
+    return _log1p(c * reach)
+
+
+@triton.jit
+def _fire_tile_bias(fire_ptr, fire_lines, normalizer, start_n, query_pos, FIRE_WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """FIRE's log2-scaled bias of the tile of keys ``[start_n, start_n + BLOCK_N)`` (rows: ``query_pos``):
+    ``x = sign * log1p(c |d|) / normalizer`` (the sign of ``d`` when FIRE is bidirectional), its segment the number
+    of breakpoints ``< x`` (``torch.bucketize``'s ``right=False``; sorted, ``inf`` never counts), then the head's
+    line of that segment (``fire_lines``: slopes then intercepts).
+
+    ``fire_ptr``: FIRE's packed float32 parameters (``attention._fire_parameters`` builds them): ``[c, L, the sign of
+    x before the query, breakpoints (W,), then per head: slopes (W + 1,), intercepts (W + 1,)]``, slopes and
+    intercepts times log2(e) (the scores are in base 2)."""
+    distance = (start_n + tl.arange(0, BLOCK_N))[None, :] - query_pos[:, None]
+    c = tl.load(fire_ptr)
+    sign_before = tl.load(fire_ptr + 2)  # the sign of x for keys before the query: -1 bidirectional, else 1
+    x = _log1p(c * tl.abs(distance).to(tl.float32)) / normalizer[:, None]
+    x = tl.where(distance < 0, x * sign_before, x)
+    segment = tl.zeros([query_pos.shape[0], BLOCK_N], dtype=tl.int32)
+    for k in tl.static_range(FIRE_WIDTH):
+        segment += (tl.load(fire_ptr + 3 + k) < x).to(tl.int32)
+    return tl.load(fire_lines + segment) * x + tl.load(fire_lines + (FIRE_WIDTH + 1) + segment)
 
 
 def prefetch_band_bias() -> bool:
@@ -325,6 +367,9 @@ def _fwd_tile_loop(
     v_ptrs,
     key_mask_ptr,
     dist_bias_ptr,
+    fire_ptr,
+    fire_lines,
+    fire_normalizer,
     lo,
     hi,
     query_pos,
@@ -346,6 +391,7 @@ def _fwd_tile_loop(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PREFETCH_BIAS: tl.constexpr,
+    FIRE_WIDTH: tl.constexpr,
 ):
     if BIAS_KIND == 1 and REGION == 1 and PREFETCH_BIAS:
         # Band tiles gather their bias per element: the next tile's gather is issued before this tile's work, so
@@ -362,7 +408,10 @@ def _fwd_tile_loop(
             )  # fmt: skip
     else:
         for start_n in tl.range(lo, hi, BLOCK_N):
-            band_bias = _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND, REGION, BLOCK_N)
+            if BIAS_KIND == 3:
+                band_bias = _fire_tile_bias(fire_ptr, fire_lines, fire_normalizer, start_n, query_pos, FIRE_WIDTH, BLOCK_N)
+            else:
+                band_bias = _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND, REGION, BLOCK_N)
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, band_bias, start_n, query_pos, seqlen_k, stride_kn,
                 stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim, BIAS_KIND,
@@ -413,6 +462,7 @@ def _t5_attn_fwd_kernel(
     Lse,
     DistBias,
     AlibiSlopes,
+    FireParams,
     KeyMask,
     CuSeqlensQ,
     CuSeqlensK,
@@ -442,6 +492,7 @@ def _t5_attn_fwd_kernel(
     dist_center,
     SEQLEN_KEY,
     BIAS_KIND: tl.constexpr,
+    FIRE_WIDTH: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -497,10 +548,15 @@ def _t5_attn_fwd_kernel(
     bias_far_right = 0.0
     if BIAS_KIND == 2:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
+    fire_lines = FireParams + 3 + FIRE_WIDTH + off_h * (2 * FIRE_WIDTH + 2)  # the head's slopes, then intercepts
+    fire_normalizer = 0.0
     if BIAS_KIND == 1:
         bias_far_left = tl.load(dist_bias_ptr - 2 * radius)
         bias_far_right = tl.load(dist_bias_ptr + 2 * radius)
         band_radius = radius
+    elif BIAS_KIND == 3:
+        fire_normalizer = _fire_normalizer(FireParams, query_pos)
+        band_radius = seqlen_k + BLOCK_M  # FIRE depends on the query position too: every tile is a band tile
     else:
         band_radius = 1
 
@@ -512,34 +568,39 @@ def _t5_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     acc, l_i, m_i = _fwd_tile_loop(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, 0, far_left_end, query_pos, seqlen_k,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, FireParams, fire_lines, fire_normalizer, 0,
+        far_left_end, query_pos, seqlen_k,
         stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_unmasked_end, query_pos,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, FireParams, fire_lines, fire_normalizer,
+        far_left_end, band_unmasked_end, query_pos,
         seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         head_dim, BIAS_KIND, 1, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_unmasked_end, band_end, query_pos,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, FireParams, fire_lines, fire_normalizer,
+        band_unmasked_end, band_end, query_pos,
         seqlen_k, stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         head_dim, BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos, seqlen_k,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, FireParams, fire_lines, fire_normalizer,
+        band_end, full_end, query_pos, seqlen_k,
         stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tile_loop(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, full_end, key_end, query_pos, seqlen_k,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, FireParams, fire_lines, fire_normalizer,
+        full_end, key_end, query_pos, seqlen_k,
         stride_kn, stride_vn, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right, head_dim,
         BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH,
     )  # fmt: skip
 
     # rows without any allowed key: output 0 and lse = +inf (so the backward's exp(s - lse) is 0)
@@ -615,6 +676,8 @@ def t5_attention_forward(
     causal: bool,
     softmax_scale: float,
     query_offset: torch.Tensor | None = None,
+    fire_params: torch.Tensor | None = None,
+    fire_width: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on validated inputs.
 
@@ -626,6 +689,8 @@ def t5_attention_forward(
     ``query_offset`` (dense layout only): integer (1,) or (B,) tensor ``past`` on q's device, read by the kernel:
     query ``i`` sits at position ``past + i`` and the keys from ``past + M`` on are unfilled static-cache slots,
     never read (``past`` is clamped to ``[0, N - M]``). Without it, queries are aligned to the end of the keys.
+    ``fire_params`` (instead of ``dist_bias`` / ``alibi_slopes``): FIRE's packed float32 parameters of width
+    ``fire_width`` (layout in `_fire_tile_bias`), evaluated per element (``attention._fire_parameters`` builds them).
     """
     is_varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]
@@ -649,6 +714,8 @@ def t5_attention_forward(
         return out, lse
     if dist_bias is not None:
         bias_kind = BIAS_T5
+    elif fire_params is not None:
+        bias_kind = BIAS_FIRE
     elif alibi_slopes is not None:
         bias_kind = BIAS_ALIBI
     else:
@@ -662,6 +729,7 @@ def t5_attention_forward(
         q, k, v, out, lse,
         dist_bias if dist_bias is not None else dummy,
         alibi_slopes if alibi_slopes is not None else dummy,
+        fire_params if fire_params is not None else dummy,
         key_padding_mask if has_key_mask else dummy,
         cu_seqlens_q if is_varlen else dummy,
         cu_seqlens_k if is_varlen else dummy,
@@ -673,7 +741,7 @@ def t5_attention_forward(
     )  # fmt: skip
     kwargs = dict(
         PREFETCH_BIAS=prefetch_band_bias(),
-        BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=has_key_mask, IS_VARLEN=is_varlen,
+        BIAS_KIND=bias_kind, FIRE_WIDTH=fire_width if fire_params is not None else 0, IS_CAUSAL=causal, HAS_KEY_MASK=has_key_mask, IS_VARLEN=is_varlen,
         HAS_QUERY_OFFSET=has_query_offset,
         HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad, DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip

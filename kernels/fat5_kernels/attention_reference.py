@@ -7,6 +7,8 @@
   `distance_table_layout` is the same description for a table with one column per signed distance (FIRE's).
 * `t5_attention_reference` / `t5_attention_varlen_reference`: materialized references with the same
   keywords as the kernels (used by the model's CPU path and by the tests).
+* `FIREBias` / `fire_bias_reference`: FIRE's compact piecewise-linear parameters and the bias they give at any
+  (query, key) positions, what the forward kernel evaluates per element past FIRE's threshold.
 
 Conventions shared with the kernels:
 * distance ``d = key_position - query_position``; when ``M != N`` the queries are aligned to the END of
@@ -23,13 +25,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .triton_utils import outside_cuda_graph_pools
 
 __all__ = [
+    "FIREBias",
     "RelativeBiasLayout",
+    "fire_bias_reference",
     "distance_table_layout",
     "relative_bias_layout",
     "t5_attention_reference",
@@ -225,6 +230,39 @@ def relative_bias_layout(
     return layout
 
 
+class FIREBias(NamedTuple):
+    """FIRE's bias (Li et al., 2024) in the compact form the kernels evaluate (`FIREPositionBias.kernel_fire_bias`):
+
+        b_h(i, j) = slopes[h, s] * x + intercepts[h, s],   x = sign * log1p(c |j - i|) / log1p(c * max(L, i, 1))
+
+    with ``s`` the number of ``breakpoints`` below ``x`` (``torch.bucketize``, ``right=False``), ``c`` and ``L`` the
+    absolute values of ``distance_scale`` and ``threshold``, and ``sign`` that of ``j - i`` when bidirectional (else
+    1). float32 tensors: ``distance_scale`` and ``threshold`` one element, ``breakpoints`` ``(W,)`` sorted (``inf``
+    for units that never switch), ``slopes`` and ``intercepts`` ``(H, W + 1)``.
+    """
+
+    distance_scale: torch.Tensor
+    threshold: torch.Tensor
+    breakpoints: torch.Tensor
+    slopes: torch.Tensor
+    intercepts: torch.Tensor
+
+
+def fire_bias_reference(
+    fire_bias: FIREBias, query_position: torch.Tensor, key_position: torch.Tensor, bidirectional: bool
+) -> torch.Tensor:
+    """FIRE's bias at integer positions broadcast together (``query_position`` ``(..., M, 1)``, ``key_position``
+    ``(N,)``), float32 ``(H, ..., M, N)``: the formula of `FIREBias`, materialized."""
+    c = fire_bias.distance_scale.float().abs().reshape(())
+    distance = (key_position - query_position).float()
+    reach = torch.maximum(query_position.float(), fire_bias.threshold.float().abs().reshape(())).clamp_min(1.0)
+    normalized = torch.log1p(c * distance.abs()) / torch.log1p(c * reach)
+    if bidirectional:
+        normalized = torch.where(distance < 0, -normalized, normalized)
+    segment = torch.bucketize(normalized, fire_bias.breakpoints.float())
+    return fire_bias.slopes.float()[:, segment] * normalized + fire_bias.intercepts.float()[:, segment]
+
+
 def t5_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -242,6 +280,7 @@ def t5_attention_reference(
     deterministic: bool = True,
     compute_dtype: torch.dtype = torch.float32,
     query_offset: torch.Tensor | None = None,
+    fire_bias: FIREBias | None = None,
 ) -> torch.Tensor:
     """Materialized attention with the same keywords as `t5_flash_attention` (and `t5_flash_attention_with_kvcache`'s
     ``query_offset``); differentiable.
@@ -258,6 +297,8 @@ def t5_attention_reference(
         deterministic: accepted for signature parity, unused.
         query_offset: integer (1,) or (B,) ``past``: query ``i`` at position ``past + i``; keys at positions
             ``>= past + M`` are unfilled cache slots, never read (whatever they hold, NaN included).
+        fire_bias: FIRE's parameters (`FIREBias`): the bias of every (query, key) from their positions
+            (`fire_bias_reference`, signed by ``bidirectional``).
 
     Returns:
         (B, H, M, D) in ``compute_dtype``.
@@ -282,6 +323,8 @@ def t5_attention_reference(
         radius = (distance_bias.shape[1] - 1) // 2
         columns = distance.clamp(-radius, radius if bidirectional else 0) + radius
         scores = scores + distance_bias.to(compute_dtype)[:, columns].transpose(0, 1)
+    if fire_bias is not None:
+        scores = scores + fire_bias_reference(fire_bias, query_pos, key_pos, bidirectional).to(compute_dtype).transpose(0, 1)
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(compute_dtype)[None, :, None, None]
         scores = scores - slopes * distance.abs().to(compute_dtype)[:, None]

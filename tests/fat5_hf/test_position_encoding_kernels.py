@@ -154,6 +154,121 @@ def test_fire_table_in_the_kernel_equals_the_materialized_bias(bidirectional, pa
         torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _fire_with_awkward_breakpoints(bidirectional: bool, threshold: float):
+    """A FIRE (3 heads, width 16) whose breakpoints include +inf (units with input weight 0), ties (units that switch
+    at the same input) and the inputs -1, 0 and 1, which queries past the threshold reach exactly (`x = -1` at key 0,
+    `x = 0` at `d = 0`)."""
+    from test_position_encoding import _random_fire
+
+    fire = _random_fire(bidirectional, threshold=threshold)
+    with torch.no_grad():
+        weight, bias = fire.mlp[0].weight[:, 0], fire.mlp[0].bias
+        weight[:2] = 0.0  # never switch: +inf breakpoints
+        weight[2:4], bias[2:4] = torch.tensor([1.0, -2.0]), torch.tensor([1.0, -2.0])  # both at -1: a tie
+        weight[4], bias[4] = 0.5, 0.0  # at 0
+        weight[5], bias[5] = -3.0, 3.0  # at 1
+    breakpoints = fire.piecewise_linear_table()[0]
+    assert breakpoints.isinf().sum() == 2 and (breakpoints == -1).sum() == 2
+    assert (breakpoints == 0).any() and (breakpoints == 1).any()
+    return fire
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("threshold", [5.5, 0.0, -3.0])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_fire_past_the_threshold_in_the_kernel_equals_the_materialized_bias(bidirectional, padded, threshold):
+    """Encoder (bidirectional) and decoder (causal) attention with FIRE evaluated per element in the kernel
+    (`fire_bias`; padded rows through the varlen kernel), queries below and past the threshold in one call, against
+    `FIREPositionBias.forward` added to materialized attention, fp32; a threshold trained to a fraction, 0 or a
+    negative value, breakpoints with +inf entries and ties."""
+    from fat5_kernels.attention import t5_flash_attention, t5_flash_attention_varlen
+    from fat5_kernels.attention_reference import t5_attention_reference
+
+    fire = _fire_with_awkward_breakpoints(bidirectional, threshold)
+    length, causal = 13, not bidirectional
+    assert not fire.is_distance_only(length)
+    lengths = [13, 8] if padded else [13, 13]
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, length, 8, generator=gen) for _ in range(3))
+    real = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]  # (B, L) real tokens
+    fire_bias = fire.kernel_fire_bias()
+    with torch.no_grad():
+        if padded:
+            rows = [t.transpose(1, 2)[real] for t in (q, k, v)]  # (total, H, D)
+            cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+            out = t5_flash_attention_varlen(
+                *rows, cu_seqlens, cu_seqlens, length, length, fire_bias=fire_bias, bidirectional=bidirectional,
+                causal=causal,
+            )  # fmt: skip
+            out = out.new_zeros(2, length, 3, 8).index_put((real,), out).transpose(1, 2)
+        else:
+            out = t5_flash_attention(q, k, v, fire_bias=fire_bias, bidirectional=bidirectional, causal=causal)
+        expected = _materialized_attention(q, k, v, fire(length, length), lengths, causal)
+        reference = t5_attention_reference(
+            q, k, v, fire_bias=fire_bias, bidirectional=bidirectional, causal=causal, key_padding_mask=real
+        )
+    mask = real[:, None, :, None]
+    torch.testing.assert_close(out * mask, expected * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference * mask, expected * mask, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_fire_past_the_threshold_over_a_kv_cache_equals_the_materialized_bias():
+    """Decoding steps past FIRE's threshold through `t5_flash_attention_with_kvcache`: a dynamic cache (queries at
+    the end of the keys) and a static one (a per-row offset, NaN in the unfilled slots), against FIRE's bias of the
+    same positions added to materialized attention."""
+    from fat5_kernels.attention import t5_flash_attention_with_kvcache
+
+    fire = _fire_with_awkward_breakpoints(bidirectional=False, threshold=4.5)
+    fire_bias = fire.kernel_fire_bias()
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 3, 2, 8, generator=gen)  # two new tokens
+    k_cache, v_cache = (torch.randn(2, 3, 16, 8, generator=gen) for _ in range(2))
+    with torch.no_grad():
+        for filled in ((11, 11), (9, 14)):  # tokens cached after this step: per row
+            expected = torch.cat([
+                _cached_reference(q[row : row + 1], k_cache[row : row + 1, :, :n], v_cache[row : row + 1, :, :n],
+                                  fire(2, n, past_seen_tokens=n - 2))
+                for row, n in enumerate(filled)
+            ])  # fmt: skip
+            if filled[0] == filled[1]:  # a dynamic cache: exactly the keys so far
+                out = t5_flash_attention_with_kvcache(
+                    q, k_cache[:, :, :11], v_cache[:, :, :11], fire_bias=fire_bias, bidirectional=False, causal=True
+                )
+                torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+            slots_k, slots_v = k_cache.clone(), v_cache.clone()
+            for row, n in enumerate(filled):
+                slots_k[row, :, n:], slots_v[row, :, n:] = float("nan"), float("nan")
+            offset = torch.tensor(filled) - 2
+            out = t5_flash_attention_with_kvcache(
+                q, slots_k, slots_v, query_offset=offset, fire_bias=fire_bias, bidirectional=False, causal=True
+            )
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def _cached_reference(q, k, v, bias):
+    """softmax(q k^T + bias) v of new queries at the end of the keys, causal."""
+    allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
+    scores = (q @ k.transpose(-1, -2) + bias).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.interpreter
+def test_fire_in_the_kernel_is_forward_only():
+    """A call that would need a gradient with `fire_bias` raises, naming the fix; so does a second bias."""
+    from fat5_kernels.attention import t5_flash_attention
+
+    fire = _fire_with_awkward_breakpoints(bidirectional=True, threshold=2.0)
+    q, k, v = (torch.randn(1, 3, 4, 8, requires_grad=True) for _ in range(3))
+    with pytest.raises(NotImplementedError, match="forward only"):
+        t5_flash_attention(q, k, v, fire_bias=fire.kernel_fire_bias())
+    with torch.no_grad(), pytest.raises(ValueError, match="one bias"):
+        t5_flash_attention(q, k, v, fire_bias=fire.kernel_fire_bias(), alibi_slopes=torch.ones(3))
+    with torch.no_grad(), pytest.raises(ValueError, match="slopes"):
+        t5_flash_attention(q[:, :2], k[:, :2], v[:, :2], fire_bias=fire.kernel_fire_bias())
+
+
 @pytest.mark.slow
 @pytest.mark.interpreter
 @pytest.mark.parametrize("padded", [False, True])
