@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache, S
 from fat5_kernels.rms_norm_reference import rms_norm_reference
 from fat5_kernels.rope_reference import rope_reference
 
-from .position_encoding import DistanceBias
+from .position_encoding import DistanceBias, FIREKernelBias
 
 try:
     from fat5_kernels.rms_norm import rms_norm as _triton_rms_norm
@@ -69,9 +69,10 @@ except ImportError:
     _triton_t5_flash_attention_with_kvcache = None
 
 try:
+    from fat5_kernels.attention import MAX_FIRE_WIDTH as _MAX_FIRE_WIDTH
     from fat5_kernels.attention import distance_table_has_gradient as _distance_table_has_gradient
 except ImportError:
-    _distance_table_has_gradient = None
+    _distance_table_has_gradient = _MAX_FIRE_WIDTH = None
 
 
 # transformers' activation names of the gated MLPs the fused kernel implements, and the kernel's names for them.
@@ -419,7 +420,7 @@ def flash_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: FlashAttentionMask,
-    bias_table: torch.Tensor | DistanceBias | None,
+    bias_table: torch.Tensor | DistanceBias | FIREKernelBias | None,
     *,
     bidirectional: bool,
     num_buckets: int,
@@ -433,8 +434,9 @@ def flash_attention(
     Args:
         query (`(B, H, M, D)`), key, value (`(B, H, N, D)`): projected heads.
         mask (`FlashAttentionMask`): padding mask and causality.
-        bias_table (`(H, num_buckets)` or `DistanceBias`, *optional*): the learned T5 table, or FIRE's table of
-            every distance (`(H, 2R + 1)`, read as the kernel's `distance_bias`); None for cross-attention.
+        bias_table (`(H, num_buckets)`, `DistanceBias` or `FIREKernelBias`, *optional*): the learned T5 table,
+            FIRE's table of every distance (`(H, 2R + 1)`, read as the kernel's `distance_bias`), or FIRE's compact
+            parameters past its threshold (the kernel's `fire_bias`, forward only); None for cross-attention.
         alibi_slopes (float32 `(H,)`, *optional*): ALiBi's slopes instead of a table (bias `-slope * |d|`).
         query_offset (integer tensor of shape `()` or `(1,)`, *optional*): a static KV cache's length before this
             step: the queries sit at positions `query_offset + i` and the keys (all its slots) from
@@ -476,16 +478,24 @@ def can_differentiate_distance_table(radius: int, bidirectional: bool) -> bool:
     return _distance_table_has_gradient is not None and _distance_table_has_gradient(radius, bidirectional)
 
 
+def can_evaluate_fire(width: int) -> bool:
+    """Whether the attention kernel evaluates FIRE of this MLP width per element (`fire_bias`, forward only: FIRE
+    past its threshold at evaluation and generation)."""
+    return _MAX_FIRE_WIDTH is not None and width <= _MAX_FIRE_WIDTH
+
+
 def _t5_kernel_kwargs(
     mask: FlashAttentionMask,
-    bias_table: torch.Tensor | DistanceBias | None,
+    bias_table: torch.Tensor | DistanceBias | FIREKernelBias | None,
     bidirectional: bool,
     num_buckets: int,
     max_distance: int,
     alibi_slopes: torch.Tensor | None = None,
 ) -> dict:
-    """The keywords every kernel call of the model shares: the bias (T5's table, FIRE's per-distance table or
-    ALiBi's slopes), causality, and T5's unscaled scores."""
+    """The keywords every kernel call of the model shares: the bias (T5's table, FIRE's per-distance table or compact
+    parameters, or ALiBi's slopes), causality, and T5's unscaled scores."""
+    if isinstance(bias_table, FIREKernelBias):
+        return dict(fire_bias=tuple(bias_table), bidirectional=bidirectional, causal=mask.causal, softmax_scale=1.0)
     if isinstance(bias_table, DistanceBias):
         return dict(
             distance_bias=bias_table.table, bidirectional=bidirectional, causal=mask.causal, softmax_scale=1.0
@@ -517,7 +527,7 @@ def can_use_qkv_packed_attention(mask: FlashAttentionMask) -> bool:
 def flash_self_attention_qkvpacked(
     qkv: torch.Tensor,
     mask: FlashAttentionMask,
-    bias_table: torch.Tensor | DistanceBias | None,
+    bias_table: torch.Tensor | DistanceBias | FIREKernelBias | None,
     *,
     bidirectional: bool,
     num_buckets: int,
@@ -546,7 +556,7 @@ def _packed_flash_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: FlashAttentionMask,
-    bias_table: torch.Tensor | DistanceBias | None,
+    bias_table: torch.Tensor | DistanceBias | FIREKernelBias | None,
     *,
     bidirectional: bool,
     num_buckets: int,
@@ -601,6 +611,7 @@ __all__ = [
     "PackedSequences",
     "segment_ids_to_cu_seqlens",
     "can_differentiate_distance_table",
+    "can_evaluate_fire",
     "can_fuse_linear_cross_entropy",
     "can_use_flash_attention",
     "can_use_packed_gated_activation",

@@ -52,6 +52,7 @@ from .position_encoding import (
     ALiBiPositionBias,
     ALiBiSlopes,
     DistanceBias,
+    FIREKernelBias,
     FIREPositionBias,
     RotaryAngles,
     RotaryPositionEmbedding,
@@ -294,13 +295,18 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def _kernel_bias(shared, per_distance: bool) -> tuple[torch.Tensor | DistanceBias | None, torch.Tensor | None]:
+def _kernel_bias(
+    shared, per_distance: bool
+) -> tuple[torch.Tensor | DistanceBias | FIREKernelBias | None, torch.Tensor | None]:
     """`(bias_table, alibi_slopes)` for the attention kernel from what the first layer shared: T5's table, or with
     `per_distance` FIRE's table of every distance, marked `DistanceBias` for the kernel. The layers share FIRE's
     table as a plain tensor, as T5's, so that reentrant gradient checkpointing sees it as an input of each block
-    (its gradient reaches FIRE's parameters through every layer)."""
+    (its gradient reaches FIRE's parameters through every layer). FIRE past its threshold (no gradient) is shared
+    as its compact parameters, `FIREKernelBias`, which the kernel evaluates per element."""
     if isinstance(shared, ALiBiSlopes):
         return None, shared.slopes
+    if isinstance(shared, FIREKernelBias):
+        return shared, None
     if isinstance(shared, torch.Tensor):
         return (DistanceBias(shared) if per_distance else shared), None
     return None, None
@@ -313,7 +319,8 @@ class FAT5Attention(nn.Module):
     `position_encoding.build_position_encoding`) and returns what the other layers reuse as `position_bias`: a
     materialized bias for T5's buckets, ALiBi and FIRE on the PyTorch path, `RotaryAngles` for RoPE (queries and
     keys are rotated, before the KV cache), and on the kernel path T5's table, `ALiBiSlopes` or FIRE's per-distance
-    table (`FIREPositionBias.kernel_table`).
+    table (`FIREPositionBias.kernel_table`), or past FIRE's threshold its compact parameters (`FIREKernelBias`, which
+    the stack hands the first layer).
 
     Three backends, picked per call:
 
@@ -378,7 +385,8 @@ class FAT5Attention(nn.Module):
         if isinstance(encoding, T5RelativePositionBias):
             return encoding.kernel_table()
         if isinstance(encoding, FIREPositionBias):
-            # the stack took the kernel path only with every query below FIRE's threshold (`is_distance_only`); in
+            # here every query is below FIRE's threshold (`is_distance_only`: past it, the stack hands the first layer
+            # FIRE's compact parameters, `FIREKernelBias`, and this is not called); in
             # the varlen layout the states are one row of all the sequences: the longest sequence sizes the table;
             # a cached step's queries reach back over the cache
             span = length if mask.queries is None else mask.queries.max_seqlen
@@ -1015,12 +1023,16 @@ class FAT5Stack(FAT5PreTrainedModel):
             )
         return None
 
-    def _use_flash_attention(self, inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs) -> bool:
+    def _use_flash_attention(
+        self, inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs
+    ) -> tuple[bool, FIREKernelBias | None]:
+        """`(whether the stack runs its attention on the kernel, the position bias its first layer starts from)`: the
+        latter is FIRE's compact parameters when FIRE's queries pass its threshold on the kernel path, else None."""
         output_attentions = kwargs.get("output_attentions")
         if output_attentions is None:
             output_attentions = self.config.output_attentions
         if encoder_attention_mask is not None and encoder_attention_mask.dim() != 2:
-            return False
+            return False, None
         use_flash = kernel_ops.can_use_flash_attention(
             self.config.use_triton_attention,
             inputs_embeds,
@@ -1033,16 +1045,21 @@ class FAT5Stack(FAT5PreTrainedModel):
         )
         if use_flash and self.config.position_encoding_type == "fire":
             # The kernel reads FIRE's per-distance table, exact while every query (cached tokens included) is below
-            # the learned threshold: one read of it per stack forward; queries past it take the PyTorch path, and so
-            # do sequences too long for the kernel's table gradient when one is needed.
+            # the learned threshold: one read of it per stack forward. Past it, the kernel evaluates FIRE per element
+            # from its compact parameters, forward only: a call that needs a gradient takes the PyTorch path, and so
+            # do sequences too long for the kernel's table gradient.
             length = (int(cache.get_seq_length()) if cache is not None else 0) + inputs_embeds.shape[1]
             encoding = self.block[0].layer[0].SelfAttention.position_encoding
             if torch.is_grad_enabled() and not kernel_ops.can_differentiate_distance_table(
                 encoding.table_radius(length), encoding.bidirectional
             ):
-                return False
-            return encoding.is_distance_only(length)
-        return use_flash
+                return False, None
+            if encoding.is_distance_only(length):
+                return True, None
+            if torch.is_grad_enabled() or not kernel_ops.can_evaluate_fire(encoding.width):
+                return False, None
+            return True, encoding.kernel_fire_bias()
+        return use_flash, None
 
     @staticmethod
     def _checked_segment_ids(segment_ids, states, attention_mask, name: str) -> torch.Tensor:
@@ -1148,7 +1165,9 @@ class FAT5Stack(FAT5PreTrainedModel):
             cache = None
         self._check_sequence_length(inputs_embeds.shape[1], cache)
 
-        use_flash = self._use_flash_attention(inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs)
+        use_flash, kernel_position_bias = self._use_flash_attention(
+            inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs
+        )
         has_cross_attention = self.is_decoder and encoder_hidden_states is not None
         block_outputs_observed = _block_hidden_states_observed(self.block)
         encoder_extended_attention_mask = None
@@ -1198,7 +1217,7 @@ class FAT5Stack(FAT5PreTrainedModel):
                     encoder_hidden_states=encoder_hidden_states,
                 )
 
-        position_bias = None
+        position_bias = kernel_position_bias
         encoder_decoder_position_bias = None
         residual_dtype = self._residual_stream_dtype(inputs_embeds)
         if residual_dtype is not None:
@@ -1613,7 +1632,7 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
         path; it is padded to the static cache's slots, so that a compiled step sees one shape at every step.
         Otherwise transformers' `create_masks_for_generate` builds the 4D mask.
         """
-        decodes_on_kernel = config.position_encoding_type != "fire" and kernel_ops.can_use_flash_attention(
+        decodes_on_kernel = kernel_ops.can_use_flash_attention(
             config.use_triton_attention, inputs_embeds, attention_mask, cache, False, 0.0, False,
             cache_on_kernel=config.use_triton_attention_with_cache,
         )  # fmt: skip

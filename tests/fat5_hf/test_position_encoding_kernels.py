@@ -1,6 +1,6 @@
 """The model's kernel path for each position encoding (Triton interpreter, fp32) against its PyTorch path: ALiBi
 through the attention kernel's slopes, RoPE through the pre-pass kernel, FIRE through its per-distance table (within
-its threshold), values and gradients of every parameter."""
+its threshold, values and gradients of every parameter) or evaluated per element in the kernel (past it, forward)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ _KERNELS = (
 
 
 def _record(monkeypatch, name, calls):
-    """Record `(kernel, bias)` of each call of `kernel_ops.<name>`; bias is "alibi", "t5", "distance" or None."""
+    """Record `(kernel, bias)` of each call of `kernel_ops.<name>`; bias is "alibi", "t5", "distance", "fire" or
+    None."""
     kernel = getattr(kernel_ops, name)
+    kinds = {"alibi_slopes": "alibi", "bias_table": "t5", "distance_bias": "distance", "fire_bias": "fire"}
 
     def recording(*args, **kwargs):
-        bias = next((kind for kind in ("alibi_slopes", "bias_table", "distance_bias") if kwargs.get(kind) is not None), None)
-        calls.append((name, {"alibi_slopes": "alibi", "bias_table": "t5", "distance_bias": "distance"}.get(bias)))
+        bias = next((kind for kind in kinds if kwargs.get(kind) is not None), None)
+        calls.append((name, kinds.get(bias)))
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(kernel_ops, name, recording)
@@ -364,13 +366,44 @@ def test_fire_table_reaches_fire_through_reentrant_checkpointed_layers(tiny_fat5
         torch.testing.assert_close(grad, expected[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("padded", [False, True])
+def test_fire_model_in_eval_past_the_threshold_on_the_kernel_equals_pytorch(
+    tiny_fat5_config, make_batch, monkeypatch, padded
+):
+    """Both stacks past FIRE's threshold (trained to a fraction) without a gradient: every self-attention evaluates
+    FIRE in the kernel (no table, no L x L bias), and the logits are the PyTorch path's; with a gradient needed,
+    the stacks take the PyTorch path."""
+    _kernels_importable()
+    calls = []
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
+    config = tiny_fat5_config(position_encoding_type="fire", fire_threshold=3.5, use_fused_rms_norm=False,
+                              use_fused_glu=False, use_fused_cross_entropy=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(config).eval()
+    input_ids, attention_mask = make_batch(96, [9, 6] if padded else [9, 9])
+    labels = _labels([5, 3])
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask if padded else None, labels=labels)
+    with torch.no_grad():
+        expected = model(**inputs)
+        with kernel_ops.kernels_on_cpu():
+            actual = model(**inputs)
+    assert [bias for _, bias in calls if bias is not None] == ["fire"] * 4  # 2 + 2 self-attentions
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.loss, expected.loss, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    with kernel_ops.kernels_on_cpu():
+        model(**inputs).loss.backward()
+    assert [bias for _, bias in calls if bias is not None] == []
+
+
 @pytest.mark.slow
 @pytest.mark.interpreter
 def test_fire_generation_with_the_kernels_equals_uncached_and_pytorch(tiny_fat5_config, make_batch, monkeypatch):
     """Greedy decoding past FIRE's threshold, with a dynamic or a static KV cache or without a cache: the encoder
-    reads FIRE's table in the kernel; so do the decoder's steps below the threshold, with a dynamic cache or none,
-    and those past it take the PyTorch path (with a static cache, whose compiled step needs one mask form, every
-    step does); the same tokens and scores as with the kernels off."""
+    reads FIRE's table in the kernel; so do the decoder's steps below the threshold, and those past it evaluate FIRE
+    per element in the kernel; the same tokens and scores as with the kernels off."""
     _kernels_importable()
     calls = []
     for name in (*_KERNELS, "_triton_t5_flash_attention_with_kvcache"):
@@ -390,16 +423,15 @@ def test_fire_generation_with_the_kernels_equals_uncached_and_pytorch(tiny_fat5_
     expected = generate(use_cache=True)
     assert calls == []
     # the encoder (2 layers) reads the table once; steps 1..6 run decoder positions 0..5, below the threshold of 6,
-    # in the kernel (2 layers each), and steps 7 and 8 the PyTorch path
-    for kwargs, table_reads in (
-        (dict(use_cache=True), 2 + 2 * 6),
-        (dict(use_cache=False), 2 + 2 * 6),
-        (dict(use_cache=True, cache_implementation="static"), 2),
-    ):
+    # on the table (2 layers each), and steps 7 and 8 evaluate FIRE in the kernel
+    for kwargs in (dict(use_cache=True), dict(use_cache=False), dict(use_cache=True, cache_implementation="static")):
         calls.clear()
         with kernel_ops.kernels_on_cpu():
             result = generate(**kwargs)
-        assert [bias for _, bias in calls].count("distance") == table_reads, kwargs
+        biases = [bias for _, bias in calls]
+        assert (biases.count("distance"), biases.count("fire")) == (2 + 2 * 6, 2 * 2), kwargs
+        if "cache_implementation" in kwargs:  # the static cache's steps through the kvcache entry point
+            assert {name for name, bias in calls if bias == "fire"} == {"_triton_t5_flash_attention_with_kvcache"}
         assert torch.equal(result.sequences, expected.sequences), kwargs
         for scores, expected_scores in zip(result.scores, expected.scores):
             torch.testing.assert_close(scores, expected_scores, atol=1e-4, rtol=1e-4)
