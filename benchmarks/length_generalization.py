@@ -16,7 +16,10 @@ encoding). A window of length L gives an encoder input of about 0.9 L and target
 The default (5 encodings x 400 steps of a 4+4-layer d=256 gated-GELU model with tied embeddings, at length 512,
 batch 32, AdamW 2e-3, bf16 autocast, eval up to 8192) is sized to finish within about 5 minutes on one H100; `--steps`, `--d-model`, `--num-layers`, `--batch-size` and the lengths
 scale it up. FIRE trains on the attention kernel (its per-distance table, exact while every position is below its learned
-threshold, which starts at the training length) and is evaluated past it on the PyTorch attention path.
+threshold, which starts at the training length) and is evaluated past it on the kernel too, which evaluates FIRE per
+element from its compact piecewise-linear parameters (forward only: no L x L bias at 8192). Each row records
+`materialized_biases`, how many times the evaluation materialized a `(1, H, M, N)` position bias (the PyTorch
+attention path): 0 on the kernel path, for T5's buckets, ALiBi and FIRE alike.
 
 Writes benchmarks/results/length_generalization.json, .md and .png (or --output-dir).
 Usage: python benchmarks/length_generalization.py [--encodings t5,rope] [--steps 400] [--eval-lengths 512,1024]
@@ -42,6 +45,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "kernels")]
 import results_io  # noqa: E402  (benchmarks/ is on the path: the script runs as python benchmarks/<name>.py)
 
 from fat5_hf import FAT5Config, FAT5ForConditionalGeneration  # noqa: E402
+from fat5_hf.position_encoding import ALiBiPositionBias, FIREPositionBias, T5RelativePositionBias  # noqa: E402
 
 SCRIPT = "length_generalization"
 BYTE_OFFSET = 3  # ids 0, 1, 2: pad, eos, unk (T5's)
@@ -149,8 +153,15 @@ def train(model, stream, args, sentinel_base: int) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model, stream, length: int, args, sentinel_base: int) -> tuple[float, int, dict]:
-    """Token-weighted mean loss over up to `--eval-windows` non-overlapping windows of `length` tokens."""
+    """Token-weighted mean loss over up to `--eval-windows` non-overlapping windows of `length` tokens; the shapes
+    also hold `materialized_biases`, the calls of a position-bias module's materializing forward (PyTorch path)."""
     model.eval()
+    materialized = []
+    hooks = [
+        module.register_forward_hook(lambda *_: materialized.append(1))
+        for module in model.modules()
+        if isinstance(module, (T5RelativePositionBias, ALiBiPositionBias, FIREPositionBias))
+    ]
     rng = np.random.default_rng(args.seed + length)
     windows = min(args.eval_windows, len(stream) // length)
     if windows == 0:
@@ -165,7 +176,9 @@ def evaluate(model, stream, length: int, args, sentinel_base: int) -> tuple[floa
         total += loss.float().item() * count
         tokens += count
         shapes = dict(encoder_length=batch["input_ids"].shape[1], decoder_length=batch["labels"].shape[1])
-    return total / tokens, windows, shapes
+    for hook in hooks:
+        hook.remove()
+    return total / tokens, windows, {**shapes, "materialized_biases": len(materialized)}
 
 
 # ---- results -------------------------------------------------------------------------------------------------------

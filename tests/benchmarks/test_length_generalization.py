@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import length_generalization  # noqa: E402
 
+from fat5_hf import kernel_ops  # noqa: E402
+
 
 @pytest.mark.parametrize("length", [16, 100, 1000])
 def test_span_corruption_hides_and_returns_every_noise_token(length):
@@ -60,3 +62,19 @@ def test_tiny_run_writes_the_results(tmp_path):
     assert all(np.isfinite(r["eval_loss"]) and r["windows"] == 1 for r in written["rows"])
     table = (tmp_path / "length_generalization.md").read_text()
     assert "| rope |" in table and "L=64" in table
+
+
+@pytest.mark.interpreter
+def test_fire_is_evaluated_past_its_threshold_in_the_kernel(tmp_path):
+    """FIRE trained at length 16 (threshold 16) and evaluated at 48 on the kernel path: no materialized bias."""
+    if not kernel_ops.kernel_available("attention"):
+        pytest.skip("fat5_kernels has no attention kernel here")
+    with kernel_ops.kernels_on_cpu():
+        results = length_generalization.main([
+            "--device", "cpu", "--encodings", "fire", "--steps", "1", "--batch-size", "1", "--train-length", "16",
+            "--eval-lengths", "48", "--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--eval-windows", "1",
+            "--output-dir", str(tmp_path),
+        ])  # fmt: skip
+    (row,) = results["rows"]
+    assert row["encoder_length"] > 16 and np.isfinite(row["eval_loss"])
+    assert row["materialized_biases"] == 0
