@@ -257,6 +257,75 @@ def _cached_reference(q, k, v, bias):
 
 
 @pytest.mark.interpreter
+def test_fire_custom_op_opcheck_and_one_compiled_graph_as_the_cache_fills():
+    """The FIRE forward op passes opcheck, and a compiled decoding step (fullgraph) over a static cache serves every
+    offset, below and past the threshold, with one graph."""
+    from torch._dynamo.utils import counters
+
+    from fat5_kernels.attention import _fire_parameters, t5_flash_attention_with_kvcache
+
+    fire = _fire_with_awkward_breakpoints(bidirectional=False, threshold=4.5)
+    fire_bias = fire.kernel_fire_bias()
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 3, 1, 8, generator=gen)
+    k, v = (torch.randn(1, 3, 12, 8, generator=gen) for _ in range(2))
+    packed, width = _fire_parameters(fire_bias, 3, False, q.device, False, (q, k, v))
+    args = (q, k, v, packed, None, None, None, torch.tensor([6]), 1, 12, width, True, 1.0)
+    torch.library.opcheck(torch.ops.fat5.t5_flash_attention_fire_fwd.default, args)
+
+    def step(q, k, v, offset):
+        return t5_flash_attention_with_kvcache(
+            q, k, v, query_offset=offset, fire_bias=fire_bias, bidirectional=False, causal=True
+        )
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    offset = torch.zeros((), dtype=torch.long)
+    with torch.no_grad():
+        for past in (0, 3, 7, 11):
+            offset.fill_(past)
+            assert torch.equal(compiled(q, k, v, offset), step(q, k, v, offset))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_gpu_fire_past_the_threshold_in_the_kernel(bidirectional, dtype):
+    """FIRE (width 32) trained to a threshold of 300 at length 2048, padded rows: the compiled kernel against the
+    float32 reference with the materialized bias, within twice the error of the same reference run in `dtype`
+    (plus a floor), and a static cache's decoding step past the threshold."""
+    from test_position_encoding import _random_fire
+
+    from fat5_kernels.attention import t5_flash_attention, t5_flash_attention_with_kvcache
+    from fat5_kernels.attention_reference import t5_attention_reference
+
+    fire = _random_fire(bidirectional, threshold=300.0).cuda()
+    with torch.no_grad():
+        fire.mlp[0].weight.mul_(4.0)  # breakpoints spread over the inputs' range [-1, 1]
+    fire_bias = fire.kernel_fire_bias()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 2048, 64, generator=gen, device="cuda") * 0.3 for _ in range(3))
+    keep = torch.ones(2, 2048, dtype=torch.bool, device="cuda")
+    keep[1, 1500:] = False
+    common = dict(fire_bias=fire_bias, bidirectional=bidirectional, causal=not bidirectional, key_padding_mask=keep)
+    with torch.no_grad():
+        expected = t5_attention_reference(q, k, v, **common)
+        low = t5_attention_reference(q, k, v, compute_dtype=dtype, **common).float()
+        out = t5_flash_attention(q.to(dtype), k.to(dtype), v.to(dtype), **common).float()
+        error, reference_error = (out - expected).abs().max().item(), (low - expected).abs().max().item()
+        assert error <= 2 * reference_error + 1e-4, (error, reference_error)
+        if not bidirectional:
+            offset = torch.tensor([1700], device="cuda")
+            step = dict(fire_bias=fire_bias, bidirectional=False, causal=True, query_offset=offset)
+            new_q = q[:, :, 1700:1701].to(dtype)
+            out = t5_flash_attention_with_kvcache(new_q, k.to(dtype), v.to(dtype), **step).float()
+            expected = t5_attention_reference(q[:, :, 1700:1701], k, v, **step)
+            torch.testing.assert_close(out, expected, atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=0)
+
+
+@pytest.mark.interpreter
 def test_fire_in_the_kernel_is_forward_only():
     """A call that would need a gradient with `fire_bias` raises, naming the fix; so does a second bias."""
     from fat5_kernels.attention import t5_flash_attention
