@@ -13,7 +13,8 @@ Public API (what the model calls):
 Under ``torch.compile`` they run ``torch.library`` custom ops, ``fat5::t5_flash_attention_fwd`` and
 ``fat5::t5_flash_attention_bwd`` (``..._qkvpacked_fwd`` / ``_bwd`` for the packed ones); each forward op carries
 its autograd formula (``torch.library.register_autograd``) and fake implementations, so ``torch.compile`` sees
-one opaque op and does not break the graph around it. Eager calls go through `T5FlashAttentionFunction` (and
+one opaque op and does not break the graph around it. Calls with ``fire_bias`` (forward only) run
+``fat5::t5_flash_attention_fire_fwd``. Eager calls go through `T5FlashAttentionFunction` (and
 `T5FlashAttentionQKVPackedFunction`), ``autograd.Function`` s over the same implementations without the
 custom-op dispatch cost.
 

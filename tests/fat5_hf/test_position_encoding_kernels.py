@@ -441,8 +441,8 @@ def test_fire_model_in_eval_past_the_threshold_on_the_kernel_equals_pytorch(
     tiny_fat5_config, make_batch, monkeypatch, padded
 ):
     """Both stacks past FIRE's threshold (trained to a fraction) without a gradient: every self-attention evaluates
-    FIRE in the kernel (no table, no L x L bias), and the logits are the PyTorch path's; with a gradient needed,
-    the stacks take the PyTorch path."""
+    FIRE in the kernel (no table, no L x L bias), and the logits are the PyTorch path's; with a gradient needed, or
+    a FIRE wider than the kernel serves, the stacks take the PyTorch path."""
     _kernels_importable()
     calls = []
     for name in _KERNELS:
@@ -464,6 +464,10 @@ def test_fire_model_in_eval_past_the_threshold_on_the_kernel_equals_pytorch(
     calls.clear()
     with kernel_ops.kernels_on_cpu():
         model(**inputs).loss.backward()
+        # a FIRE wider than the kernel serves: the PyTorch path too
+        monkeypatch.setattr(kernel_ops, "_MAX_FIRE_WIDTH", config.fire_mlp_width - 1)
+        with torch.no_grad():
+            model(**inputs)
     assert [bias for _, bias in calls if bias is not None] == []
 
 
