@@ -22,7 +22,8 @@ Bias modes: a T5 bucket table (H, num_buckets) in the bidirectional (encoder) or
 mode, which gets a gradient; a per-distance table ``distance_bias`` (H, 2R + 1), the bias of every signed
 distance in ``[-R, R]`` (FIRE's exact table; each distance is its own bucket), which gets a gradient too; ALiBi
 slopes (no gradient); FIRE's compact parameters ``fire_bias`` (`FIREBias`), evaluated per element from each
-query's position as well as the distance (FIRE past its threshold; forward only); or none (cross-attention). A table is never materialized as an (L, L) bias: the kernels read
+query's position as well as the distance (FIRE past its threshold; forward only); or none (cross-attention). A
+table is never materialized as an (L, L) bias: the kernels read
 a per-distance vector, padded to cover every distance of the call and saturated beyond ``R``, the distance where
 the buckets stop changing (at most ``max(max_distance, num_buckets)`` for T5's, the table's radius for a
 per-distance one). The table gradient is reduced per (key block, head) from partial sums, then over programs in a
@@ -726,9 +727,8 @@ def t5_flash_attention(
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
     key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, k.shape[2], q.device)
     if fire_bias is not None:
-        fire_params, width = _fire_parameters(
-            fire_bias, num_heads, bidirectional, q.device, bias_table is not None or alibi_slopes is not None, (q, k, v)
-        )
+        other_bias = bias_table is not None or alibi_slopes is not None
+        fire_params, width = _fire_parameters(fire_bias, num_heads, bidirectional, q.device, other_bias, (q, k, v))
         out, lse = _fire_attention(
             q, k, v, fire_params, key_padding_mask, None, None, None, q.shape[2], k.shape[2], width, causal,
             float(softmax_scale),
@@ -787,9 +787,8 @@ def t5_flash_attention_varlen(
     _check_common(q, k, v, bias_table, num_buckets, max_distance, bidirectional, alibi_slopes, num_heads)
     _check_varlen_args(q.device, ("cu_seqlens_q", cu_seqlens_q, max_seqlen_q), ("cu_seqlens_k", cu_seqlens_k, max_seqlen_k))
     if fire_bias is not None:
-        fire_params, width = _fire_parameters(
-            fire_bias, num_heads, bidirectional, q.device, bias_table is not None or alibi_slopes is not None, (q, k, v)
-        )
+        other_bias = bias_table is not None or alibi_slopes is not None
+        fire_params, width = _fire_parameters(fire_bias, num_heads, bidirectional, q.device, other_bias, (q, k, v))
         out, lse = _fire_attention(
             q, k, v, fire_params, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), None,
             int(max_seqlen_q), int(max_seqlen_k), width, causal, float(softmax_scale),
@@ -912,17 +911,20 @@ def _fire_parameters(
     inputs: tuple,
 ) -> tuple[torch.Tensor, int]:
     """Check ``fire_bias`` and pack it as the kernel reads it (`attention_fwd._fire_tile_bias`): float32
-    ``[|c|, |L|, sign of x before the query (-1 bidirectional, else 1), breakpoints (W,), per head: slopes (W + 1,) then intercepts (W + 1,), times log2(e)]``.
-    Returns ``(packed, W)``. ``inputs``: every tensor of the call, none of which may need a gradient."""
+    ``[|c|, |L|, sign of x before the query (-1 bidirectional, else 1), breakpoints (W,), then per head: slopes
+    (W + 1,) and intercepts (W + 1,) times log2(e)]``. Returns ``(packed, W)``. ``inputs``: every tensor of the
+    call, none of which may need a gradient."""
     if other_bias:
         raise ValueError("Pass one bias: fire_bias, or bias_table / distance_bias / alibi_slopes, not several.")
-    if not isinstance(fire_bias, tuple) or len(fire_bias) != 5 or not all(isinstance(t, torch.Tensor) for t in fire_bias):
+    if not (isinstance(fire_bias, tuple) and len(fire_bias) == 5) or not all(
+        isinstance(t, torch.Tensor) for t in fire_bias
+    ):
         raise TypeError(
             "fire_bias must be a FIREBias(distance_scale, threshold, breakpoints, slopes, intercepts) of tensors "
             "(FIREPositionBias.kernel_fire_bias() gives it)."
         )
     fire_bias = FIREBias(*fire_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *fire_bias)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *fire_bias)):
         raise NotImplementedError(
             "attention with fire_bias is forward only (FIRE past its threshold: evaluation, generation): run it under "
             "torch.no_grad() / torch.inference_mode(), or train with FIRE's per-distance table (distance_bias, "
@@ -941,9 +943,12 @@ def _fire_parameters(
                 f"{tuple(getattr(fire_bias, name).shape)}."
             )
     if width > MAX_FIRE_WIDTH:
-        raise ValueError(f"fire_bias has {width} breakpoints; the kernel serves at most {MAX_FIRE_WIDTH} (FIRE's MLP width).")
+        raise ValueError(
+            f"fire_bias has {width} breakpoints (FIRE's MLP width); the kernel serves at most {MAX_FIRE_WIDTH}."
+        )
     if any(t.device != device for t in fire_bias):
-        raise ValueError(f"fire_bias's tensors must be on q's device {device}, got {[str(t.device) for t in fire_bias]}.")
+        devices = [str(t.device) for t in fire_bias]
+        raise ValueError(f"fire_bias's tensors must be on q's device {device}, got {devices}.")
     if not all(t.is_floating_point() for t in fire_bias):
         raise TypeError(f"fire_bias's tensors must be floating point, got {[t.dtype for t in fire_bias]}.")
     header = torch.stack(

@@ -207,7 +207,9 @@ def _fire_normalizer(fire_ptr, query_pos):
 
 
 @triton.jit
-def _fire_tile_bias(fire_ptr, fire_lines, normalizer, start_n, query_pos, FIRE_WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fire_tile_bias(
+    fire_ptr, fire_lines, normalizer, start_n, query_pos, FIRE_WIDTH: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """FIRE's log2-scaled bias of the tile of keys ``[start_n, start_n + BLOCK_N)`` (rows: ``query_pos``):
     ``x = sign * log1p(c |d|) / normalizer`` (the sign of ``d`` when FIRE is bidirectional), its segment the number
     of breakpoints ``< x`` (``torch.bucketize``'s ``right=False``; sorted, ``inf`` never counts), then the head's
@@ -409,7 +411,9 @@ def _fwd_tile_loop(
     else:
         for start_n in tl.range(lo, hi, BLOCK_N):
             if BIAS_KIND == 3:
-                band_bias = _fire_tile_bias(fire_ptr, fire_lines, fire_normalizer, start_n, query_pos, FIRE_WIDTH, BLOCK_N)
+                band_bias = _fire_tile_bias(
+                    fire_ptr, fire_lines, fire_normalizer, start_n, query_pos, FIRE_WIDTH, BLOCK_N
+                )
             else:
                 band_bias = _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND, REGION, BLOCK_N)
             acc, l_i, m_i = _fwd_tile(
@@ -741,7 +745,8 @@ def t5_attention_forward(
     )  # fmt: skip
     kwargs = dict(
         PREFETCH_BIAS=prefetch_band_bias(),
-        BIAS_KIND=bias_kind, FIRE_WIDTH=fire_width if fire_params is not None else 0, IS_CAUSAL=causal, HAS_KEY_MASK=has_key_mask, IS_VARLEN=is_varlen,
+        BIAS_KIND=bias_kind, FIRE_WIDTH=fire_width if fire_params is not None else 0,
+        IS_CAUSAL=causal, HAS_KEY_MASK=has_key_mask, IS_VARLEN=is_varlen,
         HAS_QUERY_OFFSET=has_query_offset,
         HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad, DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip

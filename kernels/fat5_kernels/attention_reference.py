@@ -324,7 +324,8 @@ def t5_attention_reference(
         columns = distance.clamp(-radius, radius if bidirectional else 0) + radius
         scores = scores + distance_bias.to(compute_dtype)[:, columns].transpose(0, 1)
     if fire_bias is not None:
-        scores = scores + fire_bias_reference(fire_bias, query_pos, key_pos, bidirectional).to(compute_dtype).transpose(0, 1)
+        fire = fire_bias_reference(fire_bias, query_pos, key_pos, bidirectional)  # (H, B or 1, M, N)
+        scores = scores + fire.to(compute_dtype).transpose(0, 1)
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(compute_dtype)[None, :, None, None]
         scores = scores - slopes * distance.abs().to(compute_dtype)[:, None]
