@@ -9,13 +9,15 @@
 
 The model keeps its class, its parameters and its state dict keys, so it saves, loads and pushes as the original
 class. Each patched forward is transformers' maths on the PyTorch path (CPU tensors, or a call the kernel cannot
-serve: a KV cache, `output_attentions`, attention-probability dropout) and calls `fat5_hf.kernel_ops` otherwise:
+serve: `output_attentions`, attention-probability dropout, a KV cache it cannot read) and calls `fat5_hf.kernel_ops`
+otherwise:
 
 * `T5LayerNorm` -> the fused RMSNorm kernel;
 * `T5DenseGatedActDense` (gated-gelu / gated-silu: T5 v1.1, FLAN-T5, mT5, UMT5) -> one `[wi_0; wi_1]` matmul and the
   fused gated activation;
 * `T5Stack` + `T5Attention` -> the flash-attention kernel with T5's relative bias computed in-kernel; padded batches
-  run unpadded (`fat5_hf.unpadding`);
+  run unpadded (`fat5_hf.unpadding`); the decoder's cached steps of `generate()` (a `DynamicCache` or a compiled
+  `StaticCache`, and the cached cross-attention) too, as FAT5's (`attention_with_cache`);
 * the LM head and loss of `*ForConditionalGeneration` in training -> the fused linear + cross-entropy kernel, which
   never materializes the `(tokens, vocab)` logits (`fused_linear_cross_entropy`, the default, as Liger-Kernel's
   option of that name), or the cross-entropy kernel on the logits (`cross_entropy`).
