@@ -63,6 +63,24 @@ def decode_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def decode_launches(monkeypatch):
+    """The attention kernel's launches with one query a row, as the query offsets they got (None: aligned to the end
+    of the keys). Counted in the launcher, below a compiled graph: a counter in traced code would be guarded on."""
+    from fat5_kernels import attention
+
+    offsets = []
+    launch = attention.t5_attention_forward
+
+    def recording(q, *args, query_offset=None, cu_seqlens_q=None, **kwargs):
+        if cu_seqlens_q is None and q.shape[2] == 1:
+            offsets.append(None if query_offset is None else int(query_offset.reshape(-1)[0]))
+        return launch(q, *args, query_offset=query_offset, cu_seqlens_q=cu_seqlens_q, **kwargs)
+
+    monkeypatch.setattr(attention, "t5_attention_forward", recording)
+    return offsets
+
+
 def _generate(model, input_ids, attention_mask, **kwargs):
     return model.generate(
         input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
@@ -144,22 +162,11 @@ def test_chunked_cached_forwards_with_a_decoder_mask_match_stock(make_batch, mon
 
 @pytest.mark.slow
 @pytest.mark.interpreter
-def test_compiled_static_step_on_the_kernel_is_one_graph(make_batch, monkeypatch):
+def test_compiled_static_step_on_the_kernel_is_one_graph(make_batch, decode_launches):
     """transformers' compiled decoding step (`cache_implementation="static"`) on the patched model: one graph for every
     step, each step running the kernel with the static cache's length as the offset, and the stock tokens."""
     from test_static_cache_generation import _compiled_graphs_and_tokens
 
-    from fat5_kernels import attention
-
-    offsets = []  # counted in the launcher, below the compiled graph (a counter in traced code would be guarded on)
-    launch = attention.t5_attention_forward
-
-    def recording(q, *args, query_offset=None, cu_seqlens_q=None, **kwargs):
-        if cu_seqlens_q is None and q.shape[2] == 1:
-            offsets.append(None if query_offset is None else int(query_offset.reshape(-1)[0]))
-        return launch(q, *args, query_offset=query_offset, cu_seqlens_q=cu_seqlens_q, **kwargs)
-
-    monkeypatch.setattr(attention, "t5_attention_forward", recording)
     stock, patched, _ = _stock_and_patched()
     input_ids, attention_mask = make_batch(96, [9, 6])
     batch = dict(input_ids=input_ids, attention_mask=attention_mask)
@@ -170,7 +177,7 @@ def test_compiled_static_step_on_the_kernel_is_one_graph(make_batch, monkeypatch
     assert graphs == 1
     layers = stock.config.num_decoder_layers
     # each layer's self-attention at each position (the first step included), and its cross-attention
-    assert sorted(offsets, key=str) == sorted(list(range(5)) * layers + [None] * 5 * layers, key=str)
+    assert sorted(decode_launches, key=str) == sorted(list(range(5)) * layers + [None] * 5 * layers, key=str)
 
 
 @pytest.mark.slow
@@ -205,3 +212,20 @@ def test_umt5_reports_its_attention_and_generates_on_transformers_attention(make
     with kernel_ops.kernels_on_cpu():
         assert torch.equal(_generate(patched, input_ids, attention_mask), expected)
     assert decode_calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+@pytest.mark.parametrize("family", ["t5", "mt5"])
+def test_gpu_patched_generation_on_the_kernel_matches_stock(family, cache_implementation, make_batch, decode_launches):
+    """The compiled kernels on CUDA (fp32: the stock tokens), with transformers' own compiled step (inductor) for the
+    static cache."""
+    stock, patched, _ = _stock_and_patched(family)
+    stock, patched = stock.cuda(), patched.cuda()
+    input_ids, attention_mask = (t.cuda() for t in make_batch(96, [37, 20, 9]))
+    for num_beams in (1, 3):
+        expected = _generate(stock, input_ids, attention_mask, num_beams=num_beams)
+        decode_launches.clear()
+        kwargs = dict(num_beams=num_beams, cache_implementation=cache_implementation)
+        assert torch.equal(_generate(patched, input_ids, attention_mask, **kwargs), expected), kwargs
+        assert len(decode_launches) == 2 * NEW_TOKENS * stock.config.num_decoder_layers  # self- and cross-attention
