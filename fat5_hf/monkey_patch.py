@@ -99,7 +99,8 @@ class FAT5PatchReport:
     """What `apply_fat5_kernels` patched.
 
     Attributes:
-        patched (`dict[str, int]`): component -> number of modules (or classes, without a model) now on the kernels.
+        patched (`dict[str, int]`): component -> number of modules (or classes, without a model) now on the kernels;
+            `"attention (cached steps)"`: the decoder stacks whose steps over a KV cache run on the kernel too.
         not_patched (`dict[str, str]`): component -> why it keeps transformers' PyTorch code.
     """
 
@@ -278,7 +279,7 @@ def _stack_forward(original: Callable) -> Callable:
             hidden_states = masks.unpack(hidden_states, batch, length)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states)
 
-    # `apply_fat5_kernels(attention_with_cache=...)` sets it on each patched stack forward (`_patch_cached_steps`).
+    # `apply_fat5_kernels(attention_with_cache=...)` sets it on each patched stack forward (`_switch_cached_steps`).
     forward._fat5_attention_with_cache = True
     return forward
 
@@ -304,12 +305,10 @@ def _create_masks_for_generate(self, config, inputs_embeds, attention_mask, cach
     """`generate()`'s hook for the decoder mask of a compilable (static) cache, on a patched `*ForConditionalGeneration`
     (as `FAT5ForConditionalGeneration`'s): when the patched decoder runs its cached steps on the kernel, the 2D mask
     stays 2D (`decoder_mask_for_kernel`), so the step stays on the kernel; otherwise transformers' 4D mask."""
-    decodes_on_kernel = getattr(self.decoder.forward, "_fat5_attention_with_cache", False) and (
-        kernel_ops.can_use_flash_attention(
-            True, inputs_embeds, attention_mask, cache, False, 0.0, False, cache_on_kernel=True
-        )
-    )
-    if decodes_on_kernel:
+    decoder_on_kernel = getattr(self.decoder.forward, "_fat5_attention_with_cache", False)
+    if decoder_on_kernel and kernel_ops.can_use_flash_attention(
+        True, inputs_embeds, attention_mask, cache, False, 0.0, False, cache_on_kernel=True
+    ):
         return decoder_mask_for_kernel(attention_mask, cache)
     return create_masks_for_generate(
         config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs
