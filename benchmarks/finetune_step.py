@@ -21,9 +21,9 @@ parameters x tokens plus attention) per second over the GPU's dense bf16 peak. G
 (``min_new_tokens = max_new_tokens``) and has no MFU; its rows say which attention ran the decoding steps
 (``decode_attention``: ``triton`` when the attention kernel ran with one query a row, else the PyTorch attention
 implementation) and, for the patched model, ``vs_fat5``: its tokens/s over the FAT5 row of the same compile mode
-and decoding attention. Training rows say in ``lm_loss`` which loss ran, as seen in the step's output: ``fused`` (the fused
-LM head + loss kernel: the output has no logits) or ``logits`` (an LM head, then a loss on its logits). A failing
-configuration (out of memory, no compile) is a row with ``error`` instead of numbers.
+and decoding attention. Training rows say in ``lm_loss`` which loss ran, as seen in the step's output: ``fused``
+(the fused LM head + loss kernel: the output has no logits) or ``logits`` (an LM head, then a loss on its logits).
+A failing configuration (out of memory, no compile) is a row with ``error`` instead of numbers.
 
 Cases (``--cases``, comma-separated; ``--list`` prints them; the default plan is sized for about 8 minutes on one
 H100, and ``--max-minutes`` turns the providers not started by a deadline into ``skipped`` rows):
@@ -522,7 +522,8 @@ MD_COLUMNS = ("case", "model", "attn_impl", "compile", "lm_loss", "enc_len", "de
               "tokens_per_s", "vs_best_hf", "vs_fat5", "mfu", "peak_GiB", "decode_attention", "error")  # fmt: skip
 METHOD = (
     "Tokens/s: real tokens (training), new tokens (generation); `vs_best_hf`: over the fastest `hf_t5` row of the "
-    "case. Each model is built from the same weights in the same process; see `benchmarks/finetune_step.py` and "
+    "case; `vs_fat5` (patched model, generation): over the `fat5` row of the same compile mode and decoding "
+    "attention. Each model is built from the same weights in the same process; see `benchmarks/finetune_step.py` and "
     "`benchmarks/README.md` for the set-up."
 )
 

@@ -302,9 +302,10 @@ def _stack_cached_step(
 
 
 def _create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, **kwargs):
-    """`generate()`'s hook for the decoder mask of a compilable (static) cache, on a patched `*ForConditionalGeneration`
-    (as `FAT5ForConditionalGeneration`'s): when the patched decoder runs its cached steps on the kernel, the 2D mask
-    stays 2D (`decoder_mask_for_kernel`), so the step stays on the kernel; otherwise transformers' 4D mask."""
+    """`generate()`'s hook for the decoder mask of a compilable (static) cache, on a patched
+    `*ForConditionalGeneration` (as `FAT5ForConditionalGeneration`'s): when the patched decoder runs its cached steps
+    on the kernel, the 2D mask stays 2D (`decoder_mask_for_kernel`), so the step stays on the kernel; otherwise
+    transformers' 4D mask."""
     decoder_on_kernel = getattr(self.decoder.forward, "_fat5_attention_with_cache", False)
     if decoder_on_kernel and kernel_ops.can_use_flash_attention(
         True, inputs_embeds, attention_mask, cache, False, 0.0, False, cache_on_kernel=True
