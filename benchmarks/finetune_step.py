@@ -5,8 +5,10 @@ Every provider of a case runs in the same process, one after the other, on the s
 - ``hf_t5``: transformers' ``T5ForConditionalGeneration`` (``T5EncoderModel`` for the encoder cases) with
   ``attn_implementation`` ``eager`` or ``sdpa``, each also under ``torch.compile`` (``+compile``);
 - ``hf_t5_patched``: the same stock model after ``fat5_hf.apply_fat5_kernels(model)`` (sdpa where it falls back),
-  whose training loss is the fused LM head + cross-entropy kernel (no logits) by default; ``hf_t5_patched_ce``: the
-  same with ``cross_entropy=True, fused_linear_cross_entropy=False`` (the cross-entropy kernel on the logits);
+  whose training loss is the fused LM head + cross-entropy kernel (no logits) by default, and whose cached
+  generation steps run on the attention kernel as FAT5's; ``hf_t5_patched_ce``: the same with
+  ``cross_entropy=True, fused_linear_cross_entropy=False`` (the cross-entropy kernel on the logits);
+  ``hf_t5_patched:sdpa_decode`` keeps its cached steps on SDPA (``attention_with_cache=False``);
 - ``fat5``: ``FAT5ForConditionalGeneration`` / ``FAT5EncoderModel`` loaded with the T5 weights (state dicts match);
   ``fat5:sdpa_decode`` keeps the attention of its cached generation steps on SDPA
   (``use_triton_attention_with_cache=False``), to compare with the kernel there.
@@ -18,9 +20,10 @@ row's input and target lengths from a long-tailed (log-normal) distribution, pad
 parameters x tokens plus attention) per second over the GPU's dense bf16 peak. Generation counts new tokens
 (``min_new_tokens = max_new_tokens``) and has no MFU; its rows say which attention ran the decoding steps
 (``decode_attention``: ``triton`` when the attention kernel ran with one query a row, else the PyTorch attention
-implementation). Training rows say in ``lm_loss`` which loss ran, as seen in the step's output: ``fused`` (the fused
-LM head + loss kernel: the output has no logits) or ``logits`` (an LM head, then a loss on its logits). A failing
-configuration (out of memory, no compile) is a row with ``error`` instead of numbers.
+implementation) and, for the patched model, ``vs_fat5``: its tokens/s over the FAT5 row of the same compile mode
+and decoding attention. Training rows say in ``lm_loss`` which loss ran, as seen in the step's output: ``fused``
+(the fused LM head + loss kernel: the output has no logits) or ``logits`` (an LM head, then a loss on its logits).
+A failing configuration (out of memory, no compile) is a row with ``error`` instead of numbers.
 
 Cases (``--cases``, comma-separated; ``--list`` prints them; the default plan is sized for about 8 minutes on one
 H100, and ``--max-minutes`` turns the providers not started by a deadline into ``skipped`` rows):
@@ -111,8 +114,9 @@ def _cases() -> dict[str, Case]:
         for search in ("greedy", "beam4"):
             name = f"generate_b{batch}_{search}"
             providers = ("hf_t5:eager", "hf_t5:sdpa", "hf_t5:sdpa+static_compile", "hf_t5_patched:sdpa",
-                         "hf_t5_patched:sdpa+static_compile", "fat5", "fat5+static_compile", "fat5:sdpa_decode",
-                         "fat5:sdpa_decode+static_compile")  # fmt: skip
+                         "hf_t5_patched:sdpa+static_compile", "hf_t5_patched:sdpa_decode",
+                         "hf_t5_patched:sdpa_decode+static_compile", "fat5", "fat5+static_compile",
+                         "fat5:sdpa_decode", "fat5:sdpa_decode+static_compile")  # fmt: skip
             cases[name] = Case(name, "generate", "base", 512, 128, batch, "full", providers,
                                {"num_beams": 4 if search == "beam4" else 1})  # fmt: skip
     return cases
@@ -126,8 +130,8 @@ DEFAULT_PLAN = {
     "train_base_512_114_64_mixed": ("hf_t5:sdpa", "hf_t5:eager+compile", "hf_t5_patched:sdpa", "fat5"),
     "train_base_8192_1024_4_mixed": ("hf_t5:sdpa", "hf_t5_patched:sdpa", "fat5"),
     "xxl_encoder_b8": ("hf_t5:sdpa", "hf_t5_patched:sdpa", "fat5"),
-    "generate_b32_greedy": ("hf_t5:sdpa", "hf_t5:sdpa+static_compile", "hf_t5_patched:sdpa", "fat5",
-                            "fat5+static_compile"),
+    "generate_b32_greedy": ("hf_t5:sdpa", "hf_t5:sdpa+static_compile", "hf_t5_patched:sdpa",
+                            "hf_t5_patched:sdpa+static_compile", "fat5", "fat5+static_compile"),
 }  # fmt: skip
 
 
@@ -140,7 +144,8 @@ def parse_provider(provider: str) -> tuple[str, str | None, str | None]:
     model, _, attn_impl = name.partition(":")
     if model not in ("hf_t5", *PATCHED, "fat5"):
         raise ValueError(
-            f"unknown provider {provider!r}: hf_t5:<eager|sdpa>[+compile], hf_t5_patched[_ce]:sdpa[+compile], fat5"
+            f"unknown provider {provider!r}: hf_t5:<eager|sdpa>[+compile], hf_t5_patched[_ce]:sdpa[+compile], fat5 "
+            "(fat5:sdpa_decode and hf_t5_patched:sdpa_decode for generation)"
         )
     return model, attn_impl or None, compile_mode or None
 
@@ -159,8 +164,8 @@ def build_models(shape: dict, encoder_only: bool, device: str, dtype: torch.dtyp
     def make(provider: str) -> torch.nn.Module:
         model_name, attn_impl, _ = parse_provider(provider)
         decode_on_sdpa = attn_impl == "sdpa_decode"
-        if decode_on_sdpa and model_name != "fat5":
-            raise ValueError(f"{provider!r}: sdpa_decode is a fat5 provider (fat5:sdpa_decode)")
+        if decode_on_sdpa and model_name not in ("fat5", "hf_t5_patched"):
+            raise ValueError(f"{provider!r}: sdpa_decode is a fat5 or hf_t5_patched provider (fat5:sdpa_decode)")
         config = T5Config(**{**COMMON, **shape}, attn_implementation="sdpa" if decode_on_sdpa else attn_impl or "sdpa")
         torch.manual_seed(seed)
         with torch.device(device):
@@ -176,7 +181,8 @@ def build_models(shape: dict, encoder_only: bool, device: str, dtype: torch.dtyp
         else:
             reference["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if model_name == "hf_t5_patched":
-            apply_fat5_kernels(model)  # the fused LM head + loss by default
+            # the fused LM head + loss and the cached decoding steps on the kernel by default
+            apply_fat5_kernels(model, attention_with_cache=not decode_on_sdpa)
         elif model_name == "hf_t5_patched_ce":
             apply_fat5_kernels(model, cross_entropy=True, fused_linear_cross_entropy=False)
         return model
@@ -496,17 +502,28 @@ def run_case(case: Case, providers: tuple[str, ...], args) -> list[dict]:
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """`vs_best_hf`: tokens/s over the fastest `hf_t5` row of the same case (None where there is none)."""
+    """`vs_best_hf`: tokens/s over the fastest `hf_t5` row of the same case (None where there is none); generation
+    rows of the patched model also get `vs_fat5`: over the `fat5` row of the same compile mode and decoding attention
+    (`sdpa_decode` or not)."""
     best = max((r["tokens_per_s"] for r in rows if r["model"] == "hf_t5" and "error" not in r), default=None)
+    fat5 = {
+        (r["compile"], r["attn_impl"] == "sdpa_decode"): r["tokens_per_s"]
+        for r in rows
+        if r["model"] == "fat5" and "error" not in r
+    }
     for row in rows:
         row["vs_best_hf"] = round(row["tokens_per_s"] / best, 3) if best and "error" not in row else None
+        if row["model"] in PATCHED and "num_beams" in row:
+            reference = fat5.get((row["compile"], row["attn_impl"] == "sdpa_decode"))
+            row["vs_fat5"] = round(row["tokens_per_s"] / reference, 3) if reference and "error" not in row else None
 
 
 MD_COLUMNS = ("case", "model", "attn_impl", "compile", "lm_loss", "enc_len", "dec_len", "batch", "padding",
-              "tokens_per_s", "vs_best_hf", "mfu", "peak_GiB", "decode_attention", "error")  # fmt: skip
+              "tokens_per_s", "vs_best_hf", "vs_fat5", "mfu", "peak_GiB", "decode_attention", "error")  # fmt: skip
 METHOD = (
     "Tokens/s: real tokens (training), new tokens (generation); `vs_best_hf`: over the fastest `hf_t5` row of the "
-    "case. Each model is built from the same weights in the same process; see `benchmarks/finetune_step.py` and "
+    "case; `vs_fat5` (patched model, generation): over the `fat5` row of the same compile mode and decoding "
+    "attention. Each model is built from the same weights in the same process; see `benchmarks/finetune_step.py` and "
     "`benchmarks/README.md` for the set-up."
 )
 

@@ -11,6 +11,7 @@ T5's relative bias computed in-kernel), RMSNorm, the gated activation and the lo
 # No `from __future__ import annotations`: transformers inspects `**kwargs: Unpack[TransformersKwargs]` of the
 # forwards at runtime (as for T5) to learn which output flags a model takes; string annotations hide it.
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -399,16 +400,11 @@ class FAT5Attention(nn.Module):
 
     def _layer_cache(self, cache: Cache | None, is_cross_attention: bool) -> tuple[Cache | None, bool]:
         """`(this attention's cache, whether it already holds the cross-attention keys and values)`."""
-        if isinstance(cache, EncoderDecoderCache):
-            curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
-            return curr_cache, bool(cache.is_updated.get(self.layer_idx))
-        return cache, False
+        return _attention_layer_cache(cache, self.layer_idx, is_cross_attention)
 
     def _past_seen_tokens(self, cache: Cache | None) -> int | torch.Tensor:
-        """Tokens already in the self-attention cache: an int, or a static cache's device tensor (a copy: the cache
-        update increments it in place, and the value is used after it)."""
-        past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        return past_seen_tokens.clone() if isinstance(past_seen_tokens, torch.Tensor) else past_seen_tokens
+        """Tokens already in the self-attention cache (`_cached_tokens`)."""
+        return _cached_tokens(cache, self.layer_idx)
 
     def _kernel_forward_with_cache(
         self,
@@ -419,61 +415,28 @@ class FAT5Attention(nn.Module):
         cache: Cache,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor | ALiBiSlopes | RotaryAngles | None, None]:
-        """The kernel path of a cached step (`generate()`): self-attention of the new tokens over the cache (the
-        bias of their positions computed in-kernel; a static cache's length passed as a device tensor, so that a
-        compiled step serves every position with one graph), or cross-attention over the encoder keys and values
-        (projected and cached at the first step)."""
+        """The kernel path of a cached step (`generate()`, `kernel_attention_with_cache`), with this layer's position
+        encoding: the first layer builds it for the new positions after the cache."""
         input_shape = hidden_states.shape[:-1]
         is_cross_attention = key_value_states is not None
-        curr_cache, is_updated = self._layer_cache(cache, is_cross_attention)
-        past_seen_tokens = 0 if is_cross_attention else self._past_seen_tokens(curr_cache)
         if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
+            past_seen_tokens = self._past_seen_tokens(self._layer_cache(cache, False)[0])
             position_bias = self._kernel_position_encoding(input_shape[1], mask, past_seen_tokens)
         bias_table, slopes = _kernel_bias(
             None if is_cross_attention else position_bias, self.config.position_encoding_type == "fire"
         )
-        rotary = position_bias if not is_cross_attention and isinstance(position_bias, RotaryAngles) else None
-
-        query_states = self.q(hidden_states).view(*input_shape, -1, self.key_value_proj_dim)
-        if is_cross_attention and is_updated:
-            key_states = curr_cache.layers[self.layer_idx].keys
-            value_states = curr_cache.layers[self.layer_idx].values
-        else:
-            current_states = key_value_states if is_cross_attention else hidden_states
-            kv_shape = (*current_states.shape[:-1], -1, self.key_value_proj_dim)
-            key_states = self.k(current_states).view(kv_shape)
-            value_states = self.v(current_states).view(kv_shape)
-            if rotary is not None:  # the new positions; cached keys were rotated when they were new
-                query_states, key_states = kernel_ops.rotary_embedding(
-                    query_states, key_states, rotary.cos, rotary.sin, self.config.use_triton_attention
-                )
-            key_states, value_states = curr_cache.update(
-                key_states.transpose(1, 2), value_states.transpose(1, 2), self.layer_idx, kwargs=kwargs
-            )
-            if is_cross_attention and isinstance(cache, EncoderDecoderCache):
-                cache.is_updated[self.layer_idx] = True
-
-        query_offset = None
-        if not is_cross_attention and (
-            isinstance(past_seen_tokens, torch.Tensor) or key_states.shape[-2] != past_seen_tokens + input_shape[1]
-        ):
-            # a static cache: more slots than tokens; the kernel reads where the new tokens sit from the device
-            if not isinstance(past_seen_tokens, torch.Tensor):
-                past_seen_tokens = torch.full((), past_seen_tokens, dtype=torch.long, device=query_states.device)
-            query_offset = past_seen_tokens
-        attn_output = kernel_ops.flash_attention(
-            query_states.transpose(1, 2),
-            key_states,
-            value_states,
-            mask,
-            bias_table,
-            bidirectional=not self.is_decoder,
-            num_buckets=self.relative_attention_num_buckets,
-            max_distance=self.relative_attention_max_distance,
-            alibi_slopes=slopes,
-            query_offset=query_offset,
-        )
-        return self.o(attn_output.reshape(*input_shape, -1)), position_bias, None
+        rotate = None
+        if not is_cross_attention and isinstance(position_bias, RotaryAngles):
+            # the new positions; cached keys were rotated when they were new
+            rotate = functools.partial(
+                kernel_ops.rotary_embedding, cos=position_bias.cos, sin=position_bias.sin,
+                use_kernel=self.config.use_triton_attention,
+            )  # fmt: skip
+        attn_output = kernel_attention_with_cache(
+            self, hidden_states, mask, key_value_states, cache, bias_table, alibi_slopes=slopes, rotate=rotate,
+            kwargs=kwargs,
+        )  # fmt: skip
+        return attn_output, position_bias, None
 
     def compute_bias(
         self, query_length: int, key_length: int, device: torch.device | None = None, past_seen_tokens=0
@@ -1265,6 +1228,111 @@ def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask.bool() if mask is not None else None
 
 
+def _attention_layer_cache(cache: Cache | None, layer_idx: int, is_cross_attention: bool) -> tuple[Cache | None, bool]:
+    """`(the attention's own cache, whether it already holds the cross-attention keys and values)`."""
+    if isinstance(cache, EncoderDecoderCache):
+        curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
+        return curr_cache, bool(cache.is_updated.get(layer_idx))
+    return cache, False
+
+
+def _cached_tokens(cache: Cache | None, layer_idx: int) -> int | torch.Tensor:
+    """Tokens already in a self-attention cache: an int, or a static cache's device tensor (a copy: the cache update
+    increments it in place, and the value is used after it)."""
+    past_seen_tokens = cache.get_seq_length(layer_idx) if cache is not None else 0
+    return past_seen_tokens.clone() if isinstance(past_seen_tokens, torch.Tensor) else past_seen_tokens
+
+
+def kernel_attention_with_cache(
+    attention: nn.Module,
+    hidden_states: torch.Tensor,
+    mask: FlashAttentionMask,
+    key_value_states: torch.Tensor | None,
+    cache: Cache,
+    bias_table: torch.Tensor | DistanceBias | None,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
+    rotate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    kwargs: dict | None = None,
+) -> torch.Tensor:
+    """One cached step of a T5 attention layer on the kernel (the steps of `generate()`): self-attention of the new
+    tokens over the cache (their bias computed in-kernel at their positions; a static cache's length passed as a
+    device tensor, so that a compiled step serves every position with one graph), or cross-attention over the
+    encoder keys and values (projected and cached at the first step). Shared by `FAT5Attention` and the patched
+    stock `T5Attention` (`fat5_hf.monkey_patch`), which have the same projections and attributes.
+
+    Args:
+        attention: the layer (`q`, `k`, `v`, `o`, `layer_idx`, `is_decoder`, `key_value_proj_dim`,
+            `relative_attention_num_buckets`, `relative_attention_max_distance`).
+        hidden_states (`(batch, new_tokens, d_model)`): the normed states of the new tokens.
+        mask (`FlashAttentionMask`): the padded layout's 2D mask (over the tokens so far, or the encoder's).
+        key_value_states (`(batch, source_length, d_model)`, *optional*): the encoder output (cross-attention).
+        cache (`Cache`): the decoder's cache (an `EncoderDecoderCache`, or one self-attention cache).
+        bias_table: as `kernel_ops.flash_attention`'s (None for cross-attention).
+        alibi_slopes: as `kernel_ops.flash_attention`'s.
+        rotate: `(query, key) -> (query, key)` on `(batch, new_tokens, heads, head_dim)` projections before the
+            keys are cached (RoPE's rotation of the new positions).
+        kwargs: passed to the cache's `update`.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, new_tokens, d_model)`: the output projection.
+    """
+    input_shape = hidden_states.shape[:-1]
+    layer_idx = attention.layer_idx
+    is_cross_attention = key_value_states is not None
+    curr_cache, is_updated = _attention_layer_cache(cache, layer_idx, is_cross_attention)
+    past_seen_tokens = 0 if is_cross_attention else _cached_tokens(curr_cache, layer_idx)
+
+    query_states = attention.q(hidden_states).view(*input_shape, -1, attention.key_value_proj_dim)
+    if is_cross_attention and is_updated:
+        key_states = curr_cache.layers[layer_idx].keys
+        value_states = curr_cache.layers[layer_idx].values
+    else:
+        current_states = key_value_states if is_cross_attention else hidden_states
+        kv_shape = (*current_states.shape[:-1], -1, attention.key_value_proj_dim)
+        key_states = attention.k(current_states).view(kv_shape)
+        value_states = attention.v(current_states).view(kv_shape)
+        if rotate is not None:
+            query_states, key_states = rotate(query_states, key_states)
+        key_states, value_states = curr_cache.update(
+            key_states.transpose(1, 2), value_states.transpose(1, 2), layer_idx, kwargs=kwargs or {}
+        )
+        if is_cross_attention and isinstance(cache, EncoderDecoderCache):
+            cache.is_updated[layer_idx] = True
+
+    query_offset = None
+    if not is_cross_attention and (
+        isinstance(past_seen_tokens, torch.Tensor) or key_states.shape[-2] != past_seen_tokens + input_shape[1]
+    ):
+        # a static cache: more slots than tokens; the kernel reads where the new tokens sit from the device
+        if not isinstance(past_seen_tokens, torch.Tensor):
+            past_seen_tokens = torch.full((), past_seen_tokens, dtype=torch.long, device=query_states.device)
+        query_offset = past_seen_tokens
+    attn_output = kernel_ops.flash_attention(
+        query_states.transpose(1, 2),
+        key_states,
+        value_states,
+        mask,
+        bias_table,
+        bidirectional=not attention.is_decoder,
+        num_buckets=attention.relative_attention_num_buckets,
+        max_distance=attention.relative_attention_max_distance,
+        alibi_slopes=alibi_slopes,
+        query_offset=query_offset,
+    )
+    return attention.o(attn_output.reshape(*input_shape, -1))
+
+
+def decoder_mask_for_kernel(attention_mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor | None:
+    """`create_masks_for_generate`'s answer when the decoder's cached steps run on the kernel, which masks the future
+    and a static cache's unfilled slots from the cache's length itself: the 2D decoder mask (usually None), padded to
+    a static cache's slots so that a compiled step sees one shape at every step."""
+    slots = cache.get_max_length() if cache is not None else -1  # -1: a dynamic cache
+    if attention_mask is not None and slots > attention_mask.shape[1]:
+        attention_mask = nn.functional.pad(attention_mask, (0, slots - attention_mask.shape[1]))
+    return attention_mask
+
+
 def _as_encoder_output(encoder_outputs) -> BaseModelOutput:
     if isinstance(encoder_outputs, BaseModelOutput):
         return encoder_outputs
@@ -1637,10 +1705,7 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
             cache_on_kernel=config.use_triton_attention_with_cache,
         )  # fmt: skip
         if decodes_on_kernel:
-            slots = cache.get_max_length() if cache is not None else -1  # -1: a dynamic cache
-            if attention_mask is not None and slots > attention_mask.shape[1]:
-                attention_mask = nn.functional.pad(attention_mask, (0, slots - attention_mask.shape[1]))
-            return attention_mask
+            return decoder_mask_for_kernel(attention_mask, cache)
         return create_masks_for_generate(
             config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs
         )

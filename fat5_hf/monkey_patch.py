@@ -9,13 +9,15 @@
 
 The model keeps its class, its parameters and its state dict keys, so it saves, loads and pushes as the original
 class. Each patched forward is transformers' maths on the PyTorch path (CPU tensors, or a call the kernel cannot
-serve: a KV cache, `output_attentions`, attention-probability dropout) and calls `fat5_hf.kernel_ops` otherwise:
+serve: `output_attentions`, attention-probability dropout, a KV cache it cannot read) and calls `fat5_hf.kernel_ops`
+otherwise:
 
 * `T5LayerNorm` -> the fused RMSNorm kernel;
 * `T5DenseGatedActDense` (gated-gelu / gated-silu: T5 v1.1, FLAN-T5, mT5, UMT5) -> one `[wi_0; wi_1]` matmul and the
   fused gated activation;
 * `T5Stack` + `T5Attention` -> the flash-attention kernel with T5's relative bias computed in-kernel; padded batches
-  run unpadded (`fat5_hf.unpadding`);
+  run unpadded (`fat5_hf.unpadding`); the decoder's cached steps of `generate()` (a `DynamicCache` or a compiled
+  `StaticCache`, and the cached cross-attention) too, as FAT5's (`attention_with_cache`);
 * the LM head and loss of `*ForConditionalGeneration` in training -> the fused linear + cross-entropy kernel, which
   never materializes the `(tokens, vocab)` logits (`fused_linear_cross_entropy`, the default, as Liger-Kernel's
   option of that name), or the cross-entropy kernel on the logits (`cross_entropy`).
@@ -35,6 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
@@ -44,10 +48,13 @@ from .kernel_ops import FlashAttentionMask
 from .modeling_fat5 import (
     _as_encoder_output,
     _block_hidden_states_observed,
+    _bool_mask,
     _fusable_projections,
     _fused_projection,
     _match_wo_dtype,
     check_token_ids,
+    decoder_mask_for_kernel,
+    kernel_attention_with_cache,
     lm_head_and_loss,
 )
 
@@ -74,6 +81,8 @@ _FAMILIES = {
 _RESCALES_DECODER_OUTPUT = {"t5": True, "mt5": False, "umt5": True}
 
 COMPONENTS = ("rms_norm", "gated_mlp", "attention", "cross_entropy", "fused_linear_cross_entropy")
+# The report's entry for the decoder's steps over a KV cache (`attention_with_cache`).
+_CACHED_STEPS = "attention (cached steps)"
 # The two LM-loss components: alternatives, at most one of them on.
 _LOSS_COMPONENTS = ("cross_entropy", "fused_linear_cross_entropy")
 _KERNEL_OF_COMPONENT = {
@@ -90,7 +99,8 @@ class FAT5PatchReport:
     """What `apply_fat5_kernels` patched.
 
     Attributes:
-        patched (`dict[str, int]`): component -> number of modules (or classes, without a model) now on the kernels.
+        patched (`dict[str, int]`): component -> number of modules (or classes, without a model) now on the kernels;
+            `"attention (cached steps)"`: the decoder stacks whose steps over a KV cache run on the kernel too.
         not_patched (`dict[str, str]`): component -> why it keeps transformers' PyTorch code.
     """
 
@@ -138,11 +148,17 @@ def _attention_forward(original: Callable) -> Callable:
                 self, hidden_states, mask=mask, key_value_states=key_value_states, position_bias=position_bias,
                 cache=cache, **kwargs,
             )  # fmt: skip
-        # Kernel path (the patched stack passes a `FlashAttentionMask` only without a cache): block 0 returns its
-        # `(num_heads, num_buckets)` table as the position bias, which the stack hands to the other blocks.
+        # Kernel path: block 0 returns its `(num_heads, num_buckets)` table as the position bias, which the stack
+        # hands to the other blocks.
         is_cross_attention = key_value_states is not None
         if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
             position_bias = self.relative_attention_bias.weight.t().contiguous()
+        if cache is not None:  # a cached step of `generate()`: the new tokens over the cache, in the padded layout
+            bias_table = None if is_cross_attention else position_bias
+            attn_output = kernel_attention_with_cache(
+                self, hidden_states, mask, key_value_states, cache, bias_table, kwargs=kwargs
+            )
+            return attn_output, position_bias, None
         t5_bias = dict(
             bidirectional=not self.is_decoder,
             num_buckets=self.relative_attention_num_buckets,
@@ -171,9 +187,11 @@ def _attention_forward(original: Callable) -> Callable:
 
 
 def _stack_can_use_kernels(
-    stack, inputs: torch.Tensor, attention_mask, encoder_attention_mask, cache, use_cache, kwargs
+    stack, inputs: torch.Tensor, attention_mask, encoder_attention_mask, cache, use_cache, kwargs, cache_on_kernel
 ) -> bool:
-    """Whether a patched stack's forward can run its attention on the kernel (else transformers' forward runs)."""
+    """Whether a patched stack's forward can run its attention on the kernel (else transformers' forward runs): with
+    a KV cache (given, or the `DynamicCache` that a decoder with `use_cache` builds) only with `cache_on_kernel` and
+    a cache the kernel reads."""
     config = stack.config
     if use_cache is None:
         # transformers' stack would build a cache from `config.use_cache`; in training nothing reads it.
@@ -184,9 +202,9 @@ def _stack_can_use_kernels(
     attention_dropout = stack.block[0].layer[0].SelfAttention.dropout
     return (
         kernel_ops.can_use_flash_attention(
-            True, inputs, attention_mask, cache, wants_outputs, attention_dropout, stack.training
+            True, inputs, attention_mask, cache, wants_outputs, attention_dropout, stack.training, cache_on_kernel
         )
-        and not (stack.is_decoder and use_cache)
+        and (cache_on_kernel or not (stack.is_decoder and use_cache))
         and (encoder_attention_mask is None or encoder_attention_mask.dim() == 2)
     )
 
@@ -206,8 +224,9 @@ def _stack_forward(original: Callable) -> Callable:
     ):
         cache = kwargs.pop("past_key_values", cache)
         inputs = inputs_embeds if inputs_embeds is not None else input_ids
+        cache_on_kernel = forward._fat5_attention_with_cache
         if inputs is None or not _stack_can_use_kernels(
-            self, inputs, attention_mask, encoder_attention_mask, cache, use_cache, kwargs
+            self, inputs, attention_mask, encoder_attention_mask, cache, use_cache, kwargs, cache_on_kernel
         ):
             return original(
                 self, input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
@@ -219,6 +238,16 @@ def _stack_forward(original: Callable) -> Callable:
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         has_cross_attention = self.is_decoder and encoder_hidden_states is not None
+        if not self.is_decoder:
+            cache = None  # as transformers' stack: the encoder never touches the decoder's cache
+        elif cache is None and (use_cache if use_cache is not None else self.config.use_cache and not self.training):
+            cache = DynamicCache(config=self.config)
+            if self.config.is_encoder_decoder:
+                cache = EncoderDecoderCache(cache, DynamicCache(config=self.config))
+        if cache is not None:
+            return _stack_cached_step(
+                self, inputs_embeds, attention_mask, encoder_hidden_states, encoder_attention_mask, cache
+            )
         batch, length = inputs_embeds.shape[:2]
         masks = unpadding.stack_attention(
             attention_mask,
@@ -250,7 +279,41 @@ def _stack_forward(original: Callable) -> Callable:
             hidden_states = masks.unpack(hidden_states, batch, length)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states)
 
+    # `apply_fat5_kernels(attention_with_cache=...)` sets it on each patched stack forward (`_switch_cached_steps`).
+    forward._fat5_attention_with_cache = True
     return forward
+
+
+def _stack_cached_step(
+    stack, inputs_embeds, attention_mask, encoder_hidden_states, encoder_attention_mask, cache
+) -> BaseModelOutputWithPastAndCrossAttentions:
+    """A decoder step over a KV cache on the kernel (as `FAT5Stack`'s): the new tokens attend to the cache in the
+    padded `(batch, key)` layout, under the 2D masks of the tokens so far and of the encoder."""
+    self_attention = FlashAttentionMask(_bool_mask(attention_mask), causal=True)
+    cross_attention = FlashAttentionMask(_bool_mask(encoder_attention_mask), causal=False)
+    hidden_states = stack.dropout(inputs_embeds)
+    position_bias = None
+    for block in stack.block:
+        hidden_states, position_bias, _ = block(
+            hidden_states, self_attention, position_bias, encoder_hidden_states, cross_attention, None, cache=cache
+        )
+    hidden_states = stack.dropout(stack.final_layer_norm(hidden_states))
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
+
+
+def _create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, **kwargs):
+    """`generate()`'s hook for the decoder mask of a compilable (static) cache, on a patched
+    `*ForConditionalGeneration` (as `FAT5ForConditionalGeneration`'s): when the patched decoder runs its cached steps
+    on the kernel, the 2D mask stays 2D (`decoder_mask_for_kernel`), so the step stays on the kernel; otherwise
+    transformers' 4D mask."""
+    decoder_on_kernel = getattr(self.decoder.forward, "_fat5_attention_with_cache", False)
+    if decoder_on_kernel and kernel_ops.can_use_flash_attention(
+        True, inputs_embeds, attention_mask, cache, False, 0.0, False, cache_on_kernel=True
+    ):
+        return decoder_mask_for_kernel(attention_mask, cache)
+    return create_masks_for_generate(
+        config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, **kwargs
+    )
 
 
 def _lm_loss_forward(original: Callable) -> Callable:
@@ -408,6 +471,20 @@ def _patch_module(module: nn.Module, component: str, suffix: str) -> None:
     module._get_name = types.MethodType(lambda self: f"{name}[fat5]", module)
 
 
+def _switch_cached_steps(stack_forward: Callable, on: bool) -> None:
+    """Set the `attention_with_cache` switch of a patched stack forward (a class's function or a bound method)."""
+    getattr(stack_forward, "__func__", stack_forward)._fat5_attention_with_cache = on
+
+
+def _install_generation_mask_hook(owner: type | nn.Module) -> None:
+    """`_create_masks_for_generate` on a `*ForConditionalGeneration` class or model, where `generate()` looks for a
+    model's own `create_masks_for_generate` (T5's classes have none)."""
+    if isinstance(owner, type):
+        owner.create_masks_for_generate = _create_masks_for_generate
+    else:
+        owner.create_masks_for_generate = types.MethodType(_create_masks_for_generate, owner)
+
+
 def _check_components(options: dict[str, bool]) -> list[str]:
     for name, value in options.items():
         if not isinstance(value, bool):
@@ -438,6 +515,7 @@ def apply_fat5_kernels(
     attention: bool = True,
     cross_entropy: bool = False,
     fused_linear_cross_entropy: bool = True,
+    attention_with_cache: bool = True,
 ) -> FAT5PatchReport:
     """Run transformers' T5, mT5 and UMT5 models on the FAT5 Triton kernels, in place.
 
@@ -453,8 +531,8 @@ def apply_fat5_kernels(
         rms_norm (`bool`): `T5LayerNorm` on the fused RMSNorm kernel.
         gated_mlp (`bool`): the gated feed-forward (gated-gelu, gated-silu) on one matmul and the fused activation.
         attention (`bool`): the stacks' attention on the flash kernel (relative bias in-kernel, padded batches
-            unpadded). A call with a KV cache (generation steps), `output_attentions`, or attention-probability
-            dropout in training (`config.dropout_rate > 0`) keeps transformers' attention.
+            unpadded). A call with `output_attentions`, or attention-probability dropout in training
+            (`config.dropout_rate > 0`), keeps transformers' attention.
         cross_entropy (`bool`): the LM loss of `*ForConditionalGeneration` on the cross-entropy kernel, over the
             logits that transformers' LM head computes (kept in the output).
         fused_linear_cross_entropy (`bool`): in training with `labels` (and the kernels usable: CUDA tensors, a plain
@@ -463,6 +541,13 @@ def apply_fat5_kernels(
             as with Liger-Kernel's option of that name. In eval mode, without labels, in generation, or on the
             PyTorch path, transformers' forward runs and returns the logits. The default; exclusive with
             `cross_entropy`.
+        attention_with_cache (`bool`): with `attention`, the decoder's steps over a KV cache (`generate()`, or a
+            forward with `use_cache`) on the kernel too, as FAT5's `use_triton_attention_with_cache`: self-attention
+            over a `DynamicCache` or a `StaticCache` (whose length the kernel reads on the device: a compiled static
+            step is one graph) and cross-attention over the cached encoder keys and values. `generate()` then keeps
+            the decoder mask 2D for a static cache (a `create_masks_for_generate` hook on the model). Other caches
+            (sliding-window, quantized), and a static cache with gradients enabled, keep transformers' attention.
+            False: every cached step on transformers' attention. Patching again updates it.
 
     Returns:
         `FAT5PatchReport`: what was patched and what was not (and why); the latter is also logged as a warning. The
@@ -476,6 +561,7 @@ def apply_fat5_kernels(
         dict(rms_norm=rms_norm, gated_mlp=gated_mlp, attention=attention, cross_entropy=cross_entropy,
              fused_linear_cross_entropy=fused_linear_cross_entropy)
     )  # fmt: skip
+    _check_components(dict(attention_with_cache=attention_with_cache))
     if cross_entropy and fused_linear_cross_entropy:
         raise ValueError(
             "apply_fat5_kernels: the LM loss runs on one kernel: pass either cross_entropy=True or "
@@ -491,16 +577,18 @@ def apply_fat5_kernels(
             report.not_patched[name] = "triton or its fat5_kernels module is not importable: transformers' code runs"
             components.remove(name)
     if model is None:
-        _patch_classes(components, report)
+        _patch_classes(components, report, attention_with_cache)
     else:
-        _patch_model(model, components, report)
+        _patch_model(model, components, report, attention_with_cache)
+    if "attention" in report.patched and not attention_with_cache:
+        report.not_patched[_CACHED_STEPS] = "switched off by the caller"
     for name, reason in report.not_patched.items():
         if reason != "switched off by the caller":
             logger.warning(f"apply_fat5_kernels: {name} not patched: {reason}")
     return report
 
 
-def _patch_classes(components: list[str], report: FAT5PatchReport) -> None:
+def _patch_classes(components: list[str], report: FAT5PatchReport, attention_with_cache: bool) -> None:
     for model_type, (module_name, prefix, t5_attention) in _FAMILIES.items():
         module = importlib.import_module(module_name)
         for component in components:
@@ -512,9 +600,14 @@ def _patch_classes(components: list[str], report: FAT5PatchReport) -> None:
             for suffix in _PATCHES[component][0]:
                 _patch_class(getattr(module, f"{prefix}{suffix}"), component, suffix)
                 report._count(component)
+            if component == "attention":
+                _switch_cached_steps(getattr(module, f"{prefix}Stack").forward, attention_with_cache)
+                _install_generation_mask_hook(getattr(module, f"{prefix}ForConditionalGeneration"))
+                if attention_with_cache:
+                    report._count(_CACHED_STEPS)
 
 
-def _patch_model(model: nn.Module, components: list[str], report: FAT5PatchReport) -> None:
+def _patch_model(model: nn.Module, components: list[str], report: FAT5PatchReport, attention_with_cache: bool) -> None:
     families = {_family_of(m) for m in model.modules() if isinstance(m, PreTrainedModel)}
     if not families:
         _family_of(model)  # raises, naming the model's type
@@ -533,6 +626,14 @@ def _patch_model(model: nn.Module, components: list[str], report: FAT5PatchRepor
                     if type(module) is wanted:
                         _patch_module(module, component, suffix)
                         report._count(component)
+            if component == "attention":
+                for module in model.modules():
+                    if type(module) is classes[f"{prefix}Stack"] and module.is_decoder:
+                        _switch_cached_steps(module.forward, attention_with_cache)
+                        if attention_with_cache:
+                            report._count(_CACHED_STEPS)
+                    elif type(module) is classes[f"{prefix}ForConditionalGeneration"]:
+                        _install_generation_mask_hook(module)
     _report_unpatched_modules(model, components, report)
 
 

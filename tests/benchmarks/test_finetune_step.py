@@ -92,8 +92,10 @@ def test_generation_and_encoder_rows():
 
     if kernel_ops.kernel_available("attention"):
         with kernel_ops.kernels_on_cpu():
-            rows = benchmark.run_case(generate, ("fat5", "fat5:sdpa_decode"), _args())
-        assert [row["decode_attention"] for row in rows] == ["triton", "sdpa"], rows
+            providers = ("hf_t5_patched:sdpa", "hf_t5_patched:sdpa_decode", "fat5", "fat5:sdpa_decode")
+            rows = benchmark.run_case(generate, providers, _args())
+        assert [row["decode_attention"] for row in rows] == ["triton", "sdpa", "triton", "sdpa"], rows
+        assert [row.get("vs_fat5") is not None for row in rows] == [True, True, False, False], rows
     encoder = benchmark.Case("tiny_encoder", "encoder", "xxl", 16, 0, 2)
     rows = benchmark.run_case(encoder, ("hf_t5:sdpa", "fat5"), _args())
     assert all("error" not in row and row["tokens_per_s"] > 0 for row in rows), rows

@@ -349,6 +349,7 @@ def test_patched_t5_trains_like_stock_on_padded_batches(left, monkeypatch, t5_ba
         "rms_norm": 2 * 2 + 1 + 2 * 3 + 1,
         "gated_mlp": 4,
         "attention": 6 + 2,
+        "attention (cached steps)": 1,  # the decoder stack
         "fused_linear_cross_entropy": 1,
     }
     assert report.not_patched == {}
@@ -496,6 +497,7 @@ def test_class_patch_reaches_models_built_later():
     try:
         report = apply_fat5_kernels()
         assert report.patched["attention"] == 2 * 2  # T5/MT5 Attention and Stack classes
+        assert report.patched["attention (cached steps)"] == 2  # T5/MT5 Stack classes
         assert report.patched["fused_linear_cross_entropy"] == 3  # T5, MT5, UMT5ForConditionalGeneration
         model = _t5()
         assert hasattr(type(model.encoder.final_layer_norm).forward, "_fat5_original")
@@ -512,6 +514,8 @@ def test_class_patch_reaches_models_built_later():
             for value in vars(module).values():
                 if isinstance(value, type) and hasattr(value.__dict__.get("forward"), "_fat5_original"):
                     value.forward = _unpatched(value.forward)
+                if isinstance(value, type) and "create_masks_for_generate" in value.__dict__:
+                    del value.create_masks_for_generate  # the generation mask hook
     assert modeling_t5.T5LayerNorm.forward is t5_forward
 
 
