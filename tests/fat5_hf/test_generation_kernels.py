@@ -16,41 +16,6 @@ if not kernel_ops.kernel_available("attention"):
     pytest.skip("needs triton and fat5_kernels", allow_module_level=True)
 
 
-@pytest.fixture
-def decode_calls(monkeypatch):
-    """The model's calls into the Triton attention with one query a row (decoding steps), as
-    `(static-cache offset given, a T5 bias table given)`."""
-    calls = []
-    original = kernel_ops.flash_attention
-
-    def counting(query, *args, **kwargs):
-        if query.shape[2] == 1:
-            calls.append((kwargs.get("query_offset") is not None, args[3] is not None))  # key, value, mask, table
-        return original(query, *args, **kwargs)
-
-    monkeypatch.setattr(kernel_ops, "flash_attention", counting)
-    return calls
-
-
-@pytest.fixture
-def decode_launches(monkeypatch):
-    """The attention kernel's launches with one query a row, as the query offsets they got (None: aligned to the end
-    of the keys). Counted in the launcher, which the custom ops call when they run: a counter in code that
-    `torch.compile` traces would itself be guarded on (a recompilation a step)."""
-    from fat5_kernels import attention
-
-    offsets = []
-    launch = attention.t5_attention_forward
-
-    def recording(q, *args, query_offset=None, cu_seqlens_q=None, **kwargs):
-        if cu_seqlens_q is None and q.shape[2] == 1:
-            offsets.append(None if query_offset is None else int(query_offset.reshape(-1)[0]))
-        return launch(q, *args, query_offset=query_offset, cu_seqlens_q=cu_seqlens_q, **kwargs)
-
-    monkeypatch.setattr(attention, "t5_attention_forward", recording)
-    return offsets
-
-
 NEW_TOKENS = 4
 
 

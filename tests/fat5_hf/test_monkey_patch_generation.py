@@ -47,40 +47,6 @@ def _stock_and_patched(family="t5", **options):
     return stock, patched, apply_fat5_kernels(patched, **options)
 
 
-@pytest.fixture
-def decode_calls(monkeypatch):
-    """The calls into the Triton attention with one query a row (decoding steps), as `(static-cache offset given,
-    a T5 bias table given)`."""
-    calls = []
-    original = kernel_ops.flash_attention
-
-    def counting(query, *args, **kwargs):
-        if query.shape[2] == 1:
-            calls.append((kwargs.get("query_offset") is not None, args[3] is not None))  # key, value, mask, table
-        return original(query, *args, **kwargs)
-
-    monkeypatch.setattr(kernel_ops, "flash_attention", counting)
-    return calls
-
-
-@pytest.fixture
-def decode_launches(monkeypatch):
-    """The attention kernel's launches with one query a row, as the query offsets they got (None: aligned to the end
-    of the keys). Counted in the launcher, below a compiled graph: a counter in traced code would be guarded on."""
-    from fat5_kernels import attention
-
-    offsets = []
-    launch = attention.t5_attention_forward
-
-    def recording(q, *args, query_offset=None, cu_seqlens_q=None, **kwargs):
-        if cu_seqlens_q is None and q.shape[2] == 1:
-            offsets.append(None if query_offset is None else int(query_offset.reshape(-1)[0]))
-        return launch(q, *args, query_offset=query_offset, cu_seqlens_q=cu_seqlens_q, **kwargs)
-
-    monkeypatch.setattr(attention, "t5_attention_forward", recording)
-    return offsets
-
-
 def _generate(model, input_ids, attention_mask, **kwargs):
     return model.generate(
         input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
