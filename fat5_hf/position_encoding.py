@@ -120,7 +120,7 @@ class DistanceBias(NamedTuple):
 
 class FIREKernelBias(NamedTuple):
     """FIRE's compact parameters on the kernel path past its threshold, as the attention layers hand them to
-    `kernel_ops` (which passes them as the kernel's `fire_bias`, evaluated per element; forward only):
+    `kernel_ops` (which passes them as the kernel's `fire_bias`, evaluated per element, with gradients):
     `FIREPositionBias.kernel_fire_bias`."""
 
     distance_scale: torch.Tensor
@@ -358,14 +358,13 @@ class FIREPositionBias(nn.Module):
         return self._piecewise_linear_bias(normalized).to(self.mlp[0].weight.dtype)
 
     def kernel_fire_bias(self) -> FIREKernelBias:
-        """FIRE's compact parameters for the attention kernel's in-kernel FIRE bias (`fire_bias`, forward only),
-        exact at every query position, past the threshold included: `(distance_scale (), threshold (), breakpoints
-        (width,), slopes (num_heads, width + 1), intercepts (num_heads, width + 1))`, float32, detached (the kernel
-        returns no gradient for them)."""
-        breakpoints, slopes, intercepts = (t.detach() for t in self.piecewise_linear_table())
-        return FIREKernelBias(
-            self.distance_scale.detach().float(), self.threshold.detach().float(), breakpoints, slopes, intercepts
-        )
+        """FIRE's compact parameters for the attention kernel's in-kernel FIRE bias (`fire_bias`), exact at every
+        query position, past the threshold included: `(distance_scale (), threshold (), breakpoints (width,), slopes
+        (num_heads, width + 1), intercepts (num_heads, width + 1))`, float32. Differentiable in `distance_scale`,
+        `threshold` and (through `piecewise_linear_table`) the MLP's parameters: the kernel's backward returns the
+        gradients of all but the breakpoints, which are piecewise constant."""
+        breakpoints, slopes, intercepts = self.piecewise_linear_table()
+        return FIREKernelBias(self.distance_scale.float(), self.threshold.float(), breakpoints, slopes, intercepts)
 
     def piecewise_linear_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """FIRE's MLP as the exact piecewise-linear function it is: `(breakpoints, slopes, intercepts)`.

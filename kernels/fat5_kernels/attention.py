@@ -44,7 +44,7 @@ import weakref
 
 import torch
 
-from .attention_bwd import bias_sums_to_table_grad, t5_attention_backward
+from .attention_bwd import bias_sums_to_table_grad, fire_sums_to_params_grad, t5_attention_backward
 from .attention_fwd import LOG2E, distance_bias_vector, t5_attention_forward
 from .attention_reference import (
     FIREBias,
@@ -728,7 +728,7 @@ def t5_flash_attention(
     key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, k.shape[2], q.device)
     if fire_bias is not None:
         other_bias = bias_table is not None or alibi_slopes is not None
-        fire_params, width = _fire_parameters(fire_bias, num_heads, bidirectional, q.device, other_bias, (q, k, v))
+        fire_params, width = _fire_parameters(fire_bias, num_heads, bidirectional, q.device, other_bias)
         out, lse = _fire_attention(
             q, k, v, fire_params, key_padding_mask, None, None, None, q.shape[2], k.shape[2], width, causal,
             float(softmax_scale),
@@ -788,7 +788,7 @@ def t5_flash_attention_varlen(
     _check_varlen_args(q.device, ("cu_seqlens_q", cu_seqlens_q, max_seqlen_q), ("cu_seqlens_k", cu_seqlens_k, max_seqlen_k))
     if fire_bias is not None:
         other_bias = bias_table is not None or alibi_slopes is not None
-        fire_params, width = _fire_parameters(fire_bias, num_heads, bidirectional, q.device, other_bias, (q, k, v))
+        fire_params, width = _fire_parameters(fire_bias, num_heads, bidirectional, q.device, other_bias)
         out, lse = _fire_attention(
             q, k, v, fire_params, None, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), None,
             int(max_seqlen_q), int(max_seqlen_k), width, causal, float(softmax_scale),
@@ -839,7 +839,7 @@ def t5_flash_attention_qkvpacked(
     key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, length, q.device)
     if fire_bias is not None:
         fire_params, width = _fire_parameters(
-            fire_bias, num_heads, bidirectional, q.device, bias_table is not None or alibi_slopes is not None, (qkv,)
+            fire_bias, num_heads, bidirectional, q.device, bias_table is not None or alibi_slopes is not None
         )
         out, lse = _fire_attention(
             q, k, v, fire_params, key_padding_mask, None, None, None, length, length, width, causal,
@@ -886,7 +886,7 @@ def t5_flash_attention_varlen_qkvpacked(
     _check_varlen_args(q.device, ("cu_seqlens", cu_seqlens, max_seqlen))
     if fire_bias is not None:
         fire_params, width = _fire_parameters(
-            fire_bias, q.shape[1], bidirectional, q.device, bias_table is not None or alibi_slopes is not None, (qkv,)
+            fire_bias, q.shape[1], bidirectional, q.device, bias_table is not None or alibi_slopes is not None
         )
         cu_seqlens = cu_seqlens.contiguous()
         out, lse = _fire_attention(
@@ -908,12 +908,12 @@ def _fire_parameters(
     bidirectional: bool,
     device: torch.device,
     other_bias: bool,
-    inputs: tuple,
 ) -> tuple[torch.Tensor, int]:
     """Check ``fire_bias`` and pack it as the kernel reads it (`attention_fwd._fire_tile_bias`): float32
     ``[|c|, |L|, sign of x before the query (-1 bidirectional, else 1), breakpoints (W,), then per head: slopes
-    (W + 1,) and intercepts (W + 1,) times log2(e)]``. Returns ``(packed, W)``. ``inputs``: every tensor of the
-    call, none of which may need a gradient."""
+    (W + 1,) and intercepts (W + 1,) times log2(e)]``. Returns ``(packed, W)``, differentiable in
+    ``distance_scale``, ``threshold``, ``slopes`` and ``intercepts`` (not in the breakpoints, piecewise constant in
+    FIRE's MLP)."""
     if other_bias:
         raise ValueError("Pass one bias: fire_bias, or bias_table / distance_bias / alibi_slopes, not several.")
     if not (isinstance(fire_bias, tuple) and len(fire_bias) == 5) or not all(
@@ -924,12 +924,6 @@ def _fire_parameters(
             "(FIREPositionBias.kernel_fire_bias() gives it)."
         )
     fire_bias = FIREBias(*fire_bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *fire_bias)):
-        raise NotImplementedError(
-            "attention with fire_bias is forward only (FIRE past its threshold: evaluation, generation): run it under "
-            "torch.no_grad() / torch.inference_mode(), or train with FIRE's per-distance table (distance_bias, "
-            "queries below the threshold) or a materialized bias."
-        )
     width = fire_bias.breakpoints.numel()
     if fire_bias.distance_scale.numel() != 1 or fire_bias.threshold.numel() != 1 or fire_bias.breakpoints.dim() != 1:
         raise ValueError(
@@ -956,7 +950,8 @@ def _fire_parameters(
          torch.full((), -1.0 if bidirectional else 1.0, device=device))
     )  # fmt: skip
     lines = torch.stack((fire_bias.slopes.float(), fire_bias.intercepts.float()), dim=1) * LOG2E  # (H, 2, W + 1)
-    return torch.cat((header, fire_bias.breakpoints.float(), lines.flatten())).contiguous(), width
+    breakpoints = fire_bias.breakpoints.detach().float()
+    return torch.cat((header, breakpoints, lines.flatten())).contiguous(), width
 
 
 def _fire_forward(
@@ -1003,11 +998,107 @@ def _(q, k, v, fire_params, key_padding_mask, cu_seqlens_q, cu_seqlens_k, query_
     return _fake_forward_outputs(q, cu_seqlens_q is not None)
 
 
+def _fire_backward(
+    dout, q, k, v, out, lse, fire_params, key_padding_mask, cu_seqlens_q, cu_seqlens_k, query_offset, max_seqlen_q,
+    max_seqlen_k, fire_width, causal, softmax_scale,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``dq, dk, dv`` and the float32 gradient of the packed ``fire_params`` (`_fire_parameters`), whose sums the
+    dK/dV kernel accumulates per program and `fire_sums_to_params_grad` reduces in a fixed order (deterministic)."""
+    if query_offset is not None:
+        raise NotImplementedError("attention over a KV cache with a query_offset is forward only.")
+    dq, dk, dv, fire_partials = t5_attention_backward(
+        dout, q, k, v, out, lse,
+        dist_bias=None, radius=0, dist_center=0, cuts=None, alibi_slopes=None, key_padding_mask=key_padding_mask,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        causal=causal, softmax_scale=softmax_scale, fire_params=fire_params, fire_width=fire_width,
+    )  # fmt: skip
+    return dq, dk, dv, fire_sums_to_params_grad(fire_partials, fire_width, fire_params.numel())
+
+
+@torch.library.custom_op("fat5::t5_flash_attention_fire_bwd", mutates_args=())
+def _t5_flash_attention_fire_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    fire_params: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    query_offset: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    fire_width: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fire_backward(
+        dout, q, k, v, out, lse, fire_params, key_padding_mask, cu_seqlens_q, cu_seqlens_k, query_offset,
+        max_seqlen_q, max_seqlen_k, fire_width, causal, softmax_scale,
+    )  # fmt: skip
+
+
+@_t5_flash_attention_fire_bwd.register_fake
+def _(dout, q, k, v, out, lse, fire_params, key_padding_mask, cu_seqlens_q, cu_seqlens_k, query_offset,
+      max_seqlen_q, max_seqlen_k, fire_width, causal, softmax_scale):  # fmt: skip
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(fire_params)
+
+
+_FIRE_NUM_TENSORS = 8  # q, k, v, fire_params, key_padding_mask, cu_seqlens_q, cu_seqlens_k, query_offset
+
+
+def _fire_save(ctx, inputs: tuple, out: torch.Tensor, lse: torch.Tensor) -> None:
+    ctx.mark_non_differentiable(lse)
+    q, k, v, *other_tensors = inputs[:_FIRE_NUM_TENSORS]
+    ctx.save_for_backward(q, k, v, out, lse, *other_tensors)
+    ctx.static_args = inputs[_FIRE_NUM_TENSORS:]
+
+
+def _fire_run_backward(ctx, dout: torch.Tensor, backward_fn) -> tuple:
+    dq, dk, dv, dparams = backward_fn(dout, *ctx.saved_tensors, *ctx.static_args)
+    return (dq, dk, dv, dparams) + (None,) * (len(ctx.static_args) + _FIRE_NUM_TENSORS - 4)
+
+
+def _fire_setup_context(ctx, inputs, output):
+    _fire_save(ctx, inputs, *output)
+
+
+def _fire_op_backward(ctx, dout, dlse):
+    del dlse  # the log-sum-exp is an auxiliary output without gradient
+    return _fire_run_backward(ctx, dout, _t5_flash_attention_fire_bwd)
+
+
+torch.library.register_autograd(
+    "fat5::t5_flash_attention_fire_fwd", _fire_op_backward, setup_context=_fire_setup_context
+)
+
+
+class FIREFlashAttentionFunction(torch.autograd.Function):
+    """The ``fat5::t5_flash_attention_fire_fwd`` custom op's forward and backward as an autograd.Function (eager
+    calls, without the custom-op dispatch). Arguments are those of the op; returns ``(out, lse)``; the backward
+    returns the gradients of q, k, v and of the packed ``fire_params``."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _fire_forward(*inputs)
+        _fire_save(ctx, inputs, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        del dlse
+        return _fire_run_backward(ctx, dout, _fire_backward)
+
+
 def _fire_attention(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of `_fire_forward`: the custom op under ``torch.compile``, the implementation when eager."""
+    """``(out, lse)`` of `_fire_forward`: the custom op under ``torch.compile``, the autograd.Function when eager."""
     if torch.compiler.is_compiling():
         return _t5_flash_attention_fire_fwd(*inputs)
-    return _fire_forward(*inputs)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:4]):
+        return FIREFlashAttentionFunction.apply(*inputs)
+    return _fire_forward(*inputs)  # no gradient (evaluation, generation): no autograd bookkeeping
 
 
 # ---- decoding with a KV cache: forward only, the queries placed by a device-side offset (a static cache's length).
@@ -1112,7 +1203,8 @@ def t5_flash_attention_with_kvcache(
             f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}."
         )
     if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k_cache, v_cache, bias_table, distance_bias, alibi_slopes)
+        t is not None and t.requires_grad
+        for t in (q, k_cache, v_cache, bias_table, distance_bias, alibi_slopes, *(fire_bias or ()))
     ):
         raise NotImplementedError(
             "t5_flash_attention_with_kvcache is forward only (generation): run it under torch.no_grad() or "
@@ -1137,8 +1229,7 @@ def t5_flash_attention_with_kvcache(
     key_padding_mask = _key_padding_mask_bytes(key_padding_mask, batch, k_cache.shape[2], q.device)
     if fire_bias is not None:
         fire_params, width = _fire_parameters(
-            fire_bias, num_heads, bidirectional, q.device, bias_table is not None or alibi_slopes is not None,
-            (q, k_cache, v_cache),
+            fire_bias, num_heads, bidirectional, q.device, bias_table is not None or alibi_slopes is not None
         )
         return _fire_attention(
             q, k_cache, v_cache, fire_params, key_padding_mask, None, None, query_offset, q.shape[2],

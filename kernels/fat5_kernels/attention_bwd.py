@@ -29,10 +29,15 @@ except ImportError as err:  # triton is optional; fat5_hf falls back to PyTorch 
 
 from .attention_fwd import (
     BIAS_ALIBI,
+    BIAS_FIRE,
     BIAS_NONE,
     BIAS_T5,
+    LN2,
     _band_bias,
+    _fire_normalizer,
+    _fire_tile_bias,
     _key_ranges,
+    _log1p,
     _mask2d,
     _tile_bias,
     by_head_dim,
@@ -49,16 +54,17 @@ from .triton_utils import cdiv, launch, next_power_of_2
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, band_cut_sums, far_left_rows, far_right_rows,
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums,
     k, v, key_pos, key_keep,
-    q_ptrs, do_ptrs, lse_ptr, delta_ptr, band_bias, cuts,
+    q_ptrs, do_ptrs, lse_ptr, delta_ptr, band_bias, cuts, fire_ptr, fire_lines,
     start_m, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim,
     qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
     BIAS_KIND: tl.constexpr, REGION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     EVEN_HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FIRE_WIDTH: tl.constexpr, FIRE_SUMS: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dK, dV (and the bias sums) of one key block with the query tile at ``start_m``.
+    """Accumulate dK, dV (and the bias sums, or FIRE's) of one key block with the query tile at ``start_m``.
 
     Works on transposed tiles: rows are this program's keys, columns the queries.
     """
@@ -87,6 +93,22 @@ def _dkdv_tile(
     delta = tl.load(delta_ptr + offs_m, mask=offs_m < seqlen_q, other=0.0)
     scores_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N, BLOCK_M)
     distance = key_pos[:, None] - (offs_m + query_shift)[None, :]
+    if BIAS_KIND == 3:
+        # FIRE per element, as `attention_fwd._fire_tile_bias` on the transposed tile, keeping x and its segment
+        # for the parameters' gradient
+        query_pos = (offs_m + query_shift).to(tl.float32)
+        fire_c = tl.load(fire_ptr)
+        fire_threshold = tl.load(fire_ptr + 1)
+        reach = tl.maximum(tl.maximum(query_pos, fire_threshold), 1.0)
+        normalizer = _log1p(fire_c * reach)
+        abs_distance = tl.abs(distance).to(tl.float32)
+        x_sign = tl.where(distance < 0, tl.load(fire_ptr + 2), 1.0)
+        fire_x = x_sign * _log1p(fire_c * abs_distance) / normalizer[None, :]
+        segment = tl.zeros([key_pos.shape[0], BLOCK_M], dtype=tl.int32)
+        for s in tl.static_range(FIRE_WIDTH):
+            segment += (tl.load(fire_ptr + 3 + s) < fire_x).to(tl.int32)
+        slope_log2 = tl.load(fire_lines + segment)
+        band_bias = slope_log2 * fire_x + tl.load(fire_lines + (FIRE_WIDTH + 1) + segment)
     scores_t = _tile_bias(
         scores_t, distance, band_bias, alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION
     )
@@ -102,6 +124,11 @@ def _dkdv_tile(
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])  # gradient of the natural-log logits
     dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+    if BIAS_KIND == 3:
+        fire_sums = _fire_tile_sums(
+            fire_sums, ds_t, fire_x, x_sign, segment, slope_log2, abs_distance, query_pos, fire_c, fire_threshold,
+            reach, normalizer, FIRE_WIDTH, FIRE_SUMS,
+        )  # fmt: skip
     if COMPUTE_DBIAS:
         if REGION == 0:
             far_left_rows += tl.sum(ds_t, axis=1)
@@ -123,7 +150,41 @@ def _dkdv_tile(
             picked = tl.gather(suffix_sums, col, axis=1)
             picked = tl.where(first_col >= BLOCK_M, 0.0, picked)
             band_cut_sums += tl.sum(picked, axis=0)
-    return dk, dv, band_cut_sums, far_left_rows, far_right_rows
+    return dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums
+
+
+@triton.jit
+def _fire_tile_sums(
+    fire_sums, ds, x, x_sign, segment, slope_log2, abs_distance, query_pos, c, threshold, reach, normalizer,
+    FIRE_WIDTH: tl.constexpr, FIRE_SUMS: tl.constexpr,
+):  # fmt: skip
+    """Add a transposed tile's share of FIRE's parameter gradients to ``fire_sums`` (float32 ``(FIRE_SUMS,)``):
+    per segment ``s`` the sum of dS at ``[s]`` and of dS * x at ``[W + 1 + s]``, then the sums of dL/dx * dx/dc at
+    ``[2W + 2]`` and dL/dx * dx/dL at ``[2W + 3]`` (``c``, ``L``: FIRE's ``|distance_scale|``, ``|threshold|``).
+
+    ``x = sign * log1p(c |d|) / log1p(c R)``, ``R = max(i, L, 1)``: ``dx/dc = (sign |d| / (1 + c |d|) - x R / (1 + c
+    R)) / log1p(c R)``, ``dx/dR = -x c / ((1 + c R) log1p(c R))`` and ``dR/dL`` as torch's ``maximum`` then
+    ``clamp_min`` give it (1 where ``L > i``, 1/2 where ``L == i``, 0 once ``max(i, L) < 1``), so that the
+    gradients equal those of the materialized bias. dS is the gradient of the natural-log bias; slopes are
+    log2-scaled, hence ``ln 2``."""
+    dx = ds * (slope_log2 * LN2)
+    growth = 1.0 + c * reach
+    dx_dc = (x_sign * abs_distance / (1.0 + c * abs_distance) - x * (reach / growth)[None, :]) / normalizer[None, :]
+    dx_dreach = -x * (c / (growth * normalizer))[None, :]
+    dreach_dl = tl.where(threshold > query_pos, 1.0, tl.where(threshold == query_pos, 0.5, 0.0))
+    dreach_dl = tl.where(tl.maximum(query_pos, threshold) >= 1.0, dreach_dl, 0.0)
+    grad_c = tl.sum(tl.sum(dx * dx_dc, axis=1), axis=0)
+    grad_l = tl.sum(tl.sum(dx * dx_dreach, axis=0) * dreach_dl, axis=0)
+    slots = tl.arange(0, FIRE_SUMS)
+    ds_x = ds * x
+    # one masked reduction per segment (W + 1 <= 65): simple, and only FIRE's kernels carry it
+    for s in tl.static_range(FIRE_WIDTH + 1):
+        in_segment = segment == s
+        ds_sum = tl.sum(tl.sum(tl.where(in_segment, ds, 0.0), axis=1), axis=0)
+        ds_x_sum = tl.sum(tl.sum(tl.where(in_segment, ds_x, 0.0), axis=1), axis=0)
+        fire_sums += tl.where(slots == s, ds_sum, 0.0) + tl.where(slots == FIRE_WIDTH + 1 + s, ds_x_sum, 0.0)
+    fire_sums += tl.where(slots == 2 * FIRE_WIDTH + 2, grad_c, 0.0) + tl.where(slots == 2 * FIRE_WIDTH + 3, grad_l, 0.0)
+    return fire_sums
 
 
 @triton.jit
@@ -138,41 +199,43 @@ def _band_bias_t(dist_bias_ptr, key_pos, first_query_pos, BLOCK_M: tl.constexpr)
 
 @triton.jit
 def _dkdv_tile_loop(
-    dk, dv, band_cut_sums, far_left_rows, far_right_rows,
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums,
     k, v, key_pos, key_keep,
-    q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts,
+    q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, fire_ptr, fire_lines,
     lo, hi, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim,
     qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
     BIAS_KIND: tl.constexpr, REGION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     EVEN_HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PREFETCH_BIAS: tl.constexpr,
+    PREFETCH_BIAS: tl.constexpr, FIRE_WIDTH: tl.constexpr, FIRE_SUMS: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dK, dV (and the bias sums) of one key block over query blocks ``[lo, hi)``."""
+    """Accumulate dK, dV (and the bias sums, or FIRE's) of one key block over query blocks ``[lo, hi)``."""
     if BIAS_KIND == 1 and REGION == 1 and PREFETCH_BIAS:
         # band: the next tile's bias gather is issued before this tile's work (see `_fwd_tile_loop`)
         next_bias = _band_bias_t(dist_bias_ptr, key_pos, lo + seqlen_k - seqlen_q, BLOCK_M)
         for start_m in tl.range(lo, hi, BLOCK_M):
             band_bias = next_bias
             next_bias = _band_bias_t(dist_bias_ptr, key_pos, start_m + BLOCK_M + seqlen_k - seqlen_q, BLOCK_M)
-            dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile(
-                dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, key_pos, key_keep, q_ptrs, do_ptrs, lse_ptr,
-                delta_ptr, band_bias, cuts, start_m, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2,
-                alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK,
-                COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M, DOT_PRECISION,
+            dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums = _dkdv_tile(
+                dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums, k, v, key_pos, key_keep, q_ptrs,
+                do_ptrs, lse_ptr, delta_ptr, band_bias, cuts, fire_ptr, fire_lines, start_m, seqlen_q, seqlen_k,
+                stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+                BIAS_KIND, REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
+                DOT_PRECISION, FIRE_WIDTH, FIRE_SUMS,
             )  # fmt: skip
     else:
         for start_m in tl.range(lo, hi, BLOCK_M):
             band_bias = 0.0
             if BIAS_KIND == 1 and REGION == 1:
                 band_bias = _band_bias_t(dist_bias_ptr, key_pos, start_m + seqlen_k - seqlen_q, BLOCK_M)
-            dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile(
-                dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, key_pos, key_keep, q_ptrs, do_ptrs, lse_ptr,
-                delta_ptr, band_bias, cuts, start_m, seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2,
-                alibi_slope_log2, bias_far_left, bias_far_right, BIAS_KIND, REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK,
-                COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M, DOT_PRECISION,
+            dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums = _dkdv_tile(
+                dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums, k, v, key_pos, key_keep, q_ptrs,
+                do_ptrs, lse_ptr, delta_ptr, band_bias, cuts, fire_ptr, fire_lines, start_m, seqlen_q, seqlen_k,
+                stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+                BIAS_KIND, REGION, MASKED, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
+                DOT_PRECISION, FIRE_WIDTH, FIRE_SUMS,
             )  # fmt: skip
-    return dk, dv, band_cut_sums, far_left_rows, far_right_rows
+    return dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums
 
 
 def _dkdv_configs() -> list:
@@ -225,7 +288,7 @@ def _prune_bwd_configs(configs, named_args, **kwargs):
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, DK, DV, Lse, Delta,
-    DistBias, AlibiSlopes, KeyMask, CuSeqlensQ, CuSeqlensK, Cuts, BiasPartials,
+    DistBias, AlibiSlopes, FireParams, KeyMask, CuSeqlensQ, CuSeqlensK, Cuts, BiasPartials,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -238,7 +301,7 @@ def _bwd_dkdv_kernel(
     BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     COMPUTE_DBIAS: tl.constexpr, NUM_CUTS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     EVEN_HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    FIRE_WIDTH: tl.constexpr, FIRE_SUMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     start_n = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -309,37 +372,39 @@ def _bwd_dkdv_kernel(
     band_cut_sums = tl.zeros([NUM_CUTS_PAD], dtype=tl.float32)
     far_left_rows = tl.zeros([BLOCK_N], dtype=tl.float32)
     far_right_rows = tl.zeros([BLOCK_N], dtype=tl.float32)
-    dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
-        dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
-        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, query_lo, far_right_end, seqlen_q, seqlen_k,
+    fire_sums = tl.zeros([FIRE_SUMS], dtype=tl.float32)
+    fire_lines = FireParams + 3 + FIRE_WIDTH + off_h * (2 * FIRE_WIDTH + 2)  # the head's slopes, then intercepts
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums = _dkdv_tile_loop(
+        dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums, k, v, offs_n, key_keep,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, query_lo, far_right_end, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH, FIRE_SUMS,
     )  # fmt: skip
-    dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
-        dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
-        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, far_right_end, band_end, seqlen_q, seqlen_k,
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums = _dkdv_tile_loop(
+        dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums, k, v, offs_n, key_keep,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, far_right_end, band_end, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH, FIRE_SUMS,
     )  # fmt: skip
-    dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
-        dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
-        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, band_end, full_end, seqlen_q, seqlen_k,
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums = _dkdv_tile_loop(
+        dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums, k, v, offs_n, key_keep,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, band_end, full_end, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH, FIRE_SUMS,
     )  # fmt: skip
-    dk, dv, band_cut_sums, far_left_rows, far_right_rows = _dkdv_tile_loop(
-        dk, dv, band_cut_sums, far_left_rows, far_right_rows, k, v, offs_n, key_keep,
-        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, full_end, seqlen_q, seqlen_q, seqlen_k,
+    dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums = _dkdv_tile_loop(
+        dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums, k, v, offs_n, key_keep,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, full_end, seqlen_q, seqlen_q, seqlen_k,
         stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
         BIAS_KIND, 0, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH, FIRE_SUMS,
     )  # fmt: skip
 
     dk = dk * softmax_scale
@@ -360,6 +425,10 @@ def _bwd_dkdv_kernel(
         tl.store(slot + tl.arange(0, NUM_CUTS_PAD).to(tl.int64) * num_partials, band_cut_sums)
         tl.store(slot + NUM_CUTS_PAD * num_partials, tl.sum(far_left_rows, axis=0))
         tl.store(slot + (NUM_CUTS_PAD + 1) * num_partials, tl.sum(far_right_rows, axis=0))
+    if BIAS_KIND == 3:
+        # FIRE's sums, same layout: (H, FIRE_SUMS, num_partials)
+        slot = BiasPartials + (off_h * FIRE_SUMS * num_partials + start_n * batch + off_b).to(tl.int64)
+        tl.store(slot + tl.arange(0, FIRE_SUMS).to(tl.int64) * num_partials, fire_sums)
 
 
 @triton.jit
@@ -409,13 +478,13 @@ def _dq_tile(
 @triton.jit
 def _dq_tile_loop(
     dq, q, do, lse_log2, delta,
-    k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr,
+    k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, fire_ptr, fire_lines, fire_normalizer,
     lo, hi, query_pos, seqlen_k, stride_kn, stride_vn, head_dim,
     qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
     BIAS_KIND: tl.constexpr, REGION: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PREFETCH_BIAS: tl.constexpr,
+    PREFETCH_BIAS: tl.constexpr, FIRE_WIDTH: tl.constexpr,
 ):  # fmt: skip
     if BIAS_KIND == 1 and REGION == 1 and PREFETCH_BIAS:
         # band: the next tile's bias gather is issued before this tile's work (see `_fwd_tile_loop`)
@@ -430,7 +499,12 @@ def _dq_tile_loop(
             )  # fmt: skip
     else:
         for start_n in tl.range(lo, hi, BLOCK_N):
-            band_bias = _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND, REGION, BLOCK_N)
+            if BIAS_KIND == 3:  # FIRE: every tile, whatever its region, evaluates the bias per element
+                band_bias = _fire_tile_bias(
+                    fire_ptr, fire_lines, fire_normalizer, start_n, query_pos, FIRE_WIDTH, BLOCK_N
+                )
+            else:
+                band_bias = _band_bias(dist_bias_ptr, start_n, query_pos, BIAS_KIND, REGION, BLOCK_N)
             dq = _dq_tile(
                 dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, band_bias, start_n, query_pos, seqlen_k,
                 stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
@@ -474,7 +548,7 @@ def _dq_narrow_head_configs() -> list:
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, Out, DOut, DQ, Lse, Delta,
-    DistBias, AlibiSlopes, KeyMask, CuSeqlensQ, CuSeqlensK,
+    DistBias, AlibiSlopes, FireParams, KeyMask, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -486,7 +560,7 @@ def _bwd_dq_kernel(
     SEQLEN_KEY,
     BIAS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, EVEN_HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FIRE_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -531,6 +605,10 @@ def _bwd_dq_kernel(
     bias_far_right = 0.0
     if BIAS_KIND == 2:
         alibi_slope_log2 = tl.load(AlibiSlopes + off_h).to(tl.float32) * 1.4426950408889634
+    fire_lines = FireParams + 3 + FIRE_WIDTH + off_h * (2 * FIRE_WIDTH + 2)  # the head's slopes, then intercepts
+    fire_normalizer = 0.0
+    if BIAS_KIND == 3:
+        fire_normalizer = _fire_normalizer(FireParams, query_pos)
     if BIAS_KIND == 1:
         bias_far_left = tl.load(dist_bias_ptr - 2 * radius)
         bias_far_right = tl.load(dist_bias_ptr + 2 * radius)
@@ -544,28 +622,32 @@ def _bwd_dq_kernel(
     )
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     dq = _dq_tile_loop(
-        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, 0, far_left_end, query_pos,
+        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, FireParams, fire_lines,
+        fire_normalizer, 0, far_left_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
          BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH,
     )  # fmt: skip
     dq = _dq_tile_loop(
-        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, far_left_end, band_end, query_pos,
+        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, FireParams, fire_lines,
+        fire_normalizer, far_left_end, band_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
          BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH,
     )  # fmt: skip
     dq = _dq_tile_loop(
-        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, band_end, full_end, query_pos,
+        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, FireParams, fire_lines,
+        fire_normalizer, band_end, full_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
          BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH,
     )  # fmt: skip
     dq = _dq_tile_loop(
-        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, full_end, key_end, query_pos,
+        dq, q, do, lse_log2, delta, k_ptrs, v_ptrs, key_mask_ptr, dist_bias_ptr, FireParams, fire_lines,
+        fire_normalizer, full_end, key_end, query_pos,
         seqlen_k, stride_kn, stride_vn, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
          BIAS_KIND, 2, True, IS_CAUSAL, HAS_KEY_MASK, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_N, DOT_PRECISION,
-        PREFETCH_BIAS,
+        PREFETCH_BIAS, FIRE_WIDTH,
     )  # fmt: skip
     dq = dq * softmax_scale
     tl.store(
@@ -603,6 +685,8 @@ def t5_attention_backward(
     causal: bool,
     softmax_scale: float,
     grad_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    fire_params: torch.Tensor | None = None,
+    fire_width: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the backward kernels on validated inputs (layouts as in `t5_attention_forward`).
 
@@ -613,6 +697,10 @@ def t5_attention_backward(
     the per-program bias sums: float32 ``(H, len(cuts) + 2, key_blocks * B)`` holding, per program, the sum
     of dS over band elements with distance ``<= cut`` for each cut, then the sums over the far-left
     (``d <= -R``) and far-right (``d >= R``) tiles. `bias_sums_to_table_grad` turns them into the table gradient.
+
+    With ``fire_params`` (FIRE evaluated per element, as in `t5_attention_forward`), the fourth result is FIRE's
+    per-program sums instead: float32 ``(H, fire_sums_size(fire_width), key_blocks * B)`` (layout in
+    `_fire_tile_sums`); `fire_sums_to_params_grad` turns them into the gradient of ``fire_params``.
     """
     is_varlen = cu_seqlens_q is not None
     if dout.stride(-1) != 1:
@@ -626,10 +714,13 @@ def t5_attention_backward(
     else:
         batch, num_heads = q.shape[:2]
         lse_strides = lse.stride()[:2]
+    fire_sums = fire_sums_size(fire_width) if fire_params is not None else 2
     if q.numel() == 0 or k.numel() == 0:  # no rows or no keys: every gradient is zero
         partials = None
         if cuts is not None:
             partials = torch.zeros(q.shape[1], cuts.numel() + 2, 1, device=q.device, dtype=torch.float32)
+        elif fire_params is not None:
+            partials = torch.zeros(q.shape[1], fire_sums, 1, device=q.device, dtype=torch.float32)
         if grad_buffers is None:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), partials
         return (*(buffer.zero_() for buffer in grad_buffers), partials)
@@ -638,7 +729,14 @@ def t5_attention_backward(
         grad_buffers = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     dq, dk, dv = grad_buffers
     dummy = dummy_tensor(q.device)
-    bias_kind = BIAS_T5 if dist_bias is not None else (BIAS_ALIBI if alibi_slopes is not None else BIAS_NONE)
+    if dist_bias is not None:
+        bias_kind = BIAS_T5
+    elif fire_params is not None:
+        bias_kind = BIAS_FIRE
+    elif alibi_slopes is not None:
+        bias_kind = BIAS_ALIBI
+    else:
+        bias_kind = BIAS_NONE
     compute_dbias = cuts is not None
     num_cuts_pad = cuts.numel() if compute_dbias else 2
     # one slot per program of the smallest key block: programs that exit early leave zeros
@@ -646,15 +744,19 @@ def t5_attention_backward(
     bias_partials = None
     if compute_dbias:
         bias_partials = torch.zeros(num_heads, num_cuts_pad + 2, num_partials, device=q.device, dtype=torch.float32)
+    elif bias_kind == BIAS_FIRE:
+        bias_partials = torch.zeros(num_heads, fire_sums, num_partials, device=q.device, dtype=torch.float32)
     seqlen_key = seqlen_autotune_key(max(max_seqlen_q, max_seqlen_k))
     common = dict(
         PREFETCH_BIAS=prefetch_band_bias(),
         BIAS_KIND=bias_kind, IS_CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None, IS_VARLEN=is_varlen,
         HEAD_DIM_PAD=head_dim_pad, EVEN_HEAD_DIM=head_dim == head_dim_pad, DOT_PRECISION=dot_precision(q.dtype),
+        FIRE_WIDTH=fire_width if fire_params is not None else 0,
     )  # fmt: skip
     optional = (
         dist_bias if dist_bias is not None else dummy,
         alibi_slopes if alibi_slopes is not None else dummy,
+        fire_params if fire_params is not None else dummy,
         key_padding_mask if key_padding_mask is not None else dummy,
         cu_seqlens_q if is_varlen else dummy,
         cu_seqlens_k if is_varlen else dummy,
@@ -678,14 +780,14 @@ def t5_attention_backward(
     )
     dkdv_args = (
         q, k, v, dout, dk, dv, lse, delta, *optional,
-        cuts if compute_dbias else dummy, bias_partials if compute_dbias else dummy,
+        cuts if compute_dbias else dummy, bias_partials if bias_partials is not None else dummy,
         *_layout_strides(q, is_varlen), *_layout_strides(k, is_varlen), *_layout_strides(v, is_varlen),
         *_layout_strides(dout, is_varlen), *_layout_strides(dk, is_varlen), *_layout_strides(dv, is_varlen),
         *lse_strides, mask_stride,
         batch, num_heads, max_seqlen_q, max_seqlen_k, head_dim, scale_log2, softmax_scale, radius, dist_center,
         num_partials, seqlen_key,
     )  # fmt: skip
-    dkdv_kwargs = dict(COMPUTE_DBIAS=compute_dbias, NUM_CUTS_PAD=num_cuts_pad, **common)
+    dkdv_kwargs = dict(COMPUTE_DBIAS=compute_dbias, NUM_CUTS_PAD=num_cuts_pad, FIRE_SUMS=fire_sums, **common)
     launch_tuned(
         _bwd_dkdv_kernel,
         lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * num_heads),
@@ -742,3 +844,25 @@ def bias_sums_to_table_grad(
         num_warps=4,
     )
     return out
+
+
+def fire_sums_size(fire_width: int) -> int:
+    """Length of one program's FIRE sums (`_fire_tile_sums`): ``2 (W + 1) + 2`` padded to a power of two."""
+    return next_power_of_2(2 * fire_width + 4)
+
+
+def fire_sums_to_params_grad(fire_partials: torch.Tensor, fire_width: int, params_size: int) -> torch.Tensor:
+    """FIRE's per-program sums ``(H, fire_sums_size(W), P)`` -> the gradient of the packed ``fire_params``
+    (float32 ``(params_size,)``, layout in `attention_fwd._fire_tile_bias`): ``[dc, dL, 0, 0 (W breakpoints: piecewise
+    constant), then per head d slopes (W + 1,), d intercepts (W + 1,)]`` of the log2-scaled slopes and intercepts
+    the kernels read. Deterministic: one reduction over the programs, no atomics."""
+    sums = fire_partials.sum(dim=-1)  # (H, FIRE_SUMS)
+    segments = fire_width + 1
+    ds, ds_x = sums[:, :segments], sums[:, segments : 2 * segments]
+    # the kernels' bias is log2-scaled and dS is the gradient of the natural-log bias: d(line_log2) = ln(2) d(line)
+    lines = torch.stack((ds_x, ds), dim=1) * LN2  # (H, 2, W + 1): slopes then intercepts
+    header = torch.stack((sums[:, 2 * segments].sum(), sums[:, 2 * segments + 1].sum()))
+    grad = torch.cat((header, header.new_zeros(1 + fire_width), lines.flatten()))
+    if grad.numel() != params_size:
+        raise ValueError(f"fire_params holds {params_size} values, expected {grad.numel()} for width {fire_width}.")
+    return grad
