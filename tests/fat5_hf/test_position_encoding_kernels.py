@@ -176,14 +176,15 @@ def _fire_with_awkward_breakpoints(bidirectional: bool, threshold: float):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("threshold", [5.5, 0.0, -3.0])
+@pytest.mark.parametrize("threshold", [5.5, 4.0, 0.0, -3.0])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_fire_past_the_threshold_in_the_kernel_equals_the_materialized_bias(bidirectional, padded, threshold):
     """Encoder (bidirectional) and decoder (causal) attention with FIRE evaluated per element in the kernel
     (`fire_bias`; padded rows through the varlen kernel), queries below and past the threshold in one call, against
-    `FIREPositionBias.forward` added to materialized attention, fp32; a threshold trained to a fraction, 0 or a
-    negative value, breakpoints with +inf entries and ties."""
+    `FIREPositionBias.forward` added to materialized attention, fp32: values and gradients of q, k, v and of every
+    FIRE parameter; a threshold trained to a fraction, an integer (a query at the threshold: `maximum` splits the
+    gradient), 0 or a negative value, breakpoints with +inf entries and ties."""
     from fat5_kernels.attention import t5_flash_attention, t5_flash_attention_varlen
     from fat5_kernels.attention_reference import t5_attention_reference
 
@@ -192,27 +193,44 @@ def test_fire_past_the_threshold_in_the_kernel_equals_the_materialized_bias(bidi
     assert not fire.is_distance_only(length)
     lengths = [13, 8] if padded else [13, 13]
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, 3, length, 8, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, length, 8, generator=gen).requires_grad_() for _ in range(3))
     real = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]  # (B, L) real tokens
-    fire_bias = fire.kernel_fire_bias()
+    dout = torch.randn(2, 3, length, 8, generator=gen) * real[:, None, :, None]  # no gradient from padding rows
+
+    def kernel(q, k, v):
+        fire_bias = fire.kernel_fire_bias()
+        if not padded:
+            return t5_flash_attention(q, k, v, fire_bias=fire_bias, bidirectional=bidirectional, causal=causal)
+        rows = [t.transpose(1, 2)[real] for t in (q, k, v)]  # (total, H, D)
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        out = t5_flash_attention_varlen(
+            *rows, cu_seqlens, cu_seqlens, length, length, fire_bias=fire_bias, bidirectional=bidirectional,
+            causal=causal,
+        )  # fmt: skip
+        return out.new_zeros(2, length, 3, 8).index_put((real,), out).transpose(1, 2)
+
+    def materialized(q, k, v):
+        return _materialized_attention(q, k, v, fire(length, length), lengths, causal)
+
+    results = []
+    for attention in (kernel, materialized):
+        out = attention(q, k, v)
+        tensors = [q, k, v, *(fire.get_parameter(name) for name in _FIRE_PARAMETERS)]
+        results.append((out.detach() * real[:, None, :, None], torch.autograd.grad(out, tensors, dout)))
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for name, grad, expected_grad in zip(("q", "k", "v", *_FIRE_PARAMETERS), grads, expected_grads):
+        # a head-wide constant (mlp.2.bias) has no gradient, nor has a threshold below every query (0 or -3)
+        assert name == "mlp.2.bias" or (name == "threshold" and threshold <= 0) or expected_grad.abs().sum() > 0, name
+        # sums of up to 2 * 13 * 13 terms per head in another order: an absolute tolerance relative to the largest
+        scale = max(expected_grad.abs().max().item(), 1.0)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
     with torch.no_grad():
-        if padded:
-            rows = [t.transpose(1, 2)[real] for t in (q, k, v)]  # (total, H, D)
-            cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-            out = t5_flash_attention_varlen(
-                *rows, cu_seqlens, cu_seqlens, length, length, fire_bias=fire_bias, bidirectional=bidirectional,
-                causal=causal,
-            )  # fmt: skip
-            out = out.new_zeros(2, length, 3, 8).index_put((real,), out).transpose(1, 2)
-        else:
-            out = t5_flash_attention(q, k, v, fire_bias=fire_bias, bidirectional=bidirectional, causal=causal)
-        expected = _materialized_attention(q, k, v, fire(length, length), lengths, causal)
         reference = t5_attention_reference(
-            q, k, v, fire_bias=fire_bias, bidirectional=bidirectional, causal=causal, key_padding_mask=real
-        )
-    mask = real[:, None, :, None]
-    torch.testing.assert_close(out * mask, expected * mask, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(reference * mask, expected * mask, atol=1e-5, rtol=1e-5)
+            q, k, v, fire_bias=fire.kernel_fire_bias(), bidirectional=bidirectional, causal=causal,
+            key_padding_mask=real,
+        )  # fmt: skip
+    torch.testing.assert_close(reference * real[:, None, :, None], expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.interpreter
@@ -269,8 +287,8 @@ def test_fire_custom_op_opcheck_and_one_compiled_graph_as_the_cache_fills():
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 3, 1, 8, generator=gen)
     k, v = (torch.randn(1, 3, 12, 8, generator=gen) for _ in range(2))
-    packed, width = _fire_parameters(fire_bias, 3, False, q.device, False, (q, k, v))
-    args = (q, k, v, packed, None, None, None, torch.tensor([6]), 1, 12, width, True, 1.0)
+    packed, width = _fire_parameters(fire_bias, 3, False, q.device, False)
+    args = (q, k, v, packed.detach(), None, None, None, torch.tensor([6]), 1, 12, width, True, 1.0)
     torch.library.opcheck(torch.ops.fat5.t5_flash_attention_fire_fwd.default, args)
 
     def step(q, k, v, offset):
@@ -287,6 +305,45 @@ def test_fire_custom_op_opcheck_and_one_compiled_graph_as_the_cache_fills():
             offset.fill_(past)
             assert torch.equal(compiled(q, k, v, offset), step(q, k, v, offset))
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("varlen", [False, True])
+def test_fire_training_ops_opcheck_and_compiled_gradients(varlen):
+    """The FIRE forward op with inputs that need gradients (its autograd formula) and its backward op pass opcheck,
+    and a compiled training step (fullgraph) gives the eager gradients of q, k, v and FIRE's packed parameters."""
+    from fat5_kernels.attention import _fire_parameters, t5_flash_attention
+
+    fire = _fire_with_awkward_breakpoints(bidirectional=True, threshold=2.5)
+    gen = torch.Generator().manual_seed(4)
+    packed, width = _fire_parameters(fire.kernel_fire_bias(), 3, True, torch.device("cpu"), False)
+    packed = packed.detach().requires_grad_()
+    if varlen:
+        q, k, v = (torch.randn(9, 3, 8, generator=gen).requires_grad_() for _ in range(3))
+        cu_seqlens = torch.tensor([0, 6, 9], dtype=torch.int32)
+        args = (q, k, v, packed, None, cu_seqlens, cu_seqlens, None, 6, 6, width, False, 1.0)
+    else:
+        q, k, v = (torch.randn(1, 3, 6, 8, generator=gen).requires_grad_() for _ in range(3))
+        args = (q, k, v, packed, None, None, None, None, 6, 6, width, True, 1.0)
+    torch.library.opcheck(torch.ops.fat5.t5_flash_attention_fire_fwd.default, args)
+    out, lse = torch.ops.fat5.t5_flash_attention_fire_fwd(*args)
+    dout = torch.randn(out.shape, generator=gen)
+    backward_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, packed.detach(), *args[4:])
+    torch.library.opcheck(torch.ops.fat5.t5_flash_attention_fire_bwd.default, backward_args)
+
+    if varlen:
+        return
+    fire_bias = fire.kernel_fire_bias()
+
+    def step(q, k, v):
+        return t5_flash_attention(q, k, v, fire_bias=fire_bias, causal=True)
+
+    tensors = (q, k, v, fire.distance_scale, fire.threshold)
+    expected = torch.autograd.grad(step(q, k, v), tensors, dout, retain_graph=True)
+    torch._dynamo.reset()
+    actual = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v), tensors, dout)
+    for grad, expected_grad in zip(actual, expected):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.gpu
@@ -326,18 +383,19 @@ def test_gpu_fire_past_the_threshold_in_the_kernel(bidirectional, dtype):
 
 
 @pytest.mark.interpreter
-def test_fire_in_the_kernel_is_forward_only():
-    """A call that would need a gradient with `fire_bias` raises, naming the fix; so does a second bias."""
-    from fat5_kernels.attention import t5_flash_attention
+def test_fire_in_the_kernel_rejects_bad_input():
+    """A second bias or misshapen FIRE parameters raise, naming the problem; a KV-cache step with FIRE is forward
+    only and says so when a gradient would be needed."""
+    from fat5_kernels.attention import t5_flash_attention, t5_flash_attention_with_kvcache
 
     fire = _fire_with_awkward_breakpoints(bidirectional=True, threshold=2.0)
     q, k, v = (torch.randn(1, 3, 4, 8, requires_grad=True) for _ in range(3))
-    with pytest.raises(NotImplementedError, match="forward only"):
-        t5_flash_attention(q, k, v, fire_bias=fire.kernel_fire_bias())
-    with torch.no_grad(), pytest.raises(ValueError, match="one bias"):
+    with pytest.raises(ValueError, match="one bias"):
         t5_flash_attention(q, k, v, fire_bias=fire.kernel_fire_bias(), alibi_slopes=torch.ones(3))
-    with torch.no_grad(), pytest.raises(ValueError, match="slopes"):
+    with pytest.raises(ValueError, match="slopes"):
         t5_flash_attention(q[:, :2], k[:, :2], v[:, :2], fire_bias=fire.kernel_fire_bias())
+    with pytest.raises(NotImplementedError, match="forward only"):
+        t5_flash_attention_with_kvcache(q.detach(), k.detach(), v.detach(), fire_bias=fire.kernel_fire_bias())
 
 
 @pytest.mark.slow
