@@ -436,7 +436,7 @@ def flash_attention(
         mask (`FlashAttentionMask`): padding mask and causality.
         bias_table (`(H, num_buckets)`, `DistanceBias` or `FIREKernelBias`, *optional*): the learned T5 table,
             FIRE's table of every distance (`(H, 2R + 1)`, read as the kernel's `distance_bias`), or FIRE's compact
-            parameters past its threshold (the kernel's `fire_bias`, forward only); None for cross-attention.
+            parameters past its threshold (the kernel's `fire_bias`); None for cross-attention.
         alibi_slopes (float32 `(H,)`, *optional*): ALiBi's slopes instead of a table (bias `-slope * |d|`).
         query_offset (integer tensor of shape `()` or `(1,)`, *optional*): a static KV cache's length before this
             step: the queries sit at positions `query_offset + i` and the keys (all its slots) from
@@ -479,8 +479,8 @@ def can_differentiate_distance_table(radius: int, bidirectional: bool) -> bool:
 
 
 def can_evaluate_fire(width: int) -> bool:
-    """Whether the attention kernel evaluates FIRE of this MLP width per element (`fire_bias`, forward only: FIRE
-    past its threshold at evaluation and generation)."""
+    """Whether the attention kernel evaluates FIRE of this MLP width per element (`fire_bias`: FIRE past its
+    threshold, with the gradients of its parameters)."""
     return _MAX_FIRE_WIDTH is not None and width <= _MAX_FIRE_WIDTH
 
 

@@ -297,18 +297,19 @@ def eager_attention_forward(
 
 
 def _kernel_bias(
-    shared, per_distance: bool
+    shared, per_distance: bool, num_heads: int
 ) -> tuple[torch.Tensor | DistanceBias | FIREKernelBias | None, torch.Tensor | None]:
     """`(bias_table, alibi_slopes)` for the attention kernel from what the first layer shared: T5's table, or with
     `per_distance` FIRE's table of every distance, marked `DistanceBias` for the kernel. The layers share FIRE's
     table as a plain tensor, as T5's, so that reentrant gradient checkpointing sees it as an input of each block
-    (its gradient reaches FIRE's parameters through every layer). FIRE past its threshold (no gradient) is shared
-    as its compact parameters, `FIREKernelBias`, which the kernel evaluates per element."""
+    (its gradient reaches FIRE's parameters through every layer). FIRE past its threshold is shared the same way, as
+    its compact parameters flattened (`FIREKernelBias.flatten`, 1-D where the table is 2-D), which the kernel
+    evaluates per element."""
     if isinstance(shared, ALiBiSlopes):
         return None, shared.slopes
-    if isinstance(shared, FIREKernelBias):
-        return shared, None
     if isinstance(shared, torch.Tensor):
+        if per_distance and shared.dim() == 1:
+            return FIREKernelBias.unflatten(shared, num_heads), None
         return (DistanceBias(shared) if per_distance else shared), None
     return None, None
 
@@ -423,7 +424,7 @@ class FAT5Attention(nn.Module):
             past_seen_tokens = self._past_seen_tokens(self._layer_cache(cache, False)[0])
             position_bias = self._kernel_position_encoding(input_shape[1], mask, past_seen_tokens)
         bias_table, slopes = _kernel_bias(
-            None if is_cross_attention else position_bias, self.config.position_encoding_type == "fire"
+            None if is_cross_attention else position_bias, self.config.position_encoding_type == "fire", self.n_heads
         )
         rotate = None
         if not is_cross_attention and isinstance(position_bias, RotaryAngles):
@@ -479,7 +480,8 @@ class FAT5Attention(nn.Module):
             if not is_cross_attention and position_bias is None and self.has_relative_attention_bias:
                 position_bias = self._kernel_position_encoding(input_shape[1], mask)
             bias_table, slopes = _kernel_bias(
-                None if is_cross_attention else position_bias, self.config.position_encoding_type == "fire"
+                None if is_cross_attention else position_bias, self.config.position_encoding_type == "fire",
+                self.n_heads,
             )
             rotary = position_bias if not is_cross_attention and isinstance(position_bias, RotaryAngles) else None
             if (
@@ -988,9 +990,10 @@ class FAT5Stack(FAT5PreTrainedModel):
 
     def _use_flash_attention(
         self, inputs_embeds, attention_mask, encoder_attention_mask, cache, kwargs
-    ) -> tuple[bool, FIREKernelBias | None]:
+    ) -> tuple[bool, torch.Tensor | None]:
         """`(whether the stack runs its attention on the kernel, the position bias its first layer starts from)`: the
-        latter is FIRE's compact parameters when FIRE's queries pass its threshold on the kernel path, else None."""
+        latter is FIRE's compact parameters (flattened, `FIREKernelBias.flatten`) when the kernel evaluates FIRE per
+        element, else None."""
         output_attentions = kwargs.get("output_attentions")
         if output_attentions is None:
             output_attentions = self.config.output_attentions
@@ -1008,20 +1011,19 @@ class FAT5Stack(FAT5PreTrainedModel):
         )
         if use_flash and self.config.position_encoding_type == "fire":
             # The kernel reads FIRE's per-distance table, exact while every query (cached tokens included) is below
-            # the learned threshold: one read of it per stack forward. Past it, the kernel evaluates FIRE per element
-            # from its compact parameters, forward only: a call that needs a gradient takes the PyTorch path, and so
-            # do sequences too long for the kernel's table gradient.
+            # the learned threshold (one read of it per stack forward), and cheapest. Past it, or when the table is
+            # too wide for the kernel's table gradient, the kernel evaluates FIRE per element from its compact
+            # parameters, with their gradients; FIRE wider than that kernel serves takes the PyTorch path.
             length = (int(cache.get_seq_length()) if cache is not None else 0) + inputs_embeds.shape[1]
             encoding = self.block[0].layer[0].SelfAttention.position_encoding
-            if torch.is_grad_enabled() and not kernel_ops.can_differentiate_distance_table(
+            table_differentiable = not torch.is_grad_enabled() or kernel_ops.can_differentiate_distance_table(
                 encoding.table_radius(length), encoding.bidirectional
-            ):
-                return False, None
-            if encoding.is_distance_only(length):
+            )
+            if table_differentiable and encoding.is_distance_only(length):
                 return True, None
-            if torch.is_grad_enabled() or not kernel_ops.can_evaluate_fire(encoding.width):
+            if not kernel_ops.can_evaluate_fire(encoding.width):
                 return False, None
-            return True, encoding.kernel_fire_bias()
+            return True, encoding.kernel_fire_bias().flatten()
         return use_flash, None
 
     @staticmethod

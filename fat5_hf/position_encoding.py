@@ -129,6 +129,22 @@ class FIREKernelBias(NamedTuple):
     slopes: torch.Tensor
     intercepts: torch.Tensor
 
+    def flatten(self) -> torch.Tensor:
+        """One float32 vector `[distance_scale, threshold, breakpoints (W,), slopes (H * (W + 1),), intercepts
+        (H * (W + 1),)]`, differentiable: how a stack shares them across its layers, as a plain tensor that
+        reentrant gradient checkpointing sees as each block's input (and returns the gradient of)."""
+        return torch.cat(
+            (self.distance_scale.reshape(1), self.threshold.reshape(1), self.breakpoints, self.slopes.flatten(),
+             self.intercepts.flatten())
+        )  # fmt: skip
+
+    @classmethod
+    def unflatten(cls, flat: torch.Tensor, num_heads: int) -> FIREKernelBias:
+        """The inverse of `flatten` for `num_heads` heads (views of `flat`)."""
+        width = (flat.numel() - 2 - 2 * num_heads) // (2 * num_heads + 1)
+        lines = flat[2 + width :].view(2, num_heads, width + 1)
+        return cls(flat[0], flat[1], flat[2 : 2 + width], lines[0], lines[1])
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # ALiBi

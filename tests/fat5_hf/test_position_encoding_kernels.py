@@ -89,10 +89,12 @@ def test_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, 
     elif encoding == "rope":  # one rotation per self-attention, then the kernel without bias
         assert [call[0] for call in calls].count("_triton_rope") == 4 and self_attention == []
     elif encoding == "fire":
-        # The encoder's 9 positions pass FIRE's threshold of 5: its stack takes the PyTorch path. The decoder's 5
-        # (positions 0..4) are below it: its self-attentions read FIRE's per-distance table, with cross-attention.
-        assert self_attention == [("_triton_t5_flash_attention_varlen_qkvpacked", "distance")] * 2
-        assert len(calls) == 4
+        # The encoder's 9 positions pass FIRE's threshold of 5: the kernel evaluates FIRE per element there. The
+        # decoder's 5 (positions 0..4) are below it: its self-attentions read FIRE's per-distance table.
+        assert self_attention == [("_triton_t5_flash_attention_varlen_qkvpacked", "fire")] * 2 + [
+            ("_triton_t5_flash_attention_varlen_qkvpacked", "distance")
+        ] * 2
+        assert len(calls) == 6
     else:
         assert self_attention == [] and len(calls) == 6
     _assert_same_logits_and_grads((logits, grads), (expected_logits, expected_grads))
@@ -438,9 +440,10 @@ def test_fire_model_on_the_kernel_path_matches_pytorch(tiny_fat5_config, make_ba
 
 
 @pytest.mark.interpreter
-def test_fire_takes_pytorch_attention_past_the_kernels_table_gradient(tiny_fat5_config, make_batch, monkeypatch):
+def test_fire_takes_the_per_element_kernel_past_the_kernels_table_gradient(tiny_fat5_config, make_batch, monkeypatch):
     """A FIRE table too wide for the kernel's table gradient (here: more than 16 segments) sends a training stack to
-    the PyTorch path; forward-only calls keep the kernel."""
+    the kernel's per-element FIRE; forward-only calls keep the table; FIRE wider than the per-element kernel serves
+    takes the PyTorch path."""
     _kernels_importable()
     import fat5_kernels.attention
 
@@ -455,22 +458,28 @@ def test_fire_takes_pytorch_attention_past_the_kernels_table_gradient(tiny_fat5_
     labels = _labels([5, 3])
     with kernel_ops.kernels_on_cpu():
         model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
-        # encoder: 9 positions, R = 15, 31 segments: PyTorch; decoder: 5 positions, R = 7, causal: 8 segments
-        assert [bias for _, bias in calls].count("distance") == 2
+        # encoder: 9 positions, R = 15, 31 segments: per element; decoder: 5 positions, R = 7, causal: 8 segments
+        assert [bias for _, bias in calls if bias is not None] == ["fire"] * 2 + ["distance"] * 2
         calls.clear()
         with torch.no_grad():
             model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         assert [bias for _, bias in calls].count("distance") == 4
+        calls.clear()
+        monkeypatch.setattr(kernel_ops, "_MAX_FIRE_WIDTH", config.fire_mlp_width - 1)
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        assert [bias for _, bias in calls if bias is not None] == ["distance"] * 2
 
 
 @pytest.mark.slow
 @pytest.mark.interpreter
-def test_fire_table_reaches_fire_through_reentrant_checkpointed_layers(tiny_fat5_config, make_batch):
-    """Reentrant gradient checkpointing sees only tensor arguments as a block's inputs: FIRE's table, shared by the
-    layers as T5's is, must get its gradient from every checkpointed layer."""
+@pytest.mark.parametrize("threshold", [16.0, 3.0])
+def test_fire_reaches_fire_through_reentrant_checkpointed_layers(tiny_fat5_config, make_batch, threshold):
+    """Reentrant gradient checkpointing sees only tensor arguments as a block's inputs: FIRE's table (below the
+    threshold) or its flattened compact parameters (past it), shared by the layers as T5's table is, must get their
+    gradient from every checkpointed layer."""
     _kernels_importable()
     config = tiny_fat5_config(
-        position_encoding_type="fire", fire_threshold=16.0, use_fused_rms_norm=False, use_fused_glu=False,
+        position_encoding_type="fire", fire_threshold=threshold, use_fused_rms_norm=False, use_fused_glu=False,
         use_fused_cross_entropy=False,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -488,9 +497,51 @@ def test_fire_table_reaches_fire_through_reentrant_checkpointed_layers(tiny_fat5
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     assert model.encoder.block[1].gradient_checkpointing
     for name, grad in grads().items():
-        # the floor: FIRE's output bias has a gradient that is zero up to rounding
-        scale = max(expected[name].abs().max().item(), 1e-2)
+        # FIRE's output bias adds a constant to each head's row: its gradient is zero up to the rounding of sums as
+        # large as its weight's gradient
+        scale = max(expected[name.replace("mlp.2.bias", "mlp.2.weight")].abs().max().item(), 1e-2)
         torch.testing.assert_close(grad, expected[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.parametrize("padded", [False, True])
+def test_fire_model_training_past_the_threshold_on_the_kernel_matches_pytorch(
+    tiny_fat5_config, make_batch, monkeypatch, padded
+):
+    """Both stacks past FIRE's threshold in training: every self-attention evaluates FIRE per element in the kernel
+    (the padded encoder batch through the varlen kernels), and the logits and the gradients of every parameter,
+    FIRE's of both stacks included, are the PyTorch path's (which materializes the bias)."""
+    _kernels_importable()
+    calls = []
+    for name in _KERNELS:
+        _record(monkeypatch, name, calls)
+    config = tiny_fat5_config(
+        position_encoding_type="fire", fire_threshold=2.5, use_fused_rms_norm=False, use_fused_glu=False,
+        use_fused_cross_entropy=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(config).train()
+    input_ids, attention_mask = make_batch(96, [9, 6] if padded else [9, 9])
+    labels = _labels([5, 3])
+
+    def loss_and_grads():
+        model.zero_grad()
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, labels=labels)
+        outputs.loss.backward()
+        return outputs.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected = loss_and_grads()
+    assert calls == []
+    with kernel_ops.kernels_on_cpu():
+        actual = loss_and_grads()
+    kernel = "_triton_t5_flash_attention_varlen_qkvpacked" if padded else "_triton_t5_flash_attention_qkvpacked"
+    assert [call for call in calls if call[1] is not None] == [(kernel, "fire")] * 4
+    for stack in ("encoder", "decoder"):
+        for name in _FIRE_PARAMETERS:
+            key = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.{name}"
+            assert name == "mlp.2.bias" or expected[1][key].abs().sum() > 0, key
+    _assert_same_logits_and_grads(actual, expected)
 
 
 @pytest.mark.interpreter
@@ -499,8 +550,9 @@ def test_fire_model_in_eval_past_the_threshold_on_the_kernel_equals_pytorch(
     tiny_fat5_config, make_batch, monkeypatch, padded
 ):
     """Both stacks past FIRE's threshold (trained to a fraction) without a gradient: every self-attention evaluates
-    FIRE in the kernel (no table, no L x L bias), and the logits are the PyTorch path's; with a gradient needed, or
-    a FIRE wider than the kernel serves, the stacks take the PyTorch path."""
+    FIRE in the kernel (no table, no L x L bias), and the logits are the PyTorch path's; with a FIRE wider than the
+    kernel serves, the stacks take the PyTorch path (training past the threshold on the kernel:
+    `test_fire_model_training_past_the_threshold_on_the_kernel_matches_pytorch`)."""
     _kernels_importable()
     calls = []
     for name in _KERNELS:
@@ -521,9 +573,9 @@ def test_fire_model_in_eval_past_the_threshold_on_the_kernel_equals_pytorch(
     torch.testing.assert_close(actual.loss, expected.loss, atol=1e-5, rtol=1e-5)
     calls.clear()
     with kernel_ops.kernels_on_cpu():
-        model(**inputs).loss.backward()
-        # a FIRE wider than the kernel serves: the PyTorch path too
+        # a FIRE wider than the kernel serves: the PyTorch path, with or without a gradient
         monkeypatch.setattr(kernel_ops, "_MAX_FIRE_WIDTH", config.fire_mlp_width - 1)
+        model(**inputs).loss.backward()
         with torch.no_grad():
             model(**inputs)
     assert [bias for _, bias in calls if bias is not None] == []
