@@ -321,8 +321,8 @@ class FAT5Attention(nn.Module):
     `position_encoding.build_position_encoding`) and returns what the other layers reuse as `position_bias`: a
     materialized bias for T5's buckets, ALiBi and FIRE on the PyTorch path, `RotaryAngles` for RoPE (queries and
     keys are rotated, before the KV cache), and on the kernel path T5's table, `ALiBiSlopes` or FIRE's per-distance
-    table (`FIREPositionBias.kernel_table`), or past FIRE's threshold its compact parameters (`FIREKernelBias`, which
-    the stack hands the first layer).
+    table (`FIREPositionBias.kernel_table`), or past FIRE's threshold its compact parameters (`FIREKernelBias`,
+    flattened, which the stack hands the first layer).
 
     Three backends, picked per call:
 
@@ -388,7 +388,7 @@ class FAT5Attention(nn.Module):
             return encoding.kernel_table()
         if isinstance(encoding, FIREPositionBias):
             # here every query is below FIRE's threshold (`is_distance_only`: past it, the stack hands the first layer
-            # FIRE's compact parameters, `FIREKernelBias`, and this is not called); in
+            # FIRE's compact parameters, `FIREKernelBias.flatten`, and this is not called); in
             # the varlen layout the states are one row of all the sequences: the longest sequence sizes the table;
             # a cached step's queries reach back over the cache
             span = length if mask.queries is None else mask.queries.max_seqlen

@@ -13,16 +13,17 @@ Public API (what the model calls):
 Under ``torch.compile`` they run ``torch.library`` custom ops, ``fat5::t5_flash_attention_fwd`` and
 ``fat5::t5_flash_attention_bwd`` (``..._qkvpacked_fwd`` / ``_bwd`` for the packed ones); each forward op carries
 its autograd formula (``torch.library.register_autograd``) and fake implementations, so ``torch.compile`` sees
-one opaque op and does not break the graph around it. Calls with ``fire_bias`` (forward only) run
-``fat5::t5_flash_attention_fire_fwd``. Eager calls go through `T5FlashAttentionFunction` (and
-`T5FlashAttentionQKVPackedFunction`), ``autograd.Function`` s over the same implementations without the
-custom-op dispatch cost.
+one opaque op and does not break the graph around it. Calls with ``fire_bias`` run
+``fat5::t5_flash_attention_fire_fwd`` / ``_fire_bwd``. Eager calls go through `T5FlashAttentionFunction` (and
+`T5FlashAttentionQKVPackedFunction`, `FIREFlashAttentionFunction`), ``autograd.Function`` s over the same
+implementations without the custom-op dispatch cost.
 
 Bias modes: a T5 bucket table (H, num_buckets) in the bidirectional (encoder) or causal (decoder) bucket
 mode, which gets a gradient; a per-distance table ``distance_bias`` (H, 2R + 1), the bias of every signed
 distance in ``[-R, R]`` (FIRE's exact table; each distance is its own bucket), which gets a gradient too; ALiBi
 slopes (no gradient); FIRE's compact parameters ``fire_bias`` (`FIREBias`), evaluated per element from each
-query's position as well as the distance (FIRE past its threshold; forward only); or none (cross-attention). A
+query's position as well as the distance (FIRE past its threshold), whose tensors get gradients too (the dK/dV
+kernel sums dS per segment of FIRE's piecewise-linear MLP, deterministically); or none (cross-attention). A
 table is never materialized as an (L, L) bias: the kernels read
 a per-distance vector, padded to cover every distance of the call and saturated beyond ``R``, the distance where
 the buckets stop changing (at most ``max(max_distance, num_buckets)`` for T5's, the table's radius for a
@@ -701,8 +702,9 @@ def t5_flash_attention(
             sums every band tile over every column, so its cost grows with R (benchmarks/attention.py, fat5_fire).
         alibi_slopes: (H,) float32 ALiBi slopes, bias ``-slope * |d|``; no gradient. Exclusive with the tables.
         fire_bias: FIRE's compact parameters (`FIREBias`), its bias evaluated per element from the query's position
-            and the distance (exact past FIRE's threshold; ``bidirectional`` signs the distance); forward only
-            (raises NotImplementedError when a gradient would be needed). Exclusive with the other biases.
+            and the distance (exact past FIRE's threshold; ``bidirectional`` signs the distance). Its
+            ``distance_scale``, ``threshold``, ``slopes`` and ``intercepts`` get gradients (the breakpoints, piecewise
+            constant, none). Exclusive with the other biases.
         causal: mask keys after the query (bottom-right aligned when M != N).
         key_padding_mask: (B, N) bool, True = attend.
         softmax_scale: multiplies ``q @ k^T``; T5 uses 1.0.
@@ -901,7 +903,7 @@ def t5_flash_attention_varlen_qkvpacked(
     return (out, lse) if return_lse else out
 
 
-# ---- FIRE past its threshold: forward only, the bias evaluated per element from FIRE's compact parameters.
+# ---- FIRE past its threshold: the bias evaluated per element from FIRE's compact parameters, with gradients.
 def _fire_parameters(
     fire_bias: FIREBias | tuple,
     num_heads: int,

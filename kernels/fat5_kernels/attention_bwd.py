@@ -15,6 +15,10 @@ Two launches, FlashAttention-2 style, both deterministic:
    ``(H, num_cuts_padded + 2, key_blocks * B)``; a small kernel (`bias_sums_to_table_grad`) reduces and
    differences them in a fixed order.
    No atomics, no (L, L) tensor: the table gradient costs O(L / BLOCK_N * buckets) memory.
+   With FIRE evaluated per element (``BIAS_KIND == 3``), both kernels evaluate it per tile as the forward does, and
+   the dK/dV programs sum, per segment of FIRE's piecewise-linear MLP, dS and dS * x, plus the chain-rule sums of its
+   ``|distance_scale|`` and ``|threshold|`` (`_fire_tile_sums`), into the same kind of per-program buffer, reduced
+   by `fire_sums_to_params_grad`: deterministic too.
 """
 
 from __future__ import annotations

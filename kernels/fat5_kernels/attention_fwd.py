@@ -12,7 +12,7 @@ The key axis of a query block is split into three ranges by the distance ``d = k
 and max_distance 128, 113 for 32 causal ones); without a T5 bias the band is the diagonal tile(s). So the bias
 costs O(L + buckets) memory and nothing but a scalar add on most tiles.
 
-FIRE past its threshold (``BIAS_KIND == 3``, forward only) depends on the query's position as well as the distance:
+FIRE past its threshold (``BIAS_KIND == 3``) depends on the query's position as well as the distance:
 every tile is a band tile and evaluates FIRE per element from its compact parameters (`_fire_tile_bias`).
 """
 
@@ -84,7 +84,7 @@ LN2 = 0.6931471805599453
 BIAS_NONE = 0
 BIAS_T5 = 1
 BIAS_ALIBI = 2
-BIAS_FIRE = 3  # FIRE evaluated per element from its piecewise-linear form (forward only)
+BIAS_FIRE = 3  # FIRE evaluated per element from its piecewise-linear form
 
 # regions of the key/query loops (the REGION constexpr; kernels pass the literal values)
 REGION_FAR_LEFT = 0  # every d <= -R
