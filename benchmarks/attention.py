@@ -10,6 +10,8 @@ Implementations, measured side by side for every (causal, L, D):
   fat5_rope  - the RoPE pre-pass kernel on q and k, then the kernel without bias (position_encoding_type="rope")
   fat5_fire  - FIRE's per-distance table (H, 2R + 1) built from its MLP, read by the kernel, its gradient back to
                FIRE's parameters (position_encoding_type="fire", threshold = L); up to --fire-max-l
+  fat5_fire_past - FIRE past its threshold (L / 8): evaluated per element in the kernel from its compact
+               parameters, the gradients of its parameters summed per segment in the backward (no table)
 
 16,384 tokens per batch (B = 16384 / L), H = 12, bf16, T5 buckets (32, max distance 128; the causal rows use
 the decoder's unidirectional buckets), softmax scale 1.0. Forward+backward includes the table gradient
@@ -107,17 +109,18 @@ def impl_fat5_rope(q, k, v, table, causal):
 
 
 @functools.lru_cache(maxsize=8)
-def _fire(H: int, L: int, causal: bool):
-    """FIRE as the model builds it (MLP width 32, c = 1), its threshold at L: every query is below it."""
+def _fire(H: int, L: int, causal: bool, threshold: float | None = None):
+    """FIRE as the model builds it (MLP width 32, c = 1), its threshold at L by default: every query is below it."""
+    threshold = float(L) if threshold is None else threshold
     from fat5_hf.position_encoding import FIREPositionBias
 
-    fire = FIREPositionBias(num_heads=H, width=32, threshold=float(L), bidirectional=not causal).to(DEVICE)
+    fire = FIREPositionBias(num_heads=H, width=32, threshold=threshold, bidirectional=not causal).to(DEVICE)
     with torch.no_grad():
         gen = torch.Generator(device=DEVICE).manual_seed(0)
         for parameter in fire.mlp.parameters():
             parameter.copy_(torch.randn(parameter.shape, device=DEVICE, generator=gen) * 0.5)
         fire.distance_scale.fill_(1.0)
-        fire.threshold.fill_(float(L))
+        fire.threshold.fill_(threshold)
     return fire
 
 
@@ -126,6 +129,12 @@ def impl_fat5_fire(q, k, v, table, causal):
     fire = _fire(q.shape[1], q.shape[2], causal)
     distance_bias = fire.kernel_table(max(q.shape[2], k.shape[2]))
     return t5_flash_attention(q, k, v, distance_bias=distance_bias, bidirectional=not causal, causal=causal)
+
+
+def impl_fat5_fire_past(q, k, v, table, causal):
+    # past the threshold the model hands the kernel FIRE's compact parameters (with autograd), evaluated per element
+    fire = _fire(q.shape[1], q.shape[2], causal, q.shape[2] / 8)
+    return t5_flash_attention(q, k, v, fire_bias=fire.kernel_fire_bias(), bidirectional=not causal, causal=causal)
 
 
 def _flex_bucket(rel, bidirectional):
@@ -169,10 +178,11 @@ def impl_flex(q, k, v, table, causal):
 IMPLS = dict(
     fat5=impl_fat5, eager=impl_eager, sdpa_bias=impl_sdpa_bias, flex=impl_flex, nobias=impl_nobias,
     fat5_alibi=impl_fat5_alibi, fat5_rope=impl_fat5_rope, fat5_fire=impl_fat5_fire,
+    fat5_fire_past=impl_fat5_fire_past,
 )  # fmt: skip
 # The kernels measured against the no-bias ceiling (the targets table); fat5 computes T5's bias, the others another
 # function than the fp32 T5 reference (no error columns).
-TARGET_IMPLS = ("fat5", "fat5_alibi", "fat5_rope", "fat5_fire")
+TARGET_IMPLS = ("fat5", "fat5_alibi", "fat5_rope", "fat5_fire", "fat5_fire_past")
 
 
 def flops(B, H, L, D, causal, mode):
@@ -365,7 +375,7 @@ def main():
                     else:
                         try:
                             # nobias, ALiBi, RoPE and FIRE compute other functions than the T5 reference
-                            ref = reference if name not in ("nobias", "fat5_alibi", "fat5_rope", "fat5_fire") else None
+                            ref = reference if name not in ("nobias", *TARGET_IMPLS[1:]) else None
                             row.update(measure(name, IMPLS[name], q, k, v, table, do, causal, ref))
                             set_best_times(row, B, H, L, D, causal)
                         except Exception as err:  # OOM or unsupported: record it and go on

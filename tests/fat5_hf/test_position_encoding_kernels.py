@@ -4,6 +4,8 @@ its threshold, values and gradients of every parameter) or evaluated per element
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -382,6 +384,44 @@ def test_gpu_fire_past_the_threshold_in_the_kernel(bidirectional, dtype):
             out = t5_flash_attention_with_kvcache(new_q, k.to(dtype), v.to(dtype), **step).float()
             expected = t5_attention_reference(q[:, :, 1700:1701], k, v, **step)
             torch.testing.assert_close(out, expected, atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_gpu_fire_gradients_past_the_threshold_in_the_kernel(bidirectional, dtype):
+    """FIRE (width 32) trained to a threshold of 300 at length 1024, padded rows: the gradients of q, k, v and of
+    every FIRE parameter through the kernel against the float32 reference with the materialized bias,
+    each within twice the error of the same reference run in `dtype` (plus a floor)."""
+    from test_position_encoding import _random_fire
+
+    from fat5_kernels.attention import t5_flash_attention
+    from fat5_kernels.attention_reference import t5_attention_reference
+
+    fire = _random_fire(bidirectional, threshold=300.0).cuda()
+    with torch.no_grad():
+        fire.mlp[0].weight.mul_(4.0)  # breakpoints spread over the inputs' range [-1, 1]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        (torch.randn(2, 3, 1024, 64, generator=gen, device="cuda") * 0.3).requires_grad_() for _ in range(3)
+    )  # fmt: skip
+    dout = torch.randn(2, 3, 1024, 64, generator=gen, device="cuda")
+    keep = torch.ones(2, 1024, dtype=torch.bool, device="cuda")
+    keep[1, 700:] = False
+    common = dict(bidirectional=bidirectional, causal=not bidirectional, key_padding_mask=keep)
+    tensors = [q, k, v, *(fire.get_parameter(name) for name in _FIRE_PARAMETERS)]
+
+    def grads(attention, cast):
+        out = attention(*(t.to(cast) for t in (q, k, v)), fire_bias=fire.kernel_fire_bias(), **common)
+        return torch.autograd.grad(out.float(), tensors, dout)
+
+    expected = grads(t5_attention_reference, torch.float32)
+    low = grads(functools.partial(t5_attention_reference, compute_dtype=dtype), dtype)
+    actual = grads(t5_flash_attention, dtype)
+    for name, grad, low_grad, expected_grad in zip(("q", "k", "v", *_FIRE_PARAMETERS), actual, low, expected):
+        error, reference_error = (grad - expected_grad).abs().max().item(), (low_grad - expected_grad).abs().max().item()
+        floor = 1e-3 * max(expected_grad.abs().max().item(), 1.0)
+        assert error <= 2 * reference_error + floor, (name, error, reference_error)
 
 
 @pytest.mark.interpreter
