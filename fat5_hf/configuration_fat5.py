@@ -69,10 +69,11 @@ class FAT5Config(PreTrainedConfig):
             threshold `L`: queries past position `L` have their distances normalized by their own position. While
             every query of a call is below the (learned) threshold, FIRE's bias depends on the distance alone and the
             Triton attention kernel reads it as an exact per-distance table (with gradients, for sequences up to
-            4096 tokens in the encoder and 8192 in the decoder). A call with a query at or past it is evaluated per
-            element in the kernel from FIRE's piecewise-linear parameters when no gradient is needed (evaluation,
-            `generate()` with or without a cache); training on sequences longer than the threshold takes the
-            PyTorch attention path, which materializes the `(1, H, M, N)` bias.
+            4096 tokens in the encoder and 8192 in the decoder). A call with a query at or past it (or a training
+            call longer than the table's gradient serves) is evaluated per element in the kernel from FIRE's
+            piecewise-linear parameters, in training too: the backward returns the gradients of `distance_scale`,
+            `threshold` and the MLP without an `L x L` tensor. A `fire_mlp_width` above 64 takes the PyTorch attention
+            path there, which materializes the `(1, H, M, N)` bias.
         use_triton_attention (`bool`, *optional*, defaults to `True`): Use the Triton flash-attention kernel with the
             relative bias computed in-kernel when it can serve the call (CUDA tensors, triton installed, no
             `output_attentions`, no attention-probability dropout, 2D padding mask; a KV cache as
