@@ -380,32 +380,36 @@ def _bwd_dkdv_kernel(
     fire_lines = FireParams + 3 + FIRE_WIDTH + off_h * (2 * FIRE_WIDTH + 2)  # the head's slopes, then intercepts
     dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums, k, v, offs_n, key_keep,
-        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, query_lo, far_right_end, seqlen_q, seqlen_k,
-        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, query_lo, far_right_end,
+        seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left,
+        bias_far_right,
         BIAS_KIND, 2, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
         PREFETCH_BIAS, FIRE_WIDTH, FIRE_SUMS,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums, k, v, offs_n, key_keep,
-        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, far_right_end, band_end, seqlen_q, seqlen_k,
-        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, far_right_end, band_end,
+        seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left,
+        bias_far_right,
         BIAS_KIND, 1, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
         PREFETCH_BIAS, FIRE_WIDTH, FIRE_SUMS,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums, k, v, offs_n, key_keep,
-        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, band_end, full_end, seqlen_q, seqlen_k,
-        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, band_end, full_end,
+        seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left,
+        bias_far_right,
         BIAS_KIND, 0, False, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
         PREFETCH_BIAS, FIRE_WIDTH, FIRE_SUMS,
     )  # fmt: skip
     dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums = _dkdv_tile_loop(
         dk, dv, band_cut_sums, far_left_rows, far_right_rows, fire_sums, k, v, offs_n, key_keep,
-        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, full_end, seqlen_q, seqlen_q, seqlen_k,
-        stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left, bias_far_right,
+        q_ptrs, do_ptrs, lse_ptr, delta_ptr, dist_bias_ptr, cuts, FireParams, fire_lines, full_end, seqlen_q,
+        seqlen_q, seqlen_k, stride_qm, stride_dom, head_dim, qk_scale_log2, alibi_slope_log2, bias_far_left,
+        bias_far_right,
         BIAS_KIND, 0, True, IS_CAUSAL, HAS_KEY_MASK, COMPUTE_DBIAS, HEAD_DIM_PAD, EVEN_HEAD_DIM, BLOCK_M,
         DOT_PRECISION,
         PREFETCH_BIAS, FIRE_WIDTH, FIRE_SUMS,
