@@ -504,18 +504,18 @@ def run_case(case: Case, providers: tuple[str, ...], args) -> list[dict]:
 def add_speedups(rows: list[dict]) -> None:
     """`vs_best_hf`: tokens/s over the fastest `hf_t5` row of the same case (None where there is none); generation
     rows of the patched model also get `vs_fat5`: over the `fat5` row of the same compile mode and decoding attention
-    (`sdpa_decode` or not)."""
+    (`sdpa_decode` or not), from their step times (the same tokens a step; tokens/s is rounded to whole tokens)."""
     best = max((r["tokens_per_s"] for r in rows if r["model"] == "hf_t5" and "error" not in r), default=None)
-    fat5 = {
-        (r["compile"], r["attn_impl"] == "sdpa_decode"): r["tokens_per_s"]
+    fat5_step_ms = {
+        (r["compile"], r["attn_impl"] == "sdpa_decode"): r["step_ms"]
         for r in rows
         if r["model"] == "fat5" and "error" not in r
     }
     for row in rows:
         row["vs_best_hf"] = round(row["tokens_per_s"] / best, 3) if best and "error" not in row else None
         if row["model"] in PATCHED and "num_beams" in row:
-            reference = fat5.get((row["compile"], row["attn_impl"] == "sdpa_decode"))
-            row["vs_fat5"] = round(row["tokens_per_s"] / reference, 3) if reference and "error" not in row else None
+            reference = fat5_step_ms.get((row["compile"], row["attn_impl"] == "sdpa_decode"))
+            row["vs_fat5"] = round(reference / row["step_ms"], 3) if reference and "error" not in row else None
 
 
 MD_COLUMNS = ("case", "model", "attn_impl", "compile", "lm_loss", "enc_len", "dec_len", "batch", "padding",
