@@ -93,9 +93,11 @@ def test_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, 
     elif encoding == "fire":
         # The encoder's 9 positions pass FIRE's threshold of 5: the kernel evaluates FIRE per element there. The
         # decoder's 5 (positions 0..4) are below it: its self-attentions read FIRE's per-distance table.
-        assert self_attention == [("_triton_t5_flash_attention_varlen_qkvpacked", "fire")] * 2 + [
-            ("_triton_t5_flash_attention_varlen_qkvpacked", "distance")
-        ] * 2
+        assert (
+            self_attention
+            == [("_triton_t5_flash_attention_varlen_qkvpacked", "fire")] * 2
+            + [("_triton_t5_flash_attention_varlen_qkvpacked", "distance")] * 2
+        )
         assert len(calls) == 6
     else:
         assert self_attention == [] and len(calls) == 6
@@ -419,7 +421,10 @@ def test_gpu_fire_gradients_past_the_threshold_in_the_kernel(bidirectional, dtyp
     low = grads(functools.partial(t5_attention_reference, compute_dtype=dtype), dtype)
     actual = grads(t5_flash_attention, dtype)
     for name, grad, low_grad, expected_grad in zip(("q", "k", "v", *_FIRE_PARAMETERS), actual, low, expected):
-        error, reference_error = (grad - expected_grad).abs().max().item(), (low_grad - expected_grad).abs().max().item()
+        error, reference_error = (
+            (grad - expected_grad).abs().max().item(),
+            (low_grad - expected_grad).abs().max().item(),
+        )
         floor = 1e-3 * max(expected_grad.abs().max().item(), 1.0)
         assert error <= 2 * reference_error + floor, (name, error, reference_error)
 
@@ -443,16 +448,20 @@ def test_fire_in_the_kernel_rejects_bad_input():
 @pytest.mark.slow
 @pytest.mark.interpreter
 @pytest.mark.parametrize("padded", [False, True])
-def test_fire_model_on_the_kernel_path_matches_pytorch(tiny_fat5_config, make_batch, monkeypatch, padded):
-    """Both stacks below FIRE's threshold: every self-attention reads FIRE's table in the kernel (the padded encoder
-    batch through the varlen kernels), and the logits and the gradients of every parameter, FIRE's of both stacks
-    included, are the PyTorch path's."""
+@pytest.mark.parametrize(("threshold", "bias"), [(16.0, "distance"), (2.5, "fire")], ids=["below", "past"])
+def test_fire_model_training_on_the_kernel_matches_pytorch(
+    tiny_fat5_config, make_batch, monkeypatch, padded, threshold, bias
+):
+    """Both stacks in training below FIRE's threshold (every self-attention reads FIRE's table in the kernel) or past
+    it (every self-attention evaluates FIRE per element in the kernel), the padded encoder batch through the varlen
+    kernels: the logits and the gradients of every parameter, FIRE's of both stacks included, are the PyTorch path's
+    (which materializes the bias)."""
     _kernels_importable()
     calls = []
     for name in _KERNELS:
         _record(monkeypatch, name, calls)
     config = tiny_fat5_config(
-        position_encoding_type="fire", fire_threshold=16.0, use_fused_rms_norm=False, use_fused_glu=False,
+        position_encoding_type="fire", fire_threshold=threshold, use_fused_rms_norm=False, use_fused_glu=False,
         use_fused_cross_entropy=False,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -467,11 +476,12 @@ def test_fire_model_on_the_kernel_path_matches_pytorch(tiny_fat5_config, make_ba
         return outputs.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     expected = loss_and_grads()
+    assert calls == []
     with kernel_ops.kernels_on_cpu():
         actual = loss_and_grads()
     # 2 + 2 self-attentions on packed q/k/v; with a padded encoder batch both stacks run unpadded (varlen)
     kernel = "_triton_t5_flash_attention_varlen_qkvpacked" if padded else "_triton_t5_flash_attention_qkvpacked"
-    assert [name for name, bias in calls if bias == "distance"] == [kernel] * 4
+    assert [call for call in calls if call[1] is not None] == [(kernel, bias)] * 4
     for stack in ("encoder", "decoder"):
         for name in _FIRE_PARAMETERS:
             key = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.{name}"
@@ -543,47 +553,6 @@ def test_fire_reaches_fire_through_reentrant_checkpointed_layers(tiny_fat5_confi
         torch.testing.assert_close(grad, expected[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
 
 
-@pytest.mark.slow
-@pytest.mark.interpreter
-@pytest.mark.parametrize("padded", [False, True])
-def test_fire_model_training_past_the_threshold_on_the_kernel_matches_pytorch(
-    tiny_fat5_config, make_batch, monkeypatch, padded
-):
-    """Both stacks past FIRE's threshold in training: every self-attention evaluates FIRE per element in the kernel
-    (the padded encoder batch through the varlen kernels), and the logits and the gradients of every parameter,
-    FIRE's of both stacks included, are the PyTorch path's (which materializes the bias)."""
-    _kernels_importable()
-    calls = []
-    for name in _KERNELS:
-        _record(monkeypatch, name, calls)
-    config = tiny_fat5_config(
-        position_encoding_type="fire", fire_threshold=2.5, use_fused_rms_norm=False, use_fused_glu=False,
-        use_fused_cross_entropy=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = FAT5ForConditionalGeneration(config).train()
-    input_ids, attention_mask = make_batch(96, [9, 6] if padded else [9, 9])
-    labels = _labels([5, 3])
-
-    def loss_and_grads():
-        model.zero_grad()
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, labels=labels)
-        outputs.loss.backward()
-        return outputs.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    expected = loss_and_grads()
-    assert calls == []
-    with kernel_ops.kernels_on_cpu():
-        actual = loss_and_grads()
-    kernel = "_triton_t5_flash_attention_varlen_qkvpacked" if padded else "_triton_t5_flash_attention_qkvpacked"
-    assert [call for call in calls if call[1] is not None] == [(kernel, "fire")] * 4
-    for stack in ("encoder", "decoder"):
-        for name in _FIRE_PARAMETERS:
-            key = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.{name}"
-            assert name == "mlp.2.bias" or expected[1][key].abs().sum() > 0, key
-    _assert_same_logits_and_grads(actual, expected)
-
-
 @pytest.mark.interpreter
 @pytest.mark.parametrize("padded", [False, True])
 def test_fire_model_in_eval_past_the_threshold_on_the_kernel_equals_pytorch(
@@ -592,7 +561,7 @@ def test_fire_model_in_eval_past_the_threshold_on_the_kernel_equals_pytorch(
     """Both stacks past FIRE's threshold (trained to a fraction) without a gradient: every self-attention evaluates
     FIRE in the kernel (no table, no L x L bias), and the logits are the PyTorch path's; with a FIRE wider than the
     kernel serves, the stacks take the PyTorch path (training past the threshold on the kernel:
-    `test_fire_model_training_past_the_threshold_on_the_kernel_matches_pytorch`)."""
+    `test_fire_model_training_on_the_kernel_matches_pytorch`)."""
     _kernels_importable()
     calls = []
     for name in _KERNELS:
@@ -707,7 +676,8 @@ def test_bf16_kernel_path_is_as_accurate_as_bf16_pytorch(monkeypatch, encoding):
         assert [bias for _, bias in calls].count("distance") == 4  # 2 + 2 self-attentions
     assert (loss_kernel - loss32).abs() <= 2 * (loss_ref - loss32).abs() + 1e-3
     for name, exact, reference, kernel in (
-        ("all", grads32, grads_ref, grads_kernel), ("encoding", encoding32, encoding_ref, encoding_kernel)
+        ("all", grads32, grads_ref, grads_kernel),
+        ("encoding", encoding32, encoding_ref, encoding_kernel),
     ):
         if exact is None:  # no learned encoding
             continue
