@@ -105,6 +105,32 @@ def _hub_base_model(base_model: str | None) -> str | None:
     return base_model if base_model and not Path(base_model).exists() and base_model.count("/") == 1 else None
 
 
+def _results_card_data(
+    model_id: str,
+    license: str,
+    pipeline_tag: str,
+    extra_tags: list[str],
+    datasets: list[str] | None,
+    base_model: str | None,
+    results: list[TaskResult],
+):
+    """The metadata of a card that reports task results: tags, datasets, Hub ``base_model`` and ``model-index``."""
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(
+        language="fr",
+        license=license,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=["fat5", "t5", pipeline_tag, "custom_code", *extra_tags],
+        datasets=datasets or None,
+        base_model=_hub_base_model(base_model),
+        metrics=sorted({r.metric_type for r in results}) or None,
+        model_name=model_id,
+        eval_results=_eval_results(results) or None,
+    )
+
+
 def write_pretraining_model_card(
     model, tokenizer, config, output_dir: str | Path, steps: int, tokens_seen: int, eval_loss, num_processes: int
 ):
@@ -211,26 +237,16 @@ def write_finetuning_model_card(
     Returns:
         The ``huggingface_hub.ModelCard`` written.
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     if task_type not in _TASK_TYPE_LOADING:
         raise ValueError(f"task_type={task_type!r}; expected one of {', '.join(_TASK_TYPE_LOADING)}")
     pipeline_tag, auto_class = _TASK_TYPE_LOADING[task_type]
     output_dir = Path(output_dir)
-    eval_results = _eval_results(results)
-    hub_base_model = _hub_base_model(base_model)
-    card_data = ModelCardData(
-        language="fr",
-        license=license,
-        library_name="transformers",
-        pipeline_tag=pipeline_tag,
-        tags=["fat5", "t5", pipeline_tag, "custom_code", *(["lora", "peft"] if lora else []), *(tags or [])],
-        datasets=datasets or None,
-        base_model=hub_base_model,
-        metrics=sorted({r.metric_type for r in results}) or None,
-        model_name=model_id,
-        eval_results=eval_results or None,
-    )
+    card_data = _results_card_data(
+        model_id, license, pipeline_tag, [*(["lora", "peft"] if lora else []), *(tags or [])], datasets, base_model,
+        results,
+    )  # fmt: skip
     card = ModelCard.from_template(
         card_data,
         template_path=_template(FINETUNED_TEMPLATE),
@@ -286,21 +302,10 @@ def write_evaluation_model_card(
     Returns:
         The ``huggingface_hub.ModelCard`` written.
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
-    eval_results = _eval_results(results)
-    hub_base_model = _hub_base_model(base_model)
-    card_data = ModelCardData(
-        language="fr",
-        license=license,
-        library_name="transformers",
-        pipeline_tag="text2text-generation",
-        tags=["fat5", "t5", "text2text-generation", "custom_code", "french-evaluation"],
-        datasets=datasets or None,
-        base_model=hub_base_model,
-        metrics=sorted({r.metric_type for r in results}) or None,
-        model_name=model_id,
-        eval_results=eval_results or None,
+    card_data = _results_card_data(
+        model_id, license, "text2text-generation", ["french-evaluation"], datasets, base_model, results
     )
     card = ModelCard.from_template(
         card_data,
