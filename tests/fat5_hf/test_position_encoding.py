@@ -59,6 +59,17 @@ def test_partial_rope_leaves_the_other_channels():
     torch.testing.assert_close(rotated[..., :4].norm(dim=-1), x[..., :4].norm(dim=-1))
 
 
+def _random_fire(bidirectional: bool, threshold: float, seed: int = 0, distance_scale: float = 0.8) -> FIREPositionBias:
+    torch.manual_seed(seed)
+    fire = FIREPositionBias(num_heads=3, width=16, threshold=threshold, bidirectional=bidirectional)
+    with torch.no_grad():
+        for parameter in fire.parameters():
+            parameter.normal_()
+        fire.distance_scale.fill_(distance_scale)
+        fire.threshold.fill_(threshold)
+    return fire
+
+
 def _fire_by_hand(module: FIREPositionBias, i: int, j: int) -> torch.Tensor:
     c, threshold = module.distance_scale.item(), module.threshold.item()
     value = math.log(c * abs(j - i) + 1) / math.log(c * max(threshold, i) + 1)
@@ -70,13 +81,7 @@ def _fire_by_hand(module: FIREPositionBias, i: int, j: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_fire_is_the_paper_formula_and_not_a_function_of_distance_alone(bidirectional):
-    torch.manual_seed(0)
-    fire = FIREPositionBias(num_heads=3, width=16, threshold=4.0, bidirectional=bidirectional)
-    with torch.no_grad():
-        for parameter in fire.parameters():
-            parameter.normal_()
-        fire.distance_scale.fill_(0.7)
-        fire.threshold.fill_(4.0)
+    fire = _random_fire(bidirectional, threshold=4.0, distance_scale=0.7)
     bias = fire(query_length=10, key_length=12, past_seen_tokens=2).detach()  # queries at positions 2..11
     for i, j in [(2, 0), (5, 7), (11, 3), (9, 9)]:
         torch.testing.assert_close(bias[0, :, i - 2, j], _fire_by_hand(fire, i, j).detach(), atol=1e-5, rtol=1e-5)
@@ -100,13 +105,8 @@ def test_fire_parameters_all_get_gradients():
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_fire_table_equals_the_plain_mlp_values_and_gradients(bidirectional):
     # the bias is evaluated through the MLP's exact piecewise-linear table (no (M, N, width) activation)
-    torch.manual_seed(0)
-    fire = FIREPositionBias(num_heads=3, width=16, threshold=5.0, bidirectional=bidirectional)
+    fire = _random_fire(bidirectional, threshold=5.0)
     with torch.no_grad():
-        for parameter in fire.parameters():
-            parameter.normal_()
-        fire.distance_scale.fill_(0.8)
-        fire.threshold.fill_(5.0)
         fire.mlp[0].weight[3] = 0.0  # a unit that never switches
     upstream = torch.randn(1, 3, 9, 12)
     results = []
@@ -119,17 +119,6 @@ def test_fire_table_equals_the_plain_mlp_values_and_gradients(bidirectional):
     torch.testing.assert_close(table_bias, mlp_bias, atol=1e-5, rtol=1e-5)
     for name, grad in mlp_grads.items():
         torch.testing.assert_close(table_grads[name], grad, atol=1e-5 * grad.abs().max().item(), rtol=1e-4, msg=name)
-
-
-def _random_fire(bidirectional: bool, threshold: float, seed: int = 0) -> FIREPositionBias:
-    torch.manual_seed(seed)
-    fire = FIREPositionBias(num_heads=3, width=16, threshold=threshold, bidirectional=bidirectional)
-    with torch.no_grad():
-        for parameter in fire.parameters():
-            parameter.normal_()
-        fire.distance_scale.fill_(0.8)
-        fire.threshold.fill_(threshold)
-    return fire
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
