@@ -118,6 +118,13 @@ def _materialized_attention(q, k, v, bias, lengths, causal):
     return torch.softmax(scores, dim=-1) @ v
 
 
+def _outputs_and_grads(attention, q, k, v, fire, real, dout):
+    """`attention(q, k, v)` at the real tokens, and the gradients of q, k, v and FIRE's parameters for `dout`."""
+    out = attention(q, k, v)
+    tensors = [q, k, v, *(fire.get_parameter(name) for name in _FIRE_PARAMETERS)]
+    return out.detach() * real[:, None, :, None], torch.autograd.grad(out, tensors, dout)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -150,12 +157,9 @@ def test_fire_table_in_the_kernel_equals_the_materialized_bias(bidirectional, pa
     def reference(q, k, v):
         return _materialized_attention(q, k, v, fire(13, 13), lengths, causal=not bidirectional)
 
-    results = []
-    for attention in (kernel, reference):
-        out = attention(q, k, v)
-        tensors = [q, k, v, *(fire.get_parameter(name) for name in _FIRE_PARAMETERS)]
-        results.append((out.detach() * real[:, None, :, None], torch.autograd.grad(out, tensors, dout)))
-    (out, grads), (expected, expected_grads) = results
+    (out, grads), (expected, expected_grads) = (
+        _outputs_and_grads(attention, q, k, v, fire, real, dout) for attention in (kernel, reference)
+    )
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for name, grad, expected_grad in zip(("q", "k", "v", *_FIRE_PARAMETERS), grads, expected_grads):
         assert name == "mlp.2.bias" or expected_grad.abs().sum() > 0, name  # a head-wide constant: no gradient
@@ -218,12 +222,9 @@ def test_fire_past_the_threshold_in_the_kernel_equals_the_materialized_bias(bidi
     def materialized(q, k, v):
         return _materialized_attention(q, k, v, fire(length, length), lengths, causal)
 
-    results = []
-    for attention in (kernel, materialized):
-        out = attention(q, k, v)
-        tensors = [q, k, v, *(fire.get_parameter(name) for name in _FIRE_PARAMETERS)]
-        results.append((out.detach() * real[:, None, :, None], torch.autograd.grad(out, tensors, dout)))
-    (out, grads), (expected, expected_grads) = results
+    (out, grads), (expected, expected_grads) = (
+        _outputs_and_grads(attention, q, k, v, fire, real, dout) for attention in (kernel, materialized)
+    )
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for name, grad, expected_grad in zip(("q", "k", "v", *_FIRE_PARAMETERS), grads, expected_grads):
         # a head-wide constant (mlp.2.bias) has no gradient, nor has a threshold below every query (0 or -3)
